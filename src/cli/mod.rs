@@ -1,0 +1,152 @@
+//! Subcommands: run · status · dag · show · gc (and, from the ML side, rewards · infer).
+
+mod pipeline_cmds;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use r1pipe::pipeline::spec::Override;
+
+#[derive(Parser)]
+#[command(
+    name = "r1pipe",
+    version,
+    about = "The DeepSeek-R1 recipe (GRPO, SFT, evaluation, inference) as one cached, resumable pipeline"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct PipelineArgs {
+    /// The pipeline file, e.g. pipelines/quickstart.yaml
+    pub pipeline: PathBuf,
+    /// Override a parameter: -S grpo.learning_rate=1e-6 (repeatable; part of the fingerprint)
+    #[arg(short = 'S', long = "set", value_name = "STAGE.KEY=VALUE")]
+    pub set: Vec<Override>,
+    /// Cache root [default: cache/ in the pipeline's project]
+    #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Validate, plan and execute a pipeline: skip what is cached, resume what was interrupted
+    Run {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Print the plan and touch nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Rerun this stage even if cached (repeatable)
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+        /// Rerun every selected stage
+        #[arg(long)]
+        force_all: bool,
+        /// Run only this stage (repeatable); its inputs must already be cached
+        #[arg(long, value_name = "STAGE")]
+        only: Vec<String>,
+        /// Run this stage and everything it needs
+        #[arg(long, value_name = "STAGE")]
+        until: Option<String>,
+        /// Wait for another run holding the cache instead of failing
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Each stage's state: cached, stale (why), never run, interrupted
+    Status {
+        #[command(flatten)]
+        args: PipelineArgs,
+    },
+    /// The stage graph
+    Dag {
+        #[command(flatten)]
+        args: PipelineArgs,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DagFormat,
+    },
+    /// The path of a finished artifact, for scripts: $(r1pipe show sft.model)
+    Show {
+        /// STAGE.OUTPUT
+        target: String,
+        /// Resolve against this pipeline's current fingerprints (else: the newest record of that stage)
+        #[arg(short, long)]
+        pipeline: Option<PathBuf>,
+        #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
+    /// Remove artifacts and work folders that no record reaches
+    Gc {
+        /// Keep only the current results of these pipelines (drop older records)
+        #[arg(value_name = "PIPELINE")]
+        keep: Vec<PathBuf>,
+        #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
+        /// Also remove interrupted stages' checkpoints
+        #[arg(long)]
+        include_unfinished: bool,
+        /// Say what would be removed, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum DagFormat {
+    Text,
+    Mermaid,
+    Dot,
+}
+
+/// Exit codes: 0 ok, 1 failure, 2 invalid pipeline or usage, 130 interrupted.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            args,
+            dry_run,
+            force,
+            force_all,
+            only,
+            until,
+            wait,
+        } => {
+            let opts = r1pipe::pipeline::runner::RunOptions {
+                dry_run,
+                force,
+                force_all,
+                only,
+                until,
+                wait,
+            };
+            pipeline_cmds::run(&args, &opts)
+        }
+        Command::Status { args } => pipeline_cmds::status(&args),
+        Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
+        Command::Show {
+            target,
+            pipeline,
+            cache,
+        } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),
+        Command::Gc {
+            keep,
+            cache,
+            include_unfinished,
+            dry_run,
+        } => pipeline_cmds::gc(&keep, cache, include_unfinished, dry_run),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(d) = e.downcast_ref::<r1pipe::pipeline::diagnostic::Diagnostics>() {
+                eprintln!("{d}");
+                return 2;
+            }
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}

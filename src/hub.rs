@@ -1,0 +1,81 @@
+//! The Hugging Face Hub through hf-hub: endpoint from `HF_ENDPOINT`, cache from
+//! `HF_HOME`, token from `HF_TOKEN`, and `HF_HUB_OFFLINE=1` to use only what is cached.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
+use hf_hub::{Cache, Repo, RepoType};
+
+pub fn offline() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE").as_deref(),
+        Ok("1") | Ok("true") | Ok("yes")
+    )
+}
+
+fn api() -> Result<Api> {
+    let mut b = ApiBuilder::from_env().with_progress(false);
+    if let Ok(token) = std::env::var("HF_TOKEN") {
+        b = b.with_token(Some(token));
+    }
+    b.build().context("setting up the Hugging Face Hub client")
+}
+
+/// A repository on the hub (model or dataset) at a revision.
+pub struct HubRepo {
+    repo: Repo,
+}
+
+impl HubRepo {
+    pub fn model(id: &str, revision: &str) -> HubRepo {
+        HubRepo {
+            repo: Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()),
+        }
+    }
+    pub fn dataset(id: &str, revision: &str) -> HubRepo {
+        HubRepo {
+            repo: Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()),
+        }
+    }
+
+    fn online(&self) -> Result<ApiRepo> {
+        Ok(api()?.repo(self.repo.clone()))
+    }
+
+    /// The repository's file names.
+    pub fn files(&self) -> Result<Vec<String>> {
+        if offline() {
+            bail!("HF_HUB_OFFLINE is set: cannot list the files of {} (name the files, or unset HF_HUB_OFFLINE)", self.repo.url());
+        }
+        let info = self
+            .online()?
+            .info()
+            .with_context(|| format!("listing {} on {}", self.repo.url(), endpoint()))?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+
+    /// A file of the repository, from the local hub cache when there, else downloaded into it.
+    pub fn get(&self, file: &str) -> Result<PathBuf> {
+        if let Some(p) = Cache::from_env().repo(self.repo.clone()).get(file) {
+            return Ok(p);
+        }
+        if offline() {
+            bail!(
+                "HF_HUB_OFFLINE is set and {file} of {} is not in the hub cache",
+                self.repo.url()
+            );
+        }
+        self.online()?.get(file).with_context(|| {
+            format!(
+                "downloading {file} of {} from {}",
+                self.repo.url(),
+                endpoint()
+            )
+        })
+    }
+}
+
+fn endpoint() -> String {
+    std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into())
+}

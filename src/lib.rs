@@ -1,0 +1,10 @@
+//! r1pipe: the DeepSeek-R1 recipe for small models (GRPO with rule-based
+//! rewards, SFT, evaluation, inference) as one declarative pipeline on Candle.
+//!
+//! Layers (see README): `pipeline` (the runner, knows no ML) → `stages` (one
+//! file per stage kind) → the ML core: `data`, and later `model`, `train`, `rewards`.
+
+pub mod data;
+pub mod hub;
+pub mod pipeline;
+pub mod stages;

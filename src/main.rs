@@ -1,0 +1,7 @@
+//! The `r1pipe` command line.
+
+mod cli;
+
+fn main() {
+    std::process::exit(cli::main());
+}

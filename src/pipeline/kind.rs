@@ -1,0 +1,233 @@
+//! The contract between the runner and the stage kinds: what a kind declares
+//! (outputs, parameter checks, what its result depends on) and the context it runs in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::checkpoint::Checkpoints;
+use super::params::{typed, ParamError};
+
+/// One named output of a stage kind. It lands in the cache as
+/// `objects/<hash>/<file_name>` and is referenced as `${stage.<name>}`.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputSpec {
+    pub name: &'static str,
+    pub file_name: &'static str,
+    pub is_dir: bool,
+    pub description: &'static str,
+}
+
+/// What a kind's result depends on beyond its parameters and input artifacts.
+#[derive(Debug, Clone, Default)]
+pub struct Requirements {
+    /// Local files or directories the stage reads, with the parameter that names
+    /// them: checked to exist before anything runs, and hashed into the fingerprint.
+    pub local_paths: Vec<(String, PathBuf)>,
+    /// The result depends on the device class and dtype (model stages).
+    pub uses_device: bool,
+    /// The result depends on the pipeline's seed.
+    pub uses_seed: bool,
+}
+
+/// Where relative paths in a pipeline are anchored: the project root.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub root: PathBuf,
+}
+
+impl Project {
+    /// The project root of a pipeline file: the nearest ancestor holding a
+    /// `stages/` folder, `Cargo.toml` or `.git`; else the file's own folder.
+    pub fn of_file(file: &Path) -> Project {
+        let dir = file
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        Project::of_dir(&dir)
+    }
+
+    pub fn of_dir(dir: &Path) -> Project {
+        for anc in dir.ancestors() {
+            if anc.join("stages").is_dir()
+                || anc.join(".git").exists()
+                || anc.join("Cargo.toml").is_file()
+            {
+                return Project {
+                    root: anc.to_path_buf(),
+                };
+            }
+        }
+        Project {
+            root: dir.to_path_buf(),
+        }
+    }
+
+    /// A parameter value read as a local path; `None` for an artifact reference
+    /// (`${stage.output}`), which the runner supplies.
+    pub fn local_path(&self, value: &str) -> Option<PathBuf> {
+        if value.contains("${") {
+            return None;
+        }
+        let p = expand_home(value);
+        Some(if p.is_absolute() {
+            p
+        } else {
+            self.root.join(p)
+        })
+    }
+}
+
+fn expand_home(s: &str) -> PathBuf {
+    match (s.strip_prefix("~/"), std::env::var_os("HOME")) {
+        (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
+        _ => PathBuf::from(s),
+    }
+}
+
+/// A stage kind: turns parameters and input artifacts into output artifacts.
+pub trait StageKind: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Bumped whenever the kind's results change meaning; part of every fingerprint.
+    fn version(&self) -> u32;
+    fn description(&self) -> &'static str;
+    fn outputs(&self) -> &'static [OutputSpec];
+    /// Validate parameters (as resolved, with `${stage.output}` references still
+    /// in place) and say what else the result depends on.
+    fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>>;
+    /// Do the work: read `ctx.params()`, write every output under `ctx.output_path(name)`.
+    fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
+}
+
+/// Set by Ctrl-C: a stage checks it between steps, checkpoints and returns `Cancelled`.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    /// `Err(Cancelled)` once cancellation was asked for.
+    pub fn check(&self) -> Result<(), Cancelled> {
+        if self.is_cancelled() {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The error a stage returns after stopping cleanly on Ctrl-C.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("interrupted")]
+pub struct Cancelled;
+
+/// Where and how the pipeline runs, as resolved for this run.
+#[derive(Debug, Clone)]
+pub struct RunEnv {
+    /// As written in the pipeline: `auto`, `cpu`, `cuda`, `cuda:1`.
+    pub device: String,
+    /// `cpu` or `cuda`: what enters fingerprints of device-dependent stages.
+    pub device_class: String,
+    pub dtype: String,
+    pub seed: u64,
+}
+
+/// Everything a stage gets from the runner.
+pub struct StageContext {
+    pub stage: String,
+    pub kind: &'static str,
+    pub params: Value,
+    pub project: Project,
+    /// Survives interruption: checkpoints and partial results live here.
+    pub work_dir: PathBuf,
+    /// Emptied before each attempt; outputs are written here and moved into the cache on success.
+    pub out_dir: PathBuf,
+    pub env: RunEnv,
+    pub progress: indicatif::MultiProgress,
+    pub cancel: CancelToken,
+    pub(crate) outputs: &'static [OutputSpec],
+    pub(crate) metrics: Option<Value>,
+}
+
+impl StageContext {
+    pub fn params<P: DeserializeOwned>(&self) -> anyhow::Result<P> {
+        typed(&self.params).map_err(|e| anyhow::anyhow!("stage `{}`: {e}", self.stage))
+    }
+
+    /// Where to write the output `name` (a file or a directory, as the kind declared it).
+    pub fn output_path(&self, name: &str) -> PathBuf {
+        let spec = self
+            .outputs
+            .iter()
+            .find(|o| o.name == name)
+            .unwrap_or_else(|| panic!("kind `{}` declares no output `{name}`", self.kind));
+        self.out_dir.join(spec.file_name)
+    }
+
+    /// Metrics recorded with the stage's record (shown by `status`, returned to later tooling).
+    pub fn set_metrics(&mut self, metrics: Value) {
+        self.metrics = Some(metrics);
+    }
+
+    pub fn checkpoints(&self) -> Checkpoints {
+        Checkpoints::new(&self.work_dir)
+    }
+
+    /// A progress bar in the runner's display: position, rate and ETA.
+    pub fn progress_bar(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
+        let bar = self.progress.add(indicatif::ProgressBar::new(len));
+        let template = format!(
+            "{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} · {{per_sec}} · ETA {{eta}} {{msg}}"
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(&template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(self.stage.clone());
+        bar
+    }
+}
+
+/// The stage kinds a runner knows, and how to classify a device: the one
+/// place where the ML side tells the runner anything.
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
+    device_class: Box<dyn Fn(&str) -> anyhow::Result<String> + Send + Sync>,
+}
+
+impl Registry {
+    pub fn new(
+        device_class: impl Fn(&str) -> anyhow::Result<String> + Send + Sync + 'static,
+    ) -> Self {
+        Registry {
+            kinds: BTreeMap::new(),
+            device_class: Box::new(device_class),
+        }
+    }
+
+    pub fn register(&mut self, kind: impl StageKind + 'static) {
+        self.kinds.insert(kind.name(), Arc::new(kind));
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<dyn StageKind>> {
+        self.kinds.get(name).cloned()
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+
+    pub fn device_class(&self, device: &str) -> anyhow::Result<String> {
+        (self.device_class)(device)
+    }
+}

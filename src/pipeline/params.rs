@@ -1,0 +1,225 @@
+//! Stage parameters: plain JSON values after YAML resolution, turned into each
+//! stage kind's typed struct with errors that name the key and the nearest valid one.
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use super::diagnostic::nearest;
+
+/// A parameter problem, located by its dotted path under the stage's `with`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamError {
+    pub path: String,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl ParamError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ParamError {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+        }
+    }
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+impl std::fmt::Display for ParamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "parameter `{}`: {}", self.path, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ParamError {}
+
+/// Deserialize `value` into `P` (which should be `#[serde(deny_unknown_fields)]`),
+/// turning serde's message into one that says which key is wrong and what it may have meant.
+pub fn typed<P: DeserializeOwned>(value: &Value) -> Result<P, ParamError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let path = if path == "." { String::new() } else { path };
+        let inner = err.into_inner().to_string();
+        explain_serde_error(&path, &inner)
+    })
+}
+
+fn explain_serde_error(path: &str, msg: &str) -> ParamError {
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        let (field, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid = backticked(tail.split_once("expected").map(|(_, t)| t).unwrap_or(""));
+        let key = join_path(path, field);
+        // serde_path_to_error already appended the unknown key to the path.
+        let key = if path.ends_with(field) {
+            path.to_string()
+        } else {
+            key
+        };
+        let hint = match nearest(field, valid.iter().map(String::as_str)) {
+            Some(n) => format!("did you mean `{n}`? valid keys: {}", list(&valid)),
+            None => format!("valid keys: {}", list(&valid)),
+        };
+        return ParamError::new(key, format!("unknown parameter `{field}`")).hint(hint);
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or(rest);
+        return ParamError::new(join_path(path, field), "required parameter is missing")
+            .hint(format!("add `{field}:` under `with:`"));
+    }
+    if let Some(rest) = msg.strip_prefix("unknown variant `") {
+        let (variant, tail) = rest.split_once('`').unwrap_or((rest, ""));
+        let valid = backticked(tail);
+        let hint = match nearest(variant, valid.iter().map(String::as_str)) {
+            Some(n) => format!("did you mean `{n}`? valid values: {}", list(&valid)),
+            None => format!("valid values: {}", list(&valid)),
+        };
+        return ParamError::new(path, format!("unknown value `{variant}`")).hint(hint);
+    }
+    ParamError::new(path, msg.to_string())
+}
+
+fn join_path(path: &str, field: &str) -> String {
+    if path.is_empty() {
+        field.to_string()
+    } else {
+        format!("{path}.{field}")
+    }
+}
+
+fn backticked(s: &str) -> Vec<String> {
+    s.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+fn list(v: &[String]) -> String {
+    if v.is_empty() {
+        "(none)".into()
+    } else {
+        v.iter()
+            .map(|s| format!("`{s}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The value at a dotted path of a JSON tree.
+pub fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |cur, seg| match cur {
+        Value::Object(m) => m.get(seg),
+        Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get(i)),
+        _ => None,
+    })
+}
+
+/// Convert parsed YAML to JSON, the one form parameters take inside r1pipe
+/// (canonical for fingerprints: object keys sorted).
+pub fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> Result<Value, ParamError> {
+    Ok(match v {
+        serde_yaml::Value::Null => Value::Null,
+        serde_yaml::Value::Bool(b) => Value::Bool(*b),
+        serde_yaml::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::from(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::from(u)
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                serde_json::Number::from_f64(f)
+                    .map(Value::Number)
+                    .ok_or_else(|| ParamError::new(path, format!("number {f} is not finite")))?
+            }
+        }
+        serde_yaml::Value::String(s) => Value::String(s.clone()),
+        serde_yaml::Value::Sequence(seq) => Value::Array(
+            seq.iter()
+                .enumerate()
+                .map(|(i, x)| yaml_to_json(x, &join_path(path, &i.to_string())))
+                .collect::<Result<_, _>>()?,
+        ),
+        serde_yaml::Value::Mapping(m) => {
+            let mut out = serde_json::Map::new();
+            for (k, x) in m {
+                let key = match k {
+                    serde_yaml::Value::String(s) => s.clone(),
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    serde_yaml::Value::Bool(b) => b.to_string(),
+                    _ => return Err(ParamError::new(path, "mapping keys must be plain strings")),
+                };
+                let child = yaml_to_json(x, &join_path(path, &key))?;
+                out.insert(key, child);
+            }
+            Value::Object(out)
+        }
+        serde_yaml::Value::Tagged(t) => yaml_to_json(&t.value, path)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Lora {
+        r: u32,
+        #[serde(default)]
+        alpha: f32,
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct P {
+        learning_rate: f64,
+        #[serde(default)]
+        lora: Option<Lora>,
+    }
+
+    #[test]
+    fn unknown_key_names_the_nearest_valid_key() {
+        let e = typed::<P>(&serde_json::json!({"lerning_rate": 1.0})).unwrap_err();
+        assert_eq!(e.path, "lerning_rate");
+        assert_eq!(e.message, "unknown parameter `lerning_rate`");
+        assert!(e.hint.unwrap().starts_with("did you mean `learning_rate`?"));
+    }
+
+    #[test]
+    fn nested_unknown_key_has_its_full_path() {
+        let e =
+            typed::<P>(&serde_json::json!({"learning_rate": 1.0, "lora": {"r": 2, "alpah": 3}}))
+                .unwrap_err();
+        assert_eq!(e.path, "lora.alpah");
+        assert!(e.hint.unwrap().contains("did you mean `alpha`?"));
+    }
+
+    #[test]
+    fn type_errors_name_the_key() {
+        let e = typed::<P>(&serde_json::json!({"learning_rate": "fast"})).unwrap_err();
+        assert_eq!(e.path, "learning_rate");
+        assert!(
+            e.message
+                .contains("invalid type: string \"fast\", expected f64"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn missing_required_key_is_reported() {
+        let e = typed::<P>(&serde_json::json!({})).unwrap_err();
+        assert_eq!(e.path, "learning_rate");
+        assert_eq!(e.message, "required parameter is missing");
+    }
+}

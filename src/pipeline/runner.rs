@@ -1,0 +1,508 @@
+//! Deciding and executing: for each stage in dependency order, compute its
+//! fingerprint from what it depends on, skip it when a complete record exists,
+//! otherwise say why it must run and run it (resuming from its checkpoints).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+
+use super::checkpoint::Checkpoints;
+use super::dag::Dag;
+use super::fingerprint::FingerprintInputs;
+use super::kind::{CancelToken, Cancelled, Registry, RunEnv, StageContext};
+use super::spec::{bind_artifacts, Pipeline, Stage};
+use super::store::{remove_path, Cache, ObjectRef, StageRecord};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub dry_run: bool,
+    pub force: Vec<String>,
+    pub force_all: bool,
+    /// Run only these stages; their inputs must already be in the cache.
+    pub only: Vec<String>,
+    /// Run this stage and everything it needs.
+    pub until: Option<String>,
+    pub wait: bool,
+}
+
+/// What the runner decided for one stage.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Cached {
+        record: Box<StageRecord>,
+    },
+    Run {
+        fingerprint: String,
+        inputs: Box<FingerprintInputs>,
+        reasons: Vec<String>,
+        resume_step: Option<u64>,
+    },
+    /// Its inputs are not known until these upstream stages run.
+    Pending {
+        upstream: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Completed,
+    Interrupted,
+    Failed,
+}
+
+pub struct Runner<'a> {
+    pub pipeline: &'a Pipeline,
+    pub registry: &'a Registry,
+    pub cache: Cache,
+    pub dag: Dag,
+    pub env: RunEnv,
+}
+
+impl<'a> Runner<'a> {
+    pub fn new(
+        pipeline: &'a Pipeline,
+        registry: &'a Registry,
+        cache_root: PathBuf,
+    ) -> Result<Self> {
+        let dag = Dag::build(pipeline).map_err(|d| anyhow::anyhow!("{d}"))?;
+        let device_class = registry.device_class(&pipeline.device)?;
+        let env = RunEnv {
+            device: pipeline.device.clone(),
+            device_class,
+            dtype: pipeline.dtype.clone(),
+            seed: pipeline.seed,
+        };
+        Ok(Runner {
+            pipeline,
+            registry,
+            cache: Cache::new(&cache_root),
+            dag,
+            env,
+        })
+    }
+
+    /// The inputs to a stage's fingerprint, or the upstream stages whose outputs are not yet known.
+    pub fn fingerprint_inputs(
+        &self,
+        db: &sled::Db,
+        stage: &Stage,
+        available: &BTreeMap<String, ObjectRef>,
+    ) -> Result<Result<FingerprintInputs, Vec<String>>> {
+        let missing: BTreeSet<String> = stage
+            .refs
+            .iter()
+            .filter(|r| !available.contains_key(&r.key()))
+            .map(|r| r.stage.clone())
+            .collect();
+        if !missing.is_empty() {
+            return Ok(Err(missing.into_iter().collect()));
+        }
+        let inputs = stage
+            .refs
+            .iter()
+            .map(|r| (r.key(), available[&r.key()].hash.clone()))
+            .collect();
+        let mut files = BTreeMap::new();
+        for (param, path) in &stage.requirements.local_paths {
+            let h = self
+                .cache
+                .hash_path(db, path)
+                .with_context(|| format!("hashing `{param}` of stage `{}`", stage.name))?;
+            files.insert(param.clone(), h);
+        }
+        let mut env = BTreeMap::new();
+        if stage.requirements.uses_device {
+            env.insert("device_class".into(), self.env.device_class.clone());
+            env.insert("dtype".into(), self.env.dtype.clone());
+        }
+        if stage.requirements.uses_seed {
+            env.insert("seed".into(), self.env.seed.to_string());
+        }
+        Ok(Ok(FingerprintInputs {
+            kind: stage.kind.name().to_string(),
+            kind_version: stage.kind.version(),
+            params: stage.params.clone(),
+            inputs,
+            files,
+            env,
+        }))
+    }
+
+    /// Decide one stage given the artifacts known so far.
+    pub fn decide(
+        &self,
+        stage: &Stage,
+        available: &BTreeMap<String, ObjectRef>,
+        forced: bool,
+    ) -> Result<Decision> {
+        let db = self.cache.db()?;
+        let inputs = match self.fingerprint_inputs(&db, stage, available)? {
+            Ok(i) => i,
+            Err(upstream) => return Ok(Decision::Pending { upstream }),
+        };
+        let fingerprint = inputs.fingerprint();
+        let record = self.cache.record(&db, &fingerprint)?;
+        let mut reasons = Vec::new();
+        match record {
+            Some(rec) if !forced && self.cache.outputs_present(&rec) => {
+                return Ok(Decision::Cached {
+                    record: Box::new(rec),
+                });
+            }
+            Some(_) if forced => reasons.push("forced".into()),
+            Some(_) => {
+                reasons.push("its cached outputs are missing from cache/objects (repairing)".into())
+            }
+            None => match self.cache.latest(&db, &self.pipeline.name, &stage.name)? {
+                None => reasons.push("never run".into()),
+                Some(old) => {
+                    if forced {
+                        reasons.push("forced".into());
+                    }
+                    reasons.extend(inputs.diff(&old.inputs));
+                }
+            },
+        }
+        let resume_step = Checkpoints::new(&self.cache.work_dir(&fingerprint))
+            .latest()
+            .map(|(s, _)| s);
+        Ok(Decision::Run {
+            fingerprint,
+            inputs: Box::new(inputs),
+            reasons,
+            resume_step,
+        })
+    }
+
+    /// The stages this run covers, in order.
+    pub fn selection(&self, opts: &RunOptions) -> Result<Vec<String>> {
+        for name in opts
+            .only
+            .iter()
+            .chain(opts.force.iter())
+            .chain(opts.until.iter())
+        {
+            if self.pipeline.stage(name).is_none() {
+                let names: Vec<&str> = self
+                    .pipeline
+                    .stages
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect();
+                bail!(
+                    "no stage `{name}` in {}\n  hint: {}",
+                    self.pipeline.file.display(),
+                    super::diagnostic::suggest(name, &names, "stages")
+                );
+            }
+        }
+        let order = self.dag.order(self.pipeline);
+        let chosen: BTreeSet<String> = if !opts.only.is_empty() {
+            opts.only.iter().cloned().collect()
+        } else if let Some(u) = &opts.until {
+            self.dag.with_ancestors(std::slice::from_ref(u))
+        } else {
+            order.iter().cloned().collect()
+        };
+        Ok(order.into_iter().filter(|n| chosen.contains(n)).collect())
+    }
+
+    /// Artifacts of the stages outside the selection that the selection reads
+    /// (for --only): taken from their cached records at their current fingerprints.
+    fn preload_outside(
+        &self,
+        selected: &[String],
+        available: &mut BTreeMap<String, ObjectRef>,
+    ) -> Result<()> {
+        let sel: BTreeSet<&String> = selected.iter().collect();
+        for name in self.dag.order(self.pipeline) {
+            if sel.contains(&name) {
+                continue;
+            }
+            let stage = self.pipeline.stage(&name).expect("dag names are stages");
+            if let Decision::Cached { record } = self.decide(stage, available, false)? {
+                for (o, r) in &record.outputs {
+                    available.insert(format!("{name}.{o}"), r.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plan and (unless dry-run) execute. Prints one line per stage decision.
+    pub fn run(&self, opts: &RunOptions, cancel: &CancelToken) -> Result<RunOutcome> {
+        let selected = self.selection(opts)?;
+        let _lock = if opts.dry_run {
+            None
+        } else {
+            Some(self.cache.lock(opts.wait)?)
+        };
+        if !opts.dry_run {
+            self.cache.create_dirs()?;
+            for p in self.cache.sweep_temporaries()? {
+                tracing::info!(path = %p.display(), "removed the leftover of an interrupted commit");
+            }
+        } else if !self.cache.exists() {
+            // A dry run must not create the cache; plan against an empty temporary index.
+            return self.dry_run_without_cache(&selected, opts);
+        }
+        let mut available = BTreeMap::new();
+        if !opts.only.is_empty() {
+            self.preload_outside(&selected, &mut available)?;
+            for name in &selected {
+                let stage = self
+                    .pipeline
+                    .stage(name)
+                    .expect("selected names are stages");
+                let outside: Vec<String> = stage
+                    .upstream()
+                    .into_iter()
+                    .filter(|u| !selected.contains(u))
+                    .collect();
+                let missing: Vec<&String> = outside
+                    .iter()
+                    .filter(|u| {
+                        stage
+                            .refs
+                            .iter()
+                            .any(|r| &&r.stage == u && !available.contains_key(&r.key()))
+                    })
+                    .collect();
+                if !missing.is_empty() {
+                    bail!(
+                        "--only {name}: its input from {} is not in the cache\n  hint: use --until {name} to run it with what it needs",
+                        missing.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+                    );
+                }
+            }
+        }
+        self.execute(&selected, opts, cancel, &mut available)
+    }
+
+    fn dry_run_without_cache(&self, selected: &[String], opts: &RunOptions) -> Result<RunOutcome> {
+        let tmp = tempfile_dir()?;
+        let runner = Runner {
+            pipeline: self.pipeline,
+            registry: self.registry,
+            cache: Cache::new(&tmp),
+            dag: Dag::build(self.pipeline).map_err(|d| anyhow::anyhow!("{d}"))?,
+            env: self.env.clone(),
+        };
+        let mut available = BTreeMap::new();
+        let r = runner.execute(selected, opts, &CancelToken::default(), &mut available);
+        let _ = fs::remove_dir_all(&tmp);
+        r
+    }
+
+    fn execute(
+        &self,
+        selected: &[String],
+        opts: &RunOptions,
+        cancel: &CancelToken,
+        available: &mut BTreeMap<String, ObjectRef>,
+    ) -> Result<RunOutcome> {
+        let total = selected.len();
+        let mut ran = 0;
+        let progress = indicatif::MultiProgress::new();
+        for (i, name) in selected.iter().enumerate() {
+            let stage = self
+                .pipeline
+                .stage(name)
+                .expect("selected names are stages");
+            let forced = opts.force_all || opts.force.contains(name);
+            let decision = self.decide(stage, available, forced)?;
+            let tag = format!("[{}/{}] {name}", i + 1, total);
+            match decision {
+                Decision::Cached { record } => {
+                    println!("{tag}: skip (cached)  {}", &record.fingerprint[..12]);
+                    tracing::info!(stage = %name, fingerprint = %record.fingerprint, decision = "skip", "stage decided");
+                    for (o, r) in &record.outputs {
+                        available.insert(format!("{name}.{o}"), r.clone());
+                    }
+                }
+                Decision::Pending { upstream } => {
+                    let ups = upstream
+                        .iter()
+                        .map(|u| format!("`{u}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    if opts.dry_run {
+                        println!("{tag}: run after {ups} (if their outputs change)");
+                    } else {
+                        println!("{tag}: not run: {ups} did not complete");
+                    }
+                }
+                Decision::Run {
+                    fingerprint,
+                    inputs,
+                    reasons,
+                    resume_step,
+                } => {
+                    let verb = match resume_step {
+                        Some(step) => format!("resume from step {step}"),
+                        None => "run".to_string(),
+                    };
+                    println!(
+                        "{tag}: {verb}  {}  ({})",
+                        &fingerprint[..12],
+                        reasons.join("; ")
+                    );
+                    tracing::info!(stage = %name, fingerprint = %fingerprint, decision = %verb, reasons = ?reasons, "stage decided");
+                    if opts.dry_run {
+                        continue;
+                    }
+                    if cancel.is_cancelled() {
+                        println!("{tag}: not started: interrupted");
+                        return Ok(RunOutcome::Interrupted);
+                    }
+                    ran += 1;
+                    match self.run_stage(stage, &fingerprint, &inputs, available, &progress, cancel)
+                    {
+                        Ok(record) => {
+                            println!(
+                                "{tag}: done in {}  {}",
+                                human_duration(record.duration_s),
+                                &record.fingerprint[..12]
+                            );
+                            for (o, r) in &record.outputs {
+                                available.insert(format!("{name}.{o}"), r.clone());
+                            }
+                        }
+                        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
+                            let at = Checkpoints::new(&self.cache.work_dir(&fingerprint))
+                                .latest()
+                                .map(|(s, _)| s);
+                            match at {
+                                Some(step) => println!("{tag}: interrupted; checkpoint at step {step}. Run again to resume."),
+                                None => println!("{tag}: interrupted before its first checkpoint. Run again to restart it."),
+                            }
+                            tracing::warn!(stage = %name, "stage interrupted");
+                            return Ok(RunOutcome::Interrupted);
+                        }
+                        Err(e) => {
+                            eprintln!("{tag}: failed: {e:#}");
+                            tracing::error!(stage = %name, error = %format!("{e:#}"), "stage failed");
+                            return Ok(RunOutcome::Failed);
+                        }
+                    }
+                }
+            }
+        }
+        if opts.dry_run {
+            println!("dry run: nothing was executed");
+        } else if ran == 0 {
+            println!("everything is up to date");
+        }
+        Ok(RunOutcome::Completed)
+    }
+
+    fn run_stage(
+        &self,
+        stage: &Stage,
+        fingerprint: &str,
+        inputs: &FingerprintInputs,
+        available: &BTreeMap<String, ObjectRef>,
+        progress: &indicatif::MultiProgress,
+        cancel: &CancelToken,
+    ) -> Result<StageRecord> {
+        let started_at = Utc::now();
+        let t0 = Instant::now();
+        let work_dir = self.cache.work_dir(fingerprint);
+        let out_dir = work_dir.join("out");
+        // Partial outputs of an earlier attempt are never trusted; checkpoints are.
+        remove_path(&out_dir)?;
+        fs::create_dir_all(&out_dir)?;
+        fs::write(
+            work_dir.join("stage.json"),
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "pipeline": self.pipeline.name, "stage": stage.name, "fingerprint": fingerprint,
+                "started_at": started_at,
+            }))?,
+        )?;
+        let paths: BTreeMap<String, PathBuf> = stage
+            .refs
+            .iter()
+            .map(|r| (r.key(), self.cache.object_path(&available[&r.key()])))
+            .collect();
+        let mut params = stage.params.clone();
+        bind_artifacts(&mut params, &paths);
+        let mut ctx = StageContext {
+            stage: stage.name.clone(),
+            kind: stage.kind.name(),
+            params,
+            project: self.pipeline.project.clone(),
+            work_dir: work_dir.clone(),
+            out_dir: out_dir.clone(),
+            env: self.env.clone(),
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+            outputs: stage.kind.outputs(),
+            metrics: None,
+        };
+        stage.kind.run(&mut ctx)?;
+
+        let db = self.cache.db()?;
+        let mut outputs = BTreeMap::new();
+        for spec in stage.kind.outputs() {
+            let p = out_dir.join(spec.file_name);
+            if !p.exists() {
+                bail!(
+                    "stage `{}` finished without writing its output `{}` ({})",
+                    stage.name,
+                    spec.name,
+                    p.display()
+                );
+            }
+            if spec.is_dir != p.is_dir() {
+                bail!(
+                    "stage `{}`: output `{}` should be a {}",
+                    stage.name,
+                    spec.name,
+                    if spec.is_dir { "folder" } else { "file" }
+                );
+            }
+            outputs.insert(
+                spec.name.to_string(),
+                self.cache.commit_output(&db, &p, spec.file_name)?,
+            );
+        }
+        let record = StageRecord {
+            fingerprint: fingerprint.to_string(),
+            pipeline: self.pipeline.name.clone(),
+            stage: stage.name.clone(),
+            inputs: inputs.clone(),
+            outputs,
+            metrics: ctx.metrics.take(),
+            started_at,
+            finished_at: Utc::now(),
+            duration_s: t0.elapsed().as_secs_f64(),
+        };
+        self.cache.put_record(&db, &record)?;
+        drop(db);
+        // The record is durable; the work folder (checkpoints) has served its purpose.
+        let _ = fs::remove_dir_all(&work_dir);
+        Ok(record)
+    }
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let p = std::env::temp_dir().join(format!("r1pipe-dry-run-{}", std::process::id()));
+    fs::create_dir_all(&p)?;
+    Ok(p)
+}
+
+pub fn human_duration(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.0}ms", s * 1000.0)
+    } else if s < 120.0 {
+        format!("{s:.1}s")
+    } else if s < 7200.0 {
+        format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
+    } else {
+        format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0)
+    }
+}

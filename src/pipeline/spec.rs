@@ -1,0 +1,742 @@
+//! Reading a pipeline file: YAML → presets merged → `-S` overrides → `${vars.x}`
+//! substituted → every stage's parameters checked by its kind. All problems are
+//! collected and reported with file, line and hint before anything runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
+use super::kind::{Project, Registry, Requirements, StageKind};
+use super::params::{lookup, yaml_to_json};
+use super::yaml_pos::Positions;
+
+const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages"];
+const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs"];
+
+/// A reference `${stage.output}` found in a stage's parameters.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ArtifactRef {
+    pub stage: String,
+    pub output: String,
+}
+
+impl ArtifactRef {
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.stage, self.output)
+    }
+}
+
+pub struct Stage {
+    pub name: String,
+    pub kind: Arc<dyn StageKind>,
+    /// Fully resolved parameters; artifact references stay as `${stage.output}` text.
+    pub params: Value,
+    pub refs: Vec<ArtifactRef>,
+    pub needs: Vec<String>,
+    pub requirements: Requirements,
+    pub line: Option<usize>,
+}
+
+impl Stage {
+    /// Stages this one depends on (by data or by `needs`), without duplicates.
+    pub fn upstream(&self) -> Vec<String> {
+        let mut set: BTreeSet<String> = self.refs.iter().map(|r| r.stage.clone()).collect();
+        set.extend(self.needs.iter().cloned());
+        set.into_iter().collect()
+    }
+}
+
+pub struct Pipeline {
+    pub file: PathBuf,
+    pub project: Project,
+    pub name: String,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+    /// In file order.
+    pub stages: Vec<Stage>,
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+}
+
+/// A `-S stage.key=value` (or `-S vars.key=value`) override.
+#[derive(Debug, Clone)]
+pub struct Override {
+    pub target: String,
+    pub path: Vec<String>,
+    pub value: serde_yaml::Value,
+    pub text: String,
+}
+
+impl std::str::FromStr for Override {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (lhs, rhs) = s
+            .split_once('=')
+            .ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
+        let mut parts: Vec<String> = lhs.trim().split('.').map(str::to_string).collect();
+        if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(format!(
+                "`{s}`: expected STAGE.KEY=VALUE, e.g. grpo.learning_rate=1e-6"
+            ));
+        }
+        let target = parts.remove(0);
+        // A value is read as YAML so that numbers, booleans and lists keep their types.
+        let value = serde_yaml::from_str(rhs)
+            .unwrap_or_else(|_| serde_yaml::Value::String(rhs.to_string()));
+        Ok(Override {
+            target,
+            path: parts,
+            value,
+            text: s.to_string(),
+        })
+    }
+}
+
+/// Load and validate a pipeline.
+pub fn load(
+    file: &Path,
+    overrides: &[Override],
+    registry: &Registry,
+) -> Result<Pipeline, Diagnostics> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Diagnostic::new(file, None, format!("cannot read pipeline file: {e}"))
+            .with_hint("check the path; pipelines usually live in pipelines/")
+    })?;
+    let project = Project::of_file(file);
+    Loader {
+        file: file.to_path_buf(),
+        positions: Positions::parse(&text),
+        diags: Diagnostics::default(),
+        project,
+    }
+    .load(&text, overrides, registry)
+}
+
+struct Loader {
+    file: PathBuf,
+    positions: Positions,
+    diags: Diagnostics,
+    project: Project,
+}
+
+impl Loader {
+    fn err(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
+        let line = self.positions.line(path);
+        self.diags
+            .push(Diagnostic::new(&self.file, line, message).with_optional_hint(hint));
+    }
+
+    fn load(
+        mut self,
+        text: &str,
+        overrides: &[Override],
+        registry: &Registry,
+    ) -> Result<Pipeline, Diagnostics> {
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| yaml_syntax(&self.file, &e))?;
+        let serde_yaml::Value::Mapping(top) = doc else {
+            return Err(Diagnostic::new(
+                &self.file,
+                Some(1),
+                "a pipeline file must be a mapping with `stages:`",
+            )
+            .with_hint("see pipelines/quickstart.yaml for the shape")
+            .into());
+        };
+
+        for key in top.keys() {
+            let k = key.as_str().unwrap_or("?");
+            if !TOP_KEYS.contains(&k) {
+                self.err(
+                    k,
+                    format!("unknown top-level key `{k}`"),
+                    Some(suggest(k, TOP_KEYS, "keys")),
+                );
+            }
+        }
+        let get = |k: &str| top.get(serde_yaml::Value::String(k.into()));
+        let name = match get("name") {
+            Some(v) => v.as_str().map(str::to_string).unwrap_or_else(|| {
+                self.err("name", "`name` must be a string", None);
+                String::new()
+            }),
+            None => self
+                .file
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default(),
+        };
+        let seed = match get("seed") {
+            None => 42,
+            Some(v) => v.as_u64().unwrap_or_else(|| {
+                self.err("seed", "`seed` must be a non-negative integer", None);
+                0
+            }),
+        };
+        let device = self.scalar_string(get("device"), "device", "auto");
+        if !(device == "auto"
+            || device == "cpu"
+            || device == "cuda"
+            || device
+                .strip_prefix("cuda:")
+                .is_some_and(|n| n.parse::<u32>().is_ok()))
+        {
+            self.err(
+                "device",
+                format!("unknown device `{device}`"),
+                Some("use auto, cpu, cuda or cuda:N".into()),
+            );
+        }
+        let dtype = self.scalar_string(get("dtype"), "dtype", "auto");
+        if !["auto", "f32", "bf16", "f16"].contains(&dtype.as_str()) {
+            self.err(
+                "dtype",
+                format!("unknown dtype `{dtype}`"),
+                Some("use auto, f32, bf16 or f16".into()),
+            );
+        }
+
+        let mut vars = match get("vars") {
+            None => serde_json::Map::new(),
+            Some(v) => match yaml_to_json(v, "vars") {
+                Ok(Value::Object(m)) => m,
+                Ok(Value::Null) => serde_json::Map::new(),
+                Ok(_) => {
+                    self.err("vars", "`vars` must be a mapping of names to values", None);
+                    serde_json::Map::new()
+                }
+                Err(e) => {
+                    self.err(&e.path, e.message, None);
+                    serde_json::Map::new()
+                }
+            },
+        };
+
+        let stages_yaml = match get("stages") {
+            Some(serde_yaml::Value::Mapping(m)) if !m.is_empty() => m.clone(),
+            Some(_) => {
+                self.err(
+                    "stages",
+                    "`stages` must be a non-empty mapping of stage names to stages",
+                    None,
+                );
+                serde_yaml::Mapping::new()
+            }
+            None => {
+                self.diags.push(
+                    Diagnostic::new(&self.file, None, "the pipeline has no `stages:`")
+                        .with_hint("add `stages:` with at least one stage"),
+                );
+                serde_yaml::Mapping::new()
+            }
+        };
+        let stage_names: Vec<String> = stages_yaml
+            .keys()
+            .map(|k| k.as_str().unwrap_or("?").to_string())
+            .collect();
+
+        // -S overrides: vars first (they feed every stage), stage keys after presets are merged.
+        let mut stage_overrides: BTreeMap<String, Vec<&Override>> = BTreeMap::new();
+        for o in overrides {
+            if o.target == "vars" {
+                match yaml_to_json(&o.value, "") {
+                    Ok(v) => set_path(&mut vars, &o.path, v),
+                    Err(e) => self.override_err(o, &e.message, None),
+                }
+            } else if stage_names.contains(&o.target) {
+                stage_overrides.entry(o.target.clone()).or_default().push(o);
+            } else {
+                let names: Vec<&str> = stage_names.iter().map(String::as_str).collect();
+                self.override_err(
+                    o,
+                    &format!("no stage `{}`", o.target),
+                    Some(suggest(&o.target, &names, "stages")),
+                );
+            }
+        }
+        let vars = Value::Object(vars);
+
+        let mut stages = Vec::new();
+        for (name_v, body) in &stages_yaml {
+            let name = name_v.as_str().unwrap_or("?").to_string();
+            let ovs = stage_overrides.remove(&name).unwrap_or_default();
+            if let Some(stage) = self.stage(&name, body, &ovs, &vars, &stage_names, registry) {
+                stages.push(stage);
+            }
+        }
+
+        // References to outputs: the stage must exist and declare the output.
+        let kinds: BTreeMap<String, Arc<dyn StageKind>> = stages
+            .iter()
+            .map(|s| (s.name.clone(), s.kind.clone()))
+            .collect();
+        for s in &stages {
+            for r in &s.refs {
+                let base = format!("stages.{}", s.name);
+                match kinds.get(&r.stage) {
+                    None if !stage_names.contains(&r.stage) => {
+                        let names: Vec<&str> = stage_names.iter().map(String::as_str).collect();
+                        self.err(
+                            &base,
+                            format!(
+                                "stage `{}` refers to `${{{}}}`, but there is no stage `{}`",
+                                s.name,
+                                r.key(),
+                                r.stage
+                            ),
+                            Some(suggest(&r.stage, &names, "stages")),
+                        );
+                    }
+                    None => {} // that stage had its own errors
+                    Some(k) => {
+                        let outs: Vec<&str> = k.outputs().iter().map(|o| o.name).collect();
+                        if !outs.contains(&r.output.as_str()) {
+                            self.err(
+                                &base,
+                                format!(
+                                    "stage `{}` refers to `${{{}}}`, but a `{}` stage has no output `{}`",
+                                    s.name, r.key(), k.name(), r.output
+                                ),
+                                Some(suggest(&r.output, &outs, "outputs")),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+
+        let pipeline = Pipeline {
+            file: self.file.clone(),
+            project: self.project.clone(),
+            name,
+            seed,
+            device,
+            dtype,
+            stages,
+        };
+        if self.diags.is_empty() {
+            if let Err(d) = super::dag::Dag::build(&pipeline) {
+                self.diags.push(d);
+            }
+        }
+        self.diags.into_result(pipeline)
+    }
+
+    fn override_err(&mut self, o: &Override, msg: &str, hint: Option<String>) {
+        self.diags.push(
+            Diagnostic::new(&self.file, None, format!("override `-S {}`: {msg}", o.text))
+                .with_optional_hint(hint),
+        );
+    }
+
+    fn scalar_string(&mut self, v: Option<&serde_yaml::Value>, key: &str, default: &str) -> String {
+        match v {
+            None => default.to_string(),
+            Some(serde_yaml::Value::String(s)) => s.clone(),
+            Some(_) => {
+                self.err(key, format!("`{key}` must be a string"), None);
+                default.to_string()
+            }
+        }
+    }
+
+    fn stage(
+        &mut self,
+        name: &str,
+        body: &serde_yaml::Value,
+        overrides: &[&Override],
+        vars: &Value,
+        stage_names: &[String],
+        registry: &Registry,
+    ) -> Option<Stage> {
+        let base = format!("stages.{name}");
+        let line = self.positions.line(&base);
+        let serde_yaml::Value::Mapping(m) = body else {
+            self.err(
+                &base,
+                format!("stage `{name}` must be a mapping with `kind:`"),
+                None,
+            );
+            return None;
+        };
+        for key in m.keys() {
+            let k = key.as_str().unwrap_or("?");
+            if !STAGE_KEYS.contains(&k) {
+                self.err(
+                    &format!("{base}.{k}"),
+                    format!("stage `{name}`: unknown key `{k}`"),
+                    Some(suggest(k, STAGE_KEYS, "stage keys")),
+                );
+            }
+        }
+        let get = |k: &str| m.get(serde_yaml::Value::String(k.into()));
+        let kind_name = match get("kind").and_then(|v| v.as_str()) {
+            Some(k) => k.to_string(),
+            None => {
+                self.err(
+                    &base,
+                    format!("stage `{name}` has no `kind:`"),
+                    Some(format!("valid kinds: {}", registry.names().join(", "))),
+                );
+                return None;
+            }
+        };
+        let Some(kind) = registry.get(&kind_name) else {
+            self.err(
+                &format!("{base}.kind"),
+                format!("stage `{name}`: unknown kind `{kind_name}`"),
+                Some(suggest(&kind_name, &registry.names(), "kinds")),
+            );
+            return None;
+        };
+
+        // Preset (`use:`) first, `with:` over it, then -S overrides.
+        let mut params = serde_json::Map::new();
+        let mut preset_file: Option<(PathBuf, Positions)> = None;
+        if let Some(u) = get("use") {
+            match u.as_str() {
+                Some(rel) => match self.read_preset(&format!("{base}.use"), rel) {
+                    Some((path, positions, Value::Object(preset))) => {
+                        deep_merge(&mut params, preset);
+                        preset_file = Some((path, positions));
+                    }
+                    Some(_) | None => {}
+                },
+                None => self.err(
+                    &format!("{base}.use"),
+                    "`use` must be a path to a YAML preset",
+                    None,
+                ),
+            }
+        }
+        match get("with") {
+            None | Some(serde_yaml::Value::Null) => {}
+            Some(w @ serde_yaml::Value::Mapping(_)) => match yaml_to_json(w, "") {
+                Ok(Value::Object(with)) => deep_merge(&mut params, with),
+                Ok(_) => unreachable!("a mapping converts to an object"),
+                Err(e) => self.err(&format!("{base}.with.{}", e.path), e.message, None),
+            },
+            Some(_) => self.err(
+                &format!("{base}.with"),
+                format!("stage `{name}`: `with` must be a mapping of parameters"),
+                None,
+            ),
+        }
+        for o in overrides {
+            match yaml_to_json(&o.value, "") {
+                Ok(v) => set_path(&mut params, &o.path, v),
+                Err(e) => self.override_err(o, &e.message, None),
+            }
+        }
+        let mut params = Value::Object(params);
+
+        let mut refs = Vec::new();
+        let mut problems = Vec::new();
+        substitute(&mut params, "", vars, stage_names, &mut refs, &mut problems);
+        for (path, msg, hint) in problems {
+            self.err(
+                &format!("{base}.with.{path}"),
+                format!("stage `{name}`: {msg}"),
+                hint,
+            );
+        }
+        refs.sort();
+        refs.dedup();
+
+        let mut needs = Vec::new();
+        match get("needs") {
+            None => {}
+            Some(serde_yaml::Value::Sequence(seq)) => {
+                for (i, n) in seq.iter().enumerate() {
+                    match n.as_str() {
+                        Some(n) if stage_names.iter().any(|s| s == n) => needs.push(n.to_string()),
+                        Some(n) => {
+                            let names: Vec<&str> = stage_names.iter().map(String::as_str).collect();
+                            self.err(
+                                &format!("{base}.needs.{i}"),
+                                format!("stage `{name}` needs `{n}`, but there is no such stage"),
+                                Some(suggest(n, &names, "stages")),
+                            );
+                        }
+                        None => self.err(
+                            &format!("{base}.needs.{i}"),
+                            "`needs` entries must be stage names",
+                            None,
+                        ),
+                    }
+                }
+            }
+            Some(_) => self.err(
+                &format!("{base}.needs"),
+                "`needs` must be a list of stage names",
+                None,
+            ),
+        }
+
+        let requirements = match kind.check(&params, &self.project) {
+            Ok(r) => r,
+            Err(errors) => {
+                for e in errors {
+                    self.param_error(name, &kind_name, &base, &e, preset_file.as_ref());
+                }
+                Requirements::default()
+            }
+        };
+        for (param, path) in &requirements.local_paths {
+            if !path.exists() {
+                self.err(
+                    &format!("{base}.with.{param}"),
+                    format!(
+                        "stage `{name}`: `{param}` names {}, which does not exist",
+                        path.display()
+                    ),
+                    Some(format!(
+                        "relative paths are read from the project root, {}",
+                        self.project.root.display()
+                    )),
+                );
+            }
+        }
+        Some(Stage {
+            name: name.to_string(),
+            kind,
+            params,
+            refs,
+            needs,
+            requirements,
+            line,
+        })
+    }
+
+    /// A kind's parameter error, placed in the pipeline file or, for a key that
+    /// only the preset sets, in the preset file.
+    fn param_error(
+        &mut self,
+        stage: &str,
+        kind: &str,
+        base: &str,
+        e: &super::params::ParamError,
+        preset: Option<&(PathBuf, Positions)>,
+    ) {
+        let full = if e.path.is_empty() {
+            format!("{base}.with")
+        } else {
+            format!("{base}.with.{}", e.path)
+        };
+        let msg = format!("stage `{stage}` ({kind}): {e}");
+        let in_preset = preset
+            .filter(|_| self.positions.exact(&full).is_none())
+            .and_then(|(file, pos)| Some((file, pos.exact(&e.path)?)));
+        match in_preset {
+            Some((file, line)) => self
+                .diags
+                .push(Diagnostic::new(file, Some(line), msg).with_optional_hint(e.hint.clone())),
+            None => self.err(&full, msg, e.hint.clone()),
+        }
+    }
+
+    fn read_preset(&mut self, at: &str, rel: &str) -> Option<(PathBuf, Positions, Value)> {
+        let path = self.project.root.join(rel);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.err(
+                    at,
+                    format!("cannot read preset {}: {e}", path.display()),
+                    Some(format!(
+                        "preset paths are relative to the project root, {}",
+                        self.project.root.display()
+                    )),
+                );
+                return None;
+            }
+        };
+        let doc: serde_yaml::Value = match serde_yaml::from_str(&text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.diags.push(yaml_syntax(&path, &e));
+                return None;
+            }
+        };
+        match yaml_to_json(&doc, "") {
+            Ok(v @ Value::Object(_)) => Some((path, Positions::parse(&text), v)),
+            Ok(_) => {
+                self.diags.push(Diagnostic::new(
+                    &path,
+                    Some(1),
+                    "a preset must be a mapping of parameters",
+                ));
+                None
+            }
+            Err(e) => {
+                self.diags.push(Diagnostic::new(&path, None, e.message));
+                None
+            }
+        }
+    }
+}
+
+fn yaml_syntax(file: &Path, e: &serde_yaml::Error) -> Diagnostic {
+    let line = e.location().map(|l| l.line());
+    Diagnostic::new(file, line, format!("YAML syntax error: {e}"))
+        .with_hint("check indentation and that every `key: value` has a space after the colon")
+}
+
+/// Merge `over` into `base`: mappings merge key by key, anything else replaces.
+pub fn deep_merge(base: &mut serde_json::Map<String, Value>, over: serde_json::Map<String, Value>) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Object(b)), Value::Object(o)) => deep_merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set_path(map: &mut serde_json::Map<String, Value>, path: &[String], value: Value) {
+    let (last, init) = path
+        .split_last()
+        .expect("override paths have at least one key");
+    let mut cur = map;
+    for seg in init {
+        let entry = cur
+            .entry(seg.clone())
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !entry.is_object() {
+            *entry = Value::Object(Default::default());
+        }
+        cur = entry.as_object_mut().expect("just made an object");
+    }
+    cur.insert(last.clone(), value);
+}
+
+type Problem = (String, String, Option<String>);
+
+/// Replace `${vars.x}` by its value (keeping its type when it is the whole string),
+/// collect `${stage.output}` references (kept as text until run time), and unescape `$${`.
+fn substitute(
+    v: &mut Value,
+    path: &str,
+    vars: &Value,
+    stages: &[String],
+    refs: &mut Vec<ArtifactRef>,
+    problems: &mut Vec<Problem>,
+) {
+    match v {
+        Value::Object(m) => {
+            for (k, x) in m.iter_mut() {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                substitute(x, &p, vars, stages, refs, problems);
+            }
+        }
+        Value::Array(a) => {
+            for (i, x) in a.iter_mut().enumerate() {
+                substitute(x, &format!("{path}.{i}"), vars, stages, refs, problems);
+            }
+        }
+        Value::String(s) if s.contains("${") => {
+            if let Some(new) = interpolate(s, path, vars, stages, refs, problems) {
+                *v = new;
+            }
+        }
+        _ => {}
+    }
+}
+
+fn interpolate(
+    s: &str,
+    path: &str,
+    vars: &Value,
+    stages: &[String],
+    refs: &mut Vec<ArtifactRef>,
+    problems: &mut Vec<Problem>,
+) -> Option<Value> {
+    let mut out = String::new();
+    let mut rest = s;
+    let mut whole_var: Option<Value> = None;
+    while let Some(i) = rest.find("${") {
+        if i > 0 && rest[..i].ends_with('$') {
+            // `$${x}` is a literal `${x}`.
+            out.push_str(&rest[..i - 1]);
+            out.push_str("${");
+            rest = &rest[i + 2..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let Some(end) = rest[i..].find('}') else {
+            problems.push((
+                path.into(),
+                format!("unclosed `${{` in `{s}`"),
+                Some("write `${stage.output}` or `${vars.name}`".into()),
+            ));
+            return None;
+        };
+        let expr = rest[i + 2..i + end].trim();
+        let is_whole = i == 0 && i + end + 1 == rest.len() && out.is_empty();
+        if let Some(var) = expr.strip_prefix("vars.") {
+            match lookup(vars, var) {
+                Some(val) if is_whole => whole_var = Some(val.clone()),
+                Some(Value::String(t)) => out.push_str(t),
+                Some(val) => out.push_str(&val.to_string()),
+                None => {
+                    let names: Vec<&str> = vars
+                        .as_object()
+                        .map(|m| m.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    let hint = match nearest(var, names.iter().copied()) {
+                        Some(n) => format!("did you mean `${{vars.{n}}}`?"),
+                        None => format!("defined vars: {}", super::diagnostic::join_ticked(&names)),
+                    };
+                    problems.push((
+                        path.into(),
+                        format!("`${{{expr}}}` is not defined"),
+                        Some(hint),
+                    ));
+                }
+            }
+        } else if let Some((stage, output)) = expr.split_once('.') {
+            refs.push(ArtifactRef {
+                stage: stage.to_string(),
+                output: output.to_string(),
+            });
+            out.push_str(&format!("${{{stage}.{output}}}"));
+        } else {
+            let names: Vec<&str> = stages.iter().map(String::as_str).collect();
+            problems.push((
+                path.into(),
+                format!("`${{{expr}}}` is neither `${{vars.NAME}}` nor `${{STAGE.OUTPUT}}`"),
+                Some(suggest(expr, &names, "stages")),
+            ));
+        }
+        rest = &rest[i + end + 1..];
+    }
+    out.push_str(rest);
+    Some(whole_var.unwrap_or(Value::String(out)))
+}
+
+/// Replace each `${stage.output}` in `params` by the artifact's path.
+pub fn bind_artifacts(params: &mut Value, paths: &BTreeMap<String, PathBuf>) {
+    match params {
+        Value::Object(m) => m.values_mut().for_each(|x| bind_artifacts(x, paths)),
+        Value::Array(a) => a.iter_mut().for_each(|x| bind_artifacts(x, paths)),
+        Value::String(s) if s.contains("${") => {
+            for (key, p) in paths {
+                *s = s.replace(&format!("${{{key}}}"), &p.to_string_lossy());
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,480 @@
+//! The cache on disk:
+//!
+//! ```text
+//! cache/LOCK                       one writer at a time (holder's pid inside)
+//! cache/index/                     sled: fingerprint → completed record, file-hash memo
+//! cache/objects/<hash>/<name>      immutable, content-addressed artifacts
+//! cache/work/<fingerprint>/        an unfinished stage: checkpoints/, out/
+//! cache/runs/<time>-<pipeline>.log machine-readable log of each run
+//! ```
+//!
+//! Outputs are moved into `objects/` by rename and the record is written last,
+//! so a record never points at something incomplete.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::checkpoint::{sync_path, walk};
+use super::fingerprint::FingerprintInputs;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub hash: String,
+    pub file_name: String,
+}
+
+/// What a completed stage left: written only after its outputs are in `objects/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub fingerprint: String,
+    pub pipeline: String,
+    pub stage: String,
+    pub inputs: FingerprintInputs,
+    pub outputs: BTreeMap<String, ObjectRef>,
+    pub metrics: Option<Value>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub duration_s: f64,
+}
+
+pub struct Cache {
+    pub root: PathBuf,
+}
+
+const RECORDS: &str = "records";
+const LATEST: &str = "latest";
+const FILE_HASHES: &str = "file_hashes";
+
+#[derive(Serialize, Deserialize)]
+struct FileHashMemo {
+    len: u64,
+    mtime_ns: u128,
+    hash: String,
+}
+
+impl Cache {
+    pub fn new(root: &Path) -> Cache {
+        Cache {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn objects_dir(&self) -> PathBuf {
+        self.root.join("objects")
+    }
+    pub fn work_root(&self) -> PathBuf {
+        self.root.join("work")
+    }
+    pub fn work_dir(&self, fingerprint: &str) -> PathBuf {
+        self.work_root().join(fingerprint)
+    }
+    pub fn runs_dir(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+    pub fn exists(&self) -> bool {
+        self.root.join("index").exists()
+    }
+
+    pub fn object_path(&self, o: &ObjectRef) -> PathBuf {
+        self.objects_dir().join(&o.hash).join(&o.file_name)
+    }
+
+    pub fn create_dirs(&self) -> Result<()> {
+        for d in [self.objects_dir(), self.work_root(), self.runs_dir()] {
+            fs::create_dir_all(&d)
+                .with_context(|| format!("creating cache folder {}", d.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The index, opened for one short piece of work. sled locks its database,
+    /// so it is never held across a stage's run: `status` can read in between.
+    pub fn db(&self) -> Result<sled::Db> {
+        let path = self.root.join("index");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match sled::Config::new().path(&path).open() {
+                Ok(db) => return Ok(db),
+                Err(sled::Error::Io(e))
+                    if Instant::now() < deadline && e.to_string().contains("lock") =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("opening the cache index {}", path.display()))
+                }
+            }
+        }
+    }
+
+    pub fn record(&self, db: &sled::Db, fingerprint: &str) -> Result<Option<StageRecord>> {
+        let tree = db.open_tree(RECORDS)?;
+        match tree.get(fingerprint.as_bytes())? {
+            Some(bytes) => Ok(Some(
+                serde_json::from_slice(&bytes).context("reading a cache record")?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// The newest completed record of `stage` in `pipeline`, whatever its fingerprint.
+    pub fn latest(
+        &self,
+        db: &sled::Db,
+        pipeline: &str,
+        stage: &str,
+    ) -> Result<Option<StageRecord>> {
+        let tree = db.open_tree(LATEST)?;
+        match tree.get(latest_key(pipeline, stage))? {
+            Some(fp) => self.record(db, &String::from_utf8_lossy(&fp)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn all_records(&self, db: &sled::Db) -> Result<Vec<StageRecord>> {
+        let tree = db.open_tree(RECORDS)?;
+        tree.iter()
+            .values()
+            .map(|v| Ok(serde_json::from_slice(&v?)?))
+            .collect()
+    }
+
+    /// All (pipeline, stage) → fingerprint pointers.
+    pub fn latest_pointers(&self, db: &sled::Db) -> Result<Vec<(String, String, String)>> {
+        let tree = db.open_tree(LATEST)?;
+        let mut out = Vec::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let k = String::from_utf8_lossy(&k).to_string();
+            let (p, s) = k.split_once('\0').unwrap_or((&k, ""));
+            out.push((
+                p.to_string(),
+                s.to_string(),
+                String::from_utf8_lossy(&v).to_string(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Write a completed record (after its outputs are in place) and make it the
+    /// stage's latest; flushed before returning.
+    pub fn put_record(&self, db: &sled::Db, rec: &StageRecord) -> Result<()> {
+        for o in rec.outputs.values() {
+            if !self.object_path(o).exists() {
+                bail!(
+                    "refusing to record stage `{}`: output {} is not in the cache",
+                    rec.stage,
+                    o.hash
+                );
+            }
+        }
+        db.open_tree(RECORDS)?
+            .insert(rec.fingerprint.as_bytes(), serde_json::to_vec(rec)?)?;
+        db.open_tree(LATEST)?.insert(
+            latest_key(&rec.pipeline, &rec.stage),
+            rec.fingerprint.as_bytes(),
+        )?;
+        db.flush()?;
+        Ok(())
+    }
+
+    pub fn remove_record(&self, db: &sled::Db, fingerprint: &str) -> Result<()> {
+        db.open_tree(RECORDS)?.remove(fingerprint.as_bytes())?;
+        db.flush()?;
+        Ok(())
+    }
+
+    /// Whether every output of a record is still on disk (a user may have deleted objects).
+    pub fn outputs_present(&self, rec: &StageRecord) -> bool {
+        rec.outputs.values().all(|o| self.object_path(o).exists())
+    }
+
+    /// Move a finished output (file or folder) into `objects/<hash>/<file_name>`.
+    /// The object appears by one rename, so it is either whole or absent.
+    pub fn commit_output(&self, db: &sled::Db, src: &Path, file_name: &str) -> Result<ObjectRef> {
+        let content = self.hash_path(db, src)?;
+        let mut h = blake3::Hasher::new();
+        h.update(b"r1pipe-object-v1\0");
+        h.update(file_name.as_bytes());
+        h.update(b"\0");
+        h.update(content.as_bytes());
+        let hash = h.finalize().to_hex().to_string();
+        let oref = ObjectRef {
+            hash: hash.clone(),
+            file_name: file_name.to_string(),
+        };
+        let dest = self.objects_dir().join(&hash);
+        if dest.join(file_name).exists() {
+            // Identical content is already stored: the new copy is redundant.
+            remove_path(src)?;
+            return Ok(oref);
+        }
+        let tmp = self
+            .objects_dir()
+            .join(format!(".tmp-{hash}-{}", std::process::id()));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(&tmp)?;
+        fs::rename(src, tmp.join(file_name))
+            .with_context(|| format!("moving {} into the cache", src.display()))?;
+        make_read_only(&tmp.join(file_name))?;
+        super::checkpoint::sync_dir_files(&tmp)?;
+        if dest.exists() {
+            fs::remove_dir_all(&dest)?; // an incomplete leftover with no file inside
+        }
+        fs::rename(&tmp, &dest)?;
+        sync_path(&self.objects_dir());
+        Ok(oref)
+    }
+
+    /// Content hash of a local file or folder. A file's hash is remembered by
+    /// (path, size, mtime) so large files are read once, not on every run.
+    pub fn hash_path(&self, db: &sled::Db, path: &Path) -> Result<String> {
+        let memo = db.open_tree(FILE_HASHES)?;
+        if path.is_file() {
+            return self.hash_file_memo(&memo, path);
+        }
+        if !path.is_dir() {
+            bail!("{} does not exist", path.display());
+        }
+        let mut h = blake3::Hasher::new();
+        h.update(b"dir\0");
+        for p in walk(path)? {
+            if p.is_file() {
+                let rel = p.strip_prefix(path).expect("walk stays under its root");
+                h.update(rel.to_string_lossy().as_bytes());
+                h.update(b"\0");
+                h.update(self.hash_file_memo(&memo, &p)?.as_bytes());
+                h.update(b"\n");
+            }
+        }
+        Ok(h.finalize().to_hex().to_string())
+    }
+
+    fn hash_file_memo(&self, memo: &sled::Tree, path: &Path) -> Result<String> {
+        let abs = fs::canonicalize(path)?;
+        let meta = fs::metadata(&abs)?;
+        let mtime_ns = meta
+            .modified()?
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let key = abs.to_string_lossy().to_string();
+        if let Some(bytes) = memo.get(key.as_bytes())? {
+            if let Ok(m) = serde_json::from_slice::<FileHashMemo>(&bytes) {
+                if m.len == meta.len() && m.mtime_ns == mtime_ns {
+                    return Ok(m.hash);
+                }
+            }
+        }
+        let hash = hash_file(&abs)?;
+        memo.insert(
+            key.as_bytes(),
+            serde_json::to_vec(&FileHashMemo {
+                len: meta.len(),
+                mtime_ns,
+                hash: hash.clone(),
+            })?,
+        )?;
+        Ok(hash)
+    }
+
+    /// Take the one-writer lock. Fails at once naming the holder, or waits with `wait`.
+    pub fn lock(&self, wait: bool) -> Result<CacheLock> {
+        fs::create_dir_all(&self.root)
+            .with_context(|| format!("creating cache {}", self.root.display()))?;
+        let path = self.root.join("LOCK");
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = holder_description(&path);
+                if !wait {
+                    bail!(
+                        "the cache {} is in use by {holder}\n  hint: wait for it to finish, or pass --wait to queue behind it",
+                        self.root.display()
+                    );
+                }
+                eprintln!("waiting for the cache lock held by {holder} …");
+                file.lock()?;
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(e).context("locking the cache"),
+        }
+        file.set_len(0)?;
+        let args: Vec<String> = std::env::args().collect();
+        writeln!(
+            file,
+            "pid {}\nstarted {}\ncommand {}",
+            std::process::id(),
+            Utc::now().to_rfc3339(),
+            args.join(" ")
+        )?;
+        file.sync_all()?;
+        Ok(CacheLock { _file: file })
+    }
+
+    /// Remove leftovers of interrupted commits (`objects/.tmp-*`). Call only while holding the lock.
+    pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.objects_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with(".tmp-") {
+                    remove_path(&e.path())?;
+                    removed.push(e.path());
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Held while a run writes to the cache; released when dropped (or when the process dies).
+pub struct CacheLock {
+    _file: fs::File,
+}
+
+fn holder_description(lock_path: &Path) -> String {
+    let text = fs::read_to_string(lock_path).unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+    };
+    match (field("pid "), field("started ")) {
+        (Some(pid), Some(started)) => format!(
+            "pid {pid} (started {started}: {})",
+            field("command ").unwrap_or_default()
+        ),
+        (Some(pid), None) => format!("pid {pid}"),
+        _ => "another r1pipe process".into(),
+    }
+}
+
+fn latest_key(pipeline: &str, stage: &str) -> Vec<u8> {
+    format!("{pipeline}\0{stage}").into_bytes()
+}
+
+pub fn hash_file(path: &Path) -> Result<String> {
+    let mut f = fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+pub fn remove_path(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        fs::remove_dir_all(p)?;
+    } else if p.exists() {
+        fs::remove_file(p)?;
+    }
+    Ok(())
+}
+
+/// Artifacts are immutable: their files are made read-only so a stray write fails loudly.
+fn make_read_only(p: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let files: Vec<PathBuf> = if p.is_dir() {
+        walk(p)?.into_iter().filter(|f| f.is_file()).collect()
+    } else {
+        vec![p.to_path_buf()]
+    };
+    for f in files {
+        let mut perm = fs::metadata(&f)?.permissions();
+        perm.set_mode(perm.mode() & 0o555);
+        fs::set_permissions(&f, perm)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_outputs_share_one_object_and_names_are_part_of_identity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path());
+        cache.create_dirs().unwrap();
+        let db = cache.db().unwrap();
+        let a = tmp.path().join("a.jsonl");
+        fs::write(&a, "x\n").unwrap();
+        let o1 = cache.commit_output(&db, &a, "train.jsonl").unwrap();
+        fs::write(&a, "x\n").unwrap();
+        let o2 = cache.commit_output(&db, &a, "train.jsonl").unwrap();
+        assert_eq!(o1, o2);
+        assert!(!a.exists(), "the redundant copy is removed");
+        fs::write(&a, "x\n").unwrap();
+        let o3 = cache.commit_output(&db, &a, "test.jsonl").unwrap();
+        assert_ne!(o1.hash, o3.hash);
+        assert_eq!(fs::read_to_string(cache.object_path(&o1)).unwrap(), "x\n");
+    }
+
+    #[test]
+    fn file_hash_is_remembered_until_the_file_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path());
+        cache.create_dirs().unwrap();
+        let db = cache.db().unwrap();
+        let f = tmp.path().join("w.bin");
+        fs::write(&f, "one").unwrap();
+        let h1 = cache.hash_path(&db, &f).unwrap();
+        assert_eq!(h1, hash_file(&f).unwrap());
+        fs::write(&f, "two!").unwrap();
+        assert_ne!(cache.hash_path(&db, &f).unwrap(), h1);
+    }
+
+    #[test]
+    fn a_record_cannot_point_at_a_missing_object() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path());
+        cache.create_dirs().unwrap();
+        let db = cache.db().unwrap();
+        let rec = StageRecord {
+            fingerprint: "f".into(),
+            pipeline: "p".into(),
+            stage: "s".into(),
+            inputs: FingerprintInputs {
+                kind: "k".into(),
+                kind_version: 1,
+                params: Value::Null,
+                inputs: Default::default(),
+                files: Default::default(),
+                env: Default::default(),
+            },
+            outputs: BTreeMap::from([(
+                "o".into(),
+                ObjectRef {
+                    hash: "nope".into(),
+                    file_name: "x".into(),
+                },
+            )]),
+            metrics: None,
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            duration_s: 0.0,
+        };
+        assert!(cache.put_record(&db, &rec).is_err());
+        assert!(cache.record(&db, "f").unwrap().is_none());
+    }
+}

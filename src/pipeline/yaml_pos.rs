@@ -1,0 +1,142 @@
+//! Where each key of a YAML document sits, so that errors found after parsing
+//! (by serde, which forgets positions) can still name a line.
+
+use std::collections::HashMap;
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// Maps a dotted path (`stages.grpo.with.learning_rate`, sequence items by
+/// index: `stages.infer.with.questions.0`) to the 1-based line where it appears.
+#[derive(Debug, Default, Clone)]
+pub struct Positions {
+    lines: HashMap<String, usize>,
+}
+
+impl Positions {
+    pub fn parse(text: &str) -> Positions {
+        let mut recv = Receiver::default();
+        // Syntax errors are reported by serde_yaml with their own location; here we
+        // keep whatever positions were collected before the error.
+        let _ = Parser::new_from_str(text).load(&mut recv, false);
+        Positions { lines: recv.lines }
+    }
+
+    /// Line of exactly `path`, if the document has it.
+    pub fn exact(&self, path: &str) -> Option<usize> {
+        self.lines.get(path).copied()
+    }
+
+    /// Line of `path`, or of its nearest recorded ancestor.
+    pub fn line(&self, path: &str) -> Option<usize> {
+        let mut p = path;
+        loop {
+            if let Some(l) = self.lines.get(p) {
+                return Some(*l);
+            }
+            p = &p[..p.rfind('.')?];
+        }
+    }
+}
+
+enum Frame {
+    Map { key: Option<String> },
+    Seq { index: usize },
+}
+
+#[derive(Default)]
+struct Receiver {
+    stack: Vec<Frame>,
+    path: Vec<String>,
+    lines: HashMap<String, usize>,
+}
+
+impl Receiver {
+    /// Called when a node starts in value position; returns true when that node is a mapping key.
+    fn enter_value(&mut self, mark: Marker, scalar: Option<&str>) -> bool {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key }) if key.is_none() => {
+                let k = scalar.unwrap_or("?").to_string();
+                *key = Some(k.clone());
+                let mut full = self.path.clone();
+                full.push(k);
+                self.lines.entry(full.join(".")).or_insert(mark.line());
+                true
+            }
+            Some(Frame::Map { key }) => {
+                let k = key.clone().unwrap_or_default();
+                self.path.push(k);
+                false
+            }
+            Some(Frame::Seq { index }) => {
+                let i = *index;
+                *index += 1;
+                self.path.push(i.to_string());
+                self.lines.entry(self.path.join(".")).or_insert(mark.line());
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Called when a value node is complete.
+    fn leave_value(&mut self) {
+        match self.stack.last_mut() {
+            Some(Frame::Map { key }) => {
+                *key = None;
+                self.path.pop();
+            }
+            Some(Frame::Seq { .. }) => {
+                self.path.pop();
+            }
+            None => {}
+        }
+    }
+}
+
+impl MarkedEventReceiver for Receiver {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        match ev {
+            Event::Scalar(s, ..) => {
+                if !self.enter_value(mark, Some(&s)) {
+                    self.leave_value();
+                }
+            }
+            Event::Alias(_) => {
+                if !self.enter_value(mark, None) {
+                    self.leave_value();
+                }
+            }
+            Event::MappingStart(..) => {
+                self.enter_value(mark, None);
+                self.stack.push(Frame::Map { key: None });
+            }
+            Event::SequenceStart(..) => {
+                self.enter_value(mark, None);
+                self.stack.push(Frame::Seq { index: 0 });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+                self.leave_value();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_lines_of_nested_keys_and_sequence_items() {
+        let text = "name: x\nstages:\n  a:\n    kind: format\n    with:\n      limit: 3\n      qs:\n        - one\n        - two\n  b: {kind: sft, with: {lr: 1}}\n";
+        let p = Positions::parse(text);
+        assert_eq!(p.line("name"), Some(1));
+        assert_eq!(p.line("stages.a"), Some(3));
+        assert_eq!(p.line("stages.a.with.limit"), Some(6));
+        assert_eq!(p.line("stages.a.with.qs.1"), Some(9));
+        assert_eq!(p.line("stages.b.with.lr"), Some(10));
+        // unknown leaf: falls back to its parent
+        assert_eq!(p.line("stages.a.with.nothing"), Some(5));
+    }
+}

@@ -1,0 +1,251 @@
+//! `format`: GSM8K rows → chat prompts with a system prompt, the reference
+//! answer after `####`, and SFT examples in the think/answer format.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::data::{gsm8k, jsonl};
+use crate::pipeline::{
+    typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind,
+};
+
+pub const DEFAULT_SYSTEM_PROMPT: &str =
+    "Respond in the following format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>\n";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Params {
+    /// The `dataset` output of a `download` stage.
+    pub data: String,
+    #[serde(default = "default_system_prompt")]
+    pub system_prompt: String,
+    /// Keep at most this many rows per split (a number for every split, or `{train: N, test: M}`).
+    #[serde(default)]
+    pub limit: Option<Limit>,
+    /// Shuffle each split with this seed before `limit`; unshuffled when absent.
+    #[serde(default)]
+    pub shuffle_seed: Option<u64>,
+    /// Fail on a bad row instead of dropping it.
+    #[serde(default)]
+    pub strict: bool,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(untagged)]
+pub enum Limit {
+    All(usize),
+    PerSplit {
+        #[serde(default)]
+        train: Option<usize>,
+        #[serde(default)]
+        test: Option<usize>,
+    },
+}
+
+impl Limit {
+    fn for_split(&self, split: &str) -> Option<usize> {
+        match *self {
+            Limit::All(n) => Some(n),
+            Limit::PerSplit { train, test } => match split {
+                "train" => train,
+                "test" => test,
+                _ => None,
+            },
+        }
+    }
+}
+
+fn default_system_prompt() -> String {
+    DEFAULT_SYSTEM_PROMPT.into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// One GRPO/evaluation prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PromptRow {
+    pub prompt: Vec<Message>,
+    pub question: String,
+    pub answer: String,
+    pub rationale: String,
+}
+
+/// One SFT example.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftRow {
+    pub messages: Vec<Message>,
+    pub answer: String,
+}
+
+pub struct Format;
+
+const OUTPUTS: &[OutputSpec] = &[
+    OutputSpec {
+        name: "train",
+        file_name: "train.jsonl",
+        is_dir: false,
+        description: "training prompts",
+    },
+    OutputSpec {
+        name: "test",
+        file_name: "test.jsonl",
+        is_dir: false,
+        description: "test prompts",
+    },
+    OutputSpec {
+        name: "sft",
+        file_name: "sft.jsonl",
+        is_dir: false,
+        description: "think/answer chat examples from the train split",
+    },
+];
+
+impl StageKind for Format {
+    fn name(&self) -> &'static str {
+        "format"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn description(&self) -> &'static str {
+        "build chat prompts, reference answers and think/answer SFT examples from GSM8K rows"
+    }
+    fn outputs(&self) -> &'static [OutputSpec] {
+        OUTPUTS
+    }
+
+    fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
+        let p: Params = typed(params).map_err(|e| vec![e])?;
+        let mut req = Requirements::default();
+        if let Some(local) = project.local_path(&p.data) {
+            req.local_paths.push(("data".into(), local));
+        }
+        Ok(req)
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        let p: Params = ctx.params()?;
+        let data = ctx
+            .project
+            .local_path(&p.data)
+            .unwrap_or_else(|| p.data.clone().into());
+        let mut metrics = serde_json::Map::new();
+        for split in ["train", "test"] {
+            let file = data.join(format!("{split}.jsonl"));
+            let (rows, dropped) = format_split(&file, &p, split)?;
+            if split == "train" {
+                let sft = rows.iter().map(|r| {
+                    let mut messages = r.prompt.clone();
+                    messages.push(Message {
+                        role: "assistant".into(),
+                        content: gsm8k::think_answer(&r.rationale, &r.answer),
+                    });
+                    SftRow {
+                        messages,
+                        answer: r.answer.clone(),
+                    }
+                });
+                jsonl::write(&ctx.output_path("sft"), sft)?;
+            }
+            jsonl::write(&ctx.output_path(split), &rows)?;
+            metrics.insert(
+                split.into(),
+                json!({ "rows": rows.len(), "dropped": dropped.len(), "dropped_rows": dropped }),
+            );
+        }
+        ctx.set_metrics(Value::Object(metrics));
+        Ok(())
+    }
+}
+
+/// A dropped row: where and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Dropped {
+    pub line: usize,
+    pub reason: String,
+}
+
+fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>, Vec<Dropped>)> {
+    let raw = jsonl::read::<Value>(file)?;
+    let mut rows = Vec::new();
+    let mut dropped = Vec::new();
+    for (line, v) in raw {
+        let question = v
+            .get("question")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        let answer_text = v.get("answer").and_then(Value::as_str).unwrap_or("");
+        let reason = if question.is_empty() {
+            Some("empty or missing `question`")
+        } else if answer_text.is_empty() {
+            Some("empty or missing `answer`")
+        } else if gsm8k::reference_answer(answer_text).is_none() {
+            Some("no final answer after `####`")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            if p.strict {
+                bail!(
+                    "{}:{line}: {reason} (strict: true; set `strict: false` to drop bad rows)",
+                    file.display()
+                );
+            }
+            tracing::warn!(file = %file.display(), line, reason, "dropping a bad row");
+            dropped.push(Dropped {
+                line,
+                reason: reason.into(),
+            });
+            continue;
+        }
+        let answer = gsm8k::reference_answer(answer_text).expect("checked above");
+        rows.push(PromptRow {
+            prompt: vec![
+                Message {
+                    role: "system".into(),
+                    content: p.system_prompt.clone(),
+                },
+                Message {
+                    role: "user".into(),
+                    content: question.clone(),
+                },
+            ],
+            question,
+            answer,
+            rationale: gsm8k::rationale(answer_text),
+        });
+    }
+    if !dropped.is_empty() {
+        let lines: Vec<String> = dropped
+            .iter()
+            .take(10)
+            .map(|d| d.line.to_string())
+            .collect();
+        eprintln!(
+            "format: dropped {} bad row(s) of {} (lines {}{})",
+            dropped.len(),
+            file.display(),
+            lines.join(", "),
+            if dropped.len() > 10 { ", …" } else { "" }
+        );
+    }
+    if let Some(seed) = p.shuffle_seed {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        rows.shuffle(&mut rng);
+    }
+    if let Some(n) = p.limit.and_then(|l| l.for_split(split)) {
+        rows.truncate(n);
+    }
+    Ok((rows, dropped))
+}
