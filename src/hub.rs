@@ -43,10 +43,16 @@ impl HubRepo {
         Ok(api()?.repo(self.repo.clone()))
     }
 
-    /// The repository's file names.
+    /// The repository's file names: from the hub, or offline from the hub cache's snapshot.
     pub fn files(&self) -> Result<Vec<String>> {
         if offline() {
-            bail!("HF_HUB_OFFLINE is set: cannot list the files of {} (name the files, or unset HF_HUB_OFFLINE)", self.repo.url());
+            return self.cached_files().with_context(|| {
+                format!(
+                    "HF_HUB_OFFLINE is set and {} at revision {} is not in the hub cache",
+                    self.repo.url(),
+                    self.repo.revision()
+                )
+            });
         }
         let info = self
             .online()?
@@ -73,6 +79,22 @@ impl HubRepo {
                 endpoint()
             )
         })
+    }
+}
+
+impl HubRepo {
+    /// Files of the cached snapshot that `refs/<revision>` points at.
+    fn cached_files(&self) -> Result<Vec<String>> {
+        let folder = Cache::from_env().path().join(self.repo.folder_name());
+        let commit = std::fs::read_to_string(folder.join("refs").join(self.repo.revision()))?;
+        let snapshot = folder.join("snapshots").join(commit.trim());
+        let mut out = Vec::new();
+        for p in crate::pipeline::checkpoint::walk(&snapshot)? {
+            if p.is_file() || p.is_symlink() {
+                out.push(p.strip_prefix(&snapshot)?.to_string_lossy().to_string());
+            }
+        }
+        Ok(out)
     }
 }
 

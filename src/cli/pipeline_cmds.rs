@@ -31,7 +31,10 @@ fn cache_root(explicit: Option<PathBuf>, project: &Project) -> PathBuf {
 fn init_tracing(run_log: Option<&Path>) -> Result<()> {
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")));
+        .with_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("warn,r1pipe::runlog=off")),
+        );
     let file = match run_log {
         Some(p) => {
             let f = std::fs::File::create(p)

@@ -44,15 +44,16 @@ impl Project {
     /// The project root of a pipeline file: the nearest ancestor holding a
     /// `stages/` folder, `Cargo.toml` or `.git`; else the file's own folder.
     pub fn of_file(file: &Path) -> Project {
-        let dir = file
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        Project::of_dir(&dir)
+        let dir = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        Project::of_dir(dir)
     }
 
     pub fn of_dir(dir: &Path) -> Project {
+        // Absolute, so that printed artifact paths work from any directory.
+        let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         for anc in dir.ancestors() {
             if anc.join("stages").is_dir()
                 || anc.join(".git").exists()

@@ -319,7 +319,7 @@ impl<'a> Runner<'a> {
             match decision {
                 Decision::Cached { record } => {
                     println!("{tag}: skip (cached)  {}", &record.fingerprint[..12]);
-                    tracing::info!(stage = %name, fingerprint = %record.fingerprint, decision = "skip", "stage decided");
+                    tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %record.fingerprint, decision = "skip", "stage decided");
                     for (o, r) in &record.outputs {
                         available.insert(format!("{name}.{o}"), r.clone());
                     }
@@ -351,7 +351,7 @@ impl<'a> Runner<'a> {
                         &fingerprint[..12],
                         reasons.join("; ")
                     );
-                    tracing::info!(stage = %name, fingerprint = %fingerprint, decision = %verb, reasons = ?reasons, "stage decided");
+                    tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %fingerprint, decision = %verb, reasons = ?reasons, "stage decided");
                     if opts.dry_run {
                         continue;
                     }
@@ -363,6 +363,14 @@ impl<'a> Runner<'a> {
                     match self.run_stage(stage, &fingerprint, &inputs, available, &progress, cancel)
                     {
                         Ok(record) => {
+                            tracing::info!(
+                                target: "r1pipe::runlog",
+                                stage = %name,
+                                fingerprint = %record.fingerprint,
+                                duration_s = record.duration_s,
+                                metrics = %record.metrics.clone().unwrap_or_default(),
+                                "stage finished"
+                            );
                             println!(
                                 "{tag}: done in {}  {}",
                                 human_duration(record.duration_s),
@@ -380,12 +388,12 @@ impl<'a> Runner<'a> {
                                 Some(step) => println!("{tag}: interrupted; checkpoint at step {step}. Run again to resume."),
                                 None => println!("{tag}: interrupted before its first checkpoint. Run again to restart it."),
                             }
-                            tracing::warn!(stage = %name, "stage interrupted");
+                            tracing::warn!(target: "r1pipe::runlog", stage = %name, "stage interrupted");
                             return Ok(RunOutcome::Interrupted);
                         }
                         Err(e) => {
                             eprintln!("{tag}: failed: {e:#}");
-                            tracing::error!(stage = %name, error = %format!("{e:#}"), "stage failed");
+                            tracing::error!(target: "r1pipe::runlog", stage = %name, error = %format!("{e:#}"), "stage failed");
                             return Ok(RunOutcome::Failed);
                         }
                     }

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The project's test command (README "Tests"): fetches the test model if a
+# test needs it, then runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo test --locked "$@"
