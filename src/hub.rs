@@ -8,10 +8,7 @@ use hf_hub::api::sync::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 pub fn offline() -> bool {
-    matches!(
-        std::env::var("HF_HUB_OFFLINE").as_deref(),
-        Ok("1") | Ok("true") | Ok("yes")
-    )
+    matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("yes"))
 }
 
 fn api() -> Result<Api> {
@@ -29,14 +26,10 @@ pub struct HubRepo {
 
 impl HubRepo {
     pub fn model(id: &str, revision: &str) -> HubRepo {
-        HubRepo {
-            repo: Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()),
-        }
+        HubRepo { repo: Repo::with_revision(id.to_string(), RepoType::Model, revision.to_string()) }
     }
     pub fn dataset(id: &str, revision: &str) -> HubRepo {
-        HubRepo {
-            repo: Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()),
-        }
+        HubRepo { repo: Repo::with_revision(id.to_string(), RepoType::Dataset, revision.to_string()) }
     }
 
     fn online(&self) -> Result<ApiRepo> {
@@ -54,10 +47,7 @@ impl HubRepo {
                 )
             });
         }
-        let info = self
-            .online()?
-            .info()
-            .with_context(|| format!("listing {} on {}", self.repo.url(), endpoint()))?;
+        let info = self.online()?.info().with_context(|| format!("listing {} on {}", self.repo.url(), endpoint()))?;
         Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
     }
 
@@ -67,18 +57,11 @@ impl HubRepo {
             return Ok(p);
         }
         if offline() {
-            bail!(
-                "HF_HUB_OFFLINE is set and {file} of {} is not in the hub cache",
-                self.repo.url()
-            );
+            bail!("HF_HUB_OFFLINE is set and {file} of {} is not in the hub cache", self.repo.url());
         }
-        self.online()?.get(file).with_context(|| {
-            format!(
-                "downloading {file} of {} from {}",
-                self.repo.url(),
-                endpoint()
-            )
-        })
+        self.online()?
+            .get(file)
+            .with_context(|| format!("downloading {file} of {} from {}", self.repo.url(), endpoint()))
     }
 }
 

@@ -7,4 +7,5 @@
 pub mod data;
 pub mod hub;
 pub mod pipeline;
+pub mod rewards;
 pub mod stages;

@@ -3,5 +3,11 @@
 mod cli;
 
 fn main() {
+    // Behave like other Unix tools when stdout is closed early (`r1pipe … | head`):
+    // end quietly instead of panicking on a broken pipe.
+    // SAFETY: setting a signal disposition to its default at startup, before any threads exist.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     std::process::exit(cli::main());
 }

@@ -18,23 +18,20 @@ use common::Project;
 
 /// A parquet file with `question` and `answer` string columns, snappy-compressed like the hub's.
 fn write_parquet(path: &Path, rows: &[(String, String)]) {
-    let schema = Arc::new(parse_message_type("message schema { REQUIRED BYTE_ARRAY question (UTF8); REQUIRED BYTE_ARRAY answer (UTF8); }").unwrap());
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(parquet::basic::Compression::SNAPPY)
-            .build(),
+    let schema = Arc::new(
+        parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY question (UTF8); REQUIRED BYTE_ARRAY answer (UTF8); }",
+        )
+        .unwrap(),
     );
+    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
     let mut w = SerializedFileWriter::new(fs::File::create(path).unwrap(), schema, props).unwrap();
     let mut rg = w.next_row_group().unwrap();
     for col in 0..2 {
-        let values: Vec<ByteArray> = rows
-            .iter()
-            .map(|r| ByteArray::from(if col == 0 { r.0.as_str() } else { r.1.as_str() }))
-            .collect();
+        let values: Vec<ByteArray> =
+            rows.iter().map(|r| ByteArray::from(if col == 0 { r.0.as_str() } else { r.1.as_str() })).collect();
         let mut c = rg.next_column().unwrap().unwrap();
-        c.typed::<ByteArrayType>()
-            .write_batch(&values, None, None)
-            .unwrap();
+        c.typed::<ByteArrayType>().write_batch(&values, None, None).unwrap();
         c.close().unwrap();
     }
     rg.close().unwrap();
@@ -42,10 +39,7 @@ fn write_parquet(path: &Path, rows: &[(String, String)]) {
 }
 
 /// Serves the hub's API for one dataset: repo info and `resolve` with ranges. Returns (endpoint, request log).
-fn serve(
-    files: Vec<(String, Vec<u8>)>,
-    requests: usize,
-) -> (String, thread::JoinHandle<Vec<String>>) {
+fn serve(files: Vec<(String, Vec<u8>)>, requests: usize) -> (String, thread::JoinHandle<Vec<String>>) {
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
     let handle = thread::spawn(move || {
@@ -57,9 +51,7 @@ fn serve(
             };
             let url = req.url().to_string();
             log.push(url.clone());
-            let header = |k: &str, v: &str| {
-                tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap()
-            };
+            let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap();
             if url == "/api/datasets/openai/gsm8k/revision/main" {
                 let siblings: Vec<_> = files
                     .iter()
@@ -68,13 +60,11 @@ fn serve(
                     .collect();
                 let body = serde_json::json!({"sha": SHA, "siblings": siblings}).to_string();
                 req.respond(
-                    tiny_http::Response::from_string(body)
-                        .with_header(header("Content-Type", "application/json")),
+                    tiny_http::Response::from_string(body).with_header(header("Content-Type", "application/json")),
                 )
                 .unwrap();
-            } else if let Some((_, data)) = files
-                .iter()
-                .find(|(n, _)| url == format!("/datasets/openai/gsm8k/resolve/main/{n}"))
+            } else if let Some((_, data)) =
+                files.iter().find(|(n, _)| url == format!("/datasets/openai/gsm8k/resolve/main/{n}"))
             {
                 let range = req
                     .headers()
@@ -82,18 +72,9 @@ fn serve(
                     .find(|h| h.field.equiv("Range"))
                     .map(|h| h.value.to_string())
                     .unwrap_or_default();
-                let start: usize = range
-                    .trim_start_matches("bytes=")
-                    .split('-')
-                    .next()
-                    .unwrap_or("0")
-                    .parse()
-                    .unwrap_or(0);
-                let end = if range.ends_with("-0") {
-                    0
-                } else {
-                    data.len() - 1
-                };
+                let start: usize =
+                    range.trim_start_matches("bytes=").split('-').next().unwrap_or("0").parse().unwrap_or(0);
+                let end = if range.ends_with("-0") { 0 } else { data.len() - 1 };
                 let body = data[start..=end].to_vec();
                 let etag = format!("\"{}\"", blake3::hash(data).to_hex());
                 req.respond(
@@ -101,15 +82,11 @@ fn serve(
                         .with_status_code(206)
                         .with_header(header("ETag", &etag))
                         .with_header(header("X-Repo-Commit", SHA))
-                        .with_header(header(
-                            "Content-Range",
-                            &format!("bytes {start}-{end}/{}", data.len()),
-                        )),
+                        .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", data.len()))),
                 )
                 .unwrap();
             } else {
-                req.respond(tiny_http::Response::from_string("not found").with_status_code(404))
-                    .unwrap();
+                req.respond(tiny_http::Response::from_string("not found").with_status_code(404)).unwrap();
             }
         }
         log
@@ -121,39 +98,20 @@ fn serve(
 fn download_reads_gsm8k_parquet_from_the_hub_and_then_works_offline() {
     let p = Project::new();
     let rows = |n: usize, tag: &str| -> Vec<(String, String)> {
-        (0..n)
-            .map(|i| {
-                (
-                    format!("{tag} question {i}?"),
-                    format!("{tag} reasoning {i}\n#### {i}"),
-                )
-            })
-            .collect()
+        (0..n).map(|i| (format!("{tag} question {i}?"), format!("{tag} reasoning {i}\n#### {i}"))).collect()
     };
     let dir = tempfile::tempdir().unwrap();
     write_parquet(&dir.path().join("train.parquet"), &rows(7, "train"));
     write_parquet(&dir.path().join("test.parquet"), &rows(3, "test"));
     let files = vec![
-        (
-            "main/train-00000-of-00001.parquet".to_string(),
-            fs::read(dir.path().join("train.parquet")).unwrap(),
-        ),
-        (
-            "main/test-00000-of-00001.parquet".to_string(),
-            fs::read(dir.path().join("test.parquet")).unwrap(),
-        ),
-        (
-            "socratic/train-00000-of-00001.parquet".to_string(),
-            b"not for us".to_vec(),
-        ),
+        ("main/train-00000-of-00001.parquet".to_string(), fs::read(dir.path().join("train.parquet")).unwrap()),
+        ("main/test-00000-of-00001.parquet".to_string(), fs::read(dir.path().join("test.parquet")).unwrap()),
+        ("socratic/train-00000-of-00001.parquet".to_string(), b"not for us".to_vec()),
     ];
     // info + (metadata + body) per file, listed once per split.
     let (endpoint, server) = serve(files, 6);
     let hf_home = p.root().join("hf-home");
-    p.write(
-        "pipe.yaml",
-        "stages:\n  gsm8k:\n    kind: download\n    with: {dataset: openai/gsm8k, config: main}\n",
-    );
+    p.write("pipe.yaml", "stages:\n  gsm8k:\n    kind: download\n    with: {dataset: openai/gsm8k, config: main}\n");
 
     let out = p
         .cmd(&["run", "pipe.yaml"])
@@ -165,39 +123,15 @@ fn download_reads_gsm8k_parquet_from_the_hub_and_then_works_offline() {
     let r = common::Run::from(out).ok();
     assert!(r.decision("gsm8k").starts_with("run"), "{}", r.stdout);
     let log = server.join().unwrap();
-    assert!(
-        log.iter()
-            .any(|u| u.ends_with("main/train-00000-of-00001.parquet")),
-        "{log:?}"
-    );
-    assert!(
-        !log.iter().any(|u| u.contains("socratic")),
-        "another config was downloaded: {log:?}"
-    );
+    assert!(log.iter().any(|u| u.ends_with("main/train-00000-of-00001.parquet")), "{log:?}");
+    assert!(!log.iter().any(|u| u.contains("socratic")), "another config was downloaded: {log:?}");
 
-    let ds = p
-        .run(&["show", "gsm8k.dataset"])
-        .ok()
-        .stdout
-        .trim()
-        .to_string();
+    let ds = p.run(&["show", "gsm8k.dataset"]).ok().stdout.trim().to_string();
     let train = fs::read_to_string(Path::new(&ds).join("train.jsonl")).unwrap();
-    let lines: Vec<serde_json::Value> = train
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<serde_json::Value> = train.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 7);
-    assert_eq!(
-        lines[6],
-        serde_json::json!({"question": "train question 6?", "answer": "train reasoning 6\n#### 6"})
-    );
-    assert_eq!(
-        fs::read_to_string(Path::new(&ds).join("test.jsonl"))
-            .unwrap()
-            .lines()
-            .count(),
-        3
-    );
+    assert_eq!(lines[6], serde_json::json!({"question": "train question 6?", "answer": "train reasoning 6\n#### 6"}));
+    assert_eq!(fs::read_to_string(Path::new(&ds).join("test.jsonl")).unwrap().lines().count(), 3);
 
     // Offline, from the hub cache alone (no server is listening any more).
     let out = p
@@ -209,20 +143,13 @@ fn download_reads_gsm8k_parquet_from_the_hub_and_then_works_offline() {
         .unwrap();
     let r = common::Run::from(out).ok();
     assert!(r.decision("gsm8k").contains("forced"), "{}", r.stdout);
-    assert_eq!(
-        p.run(&["show", "gsm8k.dataset"]).ok().stdout.trim(),
-        ds,
-        "the same bytes give the same artifact"
-    );
+    assert_eq!(p.run(&["show", "gsm8k.dataset"]).ok().stdout.trim(), ds, "the same bytes give the same artifact");
 }
 
 #[test]
 fn offline_without_a_cached_copy_fails_with_a_clear_message() {
     let p = Project::new();
-    p.write(
-        "pipe.yaml",
-        "stages:\n  gsm8k:\n    kind: download\n    with: {dataset: openai/gsm8k}\n",
-    );
+    p.write("pipe.yaml", "stages:\n  gsm8k:\n    kind: download\n    with: {dataset: openai/gsm8k}\n");
     let out = p
         .cmd(&["run", "pipe.yaml"])
         .env("HF_HOME", p.root().join("empty"))
@@ -231,5 +158,9 @@ fn offline_without_a_cached_copy_fails_with_a_clear_message() {
         .unwrap();
     let r = common::Run::from(out);
     assert_eq!(r.code, 1);
-    assert!(r.stderr.contains("HF_HUB_OFFLINE is set and datasets/openai/gsm8k at revision main is not in the hub cache"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("HF_HUB_OFFLINE is set and datasets/openai/gsm8k at revision main is not in the hub cache"),
+        "{}",
+        r.stderr
+    );
 }

@@ -45,29 +45,15 @@ fn changing_a_parameter_reruns_exactly_the_stages_downstream_and_says_why() {
     p.run(&["run", "pipe.yaml"]).ok();
     let r = p.run(&["run", "pipe.yaml", "-S", "a.text=ALPHA"]).ok();
     assert_eq!(r.decision("a").split("  ").next().unwrap(), "run");
-    assert!(
-        r.decision("a").contains("param text: alpha → ALPHA"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.decision("a").contains("param text: alpha → ALPHA"), "{}", r.stdout);
     assert!(r.decision("b").starts_with("run"), "{}", r.stdout);
-    assert!(
-        r.decision("b").contains("input a.result changed"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.decision("b").contains("input a.result changed"), "{}", r.stdout);
     assert!(r.skipped("c"), "{}", r.stdout);
 
     // Changing only b's own parameter leaves a and c alone.
-    let r = p
-        .run(&["run", "pipe.yaml", "-S", "a.text=ALPHA", "-S", "b.steps=3"])
-        .ok();
+    let r = p.run(&["run", "pipe.yaml", "-S", "a.text=ALPHA", "-S", "b.steps=3"]).ok();
     assert!(r.skipped("a") && r.skipped("c"), "{}", r.stdout);
-    assert!(
-        r.decision("b").contains("param steps: 2 → 3"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.decision("b").contains("param steps: 2 → 3"), "{}", r.stdout);
 }
 
 #[test]
@@ -76,16 +62,8 @@ fn an_upstream_rerun_with_identical_bytes_does_not_invalidate_downstream() {
     p.write("pipe.yaml", CHAIN);
     p.run(&["run", "pipe.yaml"]).ok();
     let r = p.run(&["run", "pipe.yaml", "--force", "a"]).ok();
-    assert!(
-        r.decision("a").starts_with("run") && r.decision("a").contains("forced"),
-        "{}",
-        r.stdout
-    );
-    assert!(
-        r.skipped("b"),
-        "b must stay cached, its input bytes are the same:\n{}",
-        r.stdout
-    );
+    assert!(r.decision("a").starts_with("run") && r.decision("a").contains("forced"), "{}", r.stdout);
+    assert!(r.skipped("b"), "b must stay cached, its input bytes are the same:\n{}", r.stdout);
 }
 
 #[test]
@@ -120,42 +98,15 @@ fn kill_9_mid_stage_leaves_a_cache_the_next_run_resumes_and_completes() {
     child.wait().unwrap();
 
     let st = p.run(&["status", "pipe.yaml"]).ok();
-    let long_line = st
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("long"))
-        .unwrap()
-        .to_string();
-    assert!(
-        long_line.contains("interrupted (last checkpoint at step"),
-        "{}",
-        st.stdout
-    );
-    assert!(
-        st.stdout
-            .lines()
-            .find(|l| l.starts_with("first"))
-            .unwrap()
-            .contains("cached"),
-        "{}",
-        st.stdout
-    );
+    let long_line = st.stdout.lines().find(|l| l.starts_with("long")).unwrap().to_string();
+    assert!(long_line.contains("interrupted (last checkpoint at step"), "{}", st.stdout);
+    assert!(st.stdout.lines().find(|l| l.starts_with("first")).unwrap().contains("cached"), "{}", st.stdout);
 
     let r = p.run(&["run", "pipe.yaml"]).ok();
     assert!(r.skipped("first"), "{}", r.stdout);
     let d = r.decision("long");
-    let step: u64 = d
-        .strip_prefix("resume from step ")
-        .expect(&d)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(
-        step >= at,
-        "resumed from {step}, but a checkpoint at {at} existed"
-    );
+    let step: u64 = d.strip_prefix("resume from step ").expect(&d).split_whitespace().next().unwrap().parse().unwrap();
+    assert!(step >= at, "resumed from {step}, but a checkpoint at {at} existed");
 
     let out = p.run(&["show", "long.result", "-p", "pipe.yaml"]).ok();
     let text = fs::read_to_string(out.stdout.trim()).unwrap();
@@ -169,28 +120,13 @@ fn ctrl_c_checkpoints_and_exits_cleanly_then_resumes() {
     p.write("pipe.yaml", SLOW);
     let child = p.spawn(&["run", "pipe.yaml"]);
     p.wait_for_checkpoint(3, Duration::from_secs(60));
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = common::Run::from(child.wait_with_output().unwrap());
-    assert_eq!(
-        out.code, 130,
-        "stdout:\n{}\nstderr:\n{}",
-        out.stdout, out.stderr
-    );
-    assert!(
-        out.stdout.contains("interrupted; checkpoint at step"),
-        "{}",
-        out.stdout
-    );
+    assert_eq!(out.code, 130, "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("interrupted; checkpoint at step"), "{}", out.stdout);
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    assert!(
-        r.decision("long").starts_with("resume from step"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.decision("long").starts_with("resume from step"), "{}", r.stdout);
 }
 
 #[test]
@@ -201,22 +137,13 @@ fn a_second_writer_fails_at_once_naming_the_holder_and_wait_queues() {
     p.wait_for_checkpoint(1, Duration::from_secs(60));
     let r = p.run(&["run", "pipe.yaml"]);
     assert_eq!(r.code, 1);
-    assert!(
-        r.stderr
-            .contains(&format!("is in use by pid {}", holder.id())),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains(&format!("is in use by pid {}", holder.id())), "{}", r.stderr);
     assert!(r.stderr.contains("--wait"), "{}", r.stderr);
     // Read-only commands still work while the run holds the lock.
     p.run(&["status", "pipe.yaml"]).ok();
 
     let waited = p.run(&["run", "pipe.yaml", "--wait"]).ok();
-    assert!(
-        waited.skipped("long"),
-        "after waiting, the holder's results are used:\n{}",
-        waited.stdout
-    );
+    assert!(waited.skipped("long"), "after waiting, the holder's results are used:\n{}", waited.stdout);
     assert!(holder.wait().unwrap().success());
 }
 
@@ -229,26 +156,10 @@ fn a_failing_stage_stops_the_run_and_records_nothing() {
     );
     let r = p.run(&["run", "pipe.yaml"]);
     assert_eq!(r.code, 1);
-    assert!(
-        r.stderr.contains("failing at step 3 as asked"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        !r.stdout.contains("] b:"),
-        "b must not run after a failed:\n{}",
-        r.stdout
-    );
+    assert!(r.stderr.contains("failing at step 3 as asked"), "{}", r.stderr);
+    assert!(!r.stdout.contains("] b:"), "b must not run after a failed:\n{}", r.stdout);
     let st = p.run(&["status", "pipe.yaml"]).ok();
-    assert!(
-        st.stdout
-            .lines()
-            .find(|l| l.starts_with("a "))
-            .unwrap()
-            .contains("interrupted"),
-        "{}",
-        st.stdout
-    );
+    assert!(st.stdout.lines().find(|l| l.starts_with("a ")).unwrap().contains("interrupted"), "{}", st.stdout);
 }
 
 #[test]
@@ -262,17 +173,11 @@ fn dry_run_prints_the_plan_and_touches_nothing() {
     assert!(!p.cache().exists(), "a dry run created the cache");
 
     p.run(&["run", "pipe.yaml"]).ok();
-    let r = p
-        .run(&["run", "pipe.yaml", "--dry-run", "-S", "c.steps=2"])
-        .ok();
+    let r = p.run(&["run", "pipe.yaml", "--dry-run", "-S", "c.steps=2"]).ok();
     assert!(r.skipped("a") && r.skipped("b"));
     assert!(r.decision("c").contains("param steps: 1 → 2"));
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    assert!(
-        r.skipped("c"),
-        "the dry run must not have run c:\n{}",
-        r.stdout
-    );
+    assert!(r.skipped("c"), "the dry run must not have run c:\n{}", r.stdout);
 }
 
 #[test]
@@ -287,15 +192,9 @@ fn only_and_until_select_part_of_the_graph() {
     assert!(r.decision("a").starts_with("run") && r.decision("b").starts_with("run"));
     assert!(!r.stdout.contains("] c:"), "{}", r.stdout);
 
-    let r = p
-        .run(&["run", "pipe.yaml", "--only", "b", "--force", "b"])
-        .ok();
+    let r = p.run(&["run", "pipe.yaml", "--only", "b", "--force", "b"]).ok();
     assert!(r.decision("b").starts_with("run"));
-    assert!(
-        !r.stdout.contains("] a:") && !r.stdout.contains("] c:"),
-        "{}",
-        r.stdout
-    );
+    assert!(!r.stdout.contains("] a:") && !r.stdout.contains("] c:"), "{}", r.stdout);
 }
 
 #[test]
@@ -303,12 +202,7 @@ fn gc_keeps_what_records_reference_and_drops_the_rest() {
     let p = Project::new();
     p.write("pipe.yaml", CHAIN);
     p.run(&["run", "pipe.yaml"]).ok();
-    let old_c = p
-        .run(&["show", "c.result", "-p", "pipe.yaml"])
-        .ok()
-        .stdout
-        .trim()
-        .to_string();
+    let old_c = p.run(&["show", "c.result", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
     p.write("pipe.yaml", &CHAIN.replace("gamma", "new"));
     p.run(&["run", "pipe.yaml"]).ok();
     let orphan = p.cache().join("objects").join("deadbeef");
@@ -319,20 +213,14 @@ fn gc_keeps_what_records_reference_and_drops_the_rest() {
     let r = p.run(&["gc"]).ok();
     assert!(r.stdout.contains("removed 1 item(s)"), "{}", r.stdout);
     assert!(!orphan.exists());
-    assert!(
-        fs::metadata(&old_c).is_ok(),
-        "a recorded artifact was removed"
-    );
+    assert!(fs::metadata(&old_c).is_ok(), "a recorded artifact was removed");
 
     // Keeping only the pipeline's current results drops the old c.
     let dry = p.run(&["gc", "--dry-run", "pipe.yaml"]).ok();
     assert!(dry.stdout.contains("would remove"), "{}", dry.stdout);
     assert!(fs::metadata(&old_c).is_ok(), "--dry-run removed something");
     p.run(&["gc", "pipe.yaml"]).ok();
-    assert!(
-        fs::metadata(&old_c).is_err(),
-        "the superseded artifact is still there"
-    );
+    assert!(fs::metadata(&old_c).is_err(), "the superseded artifact is still there");
     let r = p.run(&["run", "pipe.yaml"]).ok();
     for s in ["a", "b", "c"] {
         assert!(r.skipped(s), "gc removed something current:\n{}", r.stdout);
@@ -344,12 +232,7 @@ fn deleted_artifacts_are_repaired_by_the_next_run() {
     let p = Project::new();
     p.write("pipe.yaml", CHAIN);
     p.run(&["run", "pipe.yaml"]).ok();
-    let a = p
-        .run(&["show", "a.result", "-p", "pipe.yaml"])
-        .ok()
-        .stdout
-        .trim()
-        .to_string();
+    let a = p.run(&["show", "a.result", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
     fs::remove_dir_all(std::path::Path::new(&a).parent().unwrap()).unwrap();
     let r = p.run(&["run", "pipe.yaml"]).ok();
     assert!(r.decision("a").contains("missing"), "{}", r.stdout);
@@ -369,49 +252,27 @@ fn data_stages_turn_gsm8k_into_prompts_and_sft_examples() {
         "stages:\n  gsm8k: {kind: download, with: {path: data/gsm8k}}\n  prompts:\n    kind: format\n    with: {data: \"${gsm8k.dataset}\", system_prompt: SYS, limit: {test: 2}}\n",
     );
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    assert!(
-        r.stderr.contains("dropped 2 bad row(s)") && r.stderr.contains("lines 6, 7"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("dropped 2 bad row(s)") && r.stderr.contains("lines 6, 7"), "{}", r.stderr);
     let train = fs::read_to_string(p.run(&["show", "prompts.train"]).ok().stdout.trim()).unwrap();
-    let rows: Vec<serde_json::Value> = train
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows: Vec<serde_json::Value> = train.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 5);
     assert_eq!(rows[0]["answer"], "2");
-    assert_eq!(
-        rows[0]["prompt"][0],
-        serde_json::json!({"role": "system", "content": "SYS"})
-    );
+    assert_eq!(rows[0]["prompt"][0], serde_json::json!({"role": "system", "content": "SYS"}));
     let test = fs::read_to_string(p.run(&["show", "prompts.test"]).ok().stdout.trim()).unwrap();
     assert_eq!(test.lines().count(), 2);
     let sft = fs::read_to_string(p.run(&["show", "prompts.sft"]).ok().stdout.trim()).unwrap();
     let first: serde_json::Value = serde_json::from_str(sft.lines().next().unwrap()).unwrap();
-    assert_eq!(
-        first["messages"][2]["content"],
-        "<think>\nHe has 0 + 2 = 2 apples.\n</think>\n<answer>\n2\n</answer>"
-    );
+    assert_eq!(first["messages"][2]["content"], "<think>\nHe has 0 + 2 = 2 apples.\n</think>\n<answer>\n2\n</answer>");
 
     // Editing the local data file reruns both stages.
     p.write("data/gsm8k/test.jsonl", &gsm8k_rows(4));
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    assert!(
-        r.decision("gsm8k").contains("file path changed"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.decision("gsm8k").contains("file path changed"), "{}", r.stdout);
 
     // strict: true fails on the first bad row, naming file and line.
     let r = p.run(&["run", "pipe.yaml", "-S", "prompts.strict=true"]);
     assert_eq!(r.code, 1);
-    assert!(
-        r.stderr
-            .contains("train.jsonl:6: no final answer after `####`"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("train.jsonl:6: no final answer after `####`"), "{}", r.stderr);
 }
 
 #[test]
@@ -419,18 +280,9 @@ fn dag_renders_text_mermaid_and_dot() {
     let p = Project::new();
     p.write("pipe.yaml", CHAIN);
     let t = p.run(&["dag", "pipe.yaml"]).ok().stdout;
-    assert!(
-        t.contains("b (test.counter)") && t.contains("└─ ${a.result}"),
-        "{t}"
-    );
-    let m = p
-        .run(&["dag", "pipe.yaml", "--format", "mermaid"])
-        .ok()
-        .stdout;
-    assert!(
-        m.starts_with("flowchart TD") && m.contains("a -->|result| b"),
-        "{m}"
-    );
+    assert!(t.contains("b (test.counter)") && t.contains("└─ ${a.result}"), "{t}");
+    let m = p.run(&["dag", "pipe.yaml", "--format", "mermaid"]).ok().stdout;
+    assert!(m.starts_with("flowchart TD") && m.contains("a -->|result| b"), "{m}");
     let d = p.run(&["dag", "pipe.yaml", "--format", "dot"]).ok().stdout;
     assert!(d.contains("\"a\" -> \"b\" [label=\"result\"]"), "{d}");
 }

@@ -1,6 +1,7 @@
 //! Subcommands: run · status · dag · show · gc (and, from the ML side, rewards · infer).
 
 mod pipeline_cmds;
+mod rewards_cmd;
 
 use std::path::PathBuf;
 
@@ -92,6 +93,21 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Score completions with a reward set (debug rewards before spending GPU hours), or list the functions
+    Rewards {
+        /// The reward set, e.g. stages/rewards/r1-gsm8k.yaml
+        #[arg(long, value_name = "FILE.yaml", required_unless_present = "list")]
+        set: Option<PathBuf>,
+        /// JSONL of {prompt?, completion, answer, tokens?}
+        #[arg(required_unless_present = "list")]
+        completions: Option<PathBuf>,
+        /// One JSON object per completion, then a summary
+        #[arg(long)]
+        json: bool,
+        /// List the reward functions with their parameters and defaults
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -105,38 +121,22 @@ pub enum DagFormat {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            args,
-            dry_run,
-            force,
-            force_all,
-            only,
-            until,
-            wait,
-        } => {
-            let opts = r1pipe::pipeline::runner::RunOptions {
-                dry_run,
-                force,
-                force_all,
-                only,
-                until,
-                wait,
-            };
+        Command::Run { args, dry_run, force, force_all, only, until, wait } => {
+            let opts = r1pipe::pipeline::runner::RunOptions { dry_run, force, force_all, only, until, wait };
             pipeline_cmds::run(&args, &opts)
         }
         Command::Status { args } => pipeline_cmds::status(&args),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
-        Command::Show {
-            target,
-            pipeline,
-            cache,
-        } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),
-        Command::Gc {
-            keep,
-            cache,
-            include_unfinished,
-            dry_run,
-        } => pipeline_cmds::gc(&keep, cache, include_unfinished, dry_run),
+        Command::Show { target, pipeline, cache } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),
+        Command::Rewards { list: true, .. } => rewards_cmd::list(),
+        Command::Rewards { set, completions, json, .. } => rewards_cmd::score(
+            set.as_deref().expect("clap requires --set"),
+            completions.as_deref().expect("clap requires the completions file"),
+            json,
+        ),
+        Command::Gc { keep, cache, include_unfinished, dry_run } => {
+            pipeline_cmds::gc(&keep, cache, include_unfinished, dry_run)
+        }
     };
     match result {
         Ok(code) => code,

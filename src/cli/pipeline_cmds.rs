@@ -31,14 +31,10 @@ fn cache_root(explicit: Option<PathBuf>, project: &Project) -> PathBuf {
 fn init_tracing(run_log: Option<&Path>) -> Result<()> {
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,r1pipe::runlog=off")),
-        );
+        .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,r1pipe::runlog=off")));
     let file = match run_log {
         Some(p) => {
-            let f = std::fs::File::create(p)
-                .with_context(|| format!("creating run log {}", p.display()))?;
+            let f = std::fs::File::create(p).with_context(|| format!("creating run log {}", p.display()))?;
             Some(
                 tracing_subscriber::fmt::layer()
                     .json()
@@ -48,10 +44,7 @@ fn init_tracing(run_log: Option<&Path>) -> Result<()> {
         }
         None => None,
     };
-    let _ = tracing_subscriber::registry()
-        .with(stderr)
-        .with(file)
-        .try_init();
+    let _ = tracing_subscriber::registry().with(stderr).with(file).try_init();
     Ok(())
 }
 
@@ -75,12 +68,7 @@ pub fn run(args: &PipelineArgs, opts: &RunOptions) -> Result<i32> {
     }
     let cancel = CancelToken::default();
     install_ctrl_c(cancel.clone());
-    println!(
-        "pipeline {} ({}), cache {}",
-        pipeline.name,
-        pipeline.file.display(),
-        root.display()
-    );
+    println!("pipeline {} ({}), cache {}", pipeline.name, pipeline.file.display(), root.display());
     Ok(match runner.run(opts, &cancel)? {
         RunOutcome::Completed => 0,
         RunOutcome::Failed => 1,
@@ -107,30 +95,15 @@ pub fn status(args: &PipelineArgs) -> Result<i32> {
     let root = cache_root(args.cache.clone(), &pipeline.project);
     let runner = Runner::new(&pipeline, &registry, root.clone())?;
     let rows = stage_status(&runner)?;
-    println!(
-        "pipeline {} ({}), cache {}",
-        pipeline.name,
-        pipeline.file.display(),
-        root.display()
-    );
+    println!("pipeline {} ({}), cache {}", pipeline.name, pipeline.file.display(), root.display());
     let table: Vec<Vec<String>> = rows
         .into_iter()
         .map(|r| {
-            let state = if r.detail.is_empty() {
-                r.state
-            } else {
-                format!("{} ({})", r.state, r.detail)
-            };
+            let state = if r.detail.is_empty() { r.state } else { format!("{} ({})", r.state, r.detail) };
             vec![r.stage, r.kind, state, r.fingerprint, r.finished, r.took]
         })
         .collect();
-    print!(
-        "{}",
-        render_table(
-            &["STAGE", "KIND", "STATE", "FINGERPRINT", "FINISHED", "TOOK"],
-            &table
-        )
-    );
+    print!("{}", render_table(&["STAGE", "KIND", "STATE", "FINGERPRINT", "FINISHED", "TOOK"], &table));
     Ok(0)
 }
 
@@ -154,101 +127,74 @@ pub fn show(target: &str, pipeline_file: Option<&Path>, cache: Option<PathBuf>) 
         bail!("`{target}`: expected STAGE.OUTPUT, e.g. sft.model");
     };
     let registry = r1pipe::stages::registry();
-    let record =
-        match pipeline_file {
-            Some(file) => {
-                let pipeline = spec::load(file, &[], &registry)?;
-                let root = cache_root(cache, &pipeline.project);
-                let runner = Runner::new(&pipeline, &registry, root)?;
-                if pipeline.stage(stage).is_none() {
-                    bail!("no stage `{stage}` in {}", file.display());
-                }
-                let mut available = std::collections::BTreeMap::new();
-                let mut found = None;
-                for name in runner.dag.order(&pipeline) {
-                    let s = pipeline.stage(&name).expect("dag names are stages");
-                    match runner.decide(s, &available, false)? {
-                        Decision::Cached { record } => {
-                            for (o, r) in &record.outputs {
-                                available.insert(format!("{name}.{o}"), r.clone());
-                            }
-                            if name == stage {
-                                found = Some(*record);
-                            }
-                        }
-                        _ if name == stage => bail!(
-                            "stage `{stage}` is not up to date; run `r1pipe run {}` first",
-                            file.display()
-                        ),
-                        _ => {}
-                    }
-                }
-                let rec = found.expect("the loop reaches every stage");
-                (Cache::new(&runner.cache.root), rec)
+    let record = match pipeline_file {
+        Some(file) => {
+            let pipeline = spec::load(file, &[], &registry)?;
+            let root = cache_root(cache, &pipeline.project);
+            let runner = Runner::new(&pipeline, &registry, root)?;
+            if pipeline.stage(stage).is_none() {
+                bail!("no stage `{stage}` in {}", file.display());
             }
-            None => {
-                let root = cache.unwrap_or_else(|| {
-                    Project::of_dir(&std::env::current_dir().unwrap_or_default())
-                        .root
-                        .join("cache")
-                });
-                let cache = Cache::new(&root);
-                if !cache.exists() {
-                    bail!(
-                        "no cache at {} (pass --cache DIR or run a pipeline first)",
-                        root.display()
-                    );
+            let mut available = std::collections::BTreeMap::new();
+            let mut found = None;
+            for name in runner.dag.order(&pipeline) {
+                let s = pipeline.stage(&name).expect("dag names are stages");
+                match runner.decide(s, &available, false)? {
+                    Decision::Cached { record } => {
+                        for (o, r) in &record.outputs {
+                            available.insert(format!("{name}.{o}"), r.clone());
+                        }
+                        if name == stage {
+                            found = Some(*record);
+                        }
+                    }
+                    _ if name == stage => {
+                        bail!("stage `{stage}` is not up to date; run `r1pipe run {}` first", file.display())
+                    }
+                    _ => {}
                 }
-                let db = cache.db()?;
-                let matches: Vec<(String, String, String)> = cache
-                    .latest_pointers(&db)?
-                    .into_iter()
-                    .filter(|(_, s, _)| s == stage)
-                    .collect();
-                let (pipeline, _, fp) =
-                    match matches.as_slice() {
-                        [] => bail!(
-                            "no finished stage `{stage}` in the cache {}",
-                            root.display()
-                        ),
-                        [one] => one.clone(),
-                        many => bail!(
+            }
+            let rec = found.expect("the loop reaches every stage");
+            (Cache::new(&runner.cache.root), rec)
+        }
+        None => {
+            let root = cache
+                .unwrap_or_else(|| Project::of_dir(&std::env::current_dir().unwrap_or_default()).root.join("cache"));
+            let cache = Cache::new(&root);
+            if !cache.exists() {
+                bail!("no cache at {} (pass --cache DIR or run a pipeline first)", root.display());
+            }
+            let db = cache.db()?;
+            let matches: Vec<(String, String, String)> =
+                cache.latest_pointers(&db)?.into_iter().filter(|(_, s, _)| s == stage).collect();
+            let (pipeline, _, fp) = match matches.as_slice() {
+                [] => bail!("no finished stage `{stage}` in the cache {}", root.display()),
+                [one] => one.clone(),
+                many => bail!(
                     "stage `{stage}` exists in several pipelines ({}); pass --pipeline FILE",
                     many.iter().map(|m| m.0.clone()).collect::<Vec<_>>().join(", ")
                 ),
-                    };
-                let rec = cache
-                    .record(&db, &fp)?
-                    .with_context(|| format!("the record of {pipeline}/{stage} is missing"))?;
-                drop(db);
-                (cache, rec)
-            }
-        };
+            };
+            let rec =
+                cache.record(&db, &fp)?.with_context(|| format!("the record of {pipeline}/{stage} is missing"))?;
+            drop(db);
+            (cache, rec)
+        }
+    };
     let (cache, rec) = record;
     let Some(obj) = rec.outputs.get(output) else {
         let outs: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
-        bail!(
-            "stage `{stage}` has no output `{output}` (outputs: {})",
-            outs.join(", ")
-        );
+        bail!("stage `{stage}` has no output `{output}` (outputs: {})", outs.join(", "));
     };
     let path = cache.object_path(obj);
     if !path.exists() {
-        bail!(
-            "{} is recorded but missing on disk; run the pipeline again to repair it",
-            path.display()
-        );
+        bail!("{} is recorded but missing on disk; run the pipeline again to repair it", path.display());
     }
     println!("{}", path.display());
     Ok(0)
 }
 
-pub fn gc(
-    keep: &[PathBuf],
-    cache: Option<PathBuf>,
-    include_unfinished: bool,
-    dry_run: bool,
-) -> Result<i32> {
+pub fn gc(keep: &[PathBuf], cache: Option<PathBuf>, include_unfinished: bool, dry_run: bool) -> Result<i32> {
     let registry = r1pipe::stages::registry();
     let mut keep_fps: Option<BTreeSet<String>> = None;
     let mut root = cache.clone();
@@ -275,30 +221,19 @@ pub fn gc(
             }
         }
     }
-    let root = root.unwrap_or_else(|| {
-        Project::of_dir(&std::env::current_dir().unwrap_or_default())
-            .root
-            .join("cache")
-    });
+    let root = root.unwrap_or_else(|| Project::of_dir(&std::env::current_dir().unwrap_or_default()).root.join("cache"));
     let cache = Cache::new(&root);
     if !cache.exists() {
         bail!("no cache at {}", root.display());
     }
-    let _lock = if dry_run {
-        None
-    } else {
-        Some(cache.lock(false)?)
-    };
+    let _lock = if dry_run { None } else { Some(cache.lock(false)?) };
     let report = gc_mod::gc(&cache, keep_fps.as_ref(), include_unfinished, dry_run)?;
     let verb = if dry_run { "would remove" } else { "removed" };
     for p in &report.removed {
         println!("{verb} {}", p.display());
     }
     for p in &report.kept_unfinished {
-        println!(
-            "kept {} (interrupted stage; --include-unfinished removes it)",
-            p.display()
-        );
+        println!("kept {} (interrupted stage; --include-unfinished removes it)", p.display());
     }
     println!(
         "{verb} {} item(s), {:.1} MiB; {} artifact(s) kept",

@@ -5,17 +5,13 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
-static CALC_NOTE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"<<[^>]*>>").expect("static regex"));
+static CALC_NOTE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"<<[^>]*>>").expect("static regex"));
 
 /// The reference answer after the last `####`, without commas, `$` and spaces.
 /// `None` when the text has no `####` or nothing after it.
 pub fn reference_answer(answer: &str) -> Option<String> {
     let (_, tail) = answer.rsplit_once("####")?;
-    let a: String = tail
-        .chars()
-        .filter(|c| !matches!(c, ',' | '$') && !c.is_whitespace())
-        .collect();
+    let a: String = tail.chars().filter(|c| !matches!(c, ',' | '$') && !c.is_whitespace()).collect();
     (!a.is_empty()).then_some(a)
 }
 
@@ -51,9 +47,6 @@ mod tests {
             rationale(NATALIA),
             "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
         );
-        assert_eq!(
-            think_answer("r", "72"),
-            "<think>\nr\n</think>\n<answer>\n72\n</answer>"
-        );
+        assert_eq!(think_answer("r", "72"), "<think>\nr\n</think>\n<answer>\n72\n</answer>");
     }
 }

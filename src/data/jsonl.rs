@@ -49,9 +49,7 @@ impl Appender {
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(Appender {
-            w: BufWriter::new(f),
-        })
+        Ok(Appender { w: BufWriter::new(f) })
     }
 
     pub fn append<T: Serialize>(&mut self, row: &T) -> Result<()> {

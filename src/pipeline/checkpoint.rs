@@ -14,9 +14,7 @@ pub struct Checkpoints {
 
 impl Checkpoints {
     pub fn new(work_dir: &Path) -> Self {
-        Checkpoints {
-            dir: work_dir.join("checkpoints"),
-        }
+        Checkpoints { dir: work_dir.join("checkpoints") }
     }
 
     /// Complete checkpoints, oldest first. Temporary folders of an interrupted save are ignored.
@@ -48,11 +46,8 @@ impl Checkpoints {
         keep: usize,
         write: impl FnOnce(&Path) -> anyhow::Result<()>,
     ) -> anyhow::Result<PathBuf> {
-        fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
-        let tmp = self
-            .dir
-            .join(format!(".tmp-{PREFIX}{step:09}-{}", std::process::id()));
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let tmp = self.dir.join(format!(".tmp-{PREFIX}{step:09}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
@@ -95,10 +90,7 @@ pub fn sync_path(dir: &Path) {
 /// All files and folders under `dir`, recursively, in sorted order.
 pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
-    let mut entries: Vec<_> = fs::read_dir(dir)?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .collect();
+    let mut entries: Vec<_> = fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
         let is_dir = p.is_dir();
@@ -119,8 +111,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let c = Checkpoints::new(tmp.path());
         for step in [1u64, 2, 3] {
-            c.save(step, 2, |d| Ok(fs::write(d.join("w"), step.to_string())?))
-                .unwrap();
+            c.save(step, 2, |d| Ok(fs::write(d.join("w"), step.to_string())?)).unwrap();
         }
         let steps: Vec<u64> = c.list().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![2, 3]);

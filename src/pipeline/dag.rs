@@ -47,24 +47,13 @@ impl Dag {
             if scc.len() > 1 || self_loop {
                 let members: BTreeSet<&String> = scc.iter().map(|&n| &self.graph[n]).collect();
                 // Walk the cycle in file order from its first stage, following edges inside the component.
-                let start = p
-                    .stages
-                    .iter()
-                    .find(|s| members.contains(&s.name))?
-                    .name
-                    .clone();
+                let start = p.stages.iter().find(|s| members.contains(&s.name))?.name.clone();
                 let mut order = vec![start.clone()];
                 let mut cur = self.index[&start];
                 loop {
-                    let next = self
-                        .graph
-                        .neighbors(cur)
-                        .filter(|n| scc.contains(n))
-                        .min_by_key(|n| {
-                            p.stages
-                                .iter()
-                                .position(|s| s.name == self.graph[*n])
-                                .unwrap_or(usize::MAX)
+                    let next =
+                        self.graph.neighbors(cur).filter(|n| scc.contains(n)).min_by_key(|n| {
+                            p.stages.iter().position(|s| s.name == self.graph[*n]).unwrap_or(usize::MAX)
                         })?;
                     if self.graph[next] == start || order.contains(&self.graph[next]) {
                         break;
@@ -82,27 +71,14 @@ impl Dag {
     /// (file order among independent stages).
     pub fn order(&self, p: &Pipeline) -> Vec<String> {
         // Kahn's algorithm with file order as the tie-break, so plans read like the file.
-        let pos: HashMap<&str, usize> = p
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.name.as_str(), i))
-            .collect();
+        let pos: HashMap<&str, usize> = p.stages.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
         let mut indeg: HashMap<NodeIndex, usize> = self
             .graph
             .node_indices()
-            .map(|n| {
-                (
-                    n,
-                    self.graph.neighbors_directed(n, petgraph::Incoming).count(),
-                )
-            })
+            .map(|n| (n, self.graph.neighbors_directed(n, petgraph::Incoming).count()))
             .collect();
-        let mut ready: BTreeSet<(usize, NodeIndex)> = indeg
-            .iter()
-            .filter(|(_, &d)| d == 0)
-            .map(|(&n, _)| (pos[self.graph[n].as_str()], n))
-            .collect();
+        let mut ready: BTreeSet<(usize, NodeIndex)> =
+            indeg.iter().filter(|(_, &d)| d == 0).map(|(&n, _)| (pos[self.graph[n].as_str()], n)).collect();
         let mut out = Vec::new();
         while let Some(first) = ready.iter().next().copied() {
             ready.remove(&first);
@@ -153,23 +129,13 @@ impl Dag {
     pub fn render_text(&self, p: &Pipeline) -> String {
         let mut out = String::new();
         for name in self.order(p) {
-            let s = p
-                .stage(&name)
-                .expect("ordered names come from the pipeline");
+            let s = p.stage(&name).expect("ordered names come from the pipeline");
             let ups = s.upstream();
             let outs: Vec<&str> = s.kind.outputs().iter().map(|o| o.name).collect();
-            out.push_str(&format!(
-                "{name} ({})  → {}\n",
-                s.kind.name(),
-                outs.join(", ")
-            ));
+            out.push_str(&format!("{name} ({})  → {}\n", s.kind.name(), outs.join(", ")));
             for (i, r) in s.refs.iter().enumerate() {
                 let last = i + 1 == s.refs.len() && s.needs.is_empty();
-                out.push_str(&format!(
-                    "  {} ${{{}}}\n",
-                    if last { "└─" } else { "├─" },
-                    r.key()
-                ));
+                out.push_str(&format!("  {} ${{{}}}\n", if last { "└─" } else { "├─" }, r.key()));
             }
             for (i, n) in s.needs.iter().enumerate() {
                 let last = i + 1 == s.needs.len();
@@ -185,28 +151,14 @@ impl Dag {
     pub fn render_mermaid(&self, p: &Pipeline) -> String {
         let mut out = String::from("flowchart TD\n");
         for s in &p.stages {
-            out.push_str(&format!(
-                "  {}[\"{} ({})\"]\n",
-                mermaid_id(&s.name),
-                s.name,
-                s.kind.name()
-            ));
+            out.push_str(&format!("  {}[\"{} ({})\"]\n", mermaid_id(&s.name), s.name, s.kind.name()));
         }
         for s in &p.stages {
             for r in &s.refs {
-                out.push_str(&format!(
-                    "  {} -->|{}| {}\n",
-                    mermaid_id(&r.stage),
-                    r.output,
-                    mermaid_id(&s.name)
-                ));
+                out.push_str(&format!("  {} -->|{}| {}\n", mermaid_id(&r.stage), r.output, mermaid_id(&s.name)));
             }
             for n in &s.needs {
-                out.push_str(&format!(
-                    "  {} -.-> {}\n",
-                    mermaid_id(n),
-                    mermaid_id(&s.name)
-                ));
+                out.push_str(&format!("  {} -.-> {}\n", mermaid_id(n), mermaid_id(&s.name)));
             }
         }
         out
@@ -215,19 +167,11 @@ impl Dag {
     pub fn render_dot(&self, p: &Pipeline) -> String {
         let mut out = format!("digraph \"{}\" {{\n  rankdir=TB;\n", p.name);
         for s in &p.stages {
-            out.push_str(&format!(
-                "  \"{}\" [label=\"{}\\n({})\", shape=box];\n",
-                s.name,
-                s.name,
-                s.kind.name()
-            ));
+            out.push_str(&format!("  \"{}\" [label=\"{}\\n({})\", shape=box];\n", s.name, s.name, s.kind.name()));
         }
         for s in &p.stages {
             for r in &s.refs {
-                out.push_str(&format!(
-                    "  \"{}\" -> \"{}\" [label=\"{}\"];\n",
-                    r.stage, s.name, r.output
-                ));
+                out.push_str(&format!("  \"{}\" -> \"{}\" [label=\"{}\"];\n", r.stage, s.name, r.output));
             }
             for n in &s.needs {
                 out.push_str(&format!("  \"{}\" -> \"{}\" [style=dashed];\n", n, s.name));
@@ -239,7 +183,5 @@ impl Dag {
 }
 
 fn mermaid_id(name: &str) -> String {
-    name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-        .collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
 }

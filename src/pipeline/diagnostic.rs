@@ -15,12 +15,7 @@ pub struct Diagnostic {
 
 impl Diagnostic {
     pub fn new(file: &Path, line: Option<usize>, message: impl Into<String>) -> Self {
-        Diagnostic {
-            file: file.to_path_buf(),
-            line,
-            message: message.into(),
-            hint: None,
-        }
+        Diagnostic { file: file.to_path_buf(), line, message: message.into(), hint: None }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -102,10 +97,7 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// "did you mean `x`?" when a near candidate exists, otherwise the list of valid choices.
 pub fn suggest<'a>(word: &str, candidates: &[&'a str], what: &str) -> String {
     match nearest(word, candidates.iter().copied()) {
-        Some(n) => format!(
-            "did you mean `{n}`? (valid {what}: {})",
-            join_ticked(candidates)
-        ),
+        Some(n) => format!("did you mean `{n}`? (valid {what}: {})", join_ticked(candidates)),
         None => format!("valid {what}: {}", join_ticked(candidates)),
     }
 }
@@ -114,11 +106,7 @@ pub fn join_ticked<S: AsRef<str>>(items: &[S]) -> String {
     if items.is_empty() {
         return "(none)".into();
     }
-    items
-        .iter()
-        .map(|s| format!("`{}`", s.as_ref()))
-        .collect::<Vec<_>>()
-        .join(", ")
+    items.iter().map(|s| format!("`{}`", s.as_ref())).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]
@@ -135,11 +123,7 @@ mod tests {
 
     #[test]
     fn display_names_file_line_and_hint() {
-        let d = Diagnostic::new(Path::new("p.yaml"), Some(7), "unknown parameter `x`")
-            .with_hint("did you mean `y`?");
-        assert_eq!(
-            d.to_string(),
-            "p.yaml:7: unknown parameter `x`\n  hint: did you mean `y`?"
-        );
+        let d = Diagnostic::new(Path::new("p.yaml"), Some(7), "unknown parameter `x`").with_hint("did you mean `y`?");
+        assert_eq!(d.to_string(), "p.yaml:7: unknown parameter `x`\n  hint: did you mean `y`?");
     }
 }

@@ -26,9 +26,7 @@ impl FingerprintInputs {
     pub fn fingerprint(&self) -> String {
         let mut h = blake3::Hasher::new();
         h.update(b"r1pipe-fingerprint-v1\0");
-        h.update(
-            canonical_json(&serde_json::to_value(self).expect("plain data serializes")).as_bytes(),
-        );
+        h.update(canonical_json(&serde_json::to_value(self).expect("plain data serializes")).as_bytes());
         h.finalize().to_hex().to_string()
     }
 
@@ -38,10 +36,7 @@ impl FingerprintInputs {
         if self.kind != old.kind {
             out.push(format!("kind changed: {} → {}", old.kind, self.kind));
         } else if self.kind_version != old.kind_version {
-            out.push(format!(
-                "`{}` implementation changed: v{} → v{}",
-                self.kind, old.kind_version, self.kind_version
-            ));
+            out.push(format!("`{}` implementation changed: v{} → v{}", self.kind, old.kind_version, self.kind_version));
         }
         let (a, b) = (flatten(&old.params), flatten(&self.params));
         for (k, v) in &b {
@@ -72,20 +67,13 @@ impl FingerprintInputs {
     }
 }
 
-fn diff_maps(
-    old: &BTreeMap<String, String>,
-    new: &BTreeMap<String, String>,
-    what: &str,
-    out: &mut Vec<String>,
-) {
+fn diff_maps(old: &BTreeMap<String, String>, new: &BTreeMap<String, String>, what: &str, out: &mut Vec<String>) {
     for (k, v) in new {
         match old.get(k) {
             None => out.push(format!("{what} {k} added")),
-            Some(o) if o != v => out.push(format!(
-                "{what} {k} changed (content {} → {})",
-                &o[..8.min(o.len())],
-                &v[..8.min(v.len())]
-            )),
+            Some(o) if o != v => {
+                out.push(format!("{what} {k} changed (content {} → {})", &o[..8.min(o.len())], &v[..8.min(v.len())]))
+            }
             _ => {}
         }
     }
@@ -115,15 +103,7 @@ pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
         match v {
             Value::Object(m) if !m.is_empty() => {
                 for (k, x) in m {
-                    go(
-                        x,
-                        if path.is_empty() {
-                            k.clone()
-                        } else {
-                            format!("{path}.{k}")
-                        },
-                        out,
-                    )
+                    go(x, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out)
                 }
             }
             other => {
@@ -142,16 +122,11 @@ pub fn canonical_json(v: &Value) -> String {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            let body: Vec<String> = keys
-                .into_iter()
-                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&m[k])))
-                .collect();
+            let body: Vec<String> =
+                keys.into_iter().map(|k| format!("{}:{}", Value::String(k.clone()), canonical_json(&m[k]))).collect();
             format!("{{{}}}", body.join(","))
         }
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(canonical_json).collect::<Vec<_>>().join(",")
-        ),
+        Value::Array(a) => format!("[{}]", a.iter().map(canonical_json).collect::<Vec<_>>().join(",")),
         other => other.to_string(),
     }
 }

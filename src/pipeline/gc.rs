@@ -31,9 +31,7 @@ pub fn gc(
     let db = cache.db()?;
     let mut records = cache.all_records(&db)?;
     if let Some(keep) = keep_records {
-        let (kept, dropped): (Vec<_>, Vec<_>) = records
-            .into_iter()
-            .partition(|r| keep.contains(&r.fingerprint));
+        let (kept, dropped): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| keep.contains(&r.fingerprint));
         for r in dropped {
             if !dry_run {
                 cache.remove_record(&db, &r.fingerprint)?;
@@ -41,10 +39,8 @@ pub fn gc(
         }
         records = kept;
     }
-    let referenced: BTreeSet<String> = records
-        .iter()
-        .flat_map(|r| r.outputs.values().map(|o| o.hash.clone()))
-        .collect();
+    let referenced: BTreeSet<String> =
+        records.iter().flat_map(|r| r.outputs.values().map(|o| o.hash.clone())).collect();
     let completed: BTreeSet<String> = records.iter().map(|r| r.fingerprint.clone()).collect();
     drop(db);
 
@@ -87,12 +83,6 @@ fn size_of(p: &PathBuf) -> u64 {
         return fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     }
     super::checkpoint::walk(p)
-        .map(|v| {
-            v.iter()
-                .filter(|f| f.is_file())
-                .filter_map(|f| fs::metadata(f).ok())
-                .map(|m| m.len())
-                .sum()
-        })
+        .map(|v| v.iter().filter(|f| f.is_file()).filter_map(|f| fs::metadata(f).ok()).map(|m| m.len()).sum())
         .unwrap_or(0)
 }

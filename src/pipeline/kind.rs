@@ -55,18 +55,11 @@ impl Project {
         // Absolute, so that printed artifact paths work from any directory.
         let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
         for anc in dir.ancestors() {
-            if anc.join("stages").is_dir()
-                || anc.join(".git").exists()
-                || anc.join("Cargo.toml").is_file()
-            {
-                return Project {
-                    root: anc.to_path_buf(),
-                };
+            if anc.join("stages").is_dir() || anc.join(".git").exists() || anc.join("Cargo.toml").is_file() {
+                return Project { root: anc.to_path_buf() };
             }
         }
-        Project {
-            root: dir.to_path_buf(),
-        }
+        Project { root: dir.to_path_buf() }
     }
 
     /// A parameter value read as a local path; `None` for an artifact reference
@@ -76,11 +69,7 @@ impl Project {
             return None;
         }
         let p = expand_home(value);
-        Some(if p.is_absolute() {
-            p
-        } else {
-            self.root.join(p)
-        })
+        Some(if p.is_absolute() { p } else { self.root.join(p) })
     }
 }
 
@@ -186,9 +175,8 @@ impl StageContext {
     /// A progress bar in the runner's display: position, rate and ETA.
     pub fn progress_bar(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
         let bar = self.progress.add(indicatif::ProgressBar::new(len));
-        let template = format!(
-            "{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} · {{per_sec}} · ETA {{eta}} {{msg}}"
-        );
+        let template =
+            format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} · {{per_sec}} · ETA {{eta}} {{msg}}");
         bar.set_style(
             indicatif::ProgressStyle::with_template(&template)
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
@@ -207,13 +195,8 @@ pub struct Registry {
 }
 
 impl Registry {
-    pub fn new(
-        device_class: impl Fn(&str) -> anyhow::Result<String> + Send + Sync + 'static,
-    ) -> Self {
-        Registry {
-            kinds: BTreeMap::new(),
-            device_class: Box::new(device_class),
-        }
+    pub fn new(device_class: impl Fn(&str) -> anyhow::Result<String> + Send + Sync + 'static) -> Self {
+        Registry { kinds: BTreeMap::new(), device_class: Box::new(device_class) }
     }
 
     pub fn register(&mut self, kind: impl StageKind + 'static) {

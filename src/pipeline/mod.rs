@@ -14,8 +14,5 @@ pub mod status;
 pub mod store;
 pub mod yaml_pos;
 
-pub use kind::{
-    CancelToken, Cancelled, OutputSpec, Project, Registry, Requirements, RunEnv, StageContext,
-    StageKind,
-};
+pub use kind::{CancelToken, Cancelled, OutputSpec, Project, Registry, Requirements, RunEnv, StageContext, StageKind};
 pub use params::{typed, ParamError};

@@ -16,11 +16,7 @@ pub struct ParamError {
 
 impl ParamError {
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ParamError {
-            path: path.into(),
-            message: message.into(),
-            hint: None,
-        }
+        ParamError { path: path.into(), message: message.into(), hint: None }
     }
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
@@ -57,11 +53,7 @@ fn explain_serde_error(path: &str, msg: &str) -> ParamError {
         let valid = backticked(tail.split_once("expected").map(|(_, t)| t).unwrap_or(""));
         let key = join_path(path, field);
         // serde_path_to_error already appended the unknown key to the path.
-        let key = if path.ends_with(field) {
-            path.to_string()
-        } else {
-            key
-        };
+        let key = if path.ends_with(field) { path.to_string() } else { key };
         let hint = match nearest(field, valid.iter().map(String::as_str)) {
             Some(n) => format!("did you mean `{n}`? valid keys: {}", list(&valid)),
             None => format!("valid keys: {}", list(&valid)),
@@ -94,21 +86,14 @@ fn join_path(path: &str, field: &str) -> String {
 }
 
 fn backticked(s: &str) -> Vec<String> {
-    s.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect()
+    s.split('`').skip(1).step_by(2).map(str::to_string).collect()
 }
 
 fn list(v: &[String]) -> String {
     if v.is_empty() {
         "(none)".into()
     } else {
-        v.iter()
-            .map(|s| format!("`{s}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        v.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -197,9 +182,7 @@ mod tests {
 
     #[test]
     fn nested_unknown_key_has_its_full_path() {
-        let e =
-            typed::<P>(&serde_json::json!({"learning_rate": 1.0, "lora": {"r": 2, "alpah": 3}}))
-                .unwrap_err();
+        let e = typed::<P>(&serde_json::json!({"learning_rate": 1.0, "lora": {"r": 2, "alpah": 3}})).unwrap_err();
         assert_eq!(e.path, "lora.alpah");
         assert!(e.hint.unwrap().contains("did you mean `alpha`?"));
     }
@@ -208,12 +191,7 @@ mod tests {
     fn type_errors_name_the_key() {
         let e = typed::<P>(&serde_json::json!({"learning_rate": "fast"})).unwrap_err();
         assert_eq!(e.path, "learning_rate");
-        assert!(
-            e.message
-                .contains("invalid type: string \"fast\", expected f64"),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("invalid type: string \"fast\", expected f64"), "{}", e.message);
     }
 
     #[test]

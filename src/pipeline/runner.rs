@@ -63,11 +63,7 @@ pub struct Runner<'a> {
 }
 
 impl<'a> Runner<'a> {
-    pub fn new(
-        pipeline: &'a Pipeline,
-        registry: &'a Registry,
-        cache_root: PathBuf,
-    ) -> Result<Self> {
+    pub fn new(pipeline: &'a Pipeline, registry: &'a Registry, cache_root: PathBuf) -> Result<Self> {
         let dag = Dag::build(pipeline).map_err(|d| anyhow::anyhow!("{d}"))?;
         let device_class = registry.device_class(&pipeline.device)?;
         let env = RunEnv {
@@ -76,13 +72,7 @@ impl<'a> Runner<'a> {
             dtype: pipeline.dtype.clone(),
             seed: pipeline.seed,
         };
-        Ok(Runner {
-            pipeline,
-            registry,
-            cache: Cache::new(&cache_root),
-            dag,
-            env,
-        })
+        Ok(Runner { pipeline, registry, cache: Cache::new(&cache_root), dag, env })
     }
 
     /// The inputs to a stage's fingerprint, or the upstream stages whose outputs are not yet known.
@@ -92,20 +82,12 @@ impl<'a> Runner<'a> {
         stage: &Stage,
         available: &BTreeMap<String, ObjectRef>,
     ) -> Result<Result<FingerprintInputs, Vec<String>>> {
-        let missing: BTreeSet<String> = stage
-            .refs
-            .iter()
-            .filter(|r| !available.contains_key(&r.key()))
-            .map(|r| r.stage.clone())
-            .collect();
+        let missing: BTreeSet<String> =
+            stage.refs.iter().filter(|r| !available.contains_key(&r.key())).map(|r| r.stage.clone()).collect();
         if !missing.is_empty() {
             return Ok(Err(missing.into_iter().collect()));
         }
-        let inputs = stage
-            .refs
-            .iter()
-            .map(|r| (r.key(), available[&r.key()].hash.clone()))
-            .collect();
+        let inputs = stage.refs.iter().map(|r| (r.key(), available[&r.key()].hash.clone())).collect();
         let mut files = BTreeMap::new();
         for (param, path) in &stage.requirements.local_paths {
             let h = self
@@ -133,12 +115,7 @@ impl<'a> Runner<'a> {
     }
 
     /// Decide one stage given the artifacts known so far.
-    pub fn decide(
-        &self,
-        stage: &Stage,
-        available: &BTreeMap<String, ObjectRef>,
-        forced: bool,
-    ) -> Result<Decision> {
+    pub fn decide(&self, stage: &Stage, available: &BTreeMap<String, ObjectRef>, forced: bool) -> Result<Decision> {
         let db = self.cache.db()?;
         let inputs = match self.fingerprint_inputs(&db, stage, available)? {
             Ok(i) => i,
@@ -149,14 +126,10 @@ impl<'a> Runner<'a> {
         let mut reasons = Vec::new();
         match record {
             Some(rec) if !forced && self.cache.outputs_present(&rec) => {
-                return Ok(Decision::Cached {
-                    record: Box::new(rec),
-                });
+                return Ok(Decision::Cached { record: Box::new(rec) });
             }
             Some(_) if forced => reasons.push("forced".into()),
-            Some(_) => {
-                reasons.push("its cached outputs are missing from cache/objects (repairing)".into())
-            }
+            Some(_) => reasons.push("its cached outputs are missing from cache/objects (repairing)".into()),
             None => match self.cache.latest(&db, &self.pipeline.name, &stage.name)? {
                 None => reasons.push("never run".into()),
                 Some(old) => {
@@ -167,32 +140,15 @@ impl<'a> Runner<'a> {
                 }
             },
         }
-        let resume_step = Checkpoints::new(&self.cache.work_dir(&fingerprint))
-            .latest()
-            .map(|(s, _)| s);
-        Ok(Decision::Run {
-            fingerprint,
-            inputs: Box::new(inputs),
-            reasons,
-            resume_step,
-        })
+        let resume_step = Checkpoints::new(&self.cache.work_dir(&fingerprint)).latest().map(|(s, _)| s);
+        Ok(Decision::Run { fingerprint, inputs: Box::new(inputs), reasons, resume_step })
     }
 
     /// The stages this run covers, in order.
     pub fn selection(&self, opts: &RunOptions) -> Result<Vec<String>> {
-        for name in opts
-            .only
-            .iter()
-            .chain(opts.force.iter())
-            .chain(opts.until.iter())
-        {
+        for name in opts.only.iter().chain(opts.force.iter()).chain(opts.until.iter()) {
             if self.pipeline.stage(name).is_none() {
-                let names: Vec<&str> = self
-                    .pipeline
-                    .stages
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect();
+                let names: Vec<&str> = self.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
                 bail!(
                     "no stage `{name}` in {}\n  hint: {}",
                     self.pipeline.file.display(),
@@ -213,11 +169,7 @@ impl<'a> Runner<'a> {
 
     /// Artifacts of the stages outside the selection that the selection reads
     /// (for --only): taken from their cached records at their current fingerprints.
-    fn preload_outside(
-        &self,
-        selected: &[String],
-        available: &mut BTreeMap<String, ObjectRef>,
-    ) -> Result<()> {
+    fn preload_outside(&self, selected: &[String], available: &mut BTreeMap<String, ObjectRef>) -> Result<()> {
         let sel: BTreeSet<&String> = selected.iter().collect();
         for name in self.dag.order(self.pipeline) {
             if sel.contains(&name) {
@@ -236,11 +188,7 @@ impl<'a> Runner<'a> {
     /// Plan and (unless dry-run) execute. Prints one line per stage decision.
     pub fn run(&self, opts: &RunOptions, cancel: &CancelToken) -> Result<RunOutcome> {
         let selected = self.selection(opts)?;
-        let _lock = if opts.dry_run {
-            None
-        } else {
-            Some(self.cache.lock(opts.wait)?)
-        };
+        let _lock = if opts.dry_run { None } else { Some(self.cache.lock(opts.wait)?) };
         if !opts.dry_run {
             self.cache.create_dirs()?;
             for p in self.cache.sweep_temporaries()? {
@@ -254,23 +202,11 @@ impl<'a> Runner<'a> {
         if !opts.only.is_empty() {
             self.preload_outside(&selected, &mut available)?;
             for name in &selected {
-                let stage = self
-                    .pipeline
-                    .stage(name)
-                    .expect("selected names are stages");
-                let outside: Vec<String> = stage
-                    .upstream()
-                    .into_iter()
-                    .filter(|u| !selected.contains(u))
-                    .collect();
+                let stage = self.pipeline.stage(name).expect("selected names are stages");
+                let outside: Vec<String> = stage.upstream().into_iter().filter(|u| !selected.contains(u)).collect();
                 let missing: Vec<&String> = outside
                     .iter()
-                    .filter(|u| {
-                        stage
-                            .refs
-                            .iter()
-                            .any(|r| &&r.stage == u && !available.contains_key(&r.key()))
-                    })
+                    .filter(|u| stage.refs.iter().any(|r| &&r.stage == u && !available.contains_key(&r.key())))
                     .collect();
                 if !missing.is_empty() {
                     bail!(
@@ -309,10 +245,7 @@ impl<'a> Runner<'a> {
         let mut ran = 0;
         let progress = indicatif::MultiProgress::new();
         for (i, name) in selected.iter().enumerate() {
-            let stage = self
-                .pipeline
-                .stage(name)
-                .expect("selected names are stages");
+            let stage = self.pipeline.stage(name).expect("selected names are stages");
             let forced = opts.force_all || opts.force.contains(name);
             let decision = self.decide(stage, available, forced)?;
             let tag = format!("[{}/{}] {name}", i + 1, total);
@@ -325,32 +258,19 @@ impl<'a> Runner<'a> {
                     }
                 }
                 Decision::Pending { upstream } => {
-                    let ups = upstream
-                        .iter()
-                        .map(|u| format!("`{u}`"))
-                        .collect::<Vec<_>>()
-                        .join(", ");
+                    let ups = upstream.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ");
                     if opts.dry_run {
                         println!("{tag}: run after {ups} (if their outputs change)");
                     } else {
                         println!("{tag}: not run: {ups} did not complete");
                     }
                 }
-                Decision::Run {
-                    fingerprint,
-                    inputs,
-                    reasons,
-                    resume_step,
-                } => {
+                Decision::Run { fingerprint, inputs, reasons, resume_step } => {
                     let verb = match resume_step {
                         Some(step) => format!("resume from step {step}"),
                         None => "run".to_string(),
                     };
-                    println!(
-                        "{tag}: {verb}  {}  ({})",
-                        &fingerprint[..12],
-                        reasons.join("; ")
-                    );
+                    println!("{tag}: {verb}  {}  ({})", &fingerprint[..12], reasons.join("; "));
                     tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %fingerprint, decision = %verb, reasons = ?reasons, "stage decided");
                     if opts.dry_run {
                         continue;
@@ -360,8 +280,7 @@ impl<'a> Runner<'a> {
                         return Ok(RunOutcome::Interrupted);
                     }
                     ran += 1;
-                    match self.run_stage(stage, &fingerprint, &inputs, available, &progress, cancel)
-                    {
+                    match self.run_stage(stage, &fingerprint, &inputs, available, &progress, cancel) {
                         Ok(record) => {
                             tracing::info!(
                                 target: "r1pipe::runlog",
@@ -381,12 +300,14 @@ impl<'a> Runner<'a> {
                             }
                         }
                         Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
-                            let at = Checkpoints::new(&self.cache.work_dir(&fingerprint))
-                                .latest()
-                                .map(|(s, _)| s);
+                            let at = Checkpoints::new(&self.cache.work_dir(&fingerprint)).latest().map(|(s, _)| s);
                             match at {
-                                Some(step) => println!("{tag}: interrupted; checkpoint at step {step}. Run again to resume."),
-                                None => println!("{tag}: interrupted before its first checkpoint. Run again to restart it."),
+                                Some(step) => {
+                                    println!("{tag}: interrupted; checkpoint at step {step}. Run again to resume.")
+                                }
+                                None => {
+                                    println!("{tag}: interrupted before its first checkpoint. Run again to restart it.")
+                                }
                             }
                             tracing::warn!(target: "r1pipe::runlog", stage = %name, "stage interrupted");
                             return Ok(RunOutcome::Interrupted);
@@ -431,11 +352,8 @@ impl<'a> Runner<'a> {
                 "started_at": started_at,
             }))?,
         )?;
-        let paths: BTreeMap<String, PathBuf> = stage
-            .refs
-            .iter()
-            .map(|r| (r.key(), self.cache.object_path(&available[&r.key()])))
-            .collect();
+        let paths: BTreeMap<String, PathBuf> =
+            stage.refs.iter().map(|r| (r.key(), self.cache.object_path(&available[&r.key()]))).collect();
         let mut params = stage.params.clone();
         bind_artifacts(&mut params, &paths);
         let mut ctx = StageContext {
@@ -458,12 +376,7 @@ impl<'a> Runner<'a> {
         for spec in stage.kind.outputs() {
             let p = out_dir.join(spec.file_name);
             if !p.exists() {
-                bail!(
-                    "stage `{}` finished without writing its output `{}` ({})",
-                    stage.name,
-                    spec.name,
-                    p.display()
-                );
+                bail!("stage `{}` finished without writing its output `{}` ({})", stage.name, spec.name, p.display());
             }
             if spec.is_dir != p.is_dir() {
                 bail!(
@@ -473,10 +386,7 @@ impl<'a> Runner<'a> {
                     if spec.is_dir { "folder" } else { "file" }
                 );
             }
-            outputs.insert(
-                spec.name.to_string(),
-                self.cache.commit_output(&db, &p, spec.file_name)?,
-            );
+            outputs.insert(spec.name.to_string(), self.cache.commit_output(&db, &p, spec.file_name)?);
         }
         let record = StageRecord {
             fingerprint: fingerprint.to_string(),

@@ -78,46 +78,27 @@ pub struct Override {
 impl std::str::FromStr for Override {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (lhs, rhs) = s
-            .split_once('=')
-            .ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
+        let (lhs, rhs) = s.split_once('=').ok_or_else(|| format!("`{s}`: expected STAGE.KEY=VALUE"))?;
         let mut parts: Vec<String> = lhs.trim().split('.').map(str::to_string).collect();
         if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
-            return Err(format!(
-                "`{s}`: expected STAGE.KEY=VALUE, e.g. grpo.learning_rate=1e-6"
-            ));
+            return Err(format!("`{s}`: expected STAGE.KEY=VALUE, e.g. grpo.learning_rate=1e-6"));
         }
         let target = parts.remove(0);
         // A value is read as YAML so that numbers, booleans and lists keep their types.
-        let value = serde_yaml::from_str(rhs)
-            .unwrap_or_else(|_| serde_yaml::Value::String(rhs.to_string()));
-        Ok(Override {
-            target,
-            path: parts,
-            value,
-            text: s.to_string(),
-        })
+        let value = serde_yaml::from_str(rhs).unwrap_or_else(|_| serde_yaml::Value::String(rhs.to_string()));
+        Ok(Override { target, path: parts, value, text: s.to_string() })
     }
 }
 
 /// Load and validate a pipeline.
-pub fn load(
-    file: &Path,
-    overrides: &[Override],
-    registry: &Registry,
-) -> Result<Pipeline, Diagnostics> {
+pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<Pipeline, Diagnostics> {
     let text = std::fs::read_to_string(file).map_err(|e| {
         Diagnostic::new(file, None, format!("cannot read pipeline file: {e}"))
             .with_hint("check the path; pipelines usually live in pipelines/")
     })?;
     let project = Project::of_file(file);
-    Loader {
-        file: file.to_path_buf(),
-        positions: Positions::parse(&text),
-        diags: Diagnostics::default(),
-        project,
-    }
-    .load(&text, overrides, registry)
+    Loader { file: file.to_path_buf(), positions: Positions::parse(&text), diags: Diagnostics::default(), project }
+        .load(&text, overrides, registry)
 }
 
 struct Loader {
@@ -130,36 +111,21 @@ struct Loader {
 impl Loader {
     fn err(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
         let line = self.positions.line(path);
-        self.diags
-            .push(Diagnostic::new(&self.file, line, message).with_optional_hint(hint));
+        self.diags.push(Diagnostic::new(&self.file, line, message).with_optional_hint(hint));
     }
 
-    fn load(
-        mut self,
-        text: &str,
-        overrides: &[Override],
-        registry: &Registry,
-    ) -> Result<Pipeline, Diagnostics> {
-        let doc: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| yaml_syntax(&self.file, &e))?;
+    fn load(mut self, text: &str, overrides: &[Override], registry: &Registry) -> Result<Pipeline, Diagnostics> {
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| yaml_syntax(&self.file, &e))?;
         let serde_yaml::Value::Mapping(top) = doc else {
-            return Err(Diagnostic::new(
-                &self.file,
-                Some(1),
-                "a pipeline file must be a mapping with `stages:`",
-            )
-            .with_hint("see pipelines/quickstart.yaml for the shape")
-            .into());
+            return Err(Diagnostic::new(&self.file, Some(1), "a pipeline file must be a mapping with `stages:`")
+                .with_hint("see pipelines/quickstart.yaml for the shape")
+                .into());
         };
 
         for key in top.keys() {
             let k = key.as_str().unwrap_or("?");
             if !TOP_KEYS.contains(&k) {
-                self.err(
-                    k,
-                    format!("unknown top-level key `{k}`"),
-                    Some(suggest(k, TOP_KEYS, "keys")),
-                );
+                self.err(k, format!("unknown top-level key `{k}`"), Some(suggest(k, TOP_KEYS, "keys")));
             }
         }
         let get = |k: &str| top.get(serde_yaml::Value::String(k.into()));
@@ -168,11 +134,7 @@ impl Loader {
                 self.err("name", "`name` must be a string", None);
                 String::new()
             }),
-            None => self
-                .file
-                .file_stem()
-                .map(|s| s.to_string_lossy().to_string())
-                .unwrap_or_default(),
+            None => self.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
         };
         let seed = match get("seed") {
             None => 42,
@@ -185,23 +147,13 @@ impl Loader {
         if !(device == "auto"
             || device == "cpu"
             || device == "cuda"
-            || device
-                .strip_prefix("cuda:")
-                .is_some_and(|n| n.parse::<u32>().is_ok()))
+            || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()))
         {
-            self.err(
-                "device",
-                format!("unknown device `{device}`"),
-                Some("use auto, cpu, cuda or cuda:N".into()),
-            );
+            self.err("device", format!("unknown device `{device}`"), Some("use auto, cpu, cuda or cuda:N".into()));
         }
         let dtype = self.scalar_string(get("dtype"), "dtype", "auto");
         if !["auto", "f32", "bf16", "f16"].contains(&dtype.as_str()) {
-            self.err(
-                "dtype",
-                format!("unknown dtype `{dtype}`"),
-                Some("use auto, f32, bf16 or f16".into()),
-            );
+            self.err("dtype", format!("unknown dtype `{dtype}`"), Some("use auto, f32, bf16 or f16".into()));
         }
 
         let mut vars = match get("vars") {
@@ -223,11 +175,7 @@ impl Loader {
         let stages_yaml = match get("stages") {
             Some(serde_yaml::Value::Mapping(m)) if !m.is_empty() => m.clone(),
             Some(_) => {
-                self.err(
-                    "stages",
-                    "`stages` must be a non-empty mapping of stage names to stages",
-                    None,
-                );
+                self.err("stages", "`stages` must be a non-empty mapping of stage names to stages", None);
                 serde_yaml::Mapping::new()
             }
             None => {
@@ -238,10 +186,7 @@ impl Loader {
                 serde_yaml::Mapping::new()
             }
         };
-        let stage_names: Vec<String> = stages_yaml
-            .keys()
-            .map(|k| k.as_str().unwrap_or("?").to_string())
-            .collect();
+        let stage_names: Vec<String> = stages_yaml.keys().map(|k| k.as_str().unwrap_or("?").to_string()).collect();
 
         // -S overrides: vars first (they feed every stage), stage keys after presets are merged.
         let mut stage_overrides: BTreeMap<String, Vec<&Override>> = BTreeMap::new();
@@ -255,11 +200,7 @@ impl Loader {
                 stage_overrides.entry(o.target.clone()).or_default().push(o);
             } else {
                 let names: Vec<&str> = stage_names.iter().map(String::as_str).collect();
-                self.override_err(
-                    o,
-                    &format!("no stage `{}`", o.target),
-                    Some(suggest(&o.target, &names, "stages")),
-                );
+                self.override_err(o, &format!("no stage `{}`", o.target), Some(suggest(&o.target, &names, "stages")));
             }
         }
         let vars = Value::Object(vars);
@@ -274,10 +215,8 @@ impl Loader {
         }
 
         // References to outputs: the stage must exist and declare the output.
-        let kinds: BTreeMap<String, Arc<dyn StageKind>> = stages
-            .iter()
-            .map(|s| (s.name.clone(), s.kind.clone()))
-            .collect();
+        let kinds: BTreeMap<String, Arc<dyn StageKind>> =
+            stages.iter().map(|s| (s.name.clone(), s.kind.clone())).collect();
         for s in &stages {
             for r in &s.refs {
                 let base = format!("stages.{}", s.name);
@@ -303,7 +242,10 @@ impl Loader {
                                 &base,
                                 format!(
                                     "stage `{}` refers to `${{{}}}`, but a `{}` stage has no output `{}`",
-                                    s.name, r.key(), k.name(), r.output
+                                    s.name,
+                                    r.key(),
+                                    k.name(),
+                                    r.output
                                 ),
                                 Some(suggest(&r.output, &outs, "outputs")),
                             );
@@ -313,15 +255,8 @@ impl Loader {
             }
         }
 
-        let pipeline = Pipeline {
-            file: self.file.clone(),
-            project: self.project.clone(),
-            name,
-            seed,
-            device,
-            dtype,
-            stages,
-        };
+        let pipeline =
+            Pipeline { file: self.file.clone(), project: self.project.clone(), name, seed, device, dtype, stages };
         if self.diags.is_empty() {
             if let Err(d) = super::dag::Dag::build(&pipeline) {
                 self.diags.push(d);
@@ -332,8 +267,7 @@ impl Loader {
 
     fn override_err(&mut self, o: &Override, msg: &str, hint: Option<String>) {
         self.diags.push(
-            Diagnostic::new(&self.file, None, format!("override `-S {}`: {msg}", o.text))
-                .with_optional_hint(hint),
+            Diagnostic::new(&self.file, None, format!("override `-S {}`: {msg}", o.text)).with_optional_hint(hint),
         );
     }
 
@@ -360,11 +294,7 @@ impl Loader {
         let base = format!("stages.{name}");
         let line = self.positions.line(&base);
         let serde_yaml::Value::Mapping(m) = body else {
-            self.err(
-                &base,
-                format!("stage `{name}` must be a mapping with `kind:`"),
-                None,
-            );
+            self.err(&base, format!("stage `{name}` must be a mapping with `kind:`"), None);
             return None;
         };
         for key in m.keys() {
@@ -410,11 +340,7 @@ impl Loader {
                     }
                     Some(_) | None => {}
                 },
-                None => self.err(
-                    &format!("{base}.use"),
-                    "`use` must be a path to a YAML preset",
-                    None,
-                ),
+                None => self.err(&format!("{base}.use"), "`use` must be a path to a YAML preset", None),
             }
         }
         match get("with") {
@@ -442,11 +368,7 @@ impl Loader {
         let mut problems = Vec::new();
         substitute(&mut params, "", vars, stage_names, &mut refs, &mut problems);
         for (path, msg, hint) in problems {
-            self.err(
-                &format!("{base}.with.{path}"),
-                format!("stage `{name}`: {msg}"),
-                hint,
-            );
+            self.err(&format!("{base}.with.{path}"), format!("stage `{name}`: {msg}"), hint);
         }
         refs.sort();
         refs.dedup();
@@ -466,19 +388,11 @@ impl Loader {
                                 Some(suggest(n, &names, "stages")),
                             );
                         }
-                        None => self.err(
-                            &format!("{base}.needs.{i}"),
-                            "`needs` entries must be stage names",
-                            None,
-                        ),
+                        None => self.err(&format!("{base}.needs.{i}"), "`needs` entries must be stage names", None),
                     }
                 }
             }
-            Some(_) => self.err(
-                &format!("{base}.needs"),
-                "`needs` must be a list of stage names",
-                None,
-            ),
+            Some(_) => self.err(&format!("{base}.needs"), "`needs` must be a list of stage names", None),
         }
 
         let requirements = match kind.check(&params, &self.project) {
@@ -494,26 +408,12 @@ impl Loader {
             if !path.exists() {
                 self.err(
                     &format!("{base}.with.{param}"),
-                    format!(
-                        "stage `{name}`: `{param}` names {}, which does not exist",
-                        path.display()
-                    ),
-                    Some(format!(
-                        "relative paths are read from the project root, {}",
-                        self.project.root.display()
-                    )),
+                    format!("stage `{name}`: `{param}` names {}, which does not exist", path.display()),
+                    Some(format!("relative paths are read from the project root, {}", self.project.root.display())),
                 );
             }
         }
-        Some(Stage {
-            name: name.to_string(),
-            kind,
-            params,
-            refs,
-            needs,
-            requirements,
-            line,
-        })
+        Some(Stage { name: name.to_string(), kind, params, refs, needs, requirements, line })
     }
 
     /// A kind's parameter error, placed in the pipeline file or, for a key that
@@ -526,19 +426,15 @@ impl Loader {
         e: &super::params::ParamError,
         preset: Option<&(PathBuf, Positions)>,
     ) {
-        let full = if e.path.is_empty() {
-            format!("{base}.with")
-        } else {
-            format!("{base}.with.{}", e.path)
-        };
+        let full = if e.path.is_empty() { format!("{base}.with") } else { format!("{base}.with.{}", e.path) };
         let msg = format!("stage `{stage}` ({kind}): {e}");
         let in_preset = preset
             .filter(|_| self.positions.exact(&full).is_none())
             .and_then(|(file, pos)| Some((file, pos.exact(&e.path)?)));
         match in_preset {
-            Some((file, line)) => self
-                .diags
-                .push(Diagnostic::new(file, Some(line), msg).with_optional_hint(e.hint.clone())),
+            Some((file, line)) => {
+                self.diags.push(Diagnostic::new(file, Some(line), msg).with_optional_hint(e.hint.clone()))
+            }
             None => self.err(&full, msg, e.hint.clone()),
         }
     }
@@ -551,10 +447,7 @@ impl Loader {
                 self.err(
                     at,
                     format!("cannot read preset {}: {e}", path.display()),
-                    Some(format!(
-                        "preset paths are relative to the project root, {}",
-                        self.project.root.display()
-                    )),
+                    Some(format!("preset paths are relative to the project root, {}", self.project.root.display())),
                 );
                 return None;
             }
@@ -569,11 +462,7 @@ impl Loader {
         match yaml_to_json(&doc, "") {
             Ok(v @ Value::Object(_)) => Some((path, Positions::parse(&text), v)),
             Ok(_) => {
-                self.diags.push(Diagnostic::new(
-                    &path,
-                    Some(1),
-                    "a preset must be a mapping of parameters",
-                ));
+                self.diags.push(Diagnostic::new(&path, Some(1), "a preset must be a mapping of parameters"));
                 None
             }
             Err(e) => {
@@ -603,14 +492,10 @@ pub fn deep_merge(base: &mut serde_json::Map<String, Value>, over: serde_json::M
 }
 
 fn set_path(map: &mut serde_json::Map<String, Value>, path: &[String], value: Value) {
-    let (last, init) = path
-        .split_last()
-        .expect("override paths have at least one key");
+    let (last, init) = path.split_last().expect("override paths have at least one key");
     let mut cur = map;
     for seg in init {
-        let entry = cur
-            .entry(seg.clone())
-            .or_insert_with(|| Value::Object(Default::default()));
+        let entry = cur.entry(seg.clone()).or_insert_with(|| Value::Object(Default::default()));
         if !entry.is_object() {
             *entry = Value::Object(Default::default());
         }
@@ -634,11 +519,7 @@ fn substitute(
     match v {
         Value::Object(m) => {
             for (k, x) in m.iter_mut() {
-                let p = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
                 substitute(x, &p, vars, stages, refs, problems);
             }
         }
@@ -692,26 +573,17 @@ fn interpolate(
                 Some(Value::String(t)) => out.push_str(t),
                 Some(val) => out.push_str(&val.to_string()),
                 None => {
-                    let names: Vec<&str> = vars
-                        .as_object()
-                        .map(|m| m.keys().map(String::as_str).collect())
-                        .unwrap_or_default();
+                    let names: Vec<&str> =
+                        vars.as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
                     let hint = match nearest(var, names.iter().copied()) {
                         Some(n) => format!("did you mean `${{vars.{n}}}`?"),
                         None => format!("defined vars: {}", super::diagnostic::join_ticked(&names)),
                     };
-                    problems.push((
-                        path.into(),
-                        format!("`${{{expr}}}` is not defined"),
-                        Some(hint),
-                    ));
+                    problems.push((path.into(), format!("`${{{expr}}}` is not defined"), Some(hint)));
                 }
             }
         } else if let Some((stage, output)) = expr.split_once('.') {
-            refs.push(ArtifactRef {
-                stage: stage.to_string(),
-                output: output.to_string(),
-            });
+            refs.push(ArtifactRef { stage: stage.to_string(), output: output.to_string() });
             out.push_str(&format!("${{{stage}.{output}}}"));
         } else {
             let names: Vec<&str> = stages.iter().map(String::as_str).collect();

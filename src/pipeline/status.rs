@@ -24,24 +24,17 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
     let mut rows = Vec::new();
     for name in runner.dag.order(runner.pipeline) {
         let stage = runner.pipeline.stage(&name).expect("dag names are stages");
-        let row =
-            |state: &str, detail: String, fp: &str, finished: String, took: String| StageStatus {
-                stage: name.clone(),
-                kind: stage.kind.name().to_string(),
-                state: state.to_string(),
-                detail,
-                fingerprint: fp.chars().take(12).collect(),
-                finished,
-                took,
-            };
+        let row = |state: &str, detail: String, fp: &str, finished: String, took: String| StageStatus {
+            stage: name.clone(),
+            kind: stage.kind.name().to_string(),
+            state: state.to_string(),
+            detail,
+            fingerprint: fp.chars().take(12).collect(),
+            finished,
+            took,
+        };
         let r = if !runner.cache.exists() {
-            row(
-                "never run",
-                "no cache yet".into(),
-                "",
-                String::new(),
-                String::new(),
-            )
+            row("never run", "no cache yet".into(), "", String::new(), String::new())
         } else {
             match runner.decide(stage, &available, false)? {
                 Decision::Cached { record } => {
@@ -52,11 +45,7 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
                         "cached",
                         String::new(),
                         &record.fingerprint,
-                        record
-                            .finished_at
-                            .with_timezone(&chrono::Local)
-                            .format("%Y-%m-%d %H:%M")
-                            .to_string(),
+                        record.finished_at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string(),
                         human_duration(record.duration_s),
                     )
                 }
@@ -67,17 +56,9 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
                     String::new(),
                     String::new(),
                 ),
-                Decision::Run {
-                    fingerprint,
-                    reasons,
-                    ..
-                } => {
+                Decision::Run { fingerprint, reasons, .. } => {
                     let cp = Checkpoints::new(&runner.cache.work_dir(&fingerprint)).latest();
-                    let started = runner
-                        .cache
-                        .work_dir(&fingerprint)
-                        .join("stage.json")
-                        .exists();
+                    let started = runner.cache.work_dir(&fingerprint).join("stage.json").exists();
                     if let Some((step, _)) = cp {
                         row(
                             "interrupted",
@@ -95,21 +76,9 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
                             String::new(),
                         )
                     } else if reasons == ["never run"] {
-                        row(
-                            "never run",
-                            String::new(),
-                            &fingerprint,
-                            String::new(),
-                            String::new(),
-                        )
+                        row("never run", String::new(), &fingerprint, String::new(), String::new())
                     } else {
-                        row(
-                            "stale",
-                            reasons.join("; "),
-                            &fingerprint,
-                            String::new(),
-                            String::new(),
-                        )
+                        row("stale", reasons.join("; "), &fingerprint, String::new(), String::new())
                     }
                 }
             }

@@ -62,9 +62,7 @@ struct FileHashMemo {
 
 impl Cache {
     pub fn new(root: &Path) -> Cache {
-        Cache {
-            root: root.to_path_buf(),
-        }
+        Cache { root: root.to_path_buf() }
     }
 
     pub fn objects_dir(&self) -> PathBuf {
@@ -89,8 +87,7 @@ impl Cache {
 
     pub fn create_dirs(&self) -> Result<()> {
         for d in [self.objects_dir(), self.work_root(), self.runs_dir()] {
-            fs::create_dir_all(&d)
-                .with_context(|| format!("creating cache folder {}", d.display()))?;
+            fs::create_dir_all(&d).with_context(|| format!("creating cache folder {}", d.display()))?;
         }
         Ok(())
     }
@@ -103,15 +100,10 @@ impl Cache {
         loop {
             match sled::Config::new().path(&path).open() {
                 Ok(db) => return Ok(db),
-                Err(sled::Error::Io(e))
-                    if Instant::now() < deadline && e.to_string().contains("lock") =>
-                {
+                Err(sled::Error::Io(e)) if Instant::now() < deadline && e.to_string().contains("lock") => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("opening the cache index {}", path.display()))
-                }
+                Err(e) => return Err(e).with_context(|| format!("opening the cache index {}", path.display())),
             }
         }
     }
@@ -119,20 +111,13 @@ impl Cache {
     pub fn record(&self, db: &sled::Db, fingerprint: &str) -> Result<Option<StageRecord>> {
         let tree = db.open_tree(RECORDS)?;
         match tree.get(fingerprint.as_bytes())? {
-            Some(bytes) => Ok(Some(
-                serde_json::from_slice(&bytes).context("reading a cache record")?,
-            )),
+            Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).context("reading a cache record")?)),
             None => Ok(None),
         }
     }
 
     /// The newest completed record of `stage` in `pipeline`, whatever its fingerprint.
-    pub fn latest(
-        &self,
-        db: &sled::Db,
-        pipeline: &str,
-        stage: &str,
-    ) -> Result<Option<StageRecord>> {
+    pub fn latest(&self, db: &sled::Db, pipeline: &str, stage: &str) -> Result<Option<StageRecord>> {
         let tree = db.open_tree(LATEST)?;
         match tree.get(latest_key(pipeline, stage))? {
             Some(fp) => self.record(db, &String::from_utf8_lossy(&fp)),
@@ -142,10 +127,7 @@ impl Cache {
 
     pub fn all_records(&self, db: &sled::Db) -> Result<Vec<StageRecord>> {
         let tree = db.open_tree(RECORDS)?;
-        tree.iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect()
+        tree.iter().values().map(|v| Ok(serde_json::from_slice(&v?)?)).collect()
     }
 
     /// All (pipeline, stage) → fingerprint pointers.
@@ -156,11 +138,7 @@ impl Cache {
             let (k, v) = kv?;
             let k = String::from_utf8_lossy(&k).to_string();
             let (p, s) = k.split_once('\0').unwrap_or((&k, ""));
-            out.push((
-                p.to_string(),
-                s.to_string(),
-                String::from_utf8_lossy(&v).to_string(),
-            ));
+            out.push((p.to_string(), s.to_string(), String::from_utf8_lossy(&v).to_string()));
         }
         Ok(out)
     }
@@ -170,19 +148,11 @@ impl Cache {
     pub fn put_record(&self, db: &sled::Db, rec: &StageRecord) -> Result<()> {
         for o in rec.outputs.values() {
             if !self.object_path(o).exists() {
-                bail!(
-                    "refusing to record stage `{}`: output {} is not in the cache",
-                    rec.stage,
-                    o.hash
-                );
+                bail!("refusing to record stage `{}`: output {} is not in the cache", rec.stage, o.hash);
             }
         }
-        db.open_tree(RECORDS)?
-            .insert(rec.fingerprint.as_bytes(), serde_json::to_vec(rec)?)?;
-        db.open_tree(LATEST)?.insert(
-            latest_key(&rec.pipeline, &rec.stage),
-            rec.fingerprint.as_bytes(),
-        )?;
+        db.open_tree(RECORDS)?.insert(rec.fingerprint.as_bytes(), serde_json::to_vec(rec)?)?;
+        db.open_tree(LATEST)?.insert(latest_key(&rec.pipeline, &rec.stage), rec.fingerprint.as_bytes())?;
         db.flush()?;
         Ok(())
     }
@@ -208,25 +178,19 @@ impl Cache {
         h.update(b"\0");
         h.update(content.as_bytes());
         let hash = h.finalize().to_hex().to_string();
-        let oref = ObjectRef {
-            hash: hash.clone(),
-            file_name: file_name.to_string(),
-        };
+        let oref = ObjectRef { hash: hash.clone(), file_name: file_name.to_string() };
         let dest = self.objects_dir().join(&hash);
         if dest.join(file_name).exists() {
             // Identical content is already stored: the new copy is redundant.
             remove_path(src)?;
             return Ok(oref);
         }
-        let tmp = self
-            .objects_dir()
-            .join(format!(".tmp-{hash}-{}", std::process::id()));
+        let tmp = self.objects_dir().join(format!(".tmp-{hash}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        fs::rename(src, tmp.join(file_name))
-            .with_context(|| format!("moving {} into the cache", src.display()))?;
+        fs::rename(src, tmp.join(file_name)).with_context(|| format!("moving {} into the cache", src.display()))?;
         make_read_only(&tmp.join(file_name))?;
         super::checkpoint::sync_dir_files(&tmp)?;
         if dest.exists() {
@@ -264,11 +228,7 @@ impl Cache {
     fn hash_file_memo(&self, memo: &sled::Tree, path: &Path) -> Result<String> {
         let abs = fs::canonicalize(path)?;
         let meta = fs::metadata(&abs)?;
-        let mtime_ns = meta
-            .modified()?
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let mtime_ns = meta.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let key = abs.to_string_lossy().to_string();
         if let Some(bytes) = memo.get(key.as_bytes())? {
             if let Ok(m) = serde_json::from_slice::<FileHashMemo>(&bytes) {
@@ -280,26 +240,16 @@ impl Cache {
         let hash = hash_file(&abs)?;
         memo.insert(
             key.as_bytes(),
-            serde_json::to_vec(&FileHashMemo {
-                len: meta.len(),
-                mtime_ns,
-                hash: hash.clone(),
-            })?,
+            serde_json::to_vec(&FileHashMemo { len: meta.len(), mtime_ns, hash: hash.clone() })?,
         )?;
         Ok(hash)
     }
 
     /// Take the one-writer lock. Fails at once naming the holder, or waits with `wait`.
     pub fn lock(&self, wait: bool) -> Result<CacheLock> {
-        fs::create_dir_all(&self.root)
-            .with_context(|| format!("creating cache {}", self.root.display()))?;
+        fs::create_dir_all(&self.root).with_context(|| format!("creating cache {}", self.root.display()))?;
         let path = self.root.join("LOCK");
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)?;
+        let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
@@ -317,13 +267,7 @@ impl Cache {
         }
         file.set_len(0)?;
         let args: Vec<String> = std::env::args().collect();
-        writeln!(
-            file,
-            "pid {}\nstarted {}\ncommand {}",
-            std::process::id(),
-            Utc::now().to_rfc3339(),
-            args.join(" ")
-        )?;
+        writeln!(file, "pid {}\nstarted {}\ncommand {}", std::process::id(), Utc::now().to_rfc3339(), args.join(" "))?;
         file.sync_all()?;
         Ok(CacheLock { _file: file })
     }
@@ -350,15 +294,11 @@ pub struct CacheLock {
 
 fn holder_description(lock_path: &Path) -> String {
     let text = fs::read_to_string(lock_path).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-    };
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()));
     match (field("pid "), field("started ")) {
-        (Some(pid), Some(started)) => format!(
-            "pid {pid} (started {started}: {})",
-            field("command ").unwrap_or_default()
-        ),
+        (Some(pid), Some(started)) => {
+            format!("pid {pid} (started {started}: {})", field("command ").unwrap_or_default())
+        }
         (Some(pid), None) => format!("pid {pid}"),
         _ => "another r1pipe process".into(),
     }
@@ -394,11 +334,8 @@ pub fn remove_path(p: &Path) -> Result<()> {
 /// Artifacts are immutable: their files are made read-only so a stray write fails loudly.
 fn make_read_only(p: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let files: Vec<PathBuf> = if p.is_dir() {
-        walk(p)?.into_iter().filter(|f| f.is_file()).collect()
-    } else {
-        vec![p.to_path_buf()]
-    };
+    let files: Vec<PathBuf> =
+        if p.is_dir() { walk(p)?.into_iter().filter(|f| f.is_file()).collect() } else { vec![p.to_path_buf()] };
     for f in files {
         let mut perm = fs::metadata(&f)?.permissions();
         perm.set_mode(perm.mode() & 0o555);
@@ -462,13 +399,7 @@ mod tests {
                 files: Default::default(),
                 env: Default::default(),
             },
-            outputs: BTreeMap::from([(
-                "o".into(),
-                ObjectRef {
-                    hash: "nope".into(),
-                    file_name: "x".into(),
-                },
-            )]),
+            outputs: BTreeMap::from([("o".into(), ObjectRef { hash: "nope".into(), file_name: "x".into() })]),
             metrics: None,
             started_at: Utc::now(),
             finished_at: Utc::now(),

@@ -10,9 +10,7 @@ use serde_json::{json, Value};
 
 use crate::data::jsonl;
 use crate::hub::HubRepo;
-use crate::pipeline::{
-    typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind,
-};
+use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,15 +72,11 @@ impl StageKind for Download {
         let mut req = Requirements::default();
         match (&p.dataset, &p.path) {
             (Some(_), Some(_)) => {
-                return Err(vec![ParamError::new(
-                    "path",
-                    "give either `dataset` (hub) or `path` (local), not both",
-                )])
+                return Err(vec![ParamError::new("path", "give either `dataset` (hub) or `path` (local), not both")])
             }
             (None, None) => {
-                return Err(vec![ParamError::new("", "no source").hint(
-                    "add `dataset: openai/gsm8k` (hub) or `path: data/gsm8k/` (local JSONL)",
-                )])
+                return Err(vec![ParamError::new("", "no source")
+                    .hint("add `dataset: openai/gsm8k` (hub) or `path: data/gsm8k/` (local JSONL)")])
             }
             (None, Some(path)) => {
                 if let Some(dir) = project.local_path(path) {
@@ -98,9 +92,7 @@ impl StageKind for Download {
                                 "path",
                                 format!("{} has no {}", dir.display(), missing.join(", ")),
                             )
-                            .hint(
-                                "the folder must hold one <split>.jsonl per split in `splits`",
-                            )]);
+                            .hint("the folder must hold one <split>.jsonl per split in `splits`")]);
                         }
                     }
                     req.local_paths.push(("path".into(), dir));
@@ -108,11 +100,8 @@ impl StageKind for Download {
             }
             (Some(id), None) => {
                 if id.split('/').count() != 2 {
-                    return Err(vec![ParamError::new(
-                        "dataset",
-                        format!("`{id}` is not a hub id"),
-                    )
-                    .hint("write OWNER/NAME, e.g. openai/gsm8k")]);
+                    return Err(vec![ParamError::new("dataset", format!("`{id}` is not a hub id"))
+                        .hint("write OWNER/NAME, e.g. openai/gsm8k")]);
                 }
             }
         }
@@ -147,21 +136,15 @@ impl StageKind for Download {
 }
 
 fn read_local(path: &Path) -> Result<Vec<Row>> {
-    Ok(jsonl::read::<Row>(path)?
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect())
+    Ok(jsonl::read::<Row>(path)?.into_iter().map(|(_, r)| r).collect())
 }
 
 /// A split from the hub: the parquet files of `<config>/<split>-*.parquet`, in order.
 fn read_hub(id: &str, config: &str, revision: &str, split: &str) -> Result<Vec<Row>> {
     let repo = HubRepo::dataset(id, revision);
     let prefix = format!("{config}/{split}-");
-    let mut files: Vec<String> = repo
-        .files()?
-        .into_iter()
-        .filter(|f| f.starts_with(&prefix) && f.ends_with(".parquet"))
-        .collect();
+    let mut files: Vec<String> =
+        repo.files()?.into_iter().filter(|f| f.starts_with(&prefix) && f.ends_with(".parquet")).collect();
     files.sort();
     if files.is_empty() {
         bail!("the hub dataset {id} (revision {revision}) has no {prefix}*.parquet: check `config` and `splits`");
@@ -194,11 +177,7 @@ pub fn read_parquet(path: &Path) -> Result<Vec<Row>> {
         }
         match (q, a) {
             (Some(question), Some(answer)) => rows.push(Row { question, answer }),
-            _ => bail!(
-                "{}: row {} lacks a string `question` or `answer` column",
-                path.display(),
-                i + 1
-            ),
+            _ => bail!("{}: row {} lacks a string `question` or `answer` column", path.display(), i + 1),
         }
     }
     Ok(rows)

@@ -10,9 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::data::{gsm8k, jsonl};
-use crate::pipeline::{
-    typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind,
-};
+use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 
 pub const DEFAULT_SYSTEM_PROMPT: &str =
     "Respond in the following format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>\n";
@@ -89,18 +87,8 @@ pub struct SftRow {
 pub struct Format;
 
 const OUTPUTS: &[OutputSpec] = &[
-    OutputSpec {
-        name: "train",
-        file_name: "train.jsonl",
-        is_dir: false,
-        description: "training prompts",
-    },
-    OutputSpec {
-        name: "test",
-        file_name: "test.jsonl",
-        is_dir: false,
-        description: "test prompts",
-    },
+    OutputSpec { name: "train", file_name: "train.jsonl", is_dir: false, description: "training prompts" },
+    OutputSpec { name: "test", file_name: "test.jsonl", is_dir: false, description: "test prompts" },
     OutputSpec {
         name: "sft",
         file_name: "sft.jsonl",
@@ -134,10 +122,7 @@ impl StageKind for Format {
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: Params = ctx.params()?;
-        let data = ctx
-            .project
-            .local_path(&p.data)
-            .unwrap_or_else(|| p.data.clone().into());
+        let data = ctx.project.local_path(&p.data).unwrap_or_else(|| p.data.clone().into());
         let mut metrics = serde_json::Map::new();
         for split in ["train", "test"] {
             let file = data.join(format!("{split}.jsonl"));
@@ -149,18 +134,13 @@ impl StageKind for Format {
                         role: "assistant".into(),
                         content: gsm8k::think_answer(&r.rationale, &r.answer),
                     });
-                    SftRow {
-                        messages,
-                        answer: r.answer.clone(),
-                    }
+                    SftRow { messages, answer: r.answer.clone() }
                 });
                 jsonl::write(&ctx.output_path("sft"), sft)?;
             }
             jsonl::write(&ctx.output_path(split), &rows)?;
-            metrics.insert(
-                split.into(),
-                json!({ "rows": rows.len(), "dropped": dropped.len(), "dropped_rows": dropped }),
-            );
+            metrics
+                .insert(split.into(), json!({ "rows": rows.len(), "dropped": dropped.len(), "dropped_rows": dropped }));
         }
         ctx.set_metrics(Value::Object(metrics));
         Ok(())
@@ -179,12 +159,7 @@ fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>,
     let mut rows = Vec::new();
     let mut dropped = Vec::new();
     for (line, v) in raw {
-        let question = v
-            .get("question")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .trim()
-            .to_string();
+        let question = v.get("question").and_then(Value::as_str).unwrap_or("").trim().to_string();
         let answer_text = v.get("answer").and_then(Value::as_str).unwrap_or("");
         let reason = if question.is_empty() {
             Some("empty or missing `question`")
@@ -197,29 +172,17 @@ fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>,
         };
         if let Some(reason) = reason {
             if p.strict {
-                bail!(
-                    "{}:{line}: {reason} (strict: true; set `strict: false` to drop bad rows)",
-                    file.display()
-                );
+                bail!("{}:{line}: {reason} (strict: true; set `strict: false` to drop bad rows)", file.display());
             }
             tracing::warn!(file = %file.display(), line, reason, "dropping a bad row");
-            dropped.push(Dropped {
-                line,
-                reason: reason.into(),
-            });
+            dropped.push(Dropped { line, reason: reason.into() });
             continue;
         }
         let answer = gsm8k::reference_answer(answer_text).expect("checked above");
         rows.push(PromptRow {
             prompt: vec![
-                Message {
-                    role: "system".into(),
-                    content: p.system_prompt.clone(),
-                },
-                Message {
-                    role: "user".into(),
-                    content: question.clone(),
-                },
+                Message { role: "system".into(), content: p.system_prompt.clone() },
+                Message { role: "user".into(), content: question.clone() },
             ],
             question,
             answer,
@@ -227,11 +190,7 @@ fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>,
         });
     }
     if !dropped.is_empty() {
-        let lines: Vec<String> = dropped
-            .iter()
-            .take(10)
-            .map(|d| d.line.to_string())
-            .collect();
+        let lines: Vec<String> = dropped.iter().take(10).map(|d| d.line.to_string()).collect();
         eprintln!(
             "format: dropped {} bad row(s) of {} (lines {}{})",
             dropped.len(),

@@ -25,14 +25,9 @@ pub fn registry() -> Registry {
 pub fn device_class(device: &str) -> Result<String> {
     match device {
         "cpu" => Ok("cpu".into()),
-        "auto" => Ok(
-            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                "cuda"
-            } else {
-                "cpu"
-            }
-            .into(),
-        ),
+        "auto" => {
+            Ok(if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() { "cuda" } else { "cpu" }.into())
+        }
         d if d == "cuda" || d.starts_with("cuda:") => {
             if cfg!(feature = "cuda") {
                 Ok("cuda".into())

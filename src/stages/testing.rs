@@ -10,9 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::data::jsonl::Appender;
-use crate::pipeline::{
-    typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind,
-};
+use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -60,9 +58,7 @@ impl StageKind for Counter {
         let p: Params = ctx.params()?;
         let checkpoints = ctx.checkpoints();
         let mut count = match checkpoints.latest() {
-            Some((_, dir)) => fs::read_to_string(dir.join("count"))?
-                .trim()
-                .parse::<u64>()?,
+            Some((_, dir)) => fs::read_to_string(dir.join("count"))?.trim().parse::<u64>()?,
             None => 0,
         };
         // Every executed step is logged, so a test can see that resumed work is not redone.
@@ -77,9 +73,7 @@ impl StageKind for Counter {
             std::thread::sleep(Duration::from_millis(p.step_ms));
             count += 1;
             log.append(&json!({ "step": count, "pid": std::process::id() }))?;
-            checkpoints.save(count, 2, |d| {
-                Ok(fs::write(d.join("count"), count.to_string())?)
-            })?;
+            checkpoints.save(count, 2, |d| Ok(fs::write(d.join("count"), count.to_string())?))?;
             bar.set_position(count);
         }
         bar.finish_and_clear();
@@ -88,9 +82,7 @@ impl StageKind for Counter {
             text.push_str(&fs::read_to_string(input)?);
         }
         fs::write(ctx.output_path("result"), text)?;
-        let executed = fs::read_to_string(ctx.work_dir.join("steps.jsonl"))?
-            .lines()
-            .count();
+        let executed = fs::read_to_string(ctx.work_dir.join("steps.jsonl"))?.lines().count();
         ctx.set_metrics(json!({ "count": count, "steps_executed_in_work_dir": executed }));
         Ok(())
     }

@@ -49,11 +49,7 @@ impl Project {
     }
 
     pub fn spawn(&self, args: &[&str]) -> Child {
-        self.cmd(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning r1pipe")
+        self.cmd(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning r1pipe")
     }
 
     /// The newest checkpoint step of any unfinished stage in the cache.
@@ -61,16 +57,9 @@ impl Project {
         let work = self.cache().join("work");
         let mut best = None;
         for e in fs::read_dir(work).ok()?.flatten() {
-            for c in fs::read_dir(e.path().join("checkpoints"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                if let Some(s) = c
-                    .file_name()
-                    .to_string_lossy()
-                    .strip_prefix("step-")
-                    .and_then(|s| s.parse::<u64>().ok())
+            for c in fs::read_dir(e.path().join("checkpoints")).into_iter().flatten().flatten() {
+                if let Some(s) =
+                    c.file_name().to_string_lossy().strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
                 {
                     best = best.max(Some(s));
                 }
@@ -85,10 +74,7 @@ impl Project {
             if let Some(s) = self.checkpoint_step().filter(|&s| s >= at_least) {
                 return s;
             }
-            assert!(
-                t0.elapsed() < timeout,
-                "no checkpoint ≥ {at_least} within {timeout:?}"
-            );
+            assert!(t0.elapsed() < timeout, "no checkpoint ≥ {at_least} within {timeout:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -112,11 +98,7 @@ impl From<Output> for Run {
 
 impl Run {
     pub fn ok(self) -> Run {
-        assert_eq!(
-            self.code, 0,
-            "r1pipe failed\nstdout:\n{}\nstderr:\n{}",
-            self.stdout, self.stderr
-        );
+        assert_eq!(self.code, 0, "r1pipe failed\nstdout:\n{}\nstderr:\n{}", self.stdout, self.stderr);
         self
     }
 

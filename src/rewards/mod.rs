@@ -1,0 +1,9 @@
+//! Rule-based rewards for GRPO: pure functions of (prompt, completion,
+//! reference answer, completion length), combined into weighted reward sets.
+
+pub mod answer;
+pub mod functions;
+pub mod set;
+
+pub use functions::{lookup, FunctionInfo, RewardFn, Sample, CATALOG};
+pub use set::{RewardSet, Scores};

@@ -1,0 +1,181 @@
+//! Reward sets: a weighted list of reward functions, from a YAML file or an
+//! inline list, scored over a whole group of completions in parallel.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::functions::{lookup, RewardFn, Sample, CATALOG};
+use crate::pipeline::diagnostic::{suggest, Diagnostic, Diagnostics};
+use crate::pipeline::params::yaml_to_json;
+use crate::pipeline::yaml_pos::Positions;
+use crate::pipeline::{typed, ParamError, Project};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TermSpec {
+    name: String,
+    #[serde(default = "one")]
+    weight: f32,
+    #[serde(default)]
+    params: Value,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+pub struct Term {
+    pub name: String,
+    pub weight: f32,
+    pub func: Box<dyn RewardFn>,
+}
+
+pub struct RewardSet {
+    pub terms: Vec<Term>,
+}
+
+/// Per-function scores of a batch, and their weighted sum.
+#[derive(Debug, Clone)]
+pub struct Scores {
+    pub names: Vec<String>,
+    /// `per_function[f][i]`: function `f` on sample `i` (unweighted).
+    pub per_function: Vec<Vec<f32>>,
+    pub total: Vec<f32>,
+}
+
+impl Scores {
+    /// (name, mean, std) per function, std with Bessel's correction as TRL logs it.
+    pub fn stats(&self) -> Vec<(String, f32, f32)> {
+        self.names.iter().zip(&self.per_function).map(|(n, v)| (n.clone(), mean(v), std(v))).collect()
+    }
+}
+
+pub fn mean(v: &[f32]) -> f32 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f32>() / v.len() as f32
+    }
+}
+
+/// Sample standard deviation (n − 1); 0 for fewer than two values.
+pub fn std(v: &[f32]) -> f32 {
+    if v.len() < 2 {
+        return 0.0;
+    }
+    let m = mean(v);
+    (v.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / (v.len() - 1) as f32).sqrt()
+}
+
+impl RewardSet {
+    /// From a list of `{name, weight, params}`; errors carry the list index path (`1.params.correct`).
+    pub fn from_value(v: &Value) -> Result<RewardSet, Vec<ParamError>> {
+        let Value::Array(items) = v else {
+            return Err(vec![ParamError::new("", "a reward set is a list of {name, weight, params}")]);
+        };
+        if items.is_empty() {
+            return Err(vec![ParamError::new("", "the reward set is empty")]);
+        }
+        let mut terms = Vec::new();
+        let mut errors = Vec::new();
+        let names: Vec<&str> = CATALOG.iter().map(|f| f.name).collect();
+        for (i, item) in items.iter().enumerate() {
+            let spec: TermSpec = match typed(item) {
+                Ok(s) => s,
+                Err(mut e) => {
+                    e.path = prefixed(i, &e.path);
+                    errors.push(e);
+                    continue;
+                }
+            };
+            let Some(info) = lookup(&spec.name) else {
+                errors.push(
+                    ParamError::new(format!("{i}.name"), format!("unknown reward function `{}`", spec.name))
+                        .hint(suggest(&spec.name, &names, "functions")),
+                );
+                continue;
+            };
+            if !spec.weight.is_finite() {
+                errors.push(ParamError::new(format!("{i}.weight"), "weight must be a finite number"));
+                continue;
+            }
+            match (info.build)(&spec.params) {
+                Ok(func) => terms.push(Term { name: spec.name, weight: spec.weight, func }),
+                Err(mut e) => {
+                    e.path = prefixed(
+                        i,
+                        &format!("params{}", if e.path.is_empty() { String::new() } else { format!(".{}", e.path) }),
+                    );
+                    e.message = format!("{} ({}): {}", spec.name, "params", e.message);
+                    errors.push(e);
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(RewardSet { terms })
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// From a YAML file; errors name the file and line.
+    pub fn from_file(path: &Path) -> Result<RewardSet, Diagnostics> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Diagnostic::new(path, None, format!("cannot read reward set: {e}")))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+            .map_err(|e| Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {e}")))?;
+        let v = yaml_to_json(&doc, "").map_err(|e| Diagnostic::new(path, None, e.message))?;
+        let positions = Positions::parse(&text);
+        RewardSet::from_value(&v).map_err(|errs| {
+            Diagnostics(
+                errs.into_iter()
+                    .map(|e| Diagnostic::new(path, positions.line(&e.path), e.to_string()).with_optional_hint(e.hint))
+                    .collect(),
+            )
+        })
+    }
+
+    /// From a stage parameter: a path to a reward-set file (returned, for the
+    /// fingerprint) or an inline list.
+    pub fn from_param(v: &Value, project: &Project) -> Result<(RewardSet, Option<PathBuf>), Vec<ParamError>> {
+        match v {
+            Value::String(s) => {
+                let path = project
+                    .local_path(s)
+                    .ok_or_else(|| vec![ParamError::new("", "a reward set cannot be an artifact")])?;
+                if !path.exists() {
+                    return Err(vec![ParamError::new("", format!("{} does not exist", path.display()))
+                        .hint("give a reward-set file such as stages/rewards/r1-gsm8k.yaml, or an inline list")]);
+                }
+                RewardSet::from_file(&path)
+                    .map(|s| (s, Some(path)))
+                    .map_err(|d| vec![ParamError::new("", format!("\n{d}"))])
+            }
+            other => RewardSet::from_value(other).map(|s| (s, None)),
+        }
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.terms.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Score every sample with every function, samples in parallel.
+    pub fn score(&self, samples: &[Sample]) -> Scores {
+        let rows: Vec<Vec<f32>> =
+            samples.par_iter().map(|s| self.terms.iter().map(|t| t.func.score(s)).collect()).collect();
+        let per_function: Vec<Vec<f32>> = (0..self.terms.len()).map(|f| rows.iter().map(|r| r[f]).collect()).collect();
+        let total = rows.iter().map(|r| r.iter().zip(&self.terms).map(|(v, t)| v * t.weight).sum()).collect();
+        Scores { names: self.names(), per_function, total }
+    }
+}
+
+fn prefixed(i: usize, path: &str) -> String {
+    if path.is_empty() {
+        i.to_string()
+    } else {
+        format!("{i}.{path}")
+    }
+}

@@ -1,0 +1,287 @@
+//! Reward functions on hand-written completions (including the awkward ones),
+//! reward sets from YAML, property tests, and `r1pipe rewards`.
+
+mod common;
+
+use proptest::prelude::*;
+use r1pipe::rewards::{lookup, RewardFn, RewardSet, Sample, CATALOG};
+use serde_json::json;
+
+fn f(name: &str, params: serde_json::Value) -> Box<dyn RewardFn> {
+    (lookup(name).unwrap().build)(&params).unwrap()
+}
+
+fn score(name: &str, completion: &str, answer: &str) -> f32 {
+    f(name, json!({})).score(&Sample { prompt: "", completion, answer, tokens: completion.split_whitespace().count() })
+}
+
+fn with_tokens(name: &str, params: serde_json::Value, completion: &str, answer: &str, tokens: usize) -> f32 {
+    f(name, params).score(&Sample { prompt: "", completion, answer, tokens })
+}
+
+const GOOD: &str = "<think>\n48/2 = 24, 48 + 24 = 72\n</think>\n<answer>\n72\n</answer>\n";
+
+#[test]
+fn correctness_compares_the_last_answer_block_after_normalization() {
+    assert_eq!(score("correctness", GOOD, "72"), 2.0);
+    assert_eq!(score("correctness", "<answer>71</answer> no wait <answer>72</answer>", "72"), 2.0);
+    assert_eq!(score("correctness", "<answer>72</answer> no wait <answer>71</answer>", "72"), 0.0);
+    assert_eq!(score("correctness", "<answer> $1,000. </answer>", "1000"), 2.0);
+    assert_eq!(score("correctness", "<answer>18.0</answer>", "18"), 2.0);
+    assert_eq!(score("correctness", "<answer>-5</answer>", "-5"), 2.0);
+    assert_eq!(score("correctness", "<answer>0.5</answer>", "0.50"), 2.0);
+    assert_eq!(score("correctness", "<answer>18 dollars</answer>", "18"), 0.0, "unit words are not stripped");
+    assert_eq!(score("correctness", "<answer>\n72", "72"), 2.0, "an unclosed last block runs to the end");
+    assert_eq!(score("correctness", "72", "72"), 0.0, "no answer block, no reward");
+    assert_eq!(score("correctness", "", "72"), 0.0);
+    assert_eq!(score("correctness", "<answer></answer>", ""), 0.0, "an empty answer is never correct");
+    assert_eq!(
+        f("correctness", json!({"correct": 1.0})).score(&Sample {
+            prompt: "",
+            completion: GOOD,
+            answer: "72",
+            tokens: 9
+        }),
+        1.0
+    );
+}
+
+#[test]
+fn integer_rewards_integer_answers_only() {
+    assert_eq!(score("integer", GOOD, "x"), 0.5);
+    assert_eq!(score("integer", "<answer>-12</answer>", "x"), 0.5);
+    assert_eq!(score("integer", "<answer>1,200</answer>", "x"), 0.5);
+    assert_eq!(score("integer", "<answer>3.5</answer>", "x"), 0.0);
+    assert_eq!(score("integer", "<answer>3/4</answer>", "x"), 0.0);
+    assert_eq!(score("integer", "<answer>twelve</answer>", "x"), 0.0);
+    assert_eq!(score("integer", "12", "x"), 0.0);
+}
+
+#[test]
+fn strict_format_is_anchored_at_both_ends() {
+    assert_eq!(score("strict_format", GOOD, ""), 0.5);
+    assert_eq!(score("strict_format", GOOD.trim_end(), ""), 0.5, "the final newline is optional");
+    assert_eq!(score("strict_format", &format!("Sure! {GOOD}"), ""), 0.0, "text before");
+    assert_eq!(score("strict_format", &format!("{GOOD}more"), ""), 0.0, "text after");
+    assert_eq!(
+        score("strict_format", "<think>x</think>\n<answer>\n1\n</answer>", ""),
+        0.0,
+        "newlines inside tags are required"
+    );
+    assert_eq!(
+        score("strict_format", "<think>\nmulti\nline\n</think>\n<answer>\n1\n</answer>", ""),
+        0.5,
+        "dot matches newline"
+    );
+    assert_eq!(
+        score("strict_format", "<think>\r\nx\r\n</think>\r\n<answer>\r\n1\r\n</answer>", ""),
+        0.0,
+        "CRLF is not the format"
+    );
+}
+
+#[test]
+fn soft_format_finds_the_pattern_anywhere() {
+    assert_eq!(score("soft_format", "Okay. <think>x</think>  <answer>1</answer> bye", ""), 0.5);
+    assert_eq!(score("soft_format", "<think>x</think> text <answer>1</answer>", ""), 0.0, "only whitespace between");
+    assert_eq!(score("soft_format", "<answer>1</answer><think>x</think>", ""), 0.0, "order matters");
+    assert_eq!(score("soft_format", "<think>unclosed <answer>1</answer>", ""), 0.0);
+}
+
+#[test]
+fn xml_count_counts_tags_and_punishes_trailing_text() {
+    assert!((score("xml_count", GOOD, "") - 0.5).abs() < 1e-6, "{}", score("xml_count", GOOD, ""));
+    let trailing = format!("{}\nabc", GOOD.trim_end());
+    // "\n</answer>\n" splits off "abc" (−0.003); "\n</answer>" splits off "\nabc" (−(4−1)·0.001).
+    assert!(
+        (score("xml_count", &trailing, "") - (0.5 - 0.003 - 0.003)).abs() < 1e-6,
+        "{}",
+        score("xml_count", &trailing, "")
+    );
+    assert_eq!(score("xml_count", "", ""), 0.0);
+    let doubled = format!("{GOOD}{GOOD}");
+    assert_eq!(score("xml_count", &doubled, ""), 0.0, "every tag twice: nothing counts");
+    assert!((score("xml_count", "<think>\nonly think", "") - 0.125).abs() < 1e-6);
+}
+
+#[test]
+fn length_is_logarithmic_up_to_the_target_and_flat_beyond() {
+    let p = json!({"target_tokens": 100, "scale": 1.0});
+    assert_eq!(with_tokens("length", p.clone(), "", "", 0), 0.0);
+    let at = |n| with_tokens("length", p.clone(), "", "", n);
+    assert!((at(100) - 1.0).abs() < 1e-6);
+    assert_eq!(at(100), at(5000), "no pay beyond the target");
+    assert!((at(10) - (11f64.ln() / 101f64.ln()) as f32).abs() < 1e-6);
+    assert!(at(10) < at(50) && at(50) < at(100));
+}
+
+#[test]
+fn accuracy_checks_mathematical_equivalence() {
+    assert_eq!(score("accuracy", "<answer>3/4</answer>", "0.75"), 1.0);
+    assert_eq!(score("accuracy", "so \\boxed{\\frac{3}{4}}", "0.75"), 1.0);
+    assert_eq!(score("accuracy", "<answer>$\\frac{3}{4}$</answer>", "3/4"), 1.0);
+    assert_eq!(score("accuracy", "<answer>1,000</answer>", "1000"), 1.0);
+    assert_eq!(score("accuracy", "<answer>-2.50</answer>", "-5/2"), 1.0);
+    assert_eq!(score("accuracy", "<answer>0.7</answer>", "3/4"), 0.0);
+    assert_eq!(score("accuracy", "\\boxed{12} <answer>13</answer>", "12"), 1.0, "\\boxed wins over <answer>");
+    assert_eq!(score("accuracy", "no answer", "12"), 0.0);
+    assert_eq!(score("accuracy", "<answer>½</answer>", "0.5"), 0.0, "Unicode fractions are not parsed");
+}
+
+#[test]
+fn format_requires_exactly_think_then_answer() {
+    assert_eq!(score("format", GOOD, ""), 1.0);
+    assert_eq!(score("format", "<think>a</think><answer>b</answer>", ""), 1.0);
+    assert_eq!(score("format", "hi <think>a</think><answer>b</answer>", ""), 0.0);
+    assert_eq!(score("format", "<think>a</think><answer>b</answer> extra", ""), 0.0);
+    assert_eq!(score("format", "<answer>b</answer>", ""), 0.0);
+}
+
+#[test]
+fn reasoning_steps_counts_markers_up_to_three() {
+    assert_eq!(score("reasoning_steps", "Step 1: a. Step 2: b. Step 3: c. Step 4: d.", ""), 1.0);
+    assert!((score("reasoning_steps", "First, add. Finally, done.", "") - 2.0 / 3.0).abs() < 1e-6);
+    assert!((score("reasoning_steps", "1. add\n2. multiply", "") - 2.0 / 3.0).abs() < 1e-6);
+    assert!((score("reasoning_steps", "list:\n- a\n* b", "") - 2.0 / 3.0).abs() < 1e-6);
+    assert_eq!(score("reasoning_steps", "just an answer", ""), 0.0);
+}
+
+#[test]
+fn cosine_scales_correct_and_wrong_answers_by_length() {
+    let right = "<answer>4</answer>";
+    let wrong = "<answer>5</answer>";
+    let c = |text: &str, n: usize| with_tokens("cosine", json!({}), text, "4", n);
+    assert!((c(right, 0) - 1.0).abs() < 1e-6, "short and right: max_value_correct");
+    assert!((c(right, 1000) - 0.8).abs() < 1e-6, "long and right: min_value_correct");
+    assert!((c(right, 500) - 0.9).abs() < 1e-6, "halfway: the midpoint");
+    assert!((c(wrong, 0) - -0.5).abs() < 1e-6, "short and wrong: min_value_wrong");
+    assert!((c(wrong, 1000) - -0.1).abs() < 1e-6, "long and wrong: max_value_wrong");
+    assert_eq!(c(right, 5000), c(right, 1000), "length is capped at max_len");
+    assert!(c(right, 100) > c(right, 900) && c(wrong, 100) < c(wrong, 900));
+}
+
+#[test]
+fn repetition_penalty_measures_repeated_ngrams() {
+    assert_eq!(score("repetition_penalty", "", ""), 0.0);
+    assert_eq!(score("repetition_penalty", "too short", ""), 0.0);
+    assert_eq!(score("repetition_penalty", "a b c d e f", ""), 0.0);
+    // "a b c a b c": 4 trigrams, 3 unique → (1 − 3/4)·−0.1
+    assert!((score("repetition_penalty", "a b c A B C", "") - -0.025).abs() < 1e-6);
+    assert!(score("repetition_penalty", &"the same thing ".repeat(50), "") < -0.09);
+    assert!((lookup("repetition_penalty").unwrap().build)(&json!({"max_penalty": 0.5})).is_err());
+}
+
+#[test]
+fn unicode_text_is_handled() {
+    let t = "<think>\n数学 → 🚀 é\n</think>\n<answer>\n42\n</answer>\n";
+    assert_eq!(score("strict_format", t, ""), 0.5);
+    assert_eq!(score("correctness", t, "42"), 2.0);
+    let trailing = format!("{}\nπ", t.trim_end());
+    // Characters, not bytes: "π" costs 0.001 twice over.
+    assert!((score("xml_count", &trailing, "") - (0.5 - 0.001 - 0.001)).abs() < 1e-6);
+}
+
+#[test]
+fn the_shipped_reward_sets_load_and_weight_their_terms() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let gsm = RewardSet::from_file(&std::path::Path::new(root).join("stages/rewards/r1-gsm8k.yaml")).unwrap();
+    assert_eq!(gsm.names(), ["xml_count", "soft_format", "strict_format", "integer", "correctness", "length"]);
+    let b = RewardSet::from_file(&std::path::Path::new(root).join("stages/rewards/building-r1.yaml")).unwrap();
+    assert_eq!(b.names(), ["accuracy", "format", "reasoning_steps", "cosine", "repetition_penalty"]);
+
+    let set = RewardSet::from_value(&json!([
+        {"name": "correctness", "weight": 0.5},
+        {"name": "strict_format", "weight": 2.0},
+    ]))
+    .unwrap();
+    let s = set.score(&[
+        Sample { prompt: "", completion: GOOD, answer: "72", tokens: 10 },
+        Sample { prompt: "", completion: "x", answer: "72", tokens: 1 },
+    ]);
+    assert_eq!(s.total, vec![0.5 * 2.0 + 2.0 * 0.5, 0.0]);
+    let stats = s.stats();
+    assert_eq!(stats[0].0, "correctness");
+    assert_eq!(stats[0].1, 1.0);
+    assert!((stats[0].2 - 2f32.sqrt()).abs() < 1e-6, "sample std of [2, 0]");
+}
+
+#[test]
+fn reward_set_errors_name_the_line_and_the_valid_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("set.yaml");
+    std::fs::write(&p, "- name: correctness\n- name: corectness\n- name: cosine\n  params: {max_lenght: 3}\n").unwrap();
+    let e = RewardSet::from_file(&p).err().unwrap().to_string();
+    assert!(e.contains("set.yaml:2: parameter `1.name`: unknown reward function `corectness`"), "{e}");
+    assert!(e.contains("did you mean `correctness`?"), "{e}");
+    assert!(
+        e.contains("set.yaml:4:")
+            && e.contains("unknown parameter `max_lenght`")
+            && e.contains("did you mean `max_len`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_rewards_command_scores_a_file_and_lists_functions() {
+    let p = common::Project::new();
+    p.write(
+        "c.jsonl",
+        &format!(
+            "{}\n{}\n",
+            json!({"completion": GOOD, "answer": "72"}),
+            json!({"prompt": "q", "completion": "I think 72", "answer": "72"})
+        ),
+    );
+    let root = env!("CARGO_MANIFEST_DIR");
+    let set = format!("{root}/stages/rewards/r1-gsm8k.yaml");
+    let r = p.run(&["rewards", "--set", &set, "c.jsonl"]).ok();
+    assert!(r.stdout.contains("correctness ×1") && r.stdout.lines().any(|l| l.starts_with("mean")), "{}", r.stdout);
+    let r = p.run(&["rewards", "--set", &set, "c.jsonl", "--json"]).ok();
+    let first: serde_json::Value = serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["rewards"]["correctness"], 2.0);
+    assert_eq!(first["rewards"]["strict_format"], 0.5);
+    let second: serde_json::Value = serde_json::from_str(r.stdout.lines().nth(1).unwrap()).unwrap();
+    assert_eq!(second["rewards"]["correctness"], 0.0);
+    let list = p.run(&["rewards", "--list"]).ok().stdout;
+    for f in CATALOG {
+        assert!(list.contains(f.name), "{list}");
+    }
+    assert!(list.contains("min_value_wrong=-0.5") && list.contains("max_value_wrong=-0.1"), "{list}");
+}
+
+/// Text built from fragments that matter to the rewards, plus arbitrary Unicode.
+fn completion_text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        Just("<think>".to_string()),
+        Just("</think>".to_string()),
+        Just("<answer>".to_string()),
+        Just("</answer>".to_string()),
+        Just("\n".to_string()),
+        Just("\\boxed{".to_string()),
+        Just("\\frac{3}{4}".to_string()),
+        Just("}".to_string()),
+        Just("Step 1:".to_string()),
+        Just(" 1,000.5 ".to_string()),
+        Just("-7/0".to_string()),
+        any::<String>(),
+    ];
+    prop::collection::vec(piece, 0..24).prop_map(|v| v.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn no_function_panics_and_every_value_is_finite_and_in_range(
+        text in completion_text(),
+        answer in prop_oneof![Just("72".to_string()), Just("3/4".to_string()), any::<String>()],
+        tokens in 0usize..5000,
+    ) {
+        for info in CATALOG {
+            let func = (info.build)(&serde_json::Value::Null).unwrap();
+            let v = func.score(&Sample { prompt: "", completion: &text, answer: &answer, tokens });
+            let (lo, hi) = func.range();
+            prop_assert!(v.is_finite(), "{} gave {v}", info.name);
+            prop_assert!(v >= lo - 1e-6 && v <= hi + 1e-6, "{} gave {v} outside [{lo}, {hi}]", info.name);
+        }
+    }
+}
