@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod hub;
+pub mod model;
 pub mod pipeline;
 pub mod rewards;
 pub mod stages;

@@ -1,0 +1,266 @@
+//! The transformer against a float64 reference written with plain loops, the
+//! KV-cache path against the full forward, padding against no padding, and
+//! gradients against finite differences.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+use r1pipe::model::{Batch, Config, Kernels, KvCache, Transformer};
+
+fn tiny_config(qwen: bool, tied: bool) -> Config {
+    Config::from_json(serde_json::json!({
+        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": if qwen { "qwen2" } else { "llama" },
+        "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tied, "max_position_embeddings": 64
+    }))
+    .unwrap()
+}
+
+fn model(qwen: bool, tied: bool, seed: u64) -> Transformer {
+    // std 0.02 makes a tiny model nearly constant; scale weights up so the test has teeth.
+    let m = Transformer::random(tiny_config(qwen, tied), seed, &Device::Cpu).unwrap();
+    for (name, v) in &m.weights {
+        if !name.ends_with("norm.weight") {
+            v.set(&(v.as_tensor() * 20.0).unwrap()).unwrap();
+        } else {
+            let n = v.elem_count();
+            let jitter: Vec<f32> = (0..n).map(|i| 1.0 + 0.1 * ((i * 7 % 5) as f32 - 2.0)).collect();
+            v.set(&Tensor::from_vec(jitter, n, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    m
+}
+
+fn w1(m: &Transformer, name: &str) -> Vec<f64> {
+    m.weights[name].as_tensor().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn w2(m: &Transformer, name: &str) -> Vec<Vec<f64>> {
+    m.weights[name].as_tensor().to_dtype(DType::F64).unwrap().to_vec2().unwrap()
+}
+
+fn matvec(w: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
+    w.iter().map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+}
+
+fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let r = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(v, g)| v * r * g).collect()
+}
+
+fn rope(x: &mut [f64], pos: usize, theta: f64) {
+    let d = x.len();
+    let half = d / 2;
+    for i in 0..half {
+        let ang = pos as f64 * theta.powf(-2.0 * i as f64 / d as f64);
+        let (c, s) = (ang.cos(), ang.sin());
+        let (a, b) = (x[i], x[i + half]);
+        x[i] = a * c - b * s;
+        x[i + half] = b * c + a * s;
+    }
+}
+
+/// Logits of one unpadded sequence at every position, in f64 with plain loops.
+fn reference(m: &Transformer, ids: &[u32]) -> Vec<Vec<f64>> {
+    let c = &m.cfg;
+    let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+    let emb = w2(m, "model.embed_tokens.weight");
+    let mut xs: Vec<Vec<f64>> = ids.iter().map(|&i| emb[i as usize].clone()).collect();
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}");
+        let bias = |n: &str| {
+            m.weights.get(&format!("{p}.self_attn.{n}.bias")).map(|_| w1(m, &format!("{p}.self_attn.{n}.bias")))
+        };
+        let add = |v: Vec<f64>, b: Option<Vec<f64>>| match b {
+            Some(b) => v.iter().zip(&b).map(|(x, y)| x + y).collect(),
+            None => v,
+        };
+        let (wq, wk, wv, wo) = (
+            w2(m, &format!("{p}.self_attn.q_proj.weight")),
+            w2(m, &format!("{p}.self_attn.k_proj.weight")),
+            w2(m, &format!("{p}.self_attn.v_proj.weight")),
+            w2(m, &format!("{p}.self_attn.o_proj.weight")),
+        );
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (t, x) in xs.iter().enumerate() {
+            let h = rmsnorm(x, &w1(m, &format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
+            let mut q = add(matvec(&wq, &h), bias("q_proj"));
+            let mut k = add(matvec(&wk, &h), bias("k_proj"));
+            for head in 0..nh {
+                rope(&mut q[head * hd..(head + 1) * hd], t, c.rope_theta);
+            }
+            for head in 0..nkv {
+                rope(&mut k[head * hd..(head + 1) * hd], t, c.rope_theta);
+            }
+            qs.push(q);
+            ks.push(k);
+            vs.push(add(matvec(&wv, &h), bias("v_proj")));
+        }
+        for t in 0..xs.len() {
+            let mut attn = vec![0.0; nh * hd];
+            for head in 0..nh {
+                let kvh = head / (nh / nkv);
+                let q = &qs[t][head * hd..(head + 1) * hd];
+                let scores: Vec<f64> = (0..=t)
+                    .map(|j| {
+                        q.iter().zip(&ks[j][kvh * hd..(kvh + 1) * hd]).map(|(a, b)| a * b).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        attn[head * hd + d] += ej / z * vs[j][kvh * hd + d];
+                    }
+                }
+            }
+            let o = matvec(&wo, &attn);
+            for (x, y) in xs[t].iter_mut().zip(o) {
+                *x += y;
+            }
+            let h = rmsnorm(&xs[t], &w1(m, &format!("{p}.post_attention_layernorm.weight")), c.rms_norm_eps);
+            let g = matvec(&w2(m, &format!("{p}.mlp.gate_proj.weight")), &h);
+            let u = matvec(&w2(m, &format!("{p}.mlp.up_proj.weight")), &h);
+            let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            let d = matvec(&w2(m, &format!("{p}.mlp.down_proj.weight")), &act);
+            for (x, y) in xs[t].iter_mut().zip(d) {
+                *x += y;
+            }
+        }
+    }
+    let head = if c.tie_word_embeddings { emb } else { w2(m, "lm_head.weight") };
+    xs.iter().map(|x| matvec(&head, &rmsnorm(x, &w1(m, "model.norm.weight"), c.rms_norm_eps))).collect()
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    let scale = want.iter().map(|v| v.abs()).fold(1.0, f64::max);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((*g as f64 - w).abs() <= tol * scale, "{what}: element {i}: {g} vs reference {w} (scale {scale})");
+    }
+}
+
+const IDS: [u32; 7] = [3, 17, 5, 39, 0, 22, 8];
+
+#[test]
+fn logits_match_a_float64_reference_for_qwen2_and_llama_shapes() {
+    for (qwen, tied) in [(true, false), (false, true)] {
+        let m = model(qwen, tied, 11);
+        let want = reference(&m, &IDS);
+        let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
+        for k in [Kernels::Differentiable, Kernels::Fused] {
+            let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, k).unwrap().to_vec3().unwrap();
+            for t in 0..IDS.len() {
+                assert_close(&got[0][t], &want[t], 1e-4, &format!("qwen={qwen} {k:?} position {t}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn left_padding_does_not_change_a_sequence_s_logits() {
+    let m = model(true, false, 12);
+    let short = IDS[..4].to_vec();
+    let batch = Batch::left_padded(&[IDS.to_vec(), short.clone()], 7, &Device::Cpu).unwrap();
+    let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, Kernels::Differentiable).unwrap().to_vec3().unwrap();
+    let want = reference(&m, &short);
+    for t in 0..short.len() {
+        assert_close(&got[1][3 + t], &want[t], 1e-4, &format!("padded row, position {t}"));
+    }
+}
+
+#[test]
+fn the_kv_cache_path_equals_the_full_forward() {
+    let m = model(true, false, 13);
+    let full: Vec<Vec<Vec<f32>>> = m
+        .forward(&Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap(), Kernels::Differentiable)
+        .unwrap()
+        .to_vec3()
+        .unwrap();
+    let mut cache = KvCache::new(m.cfg.num_layers, 16);
+    let first = m.forward_cached(&[IDS[..3].to_vec()], &mut cache).unwrap().to_vec2::<f32>().unwrap();
+    assert_close(&first[0], &full[0][2].iter().map(|&x| x as f64).collect::<Vec<_>>(), 1e-5, "prefill");
+    for t in 3..IDS.len() {
+        let step = m.forward_cached(&[vec![IDS[t]]], &mut cache).unwrap().to_vec2::<f32>().unwrap();
+        assert_close(&step[0], &full[0][t].iter().map(|&x| x as f64).collect::<Vec<_>>(), 1e-5, &format!("step {t}"));
+    }
+}
+
+/// A scalar loss over next-token log-probabilities with fixed weights.
+fn loss(m: &Transformer, batch: &Batch) -> Tensor {
+    let lp = m.next_token_logprobs(batch).unwrap();
+    let n = lp.elem_count();
+    let coef: Vec<f64> = (0..n).map(|i| ((i * 13 % 7) as f64 - 3.0) / 3.0).collect();
+    let coef = Tensor::from_vec(coef, lp.shape(), &Device::Cpu).unwrap().to_dtype(lp.dtype()).unwrap();
+    (lp * coef).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let mut m = model(true, false, 14);
+    m.compute_dtype = DType::F64;
+    let batch = Batch::left_padded(&[IDS.to_vec(), IDS[2..].to_vec()], 1, &Device::Cpu).unwrap();
+    let grads = loss(&m, &batch).backward().unwrap();
+    let probes = [
+        ("model.embed_tokens.weight", 5 * 16 + 3),
+        ("model.layers.0.self_attn.q_proj.weight", 17),
+        ("model.layers.0.self_attn.k_proj.bias", 2),
+        ("model.layers.1.self_attn.v_proj.weight", 40),
+        ("model.layers.1.mlp.down_proj.weight", 100),
+        ("model.layers.0.input_layernorm.weight", 4),
+        ("model.norm.weight", 9),
+        ("lm_head.weight", 33),
+    ];
+    for (name, idx) in probes {
+        let var = &m.weights[name];
+        let analytic = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let analytic: f64 =
+            analytic.to_dtype(DType::F64).unwrap().flatten_all().unwrap().get(idx).unwrap().to_scalar().unwrap();
+        let orig: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        // The weights are stored in f32: use the perturbation f32 can actually represent.
+        let at = |delta: f32| -> (f64, f64) {
+            let mut v = orig.clone();
+            v[idx] += delta;
+            let real = v[idx] as f64 - orig[idx] as f64;
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+            (loss(&m, &batch).to_scalar::<f64>().unwrap(), real)
+        };
+        let eps = 2e-4f32;
+        let ((plus, dp), (minus, dm)) = (at(eps), at(-eps));
+        var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+        let numeric = (plus - minus) / (dp - dm);
+        let tol = 1e-3 * numeric.abs().max(1e-2);
+        assert!((analytic - numeric).abs() <= tol, "{name}[{idx}]: backward {analytic} vs finite difference {numeric}");
+    }
+}
+
+#[test]
+fn one_backward_reaches_every_trainable_parameter() {
+    for (qwen, tied) in [(true, false), (false, true)] {
+        let m = model(qwen, tied, 15);
+        let batch = Batch::left_padded(&[IDS.to_vec(), IDS[1..5].to_vec()], 0, &Device::Cpu).unwrap();
+        let grads = loss(&m, &batch).backward().unwrap();
+        let mut missing = BTreeMap::new();
+        for (name, var) in &m.weights {
+            let nonzero = grads
+                .get(var.as_tensor())
+                .map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
+                .unwrap_or(false);
+            if !nonzero {
+                missing.insert(name.clone(), ());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "qwen={qwen}: parameters without gradient: {:?}",
+            missing.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(m.weights.len(), m.cfg.weight_shapes().len());
+    }
+}
