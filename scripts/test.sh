@@ -3,4 +3,5 @@
 # test needs it, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+scripts/fetch-smollm2.sh
 cargo test --locked "$@"

@@ -8,3 +8,11 @@ pub mod transformer;
 pub use config::{Arch, Config};
 pub use ops::Kernels;
 pub use transformer::{Batch, KvCache, Transformer};
+pub mod load;
+pub mod tokenizer;
+
+pub use load::{LoadedModel, ModelRef};
+pub use tokenizer::{ChatTokenizer, Message};
+pub mod generate;
+
+pub use generate::{generate, Completion, FinishReason, SamplingParams};

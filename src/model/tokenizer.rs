@@ -1,0 +1,148 @@
+//! Tokenizer, chat template and stop tokens of a model, from its Hugging Face
+//! files: tokenizer.json (the `tokenizers` crate), the Jinja chat template in
+//! tokenizer_config.json (rendered by minijinja, Python methods included),
+//! and EOS ids from generation_config.json / config.json / tokenizer_config.json.
+
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+impl Message {
+    pub fn new(role: &str, content: &str) -> Message {
+        Message { role: role.into(), content: content.into() }
+    }
+}
+
+pub struct ChatTokenizer {
+    pub tokenizer: tokenizers::Tokenizer,
+    template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    /// Any of these ends a generation.
+    pub eos_ids: Vec<u32>,
+    pub pad_id: u32,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
+}
+
+/// A special token field: a plain string or `{"content": "..."}`.
+fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(m) => m.get("content").and_then(Value::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+fn ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ChatTokenizer {
+    /// From a model folder holding tokenizer.json (and optionally tokenizer_config.json,
+    /// generation_config.json, config.json).
+    pub fn from_dir(dir: &Path) -> Result<ChatTokenizer> {
+        let tj = dir.join("tokenizer.json");
+        let tokenizer = tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow!("reading {}: {e}", tj.display()))?;
+        let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let cfg = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
+        let template = match tc.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take the default one.
+            Some(Value::Array(a)) => a
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template").and_then(Value::as_str))
+                .map(str::to_string),
+            _ => None,
+        };
+        let template = template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let eos_token = token_string(tc.get("eos_token"));
+        let mut eos_ids = ids(gc.get("eos_token_id"));
+        for id in ids(cfg.get("eos_token_id")) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        let pad_id = token_string(tc.get("pad_token"))
+            .and_then(|t| tokenizer.token_to_id(&t))
+            .or_else(|| eos_ids.first().copied())
+            .unwrap_or(0);
+        Ok(ChatTokenizer {
+            tokenizer,
+            template,
+            bos_token: token_string(tc.get("bos_token")),
+            eos_token,
+            eos_ids,
+            pad_id,
+        })
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// The model's own chat template applied to `messages`.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let Some(template) = &self.template else {
+            // No template: plain role-prefixed turns, so base models still work.
+            let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+            if add_generation_prompt {
+                s.push_str("assistant: ");
+            }
+            return Ok(s);
+        };
+        let mut env = minijinja::Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+        env.add_template("chat", template).context("the chat template does not parse")?;
+        let ctx = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token.clone().unwrap_or_default(),
+            eos_token => self.eos_token.clone().unwrap_or_default(),
+        };
+        env.get_template("chat")?.render(ctx).context("rendering the chat template")
+    }
+
+    /// Token ids of text that already holds its special tokens (as a rendered template does).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+}
