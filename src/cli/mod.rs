@@ -1,5 +1,6 @@
 //! Subcommands: run · status · dag · show · gc (and, from the ML side, rewards · infer).
 
+mod infer_cmd;
 mod pipeline_cmds;
 mod rewards_cmd;
 
@@ -93,6 +94,37 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Ask a model a question; the answer streams as it is generated
+    Infer {
+        /// A model folder, a .gguf file, or a hub id (Qwen/Qwen2.5-0.5B-Instruct)
+        #[arg(long)]
+        model: String,
+        /// The question (or -i)
+        question: Option<String>,
+        /// System prompt [default: the R1 think/answer format prompt]
+        #[arg(long)]
+        system_prompt: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 is greedy
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// A chat loop on stdin
+        #[arg(short, long)]
+        interactive: bool,
+    },
     /// Score completions with a reward set (debug rewards before spending GPU hours), or list the functions
     Rewards {
         /// The reward set, e.g. stages/rewards/r1-gsm8k.yaml
@@ -128,6 +160,31 @@ pub fn main() -> i32 {
         Command::Status { args } => pipeline_cmds::status(&args),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
         Command::Show { target, pipeline, cache } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),
+        Command::Infer {
+            model,
+            question,
+            system_prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            device,
+            dtype,
+            interactive,
+        } => infer_cmd::run(infer_cmd::InferArgs {
+            model,
+            system_prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            device,
+            dtype,
+            interactive,
+            question,
+        }),
         Command::Rewards { list: true, .. } => rewards_cmd::list(),
         Command::Rewards { set, completions, json, .. } => rewards_cmd::score(
             set.as_deref().expect("clap requires --set"),

@@ -2,6 +2,7 @@
 //! and chat template, generation. Usable and tested without the runner.
 
 pub mod config;
+pub mod device;
 pub mod ops;
 pub mod transformer;
 

@@ -2,10 +2,13 @@
 //! (pipeline/) and the ML core (model/, train/, rewards/, data/) meet.
 
 pub mod download;
+pub mod evaluate;
 pub mod format;
+pub mod infer;
+pub mod model_common;
 pub mod testing;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::pipeline::Registry;
 
@@ -14,6 +17,8 @@ pub fn registry() -> Registry {
     let mut r = Registry::new(device_class);
     r.register(download::Download);
     r.register(format::Format);
+    r.register(evaluate::Evaluate);
+    r.register(infer::Infer);
     if std::env::var_os("R1PIPE_TEST_KINDS").is_some() {
         // Kinds that exist to test the runner itself (interruption, resume).
         r.register(testing::Counter);
@@ -23,18 +28,5 @@ pub fn registry() -> Registry {
 
 /// `cpu` or `cuda` for a pipeline's `device:` (what enters fingerprints).
 pub fn device_class(device: &str) -> Result<String> {
-    match device {
-        "cpu" => Ok("cpu".into()),
-        "auto" => {
-            Ok(if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() { "cuda" } else { "cpu" }.into())
-        }
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            if cfg!(feature = "cuda") {
-                Ok("cuda".into())
-            } else {
-                bail!("device `{d}` needs r1pipe built with `--features cuda` (see README: CUDA)")
-            }
-        }
-        d => bail!("unknown device `{d}`: use auto, cpu, cuda or cuda:N"),
-    }
+    crate::model::device::class(device)
 }

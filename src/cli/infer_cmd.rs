@@ -1,0 +1,89 @@
+//! `r1pipe infer`: ask a model a question and stream the answer; `-i` for a chat loop.
+
+use std::io::{BufRead, Write};
+
+use anyhow::{bail, Result};
+use rand::SeedableRng;
+
+use r1pipe::model::{device, generate, load, Message, ModelRef, SamplingParams};
+use r1pipe::stages::format::DEFAULT_SYSTEM_PROMPT;
+
+pub struct InferArgs {
+    pub model: String,
+    pub system_prompt: Option<String>,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+    pub interactive: bool,
+    pub question: Option<String>,
+}
+
+pub fn run(a: InferArgs) -> Result<i32> {
+    if a.question.is_none() && !a.interactive {
+        bail!("give a question, or -i for an interactive session");
+    }
+    let dev = device::select(&a.device)?;
+    let dtype = device::compute_dtype(&a.dtype, &dev)?;
+    let r = ModelRef::parse(&a.model, &std::env::current_dir()?)?;
+    eprintln!("loading {} on {} …", a.model, device::describe(&dev));
+    let m = load::load(&r, &dev, dtype)?;
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        max_new_tokens: a.max_new_tokens,
+        stop: Vec::new(),
+    };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
+    let system = Message::new("system", a.system_prompt.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT));
+    let mut history = vec![system.clone()];
+    let mut ask = |history: &mut Vec<Message>, q: &str| -> Result<()> {
+        history.push(Message::new("user", q));
+        let ids = m.tokenizer.encode(&m.tokenizer.apply_chat_template(history, true)?)?;
+        let t0 = std::time::Instant::now();
+        let mut out = std::io::stdout();
+        let mut print = |_row: usize, text: &str| {
+            let _ = out.write_all(text.as_bytes());
+            let _ = out.flush();
+        };
+        let c = generate(&m.model, &m.tokenizer, &[ids], 1, &params, &mut rng, Some(&mut print))?;
+        let secs = t0.elapsed().as_secs_f64();
+        println!();
+        eprintln!(
+            "[{} tokens, {:.1} tokens/s, {:?}]",
+            c[0].tokens.len(),
+            c[0].tokens.len() as f64 / secs,
+            c[0].finish_reason
+        );
+        history.push(Message::new("assistant", &c[0].text));
+        Ok(())
+    };
+    if let Some(q) = &a.question {
+        ask(&mut history, q)?;
+    }
+    if a.interactive {
+        eprintln!("interactive: one question per line; /reset forgets the conversation; Ctrl-D ends");
+        let stdin = std::io::stdin();
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 {
+                break;
+            }
+            let q = line.trim();
+            if q.is_empty() {
+                continue;
+            }
+            if q == "/reset" {
+                history = vec![system.clone()];
+                continue;
+            }
+            ask(&mut history, q)?;
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,172 @@
+//! `infer`: answer questions with a model: a list in the YAML, or a JSONL file
+//! of `{question}` (or `{prompt: [messages]}`) rows.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::format::DEFAULT_SYSTEM_PROMPT;
+use super::model_common::{check_model_ref, open_model, Sampling};
+use crate::data::jsonl;
+use crate::model::{generate, FinishReason, Message};
+use crate::pipeline::diagnostic::suggest;
+use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
+use crate::rewards::answer::xml_answer;
+
+#[derive(Debug, Deserialize)]
+struct Params {
+    model: String,
+    questions: Questions,
+    #[serde(default = "default_system_prompt")]
+    system_prompt: String,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Questions {
+    Inline(Vec<String>),
+    File(String),
+}
+
+fn default_system_prompt() -> String {
+    DEFAULT_SYSTEM_PROMPT.into()
+}
+fn default_batch() -> usize {
+    8
+}
+
+#[derive(Debug, Serialize)]
+struct Answer {
+    question: String,
+    prompt: Vec<Message>,
+    completion: String,
+    answer: Option<String>,
+    tokens: usize,
+    finish_reason: FinishReason,
+    time_s: f64,
+}
+
+pub struct Infer;
+
+const OUTPUTS: &[OutputSpec] = &[OutputSpec {
+    name: "answers",
+    file_name: "answers.jsonl",
+    is_dir: false,
+    description: "question, completion, extracted answer",
+}];
+
+const KEYS: &[&str] =
+    &["model", "questions", "system_prompt", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "stop"];
+
+impl StageKind for Infer {
+    fn name(&self) -> &'static str {
+        "infer"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn description(&self) -> &'static str {
+        "answer questions with a model"
+    }
+    fn outputs(&self) -> &'static [OutputSpec] {
+        OUTPUTS
+    }
+
+    fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
+        if let Some(m) = params.as_object() {
+            for k in m.keys() {
+                if !KEYS.contains(&k.as_str()) {
+                    return Err(vec![
+                        ParamError::new(k.clone(), format!("unknown parameter `{k}`")).hint(suggest(k, KEYS, "keys"))
+                    ]);
+                }
+            }
+        }
+        let p: Params = typed(params).map_err(|e| vec![e])?;
+        let mut errors = p.sampling.check();
+        let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
+        match check_model_ref("model", &p.model, project) {
+            Ok(Some(local)) => req.local_paths.push(local),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+        match &p.questions {
+            Questions::Inline(q) if q.is_empty() => errors.push(ParamError::new("questions", "no questions")),
+            Questions::Inline(_) => {}
+            Questions::File(f) => {
+                if let Some(local) = project.local_path(f) {
+                    req.local_paths.push(("questions".into(), local));
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(req)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn run(&self, ctx: &mut StageContext) -> Result<()> {
+        let p: Params = ctx.params()?;
+        let system = Message::new("system", &p.system_prompt);
+        let prompts: Vec<(String, Vec<Message>)> = match &p.questions {
+            Questions::Inline(q) => {
+                q.iter().map(|q| (q.clone(), vec![system.clone(), Message::new("user", q)])).collect()
+            }
+            Questions::File(f) => {
+                let path = ctx.project.local_path(f).unwrap_or_else(|| f.into());
+                let mut out = Vec::new();
+                for (line, v) in jsonl::read::<Value>(&path)? {
+                    if let Some(msgs) = v.get("prompt").filter(|p| p.is_array()) {
+                        let msgs: Vec<Message> = serde_json::from_value(msgs.clone())?;
+                        let q = v.get("question").and_then(Value::as_str).unwrap_or_default().to_string();
+                        out.push((q, msgs));
+                    } else if let Some(q) = v.get("question").and_then(Value::as_str) {
+                        out.push((q.to_string(), vec![system.clone(), Message::new("user", q)]));
+                    } else {
+                        bail!("{}:{line}: expected {{\"question\": …}} or {{\"prompt\": [messages]}}", path.display());
+                    }
+                }
+                out
+            }
+        };
+        let m = open_model(ctx, &p.model)?;
+        let sampling = p.sampling.params();
+        let bar = ctx.progress_bar(prompts.len() as u64, "questions");
+        let mut answers = Vec::new();
+        for (b, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
+            ctx.cancel.check()?;
+            let ids: Vec<Vec<u32>> = chunk
+                .iter()
+                .map(|(_, msgs)| m.tokenizer.encode(&m.tokenizer.apply_chat_template(msgs, true)?))
+                .collect::<Result<_>>()?;
+            let t0 = Instant::now();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed.wrapping_add(b as u64));
+            let comps = generate(&m.model, &m.tokenizer, &ids, 1, &sampling, &mut rng, None)?;
+            let per = t0.elapsed().as_secs_f64() / chunk.len() as f64;
+            for ((q, msgs), c) in chunk.iter().zip(comps) {
+                answers.push(Answer {
+                    question: q.clone(),
+                    prompt: msgs.clone(),
+                    answer: xml_answer(&c.text).map(str::to_string),
+                    tokens: c.tokens.len(),
+                    completion: c.text,
+                    finish_reason: c.finish_reason,
+                    time_s: per,
+                });
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        jsonl::write(&ctx.output_path("answers"), &answers)?;
+        ctx.set_metrics(json!({ "questions": answers.len(), "mean_tokens": answers.iter().map(|a| a.tokens as f64).sum::<f64>() / answers.len().max(1) as f64 }));
+        Ok(())
+    }
+}

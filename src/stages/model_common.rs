@@ -1,0 +1,83 @@
+//! What the model stages share: model references in parameters, loading on
+//! the pipeline's device, and the sampling parameters they accept.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::model::{device, load, LoadedModel, ModelRef, SamplingParams};
+use crate::pipeline::{ParamError, Project, StageContext};
+
+/// A model reference in a parameter: local files enter the fingerprint (returned),
+/// hub ids by name; artifact references are checked by the runner.
+pub fn check_model_ref(param: &str, value: &str, project: &Project) -> Result<Option<(String, PathBuf)>, ParamError> {
+    if value.contains("${") {
+        return Ok(None);
+    }
+    match ModelRef::parse(value, &project.root) {
+        Ok(r) => Ok(r.local_path().map(|p| (param.to_string(), p.to_path_buf()))),
+        Err(e) => Err(ParamError::new(param, e.to_string())
+            .hint("a model is a local folder (config.json, weights, tokenizer), a .gguf file, or a hub id like Qwen/Qwen2.5-0.5B-Instruct")),
+    }
+}
+
+/// Load a model named by a (bound) parameter on the run's device and dtype.
+pub fn open_model(ctx: &StageContext, reference: &str) -> Result<LoadedModel> {
+    let dev = device::select(&ctx.env.device)?;
+    let dtype = device::compute_dtype(&ctx.env.dtype, &dev)?;
+    let r = ModelRef::parse(reference, &ctx.project.root)?;
+    let t0 = std::time::Instant::now();
+    let m = load::load(&r, &dev, dtype).with_context(|| format!("loading model `{reference}`"))?;
+    tracing::info!(model = reference, device = %device::describe(&dev), ?dtype, params = m.model.num_parameters(), secs = t0.elapsed().as_secs_f64(), "model loaded");
+    Ok(m)
+}
+
+/// Generation settings as stage parameters (TRL's names).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sampling {
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+fn default_max_new_tokens() -> usize {
+    256
+}
+fn one() -> f32 {
+    1.0
+}
+
+impl Sampling {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop.clone(),
+        }
+    }
+
+    pub fn check(&self) -> Vec<ParamError> {
+        let mut e = Vec::new();
+        if self.temperature < 0.0 {
+            e.push(ParamError::new("temperature", "must be ≥ 0 (0 is greedy)"));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            e.push(ParamError::new("top_p", "must be in (0, 1]"));
+        }
+        if self.max_new_tokens == 0 {
+            e.push(ParamError::new("max_new_tokens", "must be at least 1"));
+        }
+        e
+    }
+}
