@@ -7,7 +7,6 @@ mod common;
 use std::fs;
 use std::path::Path;
 use std::sync::Arc;
-use std::thread;
 
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
@@ -38,62 +37,6 @@ fn write_parquet(path: &Path, rows: &[(String, String)]) {
     w.close().unwrap();
 }
 
-/// Serves the hub's API for one dataset: repo info and `resolve` with ranges. Returns (endpoint, request log).
-fn serve(files: Vec<(String, Vec<u8>)>, requests: usize) -> (String, thread::JoinHandle<Vec<String>>) {
-    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
-    let handle = thread::spawn(move || {
-        let mut log = Vec::new();
-        const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
-        for _ in 0..requests {
-            let Ok(Some(req)) = server.recv_timeout(std::time::Duration::from_secs(30)) else {
-                break;
-            };
-            let url = req.url().to_string();
-            log.push(url.clone());
-            let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap();
-            if url == "/api/datasets/openai/gsm8k/revision/main" {
-                let siblings: Vec<_> = files
-                    .iter()
-                    .map(|(n, _)| serde_json::json!({"rfilename": n}))
-                    .chain([serde_json::json!({"rfilename": "README.md"})])
-                    .collect();
-                let body = serde_json::json!({"sha": SHA, "siblings": siblings}).to_string();
-                req.respond(
-                    tiny_http::Response::from_string(body).with_header(header("Content-Type", "application/json")),
-                )
-                .unwrap();
-            } else if let Some((_, data)) =
-                files.iter().find(|(n, _)| url == format!("/datasets/openai/gsm8k/resolve/main/{n}"))
-            {
-                let range = req
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Range"))
-                    .map(|h| h.value.to_string())
-                    .unwrap_or_default();
-                let start: usize =
-                    range.trim_start_matches("bytes=").split('-').next().unwrap_or("0").parse().unwrap_or(0);
-                let end = if range.ends_with("-0") { 0 } else { data.len() - 1 };
-                let body = data[start..=end].to_vec();
-                let etag = format!("\"{}\"", blake3::hash(data).to_hex());
-                req.respond(
-                    tiny_http::Response::from_data(body)
-                        .with_status_code(206)
-                        .with_header(header("ETag", &etag))
-                        .with_header(header("X-Repo-Commit", SHA))
-                        .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", data.len()))),
-                )
-                .unwrap();
-            } else {
-                req.respond(tiny_http::Response::from_string("not found").with_status_code(404)).unwrap();
-            }
-        }
-        log
-    });
-    (endpoint, handle)
-}
-
 #[test]
 fn download_reads_gsm8k_parquet_from_the_hub_and_then_works_offline() {
     let p = Project::new();
@@ -109,7 +52,7 @@ fn download_reads_gsm8k_parquet_from_the_hub_and_then_works_offline() {
         ("socratic/train-00000-of-00001.parquet".to_string(), b"not for us".to_vec()),
     ];
     // info + (metadata + body) per file, listed once per split.
-    let (endpoint, server) = serve(files, 6);
+    let (endpoint, server) = common::hub_server("datasets/openai/gsm8k", files, 6);
     let hf_home = p.root().join("hf-home");
     p.write("pipe.yaml", "stages:\n  gsm8k:\n    kind: download\n    with: {dataset: openai/gsm8k, config: main}\n");
 

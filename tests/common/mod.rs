@@ -132,3 +132,91 @@ pub fn gsm8k_rows(n: usize) -> String {
         })
         .collect()
 }
+
+/// A stand-in for the Hugging Face Hub serving one repository (`repo_path` is
+/// `datasets/OWNER/NAME` or `OWNER/NAME` for a model): the revision info API and
+/// `resolve` with ranges, as hf-hub calls them. Answers `requests` requests, then
+/// returns the URLs it was asked for.
+pub fn hub_server(
+    repo_path: &str,
+    files: Vec<(String, Vec<u8>)>,
+    requests: usize,
+) -> (String, std::thread::JoinHandle<Vec<String>>) {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
+    let api = match repo_path.strip_prefix("datasets/") {
+        Some(id) => format!("/api/datasets/{id}/revision/main"),
+        None => format!("/api/models/{repo_path}/revision/main"),
+    };
+    let resolve = format!("/{repo_path}/resolve/main/");
+    let handle = std::thread::spawn(move || {
+        let mut log = Vec::new();
+        const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+        for _ in 0..requests {
+            let Ok(Some(req)) = server.recv_timeout(Duration::from_secs(30)) else { break };
+            let url = req.url().to_string();
+            log.push(url.clone());
+            let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap();
+            if url == api {
+                let siblings: Vec<_> = files.iter().map(|(n, _)| serde_json::json!({"rfilename": n})).collect();
+                let body = serde_json::json!({"sha": SHA, "siblings": siblings}).to_string();
+                req.respond(
+                    tiny_http::Response::from_string(body).with_header(header("Content-Type", "application/json")),
+                )
+                .unwrap();
+            } else if let Some((_, data)) = files.iter().find(|(n, _)| url == format!("{resolve}{n}")) {
+                let range = req
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv("Range"))
+                    .map(|h| h.value.to_string())
+                    .unwrap_or_default();
+                let start: usize =
+                    range.trim_start_matches("bytes=").split('-').next().unwrap_or("0").parse().unwrap_or(0);
+                let end = if range.ends_with("-0") { 0 } else { data.len().saturating_sub(1) };
+                let body = data[start.min(data.len())..=end.min(data.len().saturating_sub(1))].to_vec();
+                let etag = format!("\"{}\"", blake3::hash(data).to_hex());
+                req.respond(
+                    tiny_http::Response::from_data(body)
+                        .with_status_code(206)
+                        .with_header(header("ETag", &etag))
+                        .with_header(header("X-Repo-Commit", SHA))
+                        .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", data.len()))),
+                )
+                .unwrap();
+            } else {
+                req.respond(tiny_http::Response::from_string("not found").with_status_code(404)).unwrap();
+            }
+        }
+        log
+    });
+    (endpoint, handle)
+}
+
+/// The shared folder beside the repository (data and model files); fails loudly when absent.
+pub fn shared() -> PathBuf {
+    let p = std::env::var_os("R1PIPE_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    assert!(
+        p.join("models/smollm2-135m-instruct/tokenizer.json").exists(),
+        "{} lacks models/smollm2-135m-instruct (set R1PIPE_SHARED)",
+        p.display()
+    );
+    p
+}
+
+/// A tiny random Llama-shaped model with SmolLM2's real tokenizer, saved in the
+/// Hugging Face layout at `dir`: fast enough for stage tests.
+pub fn tiny_model(dir: &Path, seed: u64) {
+    use r1pipe::model::{load, Config, Transformer};
+    let cfg = Config::from_json(serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": true, "max_position_embeddings": 2048,
+        "eos_token_id": 2, "bos_token_id": 1
+    }))
+    .unwrap();
+    let m = Transformer::random(cfg, seed, &candle_core::Device::Cpu).unwrap();
+    load::save(&m, &shared().join("models/smollm2-135m-instruct"), dir).unwrap();
+}
