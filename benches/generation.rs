@@ -13,7 +13,8 @@ use r1pipe::model::{load, Config, KvCache, ModelRef, Transformer};
 
 fn bench(name: &str, m: &Transformer, batches: &[usize], prompt_len: usize, decode: usize) {
     for &b in batches {
-        let prompt: Vec<Vec<u32>> = (0..b).map(|r| (0..prompt_len).map(|i| ((i * 31 + r * 7) % 1000 + 10) as u32).collect()).collect();
+        let prompt: Vec<Vec<u32>> =
+            (0..b).map(|r| (0..prompt_len).map(|i| ((i * 31 + r * 7) % 1000 + 10) as u32).collect()).collect();
         let mut cache = KvCache::new(m.cfg.num_layers, prompt_len + decode + 1);
         let t = Instant::now();
         m.forward_cached(&prompt, &mut cache).unwrap();

@@ -10,3 +10,4 @@ pub mod model;
 pub mod pipeline;
 pub mod rewards;
 pub mod stages;
+pub mod train;

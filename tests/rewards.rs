@@ -172,6 +172,15 @@ fn repetition_penalty_measures_repeated_ngrams() {
 }
 
 #[test]
+fn regex_match_rewards_a_pattern_and_rejects_a_bad_one() {
+    let f = |c: &str| with_tokens("regex_match", json!({"pattern": "^<think>", "value": 0.3}), c, "", 1);
+    assert_eq!(f("<think>x"), 0.3);
+    assert_eq!(f("x<think>"), 0.0);
+    assert!((lookup("regex_match").unwrap().build)(&json!({"pattern": "("})).is_err());
+    assert!((lookup("regex_match").unwrap().build)(&json!({})).is_err());
+}
+
+#[test]
 fn unicode_text_is_handled() {
     let t = "<think>\n数学 → 🚀 é\n</think>\n<answer>\n42\n</answer>\n";
     assert_eq!(score("strict_format", t, ""), 0.5);
@@ -277,7 +286,8 @@ proptest! {
         tokens in 0usize..5000,
     ) {
         for info in CATALOG {
-            let func = (info.build)(&serde_json::Value::Null).unwrap();
+            let params = if info.name == "regex_match" { json!({"pattern": "[0-9]+"}) } else { serde_json::Value::Null };
+            let func = (info.build)(&params).unwrap();
             let v = func.score(&Sample { prompt: "", completion: &text, answer: &answer, tokens });
             let (lo, hi) = func.range();
             prop_assert!(v.is_finite(), "{} gave {v}", info.name);

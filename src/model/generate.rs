@@ -48,6 +48,8 @@ pub struct Completion {
     /// log π(token) under softmax(logits / temperature) (temperature 1 when greedy), per token.
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
+    /// Ended by an EOS token (which `tokens` leaves out; training appends it back).
+    pub eos: bool,
 }
 
 /// Streams text as it is generated: (row, new text).
@@ -59,6 +61,7 @@ struct Row {
     logprobs: Vec<f32>,
     emitted: usize,
     finish: Option<FinishReason>,
+    eos: bool,
     text: String,
 }
 
@@ -99,6 +102,7 @@ pub fn generate(
             logprobs: Vec::new(),
             emitted: 0,
             finish: None,
+            eos: false,
             text: String::new(),
         })
         .collect();
@@ -116,6 +120,7 @@ pub fn generate(
             let (token, lp) = sample(&host[i], params, rng);
             if tok.eos_ids.contains(&token) {
                 row.finish = Some(FinishReason::Stop);
+                row.eos = true;
                 next.push(vec![PAD_SENTINEL]);
                 continue;
             }
@@ -159,6 +164,7 @@ pub fn generate(
             text: r.text,
             logprobs: r.logprobs,
             finish_reason: r.finish.unwrap_or(FinishReason::Length),
+            eos: r.eos,
         })
         .collect())
 }
@@ -185,6 +191,19 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32,
     let lse = max / t + logits.iter().map(|&l| ((l - max) / t).exp()).sum::<f32>().ln();
     let logprob = |i: usize| logits[i] / t - lse;
     if p.temperature <= 0.0 {
+        let best = logits.iter().enumerate().fold(0, |b, (i, &l)| if l > logits[b] { i } else { b });
+        return (best as u32, logprob(best));
+    }
+    if p.top_k == 0 && p.top_p >= 1.0 {
+        // Plain sampling from the full distribution: no sort needed.
+        let mut u = rng.random::<f32>();
+        for (i, &l) in logits.iter().enumerate() {
+            let prob = (l / t - lse).exp();
+            if u < prob {
+                return (i as u32, logprob(i));
+            }
+            u -= prob;
+        }
         let best = logits.iter().enumerate().fold(0, |b, (i, &l)| if l > logits[b] { i } else { b });
         return (best as u32, logprob(best));
     }

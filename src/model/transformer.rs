@@ -41,6 +41,28 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Rows of equal length with their validity (padding anywhere); positions
+    /// count the valid tokens before each one.
+    pub fn from_rows(ids: Vec<Vec<u32>>, valid: Vec<Vec<bool>>, device: &Device) -> Result<Batch> {
+        let b = ids.len();
+        let t = ids.first().map(Vec::len).unwrap_or(0);
+        let mut pos = Vec::with_capacity(b * t);
+        for v in &valid {
+            let mut n = 0u32;
+            for &ok in v {
+                pos.push(if ok { n } else { 0 });
+                n += ok as u32;
+            }
+        }
+        let pad_left = valid.iter().map(|v| v.iter().take_while(|x| !**x).count()).collect();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids.concat(), (b, t), device)?,
+            positions: Tensor::from_vec(pos, (b, t), device)?,
+            valid,
+            pad_left,
+        })
+    }
+
     pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch> {
         let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
         let b = seqs.len();
@@ -274,10 +296,20 @@ impl Transformer {
     /// log π(token_{t+1} | tokens ≤ t) for every position but the last: [B, T-1].
     /// Differentiable; the training path for GRPO and SFT.
     pub fn next_token_logprobs(&self, batch: &Batch) -> Result<Tensor> {
-        let logits = self.forward(batch, Kernels::Differentiable)?;
-        let t = logits.dim(1)?;
-        let lp = log_softmax_last(&logits.narrow(1, 0, t - 1)?)?;
-        let targets = batch.ids.narrow(1, 1, t - 1)?.unsqueeze(2)?;
+        let t = batch.ids.dim(1)?;
+        self.next_token_logprobs_range(batch, 0, t - 1)
+    }
+
+    /// log π of the tokens at positions `start + 1 ..= start + len`, predicted from
+    /// positions `start .. start + len`: [B, len]. Only those positions go through
+    /// the vocabulary projection, which dominates memory for long prompts.
+    pub fn next_token_logprobs_range(&self, batch: &Batch, start: usize, len: usize) -> Result<Tensor> {
+        let t = batch.ids.dim(1)?;
+        let mask = self.mask(&batch.valid, 0, t)?;
+        let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, Kernels::Differentiable, None)?;
+        let logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
+        let lp = log_softmax_last(&logits)?;
+        let targets = batch.ids.narrow(1, start + 1, len)?.unsqueeze(2)?;
         lp.gather(&targets.contiguous()?, 2)?.squeeze(2)
     }
 

@@ -31,6 +31,8 @@ pub trait RewardFn: Send + Sync {
     fn validate(&self) -> Result<(), ParamError> {
         Ok(())
     }
+    /// Precompute what scoring needs (after `validate`).
+    fn prepare(&mut self) {}
 }
 
 /// A reward function as the catalog knows it.
@@ -47,8 +49,9 @@ fn defaults<T: Default + Serialize>() -> Value {
 
 fn build<T: RewardFn + DeserializeOwned + 'static>(params: &Value) -> Result<Box<dyn RewardFn>, ParamError> {
     let params = if params.is_null() { Value::Object(Default::default()) } else { params.clone() };
-    let f: T = typed(&params)?;
+    let mut f: T = typed(&params)?;
     f.validate()?;
+    f.prepare();
     Ok(Box::new(f))
 }
 
@@ -70,6 +73,7 @@ pub static CATALOG: &[FunctionInfo] = &[
     info!("format", FormatExact, "1 if the completion is exactly <think>…</think> then <answer>…</answer>, else 0"),
     info!("reasoning_steps", ReasoningSteps, "min(1, step markers / 3): `Step 1:`, numbered lines, bullets, First/Second/Next/Finally"),
     info!("cosine", Cosine, "correctness scaled by length on a cosine schedule (arXiv 2502.03373): short right answers earn most, long wrong ones lose least"),
+    info!("regex_match", RegexMatch, "`value` if the completion matches `pattern` (a Rust regex), else 0: custom format or content rewards"),
     info!("repetition_penalty", RepetitionPenalty, "(1 − unique n-grams / n-grams) · max_penalty over lower-cased words"),
 ];
 
@@ -373,5 +377,41 @@ impl RewardFn for RepetitionPenalty {
             return Err(ParamError::new("ngram_size", "must be at least 1"));
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- custom
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegexMatch {
+    pub pattern: String,
+    pub value: f32,
+    #[serde(skip)]
+    compiled: Option<Regex>,
+}
+impl Default for RegexMatch {
+    fn default() -> Self {
+        RegexMatch { pattern: String::new(), value: 1.0, compiled: None }
+    }
+}
+impl RewardFn for RegexMatch {
+    fn score(&self, s: &Sample) -> f32 {
+        match &self.compiled {
+            Some(re) if re.is_match(s.completion) => self.value,
+            _ => 0.0,
+        }
+    }
+    fn range(&self) -> (f32, f32) {
+        (self.value.min(0.0), self.value.max(0.0))
+    }
+    fn validate(&self) -> Result<(), ParamError> {
+        if self.pattern.is_empty() {
+            return Err(ParamError::new("pattern", "required: the regex a completion must match"));
+        }
+        Regex::new(&self.pattern).map(|_| ()).map_err(|e| ParamError::new("pattern", format!("not a valid regex: {e}")))
+    }
+    fn prepare(&mut self) {
+        self.compiled = Regex::new(&self.pattern).ok();
     }
 }

@@ -4,6 +4,7 @@
 pub mod download;
 pub mod evaluate;
 pub mod format;
+pub mod grpo;
 pub mod infer;
 pub mod model_common;
 pub mod testing;
@@ -19,6 +20,7 @@ pub fn registry() -> Registry {
     r.register(format::Format);
     r.register(evaluate::Evaluate);
     r.register(infer::Infer);
+    r.register(grpo::Grpo);
     if std::env::var_os("R1PIPE_TEST_KINDS").is_some() {
         // Kinds that exist to test the runner itself (interruption, resume).
         r.register(testing::Counter);

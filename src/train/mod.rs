@@ -1,0 +1,5 @@
+//! Training machinery shared by GRPO and SFT: optimizer, schedule, clipping,
+//! accumulation, checkpoints; and the GRPO mathematics.
+
+pub mod grpo;
+pub mod optim;
