@@ -38,6 +38,8 @@ pub struct Batch {
     pub valid: Vec<Vec<bool>>,
     /// Number of padding tokens at the left of each row.
     pub pad_left: Vec<usize>,
+    /// Packed rows: tokens attend only within their own segment. `None`: one segment per row.
+    pub segments: Option<Vec<Vec<u32>>>,
 }
 
 impl Batch {
@@ -60,6 +62,38 @@ impl Batch {
             positions: Tensor::from_vec(pos, (b, t), device)?,
             valid,
             pad_left,
+            segments: None,
+        })
+    }
+
+    /// Several sequences packed per row (right-padded to a common length): each
+    /// restarts its positions and attends only to itself.
+    pub fn packed(rows: &[Vec<Vec<u32>>], pad_id: u32, device: &Device) -> Result<Batch> {
+        let t = rows.iter().map(|r| r.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
+        let (mut ids, mut pos, mut valid, mut segments) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in rows {
+            let (mut v, mut seg) = (Vec::with_capacity(t), Vec::with_capacity(t));
+            for (k, s) in r.iter().enumerate() {
+                ids.extend(s);
+                pos.extend(0..s.len() as u32);
+                v.extend(std::iter::repeat_n(true, s.len()));
+                seg.extend(std::iter::repeat_n(k as u32, s.len()));
+            }
+            let pad = t - v.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            pos.extend(std::iter::repeat_n(0u32, pad));
+            v.extend(std::iter::repeat_n(false, pad));
+            seg.extend(std::iter::repeat_n(u32::MAX, pad));
+            valid.push(v);
+            segments.push(seg);
+        }
+        let b = rows.len();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            positions: Tensor::from_vec(pos, (b, t), device)?,
+            pad_left: vec![0; b],
+            valid,
+            segments: Some(segments),
         })
     }
 
@@ -82,6 +116,7 @@ impl Batch {
             positions: Tensor::from_vec(pos, (b, t), device)?,
             valid,
             pad_left,
+            segments: None,
         })
     }
 }
@@ -204,14 +239,16 @@ impl Transformer {
 
     /// Additive attention bias [B, 1, T, S]: query i (absolute index `offset + i`)
     /// sees key j when j ≤ offset + i and key j is a real token.
-    fn mask(&self, key_valid: &[Vec<bool>], offset: usize, t: usize) -> Result<Tensor> {
+    fn mask(&self, key_valid: &[Vec<bool>], segments: Option<&[Vec<u32>]>, offset: usize, t: usize) -> Result<Tensor> {
         let b = key_valid.len();
         let s = offset + t;
         let mut m = Vec::with_capacity(b * t * s);
-        for row in key_valid {
+        for (r, row) in key_valid.iter().enumerate() {
+            let seg = segments.map(|x| &x[r]);
             for i in 0..t {
                 for (j, &ok) in row.iter().enumerate().take(s) {
-                    m.push(if ok && j <= offset + i { 0.0 } else { MASKED });
+                    let same = seg.is_none_or(|sg| sg[j] == sg[offset + i]);
+                    m.push(if ok && same && j <= offset + i { 0.0 } else { MASKED });
                 }
             }
         }
@@ -279,7 +316,7 @@ impl Transformer {
     /// Logits [B, T, V] at every position (f32, or f64 for f64 compute).
     pub fn forward(&self, batch: &Batch, k: Kernels) -> Result<Tensor> {
         let t = batch.ids.dim(1)?;
-        let mask = self.mask(&batch.valid, 0, t)?;
+        let mask = self.mask(&batch.valid, batch.segments.as_deref(), 0, t)?;
         let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, k, None)?;
         self.lm_head(&h)?.to_dtype(self.logits_dtype())
     }
@@ -305,7 +342,7 @@ impl Transformer {
     /// the vocabulary projection, which dominates memory for long prompts.
     pub fn next_token_logprobs_range(&self, batch: &Batch, start: usize, len: usize) -> Result<Tensor> {
         let t = batch.ids.dim(1)?;
-        let mask = self.mask(&batch.valid, 0, t)?;
+        let mask = self.mask(&batch.valid, batch.segments.as_deref(), 0, t)?;
         let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, Kernels::Differentiable, None)?;
         let logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
         let lp = log_softmax_last(&logits)?;
@@ -336,7 +373,7 @@ impl Transformer {
         let flat: Vec<u32> = ids.iter().flatten().map(|&x| if x == PAD_SENTINEL { 0 } else { x }).collect();
         let ids_t = Tensor::from_vec(flat, (b, t), &self.device)?;
         let positions = Tensor::from_vec(pos, (b, t), &self.device)?;
-        let mask = self.mask(&cache.valid, offset, t)?;
+        let mask = self.mask(&cache.valid, None, offset, t)?;
         let h = self.layers(self.embed(&ids_t)?, &positions, &mask, Kernels::Fused, Some(cache))?;
         cache.len += t;
         self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?.to_dtype(DType::F32)

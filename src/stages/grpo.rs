@@ -8,10 +8,9 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -26,6 +25,7 @@ use crate::model::{generate, load, Batch, Message, SamplingParams, Transformer};
 use crate::pipeline::{typed, Cancelled, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 use crate::rewards::set::{mean, std};
 use crate::rewards::{RewardSet, Sample};
+use crate::train::checkpoint;
 use crate::train::grpo::{advantages, loss, LossConfig, LossType, ScaleRewards};
 use crate::train::optim::{accumulate, clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 
@@ -364,18 +364,9 @@ impl<'a> GrpoTrainer<'a> {
         let checkpoints = ctx.checkpoints();
         let log_path = ctx.work_dir.join("log.jsonl");
         let mut state = TrainState { step: 0, data_pos: 0, rng: ChaCha8Rng::seed_from_u64(self.seed) };
-        if let Some((step, dir)) = checkpoints.latest() {
-            for (name, t) in candle_core::safetensors::load(dir.join("model.safetensors"), &self.policy.device)? {
-                self.policy
-                    .weights
-                    .get(&name)
-                    .with_context(|| format!("checkpoint has unknown weight {name}"))?
-                    .set(&t)?;
-            }
-            opt.load(&dir, &self.policy.device)?;
-            state = serde_json::from_str(&fs::read_to_string(dir.join("state.json"))?)?;
-            debug_assert_eq!(state.step, step);
-            truncate_log(&log_path, state.step)?;
+        if let Some((step, restored)) = checkpoint::restore::<TrainState>(&checkpoints, self.policy, &mut opt)? {
+            state = restored;
+            checkpoint::truncate_log(&log_path, state.step)?;
             tracing::info!(step, "resumed from checkpoint");
         } else if log_path.exists() {
             fs::remove_file(&log_path)?;
@@ -383,15 +374,8 @@ impl<'a> GrpoTrainer<'a> {
         let mut log = Appender::open(&log_path)?;
         let bar = ctx.progress_bar(total, "steps");
         bar.set_position(state.step);
-        let save = |state: &TrainState, opt: &AdamW| -> Result<()> {
-            checkpoints.save(state.step, p.save_total_limit, |dir| {
-                let t: HashMap<String, Tensor> = self.policy.tensors().into_iter().collect();
-                candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
-                opt.save(dir)?;
-                fs::write(dir.join("state.json"), serde_json::to_string(state)?)?;
-                Ok(())
-            })?;
-            Ok(())
+        let save = |state: &TrainState, opt: &AdamW| {
+            checkpoint::save(&checkpoints, state.step, p.save_total_limit, self.policy, opt, state)
         };
         let mut recent_rewards = Vec::new();
         while state.step < total {
@@ -595,18 +579,4 @@ impl<'a> GrpoTrainer<'a> {
         state.data_pos += p.prompts_per_round() as u64;
         Ok(lines)
     }
-}
-
-/// Drop log lines of steps after `step` (they will be redone after a resume).
-fn truncate_log(path: &Path, step: u64) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let kept: Vec<String> = fs::read_to_string(path)?
-        .lines()
-        .filter(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s <= step))
-        .map(str::to_string)
-        .collect();
-    fs::write(path, kept.iter().map(|l| format!("{l}\n")).collect::<String>())?;
-    Ok(())
 }

@@ -7,6 +7,7 @@ pub mod format;
 pub mod grpo;
 pub mod infer;
 pub mod model_common;
+pub mod sft;
 pub mod testing;
 
 use anyhow::Result;
@@ -21,6 +22,7 @@ pub fn registry() -> Registry {
     r.register(evaluate::Evaluate);
     r.register(infer::Infer);
     r.register(grpo::Grpo);
+    r.register(sft::Sft);
     if std::env::var_os("R1PIPE_TEST_KINDS").is_some() {
         // Kinds that exist to test the runner itself (interruption, resume).
         r.register(testing::Counter);
