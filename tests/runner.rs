@@ -286,3 +286,22 @@ fn dag_renders_text_mermaid_and_dot() {
     let d = p.run(&["dag", "pipe.yaml", "--format", "dot"]).ok().stdout;
     assert!(d.contains("\"a\" -> \"b\" [label=\"result\"]"), "{d}");
 }
+
+#[test]
+fn every_shipped_pipeline_validates_and_plans() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cache = tempfile::tempdir().unwrap();
+    for entry in fs::read_dir(root.join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_r1pipe"))
+            .args(["run", "--dry-run", "--cache"])
+            .arg(cache.path())
+            .arg(&path)
+            .output()
+            .unwrap();
+        let r = common::Run::from(out);
+        assert_eq!(r.code, 0, "{}: {}{}", path.display(), r.stdout, r.stderr);
+        assert!(r.stdout.contains("dry run: nothing was executed"), "{}", r.stdout);
+    }
+    assert!(!cache.path().join("index").exists(), "a dry run created an index");
+}
