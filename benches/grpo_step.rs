@@ -47,9 +47,14 @@ stages:
         rewards = root.join("stages/rewards/r1-gsm8k.yaml").display(),
     );
     fs::write(dir.path().join("bench.yaml"), pipeline).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_r1pipe")).args(["run", "bench.yaml"]).current_dir(dir.path()).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_r1pipe"))
+        .args(["run", "bench.yaml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let show = Command::new(env!("CARGO_BIN_EXE_r1pipe")).args(["show", "grpo.log"]).current_dir(dir.path()).output().unwrap();
+    let show =
+        Command::new(env!("CARGO_BIN_EXE_r1pipe")).args(["show", "grpo.log"]).current_dir(dir.path()).output().unwrap();
     let log = fs::read_to_string(String::from_utf8_lossy(&show.stdout).trim()).unwrap();
     let cols = [
         "step_time",
@@ -62,7 +67,11 @@ stages:
         "tokens_per_second",
     ];
     println!("GRPO on SmolLM2-135M-Instruct (f32, CPU), 2 prompts × 4 generations × ≤128 tokens, β = {beta}");
-    println!("{:<6} {}", "step", cols.iter().map(|c| format!("{:>16}", c.trim_start_matches("timing/"))).collect::<String>());
+    println!(
+        "{:<6} {}",
+        "step",
+        cols.iter().map(|c| format!("{:>16}", c.trim_start_matches("timing/"))).collect::<String>()
+    );
     for line in log.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         println!(

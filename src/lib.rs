@@ -4,6 +4,7 @@
 //! Layers (see README): `pipeline` (the runner, knows no ML) → `stages` (one
 //! file per stage kind) → the ML core: `data`, and later `model`, `train`, `rewards`.
 
+pub mod bench;
 pub mod data;
 pub mod hub;
 pub mod model;

@@ -1,5 +1,6 @@
 //! Subcommands: run · status · dag · show · gc (and, from the ML side, rewards · infer).
 
+mod bench_cmd;
 mod infer_cmd;
 mod pipeline_cmds;
 mod rewards_cmd;
@@ -125,6 +126,36 @@ pub enum Command {
         #[arg(short, long)]
         interactive: bool,
     },
+    /// Prefill/decode tokens/s with the decode roofline, and a training step, on any device
+    Bench {
+        /// A model (folder, .gguf, hub id)
+        #[arg(long, conflicts_with = "config")]
+        model: Option<String>,
+        /// A config.json: random weights of that shape
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        batches: Vec<usize>,
+        #[arg(long, default_value_t = 128)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        decode_steps: usize,
+        /// Sequences per training step (0 skips it)
+        #[arg(long, default_value_t = 4)]
+        train_batch: usize,
+        #[arg(long, default_value_t = 256)]
+        train_seq: usize,
+        /// Memory bandwidth in GB/s for the roofline (measured on the CPU when not given)
+        #[arg(long)]
+        bandwidth: Option<f64>,
+        /// Compare the device's logits with the CPU's first
+        #[arg(long)]
+        check: bool,
+    },
     /// Score completions with a reward set (debug rewards before spending GPU hours), or list the functions
     Rewards {
         /// The reward set, e.g. stages/rewards/r1-gsm8k.yaml
@@ -184,6 +215,31 @@ pub fn main() -> i32 {
             dtype,
             interactive,
             question,
+        }),
+        Command::Bench {
+            model,
+            config,
+            device,
+            dtype,
+            batches,
+            prompt_len,
+            decode_steps,
+            train_batch,
+            train_seq,
+            bandwidth,
+            check,
+        } => bench_cmd::run(bench_cmd::BenchArgs {
+            model,
+            config,
+            device,
+            dtype,
+            batches,
+            prompt_len,
+            decode_steps,
+            train_batch,
+            train_seq,
+            bandwidth,
+            check,
         }),
         Command::Rewards { list: true, .. } => rewards_cmd::list(),
         Command::Rewards { set, completions, json, .. } => rewards_cmd::score(

@@ -1,0 +1,145 @@
+//! Throughput measurements shared by `cargo bench` and `r1pipe bench` (the
+//! latter runs where there is no Rust toolchain, such as a lent GPU machine):
+//! prefill and decode tokens/s with the decode roofline, a training step's
+//! tokens/s, and a device-versus-CPU logits check.
+
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{Batch, KvCache, Transformer};
+use crate::train::optim::{accumulate, AdamW, AdamWConfig};
+
+#[derive(Debug, Clone)]
+pub struct GenRow {
+    pub batch: usize,
+    pub prefill_tps: f64,
+    pub decode_tps: f64,
+    pub ms_per_step: f64,
+    /// Decode tokens/s if every step only had to read the weights once at `bandwidth`.
+    pub roofline_tps: Option<f64>,
+}
+
+fn sync(d: &Device) -> Result<()> {
+    d.synchronize()?;
+    Ok(())
+}
+
+/// Prefill `prompt_len` tokens then decode `steps` tokens at each batch size.
+/// `bandwidth_gbs`: memory bandwidth for the roofline (decode reads all weights per step).
+pub fn generation(
+    m: &Transformer,
+    batches: &[usize],
+    prompt_len: usize,
+    steps: usize,
+    bandwidth_gbs: Option<f64>,
+) -> Result<Vec<GenRow>> {
+    let bytes_per_param = match m.compute_dtype {
+        DType::BF16 | DType::F16 => 2.0,
+        DType::F64 => 8.0,
+        _ => 4.0,
+    };
+    let weight_bytes = m.num_parameters() as f64 * bytes_per_param;
+    let mut rows = Vec::new();
+    for &b in batches {
+        let prompt: Vec<Vec<u32>> =
+            (0..b).map(|r| (0..prompt_len).map(|i| ((i * 31 + r * 7) % 1000 + 10) as u32).collect()).collect();
+        let mut cache = KvCache::new(m.cfg.num_layers, prompt_len + steps + 1);
+        sync(&m.device)?;
+        let t = Instant::now();
+        m.forward_cached(&prompt, &mut cache)?;
+        sync(&m.device)?;
+        let prefill = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for s in 0..steps {
+            let step: Vec<Vec<u32>> = (0..b).map(|r| vec![((s * 13 + r) % 1000 + 10) as u32]).collect();
+            m.forward_cached(&step, &mut cache)?;
+        }
+        sync(&m.device)?;
+        let dec = t.elapsed().as_secs_f64();
+        rows.push(GenRow {
+            batch: b,
+            prefill_tps: (b * prompt_len) as f64 / prefill,
+            decode_tps: (b * steps) as f64 / dec,
+            ms_per_step: dec / steps as f64 * 1e3,
+            roofline_tps: bandwidth_gbs.map(|bw| b as f64 * bw * 1e9 / weight_bytes),
+        });
+    }
+    Ok(rows)
+}
+
+pub fn print_generation(name: &str, rows: &[GenRow]) {
+    println!(
+        "{:<34} {:>5} {:>14} {:>13} {:>9} {:>15} {:>9}",
+        "model", "batch", "prefill tok/s", "decode tok/s", "ms/step", "roofline tok/s", "achieved"
+    );
+    for r in rows {
+        let (roof, frac) = match r.roofline_tps {
+            Some(x) => (format!("{x:.0}"), format!("{:.0}%", 100.0 * r.decode_tps / x)),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{name:<34} {:>5} {:>14.0} {:>13.1} {:>9.1} {:>15} {:>9}",
+            r.batch, r.prefill_tps, r.decode_tps, r.ms_per_step, roof, frac
+        );
+    }
+}
+
+/// One training step (forward + backward over `batch × seq` tokens, then AdamW):
+/// returns (seconds per step, tokens per second), the median of `reps` after a warm-up.
+pub fn train_step(m: &Transformer, batch: usize, seq: usize, reps: usize) -> Result<(f64, f64)> {
+    let ids: Vec<Vec<u32>> =
+        (0..batch).map(|r| (0..seq).map(|i| ((i * 17 + r * 3) % 1000 + 10) as u32).collect()).collect();
+    let b = Batch::left_padded(&ids, 0, &m.device)?;
+    let params: Vec<(String, candle_core::Var)> = m.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut opt = AdamW::new(params, AdamWConfig { lr: 1e-6, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 })?;
+    let mut times = Vec::new();
+    for _ in 0..reps + 1 {
+        sync(&m.device)?;
+        let t = Instant::now();
+        let lp = m.next_token_logprobs(&b)?;
+        let loss = lp.mean_all()?.neg()?;
+        let mut grads = std::collections::HashMap::new();
+        accumulate(&mut grads, &loss.backward()?, opt.params())?;
+        opt.step(&grads, 1e-6)?;
+        sync(&m.device)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.remove(0);
+    times.sort_by(f64::total_cmp);
+    let med = times[times.len() / 2];
+    Ok((med, (batch * seq) as f64 / med))
+}
+
+/// Largest absolute difference between `m`'s logits on its device and a CPU f32 copy's.
+pub fn logits_vs_cpu(m: &Transformer) -> Result<f32> {
+    let ids: Vec<Vec<u32>> = vec![
+        (0..24).map(|i| (i * 37 % 900 + 5) as u32).collect(),
+        (0..17).map(|i| (i * 11 % 900 + 5) as u32).collect(),
+    ];
+    let cpu = Transformer::new(
+        m.cfg.clone(),
+        m.tensors().into_iter().map(|(k, t)| Ok((k, t.to_device(&Device::Cpu)?))).collect::<Result<_>>()?,
+        &Device::Cpu,
+        DType::F32,
+    )?;
+    let a =
+        m.forward(&Batch::left_padded(&ids, 0, &m.device)?, crate::model::Kernels::Fused)?.to_device(&Device::Cpu)?;
+    let b = cpu.forward(&Batch::left_padded(&ids, 0, &Device::Cpu)?, crate::model::Kernels::Fused)?;
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Approximate read bandwidth of this machine's memory from the CPU (a sum over
+/// a buffer far larger than the caches), in GB/s.
+pub fn cpu_bandwidth_gbs() -> f64 {
+    let n = 64 << 20; // 256 MiB of f32
+    let src = Tensor::ones(n, DType::F32, &Device::Cpu).expect("allocation");
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = Instant::now();
+        std::hint::black_box(src.sum_all().expect("sum"));
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (n * 4) as f64 / best / 1e9
+}

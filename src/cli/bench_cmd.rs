@@ -1,0 +1,69 @@
+//! `r1pipe bench`: throughput tables on any device, for machines without a Rust
+//! toolchain (a lent GPU machine runs the binary it is given).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use r1pipe::bench;
+use r1pipe::model::{device, load, Config, ModelRef, Transformer};
+
+pub struct BenchArgs {
+    pub model: Option<String>,
+    pub config: Option<PathBuf>,
+    pub device: String,
+    pub dtype: String,
+    pub batches: Vec<usize>,
+    pub prompt_len: usize,
+    pub decode_steps: usize,
+    pub train_batch: usize,
+    pub train_seq: usize,
+    pub bandwidth: Option<f64>,
+    pub check: bool,
+}
+
+pub fn run(a: BenchArgs) -> Result<i32> {
+    let dev = device::select(&a.device)?;
+    let dtype = device::compute_dtype(&a.dtype, &dev)?;
+    let (name, m) = match (&a.model, &a.config) {
+        (Some(r), None) => {
+            let m = load::load(&ModelRef::parse(r, &std::env::current_dir()?)?, &dev, dtype)?;
+            (r.clone(), m.model)
+        }
+        (None, Some(c)) => {
+            let cfg = Config::from_json(serde_json::from_str(&std::fs::read_to_string(c)?)?)?;
+            let mut m = Transformer::random(cfg, 0, &dev)?;
+            m.compute_dtype = dtype;
+            (format!("{} (random)", c.display()), m)
+        }
+        _ => bail!("give --model REF or --config CONFIG.json (random weights of that shape)"),
+    };
+    let bandwidth = a.bandwidth.or_else(|| dev.is_cpu().then(bench::cpu_bandwidth_gbs));
+    println!(
+        "device {}, compute {dtype:?}, {:.1}M parameters, bandwidth {}",
+        device::describe(&dev),
+        m.num_parameters() as f64 / 1e6,
+        bandwidth.map(|b| format!("{b:.0} GB/s")).unwrap_or_else(|| "unknown (--bandwidth)".into())
+    );
+    if a.check && !dev.is_cpu() {
+        let diff = bench::logits_vs_cpu(&m)?;
+        let tol = if matches!(dtype, candle_core::DType::BF16 | candle_core::DType::F16) { 0.5 } else { 1e-3 };
+        println!(
+            "logits vs CPU f32: max |diff| = {diff:.4} (tolerance {tol}) {}",
+            if diff <= tol { "OK" } else { "FAIL" }
+        );
+        if diff > tol {
+            return Ok(1);
+        }
+    }
+    let rows = bench::generation(&m, &a.batches, a.prompt_len, a.decode_steps, bandwidth)?;
+    bench::print_generation(&name, &rows);
+    if a.train_batch > 0 {
+        let (secs, tps) = bench::train_step(&m, a.train_batch, a.train_seq, 3)?;
+        println!(
+            "train step (forward + backward + AdamW) batch {} × {} tokens: {:.3} s/step, {:.0} tokens/s",
+            a.train_batch, a.train_seq, secs, tps
+        );
+    }
+    Ok(0)
+}
