@@ -14,11 +14,12 @@ _venv="$_r1pipe_root/.venv-cuda"
 if [ ! -x "$_venv/bin/python" ]; then
   python3 -m venv "$_venv" || return 1 2>/dev/null || exit 1
 fi
-if [ ! -f "$_venv/.r1pipe-cuda-13.0" ]; then
+if [ ! -f "$_venv/.r1pipe-cuda-13.0.88" ]; then
   "$_venv/bin/pip" install --quiet \
-    nvidia-cuda-nvcc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
+    nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
     nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 \
-    && touch "$_venv/.r1pipe-cuda-13.0" || { echo "cuda-env: pip install failed" >&2; return 1 2>/dev/null || exit 1; }
+    && touch "$_venv/.r1pipe-cuda-13.0.88" || { echo "cuda-env: pip install failed" >&2; return 1 2>/dev/null || exit 1; }
 fi
 _cu=$(echo "$_venv"/lib/python3*/site-packages/nvidia/cu13)
 [ -d "$_cu" ] || _cu=$(dirname "$(find "$_venv" -path '*nvidia*' -name nvcc -type f | head -1)")/..

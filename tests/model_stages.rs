@@ -34,6 +34,10 @@ fn a_saved_model_is_in_the_hugging_face_layout_and_loads_back_identically() {
     let b = load::load(&ModelRef::Dir(again.path().to_path_buf()), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(logits(&a.model), logits(&b.model));
     assert_eq!(a.tokenizer.eos_ids, vec![2]);
+    // Saving over the folder a model came from keeps its tokenizer files intact.
+    load::save(&b.model, &b.files_dir, again.path()).unwrap();
+    let c = load::load(&ModelRef::Dir(again.path().to_path_buf()), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(logits(&c.model), logits(&a.model));
 }
 
 #[test]

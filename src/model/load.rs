@@ -248,8 +248,11 @@ pub fn save(model: &Transformer, files_dir: &Path, out: &Path) -> Result<()> {
         "chat_template.jinja",
     ] {
         let src = files_dir.join(f);
-        if src.exists() {
-            fs::copy(&src, out.join(f)).with_context(|| format!("copying {}", src.display()))?;
+        let dst = out.join(f);
+        // Saving over the model's own folder: the file is already there (copying onto itself would empty it).
+        let same = matches!((fs::canonicalize(&src), fs::canonicalize(&dst)), (Ok(a), Ok(b)) if a == b);
+        if src.exists() && !same {
+            fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
         }
     }
     Ok(())

@@ -10,6 +10,7 @@ pub use config::{Arch, Config};
 pub use ops::Kernels;
 pub use transformer::{Batch, KvCache, Transformer};
 pub mod load;
+pub mod lora;
 pub mod tokenizer;
 
 pub use load::{LoadedModel, ModelRef};

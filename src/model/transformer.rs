@@ -26,6 +26,10 @@ pub struct Transformer {
     /// The dtype activations are computed in (f32 on CPU; bf16 on CUDA by default).
     pub compute_dtype: DType,
     pub device: Device,
+    /// LoRA adapters; when present the base weights are frozen.
+    pub lora: Option<super::lora::Adapters>,
+    /// Adapters switched off: the base model (GRPO's reference policy with LoRA).
+    adapters_off: std::cell::Cell<bool>,
 }
 
 /// A left-padded batch of token sequences, as tensors.
@@ -194,7 +198,14 @@ impl Transformer {
         if let Some(extra) = weights.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
             bail!("unexpected weight `{extra}` for a {:?} model", cfg.arch);
         }
-        Ok(Transformer { cfg, weights: vars, compute_dtype, device: device.clone() })
+        Ok(Transformer {
+            cfg,
+            weights: vars,
+            compute_dtype,
+            device: device.clone(),
+            lora: None,
+            adapters_off: std::cell::Cell::new(false),
+        })
     }
 
     /// Random weights (normal, std 0.02, biases included so tests exercise them; norms 1),
@@ -215,14 +226,55 @@ impl Transformer {
         Transformer::new(cfg, w, device, DType::F32)
     }
 
-    /// A weight in the compute dtype.
+    /// A weight in the compute dtype. With LoRA the base is frozen: detached, so
+    /// no gradient is ever computed for it.
     fn w(&self, name: &str) -> Result<Tensor> {
         let v = self.weights.get(name).unwrap_or_else(|| panic!("model has no weight `{name}`"));
-        v.as_tensor().to_dtype(self.compute_dtype)
+        let t = if self.lora.is_some() { v.as_tensor().detach() } else { v.as_tensor().clone() };
+        t.to_dtype(self.compute_dtype)
     }
 
     fn maybe_w(&self, name: &str) -> Result<Option<Tensor>> {
-        self.weights.get(name).map(|v| v.as_tensor().to_dtype(self.compute_dtype)).transpose()
+        if self.weights.contains_key(name) {
+            Ok(Some(self.w(name)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A projection `x @ W^T (+ b)`, plus its LoRA update when adapted and adapters are on.
+    fn proj(&self, x: &Tensor, weight: &str, bias: Option<&Tensor>) -> Result<Tensor> {
+        let y = linear(x, &self.w(weight)?, bias)?;
+        match self.lora.as_ref().filter(|_| !self.adapters_off.get()).and_then(|l| l.ab.get(weight).map(|ab| (l, ab))) {
+            Some((l, (a, b))) => {
+                let a = a.as_tensor().to_dtype(self.compute_dtype)?;
+                let b = b.as_tensor().to_dtype(self.compute_dtype)?;
+                y + (linear(&linear(x, &a, None)?, &b, None)? * l.cfg.scale())?
+            }
+            None => Ok(y),
+        }
+    }
+
+    /// Add LoRA adapters (the base weights become frozen).
+    pub fn add_lora(&mut self, cfg: super::lora::LoraConfig, seed: u64) -> anyhow::Result<()> {
+        self.lora = Some(super::lora::Adapters::new(cfg, &self.weights, seed, &self.device)?);
+        Ok(())
+    }
+
+    /// Run `f` on the base model, adapters off (a no-op without LoRA).
+    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+        let before = self.adapters_off.replace(true);
+        let out = f();
+        self.adapters_off.set(before);
+        out
+    }
+
+    /// What an optimizer trains: the adapters with LoRA, else every weight.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        match &self.lora {
+            Some(l) => l.params(),
+            None => self.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
     }
 
     /// cos and sin of the rotary angles for `positions` [B, T] → [B, T, D/2] each.
@@ -273,9 +325,9 @@ impl Transformer {
             let p = format!("model.layers.{l}");
             let h = rms_norm(&x, &self.w(&format!("{p}.input_layernorm.weight"))?, c.rms_norm_eps, k)?;
             let proj = |name: &str| -> Result<Tensor> {
-                linear(
+                self.proj(
                     &h,
-                    &self.w(&format!("{p}.self_attn.{name}.weight"))?,
+                    &format!("{p}.self_attn.{name}.weight"),
                     self.maybe_w(&format!("{p}.self_attn.{name}.bias"))?.as_ref(),
                 )
             };
@@ -293,11 +345,11 @@ impl Transformer {
             let scores = (q.contiguous()?.matmul(&kk.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
             let probs = softmax_last(&scores, k)?;
             let attn = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?;
-            x = (x + linear(&attn, &self.w(&format!("{p}.self_attn.o_proj.weight"))?, None)?)?;
+            x = (x + self.proj(&attn, &format!("{p}.self_attn.o_proj.weight"), None)?)?;
             let h = rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"))?, c.rms_norm_eps, k)?;
-            let gate = linear(&h, &self.w(&format!("{p}.mlp.gate_proj.weight"))?, None)?.silu()?;
-            let up = linear(&h, &self.w(&format!("{p}.mlp.up_proj.weight"))?, None)?;
-            x = (x + linear(&(gate * up)?, &self.w(&format!("{p}.mlp.down_proj.weight"))?, None)?)?;
+            let gate = self.proj(&h, &format!("{p}.mlp.gate_proj.weight"), None)?.silu()?;
+            let up = self.proj(&h, &format!("{p}.mlp.up_proj.weight"), None)?;
+            x = (x + self.proj(&(gate * up)?, &format!("{p}.mlp.down_proj.weight"), None)?)?;
         }
         rms_norm(&x, &self.w("model.norm.weight")?, c.rms_norm_eps, k)
     }
@@ -383,9 +435,18 @@ impl Transformer {
         self.weights.values().map(|v| v.elem_count()).sum()
     }
 
-    /// The weights as plain tensors by Hugging Face name (for saving).
+    /// The weights as plain tensors by Hugging Face name, LoRA adapters merged in (for saving).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
-        self.weights.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect()
+        self.weights
+            .iter()
+            .map(|(k, v)| {
+                let t = match &self.lora {
+                    Some(l) => l.merged(k, v.as_tensor()).expect("adapter shapes match their weight"),
+                    None => v.as_tensor().clone(),
+                };
+                (k.clone(), t)
+            })
+            .collect()
     }
 }
 

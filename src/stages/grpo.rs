@@ -85,6 +85,9 @@ pub struct Params {
     pub max_steps: Option<u64>,
     #[serde(default = "d_epochs")]
     pub num_train_epochs: f64,
+    /// LoRA adapters instead of full fine-tuning: `{r, alpha, dropout, target_modules}`.
+    #[serde(default)]
+    pub lora: Option<crate::model::lora::LoraConfig>,
     #[serde(default = "d_save")]
     pub save_steps: u64,
     #[serde(default = "d_keep")]
@@ -251,6 +254,9 @@ impl StageKind for Grpo {
         if p.save_steps == 0 {
             errors.push(ParamError::new("save_steps", "must be at least 1"));
         }
+        if let Some(l) = &p.lora {
+            errors.extend(l.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
+        }
         if p.temperature <= 0.0 {
             errors.push(ParamError::new("temperature", "GRPO samples: temperature must be > 0"));
         }
@@ -266,7 +272,10 @@ impl StageKind for Grpo {
         let (rewards, _) = RewardSet::from_param(&p.rewards, &ctx.project).map_err(|e| {
             anyhow::anyhow!("rewards: {}", e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; "))
         })?;
-        let loaded = open_model(ctx, &p.model)?;
+        let mut loaded = open_model(ctx, &p.model)?;
+        if let Some(l) = &p.lora {
+            loaded.model.add_lora(l.clone(), ctx.env.seed)?;
+        }
         let train_path = ctx.project.local_path(&p.train).unwrap_or_else(|| p.train.clone().into());
         let rows: Vec<PromptRow> = jsonl::read(&train_path)?.into_iter().map(|(_, r)| r).collect();
         if rows.is_empty() {
@@ -314,8 +323,9 @@ impl<'a> GrpoTrainer<'a> {
                 Ok((ids, r))
             })
             .collect::<Result<Vec<_>>>()?;
-        // β > 0: a frozen copy of the starting weights is the reference policy.
-        let reference = if p.beta != 0.0 {
+        // β > 0: a frozen copy of the starting weights is the reference policy;
+        // with LoRA the base model (adapters off) is, and no copy is made.
+        let reference = if p.beta != 0.0 && policy.lora.is_none() {
             let copy = policy.tensors().into_iter().map(|(k, t)| Ok((k, t.copy()?))).collect::<Result<_>>()?;
             Some(Transformer::new(policy.cfg.clone(), copy, &policy.device, policy.compute_dtype)?)
         } else {
@@ -347,8 +357,7 @@ impl<'a> GrpoTrainer<'a> {
 
     pub fn train(&self, ctx: &StageContext) -> Result<Value> {
         let p = self.p;
-        let params: Vec<(String, candle_core::Var)> =
-            self.policy.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let params = self.policy.trainable();
         let mut opt = AdamW::new(
             params,
             AdamWConfig {
@@ -364,7 +373,8 @@ impl<'a> GrpoTrainer<'a> {
         let checkpoints = ctx.checkpoints();
         let log_path = ctx.work_dir.join("log.jsonl");
         let mut state = TrainState { step: 0, data_pos: 0, rng: ChaCha8Rng::seed_from_u64(self.seed) };
-        if let Some((step, restored)) = checkpoint::restore::<TrainState>(&checkpoints, self.policy, &mut opt)? {
+        if let Some((step, restored)) = checkpoint::restore::<TrainState>(&checkpoints, &mut opt, &self.policy.device)?
+        {
             state = restored;
             checkpoint::truncate_log(&log_path, state.step)?;
             tracing::info!(step, "resumed from checkpoint");
@@ -375,7 +385,7 @@ impl<'a> GrpoTrainer<'a> {
         let bar = ctx.progress_bar(total, "steps");
         bar.set_position(state.step);
         let save = |state: &TrainState, opt: &AdamW| {
-            checkpoint::save(&checkpoints, state.step, p.save_total_limit, self.policy, opt, state)
+            checkpoint::save(&checkpoints, state.step, p.save_total_limit, opt, state)
         };
         let mut recent_rewards = Vec::new();
         while state.step < total {
@@ -495,9 +505,14 @@ impl<'a> GrpoTrainer<'a> {
             }
         }
         let mut refs = Vec::new();
-        if let Some(reference) = &self.reference {
+        if p.beta != 0.0 {
             for r in &chunks {
-                refs.push(completion_logp(reference, &batch_of(r)?.0)?.detach());
+                let b = batch_of(r)?.0;
+                let lp = match &self.reference {
+                    Some(reference) => completion_logp(reference, &b)?,
+                    None => self.policy.without_adapters(|| completion_logp(self.policy, &b))?,
+                };
+                refs.push(lp.detach());
             }
         }
         let t_reference = t.elapsed().as_secs_f64();

@@ -55,6 +55,9 @@ pub struct Params {
     pub max_steps: Option<u64>,
     #[serde(default = "d_epochs")]
     pub num_train_epochs: f64,
+    /// LoRA adapters instead of full fine-tuning: `{r, alpha, dropout, target_modules}`.
+    #[serde(default)]
+    pub lora: Option<crate::model::lora::LoraConfig>,
     #[serde(default = "d_save")]
     pub save_steps: u64,
     #[serde(default = "d_keep")]
@@ -167,6 +170,9 @@ impl StageKind for Sft {
         if p.save_steps == 0 {
             errors.push(ParamError::new("save_steps", "must be at least 1"));
         }
+        if let Some(l) = &p.lora {
+            errors.extend(l.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
+        }
         if errors.is_empty() {
             Ok(req)
         } else {
@@ -176,7 +182,10 @@ impl StageKind for Sft {
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: Params = ctx.params()?;
-        let loaded = open_model(ctx, &p.model)?;
+        let mut loaded = open_model(ctx, &p.model)?;
+        if let Some(l) = &p.lora {
+            loaded.model.add_lora(l.clone(), ctx.env.seed)?;
+        }
         let path = ctx.project.local_path(&p.train).unwrap_or_else(|| p.train.clone().into());
         let mut examples = Vec::new();
         for (line, row) in jsonl::read::<Value>(&path)? {
@@ -290,8 +299,7 @@ impl SftTrainer<'_> {
 
     pub fn train(&self, ctx: &StageContext) -> Result<Value> {
         let p = self.p;
-        let params: Vec<(String, candle_core::Var)> =
-            self.model.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let params = self.model.trainable();
         let mut opt = AdamW::new(
             params,
             AdamWConfig {
@@ -307,7 +315,7 @@ impl SftTrainer<'_> {
         let cps = ctx.checkpoints();
         let log_path = ctx.work_dir.join("log.jsonl");
         let mut state = TrainState { step: 0, data_pos: 0, tokens_seen: 0 };
-        if let Some((_, s)) = checkpoint::restore::<TrainState>(&cps, self.model, &mut opt)? {
+        if let Some((_, s)) = checkpoint::restore::<TrainState>(&cps, &mut opt, &self.model.device)? {
             state = s;
             checkpoint::truncate_log(&log_path, state.step)?;
         } else if log_path.exists() {
@@ -321,7 +329,7 @@ impl SftTrainer<'_> {
         while state.step < total {
             if ctx.cancel.is_cancelled() {
                 if cps.latest().map(|(s, _)| s) != Some(state.step) && state.step > 0 {
-                    checkpoint::save(&cps, state.step, p.save_total_limit, self.model, &opt, &state)?;
+                    checkpoint::save(&cps, state.step, p.save_total_limit, &opt, &state)?;
                 }
                 bar.abandon();
                 return Err(Cancelled.into());
@@ -360,7 +368,7 @@ impl SftTrainer<'_> {
             bar.set_message(format!("loss {loss_sum:.3}"));
             bar.set_position(state.step);
             if state.step % p.save_steps == 0 || state.step >= total {
-                checkpoint::save(&cps, state.step, p.save_total_limit, self.model, &opt, &state)?;
+                checkpoint::save(&cps, state.step, p.save_total_limit, &opt, &state)?;
             }
         }
         bar.finish_and_clear();

@@ -11,19 +11,12 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::optim::AdamW;
-use crate::model::Transformer;
 use crate::pipeline::checkpoint::Checkpoints;
 
-pub fn save<S: Serialize>(
-    cps: &Checkpoints,
-    step: u64,
-    keep: usize,
-    model: &Transformer,
-    opt: &AdamW,
-    state: &S,
-) -> Result<()> {
+/// Saves what the optimizer trains (every weight, or only the LoRA adapters) with its moments.
+pub fn save<S: Serialize>(cps: &Checkpoints, step: u64, keep: usize, opt: &AdamW, state: &S) -> Result<()> {
     cps.save(step, keep, |dir| {
-        let t: HashMap<String, Tensor> = model.tensors().into_iter().collect();
+        let t: HashMap<String, Tensor> = opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
         opt.save(dir)?;
         fs::write(dir.join("state.json"), serde_json::to_string(state)?)?;
@@ -32,18 +25,19 @@ pub fn save<S: Serialize>(
     Ok(())
 }
 
-/// Restore the newest checkpoint into `model` and `opt`; returns the loop state, or
-/// `None` when there is no checkpoint.
+/// Restore the newest checkpoint into the optimizer's parameters and moments;
+/// returns the loop state, or `None` when there is no checkpoint.
 pub fn restore<S: DeserializeOwned>(
     cps: &Checkpoints,
-    model: &Transformer,
     opt: &mut AdamW,
+    device: &candle_core::Device,
 ) -> Result<Option<(u64, S)>> {
     let Some((step, dir)) = cps.latest() else { return Ok(None) };
-    for (name, t) in candle_core::safetensors::load(dir.join("model.safetensors"), &model.device)? {
-        model.weights.get(&name).with_context(|| format!("checkpoint has unknown weight {name}"))?.set(&t)?;
+    let saved = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
+    for (name, var) in opt.params() {
+        var.set(saved.get(name).with_context(|| format!("checkpoint {} lacks {name}", dir.display()))?)?;
     }
-    opt.load(&dir, &model.device)?;
+    opt.load(&dir, device)?;
     let state = serde_json::from_str(&fs::read_to_string(dir.join("state.json"))?)?;
     Ok(Some((step, state)))
 }
