@@ -29,6 +29,27 @@ export PATH="$CUDA_ROOT/bin:$PATH"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib:$CUDA_ROOT/lib64:${LD_LIBRARY_PATH:-}"
 export LIBRARY_PATH="$CUDA_ROOT/lib:$CUDA_ROOT/lib64:${LIBRARY_PATH:-}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# The linker wants unversioned names (the wheels ship libcublas.so.13 only) and a
+# libcuda.so, which only a driver install has. Link names point at the wheels'
+# libraries; a stub libcuda.so.1 defines every driver function cudarc declares
+# (each returns CUDA_ERROR_UNKNOWN) so the binary links. At run time the real
+# driver's libcuda.so.1 is the one loaded.
+_link="$_venv/link"
+if [ ! -f "$_link/libcuda.so" ]; then
+  mkdir -p "$_link"
+  for lib in "$CUDA_ROOT"/lib/lib*.so.*; do
+    base=$(basename "$lib"); name=${base%%.so.*}
+    [ -e "$_link/$name.so" ] || ln -sf "$lib" "$_link/$name.so"
+  done
+  (cd "$_r1pipe_root" && cargo fetch --locked --quiet)
+  _sys=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-*/src/driver/sys/mod.rs | head -1)
+  [ -f "$_sys" ] || { echo "cuda-env: cudarc's driver bindings not found" >&2; return 1 2>/dev/null || exit 1; }
+  grep -oE '^\s+fn (cu[A-Za-z0-9_]+)\(' "$_sys" | grep -oE 'cu[A-Za-z0-9_]+' | sort -u \
+    | sed 's/.*/int &(void) { return 999; }/' > "$_link/stub.c"
+  cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$_link/libcuda.so" "$_link/stub.c"
+  unset _sys
+fi
+export LIBRARY_PATH="$_link:$LIBRARY_PATH"
+unset _link _r1pipe_root _venv _cu
 # Headers from the separate cccl package (thrust, cub, cuda/std) join the toolkit's include path.
 export NVCC_PREPEND_FLAGS="${NVCC_PREPEND_FLAGS:-} -I$CUDA_ROOT/include"
-unset _r1pipe_root _venv _cu

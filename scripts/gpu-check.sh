@@ -20,8 +20,11 @@ case "${1:-}" in
     . scripts/cuda-env.sh
     CARGO_TARGET_DIR=target/cuda cargo build --release --locked --features cuda
     mkdir -p gpu-check
+    # The binary embeds candle's PTX kernels (~74 MB stripped): gzip brings it
+    # well under the device tool's 64 MiB.
     cp target/cuda/release/r1pipe gpu-check/r1pipe
     strip gpu-check/r1pipe
+    gzip -9 -f gpu-check/r1pipe
     shared=${R1PIPE_SHARED:-../shared}
     cp "$shared/models/qwen2.5-0.5b-instruct/config.json" gpu-check/qwen2.5-0.5b.json
     cp "$shared/models/smollm2-135m-instruct/config.json" gpu-check/smollm2-135m.json
@@ -29,7 +32,8 @@ case "${1:-}" in
     ls -la gpu-check
     ;;
   run)
-    [ -x gpu-check/r1pipe ] || { echo "gpu-check/r1pipe is missing: run 'scripts/gpu-check.sh prepare' here and carry gpu-check" >&2; exit 1; }
+    [ -f gpu-check/r1pipe.gz ] || { echo "gpu-check/r1pipe.gz is missing: run 'scripts/gpu-check.sh prepare' here and carry gpu-check" >&2; exit 1; }
+    gunzip -c gpu-check/r1pipe.gz > /tmp/r1pipe && chmod +x /tmp/r1pipe
     # The CUDA libraries (cuBLAS, cuRAND, NVRTC) live in the machine's PyTorch environment.
     libs=$(python3 - <<'PY'
 import glob, os, site
@@ -51,7 +55,7 @@ PY
     {
       echo "date $(date -u +%F), device $gpu (roofline bandwidth $bw GB/s), commit $(cat gpu-check/commit 2>/dev/null)"
       for shape in qwen2.5-0.5b smollm2-135m; do
-        ./gpu-check/r1pipe bench --config "gpu-check/$shape.json" --device cuda --dtype bf16 \
+        /tmp/r1pipe bench --config "gpu-check/$shape.json" --device cuda --dtype bf16 \
           --batches 1,8,32,64 --prompt-len 256 --decode-steps 64 --train-batch 8 --train-seq 512 --bandwidth "$bw" --check
       done
     } 2>&1 | tee "$out"
