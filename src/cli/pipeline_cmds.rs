@@ -135,26 +135,11 @@ pub fn show(target: &str, pipeline_file: Option<&Path>, cache: Option<PathBuf>) 
             if pipeline.stage(stage).is_none() {
                 bail!("no stage `{stage}` in {}", file.display());
             }
-            let mut available = std::collections::BTreeMap::new();
-            let mut found = None;
-            for name in runner.dag.order(&pipeline) {
-                let s = pipeline.stage(&name).expect("dag names are stages");
-                match runner.decide(s, &available, false)? {
-                    Decision::Cached { record } => {
-                        for (o, r) in &record.outputs {
-                            available.insert(format!("{name}.{o}"), r.clone());
-                        }
-                        if name == stage {
-                            found = Some(*record);
-                        }
-                    }
-                    _ if name == stage => {
-                        bail!("stage `{stage}` is not up to date; run `r1pipe run {}` first", file.display())
-                    }
-                    _ => {}
-                }
-            }
-            let rec = found.expect("the loop reaches every stage");
+            let found = runner.decide_all()?.into_iter().find(|(name, _)| name == stage);
+            let rec = match found {
+                Some((_, Decision::Cached { record })) => *record,
+                _ => bail!("stage `{stage}` is not up to date; run `r1pipe run {}` first", file.display()),
+            };
             (Cache::new(&runner.cache.root), rec)
         }
         None => {
@@ -204,15 +189,10 @@ pub fn gc(keep: &[PathBuf], cache: Option<PathBuf>, include_unfinished: bool, dr
         root.get_or_insert(r.clone());
         let runner = Runner::new(&pipeline, &registry, r)?;
         let set = keep_fps.get_or_insert_with(BTreeSet::new);
-        let mut available = std::collections::BTreeMap::new();
-        for name in runner.dag.order(&pipeline) {
-            let s = pipeline.stage(&name).expect("dag names are stages");
-            match runner.decide(s, &available, false)? {
+        for (_, decision) in runner.decide_all()? {
+            match decision {
                 Decision::Cached { record } => {
-                    for (o, r) in &record.outputs {
-                        available.insert(format!("{name}.{o}"), r.clone());
-                    }
-                    set.insert(record.fingerprint.clone());
+                    set.insert(record.fingerprint);
                 }
                 Decision::Run { fingerprint, .. } => {
                     set.insert(fingerprint);

@@ -144,6 +144,24 @@ impl<'a> Runner<'a> {
         Ok(Decision::Run { fingerprint, inputs: Box::new(inputs), reasons, resume_step })
     }
 
+    /// Every stage's decision against the cache, in order, without running
+    /// anything: a stage downstream of one that would run is `Pending`.
+    pub fn decide_all(&self) -> Result<Vec<(String, Decision)>> {
+        let mut available = BTreeMap::new();
+        let mut out = Vec::new();
+        for name in self.dag.order(self.pipeline) {
+            let stage = self.pipeline.stage(&name).expect("dag names are stages");
+            let d = self.decide(stage, &available, false)?;
+            if let Decision::Cached { record } = &d {
+                for (o, r) in &record.outputs {
+                    available.insert(format!("{name}.{o}"), r.clone());
+                }
+            }
+            out.push((name, d));
+        }
+        Ok(out)
+    }
+
     /// The stages this run covers, in order.
     pub fn selection(&self, opts: &RunOptions) -> Result<Vec<String>> {
         for name in opts.only.iter().chain(opts.force.iter()).chain(opts.until.iter()) {

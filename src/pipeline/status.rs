@@ -1,12 +1,9 @@
 //! `r1pipe status`: each stage's state against the cache, without running anything.
 
-use std::collections::BTreeMap;
-
 use anyhow::Result;
 
 use super::checkpoint::Checkpoints;
 use super::runner::{human_duration, Decision, Runner};
-use super::store::ObjectRef;
 
 #[derive(Debug, Clone)]
 pub struct StageStatus {
@@ -20,9 +17,13 @@ pub struct StageStatus {
 }
 
 pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
-    let mut available: BTreeMap<String, ObjectRef> = BTreeMap::new();
+    let decisions: Vec<(String, Option<Decision>)> = if runner.cache.exists() {
+        runner.decide_all()?.into_iter().map(|(n, d)| (n, Some(d))).collect()
+    } else {
+        runner.dag.order(runner.pipeline).into_iter().map(|n| (n, None)).collect()
+    };
     let mut rows = Vec::new();
-    for name in runner.dag.order(runner.pipeline) {
+    for (name, decision) in decisions {
         let stage = runner.pipeline.stage(&name).expect("dag names are stages");
         let row = |state: &str, detail: String, fp: &str, finished: String, took: String| StageStatus {
             stage: name.clone(),
@@ -33,57 +34,47 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
             finished,
             took,
         };
-        let r = if !runner.cache.exists() {
-            row("never run", "no cache yet".into(), "", String::new(), String::new())
-        } else {
-            match runner.decide(stage, &available, false)? {
-                Decision::Cached { record } => {
-                    for (o, r) in &record.outputs {
-                        available.insert(format!("{name}.{o}"), r.clone());
-                    }
+        rows.push(match decision {
+            None => row("never run", "no cache yet".into(), "", String::new(), String::new()),
+            Some(Decision::Cached { record }) => row(
+                "cached",
+                String::new(),
+                &record.fingerprint,
+                record.finished_at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string(),
+                human_duration(record.duration_s),
+            ),
+            Some(Decision::Pending { upstream }) => row(
+                "stale",
+                format!("upstream {} not up to date", upstream.join(", ")),
+                "",
+                String::new(),
+                String::new(),
+            ),
+            Some(Decision::Run { fingerprint, reasons, .. }) => {
+                let work = runner.cache.work_dir(&fingerprint);
+                if let Some((step, _)) = Checkpoints::new(&work).latest() {
                     row(
-                        "cached",
+                        "interrupted",
+                        format!("last checkpoint at step {step}"),
+                        &fingerprint,
                         String::new(),
-                        &record.fingerprint,
-                        record.finished_at.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M").to_string(),
-                        human_duration(record.duration_s),
+                        String::new(),
                     )
-                }
-                Decision::Pending { upstream } => row(
-                    "stale",
-                    format!("upstream {} not up to date", upstream.join(", ")),
-                    "",
-                    String::new(),
-                    String::new(),
-                ),
-                Decision::Run { fingerprint, reasons, .. } => {
-                    let cp = Checkpoints::new(&runner.cache.work_dir(&fingerprint)).latest();
-                    let started = runner.cache.work_dir(&fingerprint).join("stage.json").exists();
-                    if let Some((step, _)) = cp {
-                        row(
-                            "interrupted",
-                            format!("last checkpoint at step {step}"),
-                            &fingerprint,
-                            String::new(),
-                            String::new(),
-                        )
-                    } else if started {
-                        row(
-                            "interrupted",
-                            "no checkpoint yet; will restart".into(),
-                            &fingerprint,
-                            String::new(),
-                            String::new(),
-                        )
-                    } else if reasons == ["never run"] {
-                        row("never run", String::new(), &fingerprint, String::new(), String::new())
-                    } else {
-                        row("stale", reasons.join("; "), &fingerprint, String::new(), String::new())
-                    }
+                } else if work.join("stage.json").exists() {
+                    row(
+                        "interrupted",
+                        "no checkpoint yet; will restart".into(),
+                        &fingerprint,
+                        String::new(),
+                        String::new(),
+                    )
+                } else if reasons == ["never run"] {
+                    row("never run", String::new(), &fingerprint, String::new(), String::new())
+                } else {
+                    row("stale", reasons.join("; "), &fingerprint, String::new(), String::new())
                 }
             }
-        };
-        rows.push(r);
+        });
     }
     Ok(rows)
 }

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::format::PromptRow;
-use super::model_common::{check_model_ref, open_model};
+use super::model_common::{check_training, open_trainable, write_training_outputs};
 use crate::data::jsonl::{self, Appender};
-use crate::model::{generate, load, Batch, Message, SamplingParams, Transformer};
+use crate::model::{generate, Batch, Message, SamplingParams, Transformer};
 use crate::pipeline::{typed, Cancelled, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 use crate::rewards::set::{mean, std};
 use crate::rewards::{RewardSet, Sample};
@@ -204,16 +204,20 @@ impl StageKind for Grpo {
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = typed(params).map_err(|e| vec![e])?;
-        let mut errors = Vec::new();
-        let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
-        match check_model_ref("model", &p.model, project) {
-            Ok(Some(local)) => req.local_paths.push(local),
-            Ok(None) => {}
-            Err(e) => errors.push(e),
-        }
-        if let Some(local) = project.local_path(&p.train) {
-            req.local_paths.push(("train".into(), local));
-        }
+        let (mut req, mut errors) = check_training(
+            &p.model,
+            &p.train,
+            &[
+                ("per_device_train_batch_size", p.per_device_train_batch_size),
+                ("gradient_accumulation_steps", p.gradient_accumulation_steps),
+                ("num_iterations", p.num_iterations),
+                ("max_completion_length", p.max_completion_length),
+                ("max_prompt_length", p.max_prompt_length),
+            ],
+            p.save_steps,
+            p.lora.as_ref(),
+            project,
+        );
         match RewardSet::from_param(&p.rewards, project) {
             Ok((_, Some(file))) => req.local_paths.push(("rewards".into(), file)),
             Ok((_, None)) => {}
@@ -240,23 +244,6 @@ impl StageKind for Grpo {
                 .hint("each optimizer step takes whole groups of completions"),
             );
         }
-        for (k, v) in [
-            ("per_device_train_batch_size", p.per_device_train_batch_size),
-            ("gradient_accumulation_steps", p.gradient_accumulation_steps),
-            ("num_iterations", p.num_iterations),
-            ("max_completion_length", p.max_completion_length),
-            ("max_prompt_length", p.max_prompt_length),
-        ] {
-            if v == 0 {
-                errors.push(ParamError::new(k, "must be at least 1"));
-            }
-        }
-        if p.save_steps == 0 {
-            errors.push(ParamError::new("save_steps", "must be at least 1"));
-        }
-        if let Some(l) = &p.lora {
-            errors.extend(l.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
-        }
         if p.temperature <= 0.0 {
             errors.push(ParamError::new("temperature", "GRPO samples: temperature must be > 0"));
         }
@@ -272,10 +259,7 @@ impl StageKind for Grpo {
         let (rewards, _) = RewardSet::from_param(&p.rewards, &ctx.project).map_err(|e| {
             anyhow::anyhow!("rewards: {}", e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; "))
         })?;
-        let mut loaded = open_model(ctx, &p.model)?;
-        if let Some(l) = &p.lora {
-            loaded.model.add_lora(l.clone(), ctx.env.seed)?;
-        }
+        let loaded = open_trainable(ctx, &p.model, p.lora.as_ref())?;
         let train_path = ctx.project.local_path(&p.train).unwrap_or_else(|| p.train.clone().into());
         let rows: Vec<PromptRow> = jsonl::read(&train_path)?.into_iter().map(|(_, r)| r).collect();
         if rows.is_empty() {
@@ -283,11 +267,7 @@ impl StageKind for Grpo {
         }
         let trainer = GrpoTrainer::new(&p, &loaded.model, &loaded.tokenizer, &rewards, &rows, ctx.env.seed)?;
         let summary = trainer.train(ctx)?;
-        load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
-        fs::copy(ctx.work_dir.join("log.jsonl"), ctx.output_path("log"))?;
-        fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&summary)?)?;
-        ctx.set_metrics(summary);
-        Ok(())
+        write_training_outputs(ctx, &loaded, summary)
     }
 }
 

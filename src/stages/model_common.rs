@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde::Deserialize;
 
 use crate::model::{device, load, LoadedModel, ModelRef, SamplingParams};
-use crate::pipeline::{ParamError, Project, StageContext};
+use crate::pipeline::{ParamError, Project, Requirements, StageContext};
 
 /// A model reference in a parameter: local files enter the fingerprint (returned),
 /// hub ids by name; artifact references are checked by the runner.
@@ -80,4 +80,61 @@ impl Sampling {
         }
         e
     }
+}
+
+/// The checks every training stage shares: the model and training-data
+/// references, positive sizes, checkpoint cadence and LoRA settings.
+pub fn check_training(
+    model: &str,
+    train: &str,
+    sizes: &[(&str, usize)],
+    save_steps: u64,
+    lora: Option<&crate::model::lora::LoraConfig>,
+    project: &Project,
+) -> (Requirements, Vec<ParamError>) {
+    let mut errors = Vec::new();
+    let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
+    match check_model_ref("model", model, project) {
+        Ok(Some(local)) => req.local_paths.push(local),
+        Ok(None) => {}
+        Err(e) => errors.push(e),
+    }
+    if let Some(local) = project.local_path(train) {
+        req.local_paths.push(("train".into(), local));
+    }
+    for (k, v) in sizes {
+        if *v == 0 {
+            errors.push(ParamError::new(*k, "must be at least 1"));
+        }
+    }
+    if save_steps == 0 {
+        errors.push(ParamError::new("save_steps", "must be at least 1"));
+    }
+    if let Some(l) = lora {
+        errors.extend(l.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
+    }
+    (req, errors)
+}
+
+/// A training stage's model, with LoRA adapters added when asked for.
+pub fn open_trainable(
+    ctx: &StageContext,
+    reference: &str,
+    lora: Option<&crate::model::lora::LoraConfig>,
+) -> Result<LoadedModel> {
+    let mut loaded = open_model(ctx, reference)?;
+    if let Some(l) = lora {
+        loaded.model.add_lora(l.clone(), ctx.env.seed)?;
+    }
+    Ok(loaded)
+}
+
+/// A training stage's outputs: the model (Hugging Face layout, adapters merged),
+/// the per-step log from the work folder, and the summary metrics.
+pub fn write_training_outputs(ctx: &mut StageContext, loaded: &LoadedModel, summary: serde_json::Value) -> Result<()> {
+    crate::model::load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
+    std::fs::copy(ctx.work_dir.join("log.jsonl"), ctx.output_path("log"))?;
+    std::fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&summary)?)?;
+    ctx.set_metrics(summary);
+    Ok(())
 }

@@ -14,9 +14,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::model_common::{check_model_ref, open_model};
+use super::model_common::{check_training, open_trainable, write_training_outputs};
 use crate::data::jsonl::{self, Appender};
-use crate::model::{load, Batch, ChatTokenizer, Transformer};
+use crate::model::{Batch, ChatTokenizer, Transformer};
 use crate::pipeline::{typed, Cancelled, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 use crate::train::checkpoint;
 use crate::train::optim::{accumulate, clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
@@ -148,31 +148,18 @@ impl StageKind for Sft {
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = typed(params).map_err(|e| vec![e])?;
-        let mut errors = Vec::new();
-        let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
-        match check_model_ref("model", &p.model, project) {
-            Ok(Some(local)) => req.local_paths.push(local),
-            Ok(None) => {}
-            Err(e) => errors.push(e),
-        }
-        if let Some(local) = project.local_path(&p.train) {
-            req.local_paths.push(("train".into(), local));
-        }
-        for (k, v) in [
-            ("per_device_train_batch_size", p.per_device_train_batch_size),
-            ("gradient_accumulation_steps", p.gradient_accumulation_steps),
-            ("max_seq_length", p.max_seq_length),
-        ] {
-            if v == 0 {
-                errors.push(ParamError::new(k, "must be at least 1"));
-            }
-        }
-        if p.save_steps == 0 {
-            errors.push(ParamError::new("save_steps", "must be at least 1"));
-        }
-        if let Some(l) = &p.lora {
-            errors.extend(l.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
-        }
+        let (req, errors) = check_training(
+            &p.model,
+            &p.train,
+            &[
+                ("per_device_train_batch_size", p.per_device_train_batch_size),
+                ("gradient_accumulation_steps", p.gradient_accumulation_steps),
+                ("max_seq_length", p.max_seq_length),
+            ],
+            p.save_steps,
+            p.lora.as_ref(),
+            project,
+        );
         if errors.is_empty() {
             Ok(req)
         } else {
@@ -182,10 +169,7 @@ impl StageKind for Sft {
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: Params = ctx.params()?;
-        let mut loaded = open_model(ctx, &p.model)?;
-        if let Some(l) = &p.lora {
-            loaded.model.add_lora(l.clone(), ctx.env.seed)?;
-        }
+        let loaded = open_trainable(ctx, &p.model, p.lora.as_ref())?;
         let path = ctx.project.local_path(&p.train).unwrap_or_else(|| p.train.clone().into());
         let mut examples = Vec::new();
         for (line, row) in jsonl::read::<Value>(&path)? {
@@ -210,11 +194,7 @@ impl StageKind for Sft {
             SftTrainer { p: &p, model: &loaded.model, tok: &loaded.tokenizer, examples: &examples, seed: ctx.env.seed };
         let mut summary = trainer.train(ctx)?;
         summary["truncated_examples"] = json!(truncated);
-        load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
-        fs::copy(ctx.work_dir.join("log.jsonl"), ctx.output_path("log"))?;
-        fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&summary)?)?;
-        ctx.set_metrics(summary);
-        Ok(())
+        write_training_outputs(ctx, &loaded, summary)
     }
 }
 
