@@ -65,3 +65,33 @@ fn greedy_generation_is_coherent_follows_the_template_and_batching_changes_nothi
         assert_eq!(alone[0].tokens, batched[i].tokens, "prompt {i}: batched and alone differ");
     }
 }
+
+#[test]
+fn a_bare_gguf_takes_config_tokenizer_and_template_from_its_metadata() {
+    let dir = model_dir();
+    let bare = tempfile::tempdir().unwrap();
+    let gguf = bare.path().join("model.gguf");
+    std::os::unix::fs::symlink(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf"), &gguf).unwrap();
+    let from_meta = load::load(&ModelRef::Gguf(gguf), &Device::Cpu, DType::F32).unwrap();
+    let from_dir = load::load(&ModelRef::Dir(dir), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(from_meta.model.cfg.num_layers, from_dir.model.cfg.num_layers);
+    assert_eq!(from_meta.model.cfg.rope_theta, from_dir.model.cfg.rope_theta);
+    assert_eq!(from_meta.model.cfg.tie_word_embeddings, from_dir.model.cfg.tie_word_embeddings);
+    let text = "Janet's 16 ducks lay 1,234 eggs.\n<think>\nΣ 3×4 = 12 — ok</think> <|im_end|>";
+    assert_eq!(
+        from_meta.tokenizer.encode(text).unwrap(),
+        from_dir.tokenizer.encode(text).unwrap(),
+        "tokenization differs"
+    );
+    let msgs = [Message::new("user", QUESTIONS[1])];
+    let a = from_meta.tokenizer.apply_chat_template(&msgs, true).unwrap();
+    assert_eq!(a, from_dir.tokenizer.apply_chat_template(&msgs, true).unwrap(), "chat template differs");
+    assert_eq!(from_meta.tokenizer.eos_ids, vec![2]);
+    let ids = from_dir.tokenizer.encode(&a).unwrap();
+    let params = SamplingParams { max_new_tokens: 12, ..Default::default() };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let x = generate(&from_meta.model, &from_meta.tokenizer, std::slice::from_ref(&ids), 1, &params, &mut rng, None)
+        .unwrap();
+    let y = generate(&from_dir.model, &from_dir.tokenizer, &[ids], 1, &params, &mut rng, None).unwrap();
+    assert_eq!(x[0].tokens, y[0].tokens);
+}

@@ -64,13 +64,13 @@ pub fn load(r: &ModelRef, device: &Device, compute_dtype: DType) -> Result<Loade
     let dir = match r {
         ModelRef::Dir(d) => d.clone(),
         ModelRef::Gguf(f) => {
-            let dir = f.parent().map(Path::to_path_buf).unwrap_or_default();
-            if !dir.join("config.json").exists() || !dir.join("tokenizer.json").exists() {
-                bail!(
-                    "{}: a .gguf file needs config.json and tokenizer.json beside it (reading them from GGUF metadata is not supported yet)",
-                    f.display()
-                );
-            }
+            let beside = f.parent().map(Path::to_path_buf).unwrap_or_default();
+            let dir = if beside.join("config.json").exists() && beside.join("tokenizer.json").exists() {
+                beside
+            } else {
+                // A bare GGUF: config, tokenizer and chat template come from its metadata.
+                super::gguf_meta::materialize(f)?
+            };
             let cfg = read_config(&dir)?;
             let weights = load_gguf(f, &cfg)?;
             let model = Transformer::new(cfg, weights, device, compute_dtype)?;

@@ -16,5 +16,6 @@ pub mod tokenizer;
 pub use load::{LoadedModel, ModelRef};
 pub use tokenizer::{ChatTokenizer, Message};
 pub mod generate;
+mod gguf_meta;
 
 pub use generate::{generate, Completion, FinishReason, SamplingParams};
