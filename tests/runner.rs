@@ -139,8 +139,10 @@ fn a_second_writer_fails_at_once_naming_the_holder_and_wait_queues() {
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains(&format!("is in use by pid {}", holder.id())), "{}", r.stderr);
     assert!(r.stderr.contains("--wait"), "{}", r.stderr);
-    // Read-only commands still work while the run holds the lock.
-    p.run(&["status", "pipe.yaml"]).ok();
+    // Read-only commands still work while the run holds the lock, and see it running.
+    let st = p.run(&["status", "pipe.yaml"]).ok();
+    let long = st.stdout.lines().find(|l| l.starts_with("long")).unwrap().to_string();
+    assert!(long.contains(&format!("running (pid {}", holder.id())), "{}", st.stdout);
 
     let waited = p.run(&["run", "pipe.yaml", "--wait"]).ok();
     assert!(waited.skipped("long"), "after waiting, the holder's results are used:\n{}", waited.stdout);

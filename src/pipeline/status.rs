@@ -22,6 +22,8 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
     } else {
         runner.dag.order(runner.pipeline).into_iter().map(|n| (n, None)).collect()
     };
+    // A stage with a work folder while another process holds the cache is running, not interrupted.
+    let running = runner.cache.holder();
     let mut rows = Vec::new();
     for (name, decision) in decisions {
         let stage = runner.pipeline.stage(&name).expect("dag names are stages");
@@ -52,7 +54,12 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
             ),
             Some(Decision::Run { fingerprint, reasons, .. }) => {
                 let work = runner.cache.work_dir(&fingerprint);
-                if let Some((step, _)) = Checkpoints::new(&work).latest() {
+                let checkpoint = Checkpoints::new(&work).latest();
+                if let (Some(holder), true) = (&running, work.join("stage.json").exists()) {
+                    let at = checkpoint.map(|(s, _)| format!(", last checkpoint at step {s}")).unwrap_or_default();
+                    let who = holder.split(" (started").next().unwrap_or(holder);
+                    row("running", format!("{who}{at}"), &fingerprint, String::new(), String::new())
+                } else if let Some((step, _)) = checkpoint {
                     row(
                         "interrupted",
                         format!("last checkpoint at step {step}"),

@@ -272,6 +272,17 @@ impl Cache {
         Ok(CacheLock { _file: file })
     }
 
+    /// Who holds the writer lock right now, if anyone (for `status`).
+    pub fn holder(&self) -> Option<String> {
+        let path = self.root.join("LOCK");
+        let file = fs::OpenOptions::new().read(true).write(true).open(&path).ok()?;
+        match file.try_lock() {
+            Ok(()) => None,
+            Err(fs::TryLockError::WouldBlock) => Some(holder_description(&path)),
+            Err(fs::TryLockError::Error(_)) => None,
+        }
+    }
+
     /// Remove leftovers of interrupted commits (`objects/.tmp-*`). Call only while holding the lock.
     pub fn sweep_temporaries(&self) -> Result<Vec<PathBuf>> {
         let mut removed = Vec::new();
