@@ -111,7 +111,7 @@ fn packed_sequences_give_the_logits_they_have_alone() {
     let lp = m.model.next_token_logprobs(&packed).unwrap().to_vec2::<f32>().unwrap();
     let alone = |s: &Vec<u32>| {
         m.model
-            .next_token_logprobs(&Batch::left_padded(&[s.clone()], 0, &Device::Cpu).unwrap())
+            .next_token_logprobs(&Batch::left_padded(std::slice::from_ref(s), 0, &Device::Cpu).unwrap())
             .unwrap()
             .to_vec2::<f32>()
             .unwrap()

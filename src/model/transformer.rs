@@ -194,7 +194,9 @@ impl Transformer {
             vars.insert(name, Var::from_tensor(&t)?);
         }
         // A tied lm_head stored anyway (some exporters do) is the embedding: ignore it.
-        weights.remove("lm_head.weight").filter(|_| !cfg.tie_word_embeddings).map(|_| ());
+        if cfg.tie_word_embeddings {
+            weights.remove("lm_head.weight");
+        }
         if let Some(extra) = weights.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
             bail!("unexpected weight `{extra}` for a {:?} model", cfg.arch);
         }

@@ -95,7 +95,7 @@ pub fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 }
 
 /// "did you mean `x`?" when a near candidate exists, otherwise the list of valid choices.
-pub fn suggest<'a>(word: &str, candidates: &[&'a str], what: &str) -> String {
+pub fn suggest(word: &str, candidates: &[&str], what: &str) -> String {
     match nearest(word, candidates.iter().copied()) {
         Some(n) => format!("did you mean `{n}`? (valid {what}: {})", join_ticked(candidates)),
         None => format!("valid {what}: {}", join_ticked(candidates)),

@@ -187,11 +187,14 @@ impl StageContext {
     }
 }
 
+/// Maps a pipeline's `device:` to the class that enters fingerprints (`cpu`, `cuda`).
+type DeviceClassFn = dyn Fn(&str) -> anyhow::Result<String> + Send + Sync;
+
 /// The stage kinds a runner knows, and how to classify a device: the one
 /// place where the ML side tells the runner anything.
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
-    device_class: Box<dyn Fn(&str) -> anyhow::Result<String> + Send + Sync>,
+    device_class: Box<DeviceClassFn>,
 }
 
 impl Registry {

@@ -333,13 +333,14 @@ impl Loader {
         let mut preset_file: Option<(PathBuf, Positions)> = None;
         if let Some(u) = get("use") {
             match u.as_str() {
-                Some(rel) => match self.read_preset(&format!("{base}.use"), rel) {
-                    Some((path, positions, Value::Object(preset))) => {
+                Some(rel) => {
+                    if let Some((path, positions, Value::Object(preset))) =
+                        self.read_preset(&format!("{base}.use"), rel)
+                    {
                         deep_merge(&mut params, preset);
                         preset_file = Some((path, positions));
                     }
-                    Some(_) | None => {}
-                },
+                }
                 None => self.err(&format!("{base}.use"), "`use` must be a path to a YAML preset", None),
             }
         }

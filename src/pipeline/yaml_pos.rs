@@ -96,15 +96,11 @@ impl Receiver {
 impl MarkedEventReceiver for Receiver {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
-            Event::Scalar(s, ..) => {
-                if !self.enter_value(mark, Some(&s)) {
-                    self.leave_value();
-                }
+            Event::Scalar(s, ..) if !self.enter_value(mark, Some(&s)) => {
+                self.leave_value();
             }
-            Event::Alias(_) => {
-                if !self.enter_value(mark, None) {
-                    self.leave_value();
-                }
+            Event::Alias(_) if !self.enter_value(mark, None) => {
+                self.leave_value();
             }
             Event::MappingStart(..) => {
                 self.enter_value(mark, None);

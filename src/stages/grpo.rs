@@ -231,7 +231,7 @@ impl StageKind for Grpo {
                 "num_generations",
                 "must be at least 2: advantages compare completions of one prompt",
             ));
-        } else if p.completions_per_step() % p.num_generations != 0 {
+        } else if !p.completions_per_step().is_multiple_of(p.num_generations) {
             errors.push(
                 ParamError::new(
                     "num_generations",
@@ -556,7 +556,7 @@ impl<'a> GrpoTrainer<'a> {
                 line[format!("rewards/{name}/mean")] = json!(m);
                 line[format!("rewards/{name}/std")] = json!(s);
             }
-            if it == 0 && p.log_completions > 0 && state.step % p.log_completions == 0 {
+            if it == 0 && p.log_completions > 0 && state.step.is_multiple_of(p.log_completions) {
                 let shown: Vec<Value> = comps
                     .iter()
                     .zip(&scores.total)

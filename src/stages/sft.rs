@@ -347,7 +347,7 @@ impl SftTrainer<'_> {
             }))?;
             bar.set_message(format!("loss {loss_sum:.3}"));
             bar.set_position(state.step);
-            if state.step % p.save_steps == 0 || state.step >= total {
+            if state.step.is_multiple_of(p.save_steps) || state.step >= total {
                 checkpoint::save(&cps, state.step, p.save_total_limit, &opt, &state)?;
             }
         }
