@@ -30,6 +30,12 @@ pub fn open_model(ctx: &StageContext, reference: &str) -> Result<LoadedModel> {
     let t0 = std::time::Instant::now();
     let m = load::load(&r, &dev, dtype).with_context(|| format!("loading model `{reference}`"))?;
     tracing::info!(model = reference, device = %device::describe(&dev), ?dtype, params = m.model.num_parameters(), secs = t0.elapsed().as_secs_f64(), "model loaded");
+    eprintln!(
+        "{}: {reference} ({:.0}M parameters) on {}, {dtype:?}",
+        ctx.stage,
+        m.model.num_parameters() as f64 / 1e6,
+        device::describe(&dev)
+    );
     Ok(m)
 }
 
