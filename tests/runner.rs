@@ -85,7 +85,7 @@ stages:
     with: { steps: 2 }
   long:
     kind: test.counter
-    with: { steps: 40, step_ms: 50, text: "done", input: "${first.result}" }
+    with: { steps: 40, step_ms: 100, text: "done", input: "${first.result}" }
 "#;
 
 #[test]
