@@ -21,7 +21,7 @@ use crate::rewards::{lookup, Sample};
 // No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
 #[derive(Debug, Deserialize)]
 struct Params {
-    /// Name → model reference, evaluated in this order.
+    /// Name → model reference (evaluated and shown in name order).
     models: BTreeMap<String, String>,
     /// The `test` output of a `format` stage (or JSONL of the same shape).
     test: String,
