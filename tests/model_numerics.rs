@@ -264,3 +264,19 @@ fn one_backward_reaches_every_trainable_parameter() {
         assert_eq!(m.weights.len(), m.cfg.weight_shapes().len());
     }
 }
+
+#[test]
+fn temperature_scaled_logprobs_are_log_softmax_of_scaled_logits() {
+    let m = model(true, false, 16);
+    let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
+    let logits: Vec<Vec<f32>> =
+        m.forward(&batch, Kernels::Differentiable).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let got: Vec<f32> = m.next_token_logprobs_range(&batch, 2, 3, 2.0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    for (k, g) in got.iter().enumerate() {
+        let row: Vec<f64> = logits[2 + k].iter().map(|&x| x as f64 / 2.0).collect();
+        let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+        let want = row[IDS[3 + k] as usize] - lse;
+        assert!((*g as f64 - want).abs() < 1e-4, "position {k}: {g} vs {want}");
+    }
+}

@@ -388,17 +388,28 @@ impl Transformer {
     /// Differentiable; the training path for GRPO and SFT.
     pub fn next_token_logprobs(&self, batch: &Batch) -> Result<Tensor> {
         let t = batch.ids.dim(1)?;
-        self.next_token_logprobs_range(batch, 0, t - 1)
+        self.next_token_logprobs_range(batch, 0, t - 1, 1.0)
     }
 
     /// log π of the tokens at positions `start + 1 ..= start + len`, predicted from
     /// positions `start .. start + len`: [B, len]. Only those positions go through
     /// the vocabulary projection, which dominates memory for long prompts.
-    pub fn next_token_logprobs_range(&self, batch: &Batch, start: usize, len: usize) -> Result<Tensor> {
+    /// Logits are divided by `temperature` first (GRPO scores tokens under the
+    /// distribution it sampled them from, as TRL does).
+    pub fn next_token_logprobs_range(
+        &self,
+        batch: &Batch,
+        start: usize,
+        len: usize,
+        temperature: f64,
+    ) -> Result<Tensor> {
         let t = batch.ids.dim(1)?;
         let mask = self.mask(&batch.valid, batch.segments.as_deref(), 0, t)?;
         let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, Kernels::Differentiable, None)?;
-        let logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
+        let mut logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
+        if temperature != 1.0 {
+            logits = (logits / temperature)?;
+        }
         let lp = log_softmax_last(&logits)?;
         let targets = batch.ids.narrow(1, start + 1, len)?.unsqueeze(2)?;
         lp.gather(&targets.contiguous()?, 2)?.squeeze(2)

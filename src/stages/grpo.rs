@@ -473,7 +473,7 @@ impl<'a> GrpoTrainer<'a> {
             Ok((b, mask, a))
         };
         let completion_logp = |m: &Transformer, b: &Batch| -> Result<Tensor> {
-            Ok(m.next_token_logprobs_range(b, plen - 1, clen)?.to_dtype(DType::F32)?)
+            Ok(m.next_token_logprobs_range(b, plen - 1, clen, p.temperature as f64)?.to_dtype(DType::F32)?)
         };
 
         // πold (μ > 1) and πref, without gradients.
