@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::format::PromptRow;
-use super::model_common::{check_model_ref, open_model, Sampling};
+use super::model_common::{check_known_keys, check_model_ref, open_model, Sampling};
 use crate::data::jsonl::{self, Appender};
 use crate::model::{generate, FinishReason, Message};
 use crate::pipeline::status::render_table;
@@ -85,17 +85,7 @@ impl StageKind for Evaluate {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        // `flatten` disables deny_unknown_fields for the outer struct: check keys by hand.
-        let known =
-            ["models", "test", "limit", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "stop"];
-        if let Some(m) = params.as_object() {
-            for k in m.keys() {
-                if !known.contains(&k.as_str()) {
-                    return Err(vec![ParamError::new(k.clone(), format!("unknown parameter `{k}`"))
-                        .hint(crate::pipeline::diagnostic::suggest(k, &known, "keys"))]);
-                }
-            }
-        }
+        check_known_keys(params, &["models", "test", "limit", "batch_size"])?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut errors = p.sampling.check();
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };

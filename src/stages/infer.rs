@@ -9,10 +9,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::format::DEFAULT_SYSTEM_PROMPT;
-use super::model_common::{check_model_ref, open_model, Sampling};
+use super::model_common::{check_known_keys, check_model_ref, open_model, Sampling};
 use crate::data::jsonl;
 use crate::model::{generate, FinishReason, Message};
-use crate::pipeline::diagnostic::suggest;
 use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::xml_answer;
 
@@ -62,9 +61,6 @@ const OUTPUTS: &[OutputSpec] = &[OutputSpec {
     description: "question, completion, extracted answer",
 }];
 
-const KEYS: &[&str] =
-    &["model", "questions", "system_prompt", "batch_size", "max_new_tokens", "temperature", "top_p", "top_k", "stop"];
-
 impl StageKind for Infer {
     fn name(&self) -> &'static str {
         "infer"
@@ -80,15 +76,7 @@ impl StageKind for Infer {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        if let Some(m) = params.as_object() {
-            for k in m.keys() {
-                if !KEYS.contains(&k.as_str()) {
-                    return Err(vec![
-                        ParamError::new(k.clone(), format!("unknown parameter `{k}`")).hint(suggest(k, KEYS, "keys"))
-                    ]);
-                }
-            }
-        }
+        check_known_keys(params, &["model", "questions", "system_prompt", "batch_size"])?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut errors = p.sampling.check();
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };

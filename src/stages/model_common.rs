@@ -144,3 +144,17 @@ pub fn write_training_outputs(ctx: &mut StageContext, loaded: &LoadedModel, summ
     ctx.set_metrics(summary);
     Ok(())
 }
+
+/// Keys check for parameter structs that `#[serde(flatten)]` [`Sampling`]: serde
+/// cannot deny unknown fields with `flatten`, so the known keys are listed by hand.
+pub fn check_known_keys(params: &serde_json::Value, own: &[&str]) -> Result<(), Vec<ParamError>> {
+    const SAMPLING: &[&str] = &["max_new_tokens", "temperature", "top_p", "top_k", "stop"];
+    let known: Vec<&str> = own.iter().chain(SAMPLING).copied().collect();
+    for k in params.as_object().map(|m| m.keys().collect::<Vec<_>>()).unwrap_or_default() {
+        if !known.contains(&k.as_str()) {
+            return Err(vec![ParamError::new(k.clone(), format!("unknown parameter `{k}`"))
+                .hint(crate::pipeline::diagnostic::suggest(k, &known, "keys"))]);
+        }
+    }
+    Ok(())
+}
