@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 
 use crate::model::{Batch, KvCache, Transformer};
 use crate::train::optim::{accumulate, AdamW, AdamWConfig};
@@ -130,16 +130,21 @@ pub fn logits_vs_cpu(m: &Transformer) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
-/// Approximate read bandwidth of this machine's memory from the CPU (a sum over
-/// a buffer far larger than the caches), in GB/s.
+/// Approximate read bandwidth of this machine's memory from the CPU, in GB/s:
+/// the decode kernel's threads reading a matrix larger than the caches, as a
+/// decode step reads the weights.
 pub fn cpu_bandwidth_gbs() -> f64 {
-    let n = 64 << 20; // 256 MiB of f32
-    let src = Tensor::ones(n, DType::F32, &Device::Cpu).expect("allocation");
+    let (rows, k) = (32 << 10, 4096); // 512 MiB of f32
+    let w = vec![1f32; rows * k];
+    let x = vec![1f32; k];
+    let mut out = vec![0f32; rows];
     let mut best = f64::MAX;
     for _ in 0..4 {
         let t = Instant::now();
-        std::hint::black_box(src.sum_all().expect("sum"));
+        // x [1, k] @ wᵀ reads w once, with the decode kernel's threads, and writes next to nothing.
+        crate::model::skinny_matmul::matmul_t_slices(&x, &w, 1, rows, k, &mut out);
+        std::hint::black_box(&out);
         best = best.min(t.elapsed().as_secs_f64());
     }
-    (n * 4) as f64 / best / 1e9
+    (rows * k * 4) as f64 / best / 1e9
 }

@@ -2,8 +2,10 @@
 //! and chat template, generation. Usable and tested without the runner.
 
 pub mod config;
+pub mod cpu_attention;
 pub mod device;
 pub mod ops;
+pub mod skinny_matmul;
 pub mod transformer;
 
 pub use config::{Arch, Config};

@@ -70,7 +70,12 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (last, lead) = dims.split_last().expect("rank ≥ 1");
     let rows: usize = lead.iter().product();
-    let y = x.reshape((rows, *last))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, *last))?;
+    let y = if super::skinny_matmul::applies(&x2, w) {
+        super::skinny_matmul::matmul_t(&x2, w)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,

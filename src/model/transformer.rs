@@ -12,6 +12,7 @@ use rand::SeedableRng;
 use rand_distr::Distribution;
 
 use super::config::Config;
+use super::cpu_attention;
 use super::ops::{linear, log_softmax_last, rms_norm, rope, softmax_last, Kernels};
 
 /// Additive bias for masked attention: large and finite, so a fully masked
@@ -335,18 +336,32 @@ impl Transformer {
             };
             let q = proj("q_proj")?.reshape((b, t, c.num_heads, c.head_dim))?.transpose(1, 2)?;
             let kk = proj("k_proj")?.reshape((b, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?;
-            let v = proj("v_proj")?.reshape((b, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?;
+            // Contiguous: the attention matmuls take per-head blocks (as do cache views).
+            let v = proj("v_proj")?.reshape((b, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
             let q = rope(&q, &cos, &sin, k)?;
             let kk = rope(&kk, &cos, &sin, k)?;
             let (kk, v) = match cache.as_deref_mut() {
                 Some(cache) => cache.append(l, &kk, &v)?,
                 None => (kk, v),
             };
-            let kk = repeat_kv(&kk, rep)?;
-            let v = repeat_kv(&v, rep)?;
-            let scores = (q.contiguous()?.matmul(&kk.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
-            let probs = softmax_last(&scores, k)?;
-            let attn = probs.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, t, c.num_heads * c.head_dim))?;
+            // Grouped-query attention without copying keys and values per query head: the
+            // `rep` query heads of a key/value head (adjacent, as in HF's repeat_kv) become
+            // `rep × t` query rows against that head's keys.
+            let s = kk.dim(2)?;
+            let q = q.reshape((b, c.num_kv_heads, rep * t, c.head_dim))?;
+            let attn = if k == Kernels::Fused && cpu_attention::applies(&q) {
+                cpu_attention::attention(&q, &kk, &v, mask, scale)?
+            } else {
+                let scores = (q.matmul(&kk.t()?)? * scale)?
+                    .reshape((b, c.num_kv_heads, rep, t, s))?
+                    .broadcast_add(&mask.unsqueeze(1)?)?;
+                softmax_last(&scores, k)?.reshape((b, c.num_kv_heads, rep * t, s))?.matmul(&v)?
+            };
+            let attn = attn.reshape((b, c.num_heads, t, c.head_dim))?.transpose(1, 2)?.reshape((
+                b,
+                t,
+                c.num_heads * c.head_dim,
+            ))?;
             x = (x + self.proj(&attn, &format!("{p}.self_attn.o_proj.weight"), None)?)?;
             let h = rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"))?, c.rms_norm_eps, k)?;
             let gate = self.proj(&h, &format!("{p}.mlp.gate_proj.weight"), None)?.silu()?;
@@ -465,12 +480,3 @@ impl Transformer {
 
 /// A token id marking a padding slot in `forward_cached` input (never a real id).
 pub const PAD_SENTINEL: u32 = u32::MAX;
-
-/// Grouped-query attention: each of the `n_kv` heads serves `rep` query heads.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h, s, d) = x.dims4()?;
-    Tensor::cat(&vec![x; rep], 2)?.reshape((b, h * rep, s, d))
-}

@@ -1,0 +1,298 @@
+//! `x @ W^T` for an `x` of few rows on the CPU: the shape of every matrix
+//! product in a decode step (one row per sequence of the batch).
+//!
+//! Why by hand: candle's CPU matmul goes through the `gemm` crate, which for a
+//! handful of rows runs a single-threaded matrix-vector path (M = 1), or packs
+//! the whole weight matrix before multiplying (small M > 1). A decode step is
+//! bound by reading the weights, so both waste most of the step: here each
+//! weight row is read from memory once, multiplied against every row of `x`
+//! while it sits in L1, and the output columns are split across threads.
+//!
+//! Every output element is the same dot product (8-lane partial sums over K in
+//! order, a fixed reduction, then the scalar tail) whatever the number of rows
+//! or the thread split, so a sequence gets bitwise the same logits alone or in
+//! a batch.
+
+use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+/// Up to this many rows of `x` the hand-written kernel is used; above it
+/// `gemm`'s packed kernels win (measured by `cargo bench --bench generation`).
+pub const MAX_ROWS: usize = 48;
+
+/// Output columns per unit of parallel work (the pool hands out runs of units).
+const COLS_PER_UNIT: usize = 8;
+
+/// Whether `x @ w^T` should take the skinny path: f32 on the CPU, few rows.
+pub fn applies(x: &Tensor, w: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.rank() == 2 && w.rank() == 2 && {
+        let m = x.dim(0).unwrap_or(usize::MAX);
+        (1..=MAX_ROWS).contains(&m)
+    }
+}
+
+/// `x` [M, K] @ `w` [N, K]^T → [M, N]; differentiable (its backward is two candle matmuls).
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.apply_op2(w, SkinnyMatmulT)
+}
+
+struct SkinnyMatmulT;
+
+impl CustomOp2 for SkinnyMatmulT {
+    fn name(&self) -> &'static str {
+        "skinny-matmul-t"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("skinny matmul: x is [{m}, {k}] but w is [{n}, {k2}]");
+        }
+        let x = contiguous_f32(s1, l1)?;
+        let w = contiguous_f32(s2, l2)?;
+        let mut out = vec![0f32; m * n];
+        matmul_t_slices(&x, &w, m, n, k, &mut out);
+        Ok((CpuStorage::F32(out), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // y = x w^T: dx = dy w, dw = dy^T x.
+        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+    }
+}
+
+/// The storage as a contiguous f32 slice, borrowed when it already is one.
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<'a, [f32]>> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return Ok(std::borrow::Cow::Borrowed(&s.as_slice::<f32>()?[a..b]));
+    }
+    let mut dst = CpuStorage::F32(vec![0f32; l.shape().elem_count()]);
+    s.copy_strided_src(&mut dst, 0, l)?;
+    match dst {
+        CpuStorage::F32(v) => Ok(std::borrow::Cow::Owned(v)),
+        _ => unreachable!("allocated as f32 above"),
+    }
+}
+
+/// A raw output pointer shared by the threads of a parallel kernel, each of
+/// which writes only its own disjoint part of the output.
+#[derive(Clone, Copy)]
+pub(crate) struct OutPtr(pub(crate) *mut f32);
+// SAFETY: users write disjoint parts of the buffer (see `matmul_t_slices`, `cpu_attention`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method, so closures capture the (Sync) wrapper rather than its raw field.
+    pub(crate) fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// out[i, j] = dot(x[i, :], w[j, :]) for x [m, k], w [n, k], out [m, n], all row-major.
+///
+/// The columns are shared out on candle's barrier pool: its workers spin briefly
+/// between calls, and the calling thread works too. A decode step makes some two
+/// hundred of these calls a few tens of microseconds apart; waking sleeping
+/// threads (as a rayon pool does) for each cost a fifth of the step.
+pub fn matmul_t_slices(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n, "skinny matmul: slice sizes");
+    let ptr = OutPtr(out.as_mut_ptr());
+    let units = n.div_ceil(COLS_PER_UNIT);
+    let run = |r: std::ops::Range<usize>| {
+        let (c0, c1) = (r.start * COLS_PER_UNIT, (r.end * COLS_PER_UNIT).min(n));
+        // SAFETY: this range of units, hence columns c0..c1, is handed to exactly one thread,
+        // and `out` outlives the call.
+        unsafe { columns(x, w, m, k, c0, c1, n, ptr.get()) }
+    };
+    if units > 1 && m * n * k > 1 << 15 {
+        candle_core::utils::barrier_pool().execute_chunked(units, run);
+    } else {
+        run(0..units);
+    }
+}
+
+/// Columns c0..c1 of the output.
+///
+/// # Safety
+/// `out` points at an [m, ldo] buffer whose columns c0..c1 only this call writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn columns(x: &[f32], w: &[f32], m: usize, k: usize, c0: usize, c1: usize, ldo: usize, out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return avx2::columns(x, w, m, k, c0, c1, ldo, out);
+    }
+    for j in c0..c1 {
+        let wr = &w[j * k..(j + 1) * k];
+        for i in 0..m {
+            *out.add(i * ldo + j) = dot(&x[i * k..(i + 1) * k], wr);
+        }
+    }
+}
+
+/// A dot product in 8 interleaved partial sums (vectorizable without fast-math).
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = reduce8(&acc);
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}
+
+/// The fixed reduction of 8 partial sums (pairwise), shared by both kernels.
+#[inline(always)]
+fn reduce8(a: &[f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Weight rows per tile: each x chunk loaded is used against this many rows.
+    const NR: usize = 4;
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn columns(x: &[f32], w: &[f32], m: usize, k: usize, c0: usize, c1: usize, ldo: usize, out: *mut f32) {
+        let mut j = c0;
+        while j < c1 {
+            let nr = NR.min(c1 - j);
+            let mut i = 0;
+            // Tiles of 3 × NR accumulators (12 of the 16 ymm registers), then the leftover rows.
+            while i + 3 <= m {
+                tile::<3>(x, w, k, i, j, nr, ldo, out);
+                i += 3;
+            }
+            while i < m {
+                tile::<1>(x, w, k, i, j, nr, ldo, out);
+                i += 1;
+            }
+            j += nr;
+        }
+    }
+
+    /// out[i..i+MR, j..j+nr] for nr ≤ NR weight rows.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    unsafe fn tile<const MR: usize>(
+        x: &[f32],
+        w: &[f32],
+        k: usize,
+        i: usize,
+        j: usize,
+        nr: usize,
+        ldo: usize,
+        out: *mut f32,
+    ) {
+        let kv = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+        let xp = x.as_ptr().add(i * k);
+        // Rows past nr repeat the last real row: same memory traffic, results dropped.
+        let wp: [*const f32; NR] = std::array::from_fn(|r| w.as_ptr().add((j + r.min(nr - 1)) * k));
+        let mut p = 0;
+        while p < kv {
+            let wv: [__m256; NR] = std::array::from_fn(|r| _mm256_loadu_ps(wp[r].add(p)));
+            for (a, accr) in acc.iter_mut().enumerate() {
+                let xv = _mm256_loadu_ps(xp.add(a * k + p));
+                for r in 0..NR {
+                    accr[r] = _mm256_fmadd_ps(xv, wv[r], accr[r]);
+                }
+            }
+            p += 8;
+        }
+        for (a, accr) in acc.iter().enumerate() {
+            for (r, v) in accr.iter().enumerate().take(nr) {
+                let mut lanes = [0f32; 8];
+                _mm256_storeu_ps(lanes.as_mut_ptr(), *v);
+                let mut s = super::reduce8(&lanes);
+                for q in kv..k {
+                    s += *xp.add(a * k + q) * *wp[r].add(q);
+                }
+                *out.add((i + a) * ldo + j + r) = s;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: (usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The f64 reference: plain loops.
+    fn reference(x: &Tensor, w: &Tensor) -> Vec<Vec<f64>> {
+        let (x, w) = (x.to_vec2::<f32>().unwrap(), w.to_vec2::<f32>().unwrap());
+        x.iter()
+            .map(|xr| w.iter().map(|wr| xr.iter().zip(wr).map(|(a, b)| *a as f64 * *b as f64).sum()).collect())
+            .collect()
+    }
+
+    #[test]
+    fn matches_a_float64_reference_for_every_row_count_and_ragged_sizes() {
+        // K not a multiple of 8 and N not a multiple of the tile or task size exercise every tail.
+        for &(m, n, k) in &[(1, 1, 1), (1, 130, 67), (2, 5, 8), (3, 67, 200), (4, 129, 576), (7, 300, 33), (16, 70, 96)]
+        {
+            let (x, w) = (rand((m, k), m as u64), rand((n, k), 100 + n as u64));
+            let got = matmul_t(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+            let want = reference(&x, &w);
+            for (gr, wr) in got.iter().zip(&want) {
+                for (g, r) in gr.iter().zip(wr) {
+                    assert!((*g as f64 - r).abs() < 1e-4 * (1.0 + r.abs()), "m={m} n={n} k={k}: {g} vs {r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_bitwise_the_same_result_alone_or_in_any_batch() {
+        let w = rand((200, 83), 1);
+        let x = rand((11, 83), 2);
+        let all = matmul_t(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in all.iter().enumerate() {
+            let alone = matmul_t(&x.narrow(0, i, 1).unwrap(), &w).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(&alone[0], row, "row {i}");
+        }
+    }
+
+    #[test]
+    fn strided_inputs_are_read_through_their_layout() {
+        let x = rand((9, 4), 3).t().unwrap(); // [4, 9], not contiguous
+        let w = rand((6, 9), 4);
+        let got = matmul_t(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        for (g, r) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - r).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn gradients_equal_those_of_candles_matmul() {
+        let x = Var::from_tensor(&rand((3, 20), 5)).unwrap();
+        let w = Var::from_tensor(&rand((7, 20), 6)).unwrap();
+        let up = rand((3, 7), 7);
+        let g1 = (matmul_t(&x, &w).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (x.matmul(&w.t().unwrap()).unwrap() * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&x, &w] {
+            let (a, b) = (g1.get(v).unwrap(), g2.get(v).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "gradient differs by {d}");
+        }
+    }
+}
