@@ -18,7 +18,7 @@ fn main() {
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 8, 32]);
     let bw = bench::cpu_bandwidth_gbs();
-    println!("CPU copy bandwidth ≈ {bw:.1} GB/s (the decode roofline below)");
+    println!("CPU read bandwidth ≈ {bw:.1} GB/s (the decode roofline below)");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let smol = root.join("models/smollm2-135m-instruct");
     if smol.exists() {
@@ -27,6 +27,10 @@ fn main() {
             "SmolLM2-135M (f32, cpu)",
             &bench::generation(&m.model, &batches, 128, 32, Some(bw)).unwrap(),
         );
+        println!("SmolLM2-135M generate() with sampling (temperature 1, ≤ 128 new tokens, prefill included):");
+        for (b, tps) in bench::sampled_generation(&m, &[1, 8], 128).unwrap() {
+            println!("  batch {b:>2}: {tps:.1} tokens/s");
+        }
         let (s, tps) = bench::train_step(&m.model, 4, 256, 2).unwrap();
         println!("SmolLM2-135M train step (fwd+bwd+AdamW) 4 × 256 tokens: {s:.2} s, {tps:.0} tokens/s");
     } else {

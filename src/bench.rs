@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::{DType, Device};
 
-use crate::model::{Batch, KvCache, Transformer};
+use crate::model::{Batch, KvCache, LoadedModel, Transformer};
 use crate::train::optim::{accumulate, AdamW, AdamWConfig};
 
 #[derive(Debug, Clone)]
@@ -84,6 +84,31 @@ pub fn print_generation(name: &str, rows: &[GenRow]) {
             r.batch, r.prefill_tps, r.decode_tps, r.ms_per_step, roof, frac
         );
     }
+}
+
+/// Sampled generation end to end through [`generate`](crate::model::generate):
+/// a chat-templated question, temperature 1 (sampling from the full
+/// distribution, as GRPO does), up to `new_tokens` per row; returns
+/// (batch, generated tokens per second with the prefill included) per batch size.
+pub fn sampled_generation(m: &LoadedModel, batches: &[usize], new_tokens: usize) -> Result<Vec<(usize, f64)>> {
+    use crate::model::{generate, Message, SamplingParams};
+    use rand::SeedableRng;
+    let question = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. \
+                    How many clips did Natalia sell altogether in April and May?";
+    let text = m.tokenizer.apply_chat_template(&[Message::new("user", question)], true)?;
+    let prompt = m.tokenizer.encode(&text)?;
+    let params = SamplingParams { temperature: 1.0, max_new_tokens: new_tokens, ..Default::default() };
+    let mut rows = Vec::new();
+    for &b in batches {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(b as u64);
+        sync(&m.model.device)?;
+        let t = Instant::now();
+        let out = generate(&m.model, &m.tokenizer, &vec![prompt.clone(); b], 1, &params, &mut rng, None)?;
+        sync(&m.model.device)?;
+        let tokens: usize = out.iter().map(|c| c.tokens.len() + c.eos as usize).sum();
+        rows.push((b, tokens as f64 / t.elapsed().as_secs_f64()));
+    }
+    Ok(rows)
 }
 
 /// One training step (forward + backward over `batch × seq` tokens, then AdamW):
