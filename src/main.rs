@@ -9,5 +9,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    r1pipe::tune_allocator();
     std::process::exit(cli::main());
 }

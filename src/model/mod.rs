@@ -6,6 +6,7 @@ pub mod cpu_attention;
 pub mod device;
 pub mod ops;
 pub mod skinny_matmul;
+pub mod token_logprobs;
 pub mod transformer;
 
 pub use config::{Arch, Config};

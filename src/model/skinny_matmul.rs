@@ -22,24 +22,27 @@ pub const MAX_ROWS: usize = 48;
 /// Output columns per unit of parallel work (the pool hands out runs of units).
 const COLS_PER_UNIT: usize = 8;
 
-/// Whether `x @ w^T` should take the skinny path: f32 on the CPU, few rows.
+/// Whether `x @ w^T` runs as [`matmul_t`]: f32 on the CPU.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.rank() == 2 && w.rank() == 2 && {
-        let m = x.dim(0).unwrap_or(usize::MAX);
-        (1..=MAX_ROWS).contains(&m)
-    }
+    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.rank() == 2 && w.rank() == 2
 }
 
-/// `x` [M, K] @ `w` [N, K]^T → [M, N]; differentiable (its backward is two candle matmuls).
+/// `x` [M, K] @ `w` [N, K]^T → [M, N], differentiable: the skinny kernel up to
+/// [`MAX_ROWS`] rows, candle's gemm above.
+///
+/// One op for both, rather than candle's matmul of `w.t()`, for the backward:
+/// candle would produce the weight's gradient as a transposed [K, N] tensor and
+/// add it to a zero [N, K] one through a strided copy, a slow pass over every
+/// parameter; here the gradient comes out as [N, K] directly.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.apply_op2(w, SkinnyMatmulT)
+    x.apply_op2(w, MatmulT)
 }
 
-struct SkinnyMatmulT;
+struct MatmulT;
 
-impl CustomOp2 for SkinnyMatmulT {
+impl CustomOp2 for MatmulT {
     fn name(&self) -> &'static str {
-        "skinny-matmul-t"
+        "matmul-t"
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
@@ -47,6 +50,10 @@ impl CustomOp2 for SkinnyMatmulT {
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             candle_core::bail!("skinny matmul: x is [{m}, {k}] but w is [{n}, {k2}]");
+        }
+        if m > MAX_ROWS {
+            let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
+            return Ok((out, Shape::from((m, n))));
         }
         let x = contiguous_f32(s1, l1)?;
         let w = contiguous_f32(s2, l2)?;
@@ -131,6 +138,7 @@ unsafe fn columns(x: &[f32], w: &[f32], m: usize, k: usize, c0: usize, c1: usize
 }
 
 /// A dot product in 8 interleaved partial sums (vectorizable without fast-math).
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

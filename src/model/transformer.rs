@@ -13,7 +13,8 @@ use rand_distr::Distribution;
 
 use super::config::Config;
 use super::cpu_attention;
-use super::ops::{linear, log_softmax_last, rms_norm, rope, softmax_last, Kernels};
+use super::ops::{linear, rms_norm, rope, softmax_last, Kernels};
+use super::token_logprobs::token_logprobs;
 
 /// Additive bias for masked attention: large and finite, so a fully masked
 /// row (a padding query) yields a uniform softmax instead of NaN.
@@ -349,7 +350,7 @@ impl Transformer {
             // `rep × t` query rows against that head's keys.
             let s = kk.dim(2)?;
             let q = q.reshape((b, c.num_kv_heads, rep * t, c.head_dim))?;
-            let attn = if k == Kernels::Fused && cpu_attention::applies(&q) {
+            let attn = if cpu_attention::applies(&q) {
                 cpu_attention::attention(&q, &kk, &v, mask, scale)?
             } else {
                 let scores = (q.matmul(&kk.t()?)? * scale)?
@@ -421,13 +422,10 @@ impl Transformer {
         let t = batch.ids.dim(1)?;
         let mask = self.mask(&batch.valid, batch.segments.as_deref(), 0, t)?;
         let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, Kernels::Differentiable, None)?;
-        let mut logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
-        if temperature != 1.0 {
-            logits = (logits / temperature)?;
-        }
-        let lp = log_softmax_last(&logits)?;
-        let targets = batch.ids.narrow(1, start + 1, len)?.unsqueeze(2)?;
-        lp.gather(&targets.contiguous()?, 2)?.squeeze(2)
+        let logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
+        let (b, _, v) = logits.dims3()?;
+        let targets = batch.ids.narrow(1, start + 1, len)?.flatten_all()?;
+        token_logprobs(&logits.reshape((b * len, v))?, &targets, temperature)?.reshape((b, len))
     }
 
     /// Incremental forward: feed `ids` [B, t] after what `cache` holds; returns

@@ -1,0 +1,203 @@
+//! log softmax(logits / τ)[target] per row, fused, with its backward: the
+//! last step of every training forward (SFT's cross-entropy, GRPO's ratios).
+//!
+//! Why fused: the logits are [tokens, vocabulary], 200 MB for a 4 × 256 batch
+//! of a 49k-vocabulary model. Composed from candle ops, log-softmax and gather
+//! allocate about six tensors of that size forward and as many backward, and
+//! their page faults and memory traffic cost as much as the vocabulary matmul.
+//! Fused, the forward reads each row of logits twice (max, then sum of
+//! exponentials) and writes one number per row; the backward writes the one
+//! gradient tensor, (onehot(target) − softmax(logits / τ)) · g / τ.
+//!
+//! Off the CPU the composed candle ops run instead (the same function, tested).
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+use super::ops::log_softmax_last;
+use super::skinny_matmul::OutPtr;
+
+/// log softmax(logits / temperature)[targets]: `logits` [N, V], `targets` [N] u32
+/// → [N]. Differentiable with respect to `logits`.
+pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        logits.apply_op2(targets, TokenLogprobs { inv_t: (1.0 / temperature) as f32 })
+    } else {
+        composed(logits, targets, temperature)
+    }
+}
+
+/// The same function from candle ops (any device, any float dtype).
+pub fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    let l = if temperature != 1.0 { (logits / temperature)? } else { logits.clone() };
+    log_softmax_last(&l)?.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?.squeeze(D::Minus1)
+}
+
+struct TokenLogprobs {
+    inv_t: f32,
+}
+
+/// Gradient of [`TokenLogprobs`] with respect to the logits, given the
+/// gradient of its output.
+struct TokenLogprobsGrad {
+    inv_t: f32,
+}
+
+/// Row-major f32 rows and their u32 targets, borrowed from contiguous storage.
+fn rows<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+) -> Result<(&'a [f32], &'a [u32], usize, usize)> {
+    let (n, v) = l1.shape().dims2()?;
+    if l2.shape().dims() != [n] {
+        candle_core::bail!("token logprobs: {n} rows of logits but targets of shape {:?}", l2.shape());
+    }
+    let (Some((a, b)), Some((c, d))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        candle_core::bail!("token logprobs: logits and targets must be contiguous");
+    };
+    let logits = &s1.as_slice::<f32>()?[a..b];
+    let targets = &s2.as_slice::<u32>()?[c..d];
+    if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("token logprobs: target {bad} is outside the vocabulary of {v}");
+    }
+    Ok((logits, targets, n, v))
+}
+
+/// max and log Σ exp of a row scaled by `inv_t` (the row's log-sum-exp is max + that).
+fn row_max_logsumexp(row: &[f32], inv_t: f32) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * inv_t;
+    let sum: f32 = row.iter().map(|&x| (x * inv_t - max).exp()).sum();
+    (max, sum.ln())
+}
+
+/// Run `f(i)` for every row index, split across the CPU threads when worth it.
+fn for_rows(n: usize, work_per_row: usize, f: impl Fn(usize) + Sync) {
+    if n > 1 && n * work_per_row > 1 << 16 {
+        candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
+    } else {
+        (0..n).for_each(f);
+    }
+}
+
+impl CustomOp2 for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "token-logprobs"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (logits, targets, n, v) = rows(s1, l1, s2, l2)?;
+        let mut out = vec![0f32; n];
+        let ptr = OutPtr(out.as_mut_ptr());
+        for_rows(n, v, |i| {
+            let row = &logits[i * v..(i + 1) * v];
+            let (max, lse) = row_max_logsumexp(row, self.inv_t);
+            // SAFETY: row i alone writes out[i]; `out` outlives the call.
+            unsafe { *ptr.get().add(i) = row[targets[i] as usize] * self.inv_t - max - lse };
+        });
+        Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = logits.contiguous()?.apply_op3_no_bwd(
+            &targets.contiguous()?,
+            &grad.contiguous()?,
+            &TokenLogprobsGrad { inv_t: self.inv_t },
+        )?;
+        Ok((Some(g), None))
+    }
+}
+
+impl CustomOp3 for TokenLogprobsGrad {
+    fn name(&self) -> &'static str {
+        "token-logprobs-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, targets, n, v) = rows(s1, l1, s2, l2)?;
+        let Some((a, b)) = l3.contiguous_offsets() else {
+            candle_core::bail!("token logprobs: gradient not contiguous")
+        };
+        let g = &s3.as_slice::<f32>()?[a..b];
+        let mut out = vec![0f32; n * v];
+        let ptr = OutPtr(out.as_mut_ptr());
+        for_rows(n, v, |i| {
+            let row = &logits[i * v..(i + 1) * v];
+            // SAFETY: row i alone writes out[i·v .. (i+1)·v]; `out` outlives the call.
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * v), v) };
+            let gi = g[i] * self.inv_t;
+            if gi == 0.0 {
+                return; // masked tokens: a zero gradient row, already there
+            }
+            let (max, lse) = row_max_logsumexp(row, self.inv_t);
+            let shift = max + lse;
+            for (oe, &x) in o.iter_mut().zip(row) {
+                *oe = -(x * self.inv_t - shift).exp() * gi;
+            }
+            o[targets[i] as usize] += gi;
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, v))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn logits(n: usize, v: usize, seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let x: Vec<f32> = (0..n * v).map(|_| rng.random_range(-6.0..6.0)).collect();
+        Tensor::from_vec(x, (n, v), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn equals_a_hand_computed_case() {
+        // Row [0, ln 3] at τ = 1: probabilities 1/4, 3/4.
+        let l = Tensor::new(&[[0f32, 3f32.ln()], [0.0, 0.0]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[1u32, 0], &Device::Cpu).unwrap();
+        let got = token_logprobs(&l, &t, 1.0).unwrap().to_vec1::<f32>().unwrap();
+        assert!((got[0] - 0.75f32.ln()).abs() < 1e-6 && (got[1] - 0.5f32.ln()).abs() < 1e-6, "{got:?}");
+    }
+
+    #[test]
+    fn values_and_gradients_equal_the_composed_ops() {
+        for temperature in [1.0, 0.7] {
+            let x = Var::from_tensor(&logits(5, 37, 1)).unwrap();
+            let t = Tensor::new(&[3u32, 0, 36, 7, 7], &Device::Cpu).unwrap();
+            // Zero weight on row 2 exercises the masked-row shortcut.
+            let w = Tensor::new(&[1.0f32, -2.0, 0.0, 0.5, 3.0], &Device::Cpu).unwrap();
+            let fused = token_logprobs(x.as_tensor(), &t, temperature).unwrap();
+            let reference = composed(x.as_tensor(), &t, temperature).unwrap();
+            let d = (&fused - &reference).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "values differ by {d}");
+            let g1 = (fused * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let (a, b) = (g1.get(&x).unwrap(), g2.get(&x).unwrap());
+            let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "gradients differ by {d} at temperature {temperature}");
+        }
+    }
+
+    #[test]
+    fn a_target_outside_the_vocabulary_is_an_error() {
+        let t = Tensor::new(&[40u32], &Device::Cpu).unwrap();
+        let e = token_logprobs(&logits(1, 37, 2), &t, 1.0).unwrap_err().to_string();
+        assert!(e.contains("outside the vocabulary of 37"), "{e}");
+    }
+}
