@@ -39,7 +39,7 @@ stages:
       num_generations: 4
       max_completion_length: 128
       beta: {beta}
-      max_steps: 3
+      max_steps: 5
       save_steps: 100
 "#,
         data = data.display(),
@@ -56,28 +56,31 @@ stages:
     let show =
         Command::new(env!("CARGO_BIN_EXE_r1pipe")).args(["show", "grpo.log"]).current_dir(dir.path()).output().unwrap();
     let log = fs::read_to_string(String::from_utf8_lossy(&show.stdout).trim()).unwrap();
+    // (log key, column label)
     let cols = [
-        "step_time",
-        "timing/generation",
-        "timing/scoring",
-        "timing/reference",
-        "timing/policy_forward_backward",
-        "timing/optimizer",
-        "completions/mean_length",
-        "tokens_per_second",
+        ("step_time", "step s"),
+        ("timing/generation", "generation"),
+        ("timing/scoring", "scoring"),
+        ("timing/reference", "reference"),
+        ("timing/policy_forward_backward", "policy fwd+bwd"),
+        ("timing/optimizer", "optimizer"),
+        ("completions/mean_length", "mean length"),
+        ("tokens_per_second", "tokens/s"),
     ];
     println!("GRPO on SmolLM2-135M-Instruct (f32, CPU), 2 prompts × 4 generations × ≤128 tokens, β = {beta}");
-    println!(
-        "{:<6} {}",
-        "step",
-        cols.iter().map(|c| format!("{:>16}", c.trim_start_matches("timing/"))).collect::<String>()
-    );
+    println!("{:<5}{}", "step", cols.iter().map(|(_, label)| format!("{label:>15}")).collect::<String>());
+    let mut times = Vec::new();
     for line in log.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        times.push(v["step_time"].as_f64().unwrap_or(f64::NAN));
         println!(
-            "{:<6} {}",
+            "{:<5}{}",
             v["step"],
-            cols.iter().map(|c| format!("{:>16.3}", v[*c].as_f64().unwrap_or(f64::NAN))).collect::<String>()
+            cols.iter().map(|(key, _)| format!("{:>15.2}", v[*key].as_f64().unwrap_or(f64::NAN))).collect::<String>()
         );
     }
+    // Step 1 also pays for first-touch allocation of the weights' gradients and moments.
+    let mut steady = times[1.min(times.len() - 1)..].to_vec();
+    steady.sort_by(f64::total_cmp);
+    println!("median step time after the first: {:.2} s", steady[steady.len() / 2]);
 }
