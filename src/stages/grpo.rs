@@ -461,6 +461,7 @@ impl<'a> GrpoTrainer<'a> {
             rows_ids.push(ids);
             rows_valid.push(valid);
         }
+        tracing::debug!(rows = rows_ids.len(), prompt_len = plen, completion_len = clen, "grpo training rows");
         let dev = &self.policy.device;
         let global_tokens: f64 = masks.iter().map(|m| m.iter().sum::<f32>() as f64).sum();
         let micro = p.per_device_train_batch_size;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::adamw_cpu;
+use super::inplace_cpu;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdamWConfig {
@@ -50,7 +50,7 @@ impl AdamW {
         for (i, (name, p)) in self.params.iter().enumerate() {
             let Some(g) = grads.get(name) else { continue };
             let decay = if decays(name) { c.weight_decay } else { 0.0 };
-            let k = adamw_cpu::Coefficients {
+            let k = inplace_cpu::Coefficients {
                 beta1: c.beta1 as f32,
                 beta2: c.beta2 as f32,
                 bias_correction1: bc1 as f32,
@@ -59,8 +59,8 @@ impl AdamW {
                 lr: lr as f32,
                 weight_decay: decay as f32,
             };
-            if adamw_cpu::applies(&[p.as_tensor(), &self.m[i], &self.v[i], g]) {
-                adamw_cpu::step(p.as_tensor(), &self.m[i], &self.v[i], g, k)?;
+            if inplace_cpu::applies(&[p.as_tensor(), &self.m[i], &self.v[i], g]) {
+                inplace_cpu::step(p.as_tensor(), &self.m[i], &self.v[i], g, k)?;
             } else {
                 (self.m[i], self.v[i]) = composed_step(p, &self.m[i], &self.v[i], g, k)?;
             }
@@ -99,7 +99,7 @@ fn composed_step(
     m: &Tensor,
     v: &Tensor,
     g: &Tensor,
-    k: adamw_cpu::Coefficients,
+    k: inplace_cpu::Coefficients,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let (b1, b2) = (k.beta1 as f64, k.beta2 as f64);
     let m = ((m * b1)? + (g * (1.0 - b1))?)?;
@@ -117,14 +117,26 @@ fn decays(name: &str) -> bool {
 /// Scale gradients so their global L2 norm is at most `max_norm`; returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
     let mut sq = 0.0f64;
-    for g in grads.values() {
-        sq += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    // In name order: the same summation order, hence the same norm, on every run.
+    let mut names: Vec<&String> = grads.keys().collect();
+    names.sort();
+    for name in names {
+        let g = &grads[name];
+        sq += if inplace_cpu::applies(&[g]) {
+            inplace_cpu::sum_of_squares(g)?
+        } else {
+            g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?
+        };
     }
     let norm = sq.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let s = max_norm / (norm + 1e-6);
         for g in grads.values_mut() {
-            *g = (&*g * s)?;
+            if inplace_cpu::applies(&[g]) {
+                inplace_cpu::scale(g, s as f32)?;
+            } else {
+                *g = (&*g * s)?;
+            }
         }
     }
     Ok(norm)
@@ -161,11 +173,14 @@ pub fn accumulate(
     for (name, p) in params {
         if let Some(g) = grads.get(p.as_tensor()) {
             let g = g.detach();
-            let sum = match into.remove(name) {
-                Some(prev) => (prev + g)?,
-                None => g,
-            };
-            into.insert(name.clone(), sum);
+            match into.get_mut(name) {
+                // The accumulator is ours alone (a detached gradient of an earlier micro-batch).
+                Some(prev) if inplace_cpu::applies(&[prev, &g]) => inplace_cpu::add(prev, &g)?,
+                Some(prev) => *prev = (&*prev + g)?,
+                None => {
+                    into.insert(name.clone(), g);
+                }
+            }
         }
     }
     Ok(())
@@ -212,7 +227,7 @@ mod tests {
             Tensor::from_vec((0..n).map(|_| rng.random_range(lo..hi)).collect::<Vec<f32>>(), n, &Device::Cpu).unwrap()
         };
         let (p0, m0, v0, g) = (r(-1.0, 1.0), r(-0.1, 0.1), r(0.0, 0.01), r(-0.5, 0.5));
-        let k = adamw_cpu::Coefficients {
+        let k = inplace_cpu::Coefficients {
             beta1: 0.9,
             beta2: 0.99,
             bias_correction1: 1.0 - 0.9f32.powi(3),
@@ -223,8 +238,8 @@ mod tests {
         };
         let copy = |t: &Tensor| t.copy().unwrap();
         let (p1, m1, v1) = (Var::from_tensor(&copy(&p0)).unwrap(), copy(&m0), copy(&v0));
-        assert!(adamw_cpu::applies(&[p1.as_tensor(), &m1, &v1, &g]));
-        adamw_cpu::step(p1.as_tensor(), &m1, &v1, &g, k).unwrap();
+        assert!(inplace_cpu::applies(&[p1.as_tensor(), &m1, &v1, &g]));
+        inplace_cpu::step(p1.as_tensor(), &m1, &v1, &g, k).unwrap();
         let p2 = Var::from_tensor(&copy(&p0)).unwrap();
         let (m2, v2) = composed_step(&p2, &m0, &v0, &g, k).unwrap();
         let close = |a: &Tensor, b: &Tensor, what: &str| {
