@@ -16,7 +16,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::skinny_matmul::{dot, OutPtr};
+use super::cpu_threads::{for_each_unit, SharedOut};
+use super::skinny_matmul::dot;
 
 /// A mask entry at or below this is a masked key (the model uses −1e9): its
 /// score is the mask itself, without the dot product, and its probability 0.
@@ -92,7 +93,14 @@ struct Unit<'a> {
     scale: f32,
 }
 
-impl Unit<'_> {
+impl<'a> Unit<'a> {
+    /// The kernels' view of one call: q [B, Hkv, R, D], k and v [B, Hkv, S, D],
+    /// the [B, 1, T, S] mask from its first element.
+    #[allow(clippy::too_many_arguments)]
+    fn new(q: Rows<'a>, k: Rows<'a>, v: Rows<'a>, mask: &'a [f32], hkv: usize, t: usize, s: usize, scale: f32) -> Self {
+        Unit { q, k, v, mask, hkv, t, s, d: q.d, scale }
+    }
+
     /// Normalized attention probabilities of query `row` of unit (bi, h) into `p`.
     #[inline(always)]
     fn probs(&self, bi: usize, h: usize, row: usize, p: &mut [f32]) {
@@ -196,25 +204,9 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     }
 }
 
-fn cpu_slice(s: &CpuStorage) -> Result<&[f32]> {
-    s.as_slice::<f32>()
-}
-
-/// Run `f(u)` for every unit, split across the CPU threads when worth it.
+/// Run `f(u)` for every (sequence, head) unit, across the CPU threads when worth it.
 fn for_units(units: usize, work_per_unit: usize, f: impl Fn(usize) + Sync) {
-    if units > 1 && work_per_unit * units > 1 << 12 {
-        candle_core::utils::barrier_pool().execute_chunked(units, |range| range.for_each(&f));
-    } else {
-        (0..units).for_each(f);
-    }
-}
-
-/// A mutable block of `len` floats at `u * len` in a buffer shared by the units.
-///
-/// # Safety
-/// Unit u alone may call this for its u, and the buffer must outlive the use.
-unsafe fn block<'a>(p: OutPtr, u: usize, len: usize) -> &'a mut [f32] {
-    std::slice::from_raw_parts_mut(p.get().add(u * len), len)
+    for_each_unit(units, work_per_unit * units > 1 << 12, |range| range.for_each(&f));
 }
 
 impl CustomOp3 for Attention {
@@ -235,22 +227,20 @@ impl CustomOp3 for Attention {
         let Storage::Cpu(mask_cpu) = &*mask_storage else { candle_core::bail!("cpu attention: mask not on the CPU") };
         let (b, hkv, r, d) = l1.shape().dims4()?;
         let (t, s) = (self.mask.dim(2)?, l2.dims()[2]);
-        let unit = Unit {
-            q: Rows::new(cpu_slice(s1)?, l1)?,
-            k: Rows::new(cpu_slice(s2)?, l2)?,
-            v: Rows::new(cpu_slice(s3)?, l3)?,
-            mask: &mask_cpu.as_slice::<f32>()?[mask_layout.start_offset()..],
+        let unit = Unit::new(
+            Rows::new(s1.as_slice::<f32>()?, l1)?,
+            Rows::new(s2.as_slice::<f32>()?, l2)?,
+            Rows::new(s3.as_slice::<f32>()?, l3)?,
+            &mask_cpu.as_slice::<f32>()?[mask_layout.start_offset()..],
             hkv,
-
             t,
             s,
-            d,
-            scale: self.scale,
-        };
+            self.scale,
+        );
         let mut out = vec![0f32; b * hkv * r * d];
-        let ptr = OutPtr(out.as_mut_ptr());
+        let shared = SharedOut::new(&mut out);
         // SAFETY: unit u writes only its own R × D block.
-        for_units(b * hkv, r * s * d, |u| unit.forward(u, unsafe { block(ptr, u, r * d) }));
+        for_units(b * hkv, r * s * d, |u| unit.forward(u, unsafe { shared.part(u * r * d, r * d) }));
         Ok((CpuStorage::F32(out), Shape::from((b, hkv, r, d))))
     }
 
@@ -270,25 +260,17 @@ impl CustomOp3 for Attention {
             let Storage::Cpu(c) = &**st else { candle_core::bail!("cpu attention: tensor not on the CPU") };
             slices.push((c.as_slice::<f32>()?, *l));
         }
-        let unit = Unit {
-            q: Rows::new(slices[0].0, slices[0].1)?,
-            k: Rows::new(slices[1].0, slices[1].1)?,
-            v: Rows::new(slices[2].0, slices[2].1)?,
-            mask: &slices[4].0[slices[4].1.start_offset()..],
-            hkv,
-
-            t,
-            s,
-            d,
-            scale: self.scale,
-        };
-        let g = Rows::new(slices[3].0, slices[3].1)?;
+        let rows = |i: usize| Rows::new(slices[i].0, slices[i].1);
+        let mask = &slices[4].0[slices[4].1.start_offset()..];
+        let unit = Unit::new(rows(0)?, rows(1)?, rows(2)?, mask, hkv, t, s, self.scale);
+        let g = rows(3)?;
         let (mut dq, mut dk, mut dv) =
             (vec![0f32; b * hkv * r * d], vec![0f32; b * hkv * s * d], vec![0f32; b * hkv * s * d]);
-        let (pq, pk, pv) = (OutPtr(dq.as_mut_ptr()), OutPtr(dk.as_mut_ptr()), OutPtr(dv.as_mut_ptr()));
+        let (pq, pk, pv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
         for_units(b * hkv, 2 * r * s * d, |u| {
             // SAFETY: unit u writes only its own blocks of dq, dk and dv.
-            let (dq, dk, dv) = unsafe { (block(pq, u, r * d), block(pk, u, s * d), block(pv, u, s * d)) };
+            let (dq, dk, dv) =
+                unsafe { (pq.part(u * r * d, r * d), pk.part(u * s * d, s * d), pv.part(u * s * d, s * d)) };
             unit.backward(u, g, dq, dk, dv);
         });
         drop(locked);

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod cpu_attention;
+pub(crate) mod cpu_threads;
 pub mod device;
 pub mod ops;
 pub mod skinny_matmul;

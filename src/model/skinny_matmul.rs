@@ -15,8 +15,11 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
+use super::cpu_threads::{for_each_unit, SharedOut};
+
 /// Up to this many rows of `x` the hand-written kernel is used; above it
-/// `gemm`'s packed kernels win (measured by `cargo bench --bench generation`).
+/// `gemm`'s packed kernels win (timed against each other on this machine's CPU
+/// for SmolLM2's weight shapes: ahead up to 48 rows, even at 64).
 pub const MAX_ROWS: usize = 48;
 
 /// Output columns per unit of parallel work (the pool hands out runs of units).
@@ -81,42 +84,17 @@ fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<std::borrow::Cow<
     }
 }
 
-/// A raw output pointer shared by the threads of a parallel kernel, each of
-/// which writes only its own disjoint part of the output.
-#[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-// SAFETY: users write disjoint parts of the buffer (see `matmul_t_slices`, `cpu_attention`).
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the (Sync) wrapper rather than its raw field.
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
-/// out[i, j] = dot(x[i, :], w[j, :]) for x [m, k], w [n, k], out [m, n], all row-major.
-///
-/// The columns are shared out on candle's barrier pool: its workers spin briefly
-/// between calls, and the calling thread works too. A decode step makes some two
-/// hundred of these calls a few tens of microseconds apart; waking sleeping
-/// threads (as a rayon pool does) for each cost a fifth of the step.
+/// out[i, j] = dot(x[i, :], w[j, :]) for x [m, k], w [n, k], out [m, n], all row-major;
+/// the columns are shared out across the CPU threads.
 pub fn matmul_t_slices(x: &[f32], w: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n, "skinny matmul: slice sizes");
-    let ptr = OutPtr(out.as_mut_ptr());
-    let units = n.div_ceil(COLS_PER_UNIT);
-    let run = |r: std::ops::Range<usize>| {
+    let shared = SharedOut::new(out);
+    for_each_unit(n.div_ceil(COLS_PER_UNIT), m * n * k > 1 << 15, |r| {
         let (c0, c1) = (r.start * COLS_PER_UNIT, (r.end * COLS_PER_UNIT).min(n));
         // SAFETY: this range of units, hence columns c0..c1, is handed to exactly one thread,
         // and `out` outlives the call.
-        unsafe { columns(x, w, m, k, c0, c1, n, ptr.get()) }
-    };
-    if units > 1 && m * n * k > 1 << 15 {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
-    } else {
-        run(0..units);
-    }
+        unsafe { columns(x, w, m, k, c0, c1, n, shared.ptr()) }
+    });
 }
 
 /// Columns c0..c1 of the output.

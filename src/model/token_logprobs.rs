@@ -13,8 +13,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
+use super::cpu_threads::{for_each_unit, SharedOut};
 use super::ops::log_softmax_last;
-use super::skinny_matmul::OutPtr;
 
 /// log softmax(logits / temperature)[targets]: `logits` [N, V], `targets` [N] u32
 /// → [N]. Differentiable with respect to `logits`.
@@ -73,11 +73,7 @@ fn row_max_logsumexp(row: &[f32], inv_t: f32) -> (f32, f32) {
 
 /// Run `f(i)` for every row index, split across the CPU threads when worth it.
 fn for_rows(n: usize, work_per_row: usize, f: impl Fn(usize) + Sync) {
-    if n > 1 && n * work_per_row > 1 << 16 {
-        candle_core::utils::barrier_pool().execute_chunked(n, |r| r.for_each(&f));
-    } else {
-        (0..n).for_each(f);
-    }
+    for_each_unit(n, n * work_per_row > 1 << 16, |r| r.for_each(&f));
 }
 
 impl CustomOp2 for TokenLogprobs {
@@ -88,12 +84,12 @@ impl CustomOp2 for TokenLogprobs {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (logits, targets, n, v) = rows(s1, l1, s2, l2)?;
         let mut out = vec![0f32; n];
-        let ptr = OutPtr(out.as_mut_ptr());
+        let shared = SharedOut::new(&mut out);
         for_rows(n, v, |i| {
             let row = &logits[i * v..(i + 1) * v];
             let (max, lse) = row_max_logsumexp(row, self.inv_t);
             // SAFETY: row i alone writes out[i]; `out` outlives the call.
-            unsafe { *ptr.get().add(i) = row[targets[i] as usize] * self.inv_t - max - lse };
+            unsafe { shared.part(i, 1)[0] = row[targets[i] as usize] * self.inv_t - max - lse };
         });
         Ok((CpuStorage::F32(out), Shape::from(n)))
     }
@@ -134,11 +130,11 @@ impl CustomOp3 for TokenLogprobsGrad {
         };
         let g = &s3.as_slice::<f32>()?[a..b];
         let mut out = vec![0f32; n * v];
-        let ptr = OutPtr(out.as_mut_ptr());
+        let shared = SharedOut::new(&mut out);
         for_rows(n, v, |i| {
             let row = &logits[i * v..(i + 1) * v];
             // SAFETY: row i alone writes out[i·v .. (i+1)·v]; `out` outlives the call.
-            let o = unsafe { std::slice::from_raw_parts_mut(ptr.get().add(i * v), v) };
+            let o = unsafe { shared.part(i * v, v) };
             let gi = g[i] * self.inv_t;
             if gi == 0.0 {
                 return; // masked tokens: a zero gradient row, already there

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
-use crate::model::skinny_matmul::OutPtr;
+use crate::model::cpu_threads::{for_each_unit, SharedOut};
 
 /// The scalars of one AdamW step for one parameter.
 #[derive(Debug, Clone, Copy)]
@@ -62,18 +62,12 @@ const UNIT: usize = 1 << 14;
 /// `f(offset, chunk)` over `dst` in chunks, split across the CPU threads.
 fn par_chunks(dst: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync) {
     let n = dst.len();
-    let ptr = OutPtr(dst.as_mut_ptr());
-    let run = |r: std::ops::Range<usize>| {
+    let shared = SharedOut::new(dst);
+    for_each_unit(n.div_ceil(UNIT), true, |r| {
         let (a, b) = (r.start * UNIT, (r.end * UNIT).min(n));
         // SAFETY: each range of units is handed to one thread; `dst` outlives the call.
-        f(a, unsafe { std::slice::from_raw_parts_mut(ptr.get().add(a), b - a) });
-    };
-    let units = n.div_ceil(UNIT);
-    if units > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
-    } else {
-        run(0..units);
-    }
+        f(a, unsafe { shared.part(a, b - a) });
+    });
 }
 
 impl InplaceOp2 for FirstMoment {
@@ -152,33 +146,15 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     let x = slice(cpu, layout)?;
     let units = x.len().div_ceil(UNIT);
     let mut partial = vec![0f64; units];
-    let ptr = OutPtr64(partial.as_mut_ptr());
-    let run = |r: std::ops::Range<usize>| {
+    let shared = SharedOut::new(&mut partial);
+    for_each_unit(units, true, |r| {
         for u in r {
             let chunk = &x[u * UNIT..((u + 1) * UNIT).min(x.len())];
-            let s: f64 = chunk.iter().map(|&v| (v as f64) * (v as f64)).sum();
             // SAFETY: unit u alone writes partial[u]; `partial` outlives the call.
-            unsafe { *ptr.get().add(u) = s };
+            unsafe { shared.part(u, 1)[0] = chunk.iter().map(|&v| (v as f64) * (v as f64)).sum() };
         }
-    };
-    if units > 1 {
-        candle_core::utils::barrier_pool().execute_chunked(units, run);
-    } else {
-        run(0..units);
-    }
+    });
     Ok(partial.iter().sum())
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr64(*mut f64);
-// SAFETY: units write disjoint elements (see `sum_of_squares`).
-unsafe impl Send for OutPtr64 {}
-unsafe impl Sync for OutPtr64 {}
-
-impl OutPtr64 {
-    fn get(self) -> *mut f64 {
-        self.0
-    }
 }
 
 struct Add;
