@@ -13,7 +13,7 @@ use r1pipe::bench;
 use r1pipe::model::{load, Config, ModelRef, Transformer};
 
 fn main() {
-    r1pipe::tune_allocator();
+    r1pipe::common::memory::tune_allocator();
     let batches: Vec<usize> = std::env::var("R1PIPE_BENCH_BATCHES")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())

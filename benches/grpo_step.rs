@@ -65,7 +65,7 @@ stages:
         ("timing/policy_forward_backward", "policy fwd+bwd"),
         ("timing/optimizer", "optimizer"),
         ("completions/mean_length", "mean length"),
-        ("tokens_per_second", "tokens/s"),
+        ("generation_tokens_per_second", "gen tokens/s"),
     ];
     println!("GRPO on SmolLM2-135M-Instruct (f32, CPU), 2 prompts × 4 generations × ≤128 tokens, β = {beta}");
     println!("{:<5}{}", "step", cols.iter().map(|(_, label)| format!("{label:>15}")).collect::<String>());

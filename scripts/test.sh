@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-smollm2.sh
-cargo test --locked "$@"
+cargo test --locked --features test-kinds "$@"

@@ -9,7 +9,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 
 use crate::model::{Batch, KvCache, LoadedModel, Transformer};
-use crate::train::optim::{accumulate, AdamW, AdamWConfig};
+use crate::train::optim::{AdamW, AdamWConfig};
 
 #[derive(Debug, Clone)]
 pub struct GenRow {
@@ -117,17 +117,15 @@ pub fn train_step(m: &Transformer, batch: usize, seq: usize, reps: usize) -> Res
     let ids: Vec<Vec<u32>> =
         (0..batch).map(|r| (0..seq).map(|i| ((i * 17 + r * 3) % 1000 + 10) as u32).collect()).collect();
     let b = Batch::left_padded(&ids, 0, &m.device)?;
-    let params: Vec<(String, candle_core::Var)> = m.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let mut opt = AdamW::new(params, AdamWConfig { lr: 1e-6, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 })?;
+    let mut opt = AdamW::new(m.trainable(), AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.0 })?;
     let mut times = Vec::new();
     for _ in 0..reps + 1 {
         sync(&m.device)?;
         let t = Instant::now();
         let lp = m.next_token_logprobs(&b)?;
         let loss = lp.mean_all()?.neg()?;
-        let mut grads = std::collections::HashMap::new();
-        accumulate(&mut grads, &loss.backward()?, opt.params())?;
-        opt.step(&grads, 1e-6)?;
+        m.backward(&loss)?;
+        opt.step(&m.take_grads(), 1e-6)?;
         sync(&m.device)?;
         times.push(t.elapsed().as_secs_f64());
     }

@@ -72,7 +72,7 @@ impl HubRepo {
         let commit = std::fs::read_to_string(folder.join("refs").join(self.repo.revision()))?;
         let snapshot = folder.join("snapshots").join(commit.trim());
         let mut out = Vec::new();
-        for p in crate::pipeline::checkpoint::walk(&snapshot)? {
+        for p in crate::common::fsutil::walk(&snapshot)? {
             if p.is_file() || p.is_symlink() {
                 out.push(p.strip_prefix(&snapshot)?.to_string_lossy().to_string());
             }

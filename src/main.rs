@@ -9,6 +9,6 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    r1pipe::tune_allocator();
+    r1pipe::common::memory::tune_allocator();
     std::process::exit(cli::main());
 }

@@ -7,20 +7,32 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Tensor};
 use r1pipe::model::{Batch, Config, Kernels, KvCache, Transformer};
 
-fn tiny_config(qwen: bool, tied: bool) -> Config {
-    Config::from_json(serde_json::json!({
-        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
-        "model_type": if qwen { "qwen2" } else { "llama" },
+/// A tiny config of a family: `qwen2` (q/k/v bias), `llama`, or `qwen3` (q/k norm and an
+/// explicit head_dim of 8, twice hidden_size / heads).
+fn tiny_config_of(family: &str, tied: bool) -> Config {
+    let mut c = serde_json::json!({
+        "model_type": family,
         "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 40,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": tied, "max_position_embeddings": 64
-    }))
-    .unwrap()
+    });
+    if family == "qwen3" {
+        c["head_dim"] = 8.into();
+    }
+    Config::from_json(c).unwrap()
+}
+
+fn tiny_config(qwen: bool, tied: bool) -> Config {
+    tiny_config_of(if qwen { "qwen2" } else { "llama" }, tied)
 }
 
 fn model(qwen: bool, tied: bool, seed: u64) -> Transformer {
+    model_of(tiny_config(qwen, tied), seed)
+}
+
+fn model_of(cfg: Config, seed: u64) -> Transformer {
     // std 0.02 makes a tiny model nearly constant; scale weights up so the test has teeth.
-    let m = Transformer::random(tiny_config(qwen, tied), seed, &Device::Cpu).unwrap();
+    let m = Transformer::random(cfg, seed, &Device::Cpu).unwrap();
     for (name, v) in &m.weights {
         if !name.ends_with("norm.weight") {
             v.set(&(v.as_tensor() * 20.0).unwrap()).unwrap();
@@ -91,6 +103,19 @@ fn reference(m: &Transformer, ids: &[u32]) -> Vec<Vec<f64>> {
             let h = rmsnorm(x, &w1(m, &format!("{p}.input_layernorm.weight")), c.rms_norm_eps);
             let mut q = add(matvec(&wq, &h), bias("q_proj"));
             let mut k = add(matvec(&wk, &h), bias("k_proj"));
+            // Qwen3: RMSNorm over each head of q and k, before the rotary embedding.
+            if c.qk_norm {
+                let (qn, kn) =
+                    (w1(m, &format!("{p}.self_attn.q_norm.weight")), w1(m, &format!("{p}.self_attn.k_norm.weight")));
+                for head in 0..nh {
+                    let r = rmsnorm(&q[head * hd..(head + 1) * hd], &qn, c.rms_norm_eps);
+                    q[head * hd..(head + 1) * hd].copy_from_slice(&r);
+                }
+                for head in 0..nkv {
+                    let r = rmsnorm(&k[head * hd..(head + 1) * hd], &kn, c.rms_norm_eps);
+                    k[head * hd..(head + 1) * hd].copy_from_slice(&r);
+                }
+            }
             for head in 0..nh {
                 rope(&mut q[head * hd..(head + 1) * hd], t, c.rope_theta);
             }
@@ -164,6 +189,58 @@ fn logits_match_a_float64_reference_for_qwen2_and_llama_shapes() {
 }
 
 #[test]
+fn qwen3_logits_match_the_float64_reference_with_qk_norm_and_explicit_head_dim() {
+    let m = model_of(tiny_config_of("qwen3", true), 21);
+    assert!(m.cfg.qk_norm && !m.cfg.attention_bias && m.cfg.head_dim == 8);
+    assert!(m.weights.contains_key("model.layers.1.self_attn.k_norm.weight"));
+    let want = reference(&m, &IDS);
+    let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
+    for k in [Kernels::Differentiable, Kernels::Fused] {
+        let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, k).unwrap().to_vec3().unwrap();
+        for t in 0..IDS.len() {
+            assert_close(&got[0][t], &want[t], 1e-4, &format!("qwen3 {k:?} position {t}"));
+        }
+    }
+    // The KV-cache path (generation) agrees with the full forward too.
+    let mut cache = KvCache::new(m.cfg.num_layers, 16);
+    let first = m.forward_cached(&[IDS.to_vec()], &mut cache).unwrap().to_vec2::<f32>().unwrap();
+    assert_close(&first[0], &want[IDS.len() - 1], 1e-4, "qwen3 cached");
+}
+
+#[test]
+fn checkpointed_layers_give_the_same_loss_and_gradients() {
+    for family in ["qwen2", "qwen3"] {
+        let mut m = model_of(tiny_config_of(family, false), 22);
+        let batch = Batch::left_padded(&[IDS.to_vec(), IDS[2..].to_vec()], 1, &Device::Cpu).unwrap();
+        let run = |m: &Transformer| {
+            let l = loss(m, &batch);
+            m.backward(&l).unwrap();
+            (l.to_scalar::<f32>().unwrap(), m.take_grads())
+        };
+        let (plain_loss, plain) = run(&m);
+        m.gradient_checkpointing = true;
+        let (ck_loss, ck) = run(&m);
+        assert_eq!(plain_loss, ck_loss, "{family}: the forward is the same computation");
+        assert_eq!(plain.len(), m.weights.len(), "{family}: every parameter has a gradient");
+        assert_eq!(ck.len(), plain.len());
+        for (name, g) in &plain {
+            let d = (g - &ck[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap().max(1e-6);
+            assert!(d <= 1e-5 * scale, "{family}: {name} differs by {d} (scale {scale})");
+        }
+    }
+}
+
+#[test]
 fn left_padding_does_not_change_a_sequence_s_logits() {
     let m = model(true, false, 12);
     let short = IDS[..4].to_vec();
@@ -204,9 +281,10 @@ fn loss(m: &Transformer, batch: &Batch) -> Tensor {
 #[test]
 fn gradients_match_finite_differences() {
     let mut m = model(true, false, 14);
-    m.compute_dtype = DType::F64;
+    m.set_compute_dtype(DType::F64).unwrap();
     let batch = Batch::left_padded(&[IDS.to_vec(), IDS[2..].to_vec()], 1, &Device::Cpu).unwrap();
-    let grads = loss(&m, &batch).backward().unwrap();
+    m.backward(&loss(&m, &batch)).unwrap();
+    let grads = m.take_grads();
     let probes = [
         ("model.embed_tokens.weight", 5 * 16 + 3),
         ("model.layers.0.self_attn.q_proj.weight", 17),
@@ -217,23 +295,26 @@ fn gradients_match_finite_differences() {
         ("model.norm.weight", 9),
         ("lm_head.weight", 33),
     ];
+    // The loss with one master weight moved by `delta` (the f64 compute weights recast after the change).
+    fn at(m: &mut Transformer, batch: &Batch, name: &str, orig: &[f32], idx: usize, delta: f32) -> (f64, f64) {
+        let mut v = orig.to_vec();
+        v[idx] += delta;
+        let real = v[idx] as f64 - orig[idx] as f64;
+        let var = m.weights[name].clone();
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+        m.refresh_compute_weights().unwrap();
+        (loss(m, batch).to_scalar::<f64>().unwrap(), real)
+    }
     for (name, idx) in probes {
-        let var = &m.weights[name];
-        let analytic = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let analytic = grads.get(name).unwrap_or_else(|| panic!("no gradient for {name}"));
         let analytic: f64 =
             analytic.to_dtype(DType::F64).unwrap().flatten_all().unwrap().get(idx).unwrap().to_scalar().unwrap();
-        let orig: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let orig: Vec<f32> = m.weights[name].as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         // The weights are stored in f32: use the perturbation f32 can actually represent.
-        let at = |delta: f32| -> (f64, f64) {
-            let mut v = orig.clone();
-            v[idx] += delta;
-            let real = v[idx] as f64 - orig[idx] as f64;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            (loss(&m, &batch).to_scalar::<f64>().unwrap(), real)
-        };
         let eps = 2e-4f32;
-        let ((plus, dp), (minus, dm)) = (at(eps), at(-eps));
-        var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+        let ((plus, dp), (minus, dm)) =
+            (at(&mut m, &batch, name, &orig, idx, eps), at(&mut m, &batch, name, &orig, idx, -eps));
+        at(&mut m, &batch, name, &orig, idx, 0.0);
         let numeric = (plus - minus) / (dp - dm);
         let tol = 1e-3 * numeric.abs().max(1e-2);
         assert!((analytic - numeric).abs() <= tol, "{name}[{idx}]: backward {analytic} vs finite difference {numeric}");
@@ -242,25 +323,22 @@ fn gradients_match_finite_differences() {
 
 #[test]
 fn one_backward_reaches_every_trainable_parameter() {
-    for (qwen, tied) in [(true, false), (false, true)] {
-        let m = model(qwen, tied, 15);
+    for (family, tied) in [("qwen2", false), ("llama", true), ("qwen3", true)] {
+        let m = model_of(tiny_config_of(family, tied), 15);
         let batch = Batch::left_padded(&[IDS.to_vec(), IDS[1..5].to_vec()], 0, &Device::Cpu).unwrap();
-        let grads = loss(&m, &batch).backward().unwrap();
+        m.backward(&loss(&m, &batch)).unwrap();
+        let grads = m.take_grads();
         let mut missing = BTreeMap::new();
-        for (name, var) in &m.weights {
+        for name in m.weights.keys() {
             let nonzero = grads
-                .get(var.as_tensor())
+                .get(name)
                 .map(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0)
                 .unwrap_or(false);
             if !nonzero {
                 missing.insert(name.clone(), ());
             }
         }
-        assert!(
-            missing.is_empty(),
-            "qwen={qwen}: parameters without gradient: {:?}",
-            missing.keys().collect::<Vec<_>>()
-        );
+        assert!(missing.is_empty(), "{family}: parameters without gradient: {:?}", missing.keys().collect::<Vec<_>>());
         assert_eq!(m.weights.len(), m.cfg.weight_shapes().len());
     }
 }
@@ -271,7 +349,13 @@ fn temperature_scaled_logprobs_are_log_softmax_of_scaled_logits() {
     let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
     let logits: Vec<Vec<f32>> =
         m.forward(&batch, Kernels::Differentiable).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
-    let got: Vec<f32> = m.next_token_logprobs_range(&batch, 2, 3, 2.0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let got: Vec<f32> = m
+        .next_token_logprobs_range(&batch, 2, 3, 2.0, r1pipe::model::Pass::TRAIN)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for (k, g) in got.iter().enumerate() {
         let row: Vec<f64> = logits[2 + k].iter().map(|&x| x as f64 / 2.0).collect();
         let max = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -167,7 +167,9 @@ fn an_interrupted_evaluation_keeps_its_samples_and_ends_as_an_uninterrupted_one(
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| fs::read_to_string(e.path().join("samples-base.jsonl")).ok())
+            .flat_map(|e| fs::read_dir(e.path()).into_iter().flatten().flatten())
+            .filter(|f| f.file_name().to_string_lossy().starts_with("samples-base-"))
+            .filter_map(|f| fs::read_to_string(f.path()).ok())
             .map(|s| s.lines().count())
             .sum();
         if n >= 5 {

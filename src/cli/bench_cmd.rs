@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use r1pipe::bench;
-use r1pipe::model::{device, load, Config, ModelRef, Transformer};
+use r1pipe::model::{self, device, Config, Transformer};
 
 pub struct BenchArgs {
     pub model: Option<String>,
@@ -23,21 +23,23 @@ pub struct BenchArgs {
 }
 
 pub fn run(a: BenchArgs) -> Result<i32> {
-    let dev = device::select(&a.device)?;
-    let dtype = device::compute_dtype(&a.dtype, &dev)?;
     let (name, m) = match (&a.model, &a.config) {
-        (Some(r), None) => {
-            let m = load::load(&ModelRef::parse(r, &std::env::current_dir()?)?, &dev, dtype)?;
-            (r.clone(), m.model)
-        }
+        (Some(r), None) => (r.clone(), model::open(r, &std::env::current_dir()?, &a.device, &a.dtype)?.model),
         (None, Some(c)) => {
-            let cfg = Config::from_json(serde_json::from_str(&std::fs::read_to_string(c)?)?)?;
+            let dev = device::select(&a.device)?;
+            let dtype = device::compute_dtype(&a.dtype, &dev)?;
+            let text = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+            let cfg =
+                Config::from_json(serde_json::from_str(&text).with_context(|| format!("{} is not JSON", c.display()))?)
+                    .with_context(|| format!("in {}", c.display()))?;
             let mut m = Transformer::random(cfg, 0, &dev)?;
-            m.compute_dtype = dtype;
+            m.set_compute_dtype(dtype)?;
             (format!("{} (random)", c.display()), m)
         }
         _ => bail!("give --model REF or --config CONFIG.json (random weights of that shape)"),
     };
+    let dev = m.device.clone();
+    let dtype = m.compute_dtype;
     let bandwidth = a.bandwidth.or_else(|| dev.is_cpu().then(bench::cpu_bandwidth_gbs));
     println!(
         "device {}, compute {dtype:?}, {:.1}M parameters, bandwidth {}",

@@ -5,8 +5,8 @@ use std::io::{BufRead, Write};
 use anyhow::{bail, Result};
 use rand::SeedableRng;
 
-use r1pipe::model::{device, generate, load, Message, ModelRef, SamplingParams};
-use r1pipe::stages::format::DEFAULT_SYSTEM_PROMPT;
+use r1pipe::data::gsm8k::R1_SYSTEM_PROMPT;
+use r1pipe::model::{self, device, generate, Message, SamplingParams};
 
 pub struct InferArgs {
     pub model: String,
@@ -26,11 +26,9 @@ pub fn run(a: InferArgs) -> Result<i32> {
     if a.question.is_none() && !a.interactive {
         bail!("give a question, or -i for an interactive session");
     }
-    let dev = device::select(&a.device)?;
-    let dtype = device::compute_dtype(&a.dtype, &dev)?;
-    let r = ModelRef::parse(&a.model, &std::env::current_dir()?)?;
-    eprintln!("loading {} on {} …", a.model, device::describe(&dev));
-    let m = load::load(&r, &dev, dtype)?;
+    eprintln!("loading {} …", a.model);
+    let m = model::open(&a.model, &std::env::current_dir()?, &a.device, &a.dtype)?;
+    eprintln!("{} on {}, {:?}", a.model, device::describe(&m.model.device), m.model.compute_dtype);
     let params = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,
@@ -38,12 +36,15 @@ pub fn run(a: InferArgs) -> Result<i32> {
         max_new_tokens: a.max_new_tokens,
         stop: Vec::new(),
     };
+    if let Some((field, message)) = params.problems().into_iter().next() {
+        bail!("--{}: {message}", field.replace('_', "-"));
+    }
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(a.seed);
-    let system = Message::new("system", a.system_prompt.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT));
+    let system = Message::new("system", a.system_prompt.as_deref().unwrap_or(R1_SYSTEM_PROMPT));
     let mut history = vec![system.clone()];
     let mut ask = |history: &mut Vec<Message>, q: &str| -> Result<()> {
         history.push(Message::new("user", q));
-        let ids = m.tokenizer.encode(&m.tokenizer.apply_chat_template(history, true)?)?;
+        let ids = m.tokenizer.encode_chat(history, true)?;
         let t0 = std::time::Instant::now();
         let mut out = std::io::stdout();
         let mut print = |_row: usize, text: &str| {

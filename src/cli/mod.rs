@@ -254,7 +254,7 @@ pub fn main() -> i32 {
     match result {
         Ok(code) => code,
         Err(e) => {
-            if let Some(d) = e.downcast_ref::<r1pipe::pipeline::diagnostic::Diagnostics>() {
+            if let Some(d) = e.downcast_ref::<r1pipe::common::diagnostic::Diagnostics>() {
                 eprintln!("{d}");
                 return 2;
             }

@@ -5,6 +5,10 @@ use std::sync::LazyLock;
 
 use regex::Regex;
 
+/// The R1 recipe's system prompt: the think/answer format.
+pub const R1_SYSTEM_PROMPT: &str =
+    "Respond in the following format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>\n";
+
 static CALC_NOTE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"<<[^>]*>>").expect("static regex"));
 
 /// The reference answer after the last `####`, without commas, `$` and spaces.

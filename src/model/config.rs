@@ -1,19 +1,22 @@
-//! The architecture of a decoder-only model, read from a Hugging Face `config.json`.
+//! The architecture of a decoder-only model, read and validated from a
+//! Hugging Face `config.json`. Families differ only by the flags below (see
+//! `family.rs` for which family sets which): one forward serves them all.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+pub use super::family::Family;
+use super::family::FamilyInfo;
+
+/// The MLP's activation between gate and up projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Arch {
-    /// Qwen2 / Qwen2.5: bias on q, k, v.
-    Qwen2,
-    /// Llama, SmolLM2, Llama 3: no bias.
-    Llama,
+pub enum Activation {
+    Silu,
 }
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub arch: Arch,
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
@@ -24,7 +27,13 @@ pub struct Config {
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub tie_word_embeddings: bool,
+    /// Bias on the q, k and v projections (Qwen2).
     pub attention_bias: bool,
+    /// RMSNorm over each head of q and k before the rotary embedding (Qwen3).
+    pub qk_norm: bool,
+    /// Added to every RMSNorm weight before use (0 for these families; Gemma-style norms use 1).
+    pub norm_offset: f32,
+    pub activation: Activation,
     pub max_position_embeddings: usize,
     /// The `config.json` as read, written back on save so other tools see the same model.
     pub raw: Value,
@@ -32,30 +41,37 @@ pub struct Config {
 
 impl Config {
     pub fn from_json(raw: Value) -> Result<Config> {
+        let info = FamilyInfo::of_config(&raw)?;
         let get_u = |k: &str| raw.get(k).and_then(Value::as_u64).map(|v| v as usize);
         let need = |k: &str| get_u(k).with_context(|| format!("config.json has no integer `{k}`"));
-        let model_type = raw.get("model_type").and_then(Value::as_str).unwrap_or("");
-        let archs: Vec<&str> = raw
-            .get("architectures")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let arch = if model_type == "qwen2" || archs.iter().any(|a| a.starts_with("Qwen2")) {
-            Arch::Qwen2
-        } else if model_type == "llama" || archs.iter().any(|a| a.starts_with("Llama")) {
-            Arch::Llama
-        } else {
-            bail!(
-                "unsupported model: model_type `{model_type}`, architectures {archs:?}; r1pipe supports the Qwen2 and Llama families"
-            );
+        let activation = match raw.get("hidden_act").and_then(Value::as_str).unwrap_or("silu") {
+            "silu" | "swish" => Activation::Silu,
+            other => bail!("`hidden_act`: `{other}` is not supported (only silu)"),
         };
-        if let Some(act) = raw.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                bail!("unsupported hidden_act `{act}` (only silu)");
-            }
-        }
         let hidden_size = need("hidden_size")?;
         let num_heads = need("num_attention_heads")?;
+        let num_kv_heads = get_u("num_key_value_heads").unwrap_or(num_heads);
+        positive("hidden_size", hidden_size)?;
+        positive("num_attention_heads", num_heads)?;
+        positive("num_key_value_heads", num_kv_heads)?;
+        if num_heads % num_kv_heads != 0 {
+            bail!(
+                "`num_attention_heads` = {num_heads} is not a multiple of `num_key_value_heads` = {num_kv_heads}: \
+                 each key/value head must serve a whole group of query heads"
+            );
+        }
+        let head_dim = match get_u("head_dim") {
+            Some(d) => d,
+            None if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            None => bail!(
+                "`hidden_size` = {hidden_size} is not a multiple of `num_attention_heads` = {num_heads}, \
+                 and there is no explicit `head_dim`"
+            ),
+        };
+        positive("head_dim", head_dim)?;
+        if head_dim % 2 != 0 {
+            bail!("`head_dim` = {head_dim} must be even (rotary embeddings rotate pairs)");
+        }
         let rope_theta = raw
             .get("rope_theta")
             .and_then(Value::as_f64)
@@ -67,28 +83,39 @@ impl Config {
             .and_then(Value::as_str)
         {
             if kind != "default" {
-                bail!("unsupported rope type `{kind}` (only default rotary embeddings)");
+                bail!("`rope_scaling`: rope type `{kind}` is not supported (only default rotary embeddings)");
             }
         }
-        Ok(Config {
-            arch,
+        let cfg = Config {
+            family: info.family,
             vocab_size: need("vocab_size")?,
             hidden_size,
             intermediate_size: need("intermediate_size")?,
             num_layers: need("num_hidden_layers")?,
             num_heads,
-            num_kv_heads: get_u("num_key_value_heads").unwrap_or(num_heads),
-            head_dim: get_u("head_dim").unwrap_or(hidden_size / num_heads),
+            num_kv_heads,
+            head_dim,
             rms_norm_eps: raw.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
             rope_theta,
             tie_word_embeddings: raw.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
-            attention_bias: match arch {
-                Arch::Qwen2 => true,
-                Arch::Llama => raw.get("attention_bias").and_then(Value::as_bool).unwrap_or(false),
-            },
+            attention_bias: info
+                .attention_bias
+                .unwrap_or_else(|| raw.get("attention_bias").and_then(Value::as_bool).unwrap_or(false)),
+            qk_norm: info.qk_norm,
+            norm_offset: 0.0,
+            activation,
             max_position_embeddings: get_u("max_position_embeddings").unwrap_or(4096),
             raw,
-        })
+        };
+        positive("vocab_size", cfg.vocab_size)?;
+        positive("intermediate_size", cfg.intermediate_size)?;
+        positive("num_hidden_layers", cfg.num_layers)?;
+        Ok(cfg)
+    }
+
+    /// Query heads that share one key/value head.
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
     }
 
     /// Every weight name of this architecture in the Hugging Face layout, with its shape.
@@ -107,6 +134,10 @@ impl Config {
                 out.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
                 out.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
             }
+            if self.qk_norm {
+                out.push((format!("{p}.self_attn.q_norm.weight"), vec![hd]));
+                out.push((format!("{p}.self_attn.k_norm.weight"), vec![hd]));
+            }
             out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
             out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
             out.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h]));
@@ -121,26 +152,62 @@ impl Config {
     }
 }
 
+fn positive(field: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("`{field}` is 0; it must be a positive integer");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_qwen_and_llama_configs_with_both_rope_styles() {
-        let q = Config::from_json(serde_json::json!({
+    fn qwen() -> Value {
+        serde_json::json!({
             "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
             "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
             "rope_theta": 1000000.0, "tie_word_embeddings": true, "rms_norm_eps": 1e-6
-        }))
-        .unwrap();
-        assert_eq!((q.arch, q.head_dim, q.attention_bias, q.rope_theta), (Arch::Qwen2, 64, true, 1e6));
+        })
+    }
+
+    #[test]
+    fn reads_qwen_llama_and_qwen3_configs_with_both_rope_styles() {
+        let q = Config::from_json(qwen()).unwrap();
+        assert_eq!(
+            (q.family, q.head_dim, q.attention_bias, q.qk_norm, q.rope_theta),
+            (Family::Qwen2, 64, true, false, 1e6)
+        );
         let l = Config::from_json(serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
             "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
             "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": true
         }))
         .unwrap();
-        assert_eq!((l.arch, l.head_dim, l.attention_bias, l.rope_theta), (Arch::Llama, 64, false, 1e5));
+        assert_eq!((l.family, l.head_dim, l.attention_bias, l.rope_theta), (Family::Llama, 64, false, 1e5));
+        // Qwen3: explicit head_dim (not hidden / heads), qk-norm, no qkv bias.
+        let q3 = Config::from_json(serde_json::json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 1024, "intermediate_size": 3072,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+            "vocab_size": 151936, "rope_theta": 1000000.0, "tie_word_embeddings": true, "attention_bias": false
+        }))
+        .unwrap();
+        assert_eq!((q3.family, q3.head_dim, q3.attention_bias, q3.qk_norm), (Family::Qwen3, 128, false, true));
         assert!(Config::from_json(serde_json::json!({"model_type": "gpt2"})).is_err());
+    }
+
+    #[test]
+    fn impossible_head_counts_are_errors_that_name_the_field() {
+        let with = |k: &str, v: Value| {
+            let mut c = qwen();
+            c[k] = v;
+            Config::from_json(c).unwrap_err().to_string()
+        };
+        assert!(with("num_attention_heads", 0.into()).contains("`num_attention_heads` is 0"));
+        assert!(with("num_key_value_heads", 0.into()).contains("`num_key_value_heads` is 0"));
+        assert!(with("num_key_value_heads", 3.into()).contains("not a multiple of `num_key_value_heads` = 3"));
+        assert!(with("num_attention_heads", 12.into()).contains("not a multiple of `num_attention_heads` = 12"));
+        assert!(with("vocab_size", 0.into()).contains("`vocab_size` is 0"));
+        assert!(with("hidden_act", "gelu".into()).contains("`hidden_act`"));
     }
 }

@@ -7,11 +7,12 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::kv_cache::KvCache;
 use super::tokenizer::ChatTokenizer;
-use super::transformer::{KvCache, Transformer, PAD_SENTINEL};
+use super::transformer::{Transformer, PAD_SENTINEL};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct SamplingParams {
     /// 0 means greedy.
     pub temperature: f32,
@@ -26,6 +27,26 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     fn default() -> Self {
         SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, max_new_tokens: 256, stop: Vec::new() }
+    }
+}
+
+impl SamplingParams {
+    /// The field names, for stages that flatten these parameters into their own.
+    pub const FIELDS: &'static [&'static str] = &["max_new_tokens", "temperature", "top_p", "top_k", "stop"];
+
+    /// Problems with the settings, as (field, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut e = Vec::new();
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            e.push(("temperature", "must be ≥ 0 (0 is greedy)".to_string()));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            e.push(("top_p", "must be in (0, 1]".to_string()));
+        }
+        if self.max_new_tokens == 0 {
+            e.push(("max_new_tokens", "must be at least 1".to_string()));
+        }
+        e
     }
 }
 
@@ -45,8 +66,6 @@ pub struct Completion {
     /// Generated ids (EOS excluded).
     pub tokens: Vec<u32>,
     pub text: String,
-    /// log π(token) under softmax(logits / temperature) (temperature 1 when greedy), per token.
-    pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
     /// Ended by an EOS token (which `tokens` leaves out; training appends it back).
     pub eos: bool,
@@ -58,7 +77,6 @@ pub type OnText<'a> = &'a mut dyn FnMut(usize, &str);
 struct Row {
     prompt_index: usize,
     tokens: Vec<u32>,
-    logprobs: Vec<f32>,
     emitted: usize,
     finish: Option<FinishReason>,
     eos: bool,
@@ -99,7 +117,6 @@ pub fn generate(
         .map(|&p| Row {
             prompt_index: p as usize,
             tokens: Vec::new(),
-            logprobs: Vec::new(),
             emitted: 0,
             finish: None,
             eos: false,
@@ -117,7 +134,7 @@ pub fn generate(
                 next.push(vec![PAD_SENTINEL]);
                 continue;
             }
-            let (token, lp) = sample(&host[i], params, rng);
+            let token = sample(&host[i], params, rng).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?.0;
             if tok.eos_ids.contains(&token) {
                 row.finish = Some(FinishReason::Stop);
                 row.eos = true;
@@ -125,7 +142,6 @@ pub fn generate(
                 continue;
             }
             row.tokens.push(token);
-            row.logprobs.push(lp);
             row.text = tok.decode(&row.tokens)?;
             if let Some(cut) = params.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
                 row.text.truncate(cut);
@@ -162,7 +178,6 @@ pub fn generate(
             prompt_index: r.prompt_index,
             tokens: r.tokens,
             text: r.text,
-            logprobs: r.logprobs,
             finish_reason: r.finish.unwrap_or(FinishReason::Length),
             eos: r.eos,
         })
@@ -185,7 +200,18 @@ fn stream_safe_len(text: &str, stops: &[String]) -> usize {
 }
 
 /// Pick the next token from one row of logits; returns it with its log-probability.
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
+/// Logits with a NaN (a diverged model) are an error, not a guess.
+pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> Result<(u32, f32)> {
+    if let Some(i) = logits.iter().position(|l| l.is_nan()) {
+        anyhow::bail!(
+            "the model's logits are NaN (first at token id {i}): its weights have diverged; \
+             retrain with a lower learning_rate or a smaller max_grad_norm"
+        );
+    }
+    Ok(sample_finite(logits, p, rng))
+}
+
+fn sample_finite(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
     let t = if p.temperature > 0.0 { p.temperature } else { 1.0 };
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max / t + logits.iter().map(|&l| ((l - max) / t).exp()).sum::<f32>().ln();
@@ -235,7 +261,8 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32,
         }
         u -= prob;
     }
-    let last = cand.last().expect("at least one candidate").0;
+    // Every logit −∞ (an empty candidate list): fall back to the first token.
+    let last = cand.last().map(|c| c.0).unwrap_or(0);
     (last as u32, logprob(last))
 }
 
@@ -247,7 +274,7 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax_and_reports_its_logprob() {
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let (t, lp) = sample(&[0.0, 2.0, 1.0], &SamplingParams::default(), &mut rng);
+        let (t, lp) = sample(&[0.0, 2.0, 1.0], &SamplingParams::default(), &mut rng).unwrap();
         assert_eq!(t, 1);
         let z = (0f32.exp() + 2f32.exp() + 1f32.exp()).ln();
         assert!((lp - (2.0 - z)).abs() < 1e-6);
@@ -258,9 +285,10 @@ mod tests {
         let logits = [3.0, 2.9, 0.0, -1.0];
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         let k1 = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
-        assert!((0..200).all(|_| sample(&logits, &k1, &mut rng).0 == 0));
+        assert!((0..200).all(|_| sample(&logits, &k1, &mut rng).unwrap().0 == 0));
         let p = SamplingParams { temperature: 1.0, top_p: 0.8, ..Default::default() };
-        let seen: std::collections::BTreeSet<u32> = (0..500).map(|_| sample(&logits, &p, &mut rng).0).collect();
+        let seen: std::collections::BTreeSet<u32> =
+            (0..500).map(|_| sample(&logits, &p, &mut rng).unwrap().0).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
@@ -269,12 +297,27 @@ mod tests {
         let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
         let p = SamplingParams { temperature: 1.0, ..Default::default() };
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let draws: Vec<u32> = (0..4000).map(|_| sample(&logits, &p, &mut rng).0).collect();
+        let draws: Vec<u32> = (0..4000).map(|_| sample(&logits, &p, &mut rng).unwrap().0).collect();
         let frac = draws.iter().filter(|&&t| t == 1).count() as f64 / 4000.0;
         assert!((frac - 0.75).abs() < 0.03, "{frac}");
         let mut again = ChaCha8Rng::seed_from_u64(7);
-        let redraw: Vec<u32> = (0..4000).map(|_| sample(&logits, &p, &mut again).0).collect();
+        let redraw: Vec<u32> = (0..4000).map(|_| sample(&logits, &p, &mut again).unwrap().0).collect();
         assert_eq!(draws, redraw);
+    }
+
+    #[test]
+    fn nan_logits_are_an_error_that_says_so_with_every_sampler() {
+        let logits = [f32::NAN; 4];
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        for p in [
+            SamplingParams::default(),
+            SamplingParams { temperature: 1.0, ..Default::default() },
+            SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() },
+            SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() },
+        ] {
+            let e = sample(&logits, &p, &mut rng).unwrap_err().to_string();
+            assert!(e.contains("logits are NaN"), "{e}");
+        }
     }
 
     #[test]

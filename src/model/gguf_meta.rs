@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
 use serde_json::{json, Map};
 
+use super::family::{FamilyInfo, FAMILIES};
+
 fn get<'a>(meta: &'a HashMap<String, Value>, key: &str) -> Result<&'a Value> {
     meta.get(key).with_context(|| format!("the GGUF metadata has no `{key}`"))
 }
@@ -29,7 +31,9 @@ fn f(meta: &HashMap<String, Value>, key: &str) -> Option<f64> {
 pub fn materialize(gguf: &Path) -> Result<PathBuf> {
     let meta_fs = fs::metadata(gguf)?;
     let mtime = meta_fs.modified()?.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let key = blake3::hash(format!("{}\\0{}\\0{mtime}", fs::canonicalize(gguf)?.display(), meta_fs.len()).as_bytes());
+    let key = blake3::hash(
+        format!("r1pipe-gguf-v2\\0{}\\0{}\\0{mtime}", fs::canonicalize(gguf)?.display(), meta_fs.len()).as_bytes(),
+    );
     let dir = std::env::temp_dir().join("r1pipe-gguf").join(&key.to_hex()[..16]);
     if dir.join("tokenizer.json").exists() {
         return Ok(dir);
@@ -38,11 +42,14 @@ pub fn materialize(gguf: &Path) -> Result<PathBuf> {
     let content = Content::read(&mut file).with_context(|| format!("{} is not a GGUF file", gguf.display()))?;
     let m = &content.metadata;
     let arch = get(m, "general.architecture")?.to_string()?.clone();
-    let (model_type, architecture) = match arch.as_str() {
-        "llama" => ("llama", "LlamaForCausalLM"),
-        "qwen2" => ("qwen2", "Qwen2ForCausalLM"),
-        other => bail!("{}: GGUF architecture `{other}` is not supported (llama, qwen2)", gguf.display()),
+    let Some(family) = FamilyInfo::of_gguf_arch(&arch) else {
+        bail!(
+            "{}: GGUF architecture `{arch}` is not supported ({})",
+            gguf.display(),
+            FAMILIES.iter().map(|f| f.gguf_arch).collect::<Vec<_>>().join(", ")
+        );
     };
+    let (model_type, architecture) = (family.model_type, family.architecture);
     let tokens: Vec<String> = get(m, "tokenizer.ggml.tokens")?
         .to_vec()?
         .iter()
@@ -79,6 +86,7 @@ pub fn materialize(gguf: &Path) -> Result<PathBuf> {
         "vocab_size": tokens.len(),
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
+        "head_dim": u(m, &a("attention.key_length")).ok(),
         "bos_token_id": bos,
         "eos_token_id": eos,
     });
@@ -95,17 +103,7 @@ pub fn materialize(gguf: &Path) -> Result<PathBuf> {
         .collect();
     let vocab: Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     let pre = m.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
-    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
-    let pre_tokenizer = match pre.as_str() {
-        // SmolLM splits digits one by one before the GPT-2 byte-level split.
-        "smollm" => {
-            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
-        }
-        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\\\r\\\\n\\\\p{L}\\\\p{N}]?\\\\p{L}+|\\\\p{N}| ?[^\\\\s\\\\p{L}\\\\p{N}]+[\\\\r\\\\n]*|\\\\s*[\\\\r\\\\n]+|\\\\s+(?!\\\\S)|\\\\s+"}, "behavior": "Isolated", "invert": false},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]}),
-        _ => byte_level,
-    };
+    let pre_tokenizer = pre_tokenizer(&pre);
     let tokenizer = json!({
         "version": "1.0",
         "truncation": null,
@@ -140,4 +138,40 @@ pub fn materialize(gguf: &Path) -> Result<PathBuf> {
         let _ = fs::remove_dir_all(&tmp);
     }
     Ok(dir)
+}
+
+/// The pre-tokenizer of a `tokenizer.ggml.pre` name, as tokenizer.json writes it.
+fn pre_tokenizer(pre: &str) -> serde_json::Value {
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    match pre {
+        // SmolLM splits digits one by one before the GPT-2 byte-level split.
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        }
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}]}),
+        _ => byte_level,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(pre: &str, text: &str) -> Vec<String> {
+        use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+        let p: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre_tokenizer(pre)).unwrap();
+        let mut s = PreTokenizedString::from(text);
+        p.pre_tokenize(&mut s).unwrap();
+        s.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(w, _, _)| w.to_string()).collect()
+    }
+
+    #[test]
+    fn the_qwen2_pre_tokenizer_splits_words_numbers_and_spaces() {
+        // Byte-level pieces: Ġ is a space. Words keep their leading space, digits go one by one.
+        assert_eq!(split("qwen2", "Hi there 42!"), vec!["Hi", "Ġthere", "Ġ", "4", "2", "!"]);
+        // One non-letter attaches to the letters after it, as in Qwen2's own tokenizer.json.
+        assert_eq!(split("qwen2", "a\\b"), vec!["a", "\\b"]);
+    }
 }

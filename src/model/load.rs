@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-use super::config::{Arch, Config};
+use super::config::Config;
+use super::family::FamilyInfo;
 use super::tokenizer::ChatTokenizer;
 use super::transformer::Transformer;
 use crate::hub::HubRepo;
@@ -57,6 +58,26 @@ pub struct LoadedModel {
     pub model: Transformer,
     pub tokenizer: ChatTokenizer,
     pub files_dir: PathBuf,
+}
+
+/// The one way to open a model named by a user (stage parameter, `r1pipe
+/// infer`, `r1pipe bench`): parse the reference against `base`, pick the device
+/// and compute dtype from their specs (`auto`, `cpu`, `cuda:1`; `auto`, `bf16`, …), load.
+pub fn open(reference: &str, base: &Path, device_spec: &str, dtype_spec: &str) -> Result<LoadedModel> {
+    let dev = super::device::select(device_spec)?;
+    let dtype = super::device::compute_dtype(dtype_spec, &dev)?;
+    let r = ModelRef::parse(reference, base)?;
+    let t0 = std::time::Instant::now();
+    let m = load(&r, &dev, dtype).with_context(|| format!("loading model `{reference}`"))?;
+    tracing::info!(
+        model = reference,
+        device = %super::device::describe(&dev),
+        ?dtype,
+        params = m.model.num_parameters(),
+        secs = t0.elapsed().as_secs_f64(),
+        "model loaded"
+    );
+    Ok(m)
 }
 
 /// Resolve `r` to a local folder (downloading from the hub when needed) and load it.
@@ -138,7 +159,8 @@ pub fn load_gguf(path: &Path, cfg: &Config) -> Result<BTreeMap<String, Tensor>> 
         let Some(hf) = hf_name(name) else { continue };
         let t = content.tensor(&mut f, name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
         // llama.cpp permutes q and k of Llama models for its rotary layout; undo it.
-        let t = if gguf_arch == "llama" && cfg.arch == Arch::Llama {
+        let permuted = FamilyInfo::of_gguf_arch(&gguf_arch).is_some_and(|f| f.gguf_permutes_qk);
+        let t = if permuted {
             if hf.ends_with("q_proj.weight") {
                 unpermute(&t, cfg.num_heads)?
             } else if hf.ends_with("k_proj.weight") {
@@ -181,6 +203,8 @@ fn hf_name(gguf: &str) -> Option<String> {
                 "attn_q.bias" => "self_attn.q_proj.bias",
                 "attn_k.bias" => "self_attn.k_proj.bias",
                 "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_q_norm.weight" => "self_attn.q_norm.weight",
+                "attn_k_norm.weight" => "self_attn.k_norm.weight",
                 "attn_output.weight" => "self_attn.o_proj.weight",
                 "ffn_gate.weight" => "mlp.gate_proj.weight",
                 "ffn_up.weight" => "mlp.up_proj.weight",

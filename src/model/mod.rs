@@ -1,25 +1,35 @@
-//! The model core: architectures, weights (safetensors, GGUF, hub), tokenizer
-//! and chat template, generation. Usable and tested without the runner.
+//! The model core: architectures (typed layers, families as config flags),
+//! weights (safetensors, GGUF, hub), tokenizer and chat template, generation,
+//! and the CPU kernels behind them. Usable and tested without the runner.
 
+pub mod batch;
+pub mod checkpointing;
 pub mod config;
 pub mod cpu_attention;
 pub(crate) mod cpu_threads;
 pub mod device;
+pub mod family;
+pub mod generate;
+mod gguf_meta;
+pub mod grads;
+pub mod inplace_cpu;
+pub mod kv_cache;
+pub mod layers;
+pub mod load;
+pub mod lora;
 pub mod ops;
 pub mod skinny_matmul;
 pub mod token_logprobs;
-pub mod transformer;
-
-pub use config::{Arch, Config};
-pub use ops::Kernels;
-pub use transformer::{Batch, KvCache, Transformer};
-pub mod load;
-pub mod lora;
 pub mod tokenizer;
+pub mod transformer;
+pub mod vocab_logprobs;
 
-pub use load::{LoadedModel, ModelRef};
-pub use tokenizer::{ChatTokenizer, Message};
-pub mod generate;
-mod gguf_meta;
-
+pub use batch::Batch;
+pub use config::{Config, Family};
 pub use generate::{generate, Completion, FinishReason, SamplingParams};
+pub use kv_cache::KvCache;
+pub use layers::Pass;
+pub use load::{open, LoadedModel, ModelRef};
+pub use ops::Kernels;
+pub use tokenizer::{ChatTokenizer, Message};
+pub use transformer::Transformer;

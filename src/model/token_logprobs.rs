@@ -32,6 +32,23 @@ pub fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<T
     log_softmax_last(&l)?.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?.squeeze(D::Minus1)
 }
 
+/// d/d logits of Σ g · log softmax(logits / τ)[target]: (onehot(target) − softmax(logits / τ)) · g / τ.
+/// `logits` [N, V] f32, `targets` [N] u32, `g` [N] f32; no graph.
+pub fn logits_grad(logits: &Tensor, targets: &Tensor, g: &Tensor, inv_t: f64) -> Result<Tensor> {
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return logits.contiguous()?.apply_op3_no_bwd(
+            &targets.contiguous()?,
+            &g.contiguous()?,
+            &TokenLogprobsGrad { inv_t: inv_t as f32 },
+        );
+    }
+    let p = candle_nn::ops::softmax_last_dim(&(logits * inv_t)?.contiguous()?)?;
+    let gs = (g * inv_t)?;
+    let neg = p.broadcast_mul(&gs.unsqueeze(1)?)?.neg()?;
+    let idx = targets.unsqueeze(1)?.contiguous()?;
+    neg.scatter_add(&idx, &gs.unsqueeze(1)?.contiguous()?, 1)
+}
+
 struct TokenLogprobs {
     inv_t: f32,
 }
@@ -101,12 +118,7 @@ impl CustomOp2 for TokenLogprobs {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = logits.contiguous()?.apply_op3_no_bwd(
-            &targets.contiguous()?,
-            &grad.contiguous()?,
-            &TokenLogprobsGrad { inv_t: self.inv_t },
-        )?;
-        Ok((Some(g), None))
+        Ok((Some(logits_grad(logits, targets, grad, self.inv_t as f64)?), None))
     }
 }
 
@@ -188,6 +200,22 @@ mod tests {
             let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5, "gradients differ by {d} at temperature {temperature}");
         }
+    }
+
+    #[test]
+    fn the_cpu_logits_gradient_equals_the_composed_one() {
+        let l = logits(4, 29, 3);
+        let t = Tensor::new(&[0u32, 28, 5, 5], &Device::Cpu).unwrap();
+        let g = Tensor::new(&[1.0f32, -0.5, 0.0, 2.0], &Device::Cpu).unwrap();
+        let fused = logits_grad(&l, &t, &g, 1.0 / 0.7).unwrap();
+        // The composed path, as any non-CPU device runs it.
+        let p = candle_nn::ops::softmax_last_dim(&(&l * (1.0 / 0.7)).unwrap()).unwrap();
+        let gs = (&g * (1.0 / 0.7)).unwrap();
+        let neg = p.broadcast_mul(&gs.unsqueeze(1).unwrap()).unwrap().neg().unwrap();
+        let want = neg.scatter_add(&t.unsqueeze(1).unwrap(), &gs.unsqueeze(1).unwrap(), 1).unwrap();
+        let d =
+            (fused - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6, "{d}");
     }
 
     #[test]

@@ -21,6 +21,7 @@ impl Message {
     }
 }
 
+#[derive(Clone)]
 pub struct ChatTokenizer {
     pub tokenizer: tokenizers::Tokenizer,
     template: Option<String>,
@@ -131,6 +132,12 @@ impl ChatTokenizer {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         env.get_template("chat")?.render(ctx).context("rendering the chat template")
+    }
+
+    /// The chat template applied to `messages`, tokenized: the one way a
+    /// conversation becomes model input.
+    pub fn encode_chat(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        self.encode(&self.apply_chat_template(messages, add_generation_prompt)?)
     }
 
     /// Token ids of text that already holds its special tokens (as a rendered template does).

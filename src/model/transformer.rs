@@ -1,20 +1,27 @@
-//! A decoder-only transformer (Qwen2 and Llama families) written for training
-//! as well as inference: a full-sequence forward with padding mask and
-//! per-sequence positions that returns every position's logits through
-//! differentiable ops, and an incremental forward with a KV cache through
-//! fused kernels. Both compute the same function (tested).
+//! A decoder-only transformer (the Llama, Qwen2 and Qwen3 families) written
+//! for training as well as inference: typed layers built once at load (see
+//! `layers.rs`), a full-sequence forward with padding mask and per-sequence
+//! positions that trains through differentiable ops (with per-layer
+//! activation checkpointing and a chunked vocabulary projection), and an
+//! incremental forward with a KV cache through fused kernels. Both compute
+//! the same function (tested).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
+use super::batch::Batch;
+use super::checkpointing::checkpointed;
 use super::config::Config;
-use super::cpu_attention;
-use super::ops::{linear, rms_norm, rope, softmax_last, Kernels};
-use super::token_logprobs::token_logprobs;
+use super::grads::GradSink;
+use super::kv_cache::KvCache;
+use super::layers::{Attention, DecoderLayer, LayerInputs, Linear, LoraFactors, Mlp, Param, Pass, RmsNorm};
+use super::lora::LoraConfig;
+use super::ops::Kernels;
+use super::vocab_logprobs::{logprobs_from_hidden, WeightGrad};
 
 /// Additive bias for masked attention: large and finite, so a fully masked
 /// row (a padding query) yields a uniform softmax instead of NaN.
@@ -22,171 +29,35 @@ const MASKED: f32 = -1e9;
 
 pub struct Transformer {
     pub cfg: Config,
-    /// Master weights by their Hugging Face names (f32). Trainable ones are `Var`s
-    /// so an optimizer can update them in place.
+    /// Master weights by their Hugging Face names (f32 `Var`s, updated in place by
+    /// the optimizer); the typed layers below hold the same variables.
     pub weights: BTreeMap<String, Var>,
+    embed: Param,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Param>,
     /// The dtype activations are computed in (f32 on CPU; bf16 on CUDA by default).
     pub compute_dtype: DType,
     pub device: Device,
-    /// LoRA adapters; when present the base weights are frozen.
-    pub lora: Option<super::lora::Adapters>,
-    /// Adapters switched off: the base model (GRPO's reference policy with LoRA).
-    adapters_off: std::cell::Cell<bool>,
-}
-
-/// A left-padded batch of token sequences, as tensors.
-pub struct Batch {
-    /// [B, T] u32
-    pub ids: Tensor,
-    /// [B, T] u32: position of each token within its own sequence (0 for padding).
-    pub positions: Tensor,
-    /// [B, T] validity (1 = token, 0 = padding), as host data for mask building.
-    pub valid: Vec<Vec<bool>>,
-    /// Number of padding tokens at the left of each row.
-    pub pad_left: Vec<usize>,
-    /// Packed rows: tokens attend only within their own segment. `None`: one segment per row.
-    pub segments: Option<Vec<Vec<u32>>>,
-}
-
-impl Batch {
-    /// Rows of equal length with their validity (padding anywhere); positions
-    /// count the valid tokens before each one.
-    pub fn from_rows(ids: Vec<Vec<u32>>, valid: Vec<Vec<bool>>, device: &Device) -> Result<Batch> {
-        let b = ids.len();
-        let t = ids.first().map(Vec::len).unwrap_or(0);
-        let mut pos = Vec::with_capacity(b * t);
-        for v in &valid {
-            let mut n = 0u32;
-            for &ok in v {
-                pos.push(if ok { n } else { 0 });
-                n += ok as u32;
-            }
-        }
-        let pad_left = valid.iter().map(|v| v.iter().take_while(|x| !**x).count()).collect();
-        Ok(Batch {
-            ids: Tensor::from_vec(ids.concat(), (b, t), device)?,
-            positions: Tensor::from_vec(pos, (b, t), device)?,
-            valid,
-            pad_left,
-            segments: None,
-        })
-    }
-
-    /// Several sequences packed per row (right-padded to a common length): each
-    /// restarts its positions and attends only to itself.
-    pub fn packed(rows: &[Vec<Vec<u32>>], pad_id: u32, device: &Device) -> Result<Batch> {
-        let t = rows.iter().map(|r| r.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
-        let (mut ids, mut pos, mut valid, mut segments) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in rows {
-            let (mut v, mut seg) = (Vec::with_capacity(t), Vec::with_capacity(t));
-            for (k, s) in r.iter().enumerate() {
-                ids.extend(s);
-                pos.extend(0..s.len() as u32);
-                v.extend(std::iter::repeat_n(true, s.len()));
-                seg.extend(std::iter::repeat_n(k as u32, s.len()));
-            }
-            let pad = t - v.len();
-            ids.extend(std::iter::repeat_n(pad_id, pad));
-            pos.extend(std::iter::repeat_n(0u32, pad));
-            v.extend(std::iter::repeat_n(false, pad));
-            seg.extend(std::iter::repeat_n(u32::MAX, pad));
-            valid.push(v);
-            segments.push(seg);
-        }
-        let b = rows.len();
-        Ok(Batch {
-            ids: Tensor::from_vec(ids, (b, t), device)?,
-            positions: Tensor::from_vec(pos, (b, t), device)?,
-            pad_left: vec![0; b],
-            valid,
-            segments: Some(segments),
-        })
-    }
-
-    pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch> {
-        let t = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let b = seqs.len();
-        let mut ids = Vec::with_capacity(b * t);
-        let mut pos = Vec::with_capacity(b * t);
-        let mut valid = Vec::with_capacity(b);
-        let mut pad_left = Vec::with_capacity(b);
-        for s in seqs {
-            let pad = t - s.len();
-            pad_left.push(pad);
-            ids.extend(std::iter::repeat_n(pad_id, pad).chain(s.iter().copied()));
-            pos.extend(std::iter::repeat_n(0u32, pad).chain(0..s.len() as u32));
-            valid.push((0..t).map(|i| i >= pad).collect());
-        }
-        Ok(Batch {
-            ids: Tensor::from_vec(ids, (b, t), device)?,
-            positions: Tensor::from_vec(pos, (b, t), device)?,
-            valid,
-            pad_left,
-            segments: None,
-        })
-    }
-}
-
-/// Keys and values of every layer so far, preallocated to a capacity so each
-/// step writes in place instead of copying the whole cache.
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    pub len: usize,
-    capacity: usize,
-    /// Validity of every cached key position, per row.
-    pub valid: Vec<Vec<bool>>,
-}
-
-impl KvCache {
-    pub fn new(num_layers: usize, capacity: usize) -> KvCache {
-        KvCache { layers: vec![None; num_layers], len: 0, capacity, valid: Vec::new() }
-    }
-
-    fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, h, t, d) = k.dims4()?;
-        if self.len + t > self.capacity {
-            candle_core::bail!("KV cache full: {} + {t} > capacity {}", self.len, self.capacity);
-        }
-        let slot = &mut self.layers[layer];
-        if slot.is_none() {
-            let kb = Tensor::zeros((b, h, self.capacity, d), k.dtype(), k.device())?;
-            let vb = Tensor::zeros((b, h, self.capacity, d), v.dtype(), v.device())?;
-            *slot = Some((kb, vb));
-        }
-        let (kb, vb) = slot.as_ref().expect("allocated above");
-        kb.slice_set(&k.contiguous()?, 2, self.len)?;
-        vb.slice_set(&v.contiguous()?, 2, self.len)?;
-        Ok((kb.narrow(2, 0, self.len + t)?, vb.narrow(2, 0, self.len + t)?))
-    }
-
-    /// A cache whose row i is row `rows[i]` of this one: a prompt prefilled
-    /// once serves every sample of its group.
-    pub fn select_rows(&self, rows: &[u32]) -> Result<KvCache> {
-        let dev = self.layers.iter().flatten().next().map(|(k, _)| k.device().clone()).unwrap_or(Device::Cpu);
-        let idx = Tensor::new(rows, &dev)?;
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                Some((k, v)) => Ok(Some((k.index_select(&idx, 0)?, v.index_select(&idx, 0)?))),
-                None => Ok(None),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let valid = rows.iter().map(|&r| self.valid[r as usize].clone()).collect();
-        Ok(KvCache { layers, len: self.len, capacity: self.capacity, valid })
-    }
+    /// LoRA settings when adapters were added (the base weights are then frozen).
+    pub lora: Option<LoraConfig>,
+    /// Keep only each layer's input in a training forward and recompute the layer in backward.
+    pub gradient_checkpointing: bool,
+    /// Where a training backward accumulates gradients (see `grads.rs`).
+    sink: GradSink,
 }
 
 impl Transformer {
-    /// A model from named weights (f32 or any float dtype; stored as f32 Vars).
+    /// A model from named weights (any float dtype; stored as f32 master `Var`s).
     pub fn new(
         cfg: Config,
         weights: BTreeMap<String, Tensor>,
         device: &Device,
         compute_dtype: DType,
     ) -> anyhow::Result<Self> {
-        let mut vars = BTreeMap::new();
         let mut weights = weights;
+        let mut vars = BTreeMap::new();
         for (name, shape) in cfg.weight_shapes() {
             let t = weights.remove(&name).with_context(|| format!("the weights have no `{name}`"))?;
             if t.dims() != shape.as_slice() {
@@ -200,15 +71,77 @@ impl Transformer {
             weights.remove("lm_head.weight");
         }
         if let Some(extra) = weights.keys().find(|k| !k.ends_with("rotary_emb.inv_freq")) {
-            bail!("unexpected weight `{extra}` for a {:?} model", cfg.arch);
+            bail!("unexpected weight `{extra}` for a {:?} model", cfg.family);
+        }
+        Ok(Self::from_vars(cfg, vars, device, compute_dtype, |name, var, dt| Param::new(name, var, dt, false))?)
+    }
+
+    /// The typed layers over named variables; `param` makes each parameter.
+    fn from_vars(
+        cfg: Config,
+        vars: BTreeMap<String, Var>,
+        device: &Device,
+        compute_dtype: DType,
+        param: impl Fn(String, Var, DType) -> Result<Param>,
+    ) -> Result<Self> {
+        let p = |name: &str| param(name.to_string(), vars[name].clone(), compute_dtype);
+        let maybe = |name: &str| -> Result<Option<Param>> {
+            if vars.contains_key(name) {
+                Ok(Some(p(name)?))
+            } else {
+                Ok(None)
+            }
+        };
+        let norm = |name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm { w: p(name)?, eps: cfg.rms_norm_eps, offset: cfg.norm_offset })
+        };
+        let lin = |name: &str| -> Result<Linear> {
+            Ok(Linear { w: p(&format!("{name}.weight"))?, b: maybe(&format!("{name}.bias"))?, lora: None })
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let pre = format!("model.layers.{l}");
+            let qk_norm = |which: &str| -> Result<Option<RmsNorm>> {
+                if cfg.qk_norm {
+                    Ok(Some(norm(&format!("{pre}.self_attn.{which}.weight"))?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(DecoderLayer {
+                index: l,
+                input_norm: norm(&format!("{pre}.input_layernorm.weight"))?,
+                attn: Attention {
+                    q: lin(&format!("{pre}.self_attn.q_proj"))?,
+                    k: lin(&format!("{pre}.self_attn.k_proj"))?,
+                    v: lin(&format!("{pre}.self_attn.v_proj"))?,
+                    o: lin(&format!("{pre}.self_attn.o_proj"))?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
+                    num_heads: cfg.num_heads,
+                    num_kv_heads: cfg.num_kv_heads,
+                    head_dim: cfg.head_dim,
+                },
+                post_norm: norm(&format!("{pre}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate: lin(&format!("{pre}.mlp.gate_proj"))?,
+                    up: lin(&format!("{pre}.mlp.up_proj"))?,
+                    down: lin(&format!("{pre}.mlp.down_proj"))?,
+                },
+            });
         }
         Ok(Transformer {
+            embed: p("model.embed_tokens.weight")?,
+            norm: norm("model.norm.weight")?,
+            lm_head: if cfg.tie_word_embeddings { None } else { Some(p("lm_head.weight")?) },
+            layers,
             cfg,
             weights: vars,
             compute_dtype,
             device: device.clone(),
             lora: None,
-            adapters_off: std::cell::Cell::new(false),
+            gradient_checkpointing: false,
+            sink: GradSink::default(),
         })
     }
 
@@ -230,55 +163,109 @@ impl Transformer {
         Transformer::new(cfg, w, device, DType::F32)
     }
 
-    /// A weight in the compute dtype. With LoRA the base is frozen: detached, so
-    /// no gradient is ever computed for it.
-    fn w(&self, name: &str) -> Result<Tensor> {
-        let v = self.weights.get(name).unwrap_or_else(|| panic!("model has no weight `{name}`"));
-        let t = if self.lora.is_some() { v.as_tensor().detach() } else { v.as_tensor().clone() };
-        t.to_dtype(self.compute_dtype)
-    }
-
-    fn maybe_w(&self, name: &str) -> Result<Option<Tensor>> {
-        if self.weights.contains_key(name) {
-            Ok(Some(self.w(name)?))
-        } else {
-            Ok(None)
+    /// A frozen copy of the current weights (LoRA adapters merged) for a reference
+    /// policy, stored in `storage` and computed in `compute` (cast per layer at use,
+    /// so a bf16 copy costs half of an f32 one and no more at run time).
+    pub fn frozen_copy(&self, storage: DType, compute: DType) -> anyhow::Result<Transformer> {
+        let mut vars = BTreeMap::new();
+        for (name, t) in self.tensors() {
+            vars.insert(name, Var::from_tensor(&t.to_dtype(storage)?.contiguous()?)?);
         }
-    }
-
-    /// A projection `x @ W^T (+ b)`, plus its LoRA update when adapted and adapters are on.
-    fn proj(&self, x: &Tensor, weight: &str, bias: Option<&Tensor>) -> Result<Tensor> {
-        let y = linear(x, &self.w(weight)?, bias)?;
-        match self.lora.as_ref().filter(|_| !self.adapters_off.get()).and_then(|l| l.ab.get(weight).map(|ab| (l, ab))) {
-            Some((l, (a, b))) => {
-                let a = a.as_tensor().to_dtype(self.compute_dtype)?;
-                let b = b.as_tensor().to_dtype(self.compute_dtype)?;
-                y + (linear(&linear(x, &a, None)?, &b, None)? * l.cfg.scale())?
+        let frozen = |name: String, var: Var, dt: DType| -> Result<Param> {
+            if var.dtype() == dt {
+                Param::new(name, var, dt, true)
+            } else {
+                Ok(Param::cast_on_use(name, var, dt))
             }
-            None => Ok(y),
-        }
+        };
+        Ok(Self::from_vars(self.cfg.clone(), vars, &self.device, compute, frozen)?)
     }
 
-    /// Add LoRA adapters (the base weights become frozen).
-    pub fn add_lora(&mut self, cfg: super::lora::LoraConfig, seed: u64) -> anyhow::Result<()> {
-        self.lora = Some(super::lora::Adapters::new(cfg, &self.weights, seed, &self.device)?);
+    /// Compute in `dtype` from now on (the master weights stay f32).
+    pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.compute_dtype = dtype;
+        for p in self.params_mut() {
+            *p = Param::new(p.name.clone(), p.var.clone(), dtype, p.frozen)?;
+        }
         Ok(())
     }
 
-    /// Run `f` on the base model, adapters off (a no-op without LoRA).
-    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
-        let before = self.adapters_off.replace(true);
-        let out = f();
-        self.adapters_off.set(before);
+    /// Recast the compute-dtype weights from the masters: once per optimizer step
+    /// (a no-op for f32 compute, whose weights are the masters themselves).
+    pub fn refresh_compute_weights(&mut self) -> Result<()> {
+        if self.compute_dtype == DType::F32 {
+            return Ok(());
+        }
+        for p in self.params_mut() {
+            p.refresh()?;
+        }
+        Ok(())
+    }
+
+    fn params_mut(&mut self) -> Vec<&mut Param> {
+        let mut out: Vec<&mut Param> = vec![&mut self.embed, &mut self.norm.w];
+        if let Some(h) = self.lm_head.as_mut() {
+            out.push(h);
+        }
+        for l in self.layers.iter_mut() {
+            out.extend(l.params_mut());
+        }
+        out
+    }
+
+    /// Add LoRA adapters (the base weights become frozen): A uniform in ±1/√in
+    /// (seeded), B zero, so the adapted model starts equal to the base.
+    pub fn add_lora(&mut self, cfg: LoraConfig, seed: u64) -> anyhow::Result<()> {
+        use rand::Rng;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x10ca);
+        let device = self.device.clone();
+        for p in self.params_mut() {
+            p.frozen = true;
+        }
+        // Adapted weights in name order, so the initialization does not depend on layer layout.
+        let mut by_name: BTreeMap<String, &mut Linear> = BTreeMap::new();
+        for layer in self.layers.iter_mut() {
+            for (module, lin) in layer.linears_mut() {
+                if cfg.target_modules.iter().any(|m| m == module) {
+                    by_name.insert(lin.w.name.clone(), lin);
+                }
+            }
+        }
+        for lin in by_name.into_values() {
+            let (out, inp) = lin.w.var.as_tensor().dims2()?;
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..cfg.r * inp).map(|_| rng.random_range(-bound..bound)).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, inp), &device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, cfg.r), DType::F32, &device)?)?;
+            lin.lora = Some(LoraFactors { a, b, scale: cfg.scale() });
+        }
+        self.lora = Some(cfg);
+        Ok(())
+    }
+
+    /// LoRA adapters by `<weight>.lora_A` / `.lora_B` name.
+    fn adapters(&self) -> BTreeMap<String, (&Linear, &LoraFactors)> {
+        let mut out = BTreeMap::new();
+        for layer in &self.layers {
+            for lin in layer.linears() {
+                if let Some(f) = &lin.lora {
+                    out.insert(lin.w.name.clone(), (lin, f));
+                }
+            }
+        }
         out
     }
 
     /// What an optimizer trains: the adapters with LoRA, else every weight.
     pub fn trainable(&self) -> Vec<(String, Var)> {
-        match &self.lora {
-            Some(l) => l.params(),
-            None => self.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        if self.lora.is_some() {
+            return self
+                .adapters()
+                .into_iter()
+                .flat_map(|(n, (_, f))| [(format!("{n}.lora_A"), f.a.clone()), (format!("{n}.lora_B"), f.b.clone())])
+                .collect();
         }
+        self.weights.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// cos and sin of the rotary angles for `positions` [B, T] → [B, T, D/2] each.
@@ -294,7 +281,7 @@ impl Transformer {
     }
 
     /// Additive attention bias [B, 1, T, S]: query i (absolute index `offset + i`)
-    /// sees key j when j ≤ offset + i and key j is a real token.
+    /// sees key j when j ≤ offset + i and key j is a real token (of the same segment when packed).
     fn mask(&self, key_valid: &[Vec<bool>], segments: Option<&[Vec<u32>]>, offset: usize, t: usize) -> Result<Tensor> {
         let b = key_valid.len();
         let s = offset + t;
@@ -311,84 +298,50 @@ impl Transformer {
         Tensor::from_vec(m, (b, 1, t, s), &self.device)?.to_dtype(self.compute_dtype)
     }
 
-    /// The layers over embeddings `x` [B, T, H]; `cache` holds earlier keys and values.
-    fn layers(
-        &self,
-        mut x: Tensor,
-        positions: &Tensor,
-        mask: &Tensor,
-        k: Kernels,
-        mut cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (cos, sin) = self.rotary(positions)?;
-        let rep = c.num_heads / c.num_kv_heads;
-        let scale = 1.0 / (c.head_dim as f64).sqrt();
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            let h = rms_norm(&x, &self.w(&format!("{p}.input_layernorm.weight"))?, c.rms_norm_eps, k)?;
-            let proj = |name: &str| -> Result<Tensor> {
-                self.proj(
-                    &h,
-                    &format!("{p}.self_attn.{name}.weight"),
-                    self.maybe_w(&format!("{p}.self_attn.{name}.bias"))?.as_ref(),
-                )
-            };
-            let q = proj("q_proj")?.reshape((b, t, c.num_heads, c.head_dim))?.transpose(1, 2)?;
-            let kk = proj("k_proj")?.reshape((b, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?;
-            // Contiguous: the attention matmuls take per-head blocks (as do cache views).
-            let v = proj("v_proj")?.reshape((b, t, c.num_kv_heads, c.head_dim))?.transpose(1, 2)?.contiguous()?;
-            let q = rope(&q, &cos, &sin, k)?;
-            let kk = rope(&kk, &cos, &sin, k)?;
-            let (kk, v) = match cache.as_deref_mut() {
-                Some(cache) => cache.append(l, &kk, &v)?,
-                None => (kk, v),
-            };
-            // Grouped-query attention without copying keys and values per query head: the
-            // `rep` query heads of a key/value head (adjacent, as in HF's repeat_kv) become
-            // `rep × t` query rows against that head's keys.
-            let s = kk.dim(2)?;
-            let q = q.reshape((b, c.num_kv_heads, rep * t, c.head_dim))?;
-            let attn = if cpu_attention::applies(&q) {
-                cpu_attention::attention(&q, &kk, &v, mask, scale)?
-            } else {
-                let scores = (q.matmul(&kk.t()?)? * scale)?
-                    .reshape((b, c.num_kv_heads, rep, t, s))?
-                    .broadcast_add(&mask.unsqueeze(1)?)?;
-                softmax_last(&scores, k)?.reshape((b, c.num_kv_heads, rep * t, s))?.matmul(&v)?
-            };
-            let attn = attn.reshape((b, c.num_heads, t, c.head_dim))?.transpose(1, 2)?.reshape((
-                b,
-                t,
-                c.num_heads * c.head_dim,
-            ))?;
-            x = (x + self.proj(&attn, &format!("{p}.self_attn.o_proj.weight"), None)?)?;
-            let h = rms_norm(&x, &self.w(&format!("{p}.post_attention_layernorm.weight"))?, c.rms_norm_eps, k)?;
-            let gate = self.proj(&h, &format!("{p}.mlp.gate_proj.weight"), None)?.silu()?;
-            let up = self.proj(&h, &format!("{p}.mlp.up_proj.weight"), None)?;
-            x = (x + self.proj(&(gate * up)?, &format!("{p}.mlp.down_proj.weight"), None)?)?;
-        }
-        rms_norm(&x, &self.w("model.norm.weight")?, c.rms_norm_eps, k)
-    }
-
-    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+    fn embed(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.w("model.embed_tokens.weight")?.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+        self.embed.get(pass)?.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
     }
 
-    fn lm_head(&self, h: &Tensor) -> Result<Tensor> {
-        let w =
-            if self.cfg.tie_word_embeddings { self.w("model.embed_tokens.weight")? } else { self.w("lm_head.weight")? };
-        linear(h, &w, None)
+    fn head(&self) -> &Param {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
-    /// Logits [B, T, V] at every position (f32, or f64 for f64 compute).
-    pub fn forward(&self, batch: &Batch, k: Kernels) -> Result<Tensor> {
+    /// The final-normed hidden states [B, T, H] of a batch.
+    pub fn hidden(&self, batch: &Batch, pass: Pass) -> Result<Tensor> {
         let t = batch.ids.dim(1)?;
-        let mask = self.mask(&batch.valid, batch.segments.as_deref(), 0, t)?;
-        let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, k, None)?;
-        self.lm_head(&h)?.to_dtype(self.logits_dtype())
+        let (cos, sin) = self.rotary(&batch.positions)?;
+        let inputs = LayerInputs { cos, sin, mask: self.mask(&batch.valid, batch.segments.as_deref(), 0, t)? };
+        let mut x = self.embed(&batch.ids, pass)?;
+        let checkpoint = pass.grad && self.gradient_checkpointing;
+        let mut tracked = pass.grad && self.embed.trainable();
+        for layer in &self.layers {
+            x = if checkpoint {
+                let out = checkpointed(layer, &x, &inputs, pass, &self.sink, tracked)?;
+                tracked |= !layer.trainable_vars().is_empty();
+                out
+            } else {
+                layer.forward(&x, &inputs, pass, None)?
+            };
+        }
+        self.norm.forward(&x, pass)
+    }
+
+    /// Logits [B, T, V] at every position (f32, or f64 for f64 compute). The
+    /// training kernels build a graph; the fused ones do not.
+    pub fn forward(&self, batch: &Batch, kernels: Kernels) -> Result<Tensor> {
+        let pass = match kernels {
+            Kernels::Fused => Pass::INFERENCE,
+            Kernels::Differentiable => Pass::TRAIN,
+        };
+        self.logits(batch, pass)
+    }
+
+    /// Logits [B, T, V] at every position under `pass` (which says whether
+    /// adapters apply and whether a graph is built).
+    pub fn logits(&self, batch: &Batch, pass: Pass) -> Result<Tensor> {
+        let h = self.hidden(batch, pass)?;
+        super::ops::linear(&h, &self.head().get(pass)?, None)?.to_dtype(self.logits_dtype())
     }
 
     /// Logits and log-probabilities are at least f32 (bf16 compute is upcast).
@@ -400,36 +353,60 @@ impl Transformer {
         }
     }
 
-    /// log π(token_{t+1} | tokens ≤ t) for every position but the last: [B, T-1].
-    /// Differentiable; the training path for GRPO and SFT.
+    /// log π(token_{t+1} | tokens ≤ t) for every position but the last: [B, T-1],
+    /// through the training pass (a graph to the trainable parameters).
     pub fn next_token_logprobs(&self, batch: &Batch) -> Result<Tensor> {
         let t = batch.ids.dim(1)?;
-        self.next_token_logprobs_range(batch, 0, t - 1, 1.0)
+        self.next_token_logprobs_range(batch, 0, t - 1, 1.0, Pass::TRAIN)
     }
 
     /// log π of the tokens at positions `start + 1 ..= start + len`, predicted from
-    /// positions `start .. start + len`: [B, len]. Only those positions go through
-    /// the vocabulary projection, which dominates memory for long prompts.
-    /// Logits are divided by `temperature` first (GRPO scores tokens under the
-    /// distribution it sampled them from, as TRL does).
+    /// positions `start .. start + len`: [B, len]. Logits are divided by
+    /// `temperature` first (GRPO scores tokens under the distribution it sampled
+    /// them from, as TRL does). The vocabulary projection goes in chunks with its
+    /// own backward: no [B, len, V] tensor is ever held.
     pub fn next_token_logprobs_range(
         &self,
         batch: &Batch,
         start: usize,
         len: usize,
         temperature: f64,
+        pass: Pass,
     ) -> Result<Tensor> {
-        let t = batch.ids.dim(1)?;
-        let mask = self.mask(&batch.valid, batch.segments.as_deref(), 0, t)?;
-        let h = self.layers(self.embed(&batch.ids)?, &batch.positions, &mask, Kernels::Differentiable, None)?;
-        let logits = self.lm_head(&h.narrow(1, start, len)?)?.to_dtype(self.logits_dtype())?;
-        let (b, _, v) = logits.dims3()?;
+        let h = self.hidden(batch, pass)?;
+        let (b, _, hd) = h.dims3()?;
+        let h = h.narrow(1, start, len)?.reshape((b * len, hd))?;
         let targets = batch.ids.narrow(1, start + 1, len)?.flatten_all()?;
-        token_logprobs(&logits.reshape((b * len, v))?, &targets, temperature)?.reshape((b, len))
+        let head = self.head();
+        // An f32 master used as is: its gradient goes straight into the accumulator.
+        let direct = (pass.grad && head.trainable() && self.compute_dtype == DType::F32)
+            .then(|| WeightGrad { var: head.var.clone(), sink: self.sink.clone() });
+        let w = if direct.is_some() { head.get(Pass { grad: false, ..pass })? } else { head.get(pass)? };
+        let lp = logprobs_from_hidden(&h, &w, &targets, temperature, direct)?;
+        lp.to_dtype(self.logits_dtype())?.reshape((b, len))
+    }
+
+    /// Differentiate `loss` (built by training passes) and add the trainable
+    /// parameters' gradients to the model's accumulator.
+    pub fn backward(&self, loss: &Tensor) -> Result<()> {
+        let store = loss.backward()?;
+        for (_, var) in self.trainable() {
+            if let Some(g) = store.get(var.as_tensor()) {
+                self.sink.add(&var, g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradients accumulated since the last call, by parameter name (what
+    /// the optimizer steps with); the accumulator is left empty.
+    pub fn take_grads(&self) -> HashMap<String, Tensor> {
+        let mut by_id = self.sink.take();
+        self.trainable().into_iter().filter_map(|(name, v)| Some((name, by_id.remove(&v.as_tensor().id())?))).collect()
     }
 
     /// Incremental forward: feed `ids` [B, t] after what `cache` holds; returns
-    /// the last position's logits [B, V] (f32). `valid` marks padding in `ids`.
+    /// the last position's logits [B, V] (f32). [`PAD_SENTINEL`] marks padding in `ids`.
     pub fn forward_cached(&self, ids: &[Vec<u32>], cache: &mut KvCache) -> Result<Tensor> {
         let b = ids.len();
         let t = ids[0].len();
@@ -451,10 +428,16 @@ impl Transformer {
         let flat: Vec<u32> = ids.iter().flatten().map(|&x| if x == PAD_SENTINEL { 0 } else { x }).collect();
         let ids_t = Tensor::from_vec(flat, (b, t), &self.device)?;
         let positions = Tensor::from_vec(pos, (b, t), &self.device)?;
-        let mask = self.mask(&cache.valid, None, offset, t)?;
-        let h = self.layers(self.embed(&ids_t)?, &positions, &mask, Kernels::Fused, Some(cache))?;
+        let (cos, sin) = self.rotary(&positions)?;
+        let inputs = LayerInputs { cos, sin, mask: self.mask(&cache.valid, None, offset, t)? };
+        let pass = Pass::INFERENCE;
+        let mut x = self.embed(&ids_t, pass)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &inputs, pass, Some(cache))?;
+        }
+        let h = self.norm.forward(&x, pass)?;
         cache.len += t;
-        self.lm_head(&h.narrow(1, t - 1, 1)?.squeeze(1)?)?.to_dtype(DType::F32)
+        super::ops::linear(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &self.head().get(pass)?, None)?.to_dtype(DType::F32)
     }
 
     pub fn num_parameters(&self) -> usize {
@@ -463,16 +446,18 @@ impl Transformer {
 
     /// The weights as plain tensors by Hugging Face name, LoRA adapters merged in (for saving).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let adapters = self.adapters();
         self.weights
             .iter()
             .map(|(k, v)| {
-                let t = match &self.lora {
-                    Some(l) => l.merged(k, v.as_tensor()).expect("adapter shapes match their weight"),
+                let t = match adapters.get(k) {
+                    Some((_, f)) => (v.as_tensor() + (f.b.as_tensor().matmul(f.a.as_tensor())? * f.scale)?)?,
                     None => v.as_tensor().clone(),
                 };
-                (k.clone(), t)
+                Ok((k.clone(), t))
             })
-            .collect()
+            .collect::<Result<_>>()
+            .expect("adapter shapes match their weight")
     }
 }
 

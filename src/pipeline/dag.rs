@@ -7,8 +7,8 @@ use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, Reversed};
 
-use super::diagnostic::Diagnostic;
 use super::spec::Pipeline;
+use crate::common::diagnostic::Diagnostic;
 
 pub struct Dag {
     pub graph: DiGraph<String, ()>,

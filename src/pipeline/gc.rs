@@ -82,7 +82,7 @@ fn size_of(p: &PathBuf) -> u64 {
     if p.is_file() {
         return fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     }
-    super::checkpoint::walk(p)
+    crate::common::fsutil::walk(p)
         .map(|v| v.iter().filter(|f| f.is_file()).filter_map(|f| fs::metadata(f).ok()).map(|m| m.len()).sum())
         .unwrap_or(0)
 }

@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use super::checkpoint::Checkpoints;
-use super::params::{typed, ParamError};
+use crate::common::checkpoints::Checkpoints;
+use crate::common::{typed, CancelToken, ParamError};
 
 /// One named output of a stage kind. It lands in the cache as
 /// `objects/<hash>/<file_name>` and is referenced as `${stage.<name>}`.
@@ -93,32 +92,6 @@ pub trait StageKind: Send + Sync {
     /// Do the work: read `ctx.params()`, write every output under `ctx.output_path(name)`.
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
 }
-
-/// Set by Ctrl-C: a stage checks it between steps, checkpoints and returns `Cancelled`.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst)
-    }
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-    /// `Err(Cancelled)` once cancellation was asked for.
-    pub fn check(&self) -> Result<(), Cancelled> {
-        if self.is_cancelled() {
-            Err(Cancelled)
-        } else {
-            Ok(())
-        }
-    }
-}
-
-/// The error a stage returns after stopping cleanly on Ctrl-C.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("interrupted")]
-pub struct Cancelled;
 
 /// Where and how the pipeline runs, as resolved for this run.
 #[derive(Debug, Clone)]

@@ -10,12 +10,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
 
-use super::checkpoint::Checkpoints;
 use super::dag::Dag;
 use super::fingerprint::FingerprintInputs;
-use super::kind::{CancelToken, Cancelled, Registry, RunEnv, StageContext};
+use super::kind::{Registry, RunEnv, StageContext};
 use super::spec::{bind_artifacts, Pipeline, Stage};
 use super::store::{remove_path, Cache, ObjectRef, StageRecord};
+use crate::common::checkpoints::Checkpoints;
+use crate::common::{CancelToken, Cancelled};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -170,7 +171,7 @@ impl<'a> Runner<'a> {
                 bail!(
                     "no stage `{name}` in {}\n  hint: {}",
                     self.pipeline.file.display(),
-                    super::diagnostic::suggest(name, &names, "stages")
+                    crate::common::diagnostic::suggest(name, &names, "stages")
                 );
             }
         }
@@ -387,7 +388,18 @@ impl<'a> Runner<'a> {
             outputs: stage.kind.outputs(),
             metrics: None,
         };
-        stage.kind.run(&mut ctx)?;
+        let result = stage.kind.run(&mut ctx);
+        // The stage's memory is free now: give it back before the next stage (or the
+        // commit) runs, whatever the stage's outcome.
+        crate::common::memory::release_free_memory();
+        tracing::info!(
+            target: "r1pipe::runlog",
+            stage = %stage.name,
+            rss_mib = crate::common::memory::rss_bytes() >> 20,
+            peak_rss_mib = crate::common::memory::peak_rss_bytes() >> 20,
+            "memory after stage"
+        );
+        result?;
 
         let db = self.cache.db()?;
         let mut outputs = BTreeMap::new();

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
 use super::kind::{Project, Registry, Requirements, StageKind};
-use super::params::{lookup, yaml_to_json};
-use super::yaml_pos::Positions;
+use crate::common::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
+use crate::common::params::{lookup, yaml_to_json};
+use crate::common::yaml_pos::Positions;
 
 const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages"];
 const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs"];
@@ -424,7 +424,7 @@ impl Loader {
         stage: &str,
         kind: &str,
         base: &str,
-        e: &super::params::ParamError,
+        e: &crate::common::params::ParamError,
         preset: Option<&(PathBuf, Positions)>,
     ) {
         let full = if e.path.is_empty() { format!("{base}.with") } else { format!("{base}.with.{}", e.path) };
@@ -578,7 +578,7 @@ fn interpolate(
                         vars.as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default();
                     let hint = match nearest(var, names.iter().copied()) {
                         Some(n) => format!("did you mean `${{vars.{n}}}`?"),
-                        None => format!("defined vars: {}", super::diagnostic::join_ticked(&names)),
+                        None => format!("defined vars: {}", crate::common::diagnostic::join_ticked(&names)),
                     };
                     problems.push((path.into(), format!("`${{{expr}}}` is not defined"), Some(hint)));
                 }

@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 
-use super::checkpoint::Checkpoints;
 use super::runner::{human_duration, Decision, Runner};
+use crate::common::checkpoints::Checkpoints;
 
 #[derive(Debug, Clone)]
 pub struct StageStatus {

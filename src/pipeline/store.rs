@@ -22,8 +22,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::checkpoint::{sync_path, walk};
 use super::fingerprint::FingerprintInputs;
+use crate::common::fsutil::{sync_path, walk};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ObjectRef {
@@ -192,7 +192,7 @@ impl Cache {
         fs::create_dir_all(&tmp)?;
         fs::rename(src, tmp.join(file_name)).with_context(|| format!("moving {} into the cache", src.display()))?;
         make_read_only(&tmp.join(file_name))?;
-        super::checkpoint::sync_dir_files(&tmp)?;
+        crate::common::fsutil::sync_dir_files(&tmp)?;
         if dest.exists() {
             fs::remove_dir_all(&dest)?; // an incomplete leftover with no file inside
         }

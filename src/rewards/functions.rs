@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::answer::{boxed, gsm8k_equal, math_equal, normalize, xml_answer};
-use crate::pipeline::{typed, ParamError};
+use crate::common::{typed, ParamError};
 
 /// One completion to score.
 #[derive(Debug, Clone, Copy)]

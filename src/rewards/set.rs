@@ -1,17 +1,17 @@
 //! Reward sets: a weighted list of reward functions, from a YAML file or an
 //! inline list, scored over a whole group of completions in parallel.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::functions::{lookup, RewardFn, Sample, CATALOG};
-use crate::pipeline::diagnostic::{suggest, Diagnostic, Diagnostics};
-use crate::pipeline::params::yaml_to_json;
-use crate::pipeline::yaml_pos::Positions;
-use crate::pipeline::{typed, ParamError, Project};
+use crate::common::diagnostic::{suggest, Diagnostic, Diagnostics};
+use crate::common::params::yaml_to_json;
+use crate::common::yaml_pos::Positions;
+use crate::common::{typed, ParamError};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,26 +136,6 @@ impl RewardSet {
                     .collect(),
             )
         })
-    }
-
-    /// From a stage parameter: a path to a reward-set file (returned, for the
-    /// fingerprint) or an inline list.
-    pub fn from_param(v: &Value, project: &Project) -> Result<(RewardSet, Option<PathBuf>), Vec<ParamError>> {
-        match v {
-            Value::String(s) => {
-                let path = project
-                    .local_path(s)
-                    .ok_or_else(|| vec![ParamError::new("", "a reward set cannot be an artifact")])?;
-                if !path.exists() {
-                    return Err(vec![ParamError::new("", format!("{} does not exist", path.display()))
-                        .hint("give a reward-set file such as stages/rewards/r1-gsm8k.yaml, or an inline list")]);
-                }
-                RewardSet::from_file(&path)
-                    .map(|s| (s, Some(path)))
-                    .map_err(|d| vec![ParamError::new("", format!("\n{d}"))])
-            }
-            other => RewardSet::from_value(other).map(|s| (s, None)),
-        }
     }
 
     pub fn names(&self) -> Vec<String> {

@@ -8,9 +8,10 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::common::{typed, ParamError};
 use crate::data::jsonl;
 use crate::hub::HubRepo;
-use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

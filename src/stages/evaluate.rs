@@ -10,12 +10,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::format::PromptRow;
-use super::model_common::{check_known_keys, check_model_ref, open_model, Sampling};
+use super::model_common::{check_known_keys, check_model_ref, open_model, sampling_errors};
+use crate::common::{typed, ParamError};
 use crate::data::jsonl::{self, Appender};
-use crate::model::{generate, FinishReason, Message};
+use crate::model::{generate, FinishReason, SamplingParams};
 use crate::pipeline::status::render_table;
-use crate::pipeline::{typed, Cancelled, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
-use crate::rewards::answer::{gsm8k_equal, xml_answer};
+use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::rewards::answer::xml_answer;
 use crate::rewards::{lookup, Sample};
 
 // No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
@@ -30,7 +31,7 @@ struct Params {
     #[serde(default = "default_batch")]
     batch_size: usize,
     #[serde(flatten)]
-    sampling: Sampling,
+    sampling: SamplingParams,
 }
 
 fn default_batch() -> usize {
@@ -75,7 +76,7 @@ impl StageKind for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn description(&self) -> &'static str {
         "GSM8K accuracy and format adherence of one or several models"
@@ -85,9 +86,9 @@ impl StageKind for Evaluate {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &["models", "test", "limit", "batch_size"])?;
+        check_known_keys(params, &[&["models", "test", "limit", "batch_size"], SamplingParams::FIELDS])?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
-        let mut errors = p.sampling.check();
+        let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         if p.models.is_empty() {
             errors.push(
@@ -122,14 +123,16 @@ impl StageKind for Evaluate {
         if let Some(n) = p.limit {
             rows.truncate(n);
         }
-        let sampling = p.sampling.params();
-        let strict = (lookup("strict_format").expect("known").build)(&Value::Null)?;
-        let soft = (lookup("soft_format").expect("known").build)(&Value::Null)?;
+        let sampling = p.sampling.clone();
+        // The verdicts are the reward catalog's functions with their defaults: one
+        // definition of "correct" and "formatted" for training and evaluation.
+        let verdict = |name: &str| (lookup(name).expect("a catalog function").build)(&Value::Null);
+        let (correctness, strict, soft) = (verdict("correctness")?, verdict("strict_format")?, verdict("soft_format")?);
         let mut all = Vec::new();
         let mut metrics = serde_json::Map::new();
         for (name, reference) in &p.models {
             // Samples already evaluated by an interrupted attempt are kept.
-            let partial = ctx.work_dir.join(format!("samples-{}.jsonl", sanitize(name)));
+            let partial = ctx.work_dir.join(samples_file(name));
             let mut done: Vec<EvalSample> = if partial.exists() {
                 jsonl::read(&partial)?.into_iter().map(|(_, s)| s).collect()
             } else {
@@ -143,18 +146,12 @@ impl StageKind for Evaluate {
                 let bar = ctx.progress_bar(rows.len() as u64, &format!("questions ({name})"));
                 bar.set_position(seen.len() as u64);
                 for chunk in todo.chunks(p.batch_size) {
-                    if ctx.cancel.is_cancelled() {
+                    if let Err(e) = ctx.cancel.check() {
                         bar.abandon();
-                        return Err(Cancelled.into());
+                        return Err(e.into());
                     }
-                    let prompts: Vec<Vec<u32>> = chunk
-                        .iter()
-                        .map(|&i| {
-                            let msgs: Vec<Message> =
-                                rows[i].prompt.iter().map(|m| Message::new(&m.role, &m.content)).collect();
-                            m.tokenizer.encode(&m.tokenizer.apply_chat_template(&msgs, true)?)
-                        })
-                        .collect::<Result<_>>()?;
+                    let prompts: Vec<Vec<u32>> =
+                        chunk.iter().map(|&i| m.tokenizer.encode_chat(&rows[i].prompt, true)).collect::<Result<_>>()?;
                     // Seeded by question index, so a resumed run samples exactly as an uninterrupted one.
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed ^ (chunk[0] as u64) << 20);
                     let comps = generate(&m.model, &m.tokenizer, &prompts, 1, &sampling, &mut rng, None)?;
@@ -169,7 +166,7 @@ impl StageKind for Evaluate {
                             question: row.question.clone(),
                             reference: row.answer.clone(),
                             completion: c.text.clone(),
-                            correct: extracted.as_deref().is_some_and(|a| gsm8k_equal(a, &row.answer)),
+                            correct: correctness.score(&sample) > 0.0,
                             extracted,
                             strict_format: strict.score(&sample) > 0.0,
                             soft_format: soft.score(&sample) > 0.0,
@@ -196,8 +193,12 @@ impl StageKind for Evaluate {
     }
 }
 
-fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+/// The work-folder file of a model's finished samples: readable, and distinct for
+/// distinct names (`a.b` and `a_b` must not share one).
+fn samples_file(name: &str) -> String {
+    let readable: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    format!("samples-{readable}-{}.jsonl", &blake3::hash(name.as_bytes()).to_hex()[..8])
 }
 
 fn summarize(s: &[EvalSample]) -> Value {
@@ -233,4 +234,15 @@ pub fn side_by_side(metrics: &Value) -> String {
             .collect();
     let h: Vec<&str> = headers.iter().map(String::as_str).collect();
     render_table(&h, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_that_sanitize_alike_get_their_own_samples_file() {
+        assert_ne!(samples_file("a.b"), samples_file("a_b"));
+        assert!(samples_file("base").starts_with("samples-base-"));
+    }
 }

@@ -9,11 +9,10 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::common::{typed, ParamError};
 use crate::data::{gsm8k, jsonl};
-use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
-
-pub const DEFAULT_SYSTEM_PROMPT: &str =
-    "Respond in the following format:\n<think>\n...\n</think>\n<answer>\n...\n</answer>\n";
+use crate::model::Message;
+use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,13 +58,7 @@ impl Limit {
 }
 
 fn default_system_prompt() -> String {
-    DEFAULT_SYSTEM_PROMPT.into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
+    gsm8k::R1_SYSTEM_PROMPT.into()
 }
 
 /// One GRPO/evaluation prompt.
@@ -130,10 +123,7 @@ impl StageKind for Format {
             if split == "train" {
                 let sft = rows.iter().map(|r| {
                     let mut messages = r.prompt.clone();
-                    messages.push(Message {
-                        role: "assistant".into(),
-                        content: gsm8k::think_answer(&r.rationale, &r.answer),
-                    });
+                    messages.push(Message::new("assistant", &gsm8k::think_answer(&r.rationale, &r.answer)));
                     SftRow { messages, answer: r.answer.clone() }
                 });
                 jsonl::write(&ctx.output_path("sft"), sft)?;
@@ -180,10 +170,7 @@ fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>,
         }
         let answer = gsm8k::reference_answer(answer_text).expect("checked above");
         rows.push(PromptRow {
-            prompt: vec![
-                Message { role: "system".into(), content: p.system_prompt.clone() },
-                Message { role: "user".into(), content: question.clone() },
-            ],
+            prompt: vec![Message::new("system", &p.system_prompt), Message::new("user", &question)],
             question,
             answer,
             rationale: gsm8k::rationale(answer_text),

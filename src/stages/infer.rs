@@ -8,11 +8,12 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::format::DEFAULT_SYSTEM_PROMPT;
-use super::model_common::{check_known_keys, check_model_ref, open_model, Sampling};
+use super::model_common::{check_known_keys, check_model_ref, open_model, sampling_errors};
+use crate::common::{typed, ParamError};
+use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
-use crate::model::{generate, FinishReason, Message};
-use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
+use crate::model::{generate, FinishReason, Message, SamplingParams};
+use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::xml_answer;
 
 #[derive(Debug, Deserialize)]
@@ -24,7 +25,7 @@ struct Params {
     #[serde(default = "default_batch")]
     batch_size: usize,
     #[serde(flatten)]
-    sampling: Sampling,
+    sampling: SamplingParams,
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,7 +36,7 @@ enum Questions {
 }
 
 fn default_system_prompt() -> String {
-    DEFAULT_SYSTEM_PROMPT.into()
+    R1_SYSTEM_PROMPT.into()
 }
 fn default_batch() -> usize {
     8
@@ -76,9 +77,9 @@ impl StageKind for Infer {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &["model", "questions", "system_prompt", "batch_size"])?;
+        check_known_keys(params, &[&["model", "questions", "system_prompt", "batch_size"], SamplingParams::FIELDS])?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
-        let mut errors = p.sampling.check();
+        let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         match check_model_ref("model", &p.model, project) {
             Ok(Some(local)) => req.local_paths.push(local),
@@ -126,15 +127,13 @@ impl StageKind for Infer {
             }
         };
         let m = open_model(ctx, &p.model)?;
-        let sampling = p.sampling.params();
+        let sampling = p.sampling.clone();
         let bar = ctx.progress_bar(prompts.len() as u64, "questions");
         let mut answers = Vec::new();
         for (b, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
             ctx.cancel.check()?;
-            let ids: Vec<Vec<u32>> = chunk
-                .iter()
-                .map(|(_, msgs)| m.tokenizer.encode(&m.tokenizer.apply_chat_template(msgs, true)?))
-                .collect::<Result<_>>()?;
+            let ids: Vec<Vec<u32>> =
+                chunk.iter().map(|(_, msgs)| m.tokenizer.encode_chat(msgs, true)).collect::<Result<_>>()?;
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed.wrapping_add(b as u64));
             let comps = generate(&m.model, &m.tokenizer, &ids, 1, &sampling, &mut rng, None)?;

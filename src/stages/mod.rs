@@ -7,8 +7,11 @@ pub mod format;
 pub mod grpo;
 pub mod infer;
 pub mod model_common;
+pub mod reward_param;
 pub mod sft;
+#[cfg(feature = "test-kinds")]
 pub mod testing;
+pub mod training;
 
 use anyhow::Result;
 
@@ -23,10 +26,10 @@ pub fn registry() -> Registry {
     r.register(infer::Infer);
     r.register(grpo::Grpo);
     r.register(sft::Sft);
-    if std::env::var_os("R1PIPE_TEST_KINDS").is_some() {
-        // Kinds that exist to test the runner itself (interruption, resume).
-        r.register(testing::Counter);
-    }
+    // Kinds that exist to test the runner itself (interruption, resume): compiled
+    // only into test builds (`--features test-kinds`, which scripts/test.sh passes).
+    #[cfg(feature = "test-kinds")]
+    r.register(testing::Counter);
     r
 }
 

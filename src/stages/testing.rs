@@ -9,8 +9,9 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::common::{typed, ParamError};
 use crate::data::jsonl::Appender;
-use crate::pipeline::{typed, OutputSpec, ParamError, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

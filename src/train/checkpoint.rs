@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::optim::AdamW;
-use crate::pipeline::checkpoint::Checkpoints;
+use crate::common::checkpoints::Checkpoints;
 
 /// Saves what the optimizer trains (every weight, or only the LoRA adapters) with its moments.
 pub fn save<S: Serialize>(cps: &Checkpoints, step: u64, keep: usize, opt: &AdamW, state: &S) -> Result<()> {

@@ -1,227 +1,577 @@
-//! GRPO's mathematics: group-relative advantages and the clipped surrogate
-//! loss with an optional k3 KL penalty, for each of TRL's loss normalizations.
+//! GRPO as an algorithm of the training loop. Per round: sample
+//! `num_generations` completions for each of
+//! per_device_train_batch_size × gradient_accumulation_steps / num_generations
+//! prompts (one prefill per prompt), score them with the reward set, compute
+//! group-relative advantages, then `num_iterations` optimizer steps on the
+//! clipped surrogate. The pieces: [`GrpoAlgorithm::rollout`] (sampling and
+//! scoring), [`build_rows`] (the padded training rows and loss masks; pure),
+//! [`GrpoAlgorithm::score`] (old and reference log-probabilities, no graph),
+//! and the policy step in [`Algorithm::step`].
 
-use candle_core::{Result, Tensor, D};
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LossType {
-    /// Mean over each sequence's tokens, then over sequences (length-biased).
-    Grpo,
-    /// Sum over the micro-batch's tokens / its number of tokens.
-    Bnpo,
-    /// Sum over tokens / the number of tokens in the whole accumulated batch.
-    Dapo,
-    /// Sum over tokens / (batch × max_completion_length).
-    DrGrpo,
-}
+use super::grpo_loss::{advantages, loss, LossConfig, LossType, ScaleRewards};
+use super::trainer::{Algorithm, Hyper, StepReport};
+use crate::model::{generate, Batch, ChatTokenizer, Completion, Pass, SamplingParams, Transformer};
+use crate::rewards::set::{mean, std};
+use crate::rewards::{RewardSet, Sample, Scores};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ScaleRewards {
-    /// Divide by each group's standard deviation.
-    Group,
-    /// Divide by the whole batch's standard deviation.
-    Batch,
-    /// Do not divide (Dr. GRPO).
-    None,
-}
-
-/// Unbiased standard deviation (as torch.std), 0 for fewer than two values.
-fn std(v: &[f32]) -> f32 {
-    crate::rewards::set::std(v)
-}
-
-/// Advantages for rewards laid out group after group (`group` completions per prompt):
-/// reward − group mean, divided per `scale` (with 1e-4 added to the std, as TRL).
-pub fn advantages(rewards: &[f32], group: usize, scale: ScaleRewards) -> Vec<f32> {
-    let batch_std = std(rewards);
-    rewards
-        .chunks(group)
-        .flat_map(|g| {
-            let mean = g.iter().sum::<f32>() / g.len() as f32;
-            let div = match scale {
-                ScaleRewards::Group => std(g) + 1e-4,
-                ScaleRewards::Batch => batch_std + 1e-4,
-                ScaleRewards::None => 1.0,
-            };
-            g.iter().map(move |r| (r - mean) / div)
-        })
-        .collect()
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct LossConfig {
-    pub loss_type: LossType,
-    pub epsilon_low: f64,
-    pub epsilon_high: f64,
-    pub beta: f64,
+/// GRPO's own settings (TRL's names); the shared ones are in [`Hyper`].
+/// Defaults are TRL's GRPOConfig's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GrpoConfig {
+    pub num_generations: usize,
+    pub max_prompt_length: usize,
     pub max_completion_length: usize,
-    /// Micro-batches per optimizer step (the loss is divided by it, except for `dapo`).
-    pub micro_batches: usize,
-    /// Completion tokens in the whole accumulated batch (the `dapo` normalizer).
-    pub global_tokens: f64,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub beta: f64,
+    pub epsilon: f64,
+    pub epsilon_high: Option<f64>,
+    pub loss_type: LossType,
+    pub scale_rewards: ScaleRewards,
+    pub num_iterations: usize,
+    pub mask_truncated_completions: bool,
+    /// Every this many steps, a few prompt/completion/reward samples go into the log (0: never).
+    pub log_completions: u64,
+    /// How a full fine-tuning run keeps its reference policy (β > 0): `bf16` halves its memory.
+    pub reference_dtype: ReferenceDtype,
 }
 
-/// Statistics of one micro-batch's loss, for the logs.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LossStats {
-    /// Mean k3 KL over completion tokens (0 when β = 0).
-    pub kl: f64,
-    /// Fraction of completion tokens whose ratio was clipped (low or high region).
-    pub clip_region: f64,
-    pub tokens: f64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceDtype {
+    /// An exact f32 copy of the starting weights.
+    F32,
+    /// The starting weights rounded to bf16, computed in the policy's dtype (see README: memory).
+    Bf16,
 }
 
-/// The GRPO loss of one micro-batch.
-/// `logp`, `old_logp`, `ref_logp`: [B, C] per-token log-probabilities of the completions;
-/// `adv`: [B]; `mask`: [B, C] (1 for completion tokens that count).
-pub fn loss(
-    logp: &Tensor,
-    old_logp: &Tensor,
-    ref_logp: Option<&Tensor>,
-    adv: &Tensor,
-    mask: &Tensor,
-    cfg: &LossConfig,
-) -> Result<(Tensor, LossStats)> {
-    let adv = adv.unsqueeze(1)?;
-    let ratio = (logp - old_logp.detach())?.exp()?;
-    let clipped = ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
-    let l1 = ratio.broadcast_mul(&adv)?;
-    let l2 = clipped.broadcast_mul(&adv)?;
-    let mut per_token = l1.minimum(&l2)?.neg()?;
-    let mut stats = LossStats::default();
-    let tokens = mask.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    stats.tokens = tokens;
-    if cfg.beta != 0.0 {
-        let r = ref_logp.expect("β > 0 needs reference log-probabilities");
-        let d = (r.detach() - logp)?;
-        let kl = ((d.exp()? - &d)? - 1.0)?;
-        stats.kl = (&kl * mask)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / tokens.max(1.0);
-        per_token = (per_token + (kl * cfg.beta)?)?;
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig {
+            num_generations: 8,
+            max_prompt_length: 512,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
+            loss_type: LossType::Dapo,
+            scale_rewards: ScaleRewards::Group,
+            num_iterations: 1,
+            mask_truncated_completions: false,
+            log_completions: 0,
+            reference_dtype: ReferenceDtype::Bf16,
+        }
     }
-    // Clipped region: low clip with A < 0, high clip with A > 0 (TRL's clip_ratio/region_mean).
-    {
-        let r: Vec<Vec<f32>> = ratio.detach().to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let a: Vec<f32> = adv.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let m: Vec<Vec<f32>> = mask.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let mut clipped_n = 0.0;
-        for (i, row) in r.iter().enumerate() {
-            for (j, &x) in row.iter().enumerate() {
-                let low = x < (1.0 - cfg.epsilon_low) as f32 && a[i] < 0.0;
-                let high = x > (1.0 + cfg.epsilon_high) as f32 && a[i] > 0.0;
-                if m[i][j] > 0.0 && (low || high) {
-                    clipped_n += 1.0;
-                }
+}
+
+impl GrpoConfig {
+    pub const KEYS: &'static [&'static str] = &[
+        "num_generations",
+        "max_prompt_length",
+        "max_completion_length",
+        "temperature",
+        "top_p",
+        "top_k",
+        "beta",
+        "epsilon",
+        "epsilon_high",
+        "loss_type",
+        "scale_rewards",
+        "num_iterations",
+        "mask_truncated_completions",
+        "log_completions",
+        "reference_dtype",
+    ];
+
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            max_new_tokens: self.max_completion_length,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// A training prompt, tokenized.
+#[derive(Debug, Clone)]
+pub struct GrpoPrompt {
+    pub ids: Vec<u32>,
+    pub question: String,
+    pub answer: String,
+}
+
+/// Keep the end of a prompt longer than `max` tokens, where the question and the generation prompt are.
+pub fn truncate_prompt(mut ids: Vec<u32>, max: usize) -> Vec<u32> {
+    if ids.len() > max {
+        ids.drain(..ids.len() - max);
+    }
+    ids
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrpoState {
+    /// Prompts consumed so far (position in the seeded epoch order).
+    pub data_pos: u64,
+    pub rng: ChaCha8Rng,
+}
+
+/// The per-step log fields of GRPO (TRL's names).
+#[derive(Debug, Clone, Serialize)]
+pub struct GrpoLog {
+    pub reward: f64,
+    pub reward_std: f64,
+    pub frac_reward_zero_std: f64,
+    #[serde(rename = "completions/mean_length")]
+    pub mean_length: f64,
+    #[serde(rename = "completions/clipped_ratio")]
+    pub clipped_ratio: f64,
+    pub kl: f64,
+    #[serde(rename = "clip_ratio/region_mean")]
+    pub clip_region: f64,
+    /// Generated tokens per second of this round's sampling (0 on later iterations).
+    #[serde(rename = "generation_tokens_per_second")]
+    pub generation_tps: f64,
+    #[serde(rename = "timing/generation")]
+    pub t_generation: f64,
+    #[serde(rename = "timing/scoring")]
+    pub t_scoring: f64,
+    #[serde(rename = "timing/reference")]
+    pub t_reference: f64,
+    #[serde(rename = "timing/policy_forward_backward")]
+    pub t_policy: f64,
+    /// `rewards/<name>/mean` and `rewards/<name>/std` per reward function.
+    #[serde(flatten)]
+    pub per_function: std::collections::BTreeMap<String, f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completions: Option<Vec<LoggedCompletion>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoggedCompletion {
+    pub prompt: String,
+    pub completion: String,
+    pub reward: f32,
+}
+
+/// Training rows of one round: [left-padded prompt | completion (+EOS) | right padding].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rows {
+    pub ids: Vec<Vec<u32>>,
+    pub valid: Vec<Vec<bool>>,
+    /// [rows][completion_len]: 1 for completion tokens the loss counts.
+    pub masks: Vec<Vec<f32>>,
+    /// The common (padded) prompt length.
+    pub prompt_len: usize,
+    /// The common (padded) completion length.
+    pub completion_len: usize,
+}
+
+/// What [`build_rows`] needs to know of a sampled completion.
+#[derive(Debug, Clone)]
+pub struct RowSpec<'a> {
+    pub prompt: &'a [u32],
+    pub tokens: &'a [u32],
+    /// Ended by EOS (which training appends back, so the model learns to stop).
+    pub eos: bool,
+}
+
+/// The padded rows and loss masks of a round. A completion cut off at
+/// `max_completion_length` is masked out entirely when `mask_truncated`.
+pub fn build_rows(
+    specs: &[RowSpec],
+    eos_id: u32,
+    pad_id: u32,
+    max_completion_length: usize,
+    mask_truncated: bool,
+) -> Rows {
+    let plen = specs.iter().map(|s| s.prompt.len()).max().unwrap_or(0);
+    let completions: Vec<Vec<u32>> =
+        specs.iter().map(|s| s.tokens.iter().copied().chain(s.eos.then_some(eos_id)).collect()).collect();
+    let clen = completions.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut rows = Rows { ids: vec![], valid: vec![], masks: vec![], prompt_len: plen, completion_len: clen };
+    for (s, comp) in specs.iter().zip(&completions) {
+        let pad = plen - s.prompt.len();
+        let mut ids = vec![pad_id; pad];
+        let mut valid = vec![false; pad];
+        ids.extend(s.prompt);
+        valid.extend(std::iter::repeat_n(true, s.prompt.len()));
+        ids.extend(comp);
+        valid.extend(std::iter::repeat_n(true, comp.len()));
+        ids.extend(std::iter::repeat_n(pad_id, clen - comp.len()));
+        valid.extend(std::iter::repeat_n(false, clen - comp.len()));
+        let truncated = !s.eos && s.tokens.len() >= max_completion_length;
+        let keep = !(mask_truncated && truncated);
+        rows.masks.push((0..clen).map(|j| if keep && j < comp.len() { 1.0 } else { 0.0 }).collect());
+        rows.ids.push(ids);
+        rows.valid.push(valid);
+    }
+    rows
+}
+
+/// A round's samples, scores and advantages, reused by its `num_iterations` updates.
+struct Round {
+    picked: Vec<usize>,
+    completions: Vec<Completion>,
+    scores: Scores,
+    advantages: Vec<f32>,
+    rows: Rows,
+    /// πold per micro-batch (μ > 1) and πref per micro-batch (β > 0).
+    old: Vec<Tensor>,
+    refs: Vec<Tensor>,
+    iteration: usize,
+    t_generation: f64,
+    t_scoring: f64,
+    t_reference: f64,
+}
+
+pub struct GrpoAlgorithm<'a> {
+    cfg: GrpoConfig,
+    hp: Hyper,
+    tok: &'a ChatTokenizer,
+    rewards: &'a RewardSet,
+    prompts: Vec<GrpoPrompt>,
+    /// A frozen copy of the starting weights (β > 0, full fine-tuning); with
+    /// LoRA the base model (adapters off) is the reference and no copy is made.
+    reference: Option<Transformer>,
+    seed: u64,
+    state: GrpoState,
+    round: Option<Round>,
+    rewards_seen: Vec<f64>,
+}
+
+impl<'a> GrpoAlgorithm<'a> {
+    pub fn new(
+        cfg: GrpoConfig,
+        hp: Hyper,
+        policy: &Transformer,
+        tok: &'a ChatTokenizer,
+        rewards: &'a RewardSet,
+        prompts: Vec<GrpoPrompt>,
+        seed: u64,
+    ) -> Result<Self> {
+        let reference = if cfg.beta != 0.0 && policy.lora.is_none() {
+            let storage = match cfg.reference_dtype {
+                ReferenceDtype::F32 => DType::F32,
+                ReferenceDtype::Bf16 => DType::BF16,
+            };
+            Some(policy.frozen_copy(storage, policy.compute_dtype)?)
+        } else {
+            None
+        };
+        let state = GrpoState { data_pos: 0, rng: ChaCha8Rng::seed_from_u64(seed) };
+        Ok(GrpoAlgorithm { cfg, hp, tok, rewards, prompts, reference, seed, state, round: None, rewards_seen: vec![] })
+    }
+
+    fn prompts_per_round(&self) -> usize {
+        self.hp.per_step() / self.cfg.num_generations
+    }
+
+    /// The prompt at global position `pos`: epochs are seeded shuffles of the data.
+    fn prompt_at(&self, pos: u64) -> usize {
+        let n = self.prompts.len() as u64;
+        let mut order: Vec<usize> = (0..n as usize).collect();
+        order.shuffle(&mut ChaCha8Rng::seed_from_u64(self.seed.wrapping_mul(1_000_003).wrapping_add(pos / n)));
+        order[(pos % n) as usize]
+    }
+
+    /// Sample the round's completions, score them, compute advantages and the training rows.
+    fn rollout(&mut self, policy: &Transformer) -> Result<Round> {
+        let picked: Vec<usize> =
+            (0..self.prompts_per_round() as u64).map(|i| self.prompt_at(self.state.data_pos + i)).collect();
+        let prompt_ids: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
+        let t = Instant::now();
+        let completions = generate(
+            policy,
+            self.tok,
+            &prompt_ids,
+            self.cfg.num_generations,
+            &self.cfg.sampling(),
+            &mut self.state.rng,
+            None,
+        )?;
+        let t_generation = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let samples: Vec<Sample> = completions
+            .iter()
+            .map(|c| {
+                let p = &self.prompts[picked[c.prompt_index]];
+                Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: c.tokens.len() }
+            })
+            .collect();
+        let scores = self.rewards.score(&samples);
+        let advantages = advantages(&scores.total, self.cfg.num_generations, self.cfg.scale_rewards);
+        let t_scoring = t.elapsed().as_secs_f64();
+        let specs: Vec<RowSpec> = completions
+            .iter()
+            .map(|c| RowSpec { prompt: &prompt_ids[c.prompt_index], tokens: &c.tokens, eos: c.eos })
+            .collect();
+        let rows = build_rows(
+            &specs,
+            self.tok.eos_ids[0],
+            self.tok.pad_id,
+            self.cfg.max_completion_length,
+            self.cfg.mask_truncated_completions,
+        );
+        tracing::debug!(
+            rows = rows.ids.len(),
+            prompt_len = rows.prompt_len,
+            completion_len = rows.completion_len,
+            "grpo training rows"
+        );
+        Ok(Round {
+            picked,
+            completions,
+            scores,
+            advantages,
+            rows,
+            old: vec![],
+            refs: vec![],
+            iteration: 0,
+            t_generation,
+            t_scoring,
+            t_reference: 0.0,
+        })
+    }
+
+    /// The micro-batches of a round: ranges of rows.
+    fn micro_batches(&self, rows: usize) -> Vec<std::ops::Range<usize>> {
+        let micro = self.hp.per_device_train_batch_size;
+        (0..rows).step_by(micro).map(|s| s..(s + micro).min(rows)).collect()
+    }
+
+    fn batch(&self, model: &Transformer, rows: &Rows, r: &std::ops::Range<usize>) -> Result<Batch> {
+        Ok(Batch::from_rows(rows.ids[r.clone()].to_vec(), rows.valid[r.clone()].to_vec(), &model.device)?)
+    }
+
+    /// Completion log-probabilities [rows, completion_len] under `pass` (f32).
+    fn completion_logprobs(&self, model: &Transformer, rows: &Rows, batch: &Batch, pass: Pass) -> Result<Tensor> {
+        let lp = model.next_token_logprobs_range(
+            batch,
+            rows.prompt_len - 1,
+            rows.completion_len,
+            self.cfg.temperature as f64,
+            pass,
+        )?;
+        Ok(lp.to_dtype(DType::F32)?)
+    }
+
+    /// πold (μ > 1, from the policy before this round's updates) and πref (β > 0), without a graph.
+    fn score(&self, policy: &Transformer, round: &mut Round) -> Result<()> {
+        let t = Instant::now();
+        for r in self.micro_batches(round.rows.ids.len()) {
+            let b = self.batch(policy, &round.rows, &r)?;
+            if self.cfg.num_iterations > 1 {
+                round.old.push(self.completion_logprobs(policy, &round.rows, &b, Pass::SCORE)?);
+            }
+            if self.cfg.beta != 0.0 {
+                round.refs.push(match &self.reference {
+                    Some(reference) => self.completion_logprobs(reference, &round.rows, &b, Pass::SCORE)?,
+                    None => {
+                        self.completion_logprobs(policy, &round.rows, &b, Pass { adapters: false, ..Pass::SCORE })?
+                    }
+                });
             }
         }
-        stats.clip_region = clipped_n / tokens.max(1.0);
+        round.t_reference = t.elapsed().as_secs_f64();
+        Ok(())
     }
-    let masked = (per_token * mask)?;
-    let b = logp.dim(0)? as f64;
-    let acc = cfg.micro_batches.max(1) as f64;
-    let loss = match cfg.loss_type {
-        LossType::Grpo => {
-            let per_seq = masked.sum(D::Minus1)?.broadcast_div(&mask.sum(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?;
-            (per_seq.mean_all()? / acc)?
+}
+
+impl Algorithm for GrpoAlgorithm<'_> {
+    type State = GrpoState;
+    type Log = GrpoLog;
+
+    fn total_steps(&self) -> u64 {
+        let rounds = self.hp.total_steps(self.prompts.len(), self.prompts_per_round());
+        match self.hp.max_steps {
+            Some(s) => s,
+            None => rounds * self.cfg.num_iterations as u64,
         }
-        LossType::Bnpo => (masked.sum_all()? / (tokens.max(1.0) * acc))?,
-        LossType::DrGrpo => (masked.sum_all()? / (b * cfg.max_completion_length as f64 * acc))?,
-        LossType::Dapo => (masked.sum_all()? / cfg.global_tokens.max(1.0))?,
-    };
-    Ok((loss, stats))
+    }
+
+    fn state(&self) -> GrpoState {
+        self.state.clone()
+    }
+
+    fn restore(&mut self, state: GrpoState) {
+        self.state = state;
+        self.round = None;
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.round.is_none()
+    }
+
+    fn step(&mut self, policy: &Transformer, step: u64) -> Result<StepReport<GrpoLog>> {
+        let mut round = match self.round.take() {
+            Some(r) => r,
+            None => {
+                let mut r = self.rollout(policy)?;
+                self.score(policy, &mut r)?;
+                r
+            }
+        };
+        let first = round.iteration == 0;
+        let t = Instant::now();
+        let cfg = &self.cfg;
+        let global_tokens: f64 = round.rows.masks.iter().map(|m| m.iter().sum::<f32>() as f64).sum();
+        let chunks = self.micro_batches(round.rows.ids.len());
+        let loss_cfg = LossConfig {
+            loss_type: cfg.loss_type,
+            epsilon_low: cfg.epsilon,
+            epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
+            beta: cfg.beta,
+            max_completion_length: cfg.max_completion_length,
+            micro_batches: chunks.len(),
+            global_tokens,
+        };
+        let (mut loss_sum, mut kl_sum, mut clip_sum, mut tok_sum) = (0.0, 0.0, 0.0, 0.0);
+        let mut trained_tokens = 0;
+        for (ci, r) in chunks.iter().enumerate() {
+            let b = self.batch(policy, &round.rows, r)?;
+            trained_tokens += round.rows.valid[r.clone()].iter().flatten().filter(|v| **v).count();
+            let mask = Tensor::new(round.rows.masks[r.clone()].to_vec(), &policy.device)?;
+            let adv = Tensor::new(&round.advantages[r.clone()], &policy.device)?;
+            let logp = self.completion_logprobs(policy, &round.rows, &b, Pass::TRAIN)?;
+            let old = if cfg.num_iterations > 1 { round.old[ci].clone() } else { logp.detach() };
+            let (l, s) = loss(&logp, &old, round.refs.get(ci), &adv, &mask, &loss_cfg)?;
+            loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            kl_sum += s.kl * s.tokens;
+            clip_sum += s.clip_region * s.tokens;
+            tok_sum += s.tokens;
+            policy.backward(&l)?;
+        }
+        let t_policy = t.elapsed().as_secs_f64();
+
+        let scores = &round.scores;
+        let comps = &round.completions;
+        let group_stds: Vec<f32> = scores.total.chunks(cfg.num_generations).map(std).collect();
+        let gen_tokens: usize = comps.iter().map(|c| c.tokens.len()).sum();
+        let mut per_function = std::collections::BTreeMap::new();
+        for (name, m, s) in scores.stats() {
+            per_function.insert(format!("rewards/{name}/mean"), m as f64);
+            per_function.insert(format!("rewards/{name}/std"), s as f64);
+        }
+        let completions =
+            (first && cfg.log_completions > 0 && (step + 1).is_multiple_of(cfg.log_completions)).then(|| {
+                comps
+                    .iter()
+                    .zip(&scores.total)
+                    .take(cfg.num_generations.min(4))
+                    .map(|(c, r)| LoggedCompletion {
+                        prompt: self.prompts[round.picked[c.prompt_index]].question.clone(),
+                        completion: c.text.clone(),
+                        reward: *r,
+                    })
+                    .collect()
+            });
+        let reward = mean(&scores.total) as f64;
+        let log = GrpoLog {
+            reward,
+            reward_std: mean(&group_stds) as f64,
+            frac_reward_zero_std: group_stds.iter().filter(|s| **s == 0.0).count() as f64 / group_stds.len() as f64,
+            mean_length: gen_tokens as f64 / comps.len() as f64,
+            clipped_ratio: comps.iter().filter(|c| !c.eos).count() as f64 / comps.len() as f64,
+            kl: kl_sum / tok_sum.max(1.0),
+            clip_region: clip_sum / tok_sum.max(1.0),
+            generation_tps: if first { gen_tokens as f64 / round.t_generation.max(1e-9) } else { 0.0 },
+            t_generation: if first { round.t_generation } else { 0.0 },
+            t_scoring: if first { round.t_scoring } else { 0.0 },
+            t_reference: if first { round.t_reference } else { 0.0 },
+            t_policy,
+            per_function,
+            completions,
+        };
+        if first {
+            self.rewards_seen.push(reward);
+        }
+        round.iteration += 1;
+        if round.iteration < cfg.num_iterations && step + 1 < self.total_steps() {
+            self.round = Some(round);
+        } else {
+            self.state.data_pos += self.prompts_per_round() as u64;
+        }
+        Ok(StepReport { loss: loss_sum, log, tokens: trained_tokens, message: format!("reward {reward:.3}") })
+    }
+
+    fn summary(&self) -> serde_json::Value {
+        let r = &self.rewards_seen;
+        let tail = &r[r.len().saturating_sub(10)..];
+        serde_json::json!({
+            "prompts_seen": self.state.data_pos,
+            "reward_first": r.first(),
+            "reward_last10_mean": tail.iter().sum::<f64>() / tail.len().max(1) as f64,
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
-    fn advantages_are_group_relative_and_scaled_as_asked() {
-        let r = [1.0, 3.0, 0.0, 0.0];
-        let a = advantages(&r, 2, ScaleRewards::None);
-        assert_eq!(a, vec![-1.0, 1.0, 0.0, 0.0]);
-        let a = advantages(&r, 2, ScaleRewards::Group);
-        let s = 2f32.sqrt(); // unbiased std of [1, 3]
-        assert!((a[0] + 1.0 / (s + 1e-4)).abs() < 1e-6 && a[2] == 0.0);
-        let a = advantages(&r, 2, ScaleRewards::Batch);
-        let bs = std(&r);
-        assert!((a[1] - 1.0 / (bs + 1e-4)).abs() < 1e-6);
-    }
-
-    /// B = 2 sequences, C = 3 tokens, second sequence one token shorter.
-    fn case() -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
-        let d = Device::Cpu;
-        let logp = Tensor::new(&[[-1.0f64, -0.5, -2.0], [-0.2, -1.5, -9.0]], &d).unwrap();
-        let old = Tensor::new(&[[-1.1f64, -0.5, -1.0], [-0.2, -1.0, -9.0]], &d).unwrap();
-        let refp = Tensor::new(&[[-1.0f64, -0.7, -2.0], [-0.3, -1.5, -9.0]], &d).unwrap();
-        let adv = Tensor::new(&[1.0f64, -2.0], &d).unwrap();
-        let mask = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 1.0, 0.0]], &d).unwrap();
-        (logp, old, refp, adv, mask)
-    }
-
-    /// The per-token loss by hand: −min(r·A, clip(r)·A) + β·(e^(ref−θ) − (ref−θ) − 1).
-    fn by_hand(beta: f64) -> [[f64; 3]; 2] {
-        let logp = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -9.0]];
-        let old = [[-1.1, -0.5, -1.0], [-0.2, -1.0, -9.0]];
-        let refp = [[-1.0, -0.7, -2.0], [-0.3, -1.5, -9.0]];
-        let adv = [1.0, -2.0];
-        let mut out = [[0.0; 3]; 2];
-        for i in 0..2 {
-            for j in 0..3 {
-                let r: f64 = f64::exp(logp[i][j] - old[i][j]);
-                let c = r.clamp(0.8, 1.2);
-                let d: f64 = refp[i][j] - logp[i][j];
-                out[i][j] = -(r * adv[i]).min(c * adv[i]) + beta * (d.exp() - d - 1.0);
-            }
-        }
-        out
-    }
-
-    fn cfg(loss_type: LossType, beta: f64) -> LossConfig {
-        LossConfig {
-            loss_type,
-            epsilon_low: 0.2,
-            epsilon_high: 0.2,
-            beta,
-            max_completion_length: 4,
-            micro_batches: 2,
-            global_tokens: 10.0,
-        }
+    fn rows_pad_prompts_left_and_completions_right_and_append_eos() {
+        let (p1, p2) = (vec![10u32, 11, 12], vec![20u32]);
+        let specs = [
+            RowSpec { prompt: &p1, tokens: &[1, 2], eos: true },
+            RowSpec { prompt: &p2, tokens: &[3, 4, 5, 6], eos: false },
+        ];
+        let r = build_rows(&specs, 99, 0, 4, false);
+        assert_eq!((r.prompt_len, r.completion_len), (3, 4));
+        assert_eq!(r.ids, vec![vec![10, 11, 12, 1, 2, 99, 0], vec![0, 0, 20, 3, 4, 5, 6]]);
+        assert_eq!(
+            r.valid,
+            vec![vec![true, true, true, true, true, true, false], vec![false, false, true, true, true, true, true]]
+        );
+        assert_eq!(r.masks, vec![vec![1.0, 1.0, 1.0, 0.0], vec![1.0; 4]]);
     }
 
     #[test]
-    fn each_loss_type_matches_a_hand_computed_example() {
-        let (logp, old, refp, adv, mask) = case();
-        for beta in [0.0, 0.04] {
-            let t = by_hand(beta);
-            let s0 = t[0][0] + t[0][1] + t[0][2];
-            let s1 = t[1][0] + t[1][1];
-            let expected = [
-                (LossType::Grpo, (s0 / 3.0 + s1 / 2.0) / 2.0 / 2.0),
-                (LossType::Bnpo, (s0 + s1) / 5.0 / 2.0),
-                (LossType::DrGrpo, (s0 + s1) / (2.0 * 4.0) / 2.0),
-                (LossType::Dapo, (s0 + s1) / 10.0),
-            ];
-            for (lt, want) in expected {
-                let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, &cfg(lt, beta)).unwrap();
-                let got = l.to_scalar::<f64>().unwrap();
-                assert!((got - want).abs() < 1e-12, "{lt:?} β={beta}: {got} vs {want}");
-            }
-        }
+    fn truncated_completions_are_masked_out_only_when_asked() {
+        let p = vec![7u32];
+        let specs = [
+            RowSpec { prompt: &p, tokens: &[1, 2, 3], eos: false }, // hit max_completion_length = 3
+            RowSpec { prompt: &p, tokens: &[1], eos: false },       // stopped by a stop string: not truncated
+            RowSpec { prompt: &p, tokens: &[1, 2], eos: true },
+        ];
+        let kept = build_rows(&specs, 99, 0, 3, false);
+        assert_eq!(kept.masks[0], vec![1.0, 1.0, 1.0]);
+        let masked = build_rows(&specs, 99, 0, 3, true);
+        assert_eq!(masked.masks[0], vec![0.0, 0.0, 0.0]);
+        assert_eq!(masked.masks[1], vec![1.0, 0.0, 0.0]);
+        assert_eq!(masked.masks[2], vec![1.0, 1.0, 1.0]);
+        assert_eq!(masked.ids, kept.ids, "masking changes the loss, not the rows");
     }
 
     #[test]
-    fn stats_report_kl_and_the_clipped_region() {
-        let (logp, old, refp, adv, mask) = case();
-        let (_, s) = loss(&logp, &old, Some(&refp), &adv, &mask, &cfg(LossType::Dapo, 0.04)).unwrap();
-        // Ratios: row 0: e^0.1 (≤1.2), 1, e^-1 (< 0.8, but A > 0: not clipped); row 1: 1, e^-0.5 (< 0.8, A < 0: clipped).
-        assert!((s.clip_region - 1.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
-        let kl = |d: f64| d.exp() - d - 1.0;
-        let want = (kl(0.0) + kl(-0.2) + kl(0.0) + kl(-0.1) + kl(0.0)) / 5.0;
-        assert!((s.kl - want).abs() < 1e-12);
-        assert_eq!(s.tokens, 5.0);
+    fn the_key_list_names_every_field() {
+        let v = serde_json::to_value(GrpoConfig::default()).unwrap();
+        let mut fields: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut keys = GrpoConfig::KEYS.to_vec();
+        fields.sort();
+        keys.sort();
+        assert_eq!(fields, keys);
+    }
+
+    #[test]
+    fn long_prompts_keep_their_end() {
+        assert_eq!(truncate_prompt(vec![1, 2, 3, 4, 5], 3), vec![3, 4, 5]);
+        assert_eq!(truncate_prompt(vec![1, 2], 3), vec![1, 2]);
     }
 }

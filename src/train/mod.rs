@@ -1,8 +1,10 @@
-//! Training machinery shared by GRPO and SFT: optimizer, schedule, clipping,
-//! accumulation, checkpoints; and the GRPO mathematics.
+//! Training: the one loop (`trainer`), the algorithms that plug into it (`grpo`,
+//! `sft`), and what they share: optimizer, schedule, clipping, checkpoints,
+//! and GRPO's loss mathematics.
 
 pub mod checkpoint;
 pub mod grpo;
-pub mod inplace_cpu;
+pub mod grpo_loss;
 pub mod optim;
 pub mod sft;
+pub mod trainer;

@@ -1,19 +1,18 @@
 //! AdamW (decoupled weight decay, bias-corrected moments, as PyTorch's) over
 //! the trainable parameters only, global-norm gradient clipping, and the
-//! learning-rate schedule (linear warmup, then cosine or constant).
+//! learning-rate schedule (linear warmup, then cosine, linear or constant).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use super::inplace_cpu;
+use crate::model::inplace_cpu;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdamWConfig {
-    pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -164,33 +163,6 @@ pub fn learning_rate(base: f64, schedule: Schedule, step: u64, warmup: u64, tota
     }
 }
 
-/// Sum gradients of several micro-batches (gradient accumulation).
-pub fn accumulate(
-    into: &mut HashMap<String, Tensor>,
-    grads: &candle_core::backprop::GradStore,
-    params: &[(String, Var)],
-) -> Result<()> {
-    for (name, p) in params {
-        if let Some(g) = grads.get(p.as_tensor()) {
-            let g = g.detach();
-            match into.get_mut(name) {
-                // The accumulator is ours alone (a detached gradient of an earlier micro-batch).
-                Some(prev) if inplace_cpu::applies(&[prev, &g]) => inplace_cpu::add(prev, &g)?,
-                Some(prev) => *prev = (&*prev + g)?,
-                None => {
-                    into.insert(name.clone(), g);
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Tensors of named parameters, for saving.
-pub fn named_tensors(params: &[(String, Var)]) -> BTreeMap<String, Tensor> {
-    params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,7 +174,7 @@ mod tests {
         let p = Var::new(&[1.0f32], &Device::Cpu).unwrap();
         let mut opt = AdamW::new(
             vec![("w.weight".into(), p.clone())],
-            AdamWConfig { lr: 0.1, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
+            AdamWConfig { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
         )
         .unwrap();
         let g = HashMap::from([("w.weight".to_string(), Tensor::new(&[0.5f32], &Device::Cpu).unwrap())]);

@@ -35,11 +35,7 @@ impl Project {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_r1pipe"));
-        c.args(args)
-            .current_dir(self.root())
-            .env("R1PIPE_TEST_KINDS", "1")
-            .env_remove("R1PIPE_CACHE")
-            .env_remove("RUST_LOG");
+        c.args(args).current_dir(self.root()).env_remove("R1PIPE_CACHE").env_remove("RUST_LOG");
         c
     }
 

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
-use crate::model::cpu_threads::{for_each_unit, SharedOut};
+use super::cpu_threads::{for_each_unit, SharedOut};
 
 /// The scalars of one AdamW step for one parameter.
 #[derive(Debug, Clone, Copy)]

@@ -1,10 +1,14 @@
-//! Checkpoints in a stage's work directory, written so that a kill at any
-//! moment leaves either the previous set or the new one, never half of one.
+//! Numbered checkpoint folders (`checkpoints/step-000000012/`) in a work
+//! folder, written so that a kill at any moment leaves either the previous
+//! set or the new one, never half of one. What goes inside a checkpoint is the
+//! caller's business (the training loop's, a test stage's).
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+
+use super::fsutil::{sync_dir_files, sync_path};
 
 const PREFIX: &str = "step-";
 
@@ -67,39 +71,6 @@ impl Checkpoints {
         }
         Ok(dest)
     }
-}
-
-/// fsync every file in a folder (not recursive beyond one level of subfolders is needed here).
-pub fn sync_dir_files(dir: &Path) -> anyhow::Result<()> {
-    for entry in walk(dir)? {
-        if entry.is_file() {
-            fs::File::open(&entry)?.sync_all()?;
-        }
-    }
-    sync_path(dir);
-    Ok(())
-}
-
-/// fsync a directory entry so a rename into it survives power loss (best effort).
-pub fn sync_path(dir: &Path) {
-    if let Ok(f) = fs::File::open(dir) {
-        let _ = f.sync_all();
-    }
-}
-
-/// All files and folders under `dir`, recursively, in sorted order.
-pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut entries: Vec<_> = fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        let is_dir = p.is_dir();
-        out.push(p.clone());
-        if is_dir {
-            out.extend(walk(&p)?);
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,186 @@
+//! Peak memory and step time of GRPO and SFT, each run as its own `r1pipe`
+//! process under `/usr/bin/time -v` (peak RSS as the kernel counts it):
+//!
+//! 1. SmolLM2-135M-Instruct at the issue's table config: 2 prompts × 4
+//!    completions × ≤128 tokens, β 0.04, lr 3e-6, temperature 0.9, 3 steps.
+//! 2. The Qwen2.5-0.5B shape (random weights from ../shared's config.json,
+//!    SmolLM2's tokenizer) at the seeds' shape: 16 completions × ≤256 tokens,
+//!    8 per prompt (per_device 4 × accumulation 4), β 0.04, one step.
+//! 3. SFT on the Qwen shape: one step of 4 packed rows of ≤1024 tokens.
+//!
+//! Each row also runs with `gradient_checkpointing: false` (and, for β > 0,
+//! the exact f32 reference copy) so the table shows what each saving is worth.
+//!
+//! `cargo bench --bench grpo_memory` (needs scripts/fetch-smollm2.sh and ../shared);
+//! `R1PIPE_BENCH_ONLY=smollm2|qwen|sft` runs one group.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+struct Row {
+    label: String,
+    peak_rss_gb: f64,
+    steady_step_s: f64,
+    wall_s: f64,
+    extra: String,
+}
+
+fn run(dir: &Path, label: &str, pipeline: &str, stage: &str) -> Row {
+    let file = format!("{}.yaml", label.replace([' ', ',', '=', '(', ')'], "_"));
+    fs::write(dir.join(&file), pipeline).unwrap();
+    let t = std::time::Instant::now();
+    let out = Command::new("/usr/bin/time")
+        .args(["-v", env!("CARGO_BIN_EXE_r1pipe"), "run", &file])
+        .current_dir(dir)
+        .output()
+        .expect("running /usr/bin/time (apt-get install time)");
+    let wall_s = t.elapsed().as_secs_f64();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{label} failed:\n{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+    let kb: f64 = stderr
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("/usr/bin/time -v prints the peak RSS");
+    let show = Command::new(env!("CARGO_BIN_EXE_r1pipe"))
+        .args(["show", &format!("{stage}.log"), "-p", &file])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let log = fs::read_to_string(String::from_utf8_lossy(&show.stdout).trim()).unwrap();
+    let lines: Vec<serde_json::Value> = log.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    // The first step also pays for first-touch allocation: report the median of the rest when there is one.
+    let mut times: Vec<f64> = lines.iter().map(|v| v["step_time"].as_f64().unwrap_or(f64::NAN)).collect();
+    let steady = if times.len() > 1 { times.split_off(1) } else { times };
+    let mut steady = steady;
+    steady.sort_by(f64::total_cmp);
+    let last = lines.last().unwrap();
+    let f = |k: &str| last[k].as_f64().unwrap_or(f64::NAN);
+    let extra = if stage == "grpo" {
+        format!(
+            "gen {:.1} s, ref {:.1} s, policy {:.1} s, opt {:.2} s, len {:.0}",
+            f("timing/generation"),
+            f("timing/reference"),
+            f("timing/policy_forward_backward"),
+            f("timing/optimizer"),
+            f("completions/mean_length")
+        )
+    } else {
+        format!("{:.0} tokens/s", f("tokens_per_second"))
+    };
+    Row {
+        label: label.into(),
+        peak_rss_gb: kb / (1024.0 * 1024.0),
+        steady_step_s: steady[steady.len() / 2],
+        wall_s,
+        extra,
+    }
+}
+
+fn grpo_pipeline(data: &Path, model: &Path, rewards: &Path, body: &str) -> String {
+    format!(
+        r#"
+name: bench
+device: cpu
+stages:
+  gsm8k: {{ kind: download, with: {{ path: "{data}" }} }}
+  prompts: {{ kind: format, with: {{ data: "${{gsm8k.dataset}}", limit: {{ train: 32, test: 1 }}, shuffle_seed: 0 }} }}
+  grpo:
+    kind: grpo
+    with:
+      model: "{model}"
+      train: ${{prompts.train}}
+      rewards: "{rewards}"
+      learning_rate: 3.0e-6
+      temperature: 0.9
+      beta: 0.04
+      save_steps: 1000
+{body}"#,
+        data = data.display(),
+        model = model.display(),
+        rewards = rewards.display(),
+    )
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let smol = root.join("models/smollm2-135m-instruct");
+    let shared = std::env::var_os("R1PIPE_SHARED").map(Into::into).unwrap_or_else(|| root.join("../shared"));
+    let data = Path::new(&shared).join("data/gsm8k");
+    let qcfg = Path::new(&shared).join("models/qwen2.5-0.5b-instruct/config.json");
+    if !smol.exists() || !data.exists() || !qcfg.exists() {
+        println!(
+            "grpo_memory: skipped: needs {} (scripts/fetch-smollm2.sh), {} and {}",
+            smol.display(),
+            data.display(),
+            qcfg.display()
+        );
+        return;
+    }
+    let only = std::env::var("R1PIPE_BENCH_ONLY").ok();
+    let want = |g: &str| only.as_deref().is_none_or(|o| o == g);
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("stages")).unwrap();
+    let rewards = root.join("stages/rewards/r1-gsm8k.yaml");
+    let mut rows = Vec::new();
+
+    if want("smollm2") {
+        for ck in [true, false] {
+            let body = format!(
+                "      per_device_train_batch_size: 4\n      gradient_accumulation_steps: 2\n      num_generations: 4\n      max_completion_length: 128\n      max_steps: 3\n      gradient_checkpointing: {ck}\n"
+            );
+            let label = format!("SmolLM2 2×4×128 β0.04 ckpt={ck}");
+            rows.push(run(dir.path(), &label, &grpo_pipeline(&data, &smol, &rewards, &body), "grpo"));
+        }
+    }
+    if want("qwen") || want("sft") {
+        // The Qwen2.5-0.5B shape with random weights, beside SmolLM2's tokenizer files.
+        let qdir = dir.path().join("qwen-shape");
+        let cfg = r1pipe::model::Config::from_json(serde_json::from_str(&fs::read_to_string(&qcfg).unwrap()).unwrap())
+            .unwrap();
+        let m = r1pipe::model::Transformer::random(cfg, 0, &candle_core::Device::Cpu).unwrap();
+        r1pipe::model::load::save(&m, &smol, &qdir).unwrap();
+        drop(m);
+        if want("qwen") {
+            for (ck, reference) in [(true, "bf16"), (false, "bf16"), (true, "f32")] {
+                let body = format!(
+                    "      per_device_train_batch_size: 4\n      gradient_accumulation_steps: 4\n      num_generations: 8\n      max_completion_length: 256\n      max_steps: 1\n      gradient_checkpointing: {ck}\n      reference_dtype: {reference}\n"
+                );
+                let label = format!("Qwen0.5B 16×256 β0.04 ckpt={ck} ref={reference}");
+                rows.push(run(dir.path(), &label, &grpo_pipeline(&data, &qdir, &rewards, &body), "grpo"));
+            }
+        }
+        if want("sft") {
+            for ck in [true, false] {
+                let pipeline = format!(
+                    r#"
+name: bench
+device: cpu
+stages:
+  gsm8k: {{ kind: download, with: {{ path: "{data}" }} }}
+  prompts: {{ kind: format, with: {{ data: "${{gsm8k.dataset}}", limit: {{ train: 64, test: 1 }}, shuffle_seed: 0 }} }}
+  sft:
+    kind: sft
+    with:
+      model: "{model}"
+      train: ${{prompts.sft}}
+      packing: true
+      max_seq_length: 1024
+      per_device_train_batch_size: 18
+      max_steps: 2
+      save_steps: 1000
+      gradient_checkpointing: {ck}
+"#,
+                    data = data.display(),
+                    model = qdir.display(),
+                );
+                rows.push(run(dir.path(), &format!("Qwen0.5B SFT 4×≤1024 packed ckpt={ck}"), &pipeline, "sft"));
+            }
+        }
+    }
+    println!("{:<44} {:>13} {:>14} {:>9}  split", "run", "peak RSS GB", "step s (steady)", "wall s");
+    for r in rows {
+        println!("{:<44} {:>13.2} {:>14.1} {:>9.0}  {}", r.label, r.peak_rss_gb, r.steady_step_s, r.wall_s, r.extra);
+    }
+}

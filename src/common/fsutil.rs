@@ -1,0 +1,38 @@
+//! Durable file operations: fsync of written folders, directory entries, and
+//! a sorted recursive walk (so that hashes over folders are stable).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// fsync every file under a folder, then the folder itself.
+pub fn sync_dir_files(dir: &Path) -> anyhow::Result<()> {
+    for entry in walk(dir)? {
+        if entry.is_file() {
+            fs::File::open(&entry)?.sync_all()?;
+        }
+    }
+    sync_path(dir);
+    Ok(())
+}
+
+/// fsync a directory entry so a rename into it survives power loss (best effort).
+pub fn sync_path(dir: &Path) {
+    if let Ok(f) = fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// All files and folders under `dir`, recursively, in sorted order.
+pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+    entries.sort();
+    for p in entries {
+        let is_dir = p.is_dir();
+        out.push(p.clone());
+        if is_dir {
+            out.extend(walk(&p)?);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,16 @@
+//! What both sides of the crate need, importing neither: typed parameters and
+//! their errors, diagnostics with file and line, YAML positions, durable file
+//! helpers, checkpoint folders and cancellation. The runner (`pipeline/`) and
+//! the ML core (`model/`, `train/`, `rewards/`, `data/`) both build on this;
+//! `tests/layers.rs` fails if either side imports the other.
+
+pub mod cancel;
+pub mod checkpoints;
+pub mod diagnostic;
+pub mod fsutil;
+pub mod memory;
+pub mod params;
+pub mod yaml_pos;
+
+pub use cancel::{CancelToken, Cancelled};
+pub use params::{typed, ParamError};

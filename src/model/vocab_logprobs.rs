@@ -1,0 +1,256 @@
+//! log softmax(h Wᵀ / τ)[target] per row, straight from the hidden states,
+//! with its backward, never holding more than a chunk of rows' logits: the
+//! vocabulary projection of every training forward (SFT's cross-entropy,
+//! GRPO's policy, old and reference log-probabilities).
+//!
+//! Why: the logits of a training batch are [tokens, vocabulary]; with Qwen's
+//! 152k vocabulary a 16 × 256-token GRPO step's logits alone are 2.5 GB, and
+//! autograd keeps them (and their softmax) until the backward. Here the
+//! forward computes the log-probabilities chunk by chunk without a graph, and
+//! a custom op attaches the backward, which recomputes each chunk's logits:
+//! d logits = (onehot(target) − softmax(logits / τ)) · g / τ, then
+//! dh = d logits · W and dW += d logitsᵀ · h. The largest live tensor is one
+//! chunk of logits (the technique of Liger's fused linear cross-entropy). The
+//! price is one more vocabulary matmul in the backward.
+//!
+//! Rows whose gradient is zero (padding, masked tokens) are skipped in the backward.
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, Var};
+
+use super::checkpointing::{copy_cpu, copy_cuda};
+use super::grads::GradSink;
+use super::inplace_cpu;
+use super::ops::linear;
+use super::token_logprobs::{self, token_logprobs};
+
+/// Logit elements per chunk (64 MiB of f32): 110 rows of Qwen's vocabulary, 341 of SmolLM2's.
+const CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// Where the weight's gradient goes: into the accumulator directly (when the
+/// weight used is the master itself), or through the autograd graph.
+#[derive(Clone)]
+pub struct WeightGrad {
+    pub var: Var,
+    pub sink: GradSink,
+}
+
+/// `h` [N, H], `w` [V, H], `targets` [N] u32 → [N] f32: log softmax(h wᵀ / τ)[target].
+/// Differentiable in `h` and `w` (through `direct` when given, else through the graph).
+pub fn logprobs_from_hidden(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    direct: Option<WeightGrad>,
+) -> Result<Tensor> {
+    chunked(h, w, targets, temperature, direct, CHUNK_ELEMENTS)
+}
+
+fn chunked(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    direct: Option<WeightGrad>,
+    chunk_elements: usize,
+) -> Result<Tensor> {
+    let step = (chunk_elements / w.dim(0)?.max(1)).max(1);
+    let values = forward_values(&h.detach(), &w.detach(), targets, temperature, step)?;
+    if !h.track_op() && !w.track_op() && direct.is_none() {
+        return Ok(values);
+    }
+    let op = VocabLogprobs { targets: targets.clone(), inv_t: 1.0 / temperature, direct, step };
+    h.apply_op3(w, &values, op)
+}
+
+/// The values, `step` rows at a time, with no graph.
+fn forward_values(h: &Tensor, w: &Tensor, targets: &Tensor, temperature: f64, step: usize) -> Result<Tensor> {
+    let (n, _) = h.dims2()?;
+    let mut parts = Vec::with_capacity(n.div_ceil(step));
+    let mut start = 0;
+    while start < n {
+        let len = step.min(n - start);
+        let logits = at_least_f32(linear(&h.narrow(0, start, len)?, w, None)?)?;
+        parts.push(token_logprobs(&logits, &targets.narrow(0, start, len)?, temperature)?);
+        start += len;
+    }
+    if parts.is_empty() {
+        return Tensor::zeros(0, at_least_f32(h.narrow(0, 0, 0)?)?.dtype(), h.device());
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// Logits are computed in at least f32 (bf16 activations are upcast; f64 stays f64).
+fn at_least_f32(t: Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F64 | DType::F32 => Ok(t),
+        _ => t.to_dtype(DType::F32),
+    }
+}
+
+struct VocabLogprobs {
+    targets: Tensor,
+    inv_t: f64,
+    direct: Option<WeightGrad>,
+    /// Rows per chunk of logits.
+    step: usize,
+}
+
+impl CustomOp3 for VocabLogprobs {
+    fn name(&self) -> &'static str {
+        "vocab-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        copy_cpu(s3, l3)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        copy_cuda(s3, l3)
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _values: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, hd) = h.dims2()?;
+        let (h, w) = (h.detach(), w.detach());
+        // Only rows with a gradient: padding and masked tokens contribute nothing.
+        let g: Vec<f32> = grad.to_dtype(DType::F32)?.to_vec1()?;
+        let grad = if grad.dtype() == DType::F64 { grad.clone() } else { grad.to_dtype(DType::F32)? };
+        let live: Vec<u32> = (0..n as u32).filter(|&i| g[i as usize] != 0.0).collect();
+        let dev = h.device();
+        if live.is_empty() {
+            return Ok((Some(h.zeros_like()?), if self.direct.is_some() { None } else { Some(w.zeros_like()?) }, None));
+        }
+        let idx = Tensor::new(live.as_slice(), dev)?;
+        let (hl, tl) = (h.index_select(&idx, 0)?, self.targets.index_select(&idx, 0)?);
+        let gl = grad.index_select(&idx, 0)?;
+        let m = live.len();
+        let step = self.step;
+        let (mut dh_parts, mut dw): (Vec<Tensor>, Option<Tensor>) = (Vec::new(), None);
+        let mut start = 0;
+        while start < m {
+            let len = step.min(m - start);
+            let hc = hl.narrow(0, start, len)?;
+            let logits = at_least_f32(linear(&hc, &w, None)?)?;
+            let dl = token_logprobs::logits_grad(
+                &logits,
+                &tl.narrow(0, start, len)?,
+                &gl.narrow(0, start, len)?,
+                self.inv_t,
+            )?
+            .to_dtype(w.dtype())?;
+            dh_parts.push(dl.matmul(&w)?);
+            let part = dl.t()?.matmul(&hc)?;
+            dw = Some(match dw {
+                Some(acc) if inplace_cpu::applies(&[&acc, &part]) => {
+                    inplace_cpu::add(&acc, &part)?;
+                    acc
+                }
+                Some(acc) => (acc + part)?,
+                None => part.contiguous()?,
+            });
+            start += len;
+        }
+        let dh_live = Tensor::cat(&dh_parts, 0)?;
+        let dh = if m == n {
+            dh_live
+        } else {
+            Tensor::zeros((n, hd), dh_live.dtype(), dev)?.index_add(&idx, &dh_live, 0)?
+        };
+        let dw = dw.expect("at least one live row");
+        let dw = match &self.direct {
+            Some(d) => {
+                d.sink.add(&d.var, &dw)?;
+                None
+            }
+            None => Some(dw),
+        };
+        Ok((Some(dh), dw, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    /// The unfused path: the whole [N, V] logits, then log-softmax and gather.
+    fn unfused(h: &Tensor, w: &Tensor, t: &Tensor, temperature: f64) -> Tensor {
+        let logits = h.matmul(&w.t().unwrap()).unwrap();
+        token_logprobs::composed(&logits, t, temperature).unwrap()
+    }
+
+    #[test]
+    fn values_and_gradients_equal_the_unfused_path_across_chunks_and_masked_rows() {
+        // V large enough that a chunk holds fewer rows than N: several chunks, a ragged last one.
+        // Chunks of 3 rows over N = 7: three chunks, the last one ragged.
+        let (n, hd, v) = (7usize, 12usize, 301usize);
+        let h = Var::from_tensor(&rand((n, hd), 1, 1.0)).unwrap();
+        let w = Var::from_tensor(&rand((v, hd), 2, 0.5)).unwrap();
+        let chunk = 3 * v + 10;
+        let t = Tensor::new(&[3u32, 0, (v - 1) as u32, 7, 7, 100, 5], &Device::Cpu).unwrap();
+        // Row 2 weighted 0: skipped by the backward, and its gradient must still be 0.
+        let up = Tensor::new(&[1.0f32, -2.0, 0.0, 0.5, 3.0, 1.5, -1.0], &Device::Cpu).unwrap();
+        for temperature in [1.0, 0.7] {
+            let fused = chunked(h.as_tensor(), w.as_tensor(), &t, temperature, None, chunk).unwrap();
+            let reference = unfused(h.as_tensor(), w.as_tensor(), &t, temperature);
+            assert!(max_diff(&fused, &reference) < 1e-5, "values at τ = {temperature}");
+            let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (reference * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("h", &h), ("w", &w)] {
+                let d = max_diff(g1.get(x).unwrap(), g2.get(x).unwrap());
+                assert!(d < 1e-5, "d{name} differs by {d} at τ = {temperature}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_weight_gradient_can_go_straight_into_the_sink() {
+        let (n, hd, v) = (5usize, 8usize, 50usize);
+        let h = Var::from_tensor(&rand((n, hd), 3, 1.0)).unwrap();
+        let w = Var::from_tensor(&rand((v, hd), 4, 0.5)).unwrap();
+        let t = Tensor::new(&[1u32, 2, 3, 4, 49], &Device::Cpu).unwrap();
+        let sink = GradSink::default();
+        let direct = WeightGrad { var: w.clone(), sink: sink.clone() };
+        let l = logprobs_from_hidden(h.as_tensor(), w.as_tensor(), &t, 1.0, Some(direct)).unwrap();
+        let store = l.sum_all().unwrap().backward().unwrap();
+        assert!(store.get(w.as_tensor()).is_none(), "the weight's gradient went through the graph");
+        let reference = unfused(h.as_tensor(), w.as_tensor(), &t, 1.0).sum_all().unwrap().backward().unwrap();
+        let got = sink.take().remove(&w.as_tensor().id()).expect("gradient in the sink");
+        assert!(max_diff(&got, reference.get(w.as_tensor()).unwrap()) < 1e-5);
+        assert!(max_diff(store.get(h.as_tensor()).unwrap(), reference.get(h.as_tensor()).unwrap()) < 1e-5);
+    }
+}

@@ -1,0 +1,227 @@
+//! GRPO's mathematics: group-relative advantages and the clipped surrogate
+//! loss with an optional k3 KL penalty, for each of TRL's loss normalizations.
+
+use candle_core::{Result, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossType {
+    /// Mean over each sequence's tokens, then over sequences (length-biased).
+    Grpo,
+    /// Sum over the micro-batch's tokens / its number of tokens.
+    Bnpo,
+    /// Sum over tokens / the number of tokens in the whole accumulated batch.
+    Dapo,
+    /// Sum over tokens / (batch × max_completion_length).
+    DrGrpo,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScaleRewards {
+    /// Divide by each group's standard deviation.
+    Group,
+    /// Divide by the whole batch's standard deviation.
+    Batch,
+    /// Do not divide (Dr. GRPO).
+    None,
+}
+
+/// Unbiased standard deviation (as torch.std), 0 for fewer than two values.
+fn std(v: &[f32]) -> f32 {
+    crate::rewards::set::std(v)
+}
+
+/// Advantages for rewards laid out group after group (`group` completions per prompt):
+/// reward − group mean, divided per `scale` (with 1e-4 added to the std, as TRL).
+pub fn advantages(rewards: &[f32], group: usize, scale: ScaleRewards) -> Vec<f32> {
+    let batch_std = std(rewards);
+    rewards
+        .chunks(group)
+        .flat_map(|g| {
+            let mean = g.iter().sum::<f32>() / g.len() as f32;
+            let div = match scale {
+                ScaleRewards::Group => std(g) + 1e-4,
+                ScaleRewards::Batch => batch_std + 1e-4,
+                ScaleRewards::None => 1.0,
+            };
+            g.iter().map(move |r| (r - mean) / div)
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LossConfig {
+    pub loss_type: LossType,
+    pub epsilon_low: f64,
+    pub epsilon_high: f64,
+    pub beta: f64,
+    pub max_completion_length: usize,
+    /// Micro-batches per optimizer step (the loss is divided by it, except for `dapo`).
+    pub micro_batches: usize,
+    /// Completion tokens in the whole accumulated batch (the `dapo` normalizer).
+    pub global_tokens: f64,
+}
+
+/// Statistics of one micro-batch's loss, for the logs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LossStats {
+    /// Mean k3 KL over completion tokens (0 when β = 0).
+    pub kl: f64,
+    /// Fraction of completion tokens whose ratio was clipped (low or high region).
+    pub clip_region: f64,
+    pub tokens: f64,
+}
+
+/// The GRPO loss of one micro-batch.
+/// `logp`, `old_logp`, `ref_logp`: [B, C] per-token log-probabilities of the completions;
+/// `adv`: [B]; `mask`: [B, C] (1 for completion tokens that count).
+pub fn loss(
+    logp: &Tensor,
+    old_logp: &Tensor,
+    ref_logp: Option<&Tensor>,
+    adv: &Tensor,
+    mask: &Tensor,
+    cfg: &LossConfig,
+) -> Result<(Tensor, LossStats)> {
+    let adv = adv.unsqueeze(1)?;
+    let ratio = (logp - old_logp.detach())?.exp()?;
+    let clipped = ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
+    let l1 = ratio.broadcast_mul(&adv)?;
+    let l2 = clipped.broadcast_mul(&adv)?;
+    let mut per_token = l1.minimum(&l2)?.neg()?;
+    let mut stats = LossStats::default();
+    let tokens = mask.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    stats.tokens = tokens;
+    if cfg.beta != 0.0 {
+        let r = ref_logp.expect("β > 0 needs reference log-probabilities");
+        let d = (r.detach() - logp)?;
+        let kl = ((d.exp()? - &d)? - 1.0)?;
+        stats.kl = (&kl * mask)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / tokens.max(1.0);
+        per_token = (per_token + (kl * cfg.beta)?)?;
+    }
+    // Clipped region: low clip with A < 0, high clip with A > 0 (TRL's clip_ratio/region_mean).
+    {
+        let r: Vec<Vec<f32>> = ratio.detach().to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        let a: Vec<f32> = adv.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        let m: Vec<Vec<f32>> = mask.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+        let mut clipped_n = 0.0;
+        for (i, row) in r.iter().enumerate() {
+            for (j, &x) in row.iter().enumerate() {
+                let low = x < (1.0 - cfg.epsilon_low) as f32 && a[i] < 0.0;
+                let high = x > (1.0 + cfg.epsilon_high) as f32 && a[i] > 0.0;
+                if m[i][j] > 0.0 && (low || high) {
+                    clipped_n += 1.0;
+                }
+            }
+        }
+        stats.clip_region = clipped_n / tokens.max(1.0);
+    }
+    let masked = (per_token * mask)?;
+    let b = logp.dim(0)? as f64;
+    let acc = cfg.micro_batches.max(1) as f64;
+    let loss = match cfg.loss_type {
+        LossType::Grpo => {
+            let per_seq = masked.sum(D::Minus1)?.broadcast_div(&mask.sum(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?;
+            (per_seq.mean_all()? / acc)?
+        }
+        LossType::Bnpo => (masked.sum_all()? / (tokens.max(1.0) * acc))?,
+        LossType::DrGrpo => (masked.sum_all()? / (b * cfg.max_completion_length as f64 * acc))?,
+        LossType::Dapo => (masked.sum_all()? / cfg.global_tokens.max(1.0))?,
+    };
+    Ok((loss, stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn advantages_are_group_relative_and_scaled_as_asked() {
+        let r = [1.0, 3.0, 0.0, 0.0];
+        let a = advantages(&r, 2, ScaleRewards::None);
+        assert_eq!(a, vec![-1.0, 1.0, 0.0, 0.0]);
+        let a = advantages(&r, 2, ScaleRewards::Group);
+        let s = 2f32.sqrt(); // unbiased std of [1, 3]
+        assert!((a[0] + 1.0 / (s + 1e-4)).abs() < 1e-6 && a[2] == 0.0);
+        let a = advantages(&r, 2, ScaleRewards::Batch);
+        let bs = std(&r);
+        assert!((a[1] - 1.0 / (bs + 1e-4)).abs() < 1e-6);
+    }
+
+    /// B = 2 sequences, C = 3 tokens, second sequence one token shorter.
+    fn case() -> (Tensor, Tensor, Tensor, Tensor, Tensor) {
+        let d = Device::Cpu;
+        let logp = Tensor::new(&[[-1.0f64, -0.5, -2.0], [-0.2, -1.5, -9.0]], &d).unwrap();
+        let old = Tensor::new(&[[-1.1f64, -0.5, -1.0], [-0.2, -1.0, -9.0]], &d).unwrap();
+        let refp = Tensor::new(&[[-1.0f64, -0.7, -2.0], [-0.3, -1.5, -9.0]], &d).unwrap();
+        let adv = Tensor::new(&[1.0f64, -2.0], &d).unwrap();
+        let mask = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 1.0, 0.0]], &d).unwrap();
+        (logp, old, refp, adv, mask)
+    }
+
+    /// The per-token loss by hand: −min(r·A, clip(r)·A) + β·(e^(ref−θ) − (ref−θ) − 1).
+    fn by_hand(beta: f64) -> [[f64; 3]; 2] {
+        let logp = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -9.0]];
+        let old = [[-1.1, -0.5, -1.0], [-0.2, -1.0, -9.0]];
+        let refp = [[-1.0, -0.7, -2.0], [-0.3, -1.5, -9.0]];
+        let adv = [1.0, -2.0];
+        let mut out = [[0.0; 3]; 2];
+        for i in 0..2 {
+            for j in 0..3 {
+                let r: f64 = f64::exp(logp[i][j] - old[i][j]);
+                let c = r.clamp(0.8, 1.2);
+                let d: f64 = refp[i][j] - logp[i][j];
+                out[i][j] = -(r * adv[i]).min(c * adv[i]) + beta * (d.exp() - d - 1.0);
+            }
+        }
+        out
+    }
+
+    fn cfg(loss_type: LossType, beta: f64) -> LossConfig {
+        LossConfig {
+            loss_type,
+            epsilon_low: 0.2,
+            epsilon_high: 0.2,
+            beta,
+            max_completion_length: 4,
+            micro_batches: 2,
+            global_tokens: 10.0,
+        }
+    }
+
+    #[test]
+    fn each_loss_type_matches_a_hand_computed_example() {
+        let (logp, old, refp, adv, mask) = case();
+        for beta in [0.0, 0.04] {
+            let t = by_hand(beta);
+            let s0 = t[0][0] + t[0][1] + t[0][2];
+            let s1 = t[1][0] + t[1][1];
+            let expected = [
+                (LossType::Grpo, (s0 / 3.0 + s1 / 2.0) / 2.0 / 2.0),
+                (LossType::Bnpo, (s0 + s1) / 5.0 / 2.0),
+                (LossType::DrGrpo, (s0 + s1) / (2.0 * 4.0) / 2.0),
+                (LossType::Dapo, (s0 + s1) / 10.0),
+            ];
+            for (lt, want) in expected {
+                let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, &cfg(lt, beta)).unwrap();
+                let got = l.to_scalar::<f64>().unwrap();
+                assert!((got - want).abs() < 1e-12, "{lt:?} β={beta}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn stats_report_kl_and_the_clipped_region() {
+        let (logp, old, refp, adv, mask) = case();
+        let (_, s) = loss(&logp, &old, Some(&refp), &adv, &mask, &cfg(LossType::Dapo, 0.04)).unwrap();
+        // Ratios: row 0: e^0.1 (≤1.2), 1, e^-1 (< 0.8, but A > 0: not clipped); row 1: 1, e^-0.5 (< 0.8, A < 0: clipped).
+        assert!((s.clip_region - 1.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
+        let kl = |d: f64| d.exp() - d - 1.0;
+        let want = (kl(0.0) + kl(-0.2) + kl(0.0) + kl(-0.1) + kl(0.0)) / 5.0;
+        assert!((s.kl - want).abs() < 1e-12);
+        assert_eq!(s.tokens, 5.0);
+    }
+}

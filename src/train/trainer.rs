@@ -1,0 +1,268 @@
+//! The training loop, written once: optimizer construction, learning-rate
+//! schedule, gradient accumulation (in the model's gradient sink), global-norm
+//! clipping, non-finite checks, checkpoint save and restore (with the log
+//! truncated to the checkpoint), cancellation and progress. An algorithm
+//! (GRPO, SFT, later DPO or GSPO) supplies only its step: the gradients of one
+//! optimizer step, and what to log about it.
+//!
+//! The loop knows nothing of the runner: what it needs from its host (a work
+//! folder, a cancel token, a progress bar) comes through [`Host`], which the
+//! stages implement for their context and tests for a temporary folder.
+
+use std::fs;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::checkpoint;
+use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
+use crate::common::checkpoints::Checkpoints;
+use crate::common::{CancelToken, Cancelled};
+use crate::data::jsonl::Appender;
+use crate::model::Transformer;
+
+/// The hyperparameters every algorithm shares, resolved (TRL's names).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hyper {
+    pub learning_rate: f64,
+    pub lr_scheduler_type: Schedule,
+    pub warmup_ratio: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub max_steps: Option<u64>,
+    pub num_train_epochs: f64,
+    pub save_steps: u64,
+    pub save_total_limit: usize,
+    pub gradient_checkpointing: bool,
+}
+
+impl Hyper {
+    /// Examples (SFT) or completions (GRPO) per optimizer step.
+    pub fn per_step(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
+
+    /// Steps for `units` units of data at `per_step` per optimizer step: `max_steps`, or the epochs' worth.
+    pub fn total_steps(&self, units: usize, per_step: usize) -> u64 {
+        self.max_steps
+            .unwrap_or_else(|| ((self.num_train_epochs * units as f64 / per_step.max(1) as f64).ceil() as u64).max(1))
+    }
+}
+
+/// What the loop needs from whoever runs it.
+pub trait Host {
+    /// Survives interruption: checkpoints and the per-step log live here.
+    fn work_dir(&self) -> PathBuf;
+    fn cancel(&self) -> &CancelToken;
+    /// A progress bar of `len` steps (hidden where nobody watches).
+    fn progress(&self, len: u64) -> indicatif::ProgressBar;
+}
+
+/// A host for tests and library use: a folder, a token, no display.
+pub struct FolderHost {
+    pub dir: PathBuf,
+    pub cancel: CancelToken,
+}
+
+impl Host for FolderHost {
+    fn work_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+    fn cancel(&self) -> &CancelToken {
+        &self.cancel
+    }
+    fn progress(&self, len: u64) -> indicatif::ProgressBar {
+        indicatif::ProgressBar::hidden().with_position(0).with_message(format!("0/{len}"))
+    }
+}
+
+/// One optimizer step's worth of an algorithm's work.
+pub struct StepReport<L> {
+    /// The loss summed over the step's micro-batches (what was differentiated).
+    pub loss: f64,
+    /// The algorithm's own log fields for this step.
+    pub log: L,
+    /// Tokens the step trained on (for tokens/s).
+    pub tokens: usize,
+    /// Shown beside the progress bar.
+    pub message: String,
+}
+
+/// A training algorithm: the gradients of one optimizer step at a time.
+pub trait Algorithm {
+    /// Loop state a checkpoint must hold besides weights and optimizer moments
+    /// (data position, RNG), so that a resumed run ends with bitwise the same weights.
+    type State: Serialize + DeserializeOwned;
+    /// The algorithm's per-step log fields (flattened into the log line).
+    type Log: Serialize;
+
+    fn total_steps(&self) -> u64;
+    fn state(&self) -> Self::State;
+    fn restore(&mut self, state: Self::State);
+    /// Compute one optimizer step's gradients into the model (`model.backward` per
+    /// micro-batch). `step` is the 0-based index of the step.
+    fn step(&mut self, model: &Transformer, step: u64) -> Result<StepReport<Self::Log>>;
+    /// Whether the loop may checkpoint or stop before the next step (GRPO: not
+    /// between the updates of one round, whose samples live only in memory).
+    fn at_boundary(&self) -> bool {
+        true
+    }
+    /// The algorithm's own lines for the summary metrics.
+    fn summary(&self) -> Value {
+        Value::Object(Default::default())
+    }
+}
+
+/// One line of the per-step log: the loop's fields and the algorithm's.
+#[derive(Serialize)]
+struct StepLine<'a, L: Serialize> {
+    step: u64,
+    loss: f64,
+    grad_norm: f64,
+    learning_rate: f64,
+    step_time: f64,
+    tokens_per_second: f64,
+    #[serde(rename = "timing/optimizer")]
+    optimizer_time: f64,
+    #[serde(flatten)]
+    algo: &'a L,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved<S> {
+    step: u64,
+    algorithm: S,
+}
+
+/// What a finished run reports (the stage's metrics).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    /// The step this run resumed from (0: a fresh start).
+    pub resumed_from_step: u64,
+    pub steps_run: u64,
+    pub first_loss: Option<f64>,
+    pub final_loss: Option<f64>,
+    pub train_seconds_this_run: f64,
+    #[serde(flatten)]
+    pub algorithm: Value,
+}
+
+/// The per-step log in a host's work folder.
+pub fn log_path(host: &dyn Host) -> PathBuf {
+    host.work_dir().join("log.jsonl")
+}
+
+/// Train `model` with `algo` to the end (or to cancellation, which checkpoints
+/// and returns [`Cancelled`]).
+pub fn train<A: Algorithm>(model: &mut Transformer, algo: &mut A, hp: &Hyper, host: &dyn Host) -> Result<Summary> {
+    model.gradient_checkpointing = hp.gradient_checkpointing;
+    let mut opt = AdamW::new(
+        model.trainable(),
+        AdamWConfig { beta1: hp.adam_beta1, beta2: hp.adam_beta2, eps: 1e-8, weight_decay: hp.weight_decay },
+    )?;
+    let total = algo.total_steps();
+    let warmup = (hp.warmup_ratio * total as f64).ceil() as u64;
+    let cps = Checkpoints::new(&host.work_dir());
+    let log_path = log_path(host);
+    let mut step = 0;
+    match checkpoint::restore::<Saved<A::State>>(&cps, &mut opt, &model.device)? {
+        Some((_, saved)) => {
+            step = saved.step;
+            algo.restore(saved.algorithm);
+            model.refresh_compute_weights()?;
+            checkpoint::truncate_log(&log_path, step)?;
+            tracing::info!(step, "resumed from checkpoint");
+        }
+        None if log_path.exists() => fs::remove_file(&log_path)?,
+        None => {}
+    }
+    let resumed_from_step = step;
+    let mut log = Appender::open(&log_path)?;
+    let bar = host.progress(total);
+    bar.set_position(step);
+    if step > 0 {
+        bar.set_message(format!("resumed at step {step}"));
+    }
+    let mut last_saved = step;
+    let save = |step: u64, opt: &AdamW, algo: &A| {
+        checkpoint::save(&cps, step, hp.save_total_limit, opt, &Saved { step, algorithm: algo.state() })
+    };
+    let t_run = Instant::now();
+    let (mut first_loss, mut final_loss) = (None, None);
+    model.take_grads(); // nothing left over from an earlier use of the model
+    while step < total {
+        if algo.at_boundary() && host.cancel().is_cancelled() {
+            if step > last_saved {
+                save(step, &opt, algo)?;
+            }
+            bar.abandon();
+            return Err(Cancelled.into());
+        }
+        let t = Instant::now();
+        let report = algo.step(model, step)?;
+        let mut grads = model.take_grads();
+        if !report.loss.is_finite() {
+            bail!(
+                "step {}: the loss is {} (the last good checkpoint is at step {last_saved}); \
+                 lower learning_rate or max_grad_norm",
+                step + 1,
+                report.loss
+            );
+        }
+        let t_opt = Instant::now();
+        let grad_norm = clip_grad_norm(&mut grads, hp.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            bail!(
+                "step {}: the gradient norm is {grad_norm} (the last good checkpoint is at step {last_saved}); \
+                 lower learning_rate or max_grad_norm",
+                step + 1
+            );
+        }
+        let lr = learning_rate(hp.learning_rate, hp.lr_scheduler_type, step, warmup, total);
+        opt.step(&grads, lr)?;
+        drop(grads);
+        model.refresh_compute_weights()?;
+        let optimizer_time = t_opt.elapsed().as_secs_f64();
+        step += 1;
+        let step_time = t.elapsed().as_secs_f64();
+        first_loss.get_or_insert(report.loss);
+        final_loss = Some(report.loss);
+        log.append(&StepLine {
+            step,
+            loss: report.loss,
+            grad_norm,
+            learning_rate: lr,
+            step_time,
+            tokens_per_second: report.tokens as f64 / step_time.max(1e-9),
+            optimizer_time,
+            algo: &report.log,
+        })
+        .context("writing the training log")?;
+        bar.set_message(report.message);
+        bar.set_position(step);
+        let crossed = step / hp.save_steps > last_saved / hp.save_steps;
+        if algo.at_boundary() && (crossed || step >= total) {
+            save(step, &opt, algo)?;
+            last_saved = step;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(Summary {
+        steps: step,
+        resumed_from_step,
+        steps_run: step - resumed_from_step,
+        first_loss,
+        final_loss,
+        train_seconds_this_run: t_run.elapsed().as_secs_f64(),
+        algorithm: algo.summary(),
+    })
+}
