@@ -123,7 +123,8 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir_all(dir.path().join("stages")).unwrap();
     let rewards = root.join("stages/rewards/r1-gsm8k.yaml");
-    let mut rows = Vec::new();
+    println!("{:<44} {:>13} {:>14} {:>9}  split", "run", "peak RSS GB", "step s (steady)", "wall s");
+    let mut rows = Rows;
 
     if want("smollm2") {
         for ck in [true, false] {
@@ -179,8 +180,13 @@ stages:
             }
         }
     }
-    println!("{:<44} {:>13} {:>14} {:>9}  split", "run", "peak RSS GB", "step s (steady)", "wall s");
-    for r in rows {
+}
+
+/// The table, a row printed as soon as its run ends.
+struct Rows;
+
+impl Rows {
+    fn push(&mut self, r: Row) {
         println!("{:<44} {:>13.2} {:>14.1} {:>9.0}  {}", r.label, r.peak_rss_gb, r.steady_step_s, r.wall_s, r.extra);
     }
 }
