@@ -215,6 +215,20 @@ fn the_shipped_reward_sets_load_and_weight_their_terms() {
 }
 
 #[test]
+fn a_reward_set_file_may_be_a_mapping_with_a_rewards_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("set.yaml");
+    std::fs::write(&p, "rewards:\n  - name: correctness\n  - name: strict_format\n    weight: 0.5\n").unwrap();
+    let set = RewardSet::from_file(&p).unwrap();
+    assert_eq!(set.names(), vec!["correctness", "strict_format"]);
+    std::fs::write(&p, "rewards:\n  - name: correctness\n  - name: strict_fromat\n").unwrap();
+    let e = RewardSet::from_file(&p).err().unwrap().to_string();
+    assert!(e.contains("set.yaml:3:") && e.contains("did you mean `strict_format`?"), "{e}");
+    std::fs::write(&p, "other: 1\n").unwrap();
+    assert!(RewardSet::from_file(&p).err().unwrap().to_string().contains("under a `rewards:` key"));
+}
+
+#[test]
 fn reward_set_errors_name_the_line_and_the_valid_choices() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("set.yaml");

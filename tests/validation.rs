@@ -23,6 +23,13 @@ fn yaml_syntax_errors_name_the_line() {
 }
 
 #[test]
+fn a_reference_in_a_flow_mapping_gets_a_hint_to_quote_it() {
+    let e = invalid("stages:\n  a:\n    kind: test.counter\n    with: { steps: 1, input: ${b.result} }\n");
+    assert!(e.contains("pipe.yaml:4: YAML syntax error"), "{e}");
+    assert!(e.contains("must be quoted") && e.contains("block style"), "{e}");
+}
+
+#[test]
 fn unknown_kind_names_the_nearest_kind() {
     let e = invalid("stages:\n  data:\n    kind: downlaod\n    with: {path: x}\n");
     assert!(e.contains("pipe.yaml:3: stage `data`: unknown kind `downlaod`"), "{e}");

@@ -115,7 +115,7 @@ impl Loader {
     }
 
     fn load(mut self, text: &str, overrides: &[Override], registry: &Registry) -> Result<Pipeline, Diagnostics> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| yaml_syntax(&self.file, &e))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| yaml_syntax(&self.file, text, &e))?;
         let serde_yaml::Value::Mapping(top) = doc else {
             return Err(Diagnostic::new(&self.file, Some(1), "a pipeline file must be a mapping with `stages:`")
                 .with_hint("see pipelines/quickstart.yaml for the shape")
@@ -456,7 +456,7 @@ impl Loader {
         let doc: serde_yaml::Value = match serde_yaml::from_str(&text) {
             Ok(d) => d,
             Err(e) => {
-                self.diags.push(yaml_syntax(&path, &e));
+                self.diags.push(yaml_syntax(&path, &text, &e));
                 return None;
             }
         };
@@ -474,10 +474,16 @@ impl Loader {
     }
 }
 
-fn yaml_syntax(file: &Path, e: &serde_yaml::Error) -> Diagnostic {
+fn yaml_syntax(file: &Path, text: &str, e: &serde_yaml::Error) -> Diagnostic {
     let line = e.location().map(|l| l.line());
-    Diagnostic::new(file, line, format!("YAML syntax error: {e}"))
-        .with_hint("check indentation and that every `key: value` has a space after the colon")
+    // `with: { data: ${b.train} }`: the `{` of `${` inside a flow mapping is YAML syntax.
+    let has_reference = line.and_then(|l| text.lines().nth(l.saturating_sub(1))).is_some_and(|l| l.contains("${"));
+    let hint = if has_reference {
+        "a `${…}` inside `{ … }` or `[ … ]` must be quoted (`data: \"${b.train}\"`), or write the mapping in block style (one `key: value` per line)"
+    } else {
+        "check indentation and that every `key: value` has a space after the colon"
+    };
+    Diagnostic::new(file, line, format!("YAML syntax error: {e}")).with_hint(hint)
 }
 
 /// Merge `over` into `base`: mappings merge key by key, anything else replaces.

@@ -342,15 +342,15 @@ pub fn remove_path(p: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Artifacts are immutable: their files are made read-only so a stray write fails loudly.
+/// Artifacts are immutable: every file becomes 0444 (readable by all, written by
+/// none), whatever mode the library that wrote it chose, so a stray write fails
+/// loudly and the files of one artifact look alike.
 fn make_read_only(p: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let files: Vec<PathBuf> =
         if p.is_dir() { walk(p)?.into_iter().filter(|f| f.is_file()).collect() } else { vec![p.to_path_buf()] };
     for f in files {
-        let mut perm = fs::metadata(&f)?.permissions();
-        perm.set_mode(perm.mode() & 0o555);
-        fs::set_permissions(&f, perm)?;
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o444))?;
     }
     Ok(())
 }
@@ -376,6 +376,26 @@ mod tests {
         let o3 = cache.commit_output(&db, &a, "test.jsonl").unwrap();
         assert_ne!(o1.hash, o3.hash);
         assert_eq!(fs::read_to_string(cache.object_path(&o1)).unwrap(), "x\n");
+    }
+
+    #[test]
+    fn every_file_of_an_artifact_is_read_only_for_all_whatever_its_mode_was() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path());
+        cache.create_dirs().unwrap();
+        let db = cache.db().unwrap();
+        let dir = tmp.path().join("model");
+        fs::create_dir_all(&dir).unwrap();
+        for (name, mode) in [("model.safetensors", 0o600), ("config.json", 0o644)] {
+            fs::write(dir.join(name), name).unwrap();
+            fs::set_permissions(dir.join(name), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let o = cache.commit_output(&db, &dir, "model").unwrap();
+        for name in ["model.safetensors", "config.json"] {
+            let mode = fs::metadata(cache.object_path(&o).join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o444, "{name}");
+        }
     }
 
     #[test]

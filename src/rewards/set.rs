@@ -129,10 +129,23 @@ impl RewardSet {
             .map_err(|e| Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {e}")))?;
         let v = yaml_to_json(&doc, "").map_err(|e| Diagnostic::new(path, None, e.message))?;
         let positions = Positions::parse(&text);
-        RewardSet::from_value(&v).map_err(|errs| {
+        // A bare list, or a mapping with a `rewards:` list (as a pipeline's stage writes it).
+        let (list, prefix) = match &v {
+            serde_json::Value::Object(m) if m.contains_key("rewards") => (&m["rewards"], "rewards."),
+            serde_json::Value::Object(_) => {
+                return Err(Diagnostic::new(path, Some(1), "a reward set is a list of {name, weight, params}")
+                    .with_hint("write the list at the top level, or under a `rewards:` key")
+                    .into())
+            }
+            _ => (&v, ""),
+        };
+        RewardSet::from_value(list).map_err(|errs| {
             Diagnostics(
                 errs.into_iter()
-                    .map(|e| Diagnostic::new(path, positions.line(&e.path), e.to_string()).with_optional_hint(e.hint))
+                    .map(|e| {
+                        let at = positions.line(&format!("{prefix}{}", e.path)).or_else(|| positions.line(prefix.trim_end_matches('.')));
+                        Diagnostic::new(path, at, e.to_string()).with_optional_hint(e.hint)
+                    })
                     .collect(),
             )
         })
