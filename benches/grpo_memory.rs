@@ -12,7 +12,8 @@
 //! the exact f32 reference copy) so the table shows what each saving is worth.
 //!
 //! `cargo bench --bench grpo_memory` (needs scripts/fetch-smollm2.sh and ../shared);
-//! `R1PIPE_BENCH_ONLY=smollm2|qwen|sft` runs one group.
+//! `R1PIPE_BENCH_ONLY=reference|smollm2|qwen|sft` runs one group (`reference`:
+//! the KL error of the bf16 reference copy).
 
 use std::fs;
 use std::path::Path;
@@ -37,12 +38,23 @@ fn run(dir: &Path, label: &str, pipeline: &str, stage: &str) -> Row {
         .expect("running /usr/bin/time (apt-get install time)");
     let wall_s = t.elapsed().as_secs_f64();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{label} failed:\n{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
     let kb: f64 = stderr
         .lines()
         .find_map(|l| l.trim().strip_prefix("Maximum resident set size (kbytes): "))
         .and_then(|v| v.trim().parse().ok())
         .expect("/usr/bin/time -v prints the peak RSS");
+    if !out.status.success() {
+        // A run the kernel killed for memory is a result too (the point of the comparison).
+        let why = if stderr.contains("signal 9") { "killed by the kernel (out of memory)" } else { "failed" };
+        eprintln!("{label} {why}:\n{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+        return Row {
+            label: label.into(),
+            peak_rss_gb: kb / (1024.0 * 1024.0),
+            steady_step_s: f64::NAN,
+            wall_s,
+            extra: why.into(),
+        };
+    }
     let show = Command::new(env!("CARGO_BIN_EXE_r1pipe"))
         .args(["show", &format!("{stage}.log"), "-p", &file])
         .current_dir(dir)
@@ -123,6 +135,9 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir_all(dir.path().join("stages")).unwrap();
     let rewards = root.join("stages/rewards/r1-gsm8k.yaml");
+    if want("reference") {
+        reference_precision(&smol, &data);
+    }
     println!("{:<44} {:>13} {:>14} {:>9}  split", "run", "peak RSS GB", "step s (steady)", "wall s");
     let mut rows = Rows;
 
@@ -180,6 +195,73 @@ stages:
             }
         }
     }
+}
+
+/// What holding GRPO's reference copy in bf16 costs in KL accuracy: at step 0 the
+/// policy *is* the reference, so the true KL is 0 and whatever the bf16 copy
+/// reports is its error. SmolLM2, 8 GSM8K prompts with 64 sampled tokens each.
+fn reference_precision(model: &Path, data: &Path) {
+    use candle_core::DType;
+    use r1pipe::model::{generate, load, Batch, ModelRef, Pass, SamplingParams};
+    use rand::SeedableRng;
+    let m = load::load(&ModelRef::Dir(model.to_path_buf()), &candle_core::Device::Cpu, DType::F32).unwrap();
+    let text = fs::read_to_string(data.join("train.jsonl")).unwrap();
+    let prompts: Vec<Vec<u32>> = text
+        .lines()
+        .take(8)
+        .map(|l| {
+            let q = serde_json::from_str::<serde_json::Value>(l).unwrap()["question"].as_str().unwrap().to_string();
+            let msgs = [
+                r1pipe::model::Message::new("system", r1pipe::data::gsm8k::R1_SYSTEM_PROMPT),
+                r1pipe::model::Message::new("user", &q),
+            ];
+            m.tokenizer.encode_chat(&msgs, true).unwrap()
+        })
+        .collect();
+    let params = SamplingParams { temperature: 0.9, max_new_tokens: 64, ..Default::default() };
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let comps = generate(&m.model, &m.tokenizer, &prompts, 1, &params, &mut rng, None).unwrap();
+    let specs: Vec<r1pipe::train::grpo::RowSpec> = comps
+        .iter()
+        .map(|c| r1pipe::train::grpo::RowSpec { prompt: &prompts[c.prompt_index], tokens: &c.tokens, eos: c.eos })
+        .collect();
+    let rows = r1pipe::train::grpo::build_rows(&specs, m.tokenizer.eos_ids[0], m.tokenizer.pad_id, 64, false);
+    let b = Batch::from_rows(rows.ids.clone(), rows.valid.clone(), &candle_core::Device::Cpu).unwrap();
+    let lp = |t: &r1pipe::model::Transformer| -> Vec<Vec<f32>> {
+        t.next_token_logprobs_range(&b, rows.prompt_len - 1, rows.completion_len, 0.9, Pass::SCORE)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let policy = lp(&m.model);
+    let exact = lp(&m.model.frozen_copy(DType::F32, DType::F32).unwrap());
+    let half = lp(&m.model.frozen_copy(DType::BF16, DType::F32).unwrap());
+    let (mut max_d, mut sum_d, mut kl_exact, mut kl_bf16, mut n) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    for i in 0..policy.len() {
+        for j in 0..rows.completion_len {
+            if rows.masks[i][j] == 0.0 {
+                continue;
+            }
+            let k3 = |r: f32, p: f32| {
+                let d = (r - p) as f64;
+                d.exp() - d - 1.0
+            };
+            let d = (half[i][j] - policy[i][j]).abs() as f64;
+            max_d = max_d.max(d);
+            sum_d += d;
+            kl_exact += k3(exact[i][j], policy[i][j]);
+            kl_bf16 += k3(half[i][j], policy[i][j]);
+            n += 1.0;
+        }
+    }
+    println!(
+        "reference precision (SmolLM2, {n} sampled tokens, step 0 where the true KL is 0): f32 copy KL {:.2e}; \
+         bf16 copy KL {:.2e}, |Δ log p| mean {:.2e}, max {:.2e}",
+        kl_exact / n,
+        kl_bf16 / n,
+        sum_d / n,
+        max_d
+    );
 }
 
 /// The table, a row printed as soon as its run ends.

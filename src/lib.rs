@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod common;
 pub mod data;
+pub mod eval;
 pub mod hub;
 pub mod model;
 pub mod pipeline;

@@ -130,22 +130,53 @@ fn evaluate_reports_every_model_side_by_side_and_infer_answers() {
     let p = eval_project(5);
     p.write("pipe.yaml", &EVAL.replace("BATCH", "2"));
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    assert!(r.stdout.contains("metric") && r.stdout.contains("base") && r.stdout.contains("again"), "{}", r.stdout);
+    // The run ends with what the final stages produced: the table and the answers.
+    let summary = r.stdout.split("── evaluate ──").nth(1).unwrap_or_else(|| panic!("no summary:\n{}", r.stdout));
+    assert!(
+        summary.contains("accuracy, strict (95% CI)") && summary.contains("base") && summary.contains("again"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        summary.contains("base vs again, accuracy_strict: +0.0 points") && summary.contains("p = 1.000"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("── infer ──\nQ: What is 2 + 2?\nA: "), "{}", r.stdout);
     let metrics: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(p.run(&["show", "evaluate.metrics"]).ok().stdout.trim()).unwrap())
             .unwrap();
+    assert_eq!(metrics["version"], 2);
     for m in ["base", "again"] {
         let x = &metrics["models"][m];
         assert_eq!(x["n"], 5);
-        for k in ["accuracy", "strict_format", "soft_format", "mean_completion_tokens", "truncation_rate"] {
+        for k in [
+            "accuracy_strict",
+            "accuracy_flexible",
+            "strict_format",
+            "soft_format",
+            "mean_completion_tokens",
+            "truncation_rate",
+        ] {
             assert!(x[k].is_number(), "{k} missing: {x}");
         }
+        assert_eq!(x["accuracy_strict_ci95"].as_array().map(Vec::len), Some(2), "{x}");
     }
     assert_eq!(metrics["models"]["base"], metrics["models"]["again"], "the same model evaluates the same");
     let samples = fs::read_to_string(p.run(&["show", "evaluate.samples"]).ok().stdout.trim()).unwrap();
     assert_eq!(samples.lines().count(), 10);
     let s: serde_json::Value = serde_json::from_str(samples.lines().next().unwrap()).unwrap();
-    for k in ["question", "reference", "completion", "extracted", "correct", "tokens", "finish_reason"] {
+    for k in [
+        "question",
+        "reference",
+        "completion",
+        "extracted",
+        "correct",
+        "extracted_flexible",
+        "correct_flexible",
+        "tokens",
+        "finish_reason",
+    ] {
         assert!(s.get(k).is_some(), "sample lacks {k}: {s}");
     }
     let answers = fs::read_to_string(p.run(&["show", "infer.answers"]).ok().stdout.trim()).unwrap();
@@ -153,6 +184,46 @@ fn evaluate_reports_every_model_side_by_side_and_infer_answers() {
     let a: serde_json::Value = serde_json::from_str(answers.lines().next().unwrap()).unwrap();
     assert_eq!(a["question"], "What is 2 + 2?");
     assert!(a["tokens"].as_u64().unwrap() <= 5);
+}
+
+#[test]
+fn few_shot_exemplars_come_from_train_and_metrics_diff_compares_runs() {
+    let p = eval_project(3);
+    p.write("pipe.yaml", &EVAL.replace("BATCH", "3"));
+    p.run(&["run", "pipe.yaml", "--until", "evaluate"]).ok();
+    // 2-shot: exemplars from the train split (validated: few-shot needs `train`).
+    let fewshot = EVAL
+        .replace("BATCH", "3")
+        .replace("      max_new_tokens: 12", "      max_new_tokens: 12\n      num_fewshot: 2");
+    p.write("pipe.yaml", &fewshot);
+    let r = p.run(&["run", "pipe.yaml", "--until", "evaluate"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("2-shot needs exemplars: give `train`"), "{}", r.stderr);
+    p.write("pipe.yaml", &fewshot.replace("num_fewshot: 2", "num_fewshot: 2\n      train: ${prompts.train}"));
+    p.run(&["run", "pipe.yaml", "--until", "evaluate"]).ok();
+    let samples =
+        fs::read_to_string(p.run(&["show", "evaluate.samples", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
+    assert_eq!(samples.lines().count(), 6);
+    let metrics =
+        fs::read_to_string(p.run(&["show", "evaluate.metrics", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
+    assert!(metrics.contains("\"num_fewshot\": 2"), "{metrics}");
+    // The 2-shot evaluation against the previous (0-shot) record of the stage.
+    let d = p.run(&["metrics", "diff", "pipe.yaml"]).ok();
+    assert!(d.stdout.contains("against the previous record of each stage"), "{}", d.stdout);
+    let row = d
+        .stdout
+        .lines()
+        .find(|l| l.contains("models.base.mean_completion_tokens"))
+        .unwrap_or_else(|| panic!("{}", d.stdout));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells.len(), 5, "{row}");
+    let (old, new, delta): (f64, f64, f64) =
+        (cells[2].parse().unwrap(), cells[3].parse().unwrap(), cells[4].parse().unwrap());
+    assert!((new - old - delta).abs() < 1e-3, "{row}");
+    // Against another pipeline file: the 0-shot one, whose results are still in the cache.
+    p.write("zero.yaml", &EVAL.replace("BATCH", "3"));
+    let d = p.run(&["metrics", "diff", "pipe.yaml", "--against", "zero.yaml"]).ok();
+    assert!(d.stdout.contains("models.again.accuracy_strict"), "{}", d.stdout);
 }
 
 #[test]

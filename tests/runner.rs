@@ -61,9 +61,13 @@ fn an_upstream_rerun_with_identical_bytes_does_not_invalidate_downstream() {
     let p = Project::new();
     p.write("pipe.yaml", CHAIN);
     p.run(&["run", "pipe.yaml"]).ok();
-    let r = p.run(&["run", "pipe.yaml", "--force", "a"]).ok();
-    assert!(r.decision("a").starts_with("run") && r.decision("a").contains("forced"), "{}", r.stdout);
+    // A new fingerprint for `a` (step_ms changes how long it takes, not what it writes):
+    // `b` is keyed on a's output bytes, not on a's fingerprint, so it stays cached.
+    let r = p.run(&["run", "pipe.yaml", "-S", "a.step_ms=1"]).ok();
+    assert!(r.decision("a").starts_with("run") && r.decision("a").contains("param step_ms added"), "{}", r.stdout);
     assert!(r.skipped("b"), "b must stay cached, its input bytes are the same:\n{}", r.stdout);
+    let r = p.run(&["run", "pipe.yaml", "--force", "a"]).ok();
+    assert!(r.decision("a").contains("forced") && r.skipped("b"), "{}", r.stdout);
 }
 
 #[test]
@@ -111,7 +115,32 @@ fn kill_9_mid_stage_leaves_a_cache_the_next_run_resumes_and_completes() {
     let out = p.run(&["show", "long.result", "-p", "pipe.yaml"]).ok();
     let text = fs::read_to_string(out.stdout.trim()).unwrap();
     assert!(text.starts_with("done\ncount=40\n"), "{text}");
+    // The resumed run did only the remaining steps: a restart from 0 would have executed
+    // `at` + 40 steps in the work folder; a resume at most one step more than 40
+    // (the one in flight when killed, checkpointed or not).
+    let executed = steps_executed(&p, "long");
+    assert!(executed <= 41, "{executed} steps executed for 40: the stage restarted instead of resuming");
     assert!(p.run(&["run", "pipe.yaml"]).ok().skipped("long"));
+}
+
+/// The `steps_executed_in_work_dir` metric of a stage's current record.
+fn steps_executed(p: &Project, stage: &str) -> u64 {
+    let st = p.run(&["status", "pipe.yaml"]).ok();
+    assert!(st.stdout.lines().any(|l| l.starts_with(stage) && l.contains("cached")), "{}", st.stdout);
+    // The record's metrics are in the run log of the last run.
+    let runs = p.cache().join("runs");
+    let mut logs: Vec<_> = fs::read_dir(&runs).unwrap().flatten().map(|e| e.path()).collect();
+    logs.sort();
+    for log in logs.iter().rev() {
+        for line in fs::read_to_string(log).unwrap().lines().rev() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["fields"]["stage"] == stage && v["fields"]["message"] == "stage finished" {
+                let m: serde_json::Value = serde_json::from_str(v["fields"]["metrics"].as_str().unwrap()).unwrap();
+                return m["steps_executed_in_work_dir"].as_u64().unwrap();
+            }
+        }
+    }
+    panic!("no finished record of {stage} in the run logs");
 }
 
 #[test]
@@ -127,6 +156,7 @@ fn ctrl_c_checkpoints_and_exits_cleanly_then_resumes() {
     assert!(out.stdout.contains("interrupted; checkpoint at step"), "{}", out.stdout);
     let r = p.run(&["run", "pipe.yaml"]).ok();
     assert!(r.decision("long").starts_with("resume from step"), "{}", r.stdout);
+    assert!(steps_executed(&p, "long") <= 41, "the stage restarted instead of resuming");
 }
 
 #[test]

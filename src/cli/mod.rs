@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod infer_cmd;
+mod metrics_cmd;
 mod pipeline_cmds;
 mod rewards_cmd;
 
@@ -126,6 +127,19 @@ pub enum Command {
         #[arg(short, long)]
         interactive: bool,
     },
+    /// Write a model (a .gguf, a folder, a hub id) as a Hugging Face folder (f32 safetensors, config, tokenizer)
+    Convert {
+        #[arg(long, required_unless_present = "config")]
+        model: Option<String>,
+        /// Instead of --model: random weights of this config.json's shape …
+        #[arg(long, conflicts_with = "model", requires = "tokenizer")]
+        config: Option<PathBuf>,
+        /// … with the tokenizer files of this model folder
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Prefill/decode tokens/s with the decode roofline, and a training step, on any device
     Bench {
         /// A model (folder, .gguf, hub id)
@@ -156,6 +170,27 @@ pub enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Curves of a training stage (reward, KL, length, loss, …) as SVG with an index.html
+    Plot {
+        /// The training stage
+        stage: String,
+        /// The pipeline file
+        #[arg(short, long)]
+        pipeline: PathBuf,
+        /// Where to write [default: cache/plots/STAGE]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Open index.html with xdg-open
+        #[arg(long)]
+        open: bool,
+        #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
+    /// Compare metrics between runs (like `dvc metrics diff`)
+    Metrics {
+        #[command(subcommand)]
+        command: MetricsCommand,
+    },
     /// Score completions with a reward set (debug rewards before spending GPU hours), or list the functions
     Rewards {
         /// The reward set, e.g. stages/rewards/r1-gsm8k.yaml
@@ -170,6 +205,26 @@ pub enum Command {
         /// List the reward functions with their parameters and defaults
         #[arg(long)]
         list: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MetricsCommand {
+    /// The pipeline's current evaluation metrics against a baseline: old, new, delta
+    Diff {
+        /// The pipeline file
+        pipeline: PathBuf,
+        /// Compare with this pipeline file's current results
+        #[arg(long, value_name = "PIPELINE.yaml", conflicts_with = "against_cache")]
+        against: Option<PathBuf>,
+        /// Compare with the same pipeline's current results in another cache
+        #[arg(long, value_name = "DIR")]
+        against_cache: Option<PathBuf>,
+        /// Every stage's numeric metrics, not only evaluations
+        #[arg(long)]
+        all: bool,
+        #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
     },
 }
 
@@ -241,6 +296,32 @@ pub fn main() -> i32 {
             bandwidth,
             check,
         }),
+        Command::Convert { model, config, tokenizer, out } => (|| -> anyhow::Result<i32> {
+            match (model, config, tokenizer) {
+                (Some(model), _, _) => {
+                    let m = r1pipe::model::open(&model, &std::env::current_dir()?, "cpu", "f32")?;
+                    r1pipe::model::load::save(&m.model, &m.files_dir, &out)?;
+                }
+                (None, Some(config), Some(tokenizer)) => {
+                    let text = std::fs::read_to_string(&config)?;
+                    let cfg = r1pipe::model::Config::from_json(serde_json::from_str(&text)?)?;
+                    let m = r1pipe::model::Transformer::random(cfg, 0, &candle_core::Device::Cpu)?;
+                    r1pipe::model::load::save(&m, &tokenizer, &out)?;
+                }
+                _ => anyhow::bail!("give --model REF, or --config CONFIG.json with --tokenizer DIR"),
+            }
+            println!("{}", out.display());
+            Ok(0)
+        })(),
+        Command::Plot { stage, pipeline, out, open, cache } => pipeline_cmds::plot(&stage, &pipeline, out, open, cache),
+        Command::Metrics { command: MetricsCommand::Diff { pipeline, against, against_cache, all, cache } } => {
+            let baseline = match (against, against_cache) {
+                (Some(p), _) => metrics_cmd::Baseline::Pipeline(p),
+                (None, Some(c)) => metrics_cmd::Baseline::Cache(c),
+                (None, None) => metrics_cmd::Baseline::Previous,
+            };
+            metrics_cmd::diff(&pipeline, cache, baseline, all)
+        }
         Command::Rewards { list: true, .. } => rewards_cmd::list(),
         Command::Rewards { set, completions, json, .. } => rewards_cmd::score(
             set.as_deref().expect("clap requires --set"),

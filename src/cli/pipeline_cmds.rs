@@ -224,3 +224,39 @@ pub fn gc(keep: &[PathBuf], cache: Option<PathBuf>, include_unfinished: bool, dr
     );
     Ok(0)
 }
+
+/// Render a training stage's curves: from its current record's log, or from
+/// the work folder's log of a stage that is interrupted or still running.
+pub fn plot(stage: &str, file: &Path, out: Option<PathBuf>, open: bool, cache: Option<PathBuf>) -> Result<i32> {
+    let registry = r1pipe::stages::registry();
+    let pipeline = spec::load(file, &[], &registry)?;
+    let root = cache_root(cache, &pipeline.project);
+    let runner = Runner::new(&pipeline, &registry, root.clone())?;
+    if pipeline.stage(stage).is_none() {
+        bail!("no stage `{stage}` in {}", file.display());
+    }
+    let decision = runner.decide_all()?.into_iter().find(|(n, _)| n == stage).map(|(_, d)| d);
+    let (log, state) = match decision {
+        Some(Decision::Cached { record }) => match record.outputs.get("log") {
+            Some(o) => (runner.cache.object_path(o), "finished"),
+            None => bail!("stage `{stage}` has no training log (only training stages have curves)"),
+        },
+        Some(Decision::Run { fingerprint, .. }) => {
+            let log = runner.cache.work_dir(&fingerprint).join("log.jsonl");
+            if !log.exists() {
+                bail!("stage `{stage}` has not logged a step yet (no {})", log.display());
+            }
+            (log, "unfinished")
+        }
+        _ => bail!("stage `{stage}` cannot have run yet: its inputs are not up to date"),
+    };
+    let out = out.unwrap_or_else(|| root.join("plots").join(stage));
+    let index = r1pipe::train::plots::render(&log, &out, &format!("{} / {stage} ({state})", pipeline.name))?;
+    println!("{}", index.display());
+    if open {
+        if let Err(e) = std::process::Command::new("xdg-open").arg(&index).status() {
+            eprintln!("could not open it ({e}); open {} in a browser", index.display());
+        }
+    }
+    Ok(0)
+}

@@ -91,6 +91,11 @@ pub trait StageKind: Send + Sync {
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>>;
     /// Do the work: read `ctx.params()`, write every output under `ctx.output_path(name)`.
     fn run(&self, ctx: &mut StageContext) -> anyhow::Result<()>;
+    /// What a finished stage produced, for a person: printed by `r1pipe run` for
+    /// the pipeline's final stages. `outputs`: output name → artifact path.
+    fn summary(&self, _outputs: &BTreeMap<String, PathBuf>) -> Option<String> {
+        None
+    }
 }
 
 /// Where and how the pipeline runs, as resolved for this run.

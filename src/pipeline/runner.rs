@@ -342,10 +342,38 @@ impl<'a> Runner<'a> {
         }
         if opts.dry_run {
             println!("dry run: nothing was executed");
-        } else if ran == 0 {
+            return Ok(RunOutcome::Completed);
+        }
+        if ran == 0 {
             println!("everything is up to date");
         }
+        self.print_summaries(selected, available);
         Ok(RunOutcome::Completed)
+    }
+
+    /// What the pipeline's final stages (those no other stage reads) produced,
+    /// as each kind summarizes it: the evaluation table, the answers, …
+    fn print_summaries(&self, selected: &[String], available: &BTreeMap<String, ObjectRef>) {
+        let read: BTreeSet<String> = self.pipeline.stages.iter().flat_map(|s| s.upstream()).collect();
+        for name in selected.iter().filter(|n| !read.contains(*n)) {
+            let stage = self.pipeline.stage(name).expect("selected names are stages");
+            let outputs: BTreeMap<String, PathBuf> = stage
+                .kind
+                .outputs()
+                .iter()
+                .filter_map(|o| {
+                    available
+                        .get(&format!("{name}.{}", o.name))
+                        .map(|r| (o.name.to_string(), self.cache.object_path(r)))
+                })
+                .collect();
+            if outputs.is_empty() {
+                continue;
+            }
+            if let Some(text) = stage.kind.summary(&outputs) {
+                println!("\n── {name} ──\n{}", text.trim_end());
+            }
+        }
     }
 
     fn run_stage(

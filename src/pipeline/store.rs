@@ -409,7 +409,15 @@ mod tests {
         let h1 = cache.hash_path(&db, &f).unwrap();
         assert_eq!(h1, hash_file(&f).unwrap());
         fs::write(&f, "two!").unwrap();
-        assert_ne!(cache.hash_path(&db, &f).unwrap(), h1);
+        let h2 = cache.hash_path(&db, &f).unwrap();
+        assert_ne!(h2, h1);
+        // Same size and mtime, other bytes: the memo answers without reading the file
+        // (which is what makes it a memo; a changed size or mtime is what invalidates it).
+        let mtime = fs::metadata(&f).unwrap().modified().unwrap();
+        fs::write(&f, "TWO!").unwrap();
+        fs::File::options().write(true).open(&f).unwrap().set_modified(mtime).unwrap();
+        assert_eq!(cache.hash_path(&db, &f).unwrap(), h2, "the memo was not used");
+        assert_ne!(hash_file(&f).unwrap(), h2, "the file did change");
     }
 
     #[test]

@@ -143,7 +143,9 @@ impl RewardSet {
             Diagnostics(
                 errs.into_iter()
                     .map(|e| {
-                        let at = positions.line(&format!("{prefix}{}", e.path)).or_else(|| positions.line(prefix.trim_end_matches('.')));
+                        let at = positions
+                            .line(&format!("{prefix}{}", e.path))
+                            .or_else(|| positions.line(prefix.trim_end_matches('.')));
                         Diagnostic::new(path, at, e.to_string()).with_optional_hint(e.hint)
                     })
                     .collect(),

@@ -1,5 +1,7 @@
 //! `evaluate`: one or several models side by side on the GSM8K test prompts:
-//! accuracy, strict and soft format adherence, completion length, truncation.
+//! strict and flexible accuracy with 95% intervals, format adherence,
+//! completion length, truncation, and paired tests between the models
+//! (`eval::metrics`). Optionally few-shot, with exemplars from the train split.
 //! Finished samples are kept in the work folder, so an interrupted evaluation continues.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -7,16 +9,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Result;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::format::PromptRow;
 use super::model_common::{check_known_keys, check_model_ref, open_model, sampling_errors};
 use crate::common::{typed, ParamError};
+use crate::data::gsm8k::think_answer;
 use crate::data::jsonl::{self, Appender};
-use crate::model::{generate, FinishReason, SamplingParams};
-use crate::pipeline::status::render_table;
+use crate::eval::extract::last_number;
+use crate::eval::metrics::{EvalMetrics, Verdict};
+use crate::model::{generate, FinishReason, Message, SamplingParams};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
-use crate::rewards::answer::xml_answer;
+use crate::rewards::answer::{gsm8k_equal, xml_answer};
 use crate::rewards::{lookup, Sample};
 
 // No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
@@ -30,9 +34,17 @@ struct Params {
     limit: Option<usize>,
     #[serde(default = "default_batch")]
     batch_size: usize,
+    /// Worked examples before each question (0: none), taken from `train`.
+    #[serde(default)]
+    num_fewshot: usize,
+    /// Where few-shot exemplars come from: the `train` output of a `format` stage (never the test split).
+    #[serde(default)]
+    train: Option<String>,
     #[serde(flatten)]
     sampling: SamplingParams,
 }
+
+const OWN_KEYS: &[&str] = &["models", "test", "limit", "batch_size", "num_fewshot", "train"];
 
 fn default_batch() -> usize {
     8
@@ -46,8 +58,14 @@ pub struct EvalSample {
     pub question: String,
     pub reference: String,
     pub completion: String,
+    /// The recipe's strict extraction: the last `<answer>…</answer>`.
     pub extracted: Option<String>,
     pub correct: bool,
+    /// lm-eval-harness's flexible extraction: the last number of the completion.
+    #[serde(default)]
+    pub extracted_flexible: Option<String>,
+    #[serde(default)]
+    pub correct_flexible: bool,
     pub strict_format: bool,
     pub soft_format: bool,
     pub tokens: usize,
@@ -76,7 +94,7 @@ impl StageKind for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        2
+        3
     }
     fn description(&self) -> &'static str {
         "GSM8K accuracy and format adherence of one or several models"
@@ -86,7 +104,7 @@ impl StageKind for Evaluate {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &[&["models", "test", "limit", "batch_size"], SamplingParams::FIELDS])?;
+        check_known_keys(params, &[OWN_KEYS, SamplingParams::FIELDS])?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
@@ -109,6 +127,18 @@ impl StageKind for Evaluate {
         if p.batch_size == 0 {
             errors.push(ParamError::new("batch_size", "must be at least 1"));
         }
+        match (&p.train, p.num_fewshot) {
+            (None, k) if k > 0 => errors.push(
+                ParamError::new("num_fewshot", format!("{k}-shot needs exemplars: give `train`"))
+                    .hint("train: ${prompts.train} (the train split; exemplars never come from the test split)"),
+            ),
+            (Some(t), _) => {
+                if let Some(local) = project.local_path(t) {
+                    req.local_paths.push(("train".into(), local));
+                }
+            }
+            _ => {}
+        }
         if errors.is_empty() {
             Ok(req)
         } else {
@@ -124,12 +154,16 @@ impl StageKind for Evaluate {
             rows.truncate(n);
         }
         let sampling = p.sampling.clone();
+        let shots = match (&p.train, p.num_fewshot) {
+            (Some(t), k) if k > 0 => fewshot(&ctx.project.local_path(t).unwrap_or_else(|| t.into()), k, ctx.env.seed)?,
+            _ => Vec::new(),
+        };
         // The verdicts are the reward catalog's functions with their defaults: one
         // definition of "correct" and "formatted" for training and evaluation.
         let verdict = |name: &str| (lookup(name).expect("a catalog function").build)(&Value::Null);
         let (correctness, strict, soft) = (verdict("correctness")?, verdict("strict_format")?, verdict("soft_format")?);
         let mut all = Vec::new();
-        let mut metrics = serde_json::Map::new();
+        let mut verdicts = BTreeMap::new();
         for (name, reference) in &p.models {
             // Samples already evaluated by an interrupted attempt are kept.
             let partial = ctx.work_dir.join(samples_file(name));
@@ -150,14 +184,17 @@ impl StageKind for Evaluate {
                         bar.abandon();
                         return Err(e.into());
                     }
-                    let prompts: Vec<Vec<u32>> =
-                        chunk.iter().map(|&i| m.tokenizer.encode_chat(&rows[i].prompt, true)).collect::<Result<_>>()?;
+                    let prompts: Vec<Vec<u32>> = chunk
+                        .iter()
+                        .map(|&i| m.tokenizer.encode_chat(&with_shots(&rows[i].prompt, &shots), true))
+                        .collect::<Result<_>>()?;
                     // Seeded by question index, so a resumed run samples exactly as an uninterrupted one.
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed ^ (chunk[0] as u64) << 20);
                     let comps = generate(&m.model, &m.tokenizer, &prompts, 1, &sampling, &mut rng, None)?;
                     for (c, &i) in comps.iter().zip(chunk) {
                         let row = &rows[i];
                         let extracted = xml_answer(&c.text).map(str::to_string);
+                        let extracted_flexible = last_number(&c.text);
                         let sample =
                             Sample { prompt: "", completion: &c.text, answer: &row.answer, tokens: c.tokens.len() };
                         let s = EvalSample {
@@ -168,6 +205,10 @@ impl StageKind for Evaluate {
                             completion: c.text.clone(),
                             correct: correctness.score(&sample) > 0.0,
                             extracted,
+                            correct_flexible: extracted_flexible
+                                .as_deref()
+                                .is_some_and(|a| gsm8k_equal(a, &row.answer)),
+                            extracted_flexible,
                             strict_format: strict.score(&sample) > 0.0,
                             soft_format: soft.score(&sample) > 0.0,
                             tokens: c.tokens.len(),
@@ -181,16 +222,59 @@ impl StageKind for Evaluate {
                 bar.finish_and_clear();
             }
             done.sort_by_key(|s| s.index);
-            metrics.insert(name.clone(), summarize(&done));
+            verdicts.insert(name.clone(), done.iter().map(verdict_of).collect::<Vec<_>>());
             all.extend(done);
         }
         jsonl::write(&ctx.output_path("samples"), &all)?;
-        let metrics = json!({ "questions": rows.len(), "models": metrics });
-        std::fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&metrics)?)?;
-        println!("{}", side_by_side(&metrics));
-        ctx.set_metrics(metrics);
+        let metrics = EvalMetrics::of(rows.len(), p.num_fewshot, &verdicts);
+        let value = serde_json::to_value(&metrics)?;
+        std::fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&value)?)?;
+        ctx.set_metrics(value);
         Ok(())
     }
+
+    fn summary(&self, outputs: &BTreeMap<String, std::path::PathBuf>) -> Option<String> {
+        let text = std::fs::read_to_string(outputs.get("metrics")?).ok()?;
+        Some(EvalMetrics::from_json(&serde_json::from_str(&text).ok()?).ok()?.table())
+    }
+}
+
+fn verdict_of(s: &EvalSample) -> Verdict {
+    Verdict {
+        index: s.index,
+        correct_strict: s.correct,
+        correct_flexible: s.correct_flexible,
+        strict_format: s.strict_format,
+        soft_format: s.soft_format,
+        tokens: s.tokens,
+        truncated: s.finish_reason == FinishReason::Length,
+    }
+}
+
+/// `k` worked examples from the train split (a seeded choice), as user/assistant turns
+/// whose answers are in the recipe's think/answer format.
+fn fewshot(train: &std::path::Path, k: usize, seed: u64) -> Result<Vec<Message>> {
+    use rand::seq::SliceRandom;
+    let mut rows: Vec<PromptRow> = jsonl::read(train)?.into_iter().map(|(_, r)| r).collect();
+    if rows.len() < k {
+        anyhow::bail!("{}: {k}-shot needs {k} exemplars, the file has {}", train.display(), rows.len());
+    }
+    rows.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xf3e5));
+    Ok(rows[..k]
+        .iter()
+        .flat_map(|r| {
+            [Message::new("user", &r.question), Message::new("assistant", &think_answer(&r.rationale, &r.answer))]
+        })
+        .collect())
+}
+
+/// The prompt with the exemplars after its system message (if any), before the question.
+fn with_shots(prompt: &[Message], shots: &[Message]) -> Vec<Message> {
+    if shots.is_empty() {
+        return prompt.to_vec();
+    }
+    let split = prompt.iter().take_while(|m| m.role == "system").count();
+    prompt[..split].iter().chain(shots).chain(&prompt[split..]).cloned().collect()
 }
 
 /// The work-folder file of a model's finished samples: readable, and distinct for
@@ -201,44 +285,18 @@ fn samples_file(name: &str) -> String {
     format!("samples-{readable}-{}.jsonl", &blake3::hash(name.as_bytes()).to_hex()[..8])
 }
 
-fn summarize(s: &[EvalSample]) -> Value {
-    let n = s.len().max(1) as f64;
-    let frac = |f: &dyn Fn(&EvalSample) -> bool| s.iter().filter(|x| f(x)).count() as f64 / n;
-    json!({
-        "n": s.len(),
-        "accuracy": frac(&|x| x.correct),
-        "strict_format": frac(&|x| x.strict_format),
-        "soft_format": frac(&|x| x.soft_format),
-        "mean_completion_tokens": s.iter().map(|x| x.tokens as f64).sum::<f64>() / n,
-        "truncation_rate": frac(&|x| x.finish_reason == FinishReason::Length),
-    })
-}
-
-/// The models side by side, one column each.
-pub fn side_by_side(metrics: &Value) -> String {
-    let models = metrics["models"].as_object().cloned().unwrap_or_default();
-    let mut headers = vec!["metric".to_string()];
-    headers.extend(models.keys().cloned());
-    let rows: Vec<Vec<String>> =
-        ["accuracy", "strict_format", "soft_format", "mean_completion_tokens", "truncation_rate"]
-            .iter()
-            .map(|k| {
-                let mut r = vec![k.to_string()];
-                r.extend(models.values().map(|m| match m[*k].as_f64() {
-                    Some(v) if k.ends_with("tokens") => format!("{v:.1}"),
-                    Some(v) => format!("{:.1}%", 100.0 * v),
-                    None => "-".into(),
-                }));
-                r
-            })
-            .collect();
-    let h: Vec<&str> = headers.iter().map(String::as_str).collect();
-    render_table(&h, &rows)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exemplars_go_between_the_system_prompt_and_the_question() {
+        let prompt = vec![Message::new("system", "S"), Message::new("user", "Q")];
+        let shots = vec![Message::new("user", "q1"), Message::new("assistant", "a1")];
+        let roles: Vec<String> = with_shots(&prompt, &shots).into_iter().map(|m| m.content).collect();
+        assert_eq!(roles, vec!["S", "q1", "a1", "Q"]);
+        assert_eq!(with_shots(&prompt, &[]), prompt);
+    }
 
     #[test]
     fn model_names_that_sanitize_alike_get_their_own_samples_file() {

@@ -58,6 +58,12 @@ const OUTPUTS: &[OutputSpec] = &[
     },
     OutputSpec { name: "metrics", file_name: "metrics.json", is_dir: false, description: "summary of the run" },
     OutputSpec { name: "log", file_name: "log.jsonl", is_dir: false, description: "per-step metrics with TRL's names" },
+    OutputSpec {
+        name: "plots",
+        file_name: "plots",
+        is_dir: true,
+        description: "SVG curves of the log and an index.html",
+    },
 ];
 
 impl StageKind for Grpo {

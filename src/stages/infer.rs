@@ -42,7 +42,7 @@ fn default_batch() -> usize {
     8
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Answer {
     question: String,
     prompt: Vec<Message>,
@@ -155,5 +155,16 @@ impl StageKind for Infer {
         jsonl::write(&ctx.output_path("answers"), &answers)?;
         ctx.set_metrics(json!({ "questions": answers.len(), "mean_tokens": answers.iter().map(|a| a.tokens as f64).sum::<f64>() / answers.len().max(1) as f64 }));
         Ok(())
+    }
+
+    fn summary(&self, outputs: &std::collections::BTreeMap<String, std::path::PathBuf>) -> Option<String> {
+        let rows = jsonl::read::<Answer>(outputs.get("answers")?).ok()?;
+        let shown: Vec<String> =
+            rows.iter().take(3).map(|(_, a)| format!("Q: {}\nA: {}", a.question.trim(), a.completion.trim())).collect();
+        let more = rows.len().saturating_sub(3);
+        Some(
+            shown.join("\n\n")
+                + &if more > 0 { format!("\n(and {more} more in the answers artifact)") } else { String::new() },
+        )
     }
 }

@@ -71,6 +71,12 @@ const OUTPUTS: &[OutputSpec] = &[
         is_dir: false,
         description: "per-step loss, learning rate, grad norm",
     },
+    OutputSpec {
+        name: "plots",
+        file_name: "plots",
+        is_dir: true,
+        description: "SVG curves of the log and an index.html",
+    },
 ];
 
 impl StageKind for Sft {

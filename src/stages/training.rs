@@ -166,6 +166,11 @@ pub fn run<A: Algorithm>(
     let summary = trainer::train(&mut loaded.model, algo, hp, &StageHost(ctx))?;
     crate::model::load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
     std::fs::copy(trainer::log_path(&StageHost(ctx)), ctx.output_path("log"))?;
+    crate::train::plots::render(
+        &ctx.output_path("log"),
+        &ctx.output_path("plots"),
+        &format!("{} ({})", ctx.stage, ctx.kind),
+    )?;
     let mut metrics = serde_json::to_value(&summary)?;
     if let (Some(m), Value::Object(e)) = (metrics.as_object_mut(), extra) {
         m.extend(e);

@@ -6,5 +6,6 @@ pub mod checkpoint;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod optim;
+pub mod plots;
 pub mod sft;
 pub mod trainer;
