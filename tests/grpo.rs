@@ -114,6 +114,14 @@ fn a_killed_grpo_run_resumes_to_bitwise_identical_weights() {
     assert!(at < 24, "finished before it could be killed");
     let r = p.run(&["run", "pipe.yaml"]).ok();
     assert!(r.decision("grpo").starts_with("resume from step"), "{}", r.stdout);
+    // Only the remaining steps ran: a restart from step 0 would report resumed_from_step 0.
+    let m: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(p.run(&["show", "grpo.metrics"]).ok().stdout.trim()).unwrap())
+            .unwrap();
+    let resumed = m["resumed_from_step"].as_u64().unwrap();
+    assert!(resumed >= at, "resumed at {resumed}, a checkpoint at {at} existed");
+    assert_eq!(m["steps_run"].as_u64().unwrap(), 24 - resumed);
+    assert!(r.stderr.contains(&format!("grpo: resumed at step {resumed} of 24")), "{}", r.stderr);
     let resumed = fs::read(format!("{}/model.safetensors", p.run(&["show", "grpo.model"]).ok().stdout.trim())).unwrap();
     assert!(resumed == reference, "resumed weights differ from the uninterrupted run's");
     let log = log_of(&p);

@@ -254,6 +254,13 @@ fn an_interrupted_evaluation_keeps_its_samples_and_ends_as_an_uninterrupted_one(
     assert!(done_before < 240, "the evaluation finished before it could be interrupted");
     let r = p.run(&["run", "pipe.yaml", "--until", "evaluate"]).ok();
     assert!(r.decision("evaluate").starts_with("run"), "{}", r.stdout);
+    // The finished samples were reused, not recomputed.
+    let kept: usize = r
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("evaluate: base: kept ")?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no samples kept:\n{}", r.stderr));
+    assert!(kept >= done_before, "kept {kept}, {done_before} were on disk");
     let resumed =
         fs::read_to_string(p.run(&["show", "evaluate.samples", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
     let indices: Vec<(String, u64)> = resumed

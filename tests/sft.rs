@@ -126,6 +126,15 @@ fn packed_sequences_give_the_logits_they_have_alone() {
 }
 
 #[test]
+fn packed_rows_restart_positions_and_segments_per_example() {
+    let b = Batch::packed(&[vec![vec![1, 2, 3], vec![4, 5]], vec![vec![6]]], 0, &Device::Cpu).unwrap();
+    let pos: Vec<Vec<u32>> = b.positions.to_vec2().unwrap();
+    assert_eq!(pos, vec![vec![0, 1, 2, 0, 1], vec![0, 0, 0, 0, 0]]);
+    assert_eq!(b.segments.as_ref().unwrap()[0], vec![0, 0, 0, 1, 1]);
+    assert_eq!(b.valid[1], vec![true, false, false, false, false]);
+}
+
+#[test]
 fn a_killed_sft_run_resumes_to_bitwise_identical_weights() {
     let whole = project();
     whole.write("pipe.yaml", &PIPE.replace("STEPS", "40").replace("PACKING", ""));
@@ -142,6 +151,13 @@ fn a_killed_sft_run_resumes_to_bitwise_identical_weights() {
     assert!(at < 40, "finished before it could be killed");
     let r = p.run(&["run", "pipe.yaml"]).ok();
     assert!(r.decision("sft").starts_with("resume from step"), "{}", r.stdout);
+    // Only the remaining steps ran: a restart from step 0 would report resumed_from_step 0.
+    let m: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(p.run(&["show", "sft.metrics"]).ok().stdout.trim()).unwrap()).unwrap();
+    let resumed = m["resumed_from_step"].as_u64().unwrap();
+    assert!(resumed >= at, "resumed at {resumed}, a checkpoint at {at} existed");
+    assert_eq!(m["steps_run"].as_u64().unwrap(), 40 - resumed);
+    assert!(r.stderr.contains(&format!("sft: resumed at step {resumed} of 40")), "{}", r.stderr);
     let resumed = fs::read(format!("{}/model.safetensors", p.run(&["show", "sft.model"]).ok().stdout.trim())).unwrap();
     assert!(resumed == reference, "resumed weights differ from the uninterrupted run's");
     let steps: Vec<u64> = log_of(&p).iter().map(|l| l["step"].as_u64().unwrap()).collect();

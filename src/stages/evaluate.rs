@@ -173,6 +173,9 @@ impl StageKind for Evaluate {
                 Vec::new()
             };
             let seen: BTreeSet<usize> = done.iter().map(|s| s.index).collect();
+            if !seen.is_empty() {
+                eprintln!("{}: {name}: kept {} finished samples of an interrupted run", ctx.stage, seen.len());
+            }
             let todo: Vec<usize> = (0..rows.len()).filter(|i| !seen.contains(i)).collect();
             if !todo.is_empty() {
                 let m = open_model(ctx, reference)?;

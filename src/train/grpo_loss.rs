@@ -164,6 +164,10 @@ mod tests {
 
     /// The per-token loss by hand: −min(r·A, clip(r)·A) + β·(e^(ref−θ) − (ref−θ) − 1).
     fn by_hand(beta: f64) -> [[f64; 3]; 2] {
+        by_hand_eps(beta, 0.2, 0.2)
+    }
+
+    fn by_hand_eps(beta: f64, lo: f64, hi: f64) -> [[f64; 3]; 2] {
         let logp = [[-1.0, -0.5, -2.0], [-0.2, -1.5, -9.0]];
         let old = [[-1.1, -0.5, -1.0], [-0.2, -1.0, -9.0]];
         let refp = [[-1.0, -0.7, -2.0], [-0.3, -1.5, -9.0]];
@@ -172,7 +176,7 @@ mod tests {
         for i in 0..2 {
             for j in 0..3 {
                 let r: f64 = f64::exp(logp[i][j] - old[i][j]);
-                let c = r.clamp(0.8, 1.2);
+                let c = r.clamp(1.0 - lo, 1.0 + hi);
                 let d: f64 = refp[i][j] - logp[i][j];
                 out[i][j] = -(r * adv[i]).min(c * adv[i]) + beta * (d.exp() - d - 1.0);
             }
@@ -210,6 +214,54 @@ mod tests {
                 let got = l.to_scalar::<f64>().unwrap();
                 assert!((got - want).abs() < 1e-12, "{lt:?} β={beta}: {got} vs {want}");
             }
+        }
+    }
+
+    #[test]
+    fn asymmetric_clipping_uses_its_own_upper_bound() {
+        // DAPO's clip-higher: ε_low 0.2, ε_high 0.05. Row 0's first ratio e^0.1 ≈ 1.105 with A > 0
+        // is clipped at 1.05 here and not at 1.2.
+        let (logp, old, refp, adv, mask) = case();
+        let mut c = cfg(LossType::Bnpo, 0.04);
+        c.epsilon_high = 0.05;
+        let t = by_hand_eps(0.04, 0.2, 0.05);
+        let want = (t[0][0] + t[0][1] + t[0][2] + t[1][0] + t[1][1]) / 5.0 / 2.0;
+        let (l, s) = loss(&logp, &old, Some(&refp), &adv, &mask, &c).unwrap();
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+        assert_ne!(by_hand_eps(0.04, 0.2, 0.05)[0][0], by_hand(0.04)[0][0], "the case exercises the upper bound");
+        assert!((s.clip_region - 2.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
+    }
+
+    #[test]
+    fn each_loss_type_has_the_gradient_of_its_value() {
+        // Central finite differences in f64 on every log-probability, β > 0, old ≠ θ (μ > 1).
+        let (logp, old, refp, adv, mask) = case();
+        for lt in [LossType::Grpo, LossType::Bnpo, LossType::Dapo, LossType::DrGrpo] {
+            let c = cfg(lt, 0.04);
+            let x = candle_core::Var::from_tensor(&logp).unwrap();
+            let (l, _) = loss(x.as_tensor(), &old, Some(&refp), &adv, &mask, &c).unwrap();
+            let g: Vec<Vec<f64>> = l.backward().unwrap().get(x.as_tensor()).unwrap().to_vec2().unwrap();
+            let base: Vec<Vec<f64>> = logp.to_vec2().unwrap();
+            let value = |v: &Vec<Vec<f64>>| {
+                let t = Tensor::new(v.clone(), &Device::Cpu).unwrap();
+                loss(&t, &old, Some(&refp), &adv, &mask, &c).unwrap().0.to_scalar::<f64>().unwrap()
+            };
+            for i in 0..2 {
+                for j in 0..3 {
+                    let h = 1e-6;
+                    let (mut up, mut down) = (base.clone(), base.clone());
+                    up[i][j] += h;
+                    down[i][j] -= h;
+                    let fd = (value(&up) - value(&down)) / (2.0 * h);
+                    assert!(
+                        (fd - g[i][j]).abs() < 1e-6,
+                        "{lt:?} [{i}][{j}]: backward {} vs finite difference {fd}",
+                        g[i][j]
+                    );
+                }
+            }
+            // Masked tokens get no gradient.
+            assert_eq!(g[1][2], 0.0, "{lt:?}");
         }
     }
 
