@@ -126,6 +126,31 @@ fn packed_sequences_give_the_logits_they_have_alone() {
 }
 
 #[test]
+fn a_diverging_run_stops_with_the_step_and_a_hint_and_keeps_its_last_good_checkpoint() {
+    let p = project();
+    // A learning rate no model survives: the weights overflow within a few steps.
+    p.write(
+        "pipe.yaml",
+        &PIPE
+            .replace("STEPS", "30")
+            .replace("PACKING", "")
+            .replace("learning_rate: 0.01", "learning_rate: 1.0e30\n      max_grad_norm: 0.0"),
+    );
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let msg =
+        r.stderr.lines().find(|l| l.contains("sft: failed")).unwrap_or_else(|| panic!("{}", r.stderr)).to_string();
+    assert!(
+        msg.contains("lower learning_rate") && (msg.contains("the loss is") || msg.contains("gradient norm is")),
+        "{msg}"
+    );
+    let step: u64 = msg.split("step ").nth(1).and_then(|x| x.split(':').next()).and_then(|x| x.parse().ok()).unwrap();
+    let kept = p.checkpoint_step().unwrap_or(0);
+    assert!(kept < step, "checkpoint {kept} is not before the failing step {step}");
+    assert!(msg.contains(&format!("last good checkpoint is at step {kept}")), "{msg}");
+}
+
+#[test]
 fn packed_rows_restart_positions_and_segments_per_example() {
     let b = Batch::packed(&[vec![vec![1, 2, 3], vec![4, 5]], vec![vec![6]]], 0, &Device::Cpu).unwrap();
     let pos: Vec<Vec<u32>> = b.positions.to_vec2().unwrap();

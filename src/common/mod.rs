@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod checkpoints;
 pub mod diagnostic;
+pub mod fault;
 pub mod fsutil;
 pub mod memory;
 pub mod params;

@@ -61,9 +61,22 @@ pub fn compute_dtype(spec: &str, device: &Device) -> Result<DType> {
     })
 }
 
+/// The device for a person: the CPU's threads, or the GPU's name, memory and
+/// compute capability (what `device: auto` chose, printed by every model stage).
 pub fn describe(device: &Device) -> String {
     match device {
         Device::Cpu => format!("cpu ({} threads)", candle_core::utils::get_num_threads()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let stream = d.cuda_stream();
+            let ctx = stream.context();
+            let name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+            let mem =
+                ctx.total_mem().map(|b| format!(", {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+            let cc = ctx.compute_capability().map(|(a, b)| format!(", compute capability {a}.{b}")).unwrap_or_default();
+            format!("cuda:{} ({name}{mem}{cc})", ctx.ordinal())
+        }
+        #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => "cuda".into(),
         Device::Metal(_) => "metal".into(),
     }

@@ -445,7 +445,11 @@ impl<'a> Runner<'a> {
                 );
             }
             outputs.insert(spec.name.to_string(), self.cache.commit_output(&db, &p, spec.file_name)?);
+            crate::common::fault::point("between-outputs");
         }
+        // The outputs are in objects/, the record not yet written: a kill here must leave
+        // a cache the next run trusts (it reruns the stage and finds the objects there).
+        crate::common::fault::point("before-record");
         let record = StageRecord {
             fingerprint: fingerprint.to_string(),
             pipeline: self.pipeline.name.clone(),

@@ -152,7 +152,9 @@ impl Cache {
             }
         }
         db.open_tree(RECORDS)?.insert(rec.fingerprint.as_bytes(), serde_json::to_vec(rec)?)?;
+        crate::common::fault::point("mid-record");
         db.open_tree(LATEST)?.insert(latest_key(&rec.pipeline, &rec.stage), rec.fingerprint.as_bytes())?;
+        crate::common::fault::point("before-flush");
         db.flush()?;
         Ok(())
     }
