@@ -180,6 +180,38 @@ fn a_second_writer_fails_at_once_naming_the_holder_and_wait_queues() {
 }
 
 #[test]
+fn two_runs_started_at_the_same_instant_on_one_cache_one_runs_the_other_says_who_holds_it() {
+    let p = Project::new();
+    p.write("pipe.yaml", &SLOW.replace("steps: 40, step_ms: 100", "steps: 10, step_ms: 100"));
+    let (a, b) = (p.spawn(&["run", "pipe.yaml"]), p.spawn(&["run", "pipe.yaml"]));
+    let (a, b) = (common::Run::from(a.wait_with_output().unwrap()), common::Run::from(b.wait_with_output().unwrap()));
+    let mut codes = [a.code, b.code];
+    codes.sort();
+    assert_eq!(codes, [0, 1], "a:\n{}{}\nb:\n{}{}", a.stdout, a.stderr, b.stdout, b.stderr);
+    let loser = if a.code == 1 { &a } else { &b };
+    assert!(loser.stderr.contains("is in use by pid"), "{}", loser.stderr);
+}
+
+#[test]
+fn status_while_a_run_starts_and_goes_never_makes_it_fail() {
+    for _ in 0..3 {
+        let p = Project::new();
+        p.write("pipe.yaml", &SLOW.replace("steps: 40, step_ms: 100", "steps: 6, step_ms: 50"));
+        // Peek with status at the instant the run starts, and all through it.
+        let run = p.spawn(&["run", "pipe.yaml"]);
+        let peeks: Vec<_> = (0..4).map(|_| p.spawn(&["status", "pipe.yaml"])).collect();
+        for peek in peeks {
+            assert!(peek.wait_with_output().unwrap().status.success());
+        }
+        for _ in 0..10 {
+            p.run(&["status", "pipe.yaml"]).ok();
+        }
+        let out = common::Run::from(run.wait_with_output().unwrap());
+        assert_eq!(out.code, 0, "{}\n{}", out.stdout, out.stderr);
+    }
+}
+
+#[test]
 fn a_failing_stage_stops_the_run_and_records_nothing() {
     let p = Project::new();
     p.write(

@@ -151,6 +151,34 @@ fn a_diverging_run_stops_with_the_step_and_a_hint_and_keeps_its_last_good_checkp
 }
 
 #[test]
+fn a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before() {
+    let whole = project();
+    whole.write("pipe.yaml", &PIPE.replace("STEPS", "30").replace("PACKING", ""));
+    whole.run(&["run", "pipe.yaml"]).ok();
+    let reference =
+        fs::read(format!("{}/model.safetensors", whole.run(&["show", "sft.model"]).ok().stdout.trim())).unwrap();
+
+    let p = project();
+    p.write("pipe.yaml", &PIPE.replace("STEPS", "30").replace("PACKING", ""));
+    let mut child = p.spawn(&["run", "pipe.yaml"]);
+    p.wait_for_checkpoint(4, Duration::from_secs(120));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Truncate the newest checkpoint's weights, as a full disk or a crash of the storage would.
+    let work = fs::read_dir(p.cache().join("work")).unwrap().flatten().next().unwrap().path();
+    let mut cps: Vec<_> = fs::read_dir(work.join("checkpoints")).unwrap().flatten().map(|e| e.path()).collect();
+    cps.sort();
+    let newest = cps.last().unwrap().clone();
+    let weights = newest.join("model.safetensors");
+    let len = fs::metadata(&weights).unwrap().len();
+    fs::OpenOptions::new().write(true).open(&weights).unwrap().set_len(len / 2).unwrap();
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stderr.contains(&format!("checkpoint {} is damaged", newest.display())), "{}", r.stderr);
+    let resumed = fs::read(format!("{}/model.safetensors", p.run(&["show", "sft.model"]).ok().stdout.trim())).unwrap();
+    assert!(resumed == reference, "resuming from the checkpoint before the damaged one changed the result");
+}
+
+#[test]
 fn packed_rows_restart_positions_and_segments_per_example() {
     let b = Batch::packed(&[vec![vec![1, 2, 3], vec![4, 5]], vec![vec![6]]], 0, &Device::Cpu).unwrap();
     let pos: Vec<Vec<u32>> = b.positions.to_vec2().unwrap();

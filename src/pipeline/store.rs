@@ -252,7 +252,18 @@ impl Cache {
         fs::create_dir_all(&self.root).with_context(|| format!("creating cache {}", self.root.display()))?;
         let path = self.root.join("LOCK");
         let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
-        match file.try_lock() {
+        // `status` peeks at the lock (try-lock, released at once): a run that starts at
+        // that instant waits out the peek instead of failing.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut attempt = file.try_lock();
+        while matches!(attempt, Err(fs::TryLockError::WouldBlock))
+            && Instant::now() < deadline
+            && !holder_running(&path)
+        {
+            std::thread::sleep(Duration::from_millis(25));
+            attempt = file.try_lock();
+        }
+        match attempt {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 let holder = holder_description(&path);
@@ -303,6 +314,15 @@ impl Cache {
 /// Held while a run writes to the cache; released when dropped (or when the process dies).
 pub struct CacheLock {
     _file: fs::File,
+}
+
+/// Whether the lock file names a live writer other than us (a run holds the lock
+/// for its whole length and writes its pid; a `status` peek writes nothing).
+fn holder_running(lock_path: &Path) -> bool {
+    let text = fs::read_to_string(lock_path).unwrap_or_default();
+    let pid: Option<i32> = text.lines().find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok());
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    pid.is_some_and(|p| p as u32 != std::process::id() && unsafe { libc::kill(p, 0) } == 0)
 }
 
 fn holder_description(lock_path: &Path) -> String {

@@ -25,21 +25,60 @@ pub fn save<S: Serialize>(cps: &Checkpoints, step: u64, keep: usize, opt: &AdamW
     Ok(())
 }
 
-/// Restore the newest checkpoint into the optimizer's parameters and moments;
-/// returns the loop state, or `None` when there is no checkpoint.
+/// Restore the newest readable checkpoint into the optimizer's parameters and
+/// moments; returns its loop state, or `None` when there is none. A damaged
+/// checkpoint (truncated, corrupted, incomplete) is reported by name and the
+/// previous one tried; nothing is applied from a checkpoint until all of it
+/// has been read and checked, so a damaged one leaves the model untouched.
 pub fn restore<S: DeserializeOwned>(
     cps: &Checkpoints,
     opt: &mut AdamW,
     device: &candle_core::Device,
 ) -> Result<Option<(u64, S)>> {
-    let Some((step, dir)) = cps.latest() else { return Ok(None) };
-    let saved = candle_core::safetensors::load(dir.join("model.safetensors"), device)?;
-    for (name, var) in opt.params() {
-        var.set(saved.get(name).with_context(|| format!("checkpoint {} lacks {name}", dir.display()))?)?;
+    for (step, dir) in cps.list().into_iter().rev() {
+        match read::<S>(&dir, opt, device) {
+            Ok((weights, moments, state)) => {
+                for ((_, var), w) in opt.params().iter().zip(weights) {
+                    var.set(&w)?;
+                }
+                opt.apply(moments);
+                return Ok(Some((step, state)));
+            }
+            Err(e) => {
+                eprintln!("checkpoint {} is damaged ({e:#}); trying the one before it", dir.display());
+                tracing::warn!(checkpoint = %dir.display(), error = %format!("{e:#}"), "damaged checkpoint skipped");
+            }
+        }
     }
-    opt.load(&dir, device)?;
-    let state = serde_json::from_str(&fs::read_to_string(dir.join("state.json"))?)?;
-    Ok(Some((step, state)))
+    if !cps.list().is_empty() {
+        eprintln!("no checkpoint could be read: starting over from step 0");
+    }
+    Ok(None)
+}
+
+/// Everything a checkpoint holds, read and checked against the parameters.
+fn read<S: DeserializeOwned>(
+    dir: &Path,
+    opt: &AdamW,
+    device: &candle_core::Device,
+) -> Result<(Vec<Tensor>, super::optim::SavedMoments, S)> {
+    let path = dir.join("model.safetensors");
+    let saved = candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
+    let mut weights = Vec::new();
+    for (name, var) in opt.params() {
+        let w = saved.get(name).with_context(|| format!("{} lacks {name}", path.display()))?;
+        if w.shape() != var.shape() {
+            anyhow::bail!("{}: {name} has shape {:?}, the model {:?}", path.display(), w.dims(), var.dims());
+        }
+        weights.push(w.clone());
+    }
+    let moments = opt.read(dir, device)?;
+    let state_path = dir.join("state.json");
+    let state = serde_json::from_str(
+        &fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{} is not valid", state_path.display()))?;
+    Ok((weights, moments, state))
 }
 
 /// Drop log lines of steps after `step` (they are redone after a resume).

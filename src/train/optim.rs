@@ -79,17 +79,39 @@ impl AdamW {
         Ok(())
     }
 
-    pub fn load(&mut self, dir: &Path, device: &Device) -> Result<()> {
-        let t = candle_core::safetensors::load(dir.join("optimizer.safetensors"), device)?;
-        for (i, (name, _)) in self.params.iter().enumerate() {
-            self.m[i] = t.get(&format!("m.{name}")).with_context(|| format!("checkpoint lacks m.{name}"))?.clone();
-            self.v[i] = t.get(&format!("v.{name}")).with_context(|| format!("checkpoint lacks v.{name}"))?.clone();
+    /// The moments and step of a checkpoint, read and checked whole before any is applied.
+    pub fn read(&self, dir: &Path, device: &Device) -> Result<SavedMoments> {
+        let path = dir.join("optimizer.safetensors");
+        let t = candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
+        let mut m = Vec::with_capacity(self.params.len());
+        let mut v = Vec::with_capacity(self.params.len());
+        for (name, p) in &self.params {
+            for (out, key) in [(&mut m, format!("m.{name}")), (&mut v, format!("v.{name}"))] {
+                let x = t.get(&key).with_context(|| format!("{} lacks {key}", path.display()))?;
+                if x.shape() != p.shape() {
+                    anyhow::bail!("{}: {key} has shape {:?}, the parameter {:?}", path.display(), x.dims(), p.dims());
+                }
+                out.push(x.clone());
+            }
         }
-        let (step, _cfg): (u64, AdamWConfig) =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("optimizer.json"))?)?;
-        self.step = step;
-        Ok(())
+        let json = dir.join("optimizer.json");
+        let (step, _cfg): (u64, AdamWConfig) = serde_json::from_str(
+            &std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?,
+        )
+        .with_context(|| format!("{} is not valid", json.display()))?;
+        Ok(SavedMoments { m, v, step })
     }
+
+    pub fn apply(&mut self, saved: SavedMoments) {
+        (self.m, self.v, self.step) = (saved.m, saved.v, saved.step);
+    }
+}
+
+/// An optimizer's state as read from a checkpoint (see [`AdamW::read`]).
+pub struct SavedMoments {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    step: u64,
 }
 
 /// The AdamW update from candle ops (any device): sets `p`, returns the new moments.
