@@ -8,6 +8,9 @@ fn main() {
     // SAFETY: setting a signal disposition to its default at startup, before any threads exist.
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // A file-size limit (ulimit -f) then fails the write with an error we report,
+        // as a full disk does, instead of killing the process mid-write.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     r1pipe::common::memory::tune_allocator();
     std::process::exit(cli::main());

@@ -95,6 +95,9 @@ pub enum Command {
         /// Say what would be removed, remove nothing
         #[arg(long)]
         dry_run: bool,
+        /// Rebuild a damaged index from the record copies in cache/records
+        #[arg(long)]
+        repair: bool,
     },
     /// Ask a model a question; the answer streams as it is generated
     Infer {
@@ -328,7 +331,8 @@ pub fn main() -> i32 {
             completions.as_deref().expect("clap requires the completions file"),
             json,
         ),
-        Command::Gc { keep, cache, include_unfinished, dry_run } => {
+        Command::Gc { repair: true, cache, .. } => pipeline_cmds::repair(cache),
+        Command::Gc { keep, cache, include_unfinished, dry_run, .. } => {
             pipeline_cmds::gc(&keep, cache, include_unfinished, dry_run)
         }
     };

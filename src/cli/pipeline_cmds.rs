@@ -260,3 +260,17 @@ pub fn plot(stage: &str, file: &Path, out: Option<PathBuf>, open: bool, cache: O
     }
     Ok(0)
 }
+
+/// `gc --repair`: rebuild a damaged index from the record copies, holding the lock.
+pub fn repair(cache: Option<PathBuf>) -> Result<i32> {
+    let root =
+        cache.unwrap_or_else(|| Project::of_dir(&std::env::current_dir().unwrap_or_default()).root.join("cache"));
+    let cache = Cache::new(&root);
+    let _lock = cache.lock(false)?;
+    let (restored, skipped) = cache.repair()?;
+    println!(
+        "rebuilt the index of {}: {restored} record(s) restored, {skipped} skipped (artifacts missing; those stages rerun)",
+        root.display()
+    );
+    Ok(0)
+}

@@ -155,7 +155,8 @@ impl EvalMetrics {
         };
         let mut headers = vec!["metric".to_string()];
         headers.extend(self.models.keys().cloned());
-        let rows: [(&str, &dyn Fn(&ModelMetrics) -> String); 7] = [
+        type Cell<'a> = &'a dyn Fn(&ModelMetrics) -> String;
+        let rows: [(&str, Cell); 7] = [
             ("accuracy, strict (95% CI)", &|m| with_ci(Some(m.accuracy_strict), m.accuracy_strict_ci95)),
             ("accuracy, flexible (95% CI)", &|m| with_ci(m.accuracy_flexible, m.accuracy_flexible_ci95)),
             ("strict format", &|m| pct(m.strict_format)),
@@ -168,7 +169,7 @@ impl EvalMetrics {
             .iter()
             .map(|(label, cell)| {
                 let mut r = vec![label.to_string()];
-                r.extend(self.models.values().map(|m| cell(m)));
+                r.extend(self.models.values().map(cell));
                 r
             })
             .collect();

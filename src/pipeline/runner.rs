@@ -333,6 +333,12 @@ impl<'a> Runner<'a> {
                         }
                         Err(e) => {
                             eprintln!("{tag}: failed: {e:#}");
+                            if out_of_space(&e) {
+                                eprintln!(
+                                    "  hint: no space left to write (the disk, or a file-size limit, is full): free some \
+                                     and run again; the last checkpoint and the cache are intact"
+                                );
+                            }
                             tracing::error!(target: "r1pipe::runlog", stage = %name, error = %format!("{e:#}"), "stage failed");
                             return Ok(RunOutcome::Failed);
                         }
@@ -473,6 +479,18 @@ fn tempfile_dir() -> Result<PathBuf> {
     let p = std::env::temp_dir().join(format!("r1pipe-dry-run-{}", std::process::id()));
     fs::create_dir_all(&p)?;
     Ok(p)
+}
+
+/// Whether an error comes from a full disk (ENOSPC) or a file-size limit (EFBIG),
+/// whichever library's error wraps the I/O error (some forward only its message).
+fn out_of_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        let kind = c.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+        matches!(kind, Some(std::io::ErrorKind::StorageFull | std::io::ErrorKind::FileTooLarge)) || {
+            let text = c.to_string();
+            text.contains("(os error 28)") || text.contains("(os error 27)")
+        }
+    })
 }
 
 pub fn human_duration(s: f64) -> String {

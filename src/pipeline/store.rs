@@ -103,9 +103,62 @@ impl Cache {
                 Err(sled::Error::Io(e)) if Instant::now() < deadline && e.to_string().contains("lock") => {
                     std::thread::sleep(Duration::from_millis(50));
                 }
+                Err(
+                    e @ (sled::Error::Corruption { .. } | sled::Error::Unsupported(_) | sled::Error::ReportableBug(_)),
+                ) => {
+                    anyhow::bail!(
+                        "the cache index {} is damaged ({e})\n  hint: `r1pipe gc --repair --cache {}` rebuilds it from the \
+                         record copies in {} (finished stages stay cached)",
+                        path.display(),
+                        self.root.display(),
+                        self.record_copies_dir().display()
+                    )
+                }
                 Err(e) => return Err(e).with_context(|| format!("opening the cache index {}", path.display())),
             }
         }
+    }
+
+    /// Where each record is also kept as a JSON file, the index's backup.
+    pub fn record_copies_dir(&self) -> PathBuf {
+        self.root.join("records")
+    }
+
+    /// Rebuild the index from the record copies: the damaged index is moved
+    /// aside (`index.damaged-<time>`), and every record whose artifacts are all
+    /// present is put back, the newest of each stage made its latest. Returns
+    /// (records restored, records skipped for missing artifacts).
+    pub fn repair(&self) -> Result<(usize, usize)> {
+        let index = self.root.join("index");
+        if index.exists() {
+            let aside = self.root.join(format!("index.damaged-{}", Utc::now().format("%Y%m%dT%H%M%S")));
+            fs::rename(&index, &aside).with_context(|| format!("moving {} aside", index.display()))?;
+            eprintln!("moved the old index to {}", aside.display());
+        }
+        let db = self.db()?;
+        let mut records: Vec<StageRecord> = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.record_copies_dir()) {
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "json") {
+                    match fs::read(&p).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice(&b)?)) {
+                        Ok(r) => records.push(r),
+                        Err(err) => eprintln!("skipping {}: {err:#}", p.display()),
+                    }
+                }
+            }
+        }
+        records.sort_by_key(|r| r.finished_at);
+        let (mut restored, mut skipped) = (0, 0);
+        for r in records {
+            if self.outputs_present(&r) {
+                self.put_record(&db, &r)?;
+                restored += 1;
+            } else {
+                skipped += 1;
+            }
+        }
+        Ok((restored, skipped))
     }
 
     pub fn record(&self, db: &sled::Db, fingerprint: &str) -> Result<Option<StageRecord>> {
@@ -151,6 +204,15 @@ impl Cache {
                 bail!("refusing to record stage `{}`: output {} is not in the cache", rec.stage, o.hash);
             }
         }
+        // A copy outside the index first (written whole, then renamed in): what
+        // `gc --repair` rebuilds a damaged index from.
+        let copies = self.record_copies_dir();
+        fs::create_dir_all(&copies)?;
+        let copy = copies.join(format!("{}.json", rec.fingerprint));
+        let tmp = copies.join(format!(".tmp-{}-{}", rec.fingerprint, std::process::id()));
+        fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
+        fs::File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, &copy)?;
         db.open_tree(RECORDS)?.insert(rec.fingerprint.as_bytes(), serde_json::to_vec(rec)?)?;
         crate::common::fault::point("mid-record");
         db.open_tree(LATEST)?.insert(latest_key(&rec.pipeline, &rec.stage), rec.fingerprint.as_bytes())?;
@@ -160,6 +222,7 @@ impl Cache {
     }
 
     pub fn remove_record(&self, db: &sled::Db, fingerprint: &str) -> Result<()> {
+        let _ = fs::remove_file(self.record_copies_dir().join(format!("{fingerprint}.json")));
         db.open_tree(RECORDS)?.remove(fingerprint.as_bytes())?;
         db.flush()?;
         Ok(())
