@@ -97,7 +97,7 @@ fn kill_9_mid_stage_leaves_a_cache_the_next_run_resumes_and_completes() {
     let p = Project::new();
     p.write("pipe.yaml", SLOW);
     let mut child = p.spawn(&["run", "pipe.yaml"]);
-    let at = p.wait_for_checkpoint(5, Duration::from_secs(60));
+    let at = p.wait_for_stage_checkpoint("long", 5, Duration::from_secs(60));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
@@ -148,7 +148,7 @@ fn ctrl_c_checkpoints_and_exits_cleanly_then_resumes() {
     let p = Project::new();
     p.write("pipe.yaml", SLOW);
     let child = p.spawn(&["run", "pipe.yaml"]);
-    p.wait_for_checkpoint(3, Duration::from_secs(60));
+    p.wait_for_stage_checkpoint("long", 3, Duration::from_secs(60));
     let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let out = common::Run::from(child.wait_with_output().unwrap());
@@ -164,7 +164,8 @@ fn a_second_writer_fails_at_once_naming_the_holder_and_wait_queues() {
     let p = Project::new();
     p.write("pipe.yaml", SLOW);
     let mut holder = p.spawn(&["run", "pipe.yaml"]);
-    p.wait_for_checkpoint(1, Duration::from_secs(60));
+    // `long` itself must have started (not only `first`) for status to show it running.
+    p.wait_for_stage_checkpoint("long", 1, Duration::from_secs(60));
     let r = p.run(&["run", "pipe.yaml"]);
     assert_eq!(r.code, 1);
     assert!(r.stderr.contains(&format!("is in use by pid {}", holder.id())), "{}", r.stderr);

@@ -64,6 +64,40 @@ impl Project {
         best
     }
 
+    /// The newest checkpoint step of the unfinished stage `stage` (found by its work folder's stage.json).
+    pub fn stage_checkpoint_step(&self, stage: &str) -> Option<u64> {
+        let work = self.cache().join("work");
+        let mut best = None;
+        for e in fs::read_dir(work).ok()?.flatten() {
+            let meta: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(e.path().join("stage.json")).unwrap_or_default())
+                    .unwrap_or_default();
+            if meta["stage"] != stage {
+                continue;
+            }
+            for c in fs::read_dir(e.path().join("checkpoints")).into_iter().flatten().flatten() {
+                if let Some(s) =
+                    c.file_name().to_string_lossy().strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+                {
+                    best = best.max(Some(s));
+                }
+            }
+        }
+        best
+    }
+
+    /// Wait until `stage` itself has a checkpoint of at least `at_least` (not any stage's).
+    pub fn wait_for_stage_checkpoint(&self, stage: &str, at_least: u64, timeout: Duration) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.stage_checkpoint_step(stage).filter(|&s| s >= at_least) {
+                return s;
+            }
+            assert!(t0.elapsed() < timeout, "no checkpoint ≥ {at_least} of `{stage}` within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn wait_for_checkpoint(&self, at_least: u64, timeout: Duration) -> u64 {
         let t0 = Instant::now();
         loop {
