@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde_json::Value;
 
+use r1pipe::common::table::render_table;
 use r1pipe::eval::metrics::EvalMetrics;
 use r1pipe::pipeline::runner::{Decision, Runner};
 use r1pipe::pipeline::spec;
-use r1pipe::pipeline::status::render_table;
 use r1pipe::pipeline::store::StageRecord;
 
 /// What the current metrics are compared with.

@@ -9,11 +9,12 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+use r1pipe::common::table::render_table;
 use r1pipe::common::CancelToken;
 use r1pipe::pipeline::kind::Project;
 use r1pipe::pipeline::runner::{Decision, RunOptions, RunOutcome, Runner};
 use r1pipe::pipeline::spec::{self, Pipeline};
-use r1pipe::pipeline::status::{render_table, status as stage_status};
+use r1pipe::pipeline::status::status as stage_status;
 use r1pipe::pipeline::store::Cache;
 use r1pipe::pipeline::{gc as gc_mod, Registry};
 

@@ -6,8 +6,8 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::json;
 
+use r1pipe::common::table::render_table;
 use r1pipe::data::jsonl;
-use r1pipe::pipeline::status::render_table;
 use r1pipe::rewards::{RewardSet, Sample, CATALOG};
 
 #[derive(Deserialize)]

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::stats::{mcnemar_exact, wilson95};
+use crate::common::table::render_table;
 
 /// The metrics file's version: 1 had one `accuracy` (strict) and no intervals.
 pub const VERSION: u32 = 2;
@@ -223,35 +224,6 @@ fn compare(a: &str, b: &str, metric: &str, va: &[Verdict], vb: &[Verdict], pick:
         p_value,
         significant: p_value < ALPHA,
     }
-}
-
-/// A plain aligned table (the runner's `status` uses the same shape).
-fn render_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: &[String]| {
-        cells
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-            .trim_end()
-            .to_string()
-    };
-    let mut out = line(&headers.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-    out.push('\n');
-    out.push_str(&line(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>()));
-    out.push('\n');
-    for r in rows {
-        out.push_str(&line(r));
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

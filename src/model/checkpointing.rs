@@ -11,33 +11,27 @@ use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp3, L
 use super::grads::GradSink;
 use super::layers::{DecoderLayer, LayerInputs, Pass};
 
-/// `layer(x)` whose backward recomputes the layer. `x_tracked`: whether the
-/// input needs a gradient (false for the first layer when the embedding is frozen).
+/// `layer(x)` whose backward recomputes the layer. `vars`: the layer's
+/// trainable variables; `x_tracked`: whether the input needs a gradient (false
+/// for the first layer when the embedding is frozen).
 pub fn checkpointed(
     layer: &DecoderLayer,
+    vars: Vec<Var>,
     x: &Tensor,
     inputs: &LayerInputs,
     pass: Pass,
     sink: &GradSink,
     x_tracked: bool,
 ) -> Result<Tensor> {
-    let vars = layer.trainable_vars();
     let out = layer.forward(&x.detach(), inputs, Pass { grad: false, ..pass }, None)?.contiguous()?;
     // The op's third argument anchors it to the layer's trainable variables, so that the
     // backward reaches it even when the input itself needs no gradient (LoRA, layer 0).
-    let Some(anchor) = vars.first() else {
+    let Some(anchor) = vars.first().map(|v| v.as_tensor().clone()) else {
         return Ok(out);
     };
-    let op = Recompute {
-        layer: layer.clone(),
-        inputs: inputs.clone(),
-        pass,
-        sink: sink.clone(),
-        vars: vars.clone(),
-        x_tracked,
-    };
+    let op = Recompute { layer: layer.clone(), inputs: inputs.clone(), pass, sink: sink.clone(), vars, x_tracked };
     let x = if x_tracked { x.clone() } else { x.detach() };
-    x.apply_op3(&out, anchor.as_tensor(), op)
+    x.apply_op3(&out, &anchor, op)
 }
 
 struct Recompute {

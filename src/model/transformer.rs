@@ -317,8 +317,10 @@ impl Transformer {
         let mut tracked = pass.grad && self.embed.trainable();
         for layer in &self.layers {
             x = if checkpoint {
-                let out = checkpointed(layer, &x, &inputs, pass, &self.sink, tracked)?;
-                tracked |= !layer.trainable_vars().is_empty();
+                let vars = layer.trainable_vars();
+                let layer_trains = !vars.is_empty();
+                let out = checkpointed(layer, vars, &x, &inputs, pass, &self.sink, tracked)?;
+                tracked |= layer_trains;
                 out
             } else {
                 layer.forward(&x, &inputs, pass, None)?
