@@ -58,6 +58,14 @@ fn broken_data_files_are_named_with_their_line() {
     fs::write(p.root().join("data/gsm8k/train.jsonl"), bad).unwrap();
     fails(&p, "gsm8k", "non-UTF-8 line", &["train.jsonl:3"]);
 
+    // A 100 MB line: refused at the cap, without reading it all.
+    let mut long = gsm8k_rows(1).into_bytes();
+    long.extend_from_slice(b"{\"question\": \"");
+    long.resize(long.len() + (100 << 20), b'x');
+    long.extend_from_slice(b"\", \"answer\": \"#### 1\"}\n");
+    fs::write(p.root().join("data/gsm8k/train.jsonl"), long).unwrap();
+    fails(&p, "gsm8k", "100 MB line", &["train.jsonl:2", "longer than 16 MiB"]);
+
     p.write("data/gsm8k/train.jsonl", "");
     fails(&p, "sft", "empty train split", &["has no examples", "is the train split empty?"]);
 }

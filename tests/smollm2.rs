@@ -95,3 +95,24 @@ fn a_bare_gguf_takes_config_tokenizer_and_template_from_its_metadata() {
     let y = generate(&from_dir.model, &from_dir.tokenizer, &[ids], 1, &params, &mut rng, None).unwrap();
     assert_eq!(x[0].tokens, y[0].tokens);
 }
+
+#[test]
+fn a_truncated_gguf_is_an_error_naming_the_file() {
+    let dir = model_dir();
+    let bytes = std::fs::read(dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    // Cut inside the header's metadata, and inside the tensor data.
+    for cut in [64, bytes.len() / 3] {
+        let t = tempfile::tempdir().unwrap();
+        for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+            std::fs::copy(dir.join(f), t.path().join(f)).unwrap();
+        }
+        std::fs::write(t.path().join("model.gguf"), &bytes[..cut]).unwrap();
+        for r in [ModelRef::Dir(t.path().to_path_buf()), ModelRef::Gguf(t.path().join("model.gguf"))] {
+            let err = match load::load(&r, &Device::Cpu, DType::F32) {
+                Ok(_) => panic!("a GGUF cut at byte {cut} loaded"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(err.contains("model.gguf"), "cut at {cut}: the error does not name the file: {err}");
+        }
+    }
+}

@@ -1,25 +1,50 @@
 //! JSONL reading with line numbers in every error, and buffered writing.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+/// The longest line read as one record. A GSM8K row is ~1 KB and an SFT example
+/// of 1024 tokens ~5 KB; a longer line is a wrong file (a JSON array on one line,
+/// a binary file), and reading on would hold all of it in memory first.
+pub const MAX_LINE_BYTES: u64 = 16 << 20;
 
 /// Each non-empty line parsed as `T`, with its 1-based line number.
 pub fn read<T: DeserializeOwned>(path: &Path) -> Result<Vec<(usize, T)>> {
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = BufReader::new(f);
     let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: reading", path.display(), i + 1))?;
+    let mut buf = Vec::new();
+    for n in 1.. {
+        buf.clear();
+        let read = (&mut reader)
+            .take(MAX_LINE_BYTES + 1)
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("{}:{n}: reading", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if buf.len() as u64 > MAX_LINE_BYTES {
+            bail!(
+                "{}:{n}: the line is longer than {} MiB, the most one record may take; \
+                 each line should be one JSON object (is this a JSON array or a binary file?)",
+                path.display(),
+                MAX_LINE_BYTES >> 20
+            );
+        }
+        let line = std::str::from_utf8(&buf).map_err(|e| {
+            anyhow!("{}:{n}: reading: the line is not valid UTF-8 (byte {})", path.display(), e.valid_up_to())
+        })?;
         if line.trim().is_empty() {
             continue;
         }
-        let v = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not a valid JSON record", path.display(), i + 1))?;
-        out.push((i + 1, v));
+        let v =
+            serde_json::from_str(line).with_context(|| format!("{}:{n}: not a valid JSON record", path.display()))?;
+        out.push((n, v));
     }
     Ok(out)
 }

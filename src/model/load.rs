@@ -157,7 +157,10 @@ pub fn load_gguf(path: &Path, cfg: &Config) -> Result<BTreeMap<String, Tensor>> 
     let mut out = BTreeMap::new();
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
-        let t = content.tensor(&mut f, name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        let t = content
+            .tensor(&mut f, name, &Device::Cpu)
+            .and_then(|q| q.dequantize(&Device::Cpu))
+            .with_context(|| format!("{}: reading tensor `{name}` (is the file truncated?)", path.display()))?;
         // llama.cpp permutes q and k of Llama models for its rotary layout; undo it.
         let permuted = FamilyInfo::of_gguf_arch(&gguf_arch).is_some_and(|f| f.gguf_permutes_qk);
         let t = if permuted {
