@@ -2,7 +2,8 @@
 //! rewards, SFT, evaluation, inference) as one declarative pipeline on Candle.
 //!
 //! Layers (see README): `pipeline` (the runner, knows no ML) → `stages` (one
-//! file per stage kind) → the ML core: `data`, `model`, `train`, `rewards`.
+//! file per stage kind) → the ML core: `data`, `model`, `train`, `rewards`,
+//! `rollout` (sampling on an OpenAI-compatible server).
 
 pub mod bench;
 pub mod common;
@@ -12,5 +13,6 @@ pub mod hub;
 pub mod model;
 pub mod pipeline;
 pub mod rewards;
+pub mod rollout;
 pub mod stages;
 pub mod train;

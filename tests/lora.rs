@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use common::{gsm8k_rows, tiny_model, Project};
@@ -157,4 +158,48 @@ stages:
     .into_keys()
     .collect();
     assert!(names.iter().all(|n| !n.contains("lora")), "{names:?}");
+
+    // Beside it, the adapters in PEFT layout: on the base model they give the merged model's logits.
+    let adapter = PathBuf::from(p.run(&["show", "sft.adapter"]).ok().stdout.trim());
+    let merged =
+        load::load(&ModelRef::Dir(p.run(&["show", "sft.model"]).ok().stdout.trim().into()), &Device::Cpu, DType::F32)
+            .unwrap();
+    let mut base = load::load(&ModelRef::Dir(p.root().join("models/tiny-peaky")), &Device::Cpu, DType::F32).unwrap();
+    r1pipe::model::peft::load_adapter(&mut base.model, &adapter).unwrap();
+    let ids = vec![vec![1u32, 5, 9, 13, 2, 7]];
+    let b = Batch::left_padded(&ids, 0, &Device::Cpu).unwrap();
+    let k = Kernels::Fused;
+    let (x, y) = (base.model.forward(&b, k).unwrap(), merged.model.forward(&b, k).unwrap());
+    let moved = (&y - base.model.logits(&b, Pass { adapters: false, ..Pass::INFERENCE }).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let d = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-2, "training moved the logits by only {moved}: the check would see nothing");
+    assert!(d < 1e-4, "base + saved adapter vs merged model: max |Δ logit| = {d}");
+    assert!(PathBuf::from(p.run(&["show", "grpo.adapter"]).ok().stdout.trim())
+        .join("adapter_model.safetensors")
+        .exists());
+}
+
+#[test]
+fn only_lora_runs_have_an_adapter_to_refer_to() {
+    let p = Project::new();
+    tiny_model(&p.root().join("models/tiny"), 2);
+    p.write(
+        "pipe.yaml",
+        "stages:\n  sft: {kind: sft, with: {model: models/tiny, train: data/sft.jsonl}}\n  infer: {kind: infer, with: {model: \"${sft.adapter}\", questions: [hi]}}\n",
+    );
+    p.write("data/sft.jsonl", "");
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+    assert!(
+        r.stderr.contains("`sft` writes no `adapter` here") && r.stderr.contains("only LoRA runs (`lora:`)"),
+        "{}",
+        r.stderr
+    );
 }

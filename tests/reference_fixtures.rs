@@ -152,7 +152,7 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
         };
         let name = format!("{loss_type:?} ε [{}, {}] β {}", cfg.epsilon_low, cfg.epsilon_high, cfg.beta);
         let logp = Var::from_tensor(&t2(matrix("logp"))).unwrap();
-        let (l, stats) = loss(logp.as_tensor(), &old, Some(&refp), &adv, &mask, &cfg).unwrap();
+        let (l, stats) = loss(logp.as_tensor(), &old, Some(&refp), &adv, &mask, None, &cfg).unwrap();
         let got = l.to_scalar::<f64>().unwrap();
         let want = case["loss"].as_f64().unwrap();
         // Both sides in float64, same formulas in a different order: agreement to ~1e-15.
@@ -173,4 +173,64 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
             stats.clip_region
         );
     }
+}
+
+/// An adapter PEFT saved (tests/fixtures/make_peft.py: tiny Qwen2, r 4, alpha 8, all
+/// seven projections, random A and B) loads into r1pipe with PEFT's logits, and
+/// r1pipe saves it back with PEFT's tensor names, shapes, dtypes, values and config.
+#[test]
+fn peft_adapters_load_with_peft_logits_and_save_in_peft_layout() {
+    use r1pipe::model::peft;
+    let peft_dir = fixture("peft-tiny-qwen2");
+    let mut m = open(&fixture("tiny-qwen2"));
+    peft::load_adapter(&mut m, &peft_dir).unwrap();
+    let f: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(peft_dir.join("logits.json")).unwrap()).unwrap();
+    for (ids, want) in f["ids"].as_array().unwrap().iter().zip(f["logits"].as_array().unwrap()) {
+        let ids: Vec<u32> = ids.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let b = Batch::left_padded(std::slice::from_ref(&ids), 0, &Device::Cpu).unwrap();
+        let got: Vec<Vec<f32>> = m.forward(&b, Kernels::Fused).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let worst = got
+            .iter()
+            .flatten()
+            .zip(want.as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap()))
+            .map(|(g, w)| (*g as f64 - w.as_f64().unwrap()).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 1e-4, "r1pipe with PEFT's adapter vs PEFT: max |Δ logit| = {worst}");
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    peft::save_adapter(&m, "tests/fixtures/tiny-qwen2", out.path()).unwrap();
+    let theirs: BTreeMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(peft_dir.join(peft::WEIGHTS_FILE), &Device::Cpu).unwrap().into_iter().collect();
+    let ours: BTreeMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(out.path().join(peft::WEIGHTS_FILE), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>(), "tensor names");
+    for (k, t) in &theirs {
+        let o = &ours[k];
+        assert_eq!((o.dims(), o.dtype()), (t.dims(), t.dtype()), "{k}");
+        let d = (o - t).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0, "{k}: the values changed on the way through r1pipe");
+    }
+    let read = |p: &Path| -> serde_json::Value { serde_json::from_str(&fs::read_to_string(p).unwrap()).unwrap() };
+    let (oc, tc) = (read(&out.path().join(peft::CONFIG_FILE)), read(&peft_dir.join(peft::CONFIG_FILE)));
+    for k in oc.as_object().unwrap().keys() {
+        assert!(tc.get(k).is_some(), "r1pipe writes `{k}`, which PEFT does not know");
+    }
+    for k in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora"] {
+        assert_eq!(
+            oc[k].as_f64().map(|x| x.to_string()).unwrap_or(oc[k].to_string()),
+            tc[k].as_f64().map(|x| x.to_string()).unwrap_or(tc[k].to_string()),
+            "adapter_config.json `{k}`"
+        );
+    }
+    let set = |v: &serde_json::Value| {
+        let mut s: Vec<String> = serde_json::from_value(v["target_modules"].clone()).unwrap();
+        s.sort();
+        s
+    };
+    assert_eq!(set(&oc), set(&tc), "target_modules");
 }

@@ -69,6 +69,9 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// Ended by an EOS token (which `tokens` leaves out; training appends it back).
     pub eos: bool,
+    /// The sampler's log-probability of each sampled token (EOS included when
+    /// `eos`), when an inference server returned them; `None` from local generation.
+    pub sampling_logprobs: Option<Vec<f32>>,
 }
 
 /// Streams text as it is generated: (row, new text).
@@ -180,6 +183,7 @@ pub fn generate(
             text: r.text,
             finish_reason: r.finish.unwrap_or(FinishReason::Length),
             eos: r.eos,
+            sampling_logprobs: None,
         })
         .collect())
 }

@@ -80,18 +80,34 @@ pub fn open(reference: &str, base: &Path, device_spec: &str, dtype_spec: &str) -
     Ok(m)
 }
 
+/// The tokenizer and chat template of a model reference without its weights:
+/// for sampling on a server that holds them.
+pub fn open_tokenizer(reference: &str, base: &Path) -> Result<ChatTokenizer> {
+    let dir = match ModelRef::parse(reference, base)? {
+        ModelRef::Dir(d) => d,
+        ModelRef::Gguf(f) => gguf_files_dir(&f)?,
+        ModelRef::Hub { id, revision } => fetch_hub(&id, &revision)?,
+    };
+    ChatTokenizer::from_dir(&dir).with_context(|| format!("the tokenizer of `{reference}`"))
+}
+
+/// The folder with a GGUF's config and tokenizer: beside it, or made from its metadata.
+fn gguf_files_dir(f: &Path) -> Result<PathBuf> {
+    let beside = f.parent().map(Path::to_path_buf).unwrap_or_default();
+    if beside.join("config.json").exists() && beside.join("tokenizer.json").exists() {
+        Ok(beside)
+    } else {
+        // A bare GGUF: config, tokenizer and chat template come from its metadata.
+        super::gguf_meta::materialize(f)
+    }
+}
+
 /// Resolve `r` to a local folder (downloading from the hub when needed) and load it.
 pub fn load(r: &ModelRef, device: &Device, compute_dtype: DType) -> Result<LoadedModel> {
     let dir = match r {
         ModelRef::Dir(d) => d.clone(),
         ModelRef::Gguf(f) => {
-            let beside = f.parent().map(Path::to_path_buf).unwrap_or_default();
-            let dir = if beside.join("config.json").exists() && beside.join("tokenizer.json").exists() {
-                beside
-            } else {
-                // A bare GGUF: config, tokenizer and chat template come from its metadata.
-                super::gguf_meta::materialize(f)?
-            };
+            let dir = gguf_files_dir(f)?;
             let cfg = read_config(&dir)?;
             let weights = load_gguf(f, &cfg)?;
             let model = Transformer::new(cfg, weights, device, compute_dtype)?;

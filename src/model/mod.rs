@@ -18,6 +18,7 @@ pub mod layers;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod peft;
 pub mod skinny_matmul;
 pub mod token_logprobs;
 pub mod tokenizer;

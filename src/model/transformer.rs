@@ -256,6 +256,11 @@ impl Transformer {
         out
     }
 
+    /// The LoRA factors by the name of the weight they adapt (empty without LoRA).
+    pub fn lora_factors(&self) -> BTreeMap<String, LoraFactors> {
+        self.adapters().into_iter().map(|(n, (_, f))| (n, f.clone())).collect()
+    }
+
     /// What an optimizer trains: the adapters with LoRA, else every weight.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         if self.lora.is_some() {

@@ -86,6 +86,17 @@ pub trait StageKind: Send + Sync {
     fn version(&self) -> u32;
     fn description(&self) -> &'static str;
     fn outputs(&self) -> &'static [OutputSpec];
+    /// The parameters as they enter the fingerprint. Default: all of them; a kind
+    /// leaves out settings that cannot change its results (timeouts, retries).
+    fn fingerprint_params(&self, params: &Value) -> Value {
+        params.clone()
+    }
+    /// Declared outputs that a stage with these parameters does not write, each
+    /// with the reason (`adapter` without `lora:`). A reference to one is an
+    /// error at validation; the runner does not expect it.
+    fn absent_outputs(&self, _params: &Value) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
     /// Validate parameters (as resolved, with `${stage.output}` references still
     /// in place) and say what else the result depends on.
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>>;

@@ -108,7 +108,7 @@ impl<'a> Runner<'a> {
         Ok(Ok(FingerprintInputs {
             kind: stage.kind.name().to_string(),
             kind_version: stage.kind.version(),
-            params: stage.params.clone(),
+            params: stage.kind.fingerprint_params(&stage.params),
             inputs,
             files,
             env,
@@ -437,7 +437,8 @@ impl<'a> Runner<'a> {
 
         let db = self.cache.db()?;
         let mut outputs = BTreeMap::new();
-        for spec in stage.kind.outputs() {
+        let absent = stage.kind.absent_outputs(&stage.params);
+        for spec in stage.kind.outputs().iter().filter(|o| !absent.iter().any(|(a, _)| *a == o.name)) {
             let p = out_dir.join(spec.file_name);
             if !p.exists() {
                 bail!("stage `{}` finished without writing its output `{}` ({})", stage.name, spec.name, p.display());

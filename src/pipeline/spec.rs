@@ -215,8 +215,8 @@ impl Loader {
         }
 
         // References to outputs: the stage must exist and declare the output.
-        let kinds: BTreeMap<String, Arc<dyn StageKind>> =
-            stages.iter().map(|s| (s.name.clone(), s.kind.clone())).collect();
+        let kinds: BTreeMap<String, (Arc<dyn StageKind>, &Value)> =
+            stages.iter().map(|s| (s.name.clone(), (s.kind.clone(), &s.params))).collect();
         for s in &stages {
             for r in &s.refs {
                 let base = format!("stages.{}", s.name);
@@ -235,9 +235,22 @@ impl Loader {
                         );
                     }
                     None => {} // that stage had its own errors
-                    Some(k) => {
+                    Some((k, params)) => {
                         let outs: Vec<&str> = k.outputs().iter().map(|o| o.name).collect();
-                        if !outs.contains(&r.output.as_str()) {
+                        let absent = k.absent_outputs(params);
+                        if let Some((_, why)) = absent.iter().find(|(o, _)| *o == r.output) {
+                            self.err(
+                                &base,
+                                format!(
+                                    "stage `{}` refers to `${{{}}}`, but `{}` writes no `{}` here: {why}",
+                                    s.name,
+                                    r.key(),
+                                    r.stage,
+                                    r.output
+                                ),
+                                None,
+                            );
+                        } else if !outs.contains(&r.output.as_str()) {
                             self.err(
                                 &base,
                                 format!(

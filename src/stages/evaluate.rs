@@ -12,22 +12,25 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::format::PromptRow;
-use super::model_common::{check_known_keys, check_model_ref, open_model, sampling_errors};
+use super::model_common::{check_known_keys, check_model_ref, open_for_sampling, sampling_errors};
+use super::rollout_param;
 use crate::common::{typed, ParamError};
 use crate::data::gsm8k::think_answer;
 use crate::data::jsonl::{self, Appender};
 use crate::eval::extract::last_number;
 use crate::eval::metrics::{EvalMetrics, Verdict};
-use crate::model::{generate, FinishReason, Message, SamplingParams};
+use crate::model::{FinishReason, Message, SamplingParams};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::{gsm8k_equal, xml_answer};
 use crate::rewards::{lookup, Sample};
+use crate::rollout::ServerConfig;
 
 // No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
 #[derive(Debug, Deserialize)]
 struct Params {
-    /// Name → model reference (evaluated and shown in name order).
-    models: BTreeMap<String, String>,
+    /// Name → model reference, or `{model: REF, rollout: {url, model}}` for a
+    /// model served elsewhere (REF gives the tokenizer). Evaluated and shown in name order.
+    models: BTreeMap<String, ModelEntry>,
     /// The `test` output of a `format` stage (or JSONL of the same shape).
     test: String,
     #[serde(default)]
@@ -45,6 +48,56 @@ struct Params {
 }
 
 const OWN_KEYS: &[&str] = &["models", "test", "limit", "batch_size", "num_fewshot", "train"];
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ModelEntry {
+    Local(String),
+    Served { model: String, rollout: ServerConfig },
+}
+
+impl ModelEntry {
+    fn reference(&self) -> &str {
+        match self {
+            ModelEntry::Local(r) | ModelEntry::Served { model: r, .. } => r,
+        }
+    }
+    fn rollout(&self) -> Option<&ServerConfig> {
+        match self {
+            ModelEntry::Local(_) => None,
+            ModelEntry::Served { rollout, .. } => Some(rollout),
+        }
+    }
+}
+
+/// A served entry's keys and `rollout:` settings, checked with their paths
+/// (serde's untagged enums only say that nothing matched).
+fn check_served_entries(params: &Value) -> Vec<ParamError> {
+    let mut errors = Vec::new();
+    for (name, entry) in params.get("models").and_then(Value::as_object).into_iter().flatten() {
+        let Some(obj) = entry.as_object() else { continue };
+        let at = |k: &str| format!("models.{name}.{k}");
+        for k in obj.keys().filter(|k| !["model", "rollout"].contains(&k.as_str())) {
+            errors
+                .push(ParamError::new(at(k), format!("unknown key `{k}`")).hint("a served model is {model, rollout}"));
+        }
+        if !obj.get("model").is_some_and(Value::is_string) {
+            errors.push(
+                ParamError::new(at("model"), "a served model needs `model`: where its tokenizer and chat template are")
+                    .hint("the same model folder or hub id the server serves"),
+            );
+        }
+        match rollout_param::check(entry, "rollout") {
+            Ok(Some(_)) => {}
+            Ok(None) => errors.push(ParamError::new(at("rollout"), "missing: the server to ask ({url, model})")),
+            Err(es) => errors.extend(es.into_iter().map(|mut e| {
+                e.path = format!("models.{name}.{}", e.path);
+                e
+            })),
+        }
+    }
+    errors
+}
 
 fn default_batch() -> usize {
     8
@@ -103,8 +156,22 @@ impl StageKind for Evaluate {
         OUTPUTS
     }
 
+    fn fingerprint_params(&self, params: &Value) -> Value {
+        let mut p = params.clone();
+        if let Some(Value::Object(models)) = p.get_mut("models") {
+            for entry in models.values_mut() {
+                *entry = rollout_param::fingerprint_params(entry, "rollout");
+            }
+        }
+        p
+    }
+
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         check_known_keys(params, &[OWN_KEYS, SamplingParams::FIELDS])?;
+        let served = check_served_entries(params);
+        if !served.is_empty() {
+            return Err(served);
+        }
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
@@ -115,7 +182,11 @@ impl StageKind for Evaluate {
             );
         }
         for (name, r) in &p.models {
-            match check_model_ref(&format!("models.{name}"), r, project) {
+            let at = match r {
+                ModelEntry::Local(_) => format!("models.{name}"),
+                ModelEntry::Served { .. } => format!("models.{name}.model"),
+            };
+            match check_model_ref(&at, r.reference(), project) {
                 Ok(Some(local)) => req.local_paths.push(local),
                 Ok(None) => {}
                 Err(e) => errors.push(e),
@@ -178,7 +249,7 @@ impl StageKind for Evaluate {
             }
             let todo: Vec<usize> = (0..rows.len()).filter(|i| !seen.contains(i)).collect();
             if !todo.is_empty() {
-                let m = open_model(ctx, reference)?;
+                let m = open_for_sampling(ctx, reference.reference(), reference.rollout())?;
                 let mut out = Appender::open(&partial)?;
                 let bar = ctx.progress_bar(rows.len() as u64, &format!("questions ({name})"));
                 bar.set_position(seen.len() as u64);
@@ -189,11 +260,11 @@ impl StageKind for Evaluate {
                     }
                     let prompts: Vec<Vec<u32>> = chunk
                         .iter()
-                        .map(|&i| m.tokenizer.encode_chat(&with_shots(&rows[i].prompt, &shots), true))
+                        .map(|&i| m.tokenizer().encode_chat(&with_shots(&rows[i].prompt, &shots), true))
                         .collect::<Result<_>>()?;
                     // Seeded by question index, so a resumed run samples exactly as an uninterrupted one.
                     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed ^ (chunk[0] as u64) << 20);
-                    let comps = generate(&m.model, &m.tokenizer, &prompts, 1, &sampling, &mut rng, None)?;
+                    let comps = m.sampler().sample(m.tokenizer(), &prompts, 1, &sampling, &mut rng, false)?;
                     for (c, &i) in comps.iter().zip(chunk) {
                         let row = &rows[i];
                         let extracted = xml_answer(&c.text).map(str::to_string);

@@ -8,12 +8,15 @@ use serde_json::{json, Value};
 use super::format::PromptRow;
 use super::model_common::check_known_keys;
 use super::reward_param::reward_set;
+use super::rollout_param;
 use super::training::{self, open_trainable, TrainingArgs};
 use crate::common::{typed, ParamError};
 use crate::data::jsonl;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::rollout::ServerConfig;
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
 use crate::train::optim::Schedule;
+use crate::train::rollout_sync::RolloutServer;
 use crate::train::trainer::Hyper;
 
 // No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
@@ -25,6 +28,9 @@ pub struct Params {
     pub rewards: Value,
     #[serde(flatten)]
     pub grpo: GrpoConfig,
+    /// Sample on an OpenAI-compatible server (vLLM) instead of the local model.
+    #[serde(default)]
+    pub rollout: Option<ServerConfig>,
 }
 
 /// Code defaults of the shared parameters for GRPO: TRL's GRPOConfig (batch 8 ×
@@ -64,6 +70,7 @@ const OUTPUTS: &[OutputSpec] = &[
         is_dir: true,
         description: "SVG curves of the log and an index.html",
     },
+    training::ADAPTER_OUTPUT,
 ];
 
 impl StageKind for Grpo {
@@ -71,7 +78,8 @@ impl StageKind for Grpo {
         "grpo"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: LoRA runs also write `adapter`.
+        3
     }
     fn description(&self) -> &'static str {
         "group relative policy optimization against a reward set"
@@ -79,9 +87,16 @@ impl StageKind for Grpo {
     fn outputs(&self) -> &'static [OutputSpec] {
         OUTPUTS
     }
+    fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
+        training::absent_outputs(params)
+    }
+    fn fingerprint_params(&self, params: &Value) -> Value {
+        rollout_param::fingerprint_params(params, "rollout")
+    }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &[TrainingArgs::KEYS, GrpoConfig::KEYS, &["rewards"]])?;
+        check_known_keys(params, &[TrainingArgs::KEYS, GrpoConfig::KEYS, &["rewards", "rollout"]])?;
+        let server = rollout_param::check(params, "rollout")?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let hp = p.training.resolve(&DEFAULTS);
         let (mut req, mut errors) = p.training.check(&hp, project);
@@ -130,6 +145,22 @@ impl StageKind for Grpo {
                 errors.push(ParamError::new(field, message));
             }
         }
+        if server.is_some() && p.training.lora.is_none() {
+            errors.push(
+                ParamError::new(
+                    "rollout",
+                    "a rollout server samples from its own copy of the weights, and full fine-tuning has no \
+                     way to send it the updated ones",
+                )
+                .hint("add `lora: { r: 16 }`: after each step the adapters are handed to the server (PEFT layout)"),
+            );
+        }
+        if g.vllm_importance_sampling_correction && server.is_none() {
+            errors.push(ParamError::new(
+                "vllm_importance_sampling_correction",
+                "corrects for sampling on a server; this stage samples locally (no `rollout:`)",
+            ));
+        }
         if g.epsilon < 0.0 || g.epsilon_high.is_some_and(|e| e < 0.0) {
             errors.push(ParamError::new("epsilon", "clipping ranges must be ≥ 0"));
         }
@@ -165,7 +196,17 @@ impl StageKind for Grpo {
         }
         let tok = loaded.tokenizer.clone();
         let mut algo = GrpoAlgorithm::new(p.grpo, hp.clone(), &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?;
-        training::run(ctx, &mut loaded, &mut algo, &hp, json!({}))?;
+        if let Some(rc) = &p.rollout {
+            let server = RolloutServer::new(
+                rollout_param::client(ctx, rc)?,
+                rollout_param::adapter_dir(ctx, rc)?,
+                rollout_param::adapter_prefix(ctx),
+                p.training.model.clone(),
+            );
+            eprintln!("{}: rollouts from {} (model `{}`)", ctx.stage, rc.url, rc.model);
+            algo = algo.with_server(server);
+        }
+        training::run(ctx, &mut loaded, &p.training.model, &mut algo, &hp, json!({}))?;
         Ok(())
     }
 }

@@ -8,13 +8,15 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::model_common::{check_known_keys, check_model_ref, open_model, sampling_errors};
+use super::model_common::{check_known_keys, check_model_ref, open_for_sampling, sampling_errors};
+use super::rollout_param;
 use crate::common::{typed, ParamError};
 use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
-use crate::model::{generate, FinishReason, Message, SamplingParams};
+use crate::model::{FinishReason, Message, SamplingParams};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::xml_answer;
+use crate::rollout::ServerConfig;
 
 #[derive(Debug, Deserialize)]
 struct Params {
@@ -24,6 +26,9 @@ struct Params {
     system_prompt: String,
     #[serde(default = "default_batch")]
     batch_size: usize,
+    /// Ask a server (OpenAI-compatible) instead of loading the weights; `model` gives the tokenizer.
+    #[serde(default)]
+    rollout: Option<ServerConfig>,
     #[serde(flatten)]
     sampling: SamplingParams,
 }
@@ -76,8 +81,16 @@ impl StageKind for Infer {
         OUTPUTS
     }
 
+    fn fingerprint_params(&self, params: &Value) -> Value {
+        rollout_param::fingerprint_params(params, "rollout")
+    }
+
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &[&["model", "questions", "system_prompt", "batch_size"], SamplingParams::FIELDS])?;
+        check_known_keys(
+            params,
+            &[&["model", "questions", "system_prompt", "batch_size", "rollout"], SamplingParams::FIELDS],
+        )?;
+        rollout_param::check(params, "rollout")?;
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
@@ -126,17 +139,17 @@ impl StageKind for Infer {
                 out
             }
         };
-        let m = open_model(ctx, &p.model)?;
+        let m = open_for_sampling(ctx, &p.model, p.rollout.as_ref())?;
         let sampling = p.sampling.clone();
         let bar = ctx.progress_bar(prompts.len() as u64, "questions");
         let mut answers = Vec::new();
         for (b, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
             ctx.cancel.check()?;
             let ids: Vec<Vec<u32>> =
-                chunk.iter().map(|(_, msgs)| m.tokenizer.encode_chat(msgs, true)).collect::<Result<_>>()?;
+                chunk.iter().map(|(_, msgs)| m.tokenizer().encode_chat(msgs, true)).collect::<Result<_>>()?;
             let t0 = Instant::now();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed.wrapping_add(b as u64));
-            let comps = generate(&m.model, &m.tokenizer, &ids, 1, &sampling, &mut rng, None)?;
+            let comps = m.sampler().sample(m.tokenizer(), &ids, 1, &sampling, &mut rng, false)?;
             let per = t0.elapsed().as_secs_f64() / chunk.len() as f64;
             for ((q, msgs), c) in chunk.iter().zip(comps) {
                 answers.push(Answer {

@@ -8,6 +8,7 @@ pub mod grpo;
 pub mod infer;
 pub mod model_common;
 pub mod reward_param;
+pub mod rollout_param;
 pub mod sft;
 #[cfg(feature = "test-kinds")]
 pub mod testing;

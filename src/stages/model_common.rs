@@ -8,8 +8,9 @@ use anyhow::Result;
 
 use crate::common::diagnostic::suggest;
 use crate::common::ParamError;
-use crate::model::{self, LoadedModel, ModelRef, SamplingParams};
+use crate::model::{self, ChatTokenizer, LoadedModel, ModelRef, SamplingParams};
 use crate::pipeline::{Project, StageContext};
+use crate::rollout::{Client, Sampler, ServerConfig};
 
 /// A model reference in a parameter: local files enter the fingerprint (returned),
 /// hub ids by name; artifact references are checked by the runner.
@@ -35,6 +36,44 @@ pub fn open_model(ctx: &StageContext, reference: &str) -> Result<LoadedModel> {
         m.model.compute_dtype
     );
     Ok(m)
+}
+
+/// A model to sample from: loaded here, or served elsewhere (`rollout:`), in
+/// which case only its tokenizer and chat template are read (the prompts sent
+/// are token ids rendered as for the local model, so the two compare fairly).
+// One per stage: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum SamplingModel {
+    Local(LoadedModel),
+    Served { tokenizer: ChatTokenizer, client: Client },
+}
+
+impl SamplingModel {
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        match self {
+            SamplingModel::Local(m) => &m.tokenizer,
+            SamplingModel::Served { tokenizer, .. } => tokenizer,
+        }
+    }
+
+    pub fn sampler(&self) -> Sampler<'_> {
+        match self {
+            SamplingModel::Local(m) => Sampler::Local(&m.model),
+            SamplingModel::Served { client, .. } => Sampler::Server { client, model: client.model().to_string() },
+        }
+    }
+}
+
+/// Open `reference` for sampling, locally or (with `rollout`) on a server.
+pub fn open_for_sampling(ctx: &StageContext, reference: &str, rollout: Option<&ServerConfig>) -> Result<SamplingModel> {
+    match rollout {
+        None => Ok(SamplingModel::Local(open_model(ctx, reference)?)),
+        Some(rc) => {
+            let tokenizer = model::load::open_tokenizer(reference, &ctx.project.root)?;
+            eprintln!("{}: `{}` served at {} (tokenizer from {reference})", ctx.stage, rc.model, rc.url);
+            Ok(SamplingModel::Served { tokenizer, client: Client::new(rc, ctx.cancel.clone())? })
+        }
+    }
 }
 
 /// Sampling parameters' problems as parameter errors.

@@ -77,6 +77,7 @@ const OUTPUTS: &[OutputSpec] = &[
         is_dir: true,
         description: "SVG curves of the log and an index.html",
     },
+    training::ADAPTER_OUTPUT,
 ];
 
 impl StageKind for Sft {
@@ -84,13 +85,17 @@ impl StageKind for Sft {
         "sft"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: LoRA runs also write `adapter`.
+        3
     }
     fn description(&self) -> &'static str {
         "supervised fine-tuning on the assistant turns of chat examples"
     }
     fn outputs(&self) -> &'static [OutputSpec] {
         OUTPUTS
+    }
+    fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
+        training::absent_outputs(params)
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
@@ -134,7 +139,7 @@ impl StageKind for Sft {
         }
         let pad = loaded.tokenizer.pad_id;
         let mut algo = SftAlgorithm::new(hp.clone(), p.max_seq_length, p.packing, pad, &examples, ctx.env.seed);
-        training::run(ctx, &mut loaded, &mut algo, &hp, json!({ "truncated_examples": truncated }))?;
+        training::run(ctx, &mut loaded, &p.training.model, &mut algo, &hp, json!({ "truncated_examples": truncated }))?;
         Ok(())
     }
 }

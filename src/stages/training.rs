@@ -13,7 +13,7 @@ use super::model_common::{check_model_ref, open_model};
 use crate::common::{CancelToken, ParamError};
 use crate::model::lora::LoraConfig;
 use crate::model::LoadedModel;
-use crate::pipeline::{Project, Requirements, StageContext};
+use crate::pipeline::{OutputSpec, Project, Requirements, StageContext};
 use crate::train::optim::Schedule;
 use crate::train::trainer::{self, Algorithm, Host, Hyper, Summary};
 
@@ -129,6 +129,22 @@ impl TrainingArgs {
     }
 }
 
+/// LoRA runs write their adapters in PEFT layout beside the merged model.
+pub const ADAPTER_OUTPUT: OutputSpec = OutputSpec {
+    name: "adapter",
+    file_name: "adapter",
+    is_dir: true,
+    description: "LoRA runs: the adapters in PEFT layout (peft, vLLM, SGLang load it)",
+};
+
+/// Outputs a training stage with these parameters does not write.
+pub fn absent_outputs(params: &Value) -> Vec<(&'static str, &'static str)> {
+    match params.get("lora") {
+        Some(l) if !l.is_null() => Vec::new(),
+        _ => vec![("adapter", "only LoRA runs (`lora:`) write an adapter; this run's result is `model`")],
+    }
+}
+
 /// The runner's context as the training loop's host.
 struct StageHost<'a>(&'a StageContext);
 
@@ -155,16 +171,21 @@ pub fn open_trainable(ctx: &StageContext, args: &TrainingArgs) -> Result<LoadedM
 
 /// Run `algo` on the loaded model through the loop, then write the stage's
 /// outputs: the model (Hugging Face layout, adapters merged), the per-step
-/// log and the summary metrics (with `extra` added).
+/// log and the summary metrics (with `extra` added); with LoRA also the
+/// adapters in PEFT layout, naming `base_model` (the `model` parameter) as their base.
 pub fn run<A: Algorithm>(
     ctx: &mut StageContext,
     loaded: &mut LoadedModel,
+    base_model: &str,
     algo: &mut A,
     hp: &Hyper,
     extra: Value,
 ) -> Result<Summary> {
     let summary = trainer::train(&mut loaded.model, algo, hp, &StageHost(ctx))?;
     crate::model::load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
+    if loaded.model.lora.is_some() {
+        crate::model::peft::save_adapter(&loaded.model, base_model, &ctx.output_path("adapter"))?;
+    }
     std::fs::copy(trainer::log_path(&StageHost(ctx)), ctx.output_path("log"))?;
     crate::train::plots::render(
         &ctx.output_path("log"),

@@ -17,11 +17,13 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::grpo_loss::{advantages, loss, LossConfig, LossType, ScaleRewards};
+use super::grpo_loss::{advantages, importance_weights, loss, IsMode, LossConfig, LossType, ScaleRewards};
+use super::rollout_sync::RolloutServer;
 use super::trainer::{Algorithm, Hyper, StepReport};
-use crate::model::{generate, Batch, ChatTokenizer, Completion, Pass, SamplingParams, Transformer};
+use crate::model::{Batch, ChatTokenizer, Completion, Pass, SamplingParams, Transformer};
 use crate::rewards::set::{mean, std};
 use crate::rewards::{RewardSet, Sample, Scores};
+use crate::rollout::Sampler;
 
 /// GRPO's own settings (TRL's names); the shared ones are in [`Hyper`].
 /// Defaults are TRL's GRPOConfig's.
@@ -45,6 +47,14 @@ pub struct GrpoConfig {
     pub log_completions: u64,
     /// How a full fine-tuning run keeps its reference policy (β > 0): `bf16` halves its memory.
     pub reference_dtype: ReferenceDtype,
+    /// With a rollout server: weight each token's policy term by πold / πsampler
+    /// (the server samples with its own kernels and precision, so slightly off-policy).
+    /// TRL's names; off by default here until measured for a setup (the log's
+    /// `sampling/sampling_logp_difference/*` shows the mismatch either way).
+    pub vllm_importance_sampling_correction: bool,
+    pub vllm_importance_sampling_mode: IsMode,
+    pub vllm_importance_sampling_clip_min: Option<f64>,
+    pub vllm_importance_sampling_clip_max: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +84,10 @@ impl Default for GrpoConfig {
             mask_truncated_completions: false,
             log_completions: 0,
             reference_dtype: ReferenceDtype::Bf16,
+            vllm_importance_sampling_correction: false,
+            vllm_importance_sampling_mode: IsMode::TokenTruncate,
+            vllm_importance_sampling_clip_min: None,
+            vllm_importance_sampling_clip_max: Some(3.0),
         }
     }
 }
@@ -95,6 +109,10 @@ impl GrpoConfig {
         "mask_truncated_completions",
         "log_completions",
         "reference_dtype",
+        "vllm_importance_sampling_correction",
+        "vllm_importance_sampling_mode",
+        "vllm_importance_sampling_clip_min",
+        "vllm_importance_sampling_clip_max",
     ];
 
     pub fn sampling(&self) -> SamplingParams {
@@ -155,6 +173,18 @@ pub struct GrpoLog {
     pub t_reference: f64,
     #[serde(rename = "timing/policy_forward_backward")]
     pub t_policy: f64,
+    /// Rollouts from a server: |log πold − log πsampler| over completion tokens.
+    #[serde(rename = "sampling/sampling_logp_difference/mean", skip_serializing_if = "Option::is_none")]
+    pub sampling_logp_difference_mean: Option<f64>,
+    #[serde(rename = "sampling/sampling_logp_difference/max", skip_serializing_if = "Option::is_none")]
+    pub sampling_logp_difference_max: Option<f64>,
+    /// With the correction on: the importance weights applied.
+    #[serde(rename = "sampling/importance_sampling_ratio/min", skip_serializing_if = "Option::is_none")]
+    pub is_ratio_min: Option<f64>,
+    #[serde(rename = "sampling/importance_sampling_ratio/mean", skip_serializing_if = "Option::is_none")]
+    pub is_ratio_mean: Option<f64>,
+    #[serde(rename = "sampling/importance_sampling_ratio/max", skip_serializing_if = "Option::is_none")]
+    pub is_ratio_max: Option<f64>,
     /// `rewards/<name>/mean` and `rewards/<name>/std` per reward function.
     #[serde(flatten)]
     pub per_function: std::collections::BTreeMap<String, f64>,
@@ -231,6 +261,8 @@ struct Round {
     scores: Scores,
     advantages: Vec<f32>,
     rows: Rows,
+    /// The sampler's log-probabilities aligned with `rows.masks` (a server's rollouts).
+    sampling: Option<SamplingLogprobs>,
     /// πold per micro-batch (μ > 1) and πref per micro-batch (β > 0).
     old: Vec<Tensor>,
     refs: Vec<Tensor>,
@@ -238,6 +270,57 @@ struct Round {
     t_generation: f64,
     t_scoring: f64,
     t_reference: f64,
+}
+
+/// [rows][completion_len] log-probabilities of the sampled tokens, and 1 where known.
+struct SamplingLogprobs {
+    values: Vec<Vec<f32>>,
+    known: Vec<Vec<f32>>,
+}
+
+impl SamplingLogprobs {
+    /// From completions that all carry their sampler's log-probabilities (EOS included).
+    fn of(completions: &[Completion], completion_len: usize) -> Option<SamplingLogprobs> {
+        let mut values = Vec::with_capacity(completions.len());
+        let mut known = Vec::with_capacity(completions.len());
+        for c in completions {
+            let lp = c.sampling_logprobs.as_ref()?;
+            let row = |f: &dyn Fn(f32) -> f32| -> Vec<f32> {
+                (0..completion_len).map(|j| lp.get(j).map_or(0.0, |&x| f(x))).collect()
+            };
+            values.push(row(&|x| if x.is_finite() { x } else { 0.0 }));
+            known.push(row(&|x| if x.is_finite() { 1.0 } else { 0.0 }));
+        }
+        Some(SamplingLogprobs { values, known })
+    }
+}
+
+/// Running min / sum / max over masked values, for the log.
+#[derive(Default)]
+struct Extent {
+    min: f64,
+    max: f64,
+    sum: f64,
+    n: f64,
+}
+
+impl Extent {
+    fn add(&mut self, values: &Tensor, mask: &Tensor) -> Result<()> {
+        let v: Vec<Vec<f32>> = values.to_dtype(DType::F32)?.to_vec2()?;
+        let m: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
+        for (x, k) in v.iter().flatten().zip(m.iter().flatten()) {
+            if *k > 0.0 {
+                let x = *x as f64;
+                (self.min, self.max) = if self.n == 0.0 { (x, x) } else { (self.min.min(x), self.max.max(x)) };
+                self.sum += x;
+                self.n += 1.0;
+            }
+        }
+        Ok(())
+    }
+    fn mean(&self) -> f64 {
+        self.sum / self.n.max(1.0)
+    }
 }
 
 pub struct GrpoAlgorithm<'a> {
@@ -253,6 +336,8 @@ pub struct GrpoAlgorithm<'a> {
     state: GrpoState,
     round: Option<Round>,
     rewards_seen: Vec<f64>,
+    /// Rollouts on an inference server instead of the local model.
+    server: Option<RolloutServer>,
 }
 
 impl<'a> GrpoAlgorithm<'a> {
@@ -275,7 +360,30 @@ impl<'a> GrpoAlgorithm<'a> {
             None
         };
         let state = GrpoState { data_pos: 0, rng: ChaCha8Rng::seed_from_u64(seed) };
-        Ok(GrpoAlgorithm { cfg, hp, tok, rewards, prompts, reference, seed, state, round: None, rewards_seen: vec![] })
+        Ok(GrpoAlgorithm {
+            cfg,
+            hp,
+            tok,
+            rewards,
+            prompts,
+            reference,
+            seed,
+            state,
+            round: None,
+            rewards_seen: vec![],
+            server: None,
+        })
+    }
+
+    /// Take rollouts from an inference server (the policy must have LoRA adapters
+    /// once it has been updated: they are how the server gets the new weights).
+    pub fn with_server(mut self, server: RolloutServer) -> Self {
+        self.server = Some(server);
+        self
+    }
+
+    pub fn server(&self) -> Option<&RolloutServer> {
+        self.server.as_ref()
     }
 
     fn prompts_per_round(&self) -> usize {
@@ -291,19 +399,23 @@ impl<'a> GrpoAlgorithm<'a> {
     }
 
     /// Sample the round's completions, score them, compute advantages and the training rows.
-    fn rollout(&mut self, policy: &Transformer) -> Result<Round> {
+    fn rollout(&mut self, policy: &Transformer, step: u64) -> Result<Round> {
         let picked: Vec<usize> =
             (0..self.prompts_per_round() as u64).map(|i| self.prompt_at(self.state.data_pos + i)).collect();
         let prompt_ids: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
         let t = Instant::now();
-        let completions = generate(
-            policy,
+        let (sampler, from_server) = match self.server.as_mut() {
+            Some(server) => (server.sampler(policy, step)?, true),
+            None => (Sampler::Local(policy), false),
+        };
+        // A server's log-probabilities of its samples show how far off-policy they are.
+        let completions = sampler.sample(
             self.tok,
             &prompt_ids,
             self.cfg.num_generations,
             &self.cfg.sampling(),
             &mut self.state.rng,
-            None,
+            from_server,
         )?;
         let t_generation = t.elapsed().as_secs_f64();
         let t = Instant::now();
@@ -328,6 +440,14 @@ impl<'a> GrpoAlgorithm<'a> {
             self.cfg.max_completion_length,
             self.cfg.mask_truncated_completions,
         );
+        let sampling = SamplingLogprobs::of(&completions, rows.completion_len).filter(|_| from_server);
+        if self.cfg.vllm_importance_sampling_correction && sampling.is_none() {
+            anyhow::bail!(
+                "vllm_importance_sampling_correction needs the sampler's log-probabilities, and {} \
+                 returned none (vLLM does, with its token ids)",
+                self.server.as_ref().map_or("local generation", |s| s.client.url())
+            );
+        }
         tracing::debug!(
             rows = rows.ids.len(),
             prompt_len = rows.prompt_len,
@@ -340,6 +460,7 @@ impl<'a> GrpoAlgorithm<'a> {
             scores,
             advantages,
             rows,
+            sampling,
             old: vec![],
             refs: vec![],
             iteration: 0,
@@ -422,7 +543,7 @@ impl Algorithm for GrpoAlgorithm<'_> {
         let mut round = match self.round.take() {
             Some(r) => r,
             None => {
-                let mut r = self.rollout(policy)?;
+                let mut r = self.rollout(policy, step)?;
                 self.score(policy, &mut r)?;
                 r
             }
@@ -443,6 +564,7 @@ impl Algorithm for GrpoAlgorithm<'_> {
         };
         let (mut loss_sum, mut kl_sum, mut clip_sum, mut tok_sum) = (0.0, 0.0, 0.0, 0.0);
         let mut trained_tokens = 0;
+        let (mut logp_diff, mut is_ratio) = (Extent::default(), Extent::default());
         for (ci, r) in chunks.iter().enumerate() {
             let b = self.batch(policy, &round.rows, r)?;
             trained_tokens += round.rows.valid[r.clone()].iter().flatten().filter(|v| **v).count();
@@ -450,7 +572,27 @@ impl Algorithm for GrpoAlgorithm<'_> {
             let adv = Tensor::new(&round.advantages[r.clone()], &policy.device)?;
             let logp = self.completion_logprobs(policy, &round.rows, &b, Pass::TRAIN)?;
             let old = if cfg.num_iterations > 1 { round.old[ci].clone() } else { logp.detach() };
-            let (l, s) = loss(&logp, &old, round.refs.get(ci), &adv, &mask, &loss_cfg)?;
+            let mut is_weight = None;
+            if let Some(sp) = &round.sampling {
+                let dev = &policy.device;
+                let values = Tensor::new(sp.values[r.clone()].to_vec(), dev)?;
+                let known = Tensor::new(sp.known[r.clone()].to_vec(), dev)?;
+                logp_diff.add(&(old.detach() - &values)?.abs()?, &(&mask * &known)?)?;
+                if cfg.vllm_importance_sampling_correction {
+                    let w = importance_weights(
+                        &old,
+                        &values,
+                        &known,
+                        &mask,
+                        cfg.vllm_importance_sampling_mode,
+                        cfg.vllm_importance_sampling_clip_min,
+                        cfg.vllm_importance_sampling_clip_max,
+                    )?;
+                    is_ratio.add(&w, &mask)?;
+                    is_weight = Some(w);
+                }
+            }
+            let (l, s) = loss(&logp, &old, round.refs.get(ci), &adv, &mask, is_weight.as_ref(), &loss_cfg)?;
             loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             kl_sum += s.kl * s.tokens;
             clip_sum += s.clip_region * s.tokens;
@@ -495,6 +637,11 @@ impl Algorithm for GrpoAlgorithm<'_> {
             t_scoring: if first { round.t_scoring } else { 0.0 },
             t_reference: if first { round.t_reference } else { 0.0 },
             t_policy,
+            sampling_logp_difference_mean: (logp_diff.n > 0.0).then(|| logp_diff.mean()),
+            sampling_logp_difference_max: (logp_diff.n > 0.0).then_some(logp_diff.max),
+            is_ratio_min: (is_ratio.n > 0.0).then_some(is_ratio.min),
+            is_ratio_mean: (is_ratio.n > 0.0).then(|| is_ratio.mean()),
+            is_ratio_max: (is_ratio.n > 0.0).then_some(is_ratio.max),
             per_function,
             completions,
         };

@@ -74,15 +74,62 @@ pub struct LossStats {
     pub tokens: f64,
 }
 
+/// How the importance weights between the trainer's πold and the sampler's
+/// log-probabilities are bounded (TRL's `vllm_importance_sampling_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsMode {
+    /// Per-token ratio clipped to [min, max].
+    TokenTruncate,
+    /// Per-token ratio, 0 outside [min, max].
+    TokenMask,
+    /// One ratio per sequence (exp of the summed log difference), clipped.
+    SequenceTruncate,
+    /// One ratio per sequence, 0 (the sequence dropped) outside [min, max].
+    SequenceMask,
+}
+
+/// Importance weights [B, C] correcting for sampling by another engine (vLLM):
+/// exp(log πold − log πsampler) over `mask`ed tokens, bounded per `mode`, as TRL
+/// computes them. `known`: 1 where the sampler returned a log-probability (a
+/// token without one gets weight 1, no correction, as in TRL).
+pub fn importance_weights(
+    old_logp: &Tensor,
+    sampling_logp: &Tensor,
+    known: &Tensor,
+    mask: &Tensor,
+    mode: IsMode,
+    clip_min: Option<f64>,
+    clip_max: Option<f64>,
+) -> Result<Tensor> {
+    let diff = ((old_logp.detach() - sampling_logp)? * (mask * known)?)?;
+    let log_ratio = match mode {
+        IsMode::TokenTruncate | IsMode::TokenMask => diff,
+        IsMode::SequenceTruncate | IsMode::SequenceMask => diff.sum_keepdim(D::Minus1)?.broadcast_as(mask.shape())?,
+    };
+    let ratio = log_ratio.exp()?;
+    let (lo, hi) = (clip_min.unwrap_or(f64::NEG_INFINITY), clip_max.unwrap_or(f64::INFINITY));
+    match mode {
+        IsMode::TokenTruncate | IsMode::SequenceTruncate => ratio.clamp(lo.max(0.0), hi),
+        IsMode::TokenMask | IsMode::SequenceMask => {
+            let inside = (ratio.ge(lo)?.to_dtype(ratio.dtype())? * ratio.le(hi)?.to_dtype(ratio.dtype())?)?;
+            ratio * inside
+        }
+    }
+}
+
 /// The GRPO loss of one micro-batch.
 /// `logp`, `old_logp`, `ref_logp`: [B, C] per-token log-probabilities of the completions;
-/// `adv`: [B]; `mask`: [B, C] (1 for completion tokens that count).
+/// `adv`: [B]; `mask`: [B, C] (1 for completion tokens that count); `is_weight`:
+/// [B, C] importance weights for off-policy samples ([`importance_weights`]),
+/// applied to the policy term and not to the KL term, as in TRL.
 pub fn loss(
     logp: &Tensor,
     old_logp: &Tensor,
     ref_logp: Option<&Tensor>,
     adv: &Tensor,
     mask: &Tensor,
+    is_weight: Option<&Tensor>,
     cfg: &LossConfig,
 ) -> Result<(Tensor, LossStats)> {
     let adv = adv.unsqueeze(1)?;
@@ -91,6 +138,9 @@ pub fn loss(
     let l1 = ratio.broadcast_mul(&adv)?;
     let l2 = clipped.broadcast_mul(&adv)?;
     let mut per_token = l1.minimum(&l2)?.neg()?;
+    if let Some(w) = is_weight {
+        per_token = (per_token * w.detach())?;
+    }
     let mut stats = LossStats::default();
     let tokens = mask.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     stats.tokens = tokens;
@@ -210,7 +260,7 @@ mod tests {
                 (LossType::Dapo, (s0 + s1) / 10.0),
             ];
             for (lt, want) in expected {
-                let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, &cfg(lt, beta)).unwrap();
+                let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, None, &cfg(lt, beta)).unwrap();
                 let got = l.to_scalar::<f64>().unwrap();
                 assert!((got - want).abs() < 1e-12, "{lt:?} β={beta}: {got} vs {want}");
             }
@@ -226,7 +276,7 @@ mod tests {
         c.epsilon_high = 0.05;
         let t = by_hand_eps(0.04, 0.2, 0.05);
         let want = (t[0][0] + t[0][1] + t[0][2] + t[1][0] + t[1][1]) / 5.0 / 2.0;
-        let (l, s) = loss(&logp, &old, Some(&refp), &adv, &mask, &c).unwrap();
+        let (l, s) = loss(&logp, &old, Some(&refp), &adv, &mask, None, &c).unwrap();
         assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
         assert_ne!(by_hand_eps(0.04, 0.2, 0.05)[0][0], by_hand(0.04)[0][0], "the case exercises the upper bound");
         assert!((s.clip_region - 2.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
@@ -239,12 +289,12 @@ mod tests {
         for lt in [LossType::Grpo, LossType::Bnpo, LossType::Dapo, LossType::DrGrpo] {
             let c = cfg(lt, 0.04);
             let x = candle_core::Var::from_tensor(&logp).unwrap();
-            let (l, _) = loss(x.as_tensor(), &old, Some(&refp), &adv, &mask, &c).unwrap();
+            let (l, _) = loss(x.as_tensor(), &old, Some(&refp), &adv, &mask, None, &c).unwrap();
             let g: Vec<Vec<f64>> = l.backward().unwrap().get(x.as_tensor()).unwrap().to_vec2().unwrap();
             let base: Vec<Vec<f64>> = logp.to_vec2().unwrap();
             let value = |v: &Vec<Vec<f64>>| {
                 let t = Tensor::new(v.clone(), &Device::Cpu).unwrap();
-                loss(&t, &old, Some(&refp), &adv, &mask, &c).unwrap().0.to_scalar::<f64>().unwrap()
+                loss(&t, &old, Some(&refp), &adv, &mask, None, &c).unwrap().0.to_scalar::<f64>().unwrap()
             };
             for i in 0..2 {
                 for j in 0..3 {
@@ -266,9 +316,51 @@ mod tests {
     }
 
     #[test]
+    fn importance_weights_are_bounded_per_mode_as_trl_does() {
+        let d = Device::Cpu;
+        // Log differences πold − πsampler: row 0: 0.5, −2, 1.5 (masked); row 1: 2, unknown, 0.
+        let old = Tensor::new(&[[0.0f64, 0.0, 0.0], [0.0, 0.0, 0.0]], &d).unwrap();
+        let samp = Tensor::new(&[[-0.5f64, 2.0, -1.5], [-2.0, 0.0, 0.0]], &d).unwrap();
+        let known = Tensor::new(&[[1.0f64, 1.0, 1.0], [1.0, 0.0, 1.0]], &d).unwrap();
+        let mask = Tensor::new(&[[1.0f64, 1.0, 0.0], [1.0, 1.0, 1.0]], &d).unwrap();
+        let w = |mode, lo, hi| -> Vec<Vec<f64>> {
+            importance_weights(&old, &samp, &known, &mask, mode, lo, hi).unwrap().to_vec2().unwrap()
+        };
+        let e = f64::exp;
+        let close = |a: Vec<Vec<f64>>, b: [[f64; 3]; 2]| {
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                assert!((x - y).abs() < 1e-12, "{a:?} vs {b:?}");
+            }
+        };
+        // Masked and unknown tokens: log difference 0, weight 1.
+        close(w(IsMode::TokenTruncate, None, Some(3.0)), [[e(0.5), e(-2.0), 1.0], [3.0, 1.0, 1.0]]);
+        close(w(IsMode::TokenTruncate, Some(0.5), Some(3.0)), [[e(0.5), 0.5, 1.0], [3.0, 1.0, 1.0]]);
+        close(w(IsMode::TokenMask, Some(0.5), Some(3.0)), [[e(0.5), 0.0, 1.0], [0.0, 1.0, 1.0]]);
+        // Sequences: row 0 sums to −1.5, row 1 to 2.
+        close(w(IsMode::SequenceTruncate, None, Some(3.0)), [[e(-1.5); 3], [3.0; 3]]);
+        close(w(IsMode::SequenceMask, None, Some(3.0)), [[e(-1.5); 3], [0.0; 3]]);
+    }
+
+    #[test]
+    fn importance_weights_scale_the_policy_term_and_not_the_kl() {
+        let (logp, old, refp, adv, mask) = case();
+        let w = Tensor::new(&[[2.0f64, 1.0, 0.5], [1.0, 0.0, 1.0]], &Device::Cpu).unwrap();
+        let c = cfg(LossType::Dapo, 0.04);
+        let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, Some(&w), &c).unwrap();
+        let (pol, kl) = (by_hand(0.0), by_hand(0.04));
+        let ww = [[2.0, 1.0, 0.5], [1.0, 0.0, 1.0]];
+        let mut want = 0.0;
+        for (i, j) in [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)] {
+            want += pol[i][j] * ww[i][j] + (kl[i][j] - pol[i][j]);
+        }
+        want /= 10.0;
+        assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
+    }
+
+    #[test]
     fn stats_report_kl_and_the_clipped_region() {
         let (logp, old, refp, adv, mask) = case();
-        let (_, s) = loss(&logp, &old, Some(&refp), &adv, &mask, &cfg(LossType::Dapo, 0.04)).unwrap();
+        let (_, s) = loss(&logp, &old, Some(&refp), &adv, &mask, None, &cfg(LossType::Dapo, 0.04)).unwrap();
         // Ratios: row 0: e^0.1 (≤1.2), 1, e^-1 (< 0.8, but A > 0: not clipped); row 1: 1, e^-0.5 (< 0.8, A < 0: clipped).
         assert!((s.clip_region - 1.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
         let kl = |d: f64| d.exp() - d - 1.0;

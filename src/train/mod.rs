@@ -7,5 +7,6 @@ pub mod grpo;
 pub mod grpo_loss;
 pub mod optim;
 pub mod plots;
+pub mod rollout_sync;
 pub mod sft;
 pub mod trainer;

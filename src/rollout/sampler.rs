@@ -1,0 +1,102 @@
+//! One way to ask for completions, wherever they are sampled: the local model
+//! (`model::generate`) or an OpenAI-compatible server. Either way the result is
+//! `model::Completion`s with the ids training needs.
+
+use anyhow::{bail, Result};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+
+use super::client::{Choice, Client, CompletionRequest};
+use crate::model::{generate, ChatTokenizer, Completion, FinishReason, SamplingParams, Transformer};
+
+pub enum Sampler<'a> {
+    Local(&'a Transformer),
+    /// A server; `model` is the name to ask for: the served base model or a loaded adapter.
+    Server {
+        client: &'a Client,
+        model: String,
+    },
+}
+
+impl Sampler<'_> {
+    /// `n` completions of each prompt (prompt after prompt). `logprobs`: also the
+    /// sampler's log-probabilities of the sampled tokens (servers only).
+    pub fn sample(
+        &self,
+        tok: &ChatTokenizer,
+        prompts: &[Vec<u32>],
+        n: usize,
+        params: &SamplingParams,
+        rng: &mut ChaCha8Rng,
+        logprobs: bool,
+    ) -> Result<Vec<Completion>> {
+        match self {
+            Sampler::Local(model) => generate(model, tok, prompts, n, params, rng, None),
+            Sampler::Server { client, model } => {
+                let reqs: Vec<CompletionRequest> = prompts
+                    .iter()
+                    .map(|p| CompletionRequest {
+                        model: model.clone(),
+                        prompt: p.clone(),
+                        n,
+                        max_tokens: params.max_new_tokens,
+                        temperature: params.temperature,
+                        top_p: params.top_p,
+                        top_k: params.top_k,
+                        stop: params.stop.clone(),
+                        // Drawn from the run's seeded RNG (restored on resume): a server
+                        // that honours seeds samples a resumed round as the first time.
+                        seed: Some(rng.random::<u32>() as u64),
+                        logprobs,
+                    })
+                    .collect();
+                let answers = client.complete_all(&reqs)?;
+                let mut out = Vec::with_capacity(prompts.len() * n);
+                for (i, choices) in answers.into_iter().enumerate() {
+                    for c in choices {
+                        out.push(completion(i, c, tok, params.max_new_tokens, client.url())?);
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// A server's choice as a completion of prompt `prompt_index`: the ids it sampled
+/// (EOS split off), or, from a server that returns no ids, its text tokenized.
+fn completion(prompt_index: usize, c: Choice, tok: &ChatTokenizer, max_new: usize, url: &str) -> Result<Completion> {
+    let finish_reason = if c.finish_reason == "length" { FinishReason::Length } else { FinishReason::Stop };
+    let (tokens, eos) = match c.token_ids {
+        Some(mut ids) => {
+            let eos = ids.last().is_some_and(|t| tok.eos_ids.contains(t));
+            if eos {
+                ids.pop();
+            }
+            (ids, eos)
+        }
+        None => {
+            if c.logprobs.is_some() {
+                bail!(
+                    "rollout server {url} returned log-probabilities without token ids: importance \
+                     sampling needs the sampled ids (vLLM returns them with `return_token_ids`)"
+                );
+            }
+            // Re-tokenized text can differ from the sampled ids at a few merges; training
+            // then scores slightly different tokens. vLLM's token ids avoid this.
+            let mut ids = tok.encode(&c.text)?;
+            ids.truncate(max_new);
+            (ids, finish_reason == FinishReason::Stop && c.stop_reason.is_none())
+        }
+    };
+    if let Some(lp) = &c.logprobs {
+        if lp.len() != tokens.len() + eos as usize {
+            bail!(
+                "rollout server {url}: {} log-probabilities for {} sampled tokens",
+                lp.len(),
+                tokens.len() + eos as usize
+            );
+        }
+    }
+    Ok(Completion { prompt_index, tokens, text: c.text, finish_reason, eos, sampling_logprobs: c.logprobs })
+}

@@ -1,0 +1,72 @@
+//! The `rollout:` parameter of `grpo`, `evaluate` and `infer`: an
+//! OpenAI-compatible server to sample from. Its URL and model enter the
+//! fingerprint; how it is reached (API key variable, timeouts, retries,
+//! concurrency, adapter folder) does not, so tuning those never reruns a stage.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use serde_json::Value;
+
+use crate::common::{typed, ParamError};
+use crate::pipeline::StageContext;
+use crate::rollout::{Client, ServerConfig};
+
+/// The server settings under `key`, checked; `None` when absent.
+pub fn check(params: &Value, key: &str) -> Result<Option<ServerConfig>, Vec<ParamError>> {
+    let Some(v) = params.get(key).filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    if v.get("api_key").is_some() {
+        return Err(vec![ParamError::new(
+            format!("{key}.api_key"),
+            "an API key in the pipeline file would be copied into the cache's records and logs",
+        )
+        .hint("put it in an environment variable and name the variable: `api_key_env: VLLM_API_KEY`")]);
+    }
+    let cfg: ServerConfig = typed(v).map_err(|mut e| {
+        e.path = if e.path.is_empty() { key.to_string() } else { format!("{key}.{}", e.path) };
+        vec![e]
+    })?;
+    let errors: Vec<ParamError> =
+        cfg.problems().into_iter().map(|(k, m)| ParamError::new(format!("{key}.{k}"), m)).collect();
+    if errors.is_empty() {
+        Ok(Some(cfg))
+    } else {
+        Err(errors)
+    }
+}
+
+/// The parameters as they enter the fingerprint: `key`'s transport settings left out.
+pub fn fingerprint_params(params: &Value, key: &str) -> Value {
+    let mut p = params.clone();
+    if let Some(Value::Object(r)) = p.get_mut(key) {
+        for k in ServerConfig::TRANSPORT_KEYS {
+            r.remove(*k);
+        }
+    }
+    p
+}
+
+/// A client for the stage, stopped by the stage's cancellation.
+pub fn client(ctx: &StageContext, cfg: &ServerConfig) -> Result<Client> {
+    Client::new(cfg, ctx.cancel.clone())
+}
+
+/// Where LoRA adapters are written for the server: `adapter_dir` (absolute, as
+/// the server must read it) or the stage's work folder.
+pub fn adapter_dir(ctx: &StageContext, cfg: &ServerConfig) -> Result<PathBuf> {
+    let dir = match &cfg.adapter_dir {
+        Some(d) => ctx.project.local_path(d).unwrap_or_else(|| d.into()),
+        None => ctx.work_dir.join("adapters"),
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(std::fs::canonicalize(&dir)?)
+}
+
+/// A prefix for the adapter names of this stage's run: the stage and its work
+/// folder (which holds the fingerprint), so that two runs on one server differ.
+pub fn adapter_prefix(ctx: &StageContext) -> String {
+    let h = blake3::hash(ctx.work_dir.to_string_lossy().as_bytes()).to_hex();
+    format!("r1pipe-{}-{}", ctx.stage, &h[..8])
+}
