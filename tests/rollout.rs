@@ -32,6 +32,8 @@ struct StandIn {
     answer_at_most: Arc<AtomicU32>,
     /// Completions requests to fail (503, then malformed JSON, alternating) before answering.
     fail_next: Arc<AtomicU32>,
+    /// 0: answer as vLLM does (token ids, log-probabilities); 1: text only, like a plain OpenAI server.
+    text_only: Arc<AtomicU32>,
 }
 
 /// Scripted completions: alternately starting with a capital (reward 1 under
@@ -57,7 +59,8 @@ fn stand_in(model_dir: PathBuf) -> StandIn {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let answer_at_most = Arc::new(AtomicU32::new(u32::MAX));
     let fail_next = Arc::new(AtomicU32::new(0));
-    let (s, most, f) = (seen.clone(), answer_at_most.clone(), fail_next.clone());
+    let text_only = Arc::new(AtomicU32::new(0));
+    let (s, most, f, plain) = (seen.clone(), answer_at_most.clone(), fail_next.clone(), text_only.clone());
     std::thread::spawn(move || {
         let tok = ChatTokenizer::from_dir(&model_dir).unwrap();
         for mut rq in server.incoming_requests() {
@@ -81,7 +84,15 @@ fn stand_in(model_dir: PathBuf) -> StandIn {
                         } else {
                             let n = v["n"].as_u64().unwrap() as usize;
                             s.lock().unwrap().completions.push(v);
-                            (200, answer(&tok, n).to_string())
+                            let mut a = answer(&tok, n);
+                            if plain.load(Ordering::SeqCst) == 1 {
+                                for c in a["choices"].as_array_mut().unwrap() {
+                                    let c = c.as_object_mut().unwrap();
+                                    c.remove("token_ids");
+                                    c.remove("logprobs");
+                                }
+                            }
+                            (200, a.to_string())
                         }
                     }
                     "/v1/load_lora_adapter" => {
@@ -110,7 +121,7 @@ fn stand_in(model_dir: PathBuf) -> StandIn {
             let _ = rq.respond(tiny_http::Response::from_string(text).with_status_code(status));
         }
     });
-    StandIn { url, seen, answer_at_most, fail_next }
+    StandIn { url, seen, answer_at_most, fail_next, text_only }
 }
 
 fn project() -> Project {
@@ -350,4 +361,39 @@ stages:
     let r = p.run(&["run", "pipe.yaml"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("models.served.rollout"), "{}", r.stderr);
+}
+
+#[test]
+fn a_server_that_returns_only_text_has_it_tokenized_for_training() {
+    let p = project();
+    let server = stand_in(p.root().join("models/tiny"));
+    server.text_only.store(1, Ordering::SeqCst);
+    p.write("pipe.yaml", &pipeline(&server.url, 1, ""));
+    p.run(&["run", "pipe.yaml"]).ok();
+    let l = log(&p);
+    let tok = ChatTokenizer::from_dir(&p.root().join("models/tiny")).unwrap();
+    let lengths: Vec<usize> =
+        ["Yes, 4", "no idea", "It is 6", "maybe 3"].iter().map(|t| tok.encode(t).unwrap().len()).collect();
+    let want = lengths.iter().sum::<usize>() as f64 / 4.0;
+    assert_eq!(l[0]["completions/mean_length"].as_f64(), Some(want), "{}", l[0]);
+    assert_eq!(
+        l[0]["completions/clipped_ratio"].as_f64(),
+        Some(0.0),
+        "finish_reason stop without a stop string is EOS"
+    );
+    assert!(l[0].get("sampling/sampling_logp_difference/mean").is_none(), "no log-probabilities, no mismatch to log");
+
+    // The correction cannot run without them, and says so.
+    let text = pipeline(&server.url, 1, "").replace(
+        "      log_completions: 1\n",
+        "      log_completions: 1\n      vllm_importance_sampling_correction: true\n",
+    );
+    p.write("pipe.yaml", &text);
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("needs the sampler's log-probabilities") && r.stderr.contains(&server.url),
+        "{}",
+        r.stderr
+    );
 }

@@ -310,14 +310,14 @@ fn parse_completions(text: &str, n: usize, logprobs: bool) -> Result<Vec<Choice>
     choices
         .into_iter()
         .map(|c| {
+            // A missing value (vLLM returns null for some special tokens) counts as no
+            // correction for that token, as in TRL. A server that returns none at all
+            // (not every OpenAI-compatible one does) leaves it to the caller to mind.
             let lp = match (&c.logprobs, logprobs) {
-                // A missing value (vLLM returns null for some special tokens) counts as no
-                // correction for that token, as in TRL.
                 (Some(l), true) => Some(l.token_logprobs.iter().map(|x| x.unwrap_or(f32::NAN)).collect()),
-                (None, true) => return Err("asked for logprobs, the answer has none".to_string()),
                 _ => None,
             };
-            Ok(Choice {
+            Ok::<Choice, String>(Choice {
                 text: c.text,
                 token_ids: c.token_ids,
                 finish_reason: c.finish_reason.unwrap_or_else(|| "stop".into()),
