@@ -39,8 +39,14 @@ impl RolloutServer {
     /// A sampler of the policy as it is after `step` optimizer steps, handing
     /// the server the current adapters first when it does not hold them yet.
     pub fn sampler(&mut self, policy: &Transformer, step: u64) -> Result<Sampler<'_>> {
-        let model = if step == 0 || policy.lora.is_none() {
+        let model = if step == 0 {
             self.client.model().to_string()
+        } else if policy.lora.is_none() {
+            // The stage refuses this at validation; a library caller gets the same answer.
+            anyhow::bail!(
+                "the rollout server cannot sample the updated policy: full fine-tuning has no way \
+                 to send it new weights (use LoRA adapters)"
+            );
         } else {
             if self.loaded.as_ref().map(|(s, _)| *s) != Some(step) {
                 self.hand_over(policy, step)?;
