@@ -225,10 +225,13 @@ fn reference_precision(model: &Path, data: &Path) {
         .iter()
         .map(|c| r1pipe::train::grpo::RowSpec { prompt: &prompts[c.prompt_index], tokens: &c.tokens, eos: c.eos })
         .collect();
-    let rows = r1pipe::train::grpo::build_rows(&specs, m.tokenizer.eos_ids[0], m.tokenizer.pad_id, 64, false);
-    let b = Batch::from_rows(rows.ids.clone(), rows.valid.clone(), &candle_core::Device::Cpu).unwrap();
+    let rows = r1pipe::train::grpo::build_rows(&specs, m.tokenizer.eos_ids[0], 64, false);
+    let packed = rows.pack(0..rows.len());
+    let b = Batch::shared_prefix(&packed.rows, m.tokenizer.pad_id, &candle_core::Device::Cpu).unwrap();
     let lp = |t: &r1pipe::model::Transformer| -> Vec<Vec<f32>> {
-        t.next_token_logprobs_range(&b, rows.prompt_len - 1, rows.completion_len, 0.9, Pass::SCORE)
+        t.logprobs_at(&b, &packed.at, &packed.targets, 0.9, Pass::SCORE)
+            .unwrap()
+            .reshape((rows.len(), rows.completion_len))
             .unwrap()
             .to_vec2()
             .unwrap()

@@ -3,6 +3,10 @@
 
 use candle_core::{Device, Result, Tensor};
 
+/// The segment of a shared prefix ([`Batch::shared_prefix`]): every segment of
+/// its row attends to it.
+pub const SHARED_PREFIX: u32 = u32::MAX - 1;
+
 /// A left-padded batch of token sequences, as tensors.
 pub struct Batch {
     /// [B, T] u32
@@ -53,6 +57,45 @@ impl Batch {
                 pos.extend(0..s.len() as u32);
                 v.extend(std::iter::repeat_n(true, s.len()));
                 seg.extend(std::iter::repeat_n(k as u32, s.len()));
+            }
+            let pad = t - v.len();
+            ids.extend(std::iter::repeat_n(pad_id, pad));
+            pos.extend(std::iter::repeat_n(0u32, pad));
+            v.extend(std::iter::repeat_n(false, pad));
+            seg.extend(std::iter::repeat_n(u32::MAX, pad));
+            valid.push(v);
+            segments.push(seg);
+        }
+        let b = rows.len();
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            positions: Tensor::from_vec(pos, (b, t), device)?,
+            pad_left: vec![0; b],
+            valid,
+            segments: Some(segments),
+        })
+    }
+
+    /// Rows of one prefix followed by several continuations (right-padded to a
+    /// common length): each continuation attends to the prefix and to itself,
+    /// its positions continue the prefix's, so every continuation sees exactly
+    /// what it would see alone after the prefix, while the prefix is computed
+    /// once (GRPO: a prompt and its group's completions).
+    pub fn shared_prefix(rows: &[(Vec<u32>, Vec<Vec<u32>>)], pad_id: u32, device: &Device) -> Result<Batch> {
+        let t = rows.iter().map(|(p, cs)| p.len() + cs.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
+        let (mut ids, mut pos, mut valid, mut segments) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (prefix, continuations) in rows {
+            let (mut v, mut seg) = (Vec::with_capacity(t), Vec::with_capacity(t));
+            let p = prefix.len() as u32;
+            ids.extend(prefix);
+            pos.extend(0..p);
+            v.extend(std::iter::repeat_n(true, prefix.len()));
+            seg.extend(std::iter::repeat_n(SHARED_PREFIX, prefix.len()));
+            for (k, c) in continuations.iter().enumerate() {
+                ids.extend(c);
+                pos.extend(p..p + c.len() as u32);
+                v.extend(std::iter::repeat_n(true, c.len()));
+                seg.extend(std::iter::repeat_n(k as u32, c.len()));
             }
             let pad = t - v.len();
             ids.extend(std::iter::repeat_n(pad_id, pad));

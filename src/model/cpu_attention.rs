@@ -14,6 +14,8 @@
 //! dV_j += p_j dO, dP_j = dO · V_j, dS_j = p_j (dP_j − Σ_k p_k dP_k),
 //! dQ = scale Σ_j dS_j K_j, dK_j += scale dS_j Q.
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
 use super::cpu_threads::{for_each_unit, SharedOut};
@@ -22,6 +24,9 @@ use super::skinny_matmul::dot;
 /// A mask entry at or below this is a masked key (the model uses −1e9): its
 /// score is the mask itself, without the dot product, and its probability 0.
 const MASKED_BELOW: f32 = -1e8;
+
+/// Forward work items to aim for (units split by rows when there are fewer).
+const FORWARD_PARTS: usize = 8;
 
 /// Whether the CPU attention applies: f32 tensors on the CPU.
 pub fn applies(q: &Tensor) -> bool {
@@ -112,38 +117,43 @@ impl<'a> Unit<'a> {
                 if mrow[j] <= MASKED_BELOW { mrow[j] } else { dot(qrow, self.k.row(bi, h, j)) * self.scale + mrow[j] };
             max = max.max(*sc);
         }
+        // A masked key's probability is exactly 0 (exp underflows) unless the whole row
+        // is masked (a padding query: uniform). Writing the 0 skips libm's slow
+        // underflow path, which packed rows (many masked keys per query) made costly.
+        let any_visible = max > MASKED_BELOW;
         let mut sum = 0f32;
         for sc in p.iter_mut() {
-            *sc = (*sc - max).exp();
+            *sc = if any_visible && *sc <= MASKED_BELOW { 0.0 } else { (*sc - max).exp() };
             sum += *sc;
         }
         let inv = 1.0 / sum;
         p.iter_mut().for_each(|x| *x *= inv);
     }
 
-    /// Output rows of unit u into `out` (its R × D block).
-    fn forward(&self, u: usize, out: &mut [f32]) {
+    /// Output rows `rows` of unit u (a sequence and key/value head) into `out`
+    /// (those rows' block of its R × D).
+    fn forward(&self, u: usize, rows: Range<usize>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2.
-            return unsafe { self.forward_avx2(u, out) };
+            return unsafe { self.forward_avx2(u, rows, out) };
         }
-        self.forward_any(u, out)
+        self.forward_any(u, rows, out)
     }
 
     /// The same code compiled for AVX2: its loops vectorize twice as wide. (No FMA:
     /// the arithmetic, hence every bit of the result, is the same on either path.)
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn forward_avx2(&self, u: usize, out: &mut [f32]) {
-        self.forward_any(u, out)
+    unsafe fn forward_avx2(&self, u: usize, rows: Range<usize>, out: &mut [f32]) {
+        self.forward_any(u, rows, out)
     }
 
     #[inline(always)]
-    fn forward_any(&self, u: usize, out: &mut [f32]) {
+    fn forward_any(&self, u: usize, rows: Range<usize>, out: &mut [f32]) {
         let (bi, h) = (u / self.hkv, u % self.hkv);
         let mut p = vec![0f32; self.s];
-        for (row, o) in out.chunks_exact_mut(self.d).enumerate() {
+        for (row, o) in rows.zip(out.chunks_exact_mut(self.d)) {
             self.probs(bi, h, row, &mut p);
             for (j, &pj) in p.iter().enumerate() {
                 if pj != 0.0 {
@@ -239,8 +249,18 @@ impl CustomOp3 for Attention {
         );
         let mut out = vec![0f32; b * hkv * r * d];
         let shared = SharedOut::new(&mut out);
-        // SAFETY: unit u writes only its own R × D block.
-        for_units(b * hkv, r * s * d, |u| unit.forward(u, unsafe { shared.part(u * r * d, r * d) }));
+        // Rows are independent in the forward: split each unit's rows into parts when
+        // there are few units (one packed GRPO row × 3 key/value heads on 2 threads
+        // would leave a thread idle a third of the time). Same arithmetic per row.
+        let parts = FORWARD_PARTS.div_ceil(b * hkv).clamp(1, r.max(1));
+        let per = r.div_ceil(parts);
+        // SAFETY: part w writes only its rows' block of its unit's R × D.
+        for_units(b * hkv * parts, per * s * d, |w| {
+            let (u, part) = (w / parts, w % parts);
+            let rows = (part * per).min(r)..((part + 1) * per).min(r);
+            let out = unsafe { shared.part((u * r + rows.start) * d, rows.len() * d) };
+            unit.forward(u, rows, out)
+        });
         Ok((CpuStorage::F32(out), Shape::from((b, hkv, r, d))))
     }
 

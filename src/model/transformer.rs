@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Result, Tensor, Var, D};
 use rand::SeedableRng;
 use rand_distr::Distribution;
 
-use super::batch::Batch;
+use super::batch::{Batch, SHARED_PREFIX};
 use super::checkpointing::checkpointed;
 use super::config::Config;
 use super::grads::GradSink;
@@ -286,7 +286,8 @@ impl Transformer {
     }
 
     /// Additive attention bias [B, 1, T, S]: query i (absolute index `offset + i`)
-    /// sees key j when j ≤ offset + i and key j is a real token (of the same segment when packed).
+    /// sees key j when j ≤ offset + i and key j is a real token (of the same
+    /// segment when packed, or of a shared prefix).
     fn mask(&self, key_valid: &[Vec<bool>], segments: Option<&[Vec<u32>]>, offset: usize, t: usize) -> Result<Tensor> {
         let b = key_valid.len();
         let s = offset + t;
@@ -295,7 +296,7 @@ impl Transformer {
             let seg = segments.map(|x| &x[r]);
             for i in 0..t {
                 for (j, &ok) in row.iter().enumerate().take(s) {
-                    let same = seg.is_none_or(|sg| sg[j] == sg[offset + i]);
+                    let same = seg.is_none_or(|sg| sg[j] == sg[offset + i] || sg[j] == SHARED_PREFIX);
                     m.push(if ok && same && j <= offset + i { 0.0 } else { MASKED });
                 }
             }
@@ -384,13 +385,40 @@ impl Transformer {
         let (b, _, hd) = h.dims3()?;
         let h = h.narrow(1, start, len)?.reshape((b * len, hd))?;
         let targets = batch.ids.narrow(1, start + 1, len)?.flatten_all()?;
+        self.target_logprobs(&h, &targets, temperature, pass)?.reshape((b, len))
+    }
+
+    /// log π of `targets[i]` as predicted at flat position `at[i]` (row × T + t)
+    /// of `batch`: [N]. For layouts where the predicting positions are not one
+    /// range per row (a shared prompt predicts the first token of every
+    /// completion after it). Same chunked projection and temperature as
+    /// [`Self::next_token_logprobs_range`].
+    pub fn logprobs_at(
+        &self,
+        batch: &Batch,
+        at: &[u32],
+        targets: &[u32],
+        temperature: f64,
+        pass: Pass,
+    ) -> Result<Tensor> {
+        let h = self.hidden(batch, pass)?;
+        let (b, t, hd) = h.dims3()?;
+        let at_t = Tensor::from_slice(at, at.len(), &self.device)?;
+        let h = h.reshape((b * t, hd))?.index_select(&at_t, 0)?;
+        let targets = Tensor::from_slice(targets, targets.len(), &self.device)?;
+        self.target_logprobs(&h, &targets, temperature, pass)
+    }
+
+    /// log π of `targets` [N] from final hidden states `h` [N, H] through the
+    /// head, in chunks with their own backward.
+    fn target_logprobs(&self, h: &Tensor, targets: &Tensor, temperature: f64, pass: Pass) -> Result<Tensor> {
         let head = self.head();
         // An f32 master used as is: its gradient goes straight into the accumulator.
         let direct = (pass.grad && head.trainable() && self.compute_dtype == DType::F32)
             .then(|| WeightGrad { var: head.var.clone(), sink: self.sink.clone() });
         let w = if direct.is_some() { head.get(Pass { grad: false, ..pass })? } else { head.get(pass)? };
-        let lp = logprobs_from_hidden(&h, &w, &targets, temperature, direct)?;
-        lp.to_dtype(self.logits_dtype())?.reshape((b, len))
+        let lp = logprobs_from_hidden(h, &w, targets, temperature, direct)?;
+        lp.to_dtype(self.logits_dtype())
     }
 
     /// Differentiate `loss` (built by training passes) and add the trainable
