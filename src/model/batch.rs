@@ -48,32 +48,13 @@ impl Batch {
     /// Several sequences packed per row (right-padded to a common length): each
     /// restarts its positions and attends only to itself.
     pub fn packed(rows: &[Vec<Vec<u32>>], pad_id: u32, device: &Device) -> Result<Batch> {
-        let t = rows.iter().map(|r| r.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
-        let (mut ids, mut pos, mut valid, mut segments) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for r in rows {
-            let (mut v, mut seg) = (Vec::with_capacity(t), Vec::with_capacity(t));
-            for (k, s) in r.iter().enumerate() {
-                ids.extend(s);
-                pos.extend(0..s.len() as u32);
-                v.extend(std::iter::repeat_n(true, s.len()));
-                seg.extend(std::iter::repeat_n(k as u32, s.len()));
-            }
-            let pad = t - v.len();
-            ids.extend(std::iter::repeat_n(pad_id, pad));
-            pos.extend(std::iter::repeat_n(0u32, pad));
-            v.extend(std::iter::repeat_n(false, pad));
-            seg.extend(std::iter::repeat_n(u32::MAX, pad));
-            valid.push(v);
-            segments.push(seg);
-        }
-        let b = rows.len();
-        Ok(Batch {
-            ids: Tensor::from_vec(ids, (b, t), device)?,
-            positions: Tensor::from_vec(pos, (b, t), device)?,
-            pad_left: vec![0; b],
-            valid,
-            segments: Some(segments),
-        })
+        let pieces = rows
+            .iter()
+            .map(|r| {
+                r.iter().enumerate().map(|(k, s)| Piece { ids: s, segment: k as u32, first_position: 0 }).collect()
+            })
+            .collect();
+        Batch::from_pieces(pieces, pad_id, device)
     }
 
     /// Rows of one prefix followed by several continuations (right-padded to a
@@ -82,20 +63,34 @@ impl Batch {
     /// what it would see alone after the prefix, while the prefix is computed
     /// once (GRPO: a prompt and its group's completions).
     pub fn shared_prefix(rows: &[(Vec<u32>, Vec<Vec<u32>>)], pad_id: u32, device: &Device) -> Result<Batch> {
-        let t = rows.iter().map(|(p, cs)| p.len() + cs.iter().map(Vec::len).sum::<usize>()).max().unwrap_or(0);
+        let pieces = rows
+            .iter()
+            .map(|(prefix, continuations)| {
+                let after = prefix.len() as u32;
+                std::iter::once(Piece { ids: prefix, segment: SHARED_PREFIX, first_position: 0 })
+                    .chain(continuations.iter().enumerate().map(|(k, c)| Piece {
+                        ids: c,
+                        segment: k as u32,
+                        first_position: after,
+                    }))
+                    .collect()
+            })
+            .collect();
+        Batch::from_pieces(pieces, pad_id, device)
+    }
+
+    /// Rows made of pieces laid end to end, right-padded to a common length.
+    fn from_pieces(rows: Vec<Vec<Piece>>, pad_id: u32, device: &Device) -> Result<Batch> {
+        let t = rows.iter().map(|r| r.iter().map(|p| p.ids.len()).sum::<usize>()).max().unwrap_or(0);
         let (mut ids, mut pos, mut valid, mut segments) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (prefix, continuations) in rows {
+        for r in &rows {
             let (mut v, mut seg) = (Vec::with_capacity(t), Vec::with_capacity(t));
-            let p = prefix.len() as u32;
-            ids.extend(prefix);
-            pos.extend(0..p);
-            v.extend(std::iter::repeat_n(true, prefix.len()));
-            seg.extend(std::iter::repeat_n(SHARED_PREFIX, prefix.len()));
-            for (k, c) in continuations.iter().enumerate() {
-                ids.extend(c);
-                pos.extend(p..p + c.len() as u32);
-                v.extend(std::iter::repeat_n(true, c.len()));
-                seg.extend(std::iter::repeat_n(k as u32, c.len()));
+            for p in r {
+                let n = p.ids.len();
+                ids.extend(p.ids);
+                pos.extend(p.first_position..p.first_position + n as u32);
+                v.extend(std::iter::repeat_n(true, n));
+                seg.extend(std::iter::repeat_n(p.segment, n));
             }
             let pad = t - v.len();
             ids.extend(std::iter::repeat_n(pad_id, pad));
@@ -137,4 +132,12 @@ impl Batch {
             segments: None,
         })
     }
+}
+
+/// A run of tokens in a packed row: its segment (who may attend to it) and the
+/// position of its first token.
+struct Piece<'a> {
+    ids: &'a [u32],
+    segment: u32,
+    first_position: u32,
 }

@@ -13,7 +13,7 @@ use super::training::{self, open_trainable, TrainingArgs};
 use crate::common::{typed, ParamError};
 use crate::data::jsonl;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
-use crate::rollout::ServerConfig;
+use crate::rollout::{Client, ServerConfig};
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
 use crate::train::optim::Schedule;
 use crate::train::rollout_sync::RolloutServer;
@@ -198,7 +198,7 @@ impl StageKind for Grpo {
         let mut algo = GrpoAlgorithm::new(p.grpo, hp.clone(), &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?;
         if let Some(rc) = &p.rollout {
             let server = RolloutServer::new(
-                rollout_param::client(ctx, rc)?,
+                Client::new(rc, ctx.cancel.clone())?,
                 rollout_param::adapter_dir(ctx, rc)?,
                 rollout_param::adapter_prefix(ctx),
                 p.training.model.clone(),

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::common::{typed, ParamError};
 use crate::pipeline::StageContext;
-use crate::rollout::{Client, ServerConfig};
+use crate::rollout::ServerConfig;
 
 /// The server settings under `key`, checked; `None` when absent.
 pub fn check(params: &Value, key: &str) -> Result<Option<ServerConfig>, Vec<ParamError>> {
@@ -46,11 +46,6 @@ pub fn fingerprint_params(params: &Value, key: &str) -> Value {
         }
     }
     p
-}
-
-/// A client for the stage, stopped by the stage's cancellation.
-pub fn client(ctx: &StageContext, cfg: &ServerConfig) -> Result<Client> {
-    Client::new(cfg, ctx.cancel.clone())
 }
 
 /// Where LoRA adapters are written for the server: `adapter_dir` (absolute, as

@@ -454,10 +454,6 @@ impl<'a> GrpoAlgorithm<'a> {
         self
     }
 
-    pub fn server(&self) -> Option<&RolloutServer> {
-        self.server.as_ref()
-    }
-
     fn prompts_per_round(&self) -> usize {
         self.hp.per_step() / self.cfg.num_generations
     }

@@ -27,13 +27,11 @@ pub struct RolloutServer {
     pub base_model: String,
     /// The adapter the server holds now: (step, name).
     loaded: Option<(u64, String)>,
-    /// Adapters handed over so far (names), for the logs and the tests.
-    pub handed_over: Vec<String>,
 }
 
 impl RolloutServer {
     pub fn new(client: Client, adapter_dir: PathBuf, name_prefix: String, base_model: String) -> RolloutServer {
-        RolloutServer { client, adapter_dir, name_prefix, base_model, loaded: None, handed_over: Vec::new() }
+        RolloutServer { client, adapter_dir, name_prefix, base_model, loaded: None }
     }
 
     /// A sampler of the policy as it is after `step` optimizer steps, handing
@@ -72,7 +70,6 @@ impl RolloutServer {
             }
             let _ = std::fs::remove_dir_all(self.adapter_dir.join(&old));
         }
-        self.handed_over.push(name);
         Ok(())
     }
 }
