@@ -1,14 +1,37 @@
 //! Scaled dot-product attention on the CPU as one op with a hand-written
 //! backward: scores, mask, softmax and the weighted sum of values per
-//! (sequence, key/value head), reading keys and values through their strides
-//! (straight out of the KV cache when decoding).
+//! (sequence, key/value head, query position), reading keys and values
+//! through their strides (straight out of the KV cache when decoding).
 //!
 //! Why by hand: composed from candle ops, attention allocates half a dozen
 //! [B, H, T, S] tensors forward and, with candle's zero-then-add gradient
 //! accumulation, three times as many backward: 4 of the 10 seconds of a
 //! SmolLM2 training step of 4 × 256 tokens, and at decode time a tangle of
 //! tiny batched gemm calls. Here nothing [T, S]-sized is ever stored: the
-//! backward recomputes each row's probabilities, as flash attention does.
+//! backward recomputes each position's probabilities, as flash attention does.
+//!
+//! How the work is laid out, and why:
+//! - Only visible keys are touched. The mask rows are read once per call into
+//!   runs of visible keys; a query of a packed GRPO row (a shared prompt, then
+//!   completions that each see the prompt and themselves) visits its prompt
+//!   and its own completion, not the other completions.
+//! - The `rep` query heads that share a key/value head at one position also
+//!   share its mask row, so they are computed together: each key or value row
+//!   loaded from cache feeds every head of the group (register tiles of heads
+//!   × keys for the scores, heads × head-dim for the weighted sums), and a
+//!   position's outputs are accumulated in registers, not in memory.
+//! - Work items are (sequence, key/value head, every n-th position), enough of
+//!   them to keep every thread busy when there are few heads (a packed GRPO
+//!   row has one sequence and 2–3 key/value heads). Positions are interleaved
+//!   so that causal rows, whose cost grows with the position, balance.
+//!
+//! Every score is the same dot product (8-lane FMA partial sums over the head
+//! dimension in order, then a fixed reduction tree) and every weighted sum
+//! runs over the visible keys in order, whatever the batch, the padding, the
+//! tiling or the thread split: a sequence gets bitwise the same attention
+//! alone or in a batch. The key/value gradients of one key/value head are
+//! summed over a fixed number of position classes in a fixed order, so
+//! training is deterministic too.
 //!
 //! Backward, per query row with probabilities p and output gradient dO:
 //! dV_j += p_j dO, dP_j = dO · V_j, dS_j = p_j (dP_j − Σ_k p_k dP_k),
@@ -21,12 +44,12 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor}
 use super::cpu_threads::{for_each_unit, SharedOut};
 use super::skinny_matmul::dot;
 
-/// A mask entry at or below this is a masked key (the model uses −1e9): its
-/// score is the mask itself, without the dot product, and its probability 0.
+/// A mask entry at or below this is a masked key (the model uses −1e9).
 const MASKED_BELOW: f32 = -1e8;
 
-/// Forward work items to aim for (units split by rows when there are fewer).
-const FORWARD_PARTS: usize = 8;
+/// Work items to aim for per call: (sequence, key/value head) units are split
+/// into interleaved position classes until there are at least this many.
+const WORK_ITEMS: usize = 16;
 
 /// Whether the CPU attention applies: f32 tensors on the CPU.
 pub fn applies(q: &Tensor) -> bool {
@@ -75,7 +98,14 @@ impl<'a> Rows<'a> {
         if l.dims().len() != 4 || st[3] != 1 {
             candle_core::bail!("cpu attention: expected rank 4 with a contiguous last dimension, got {l:?}");
         }
-        Ok(Rows { data, offset: l.start_offset(), stride: [st[0], st[1], st[2]], d: l.dims()[3] })
+        let rows = Rows { data, offset: l.start_offset(), stride: [st[0], st[1], st[2]], d: l.dims()[3] };
+        // Every row the kernels may touch lies inside `data` (they read through raw pointers).
+        let dims = l.dims();
+        let last = rows.offset + (0..3).map(|i| dims[i].saturating_sub(1) * st[i]).sum::<usize>() + rows.d;
+        if dims.iter().all(|&n| n > 0) && last > data.len() {
+            candle_core::bail!("cpu attention: layout {l:?} reaches past its storage");
+        }
+        Ok(rows)
     }
 
     #[inline(always)]
@@ -83,140 +113,254 @@ impl<'a> Rows<'a> {
         let o = self.offset + a * self.stride[0] + b * self.stride[1] + c * self.stride[2];
         &self.data[o..o + self.d]
     }
+
+    /// Row `c0` of (a, b) and the distance between consecutive rows: a run of
+    /// keys `c0..c0 + n` is `n` rows from there (bounds checked by `row`).
+    #[inline(always)]
+    fn run(&self, a: usize, b: usize, c0: usize, n: usize) -> (*const f32, usize) {
+        if n > 0 {
+            let _ = self.row(a, b, c0 + n - 1);
+        }
+        (self.row(a, b, c0).as_ptr(), self.stride[2])
+    }
 }
 
-/// The shapes of one call, and the kernels over one (sequence, head) unit.
+/// The visible keys of every query position: runs of consecutive keys whose
+/// mask entry is above [`MASKED_BELOW`], read once per call.
+struct Visibility {
+    runs: Vec<Range<usize>>,
+    /// `runs[starts[bt]..starts[bt + 1]]` are the runs of (sequence, position) bt.
+    starts: Vec<usize>,
+}
+
+impl Visibility {
+    fn of(mask: &[f32], bt: usize, s: usize) -> Visibility {
+        let (mut runs, mut starts) = (Vec::new(), Vec::with_capacity(bt + 1));
+        for row in mask[..bt * s].chunks_exact(s) {
+            starts.push(runs.len());
+            let mut j = 0;
+            while j < s {
+                if row[j] > MASKED_BELOW {
+                    let start = j;
+                    while j < s && row[j] > MASKED_BELOW {
+                        j += 1;
+                    }
+                    runs.push(start..j);
+                } else {
+                    j += 1;
+                }
+            }
+        }
+        starts.push(runs.len());
+        Visibility { runs, starts }
+    }
+
+    fn of_row(&self, bt: usize) -> &[Range<usize>] {
+        &self.runs[self.starts[bt]..self.starts[bt + 1]]
+    }
+}
+
+/// The shapes of one call, and the kernels over one (sequence, head, position).
 struct Unit<'a> {
     q: Rows<'a>,
     k: Rows<'a>,
     v: Rows<'a>,
     mask: &'a [f32],
+    visible: Visibility,
+    /// One run of every key: what a fully masked query row (a padding position)
+    /// attends to, each key weighted by its mask alone (uniform for an all-equal
+    /// mask, as the composed ops give; never NaN).
+    all_keys: [Range<usize>; 1],
     hkv: usize,
+    rep: usize,
     t: usize,
     s: usize,
     d: usize,
     scale: f32,
 }
 
+/// Per-thread buffers of one work item, sized for a whole position.
+struct Scratch {
+    /// Per head: scores, then probabilities, of the position's visible keys.
+    p: Vec<f32>,
+    /// Per head: dO · V_j (backward).
+    dp: Vec<f32>,
+}
+
 impl<'a> Unit<'a> {
     /// The kernels' view of one call: q [B, Hkv, R, D], k and v [B, Hkv, S, D],
     /// the [B, 1, T, S] mask from its first element.
     #[allow(clippy::too_many_arguments)]
-    fn new(q: Rows<'a>, k: Rows<'a>, v: Rows<'a>, mask: &'a [f32], hkv: usize, t: usize, s: usize, scale: f32) -> Self {
-        Unit { q, k, v, mask, hkv, t, s, d: q.d, scale }
+    fn new(
+        q: Rows<'a>,
+        k: Rows<'a>,
+        v: Rows<'a>,
+        mask: &'a [f32],
+        b: usize,
+        hkv: usize,
+        r: usize,
+        t: usize,
+        s: usize,
+        scale: f32,
+    ) -> Self {
+        let visible = Visibility::of(mask, b * t, s);
+        #[allow(clippy::single_range_in_vec_init)] // one run: keys 0..s
+        let all_keys = [0..s];
+        Unit { q, k, v, mask, visible, all_keys, hkv, rep: r / t, t, s, d: q.d, scale }
     }
 
-    /// Normalized attention probabilities of query `row` of unit (bi, h) into `p`.
-    #[inline(always)]
-    fn probs(&self, bi: usize, h: usize, row: usize, p: &mut [f32]) {
-        let qrow = self.q.row(bi, h, row);
-        let mrow = &self.mask[(bi * self.t + row % self.t) * self.s..][..self.s];
-        let mut max = f32::NEG_INFINITY;
-        for (j, sc) in p.iter_mut().enumerate() {
-            *sc =
-                if mrow[j] <= MASKED_BELOW { mrow[j] } else { dot(qrow, self.k.row(bi, h, j)) * self.scale + mrow[j] };
-            max = max.max(*sc);
+    /// The runs of keys position `pos` of sequence `bi` attends to, and whether it
+    /// is fully masked (then every key, weighted by its mask alone), and their count.
+    fn runs(&self, bi: usize, pos: usize) -> (&[Range<usize>], bool, usize) {
+        let visible = self.visible.of_row(bi * self.t + pos);
+        let (runs, all) = if visible.is_empty() { (&self.all_keys[..], true) } else { (visible, false) };
+        (runs, all, runs.iter().map(|r| r.len()).sum())
+    }
+
+    /// Query rows of the `rep` heads at `pos`, as pointers (for the kernels).
+    fn heads(&self, x: Rows, bi: usize, h: usize, pos: usize) -> Vec<*const f32> {
+        (0..self.rep).map(|g| x.row(bi, h, g * self.t + pos).as_ptr()).collect()
+    }
+
+    /// Normalized probabilities [rep × n] of position `pos`'s visible keys into `p`.
+    fn probs(&self, bi: usize, h: usize, pos: usize, runs: &[Range<usize>], all: bool, p: &mut [f32]) {
+        let n = p.len() / self.rep;
+        let mrow = &self.mask[(bi * self.t + pos) * self.s..][..self.s];
+        if all {
+            for ph in p.chunks_exact_mut(n) {
+                ph.copy_from_slice(mrow);
+            }
+        } else {
+            let qs = self.heads(self.q, bi, h, pos);
+            let mut at = 0;
+            for run in runs {
+                let (k0, ks) = self.k.run(bi, h, run.start, run.len());
+                // SAFETY: the rows of q and k are in bounds (`heads`, `run`), each head's
+                // block of `p` holds n ≥ at + run.len() entries.
+                unsafe { kernels::dots(&qs, k0, ks, run.len(), self.d, p.as_mut_ptr().add(at), n) };
+                let m = &mrow[run.clone()];
+                for ph in p.chunks_exact_mut(n) {
+                    for (x, &mv) in ph[at..at + run.len()].iter_mut().zip(m) {
+                        *x = *x * self.scale + mv;
+                    }
+                }
+                at += run.len();
+            }
         }
-        // A masked key's probability is exactly 0 (exp underflows) unless the whole row
-        // is masked (a padding query: uniform). Writing the 0 skips libm's slow
-        // underflow path, which packed rows (many masked keys per query) made costly.
-        let any_visible = max > MASKED_BELOW;
-        let mut sum = 0f32;
-        for sc in p.iter_mut() {
-            *sc = if any_visible && *sc <= MASKED_BELOW { 0.0 } else { (*sc - max).exp() };
-            sum += *sc;
+        for ph in p.chunks_exact_mut(n) {
+            let max = ph.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0f32;
+            for x in ph.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            let inv = 1.0 / sum;
+            ph.iter_mut().for_each(|x| *x *= inv);
         }
-        let inv = 1.0 / sum;
-        p.iter_mut().for_each(|x| *x *= inv);
     }
 
-    /// Output rows `rows` of unit u (a sequence and key/value head) into `out`
-    /// (those rows' block of its R × D).
-    fn forward(&self, u: usize, rows: Range<usize>, out: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { self.forward_avx2(u, rows, out) };
+    /// `out_g += Σ_j c[g][j] x_j` over the keys of `runs`, for every head g.
+    ///
+    /// # Safety
+    /// `out` rows (D floats each) belong to this work item alone.
+    unsafe fn gather(&self, x: Rows, bi: usize, h: usize, runs: &[Range<usize>], c: &[f32], out: &[*mut f32]) {
+        let n = c.len() / self.rep;
+        let mut at = 0;
+        for run in runs {
+            let (x0, xs) = x.run(bi, h, run.start, run.len());
+            kernels::axpys(c.as_ptr().add(at), n, x0, xs, run.len(), self.d, out);
+            at += run.len();
         }
-        self.forward_any(u, rows, out)
     }
 
-    /// The same code compiled for AVX2: its loops vectorize twice as wide. (No FMA:
-    /// the arithmetic, hence every bit of the result, is the same on either path.)
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn forward_avx2(&self, u: usize, rows: Range<usize>, out: &mut [f32]) {
-        self.forward_any(u, rows, out)
-    }
-
-    #[inline(always)]
-    fn forward_any(&self, u: usize, rows: Range<usize>, out: &mut [f32]) {
+    /// Output rows of the positions `positions` of unit u (a sequence and key/value head).
+    ///
+    /// # Safety
+    /// `out` is the [B, Hkv, R, D] output; only this call writes these positions' rows.
+    unsafe fn forward(&self, u: usize, positions: impl Iterator<Item = usize>, out: SharedOut<f32>, sc: &mut Scratch) {
         let (bi, h) = (u / self.hkv, u % self.hkv);
-        let mut p = vec![0f32; self.s];
-        for (row, o) in rows.zip(out.chunks_exact_mut(self.d)) {
-            self.probs(bi, h, row, &mut p);
-            for (j, &pj) in p.iter().enumerate() {
-                if pj != 0.0 {
-                    axpy(pj, self.v.row(bi, h, j), o);
-                }
-            }
+        for pos in positions {
+            let (runs, all, n) = self.runs(bi, pos);
+            sc.p.resize(self.rep * n, 0.0);
+            self.probs(bi, h, pos, runs, all, &mut sc.p);
+            let rows: Vec<*mut f32> =
+                (0..self.rep).map(|g| out.ptr().add(((u * self.rep + g) * self.t + pos) * self.d)).collect();
+            self.gather(self.v, bi, h, runs, &sc.p, &rows);
         }
     }
 
-    /// Gradients of unit u: `dq` its R × D block, `dk`, `dv` its S × D blocks.
-    fn backward(&self, u: usize, grad: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2.
-            return unsafe { self.backward_avx2(u, grad, dq, dk, dv) };
-        }
-        self.backward_any(u, grad, dq, dk, dv)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn backward_avx2(&self, u: usize, grad: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
-        self.backward_any(u, grad, dq, dk, dv)
-    }
-
-    #[inline(always)]
-    fn backward_any(&self, u: usize, grad: Rows, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]) {
+    /// Gradients of the positions `positions` of unit u: their rows of `dq`, and
+    /// their contributions added to `dk`, `dv` (the unit's S × D blocks, or a
+    /// partial sum of them that only this work item writes).
+    ///
+    /// # Safety
+    /// `dq` is the [B, Hkv, R, D] gradient, whose rows of these positions only
+    /// this call writes; `dk`, `dv` point at S × D blocks only this call writes.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn backward(
+        &self,
+        u: usize,
+        positions: impl Iterator<Item = usize>,
+        grad: Rows,
+        dq: SharedOut<f32>,
+        dk: *mut f32,
+        dv: *mut f32,
+        sc: &mut Scratch,
+    ) {
         let (bi, h) = (u / self.hkv, u % self.hkv);
-        let (mut p, mut dp) = (vec![0f32; self.s], vec![0f32; self.s]);
-        for (row, dqr) in dq.chunks_exact_mut(self.d).enumerate() {
-            self.probs(bi, h, row, &mut p);
-            let g = grad.row(bi, h, row);
-            let mut delta = 0f32;
-            for (j, (&pj, dpj)) in p.iter().zip(dp.iter_mut()).enumerate() {
-                if pj != 0.0 {
-                    *dpj = dot(g, self.v.row(bi, h, j));
-                    delta += pj * *dpj;
-                    axpy(pj, g, &mut dv[j * self.d..][..self.d]);
+        for pos in positions {
+            let (runs, all, n) = self.runs(bi, pos);
+            sc.p.resize(self.rep * n, 0.0);
+            sc.dp.resize(self.rep * n, 0.0);
+            self.probs(bi, h, pos, runs, all, &mut sc.p);
+            let gs = self.heads(grad, bi, h, pos);
+            // dP_j = dO · V_j for every visible key.
+            let mut at = 0;
+            for run in runs {
+                let (v0, vs) = self.v.run(bi, h, run.start, run.len());
+                kernels::dots(&gs, v0, vs, run.len(), self.d, sc.dp.as_mut_ptr().add(at), n);
+                at += run.len();
+            }
+            // dV_j += Σ_g p_gj dO_g
+            self.scatter(runs, &sc.p, &gs, dv);
+            // A fully masked row (padding, whose output nothing reads) takes the
+            // gradient of the composed ops, softmax(q·k·scale + mask) over every key.
+            // dS = p (dP − Σ p dP) · scale, kept in dp.
+            for (ph, dph) in sc.p.chunks_exact(n).zip(sc.dp.chunks_exact_mut(n)) {
+                let delta: f32 = ph.iter().zip(dph.iter()).map(|(a, b)| a * b).sum();
+                for (x, &pj) in dph.iter_mut().zip(ph) {
+                    *x = pj * (*x - delta) * self.scale;
                 }
             }
-            let qrow = self.q.row(bi, h, row);
-            for (j, (&pj, &dpj)) in p.iter().zip(&dp).enumerate() {
-                if pj != 0.0 {
-                    let ds = pj * (dpj - delta) * self.scale;
-                    axpy(ds, self.k.row(bi, h, j), dqr);
-                    axpy(ds, qrow, &mut dk[j * self.d..][..self.d]);
-                }
-            }
+            let rows: Vec<*mut f32> =
+                (0..self.rep).map(|g| dq.ptr().add(((u * self.rep + g) * self.t + pos) * self.d)).collect();
+            self.gather(self.k, bi, h, runs, &sc.dp, &rows);
+            let qs = self.heads(self.q, bi, h, pos);
+            self.scatter(runs, &sc.dp, &qs, dk);
+        }
+    }
+
+    /// `dst_j += Σ_g c[g][j] x_g` for every visible key j (dst: an S × D block).
+    unsafe fn scatter(&self, runs: &[Range<usize>], c: &[f32], xs: &[*const f32], dst: *mut f32) {
+        let n = c.len() / self.rep;
+        let mut at = 0;
+        for run in runs {
+            kernels::rank_updates(c.as_ptr().add(at), n, xs, run.len(), self.d, dst.add(run.start * self.d));
+            at += run.len();
         }
     }
 }
 
-/// y += a·x
-#[inline(always)]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (ye, xe) in y.iter_mut().zip(x) {
-        *ye += a * xe;
+impl Scratch {
+    fn new() -> Scratch {
+        Scratch { p: Vec::new(), dp: Vec::new() }
     }
 }
 
-/// Run `f(u)` for every (sequence, head) unit, across the CPU threads when worth it.
-fn for_units(units: usize, work_per_unit: usize, f: impl Fn(usize) + Sync) {
-    for_each_unit(units, work_per_unit * units > 1 << 12, |range| range.for_each(&f));
+/// How many interleaved position classes each (sequence, key/value head) unit is
+/// split into: enough work items for every thread, never more classes than positions.
+fn classes(units: usize, t: usize) -> usize {
+    WORK_ITEMS.div_ceil(units.max(1)).clamp(1, t.max(1))
 }
 
 impl CustomOp3 for Attention {
@@ -242,24 +386,23 @@ impl CustomOp3 for Attention {
             Rows::new(s2.as_slice::<f32>()?, l2)?,
             Rows::new(s3.as_slice::<f32>()?, l3)?,
             &mask_cpu.as_slice::<f32>()?[mask_layout.start_offset()..],
+            b,
             hkv,
+            r,
             t,
             s,
             self.scale,
         );
         let mut out = vec![0f32; b * hkv * r * d];
         let shared = SharedOut::new(&mut out);
-        // Rows are independent in the forward: split each unit's rows into parts when
-        // there are few units (one packed GRPO row × 3 key/value heads on 2 threads
-        // would leave a thread idle a third of the time). Same arithmetic per row.
-        let parts = FORWARD_PARTS.div_ceil(b * hkv).clamp(1, r.max(1));
-        let per = r.div_ceil(parts);
-        // SAFETY: part w writes only its rows' block of its unit's R × D.
-        for_units(b * hkv * parts, per * s * d, |w| {
-            let (u, part) = (w / parts, w % parts);
-            let rows = (part * per).min(r)..((part + 1) * per).min(r);
-            let out = unsafe { shared.part((u * r + rows.start) * d, rows.len() * d) };
-            unit.forward(u, rows, out)
+        let classes = classes(b * hkv, t);
+        for_each_unit(b * hkv * classes, r * s * d > 1 << 12, |items| {
+            let mut sc = Scratch::new();
+            for w in items {
+                let (u, class) = (w / classes, w % classes);
+                // SAFETY: item w writes only the rows of its unit's positions ≡ class.
+                unsafe { unit.forward(u, (class..t).step_by(classes), shared, &mut sc) };
+            }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, hkv, r, d))))
     }
@@ -282,24 +425,352 @@ impl CustomOp3 for Attention {
         }
         let rows = |i: usize| Rows::new(slices[i].0, slices[i].1);
         let mask = &slices[4].0[slices[4].1.start_offset()..];
-        let unit = Unit::new(rows(0)?, rows(1)?, rows(2)?, mask, hkv, t, s, self.scale);
+        let unit = Unit::new(rows(0)?, rows(1)?, rows(2)?, mask, b, hkv, r, t, s, self.scale);
         let g = rows(3)?;
-        let (mut dq, mut dk, mut dv) =
-            (vec![0f32; b * hkv * r * d], vec![0f32; b * hkv * s * d], vec![0f32; b * hkv * s * d]);
+        let units = b * hkv;
+        let classes = classes(units, t);
+        let block = s * d;
+        let mut dq = vec![0f32; units * r * d];
+        // Each work item adds its positions' key/value gradients into a block of its
+        // own; with several classes per unit they are summed afterwards in class order.
+        let mut dk = vec![0f32; units * classes * block];
+        let mut dv = vec![0f32; units * classes * block];
         let (pq, pk, pv) = (SharedOut::new(&mut dq), SharedOut::new(&mut dk), SharedOut::new(&mut dv));
-        for_units(b * hkv, 2 * r * s * d, |u| {
-            // SAFETY: unit u writes only its own blocks of dq, dk and dv.
-            let (dq, dk, dv) =
-                unsafe { (pq.part(u * r * d, r * d), pk.part(u * s * d, s * d), pv.part(u * s * d, s * d)) };
-            unit.backward(u, g, dq, dk, dv);
+        for_each_unit(units * classes, r * s * d > 1 << 12, |items| {
+            let mut sc = Scratch::new();
+            for w in items {
+                let (u, class) = (w / classes, w % classes);
+                // SAFETY: item w writes only its positions' rows of dq and its own dk, dv blocks.
+                unsafe {
+                    unit.backward(
+                        u,
+                        (class..t).step_by(classes),
+                        g,
+                        pq,
+                        pk.ptr().add(w * block),
+                        pv.ptr().add(w * block),
+                        &mut sc,
+                    )
+                };
+            }
         });
         drop(locked);
+        let (dk, dv) =
+            if classes == 1 { (dk, dv) } else { (sum_classes(&dk, classes, block), sum_classes(&dv, classes, block)) };
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, (b, hkv, r, d), dev)?),
             Some(Tensor::from_vec(dk, (b, hkv, s, d), dev)?),
             Some(Tensor::from_vec(dv, (b, hkv, s, d), dev)?),
         ))
+    }
+}
+
+/// Blocks [units, classes, len] summed over the classes, in class order: [units, len].
+fn sum_classes(parts: &[f32], classes: usize, len: usize) -> Vec<f32> {
+    let mut out = vec![0f32; parts.len() / classes];
+    for (o, unit) in out.chunks_exact_mut(len).zip(parts.chunks_exact(classes * len)) {
+        for part in unit.chunks_exact(len) {
+            for (a, b) in o.iter_mut().zip(part) {
+                *a += b;
+            }
+        }
+    }
+    out
+}
+
+/// The three inner loops of attention, over a run of consecutive key (or
+/// value) rows and the heads of one position: AVX2 + FMA register tiles when
+/// the CPU has them and the head dimension is a multiple of 8, else plain loops.
+mod kernels {
+    /// `out[g·ld + i] = x_g · k_i` for the heads `xs` and keys `k_i = k0 + i·ks`, i < n.
+    ///
+    /// # Safety
+    /// Every `xs[g]` and `k_i` points at `d` floats; `out` holds `xs.len()` blocks of
+    /// `ld ≥ n` floats.
+    pub unsafe fn dots(xs: &[*const f32], k0: *const f32, ks: usize, n: usize, d: usize, out: *mut f32, ld: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::usable(d) {
+            return avx2::dots(xs, k0, ks, n, d, out, ld);
+        }
+        for (g, &x) in xs.iter().enumerate() {
+            let x = std::slice::from_raw_parts(x, d);
+            for i in 0..n {
+                *out.add(g * ld + i) = super::dot(x, std::slice::from_raw_parts(k0.add(i * ks), d));
+            }
+        }
+    }
+
+    /// `out_g += Σ_i c[g·ld + i] x_i` for the heads' output rows `out` and the rows
+    /// `x_i = x0 + i·xs`, i < n (accumulated in key order).
+    ///
+    /// # Safety
+    /// As [`dots`]; each `out[g]` points at `d` floats nothing else touches meanwhile.
+    pub unsafe fn axpys(c: *const f32, ld: usize, x0: *const f32, xs: usize, n: usize, d: usize, out: &[*mut f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::usable(d) {
+            return avx2::axpys(c, ld, x0, xs, n, d, out);
+        }
+        for (g, &o) in out.iter().enumerate() {
+            let o = std::slice::from_raw_parts_mut(o, d);
+            for i in 0..n {
+                let (w, x) = (*c.add(g * ld + i), std::slice::from_raw_parts(x0.add(i * xs), d));
+                for (oe, xe) in o.iter_mut().zip(x) {
+                    *oe += w * xe;
+                }
+            }
+        }
+    }
+
+    /// `dst_i += Σ_g c[g·ld + i] x_g` for the rows `dst_i = dst + i·d`, i < n.
+    ///
+    /// # Safety
+    /// As [`dots`]; the n rows of `dst` are this call's alone.
+    pub unsafe fn rank_updates(c: *const f32, ld: usize, xs: &[*const f32], n: usize, d: usize, dst: *mut f32) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::usable(d) {
+            return avx2::rank_updates(c, ld, xs, n, d, dst);
+        }
+        for i in 0..n {
+            let row = std::slice::from_raw_parts_mut(dst.add(i * d), d);
+            for (g, &x) in xs.iter().enumerate() {
+                let (w, x) = (*c.add(g * ld + i), std::slice::from_raw_parts(x, d));
+                for (re, xe) in row.iter_mut().zip(x) {
+                    *re += w * xe;
+                }
+            }
+        }
+    }
+
+    /// Heads in groups of at most 3 (the register tiles below hold 3 heads), as
+    /// even as possible: 4 → 2 + 2, 7 → 3 + 2 + 2.
+    pub fn head_groups(rep: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let mut g0 = 0;
+        std::iter::from_fn(move || {
+            let left = rep - g0;
+            let take = match left {
+                0 => return None,
+                4 => 2,
+                l => l.min(3),
+            };
+            g0 += take;
+            Some(g0 - take..g0)
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    // Register tiles index their accumulators by head and vector: loops over indices read best.
+    #[allow(clippy::needless_range_loop)]
+    mod avx2 {
+        use std::arch::x86_64::*;
+
+        pub fn usable(d: usize) -> bool {
+            d.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        }
+
+        /// The sums of the 8 lanes of a, b, c, e, each as ((0+1)+(2+3)) + ((4+5)+(6+7)).
+        #[inline(always)]
+        unsafe fn hsum4(a: __m256, b: __m256, c: __m256, e: __m256) -> [f32; 4] {
+            let abce = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, e));
+            let mut out = [0f32; 4];
+            _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(_mm256_castps256_ps128(abce), _mm256_extractf128_ps(abce, 1)));
+            out
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn dots(xs: &[*const f32], k0: *const f32, ks: usize, n: usize, d: usize, out: *mut f32, ld: usize) {
+            for gr in super::head_groups(xs.len()) {
+                let (x, o) = (&xs[gr.clone()], out.add(gr.start * ld));
+                match gr.len() {
+                    3 => dots_group::<3, 3>(x, k0, ks, n, d, o, ld),
+                    2 => dots_group::<2, 4>(x, k0, ks, n, d, o, ld),
+                    _ => dots_group::<1, 8>(x, k0, ks, n, d, o, ld),
+                }
+            }
+        }
+
+        /// HG heads against the keys KG at a time (HG × KG accumulators), then one at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn dots_group<const HG: usize, const KG: usize>(
+            xs: &[*const f32],
+            k0: *const f32,
+            ks: usize,
+            n: usize,
+            d: usize,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let x: [*const f32; HG] = std::array::from_fn(|g| xs[g]);
+            let mut i = 0;
+            while i + KG <= n {
+                dots_tile::<HG, KG>(&x, k0.add(i * ks), ks, d, out.add(i), ld);
+                i += KG;
+            }
+            while i < n {
+                dots_tile::<HG, 1>(&x, k0.add(i * ks), ks, d, out.add(i), ld);
+                i += 1;
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn dots_tile<const HG: usize, const KG: usize>(
+            x: &[*const f32; HG],
+            k: *const f32,
+            ks: usize,
+            d: usize,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            let mut acc = [[_mm256_setzero_ps(); KG]; HG];
+            let mut p = 0;
+            while p < d {
+                let kv: [__m256; KG] = std::array::from_fn(|c| _mm256_loadu_ps(k.add(c * ks + p)));
+                for g in 0..HG {
+                    let xv = _mm256_loadu_ps(x[g].add(p));
+                    for c in 0..KG {
+                        acc[g][c] = _mm256_fmadd_ps(xv, kv[c], acc[g][c]);
+                    }
+                }
+                p += 8;
+            }
+            let z = _mm256_setzero_ps();
+            for (g, a) in acc.iter().enumerate() {
+                let mut c = 0;
+                while c < KG {
+                    let at = |i: usize| if c + i < KG { a[c + i] } else { z };
+                    let s = hsum4(at(0), at(1), at(2), at(3));
+                    for (i, v) in s.iter().enumerate().take(KG - c) {
+                        *out.add(g * ld + c + i) = *v;
+                    }
+                    c += 4;
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn axpys(c: *const f32, ld: usize, x0: *const f32, xs: usize, n: usize, d: usize, out: &[*mut f32]) {
+            for gr in super::head_groups(out.len()) {
+                let (o, cg) = (&out[gr.clone()], c.add(gr.start * ld));
+                match gr.len() {
+                    3 => axpys_group::<3, 4>(cg, ld, x0, xs, n, d, o),
+                    2 => axpys_group::<2, 6>(cg, ld, x0, xs, n, d, o),
+                    _ => axpys_group::<1, 8>(cg, ld, x0, xs, n, d, o),
+                }
+            }
+        }
+
+        /// HG output rows, DC vectors of the head dimension at a time held in registers
+        /// across all n keys, then the leftover vectors one at a time.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn axpys_group<const HG: usize, const DC: usize>(
+            c: *const f32,
+            ld: usize,
+            x0: *const f32,
+            xs: usize,
+            n: usize,
+            d: usize,
+            out: &[*mut f32],
+        ) {
+            let o: [*mut f32; HG] = std::array::from_fn(|g| out[g]);
+            let mut p = 0;
+            while p + DC * 8 <= d {
+                axpys_tile::<HG, DC>(c, ld, x0.add(p), xs, n, &o, p);
+                p += DC * 8;
+            }
+            while p < d {
+                axpys_tile::<HG, 1>(c, ld, x0.add(p), xs, n, &o, p);
+                p += 8;
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn axpys_tile<const HG: usize, const DC: usize>(
+            c: *const f32,
+            ld: usize,
+            x: *const f32,
+            xs: usize,
+            n: usize,
+            o: &[*mut f32; HG],
+            p: usize,
+        ) {
+            let mut acc: [[__m256; DC]; HG] =
+                std::array::from_fn(|g| std::array::from_fn(|v| _mm256_loadu_ps(o[g].add(p + v * 8))));
+            for i in 0..n {
+                let xi = x.add(i * xs);
+                let w: [__m256; HG] = std::array::from_fn(|g| _mm256_broadcast_ss(&*c.add(g * ld + i)));
+                for v in 0..DC {
+                    let xv = _mm256_loadu_ps(xi.add(v * 8));
+                    for g in 0..HG {
+                        acc[g][v] = _mm256_fmadd_ps(w[g], xv, acc[g][v]);
+                    }
+                }
+            }
+            for g in 0..HG {
+                for v in 0..DC {
+                    _mm256_storeu_ps(o[g].add(p + v * 8), acc[g][v]);
+                }
+            }
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        pub unsafe fn rank_updates(c: *const f32, ld: usize, xs: &[*const f32], n: usize, d: usize, dst: *mut f32) {
+            for gr in super::head_groups(xs.len()) {
+                let (x, cg) = (&xs[gr.clone()], c.add(gr.start * ld));
+                match gr.len() {
+                    3 => rank_group::<3, 2>(cg, ld, x, n, d, dst),
+                    2 => rank_group::<2, 4>(cg, ld, x, n, d, dst),
+                    _ => rank_group::<1, 4>(cg, ld, x, n, d, dst),
+                }
+            }
+        }
+
+        /// The HG heads' DC vectors held in registers while every key row is updated.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn rank_group<const HG: usize, const DC: usize>(
+            c: *const f32,
+            ld: usize,
+            xs: &[*const f32],
+            n: usize,
+            d: usize,
+            dst: *mut f32,
+        ) {
+            let mut p = 0;
+            while p + DC * 8 <= d {
+                rank_tile::<HG, DC>(c, ld, xs, n, d, dst, p);
+                p += DC * 8;
+            }
+            while p < d {
+                rank_tile::<HG, 1>(c, ld, xs, n, d, dst, p);
+                p += 8;
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn rank_tile<const HG: usize, const DC: usize>(
+            c: *const f32,
+            ld: usize,
+            xs: &[*const f32],
+            n: usize,
+            d: usize,
+            dst: *mut f32,
+            p: usize,
+        ) {
+            let x: [[__m256; DC]; HG] =
+                std::array::from_fn(|g| std::array::from_fn(|v| _mm256_loadu_ps(xs[g].add(p + v * 8))));
+            for i in 0..n {
+                let row = dst.add(i * d + p);
+                let mut acc: [__m256; DC] = std::array::from_fn(|v| _mm256_loadu_ps(row.add(v * 8)));
+                for g in 0..HG {
+                    let w = _mm256_broadcast_ss(&*c.add(g * ld + i));
+                    for v in 0..DC {
+                        acc[v] = _mm256_fmadd_ps(w, x[g][v], acc[v]);
+                    }
+                }
+                for v in 0..DC {
+                    _mm256_storeu_ps(row.add(v * 8), acc[v]);
+                }
+            }
+        }
     }
 }
 
@@ -405,5 +876,88 @@ mod tests {
             let fd = (at(h) - at(-h)) / (2.0 * h);
             assert!((fd - dk[i]).abs() < 2e-3, "dk[{i}]: analytic {} vs finite difference {fd}", dk[i]);
         }
+    }
+
+    /// A packed GRPO row: a prompt of `prompt` tokens, then `n` completions of
+    /// `len` tokens, each seeing the prompt and itself (causally).
+    fn packed(prompt: usize, n: usize, len: usize) -> Tensor {
+        let t = prompt + n * len;
+        let seg = |i: usize| if i < prompt { None } else { Some((i - prompt) / len) };
+        let m: Vec<f32> = (0..t * t)
+            .map(|x| {
+                let (i, j) = (x / t, x % t);
+                if j <= i && (seg(j).is_none() || seg(j) == seg(i)) {
+                    0.0
+                } else {
+                    -1e9
+                }
+            })
+            .collect();
+        Tensor::from_vec(m, (1, 1, t, t), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn packed_rows_and_every_head_grouping_match_candle_ops_forward_and_backward() {
+        // rep 1..7 covers every register tile (groups of 3, 2 and 1 heads); d 64 and 16
+        // the vector paths with and without leftover vectors, d 12 the plain loops.
+        for (rep, d) in [(1, 64), (2, 16), (3, 64), (4, 24), (7, 64), (3, 12)] {
+            let m = packed(5, 3, 4);
+            let t = m.dim(2).unwrap();
+            let q = Var::from_tensor(&rand(&[1, 2, rep * t, d], 20 + rep as u64)).unwrap();
+            let k = Var::from_tensor(&rand(&[1, 2, t, d], 21)).unwrap();
+            let v = Var::from_tensor(&rand(&[1, 2, t, d], 22)).unwrap();
+            let up = rand(&[1, 2, rep * t, d], 23);
+            let got = attention(&q, &k, &v, &m, 0.3).unwrap();
+            let want = composed(&q, &k, &v, &m, 0.3);
+            assert!(max_diff(&got, &want) < 1e-5, "rep {rep} d {d}: forward differs by {}", max_diff(&got, &want));
+            let g1 = (got * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (want * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+                let diff = max_diff(g1.get(x).unwrap(), g2.get(x).unwrap());
+                assert!(diff < 1e-5, "rep {rep} d {d}: d{name} differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_sequence_gets_bitwise_the_same_attention_alone_or_in_a_padded_batch() {
+        // Sequence 0 alone, then in a batch where it is left-padded by 3 behind a longer one:
+        // its visible keys are the same rows in the same order, so its output is the same bits.
+        let (hkv, rep, d, t) = (2, 3, 64, 6);
+        let q = rand(&[1, hkv, rep * t, d], 30);
+        let k = rand(&[1, hkv, t, d], 31);
+        let v = rand(&[1, hkv, t, d], 32);
+        let alone = attention(&q, &k, &v, &causal(1, t, 0), 0.125).unwrap();
+        let pad = 3;
+        let tp = t + pad;
+        let padded = |x: &Tensor, rows: usize| {
+            // [1, hkv, rows·t, d] → [1, hkv, rows·tp, d] with `pad` leading rows per block of t.
+            let blocks: Vec<Tensor> = (0..rows)
+                .map(|g| {
+                    let b = x.narrow(2, g * t, t).unwrap();
+                    Tensor::cat(&[&rand(&[1, hkv, pad, d], 40 + g as u64), &b], 2).unwrap()
+                })
+                .collect();
+            Tensor::cat(&blocks, 2).unwrap()
+        };
+        let other = |seed: u64, rows: usize| rand(&[1, hkv, rows * tp, d], seed);
+        let qb = Tensor::cat(&[&other(50, rep), &padded(&q, rep)], 0).unwrap();
+        let kb = Tensor::cat(&[&other(51, 1), &padded(&k, 1)], 0).unwrap();
+        let vb = Tensor::cat(&[&other(52, 1), &padded(&v, 1)], 0).unwrap();
+        let m = Tensor::cat(&[&causal(1, tp, 0), &causal(1, tp, pad)], 0).unwrap();
+        let batched = attention(&qb, &kb, &vb, &m, 0.125).unwrap();
+        let mine: Vec<Tensor> = (0..rep).map(|g| batched.get(1).unwrap().narrow(1, g * tp + pad, t).unwrap()).collect();
+        let mine = Tensor::cat(&mine, 1).unwrap().unsqueeze(0).unwrap();
+        assert_eq!(
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            mine.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    /// A causal mask [b, 1, t, t] whose first `pad` keys are padding.
+    fn causal(b: usize, t: usize, pad: usize) -> Tensor {
+        let m: Vec<f32> =
+            (0..b * t * t).map(|x| if x % t <= (x / t) % t && x % t >= pad { 0.0 } else { -1e9 }).collect();
+        Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap()
     }
 }

@@ -144,7 +144,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// Weight rows per tile: each x chunk loaded is used against this many rows.
-    const NR: usize = 4;
+    const NR: usize = 3;
 
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
@@ -153,14 +153,18 @@ mod avx2 {
         while j < c1 {
             let nr = NR.min(c1 - j);
             let mut i = 0;
-            // Tiles of 3 × NR accumulators (12 of the 16 ymm registers), then the leftover rows.
-            while i + 3 <= m {
-                tile::<3>(x, w, k, i, j, nr, ldo, out);
-                i += 3;
+            // Tiles of 4 × NR accumulators (12 of the 16 ymm registers), then one tile of
+            // the leftover rows: a batch of 8 is two full tiles, none of them so small
+            // that its few accumulators wait on the FMA latency.
+            while i + 4 <= m {
+                tile::<4>(x, w, k, i, j, nr, ldo, out);
+                i += 4;
             }
-            while i < m {
-                tile::<1>(x, w, k, i, j, nr, ldo, out);
-                i += 1;
+            match m - i {
+                3 => tile::<3>(x, w, k, i, j, nr, ldo, out),
+                2 => tile::<2>(x, w, k, i, j, nr, ldo, out),
+                1 => tile::<1>(x, w, k, i, j, nr, ldo, out),
+                _ => {}
             }
             j += nr;
         }
@@ -180,13 +184,25 @@ mod avx2 {
         ldo: usize,
         out: *mut f32,
     ) {
+        let m_total = x.len() / k;
         let kv = k / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); NR]; MR];
         let xp = x.as_ptr().add(i * k);
         // Rows past nr repeat the last real row: same memory traffic, results dropped.
         let wp: [*const f32; NR] = std::array::from_fn(|r| w.as_ptr().add((j + r.min(nr - 1)) * k));
+        // With more than one row tile, the first tile of a block asks for the next
+        // block's weights (the NR rows that follow in memory) while it works: the later
+        // tiles compute from L1 while nothing streams, and a large matrix (the
+        // vocabulary projection) was read at half the memory bandwidth. A single tile
+        // streams at full speed on the hardware prefetcher alone.
+        let next = (i == 0 && MR < m_total).then(|| w.as_ptr().wrapping_add((j + NR) * k));
         let mut p = 0;
         while p < kv {
+            if let (Some(next), 0) = (next, p % 16) {
+                for r in 0..NR {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(r * k + p) as *const i8);
+                }
+            }
             let wv: [__m256; NR] = std::array::from_fn(|r| _mm256_loadu_ps(wp[r].add(p)));
             for (a, accr) in acc.iter_mut().enumerate() {
                 let xv = _mm256_loadu_ps(xp.add(a * k + p));

@@ -1,0 +1,112 @@
+//! The CPU kernels of a training step and a decode step, alone, at the shapes
+//! the GRPO and SFT benchmarks give them: attention forward and backward
+//! (`cpu_attention`) on a packed GRPO row (a shared prompt then its
+//! completions, each seeing the prompt and itself) and on causal SFT rows, and
+//! the skinny `x @ Wᵀ` of decoding. Prints one table: time per call and the
+//! useful arithmetic rate (visible query-key pairs only for attention).
+//!
+//! `cargo bench --bench kernels`
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor, Var};
+use r1pipe::model::{cpu_attention, skinny_matmul};
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// Mean seconds per call of `f` (after one warm-up call), over at least `min_s` seconds.
+fn time(min_s: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let (t, mut n) = (Instant::now(), 0);
+    while n < 3 || t.elapsed().as_secs_f64() < min_s {
+        f();
+        n += 1;
+    }
+    t.elapsed().as_secs_f64() / n as f64
+}
+
+/// An additive mask [1, 1, T, T] for one packed row: `prompt` tokens, then
+/// completions of `completion` tokens each seeing the prompt and themselves.
+fn packed_mask(prompt: usize, completions: usize, completion: usize) -> (Tensor, usize) {
+    let t = prompt + completions * completion;
+    let seg = |i: usize| if i < prompt { None } else { Some((i - prompt) / completion) };
+    let mut m = Vec::with_capacity(t * t);
+    let mut visible = 0;
+    for i in 0..t {
+        for j in 0..t {
+            let ok = j <= i && (seg(j).is_none() || seg(j) == seg(i));
+            visible += ok as usize;
+            m.push(if ok { 0.0f32 } else { -1e9 });
+        }
+    }
+    (Tensor::from_vec(m, (1, 1, t, t), &Device::Cpu).unwrap(), visible)
+}
+
+fn causal_mask(b: usize, t: usize) -> (Tensor, usize) {
+    let m: Vec<f32> = (0..b * t * t).map(|x| if (x % t) <= (x / t) % t { 0.0 } else { -1e9 }).collect();
+    (Tensor::from_vec(m, (b, 1, t, t), &Device::Cpu).unwrap(), b * t * (t + 1) / 2)
+}
+
+fn main() {
+    r1pipe::common::memory::tune_allocator();
+    println!("{:<58} {:>10} {:>9}", "kernel (shape)", "ms/call", "GFLOP/s");
+    // SmolLM2: 3 key/value heads of 3 query heads, head_dim 64; Qwen2.5-0.5B: 2 of 7.
+    let cases = [
+        ("GRPO packed row, SmolLM2 heads (130 + 4 × 128)", 1, 3, 3, packed_mask(130, 4, 128)),
+        ("GRPO packed row, Qwen2.5-0.5B heads (150 + 4 × 256)", 1, 2, 7, packed_mask(150, 4, 256)),
+        ("SFT causal rows, SmolLM2 heads (4 × 256)", 4, 3, 3, causal_mask(4, 256)),
+    ];
+    for (name, b, hkv, rep, (mask, visible)) in cases {
+        let t = mask.dim(2).unwrap();
+        let d = 64;
+        let q = Var::from_tensor(&rand(&[b, hkv, rep * t, d], 1)).unwrap();
+        let k = Var::from_tensor(&rand(&[b, hkv, t, d], 2)).unwrap();
+        let v = Var::from_tensor(&rand(&[b, hkv, t, d], 3)).unwrap();
+        let up = rand(&[b, hkv, rep * t, d], 4);
+        let pairs = (visible / b * b * hkv * rep) as f64; // visible (query, key) pairs over all heads
+        let fwd = time(1.0, || {
+            cpu_attention::attention(&q, &k, &v, &mask, 0.125).unwrap();
+        });
+        // QKᵀ and PV: 2 · 2·D flops per visible pair.
+        println!(
+            "{:<58} {:>10.2} {:>9.1}",
+            format!("attention forward, {name}"),
+            fwd * 1e3,
+            pairs * 4.0 * d as f64 / fwd / 1e9
+        );
+        let out = cpu_attention::attention(&q, &k, &v, &mask, 0.125).unwrap();
+        let loss = (out * &up).unwrap().sum_all().unwrap();
+        let bwd = time(1.0, || {
+            loss.backward().unwrap();
+        });
+        // The backward recomputes the scores (2·D) and does dP, dV, dQ, dK (4 · 2·D) per pair.
+        println!(
+            "{:<58} {:>10.2} {:>9.1}",
+            format!("attention backward, {name}"),
+            bwd * 1e3,
+            pairs * 10.0 * d as f64 / bwd / 1e9
+        );
+    }
+    for (name, n, k) in
+        [("SmolLM2 MLP up", 1536, 576), ("SmolLM2 vocabulary", 49152, 576), ("Qwen2.5-0.5B MLP up", 4864, 896)]
+    {
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 * 0.01).collect();
+        for m in [1, 8] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let mut out = vec![0f32; m * n];
+            let s = time(0.5, || skinny_matmul::matmul_t_slices(&x, &w, m, n, k, &mut out));
+            println!(
+                "{:<58} {:>10.3} {:>9.1}",
+                format!("skinny x @ Wᵀ, {name} [{m} × {k}] @ [{n} × {k}]ᵀ"),
+                s * 1e3,
+                2.0 * (m * n * k) as f64 / s / 1e9
+            );
+        }
+    }
+}
