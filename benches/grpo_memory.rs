@@ -8,6 +8,8 @@
 //!    8 per prompt (per_device 4 × accumulation 4), β 0.04, one step.
 //! 3. SFT on the Qwen shape: one step of 4 packed rows of ≤1024 tokens.
 //!
+//! Each row also shows the resident set once the stage has ended (the run
+//! log's "memory after stage": what an evaluation after training starts from).
 //! Each row also runs with `gradient_checkpointing: false` (and, for β > 0,
 //! the exact f32 reference copy) so the table shows what each saving is worth.
 //!
@@ -22,6 +24,9 @@ use std::process::Command;
 struct Row {
     label: String,
     peak_rss_gb: f64,
+    /// Resident memory once the stage has ended and handed its freed memory back
+    /// (the runner's "memory after stage" event), what the next stage starts from.
+    after_gb: f64,
     steady_step_s: f64,
     wall_s: f64,
     extra: String,
@@ -50,6 +55,7 @@ fn run(dir: &Path, label: &str, pipeline: &str, stage: &str) -> Row {
         return Row {
             label: label.into(),
             peak_rss_gb: kb / (1024.0 * 1024.0),
+            after_gb: f64::NAN,
             steady_step_s: f64::NAN,
             wall_s,
             extra: why.into(),
@@ -84,10 +90,23 @@ fn run(dir: &Path, label: &str, pipeline: &str, stage: &str) -> Row {
     Row {
         label: label.into(),
         peak_rss_gb: kb / (1024.0 * 1024.0),
+        after_gb: rss_after_stage(&dir.join("cache/runs"), stage),
         steady_step_s: steady[steady.len() / 2],
         wall_s,
         extra,
     }
+}
+
+/// The resident set (GB) the run log records when `stage` ended, from the newest run log.
+fn rss_after_stage(runs: &Path, stage: &str) -> f64 {
+    let newest = fs::read_dir(runs).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).max().unwrap();
+    fs::read_to_string(&newest)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "memory after stage" && v["fields"]["stage"] == stage)
+        .find_map(|v| v["fields"]["rss_mib"].as_f64())
+        .map_or(f64::NAN, |mib| mib / 1024.0)
 }
 
 fn grpo_pipeline(data: &Path, model: &Path, rewards: &Path, body: &str) -> String {
@@ -138,7 +157,10 @@ fn main() {
     if want("reference") {
         reference_precision(&smol, &data);
     }
-    println!("{:<44} {:>13} {:>14} {:>9}  split", "run", "peak RSS GB", "step s (steady)", "wall s");
+    println!(
+        "{:<44} {:>13} {:>14} {:>15} {:>9}  split",
+        "run", "peak RSS GB", "RSS after GB", "step s (steady)", "wall s"
+    );
     let mut rows = Rows;
 
     if want("smollm2") {
@@ -272,6 +294,9 @@ struct Rows;
 
 impl Rows {
     fn push(&mut self, r: Row) {
-        println!("{:<44} {:>13.2} {:>14.1} {:>9.0}  {}", r.label, r.peak_rss_gb, r.steady_step_s, r.wall_s, r.extra);
+        println!(
+            "{:<44} {:>13.2} {:>14.2} {:>15.1} {:>9.0}  {}",
+            r.label, r.peak_rss_gb, r.after_gb, r.steady_step_s, r.wall_s, r.extra
+        );
     }
 }
