@@ -2,8 +2,10 @@
 //! the GRPO and SFT benchmarks give them: attention forward and backward
 //! (`cpu_attention`) on a packed GRPO row (a shared prompt then its
 //! completions, each seeing the prompt and itself) and on causal SFT rows, and
-//! the skinny `x @ Wᵀ` of decoding. Prints one table: time per call and the
-//! useful arithmetic rate (visible query-key pairs only for attention).
+//! the skinny `x @ Wᵀ` of decoding, and candle's general f32 matmul (the gemm
+//! crate) for scale: the rate a training step's products run at, which bounds
+//! the step from below. Prints one table: time per call and the useful
+//! arithmetic rate (visible query-key pairs only for attention).
 //!
 //! `cargo bench --bench kernels`
 
@@ -91,6 +93,21 @@ fn main() {
             format!("attention backward, {name}"),
             bwd * 1e3,
             pairs * 10.0 * d as f64 / bwd / 1e9
+        );
+    }
+    // The products of a training step go through candle's matmul (the gemm crate):
+    // a square one for the machine's rate, and a SmolLM2 MLP projection over a
+    // packed GRPO micro-batch (2 rows of 130 + 4 × 128 tokens).
+    for (name, m, k, n) in [("square", 2048, 2048, 2048), ("SmolLM2 MLP up, 2 packed rows", 1284, 576, 1536)] {
+        let (a, b) = (rand(&[m, k], 5), rand(&[k, n], 6));
+        let s = time(1.0, || {
+            a.matmul(&b).unwrap();
+        });
+        println!(
+            "{:<58} {:>10.2} {:>9.1}",
+            format!("candle matmul (gemm), {name} [{m} × {k}] @ [{k} × {n}]"),
+            s * 1e3,
+            2.0 * (m * n * k) as f64 / s / 1e9
         );
     }
     for (name, n, k) in
