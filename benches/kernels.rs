@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use r1pipe::model::{cpu_attention, skinny_matmul};
+use r1pipe::model::{cpu_attention, row_exp, skinny_matmul};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -108,6 +108,39 @@ fn main() {
             format!("candle matmul (gemm), {name} [{m} × {k}] @ [{k} × {n}]"),
             s * 1e3,
             2.0 * (m * n * k) as f64 / s / 1e9
+        );
+    }
+    // The vocabulary log-softmax's arithmetic over one 64 MiB chunk of Qwen's logits
+    // (110 rows of 151,936): the max and Σ exp of each row (forward), then the
+    // exponentials written out (backward), vectorized and with libm's scalar expf.
+    let (rows, v) = (110, 151_936);
+    let logits: Vec<f32> = rand(&[rows * v], 7).to_vec1::<f32>().unwrap().iter().map(|x| x * 8.0).collect();
+    let mut out = vec![0f32; rows * v];
+    type Max = fn(&[f32]) -> f32;
+    type SumExp = fn(&[f32], f32, f32) -> f32;
+    type WriteExp = fn(&[f32], f32, f32, f32, &mut [f32]);
+    let impls: [(&str, Max, SumExp, WriteExp); 2] = [
+        ("AVX2 exp (row_exp)", row_exp::max, row_exp::sum_exp, row_exp::write_exp),
+        (
+            "libm expf, one running sum",
+            row_exp::portable::max,
+            row_exp::portable::sum_exp,
+            row_exp::portable::write_exp,
+        ),
+    ];
+    for (name, max, sum_exp, write_exp) in impls {
+        let s = time(1.0, || {
+            for (row, o) in logits.chunks(v).zip(out.chunks_mut(v)) {
+                let m = max(row);
+                let lse = m + sum_exp(row, 1.0, m).ln();
+                write_exp(row, 1.0, lse, -1.0, o);
+            }
+        });
+        println!(
+            "{:<58} {:>10.2} {:>9}",
+            format!("log-softmax rows fwd+bwd, {name}, [{rows} × {v}], 1 thread"),
+            s * 1e3,
+            "-"
         );
     }
     for (name, n, k) in

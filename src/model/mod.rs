@@ -19,6 +19,7 @@ pub mod load;
 pub mod lora;
 pub mod ops;
 pub mod peft;
+pub mod row_exp;
 pub mod skinny_matmul;
 pub mod token_logprobs;
 pub mod tokenizer;

@@ -15,6 +15,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 
 use super::cpu_threads::{for_each_unit, SharedOut};
 use super::ops::log_softmax_last;
+use super::row_exp;
 
 /// log softmax(logits / temperature)[targets]: `logits` [N, V], `targets` [N] u32
 /// → [N]. Differentiable with respect to `logits`.
@@ -83,9 +84,8 @@ fn rows<'a>(
 
 /// max and log Σ exp of a row scaled by `inv_t` (the row's log-sum-exp is max + that).
 fn row_max_logsumexp(row: &[f32], inv_t: f32) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * inv_t;
-    let sum: f32 = row.iter().map(|&x| (x * inv_t - max).exp()).sum();
-    (max, sum.ln())
+    let max = row_exp::max(row) * inv_t;
+    (max, row_exp::sum_exp(row, inv_t, max).ln())
 }
 
 /// Run `f(i)` for every row index, split across the CPU threads when worth it.
@@ -153,9 +153,7 @@ impl CustomOp3 for TokenLogprobsGrad {
             }
             let (max, lse) = row_max_logsumexp(row, self.inv_t);
             let shift = max + lse;
-            for (oe, &x) in o.iter_mut().zip(row) {
-                *oe = -(x * self.inv_t - shift).exp() * gi;
-            }
+            row_exp::write_exp(row, self.inv_t, shift, -gi, o);
             o[targets[i] as usize] += gi;
         });
         Ok((CpuStorage::F32(out), Shape::from((n, v))))
