@@ -8,9 +8,9 @@
 //! The vector exp is Cephes' `expf` (range reduction by ln 2 in two parts, a
 //! degree-6 polynomial, 2ⁿ from the exponent bits): within 2 ulp of the true
 //! value (tested against f64) where libm is within 1, and 0 below e^-87.3, the
-//! smallest normal f32. Sums are 8 partial sums added pairwise, so a row's
-//! result differs from the scalar loop's in the last bits, and it is the same
-//! for a row whatever batch it is in. NaN inputs give NaN (the training loop's
+//! smallest normal f32. Sums run in 2 × 8 partial sums, added in a fixed order
+//! at the end, so a row's result differs from the scalar loop's in the last
+//! bits, and it is the same for a row whatever batch it is in. NaN inputs give NaN (the training loop's
 //! non-finite check relies on it).
 
 /// The largest element (NaN if the row has one; −∞ for an empty row).
@@ -23,7 +23,7 @@ pub fn max(row: &[f32]) -> f32 {
     portable::max(row)
 }
 
-/// Σ exp(a·xᵢ − b).
+/// Σ exp(a·xᵢ − b), for a > 0 (a is an inverse temperature).
 pub fn sum_exp(row: &[f32], a: f32, b: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
     if avx2::usable() {
@@ -44,7 +44,8 @@ pub fn write_exp(row: &[f32], a: f32, b: f32, c: f32, out: &mut [f32]) {
     portable::write_exp(row, a, b, c, out)
 }
 
-/// Plain loops and libm's `expf`, where AVX2 and FMA are missing.
+/// Plain loops and libm's `expf`, where AVX2 and FMA are missing (public so the
+/// kernels benchmark can time both side by side).
 pub mod portable {
     pub fn max(row: &[f32]) -> f32 {
         row.iter().fold(f32::NEG_INFINITY, |m, &x| if x.is_nan() || m.is_nan() { f32::NAN } else { m.max(x) })
