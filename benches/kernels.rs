@@ -1,6 +1,6 @@
 //! The CPU kernels of a training step and a decode step, alone, at the shapes
 //! the GRPO and SFT benchmarks give them: attention forward and backward
-//! (`cpu_attention`) on a packed GRPO row (a shared prompt then its
+//! (`kernels::attention`) on a packed GRPO row (a shared prompt then its
 //! completions, each seeing the prompt and itself) and on causal SFT rows, and
 //! the skinny `x @ Wᵀ` of decoding, and candle's general f32 matmul (the gemm
 //! crate) for scale: the rate a training step's products run at, which bounds
@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use r1pipe::model::{cpu_attention, row_exp, skinny_matmul};
+use r1pipe::kernels::{attention as cpu_attention, matmul_t as skinny_matmul, row_exp};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};

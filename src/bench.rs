@@ -147,9 +147,8 @@ pub fn logits_vs_cpu(m: &Transformer) -> Result<f32> {
         &Device::Cpu,
         DType::F32,
     )?;
-    let a =
-        m.forward(&Batch::left_padded(&ids, 0, &m.device)?, crate::model::Kernels::Fused)?.to_device(&Device::Cpu)?;
-    let b = cpu.forward(&Batch::left_padded(&ids, 0, &Device::Cpu)?, crate::model::Kernels::Fused)?;
+    let a = m.forward(&Batch::left_padded(&ids, 0, &m.device)?, crate::model::Ops::Fused)?.to_device(&Device::Cpu)?;
+    let b = cpu.forward(&Batch::left_padded(&ids, 0, &Device::Cpu)?, crate::model::Ops::Fused)?;
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
@@ -165,7 +164,7 @@ pub fn cpu_bandwidth_gbs() -> f64 {
     for _ in 0..4 {
         let t = Instant::now();
         // x [1, k] @ wᵀ reads w once, with the decode kernel's threads, and writes next to nothing.
-        crate::model::skinny_matmul::matmul_t_slices(&x, &w, 1, rows, k, &mut out);
+        crate::kernels::matmul_t::matmul_t_slices(&x, &w, 1, rows, k, &mut out);
         std::hint::black_box(&out);
         best = best.min(t.elapsed().as_secs_f64());
     }

@@ -10,6 +10,7 @@ pub mod common;
 pub mod data;
 pub mod eval;
 pub mod hub;
+pub mod kernels;
 pub mod model;
 pub mod pipeline;
 pub mod rewards;

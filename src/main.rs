@@ -13,5 +13,9 @@ fn main() {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     r1pipe::common::memory::tune_allocator();
+    if let Err(e) = r1pipe::kernels::check_env() {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
     std::process::exit(cli::main());
 }

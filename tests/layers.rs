@@ -1,15 +1,23 @@
 //! The layering rule, held by a test rather than a comment: the runner
 //! (`pipeline/`) knows no ML, the ML core (`model/`, `train/`, `rewards/`,
-//! `data/`, `rollout/`, `hub.rs`) knows no runner, the neutral `common/` imports neither,
-//! and stages are the only place where the two meet.
+//! `data/`, `rollout/`, `eval/`, `hub.rs`) knows no runner, the neutral
+//! `common/` imports neither, the CPU kernels (`kernels/`) import nothing of the
+//! crate but each other, stages are the only place where the two meet, and the
+//! command line goes through the workspace without naming stage kinds or
+//! artifact files. `pipeline/`'s modules import each other without a cycle.
 
 use std::fs;
 use std::path::Path;
 
 /// `crate::X` modules a file under `dir` may not name.
 const RULES: &[(&str, &[&str])] = &[
-    ("src/common", &["pipeline", "stages", "model", "train", "rewards", "data", "rollout", "hub", "bench"]),
-    ("src/pipeline", &["stages", "model", "train", "rewards", "data", "rollout", "hub", "bench"]),
+    // The kernels import only each other and candle.
+    (
+        "src/kernels",
+        &["common", "pipeline", "stages", "model", "train", "rewards", "data", "eval", "rollout", "hub", "bench"],
+    ),
+    ("src/common", &["pipeline", "stages", "model", "train", "rewards", "data", "rollout", "hub", "bench", "kernels"]),
+    ("src/pipeline", &["stages", "model", "train", "rewards", "data", "rollout", "hub", "bench", "kernels", "eval"]),
     ("src/model", &["pipeline", "stages", "bench"]),
     ("src/train", &["pipeline", "stages", "bench"]),
     ("src/rollout", &["pipeline", "stages", "train", "bench"]),
@@ -75,4 +83,109 @@ fn the_checker_sees_a_violation() {
     let paths = named_paths("use crate::pipeline::Project;\nlet x = crate::model::load(); // crate::stages\n");
     let names: Vec<&str> = paths.iter().map(|(_, p)| p.as_str()).collect();
     assert_eq!(names, vec!["pipeline::Project", "model::load"]);
+}
+
+/// String literals (`"…"`) in a file's code, comments and clap's attributes
+/// (which name the command line's own arguments) excluded.
+fn string_literals(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("");
+        if code.trim_start().starts_with("#[arg(") || code.trim_start().starts_with("#[command(") {
+            continue;
+        }
+        let parts: Vec<&str> = code.split('"').collect();
+        for lit in parts.iter().skip(1).step_by(2) {
+            out.push((i + 1, lit.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_command_line_names_no_stage_kind_and_no_artifact_file() {
+    let registry = r1pipe::stages::registry();
+    let mut names: Vec<String> = Vec::new();
+    for kind in registry.names() {
+        names.push(kind.to_string());
+        let k = registry.get(kind).unwrap();
+        for o in k.outputs() {
+            names.push(o.name.to_string());
+            names.push(o.file_name.to_string());
+        }
+    }
+    names.sort();
+    names.dedup();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cli = Vec::new();
+    files(&root.join("src/cli"), &mut cli);
+    assert!(!cli.is_empty());
+    let mut found = Vec::new();
+    for f in cli {
+        let text = fs::read_to_string(&f).unwrap();
+        for (line, lit) in string_literals(&text) {
+            if names.contains(&lit) {
+                found.push(format!("{}:{line}: \"{lit}\"", f.strip_prefix(root).unwrap().display()));
+            }
+        }
+    }
+    assert!(found.is_empty(), "the CLI names stage kinds or outputs (a kind's hook should):\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_runner_modules_import_each_other_without_a_cycle() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/pipeline");
+    let mut modules = Vec::new();
+    files(&root, &mut modules);
+    let name = |p: &Path| p.file_stem().unwrap().to_string_lossy().to_string();
+    let names: Vec<String> = modules.iter().map(|p| name(p)).filter(|n| n != "mod").collect();
+    let mut edges: Vec<(String, String)> = Vec::new();
+    for f in &modules {
+        let from = name(f);
+        if from == "mod" {
+            continue;
+        }
+        let text = fs::read_to_string(f).unwrap();
+        for line in text.lines().map(|l| l.split("//").next().unwrap_or("")) {
+            for prefix in ["super::", "crate::pipeline::"] {
+                for (at, _) in line.match_indices(prefix) {
+                    let tail = &line[at + prefix.len()..];
+                    let m: String = tail.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                    if names.contains(&m) && m != from {
+                        edges.push((from.clone(), m));
+                    }
+                }
+            }
+        }
+    }
+    // Depth-first search for a back edge.
+    fn visit(
+        n: &str,
+        edges: &[(String, String)],
+        path: &mut Vec<String>,
+        done: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(i) = path.iter().position(|p| p == n) {
+            return Some(path[i..].to_vec());
+        }
+        if done.iter().any(|d| d == n) {
+            return None;
+        }
+        path.push(n.to_string());
+        for (_, to) in edges.iter().filter(|(f, _)| f == n) {
+            if let Some(c) = visit(to, edges, path, done) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        done.push(n.to_string());
+        None
+    }
+    let mut done = Vec::new();
+    for n in &names {
+        if let Some(cycle) = visit(n, &edges, &mut Vec::new(), &mut done) {
+            panic!("pipeline/ modules import each other in a cycle: {}", cycle.join(" → "));
+        }
+    }
+    assert!(edges.iter().any(|(f, t)| f == "dag" && t == "spec"), "the scan sees imports (dag reads spec)");
 }

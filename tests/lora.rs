@@ -9,11 +9,11 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use common::{gsm8k_rows, tiny_model, Project};
 use r1pipe::model::lora::LoraConfig;
-use r1pipe::model::{load, Batch, Kernels, ModelRef, Pass};
+use r1pipe::model::{load, Batch, ModelRef, Ops, Pass};
 
 fn logits(m: &r1pipe::model::Transformer) -> Vec<f32> {
     let b = Batch::left_padded(&[vec![1, 300, 4000, 20000, 7]], 0, &Device::Cpu).unwrap();
-    m.forward(&b, Kernels::Differentiable).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    m.forward(&b, Ops::Differentiable).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn lora_cfg() -> LoraConfig {
@@ -168,7 +168,7 @@ stages:
     r1pipe::model::peft::load_adapter(&mut base.model, &adapter).unwrap();
     let ids = vec![vec![1u32, 5, 9, 13, 2, 7]];
     let b = Batch::left_padded(&ids, 0, &Device::Cpu).unwrap();
-    let k = Kernels::Fused;
+    let k = Ops::Fused;
     let (x, y) = (base.model.forward(&b, k).unwrap(), merged.model.forward(&b, k).unwrap());
     let moved = (&y - base.model.logits(&b, Pass { adapters: false, ..Pass::INFERENCE }).unwrap())
         .unwrap()

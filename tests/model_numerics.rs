@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use r1pipe::model::{Batch, Config, Kernels, KvCache, Transformer};
+use r1pipe::model::{Batch, Config, KvCache, Ops, Transformer};
 
 /// A tiny config of a family: `qwen2` (q/k/v bias), `llama`, or `qwen3` (q/k norm and an
 /// explicit head_dim of 8, twice hidden_size / heads).
@@ -179,7 +179,7 @@ fn logits_match_a_float64_reference_for_qwen2_and_llama_shapes() {
         let m = model(qwen, tied, 11);
         let want = reference(&m, &IDS);
         let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
-        for k in [Kernels::Differentiable, Kernels::Fused] {
+        for k in [Ops::Differentiable, Ops::Fused] {
             let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, k).unwrap().to_vec3().unwrap();
             for t in 0..IDS.len() {
                 assert_close(&got[0][t], &want[t], 1e-4, &format!("qwen={qwen} {k:?} position {t}"));
@@ -195,7 +195,7 @@ fn qwen3_logits_match_the_float64_reference_with_qk_norm_and_explicit_head_dim()
     assert!(m.weights.contains_key("model.layers.1.self_attn.k_norm.weight"));
     let want = reference(&m, &IDS);
     let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
-    for k in [Kernels::Differentiable, Kernels::Fused] {
+    for k in [Ops::Differentiable, Ops::Fused] {
         let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, k).unwrap().to_vec3().unwrap();
         for t in 0..IDS.len() {
             assert_close(&got[0][t], &want[t], 1e-4, &format!("qwen3 {k:?} position {t}"));
@@ -245,7 +245,7 @@ fn left_padding_does_not_change_a_sequence_s_logits() {
     let m = model(true, false, 12);
     let short = IDS[..4].to_vec();
     let batch = Batch::left_padded(&[IDS.to_vec(), short.clone()], 7, &Device::Cpu).unwrap();
-    let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, Kernels::Differentiable).unwrap().to_vec3().unwrap();
+    let got: Vec<Vec<Vec<f32>>> = m.forward(&batch, Ops::Differentiable).unwrap().to_vec3().unwrap();
     let want = reference(&m, &short);
     for t in 0..short.len() {
         assert_close(&got[1][3 + t], &want[t], 1e-4, &format!("padded row, position {t}"));
@@ -256,7 +256,7 @@ fn left_padding_does_not_change_a_sequence_s_logits() {
 fn the_kv_cache_path_equals_the_full_forward() {
     let m = model(true, false, 13);
     let full: Vec<Vec<Vec<f32>>> = m
-        .forward(&Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap(), Kernels::Differentiable)
+        .forward(&Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap(), Ops::Differentiable)
         .unwrap()
         .to_vec3()
         .unwrap();
@@ -347,8 +347,7 @@ fn one_backward_reaches_every_trainable_parameter() {
 fn temperature_scaled_logprobs_are_log_softmax_of_scaled_logits() {
     let m = model(true, false, 16);
     let batch = Batch::left_padded(&[IDS.to_vec()], 0, &Device::Cpu).unwrap();
-    let logits: Vec<Vec<f32>> =
-        m.forward(&batch, Kernels::Differentiable).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let logits: Vec<Vec<f32>> = m.forward(&batch, Ops::Differentiable).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
     let got: Vec<f32> = m
         .next_token_logprobs_range(&batch, 2, 3, 2.0, r1pipe::model::Pass::TRAIN)
         .unwrap()

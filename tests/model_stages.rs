@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use common::{gsm8k_rows, tiny_model, Project};
-use r1pipe::model::{load, Batch, Kernels, ModelRef};
+use r1pipe::model::{load, Batch, ModelRef, Ops};
 
 fn logits(m: &r1pipe::model::Transformer) -> Vec<f32> {
     let b = Batch::left_padded(&[vec![1, 200, 3000, 45000]], 0, &Device::Cpu).unwrap();
-    m.forward(&b, Kernels::Fused).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    m.forward(&b, Ops::Fused).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 #[test]

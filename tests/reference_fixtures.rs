@@ -10,7 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use r1pipe::model::{load, Batch, Kernels, Transformer};
+use r1pipe::model::{load, Batch, Ops, Transformer};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -32,7 +32,7 @@ fn tiny_llama_qwen2_and_qwen3_logits_match_transformers() {
         for (ids, want) in f["ids"].as_array().unwrap().iter().zip(f["logits"].as_array().unwrap()) {
             let ids: Vec<u32> = ids.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
             let b = Batch::left_padded(std::slice::from_ref(&ids), 0, &Device::Cpu).unwrap();
-            for k in [Kernels::Fused, Kernels::Differentiable] {
+            for k in [Ops::Fused, Ops::Differentiable] {
                 let got: Vec<Vec<f32>> = m.forward(&b, k).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
                 let mut worst = 0f64;
                 for (g, w) in
@@ -94,7 +94,7 @@ fn smollm2_logits_match_transformers_at_every_position() {
     for p in f["prompts"].as_array().unwrap() {
         let ids: Vec<u32> = p["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         let b = Batch::left_padded(std::slice::from_ref(&ids), 0, &Device::Cpu).unwrap();
-        let logits: Vec<Vec<f32>> = m.model.forward(&b, Kernels::Fused).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let logits: Vec<Vec<f32>> = m.model.forward(&b, Ops::Fused).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         for (t, row) in logits.iter().enumerate() {
             positions += 1;
             let tops = p["top_ids"][t].as_array().unwrap();
@@ -189,7 +189,7 @@ fn peft_adapters_load_with_peft_logits_and_save_in_peft_layout() {
     for (ids, want) in f["ids"].as_array().unwrap().iter().zip(f["logits"].as_array().unwrap()) {
         let ids: Vec<u32> = ids.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
         let b = Batch::left_padded(std::slice::from_ref(&ids), 0, &Device::Cpu).unwrap();
-        let got: Vec<Vec<f32>> = m.forward(&b, Kernels::Fused).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        let got: Vec<Vec<f32>> = m.forward(&b, Ops::Fused).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         let worst = got
             .iter()
             .flatten()

@@ -9,10 +9,8 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 
 use r1pipe::common::table::render_table;
-use r1pipe::eval::metrics::EvalMetrics;
-use r1pipe::pipeline::runner::{Decision, Runner};
-use r1pipe::pipeline::spec;
 use r1pipe::pipeline::store::StageRecord;
+use r1pipe::pipeline::Workspace;
 
 /// What the current metrics are compared with.
 pub enum Baseline {
@@ -24,39 +22,13 @@ pub enum Baseline {
     Pipeline(PathBuf),
 }
 
-/// Current records (stage → record) of a pipeline against a cache.
-fn current(file: &Path, cache: Option<PathBuf>) -> Result<(String, BTreeMap<String, StageRecord>, PathBuf)> {
-    let registry = r1pipe::stages::registry();
-    let pipeline = spec::load(file, &[], &registry)?;
-    let root = cache.unwrap_or_else(|| pipeline.project.root.join("cache"));
-    let runner = Runner::new(&pipeline, &registry, root.clone())?;
+/// The numbers of a record to compare, as flat `path → number` (its kind's
+/// metrics view; with `all`, the raw metrics of kinds that have none).
+fn flat_metrics(ws: &Workspace, rec: &StageRecord, all: bool) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
-    if runner.cache.exists() {
-        for (name, d) in runner.decide_all()? {
-            if let Decision::Cached { record } = d {
-                out.insert(name, *record);
-            }
-        }
+    if let Some(m) = ws.metrics_of(rec, all) {
+        flatten("", &m, &mut out);
     }
-    Ok((pipeline.name.clone(), out, root))
-}
-
-/// A record's metrics as flat `path → number` (evaluation metrics of any
-/// version read through the current schema first, comparisons left out).
-fn flat_metrics(rec: &StageRecord) -> BTreeMap<String, f64> {
-    let Some(m) = &rec.metrics else { return BTreeMap::new() };
-    let m = if rec.inputs.kind == "evaluate" {
-        match EvalMetrics::from_json(m) {
-            Ok(e) => serde_json::to_value(&e.models)
-                .map(|models| serde_json::json!({ "models": models }))
-                .unwrap_or_default(),
-            Err(_) => m.clone(),
-        }
-    } else {
-        m.clone()
-    };
-    let mut out = BTreeMap::new();
-    flatten("", &m, &mut out);
     out
 }
 
@@ -78,37 +50,24 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
 }
 
 pub fn diff(file: &Path, cache: Option<PathBuf>, baseline: Baseline, all: bool) -> Result<i32> {
-    let (name, now, root) = current(file, cache.clone())?;
+    let registry = r1pipe::stages::registry();
+    let ws = Workspace::open(file, &[], cache.clone(), &registry)?;
+    let now = ws.current_records()?;
     if now.is_empty() {
-        bail!("no stage of {} is up to date in {}; run it first", file.display(), root.display());
+        bail!("no stage of {} is up to date in {}; run it first", file.display(), ws.cache.root.display());
     }
     let before: BTreeMap<String, StageRecord> = match &baseline {
-        Baseline::Cache(dir) => current(file, Some(dir.clone()))?.1,
-        Baseline::Pipeline(other) => current(other, cache)?.1,
-        Baseline::Previous => {
-            let c = r1pipe::pipeline::store::Cache::new(&root);
-            let db = c.db()?;
-            let mut prev: BTreeMap<String, StageRecord> = BTreeMap::new();
-            for rec in c.all_records(&db)? {
-                let Some(cur) = now.get(&rec.stage) else { continue };
-                if rec.pipeline != name || rec.fingerprint == cur.fingerprint || rec.finished_at > cur.finished_at {
-                    continue;
-                }
-                if prev.get(&rec.stage).is_none_or(|p| rec.finished_at > p.finished_at) {
-                    prev.insert(rec.stage.clone(), rec);
-                }
-            }
-            prev
-        }
+        Baseline::Cache(dir) => Workspace::open(file, &[], Some(dir.clone()), &registry)?.current_records()?,
+        Baseline::Pipeline(other) => Workspace::open(other, &[], cache, &registry)?.current_records()?,
+        Baseline::Previous => ws.previous_records()?,
     };
     let mut rows = Vec::new();
     for (stage, rec) in &now {
-        // Evaluations by default (what people compare); every stage's numbers with --all.
-        if !all && rec.inputs.kind != "evaluate" {
+        let new = flat_metrics(&ws, rec, all);
+        if new.is_empty() {
             continue;
         }
-        let new = flat_metrics(rec);
-        let old = before.get(stage).map(flat_metrics).unwrap_or_default();
+        let old = before.get(stage).map(|r| flat_metrics(&ws, r, all)).unwrap_or_default();
         let keys: std::collections::BTreeSet<&String> = new.keys().chain(old.keys()).collect();
         for k in keys {
             if k.ends_with("ci95") || k.contains(".ci95") {
@@ -128,9 +87,9 @@ pub fn diff(file: &Path, cache: Option<PathBuf>, baseline: Baseline, all: bool) 
         Baseline::Cache(d) => format!("cache {}", d.display()),
         Baseline::Pipeline(p) => format!("pipeline {}", p.display()),
     };
-    println!("{} (cache {}) against {against}", file.display(), root.display());
+    println!("{} (cache {}) against {against}", file.display(), ws.cache.root.display());
     if rows.is_empty() {
-        println!("no metrics to compare (no evaluate stage is up to date; --all compares every stage)");
+        println!("no metrics to compare (no stage with headline metrics, such as an evaluation, is up to date; --all compares every stage)");
         return Ok(0);
     }
     print!("{}", render_table(&["STAGE", "METRIC", "OLD", "NEW", "DELTA"], &rows));

@@ -6,7 +6,11 @@
 //! the model's gradient sink. Same gradients as without (tested); the price
 //! is a second forward of every layer, about a third more compute per step.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, Var};
+use std::sync::Mutex;
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor, Var, D,
+};
 
 use super::grads::GradSink;
 use super::layers::{DecoderLayer, LayerInputs, Pass};
@@ -29,9 +33,19 @@ pub fn checkpointed(
     let Some(anchor) = vars.first().map(|v| v.as_tensor().clone()) else {
         return Ok(out);
     };
-    let op = Recompute { layer: layer.clone(), inputs: inputs.clone(), pass, sink: sink.clone(), vars, x_tracked };
+    // The value goes into the op, which copies it as its result and drops it: the
+    // graph node keeps the layer's input and that result, not a second copy.
+    let op = Recompute {
+        layer: layer.clone(),
+        inputs: inputs.clone(),
+        pass,
+        sink: sink.clone(),
+        vars,
+        x_tracked,
+        value: Mutex::new(Some(out)),
+    };
     let x = if x_tracked { x.clone() } else { x.detach() };
-    x.apply_op3(&out, &anchor, op)
+    x.apply_op2(&anchor, op)
 }
 
 struct Recompute {
@@ -41,52 +55,57 @@ struct Recompute {
     sink: GradSink,
     vars: Vec<Var>,
     x_tracked: bool,
+    /// The layer's output, computed without a graph; taken by the forward.
+    value: Mutex<Option<Tensor>>,
 }
 
-impl CustomOp3 for Recompute {
+impl Recompute {
+    fn take_value(&self) -> Result<Tensor> {
+        let taken =
+            self.value.lock().map_err(|_| candle_core::Error::Msg("checkpoint value lock poisoned".into()))?.take();
+        taken.ok_or_else(|| candle_core::Error::Msg("checkpointed layer: forward run twice".into()))
+    }
+}
+
+impl CustomOp2 for Recompute {
     fn name(&self) -> &'static str {
         "checkpointed-decoder-layer"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        copy_cpu(s2, l2)
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(s) => copy_cpu(s, layout),
+            _ => candle_core::bail!("checkpointed layer: the value is not on the CPU"),
+        }
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        s2: &CudaStorage,
-        l2: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        copy_cuda(s2, l2)
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        let value = self.take_value()?;
+        let (storage, layout) = value.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => copy_cuda(s, layout),
+            _ => candle_core::bail!("checkpointed layer: the value is not on the GPU"),
+        }
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        _out: &Tensor,
         _anchor: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let input = if self.x_tracked { Some(Var::from_tensor(&x.detach())?) } else { None };
         let xin = match &input {
             Some(v) => v.as_tensor().clone(),
             None => x.detach(),
         };
         let out = self.layer.forward(&xin, &self.inputs, Pass { grad: true, ..self.pass }, None)?;
-        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        // Seeded with `grad` through Σ out·grad; summed by rows first, since a reduction
+        // to one value runs in a single CUDA block.
+        let grads = (out * grad.detach())?.sum(D::Minus1)?.sum_all()?.backward()?;
         for v in &self.vars {
             if let Some(g) = grads.get(v.as_tensor()) {
                 self.sink.add(v, g)?;
@@ -96,15 +115,17 @@ impl CustomOp3 for Recompute {
             Some(v) => grads.get(v.as_tensor()).cloned(),
             None => None,
         };
-        Ok((dx, None, None))
+        Ok((dx, None))
     }
 }
 
 /// The forward of an op that only attaches a backward: a copy of the value
 /// computed beforehand without a graph (a contiguous tensor of any float dtype).
+/// It requires what [`copy_cuda`] requires (a fresh contiguous tensor), so that
+/// a CPU run catches what would fail on a GPU.
 pub(crate) fn copy_cpu(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{}: value not contiguous", "attach-backward")
+    let Some((a, b)) = l.contiguous_offsets().filter(|(a, _)| *a == 0) else {
+        candle_core::bail!("attach-backward: the value must be a fresh contiguous tensor")
     };
     let out = match s {
         CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor, TensorId, Var};
 
-use super::inplace_cpu;
+use crate::kernels::inplace::accumulate;
 
 #[derive(Clone, Default)]
 pub struct GradSink(Arc<Mutex<HashMap<TensorId, Tensor>>>);
@@ -20,9 +20,10 @@ impl GradSink {
     pub fn add(&self, var: &Var, g: &Tensor) -> Result<()> {
         let g = g.detach();
         let mut map = self.0.lock().expect("gradient sink poisoned");
-        match map.get_mut(&var.as_tensor().id()) {
-            Some(acc) if inplace_cpu::applies(&[acc, &g]) => inplace_cpu::add(acc, &g)?,
-            Some(acc) => *acc = (&*acc + g)?,
+        match map.remove(&var.as_tensor().id()) {
+            Some(acc) => {
+                map.insert(var.as_tensor().id(), accumulate(acc, &g)?);
+            }
             None => {
                 // Ours alone from here on (a fresh gradient, or a copy of a shared one).
                 let g = if g.is_contiguous() && g.dtype() == var.dtype() {

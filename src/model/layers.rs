@@ -6,15 +6,15 @@
 
 use candle_core::{DType, Result, Tensor, Var};
 
-use super::cpu_attention;
 use super::kv_cache::KvCache;
-use super::ops::{linear, rms_norm, rope, softmax_last, Kernels};
+use super::ops::{linear, rms_norm, rope, softmax_last, Ops};
+use crate::kernels;
 
 /// How a forward pass runs: which kernels, whether it builds a graph to the
 /// trainable parameters, and whether LoRA adapters are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pass {
-    pub kernels: Kernels,
+    pub ops: Ops,
     /// Build the autograd graph to the trainable parameters (training); when
     /// false every weight is detached and activations are freed as they go.
     pub grad: bool,
@@ -24,12 +24,12 @@ pub struct Pass {
 
 impl Pass {
     /// Generation and evaluation: fused kernels, no graph.
-    pub const INFERENCE: Pass = Pass { kernels: Kernels::Fused, grad: false, adapters: true };
+    pub const INFERENCE: Pass = Pass { ops: Ops::Fused, grad: false, adapters: true };
     /// The training forward: differentiable kernels, a graph to the trainable parameters.
-    pub const TRAIN: Pass = Pass { kernels: Kernels::Differentiable, grad: true, adapters: true };
+    pub const TRAIN: Pass = Pass { ops: Ops::Differentiable, grad: true, adapters: true };
     /// Scoring for training without gradients (old and reference log-probabilities):
     /// the training kernels, so values equal the training forward's bit for bit.
-    pub const SCORE: Pass = Pass { kernels: Kernels::Differentiable, grad: false, adapters: true };
+    pub const SCORE: Pass = Pass { ops: Ops::Differentiable, grad: false, adapters: true };
 }
 
 /// A parameter: its master weights (f32 `Var`, what the optimizer updates and
@@ -131,7 +131,7 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let w = self.w.get(pass)?;
         let w = if self.offset != 0.0 { (w + self.offset as f64)? } else { w };
-        rms_norm(x, &w, self.eps, pass.kernels)
+        rms_norm(x, &w, self.eps, pass.ops)
     }
 }
 
@@ -180,7 +180,7 @@ impl DecoderLayer {
     pub fn forward(&self, x: &Tensor, inp: &LayerInputs, pass: Pass, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let a = &self.attn;
         let (b, t, _) = x.dims3()?;
-        let k = pass.kernels;
+        let k = pass.ops;
         let h = self.input_norm.forward(x, pass)?;
         let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
             let y = y.reshape((b, t, n, a.head_dim))?;
@@ -207,8 +207,8 @@ impl DecoderLayer {
         let scale = 1.0 / (a.head_dim as f64).sqrt();
         let s = kk.dim(2)?;
         let q = q.reshape((b, a.num_kv_heads, rep * t, a.head_dim))?;
-        let attn = if cpu_attention::applies(&q) {
-            cpu_attention::attention(&q, &kk, &v, &inp.mask, scale)?
+        let attn = if kernels::attention::applies(&q) {
+            kernels::attention::attention(&q, &kk, &v, &inp.mask, scale)?
         } else {
             let scores = (q.matmul(&kk.t()?)? * scale)?
                 .reshape((b, a.num_kv_heads, rep, t, s))?

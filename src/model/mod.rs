@@ -1,27 +1,22 @@
 //! The model core: architectures (typed layers, families as config flags),
-//! weights (safetensors, GGUF, hub), tokenizer and chat template, generation,
-//! and the CPU kernels behind them. Usable and tested without the runner.
+//! weights (safetensors, GGUF, hub), tokenizer and chat template, generation.
+//! The hand-written CPU kernels underneath live in `crate::kernels`. Usable
+//! and tested without the runner.
 
 pub mod batch;
 pub mod checkpointing;
 pub mod config;
-pub mod cpu_attention;
-pub(crate) mod cpu_threads;
 pub mod device;
 pub mod family;
 pub mod generate;
 mod gguf_meta;
 pub mod grads;
-pub mod inplace_cpu;
 pub mod kv_cache;
 pub mod layers;
 pub mod load;
 pub mod lora;
 pub mod ops;
 pub mod peft;
-pub mod row_exp;
-pub mod skinny_matmul;
-pub mod token_logprobs;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vocab_logprobs;
@@ -32,6 +27,6 @@ pub use generate::{generate, Completion, FinishReason, SamplingParams};
 pub use kv_cache::KvCache;
 pub use layers::Pass;
 pub use load::{open, LoadedModel, ModelRef};
-pub use ops::Kernels;
+pub use ops::Ops;
 pub use tokenizer::{ChatTokenizer, Message};
 pub use transformer::Transformer;

@@ -20,7 +20,7 @@ use super::grads::GradSink;
 use super::kv_cache::KvCache;
 use super::layers::{Attention, DecoderLayer, LayerInputs, Linear, LoraFactors, Mlp, Param, Pass, RmsNorm};
 use super::lora::LoraConfig;
-use super::ops::Kernels;
+use super::ops::Ops;
 use super::vocab_logprobs::{logprobs_from_hidden, WeightGrad};
 
 /// Additive bias for masked attention: large and finite, so a fully masked
@@ -337,10 +337,10 @@ impl Transformer {
 
     /// Logits [B, T, V] at every position (f32, or f64 for f64 compute). The
     /// training kernels build a graph; the fused ones do not.
-    pub fn forward(&self, batch: &Batch, kernels: Kernels) -> Result<Tensor> {
-        let pass = match kernels {
-            Kernels::Fused => Pass::INFERENCE,
-            Kernels::Differentiable => Pass::TRAIN,
+    pub fn forward(&self, batch: &Batch, ops: Ops) -> Result<Tensor> {
+        let pass = match ops {
+            Ops::Fused => Pass::INFERENCE,
+            Ops::Differentiable => Pass::TRAIN,
         };
         self.logits(batch, pass)
     }

@@ -19,9 +19,9 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Sha
 
 use super::checkpointing::{copy_cpu, copy_cuda};
 use super::grads::GradSink;
-use super::inplace_cpu;
 use super::ops::linear;
-use super::token_logprobs::{self, token_logprobs};
+use crate::kernels::inplace::accumulate;
+use crate::kernels::token_logprobs::{self, token_logprobs};
 
 /// Logit elements per chunk (64 MiB of f32): 110 rows of Qwen's vocabulary, 341 of SmolLM2's.
 const CHUNK_ELEMENTS: usize = 1 << 24;
@@ -164,11 +164,7 @@ impl CustomOp3 for VocabLogprobs {
             dh_parts.push(dl.matmul(&w)?);
             let part = dl.t()?.matmul(&hc)?;
             dw = Some(match dw {
-                Some(acc) if inplace_cpu::applies(&[&acc, &part]) => {
-                    inplace_cpu::add(&acc, &part)?;
-                    acc
-                }
-                Some(acc) => (acc + part)?,
+                Some(acc) => accumulate(acc, &part)?,
                 None => part.contiguous()?,
             });
             start += len;

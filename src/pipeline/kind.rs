@@ -107,6 +107,25 @@ pub trait StageKind: Send + Sync {
     fn summary(&self, _outputs: &BTreeMap<String, PathBuf>) -> Option<String> {
         None
     }
+    /// The metrics a person compares across runs (`r1pipe metrics diff`), from a
+    /// record's metrics. `None` (the default): the kind's metrics are compared
+    /// only when every stage's are asked for, as recorded.
+    fn metrics_view(&self, _metrics: &Value) -> Option<Value> {
+        None
+    }
+    /// Render the stage's curves into `out` and return the page to open
+    /// (`r1pipe plot`): from a finished stage's `artifacts` (output name → path),
+    /// or, for one still running or interrupted, from its `work_dir`. `None`
+    /// (the default): the kind has nothing to plot.
+    fn render(
+        &self,
+        _artifacts: &BTreeMap<String, PathBuf>,
+        _work_dir: Option<&Path>,
+        _out: &Path,
+        _title: &str,
+    ) -> Option<anyhow::Result<PathBuf>> {
+        None
+    }
 }
 
 /// Where and how the pipeline runs, as resolved for this run.
@@ -176,19 +195,28 @@ impl StageContext {
     }
 }
 
-/// Maps a pipeline's `device:` to the class that enters fingerprints (`cpu`, `cuda`).
-type DeviceClassFn = dyn Fn(&str) -> anyhow::Result<String> + Send + Sync;
+/// What the runner needs to know of devices, from the ML side: which
+/// `device:` and `dtype:` values exist, and the class of a device that enters
+/// fingerprints.
+pub trait Devices: Send + Sync {
+    /// Why a pipeline's `device:` value is not one (with a hint), or `None`.
+    fn check_device(&self, device: &str) -> Option<(String, String)>;
+    /// Why a pipeline's `dtype:` value is not one (with a hint), or `None`.
+    fn check_dtype(&self, dtype: &str) -> Option<(String, String)>;
+    /// `cpu` or `cuda`: what enters the fingerprints of device-dependent stages.
+    fn class(&self, device: &str) -> anyhow::Result<String>;
+}
 
-/// The stage kinds a runner knows, and how to classify a device: the one
-/// place where the ML side tells the runner anything.
+/// The stage kinds a runner knows, and its device rules: the one place where
+/// the ML side tells the runner anything.
 pub struct Registry {
     kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
-    device_class: Box<DeviceClassFn>,
+    devices: Box<dyn Devices>,
 }
 
 impl Registry {
-    pub fn new(device_class: impl Fn(&str) -> anyhow::Result<String> + Send + Sync + 'static) -> Self {
-        Registry { kinds: BTreeMap::new(), device_class: Box::new(device_class) }
+    pub fn new(devices: impl Devices + 'static) -> Self {
+        Registry { kinds: BTreeMap::new(), devices: Box::new(devices) }
     }
 
     pub fn register(&mut self, kind: impl StageKind + 'static) {
@@ -203,7 +231,7 @@ impl Registry {
         self.kinds.keys().copied().collect()
     }
 
-    pub fn device_class(&self, device: &str) -> anyhow::Result<String> {
-        (self.device_class)(device)
+    pub fn devices(&self) -> &dyn Devices {
+        self.devices.as_ref()
     }
 }

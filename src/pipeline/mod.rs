@@ -9,5 +9,7 @@ pub mod runner;
 pub mod spec;
 pub mod status;
 pub mod store;
+pub mod workspace;
 
-pub use kind::{OutputSpec, Project, Registry, Requirements, RunEnv, StageContext, StageKind};
+pub use kind::{Devices, OutputSpec, Project, Registry, Requirements, RunEnv, StageContext, StageKind};
+pub use workspace::Workspace;

@@ -59,14 +59,13 @@ pub struct Runner<'a> {
     pub pipeline: &'a Pipeline,
     pub registry: &'a Registry,
     pub cache: Cache,
-    pub dag: Dag,
+    pub dag: &'a Dag,
     pub env: RunEnv,
 }
 
 impl<'a> Runner<'a> {
-    pub fn new(pipeline: &'a Pipeline, registry: &'a Registry, cache_root: PathBuf) -> Result<Self> {
-        let dag = Dag::build(pipeline).map_err(|d| anyhow::anyhow!("{d}"))?;
-        let device_class = registry.device_class(&pipeline.device)?;
+    pub fn new(pipeline: &'a Pipeline, dag: &'a Dag, registry: &'a Registry, cache_root: PathBuf) -> Result<Self> {
+        let device_class = registry.devices().class(&pipeline.device)?;
         let env = RunEnv {
             device: pipeline.device.clone(),
             device_class,
@@ -244,7 +243,7 @@ impl<'a> Runner<'a> {
             pipeline: self.pipeline,
             registry: self.registry,
             cache: Cache::new(&tmp),
-            dag: Dag::build(self.pipeline).map_err(|d| anyhow::anyhow!("{d}"))?,
+            dag: self.dag,
             env: self.env.clone(),
         };
         let mut available = BTreeMap::new();

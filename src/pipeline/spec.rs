@@ -1,6 +1,7 @@
 //! Reading a pipeline file: YAML → presets merged → `-S` overrides → `${vars.x}`
 //! substituted → every stage's parameters checked by its kind. All problems are
-//! collected and reported with file, line and hint before anything runs.
+//! collected and reported with file, line and hint before anything runs. The
+//! graph (cycles) is checked next, on the parsed pipeline (`dag.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -144,16 +145,12 @@ impl Loader {
             }),
         };
         let device = self.scalar_string(get("device"), "device", "auto");
-        if !(device == "auto"
-            || device == "cpu"
-            || device == "cuda"
-            || device.strip_prefix("cuda:").is_some_and(|n| n.parse::<u32>().is_ok()))
-        {
-            self.err("device", format!("unknown device `{device}`"), Some("use auto, cpu, cuda or cuda:N".into()));
+        if let Some((message, hint)) = registry.devices().check_device(&device) {
+            self.err("device", message, Some(hint));
         }
         let dtype = self.scalar_string(get("dtype"), "dtype", "auto");
-        if !["auto", "f32", "bf16", "f16"].contains(&dtype.as_str()) {
-            self.err("dtype", format!("unknown dtype `{dtype}`"), Some("use auto, f32, bf16 or f16".into()));
+        if let Some((message, hint)) = registry.devices().check_dtype(&dtype) {
+            self.err("dtype", message, Some(hint));
         }
 
         let mut vars = match get("vars") {
@@ -270,11 +267,6 @@ impl Loader {
 
         let pipeline =
             Pipeline { file: self.file.clone(), project: self.project.clone(), name, seed, device, dtype, stages };
-        if self.diags.is_empty() {
-            if let Err(d) = super::dag::Dag::build(&pipeline) {
-                self.diags.push(d);
-            }
-        }
         self.diags.into_result(pipeline)
     }
 

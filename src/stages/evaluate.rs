@@ -311,6 +311,15 @@ impl StageKind for Evaluate {
         let text = std::fs::read_to_string(outputs.get("metrics")?).ok()?;
         Some(EvalMetrics::from_json(&serde_json::from_str(&text).ok()?).ok()?.table())
     }
+
+    /// Per model, the current schema's numbers (files of any version read through
+    /// it); the paired comparisons are left out.
+    fn metrics_view(&self, metrics: &Value) -> Option<Value> {
+        Some(match EvalMetrics::from_json(metrics) {
+            Ok(e) => serde_json::json!({ "models": e.models }),
+            Err(_) => metrics.clone(),
+        })
+    }
 }
 
 fn verdict_of(s: &EvalSample) -> Verdict {

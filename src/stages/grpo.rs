@@ -90,6 +90,15 @@ impl StageKind for Grpo {
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
     }
+    fn render(
+        &self,
+        artifacts: &std::collections::BTreeMap<String, std::path::PathBuf>,
+        work_dir: Option<&std::path::Path>,
+        out: &std::path::Path,
+        title: &str,
+    ) -> Option<Result<std::path::PathBuf>> {
+        training::render(artifacts, work_dir, out, title)
+    }
     fn fingerprint_params(&self, params: &Value) -> Value {
         rollout_param::fingerprint_params(params, "rollout")
     }

@@ -14,13 +14,12 @@ pub mod sft;
 pub mod testing;
 pub mod training;
 
-use anyhow::Result;
-
-use crate::pipeline::Registry;
+use crate::model::device;
+use crate::pipeline::{Devices, Registry};
 
 /// Every stage kind a pipeline can name.
 pub fn registry() -> Registry {
-    let mut r = Registry::new(device_class);
+    let mut r = Registry::new(ModelDevices);
     r.register(download::Download);
     r.register(format::Format);
     r.register(evaluate::Evaluate);
@@ -34,7 +33,17 @@ pub fn registry() -> Registry {
     r
 }
 
-/// `cpu` or `cuda` for a pipeline's `device:` (what enters fingerprints).
-pub fn device_class(device: &str) -> Result<String> {
-    crate::model::device::class(device)
+/// The model side's device rules, as the runner asks for them.
+struct ModelDevices;
+
+impl Devices for ModelDevices {
+    fn check_device(&self, d: &str) -> Option<(String, String)> {
+        device::DeviceSpec::parse(d).err().map(|e| (e, device::DEVICE_HINT.into()))
+    }
+    fn check_dtype(&self, d: &str) -> Option<(String, String)> {
+        device::check_dtype(d).err().map(|e| (e, device::DTYPE_HINT.into()))
+    }
+    fn class(&self, d: &str) -> anyhow::Result<String> {
+        device::class(d)
+    }
 }

@@ -29,11 +29,12 @@ pub fn check_model_ref(param: &str, value: &str, project: &Project) -> Result<Op
 pub fn open_model(ctx: &StageContext, reference: &str) -> Result<LoadedModel> {
     let m = model::open(reference, &ctx.project.root, &ctx.env.device, &ctx.env.dtype)?;
     eprintln!(
-        "{}: {reference} ({:.0}M parameters) on {}, {:?}",
+        "{}: {reference} ({:.0}M parameters) on {}, {:?}, kernels: {}",
         ctx.stage,
         m.model.num_parameters() as f64 / 1e6,
         model::device::describe(&m.model.device),
-        m.model.compute_dtype
+        m.model.compute_dtype,
+        crate::kernels::describe(m.model.device.is_cpu(), m.model.compute_dtype)
     );
     Ok(m)
 }

@@ -97,6 +97,15 @@ impl StageKind for Sft {
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
     }
+    fn render(
+        &self,
+        artifacts: &std::collections::BTreeMap<String, std::path::PathBuf>,
+        work_dir: Option<&std::path::Path>,
+        out: &std::path::Path,
+        title: &str,
+    ) -> Option<Result<std::path::PathBuf>> {
+        training::render(artifacts, work_dir, out, title)
+    }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         check_known_keys(params, &[TrainingArgs::KEYS, OWN_KEYS])?;

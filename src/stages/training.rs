@@ -203,3 +203,25 @@ pub fn run<A: Algorithm>(
     ctx.set_metrics(metrics);
     Ok(summary)
 }
+
+/// The render hook of the training kinds: the per-step log's curves, from the
+/// finished `log` output or the work folder's log of an unfinished run.
+pub fn render(
+    artifacts: &std::collections::BTreeMap<String, PathBuf>,
+    work_dir: Option<&std::path::Path>,
+    out: &std::path::Path,
+    title: &str,
+) -> Option<Result<PathBuf>> {
+    let log = match (artifacts.get("log"), work_dir) {
+        (Some(log), _) => log.clone(),
+        (None, Some(dir)) => {
+            let log = dir.join(trainer::LOG_FILE);
+            if !log.exists() {
+                return Some(Err(anyhow::anyhow!("no training step logged yet (no {})", log.display())));
+            }
+            log
+        }
+        (None, None) => return None,
+    };
+    Some(crate::train::plots::render(&log, out, title))
+}

@@ -156,9 +156,12 @@ pub struct Summary {
     pub algorithm: Value,
 }
 
+/// The per-step log's file name in a host's work folder.
+pub const LOG_FILE: &str = "log.jsonl";
+
 /// The per-step log in a host's work folder.
 pub fn log_path(host: &dyn Host) -> PathBuf {
-    host.work_dir().join("log.jsonl")
+    host.work_dir().join(LOG_FILE)
 }
 
 /// Train `model` with `algo` to the end (or to cancellation, which checkpoints

@@ -9,34 +9,53 @@
 //! exponentials) and writes one number per row; the backward writes the one
 //! gradient tensor, (onehot(target) − softmax(logits / τ)) · g / τ.
 //!
-//! Off the CPU the composed candle ops run instead (the same function, tested).
+//! Off the CPU (or with the portable kernels) the composed candle ops run
+//! instead, in f32 whatever the logits' dtype (the same function, tested).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::cpu_threads::{for_each_unit, SharedOut};
-use super::ops::log_softmax_last;
 use super::row_exp;
+use super::threads::{for_each_unit, SharedOut};
 
 /// log softmax(logits / temperature)[targets]: `logits` [N, V], `targets` [N] u32
 /// → [N]. Differentiable with respect to `logits`.
 pub fn token_logprobs(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if super::cpu_form(&[logits]) {
         logits.apply_op2(targets, TokenLogprobs { inv_t: (1.0 / temperature) as f32 })
     } else {
         composed(logits, targets, temperature)
     }
 }
 
-/// The same function from candle ops (any device, any float dtype).
+/// The same function from candle ops (any device, any float dtype; computed in
+/// at least f32).
 pub fn composed(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
-    let l = if temperature != 1.0 { (logits / temperature)? } else { logits.clone() };
+    let l = at_least_f32(logits)?;
+    let l = if temperature != 1.0 { (l / temperature)? } else { l };
     log_softmax_last(&l)?.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?.squeeze(D::Minus1)
+}
+
+/// log-softmax over the last dimension from differentiable candle ops.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    // The max only stabilizes: no gradient flows through it.
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    shifted.broadcast_sub(&lse)
+}
+
+/// bf16 and f16 upcast to f32; f32 and f64 as they are.
+fn at_least_f32(t: &Tensor) -> Result<Tensor> {
+    match t.dtype() {
+        DType::F64 | DType::F32 => Ok(t.clone()),
+        _ => t.to_dtype(DType::F32),
+    }
 }
 
 /// d/d logits of Σ g · log softmax(logits / τ)[target]: (onehot(target) − softmax(logits / τ)) · g / τ.
 /// `logits` [N, V] f32, `targets` [N] u32, `g` [N] f32; no graph.
 pub fn logits_grad(logits: &Tensor, targets: &Tensor, g: &Tensor, inv_t: f64) -> Result<Tensor> {
-    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+    if super::cpu_form(&[logits]) {
         return logits.contiguous()?.apply_op3_no_bwd(
             &targets.contiguous()?,
             &g.contiguous()?,

@@ -41,8 +41,8 @@ use std::ops::Range;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::cpu_threads::{for_each_unit, SharedOut};
-use super::skinny_matmul::dot;
+use super::matmul_t::dot;
+use super::threads::{for_each_unit, SharedOut};
 
 /// A mask entry at or below this is a masked key (the model uses −1e9).
 const MASKED_BELOW: f32 = -1e8;
@@ -51,9 +51,10 @@ const MASKED_BELOW: f32 = -1e8;
 /// into interleaved position classes until there are at least this many.
 const WORK_ITEMS: usize = 16;
 
-/// Whether the CPU attention applies: f32 tensors on the CPU.
+/// Whether the CPU attention applies (the kernels' dispatch rule): else the
+/// caller composes attention from candle ops, as CUDA runs it.
 pub fn applies(q: &Tensor) -> bool {
-    q.device().is_cpu() && q.dtype() == candle_core::DType::F32
+    super::cpu_form(&[q])
 }
 
 /// softmax(q kᵀ · scale + mask) v per head; differentiable in q, k and v.
@@ -797,7 +798,9 @@ mod tests {
             .unwrap()
             .broadcast_add(&mask.unsqueeze(1).unwrap())
             .unwrap();
-        let probs = crate::model::ops::softmax_last(&scores, crate::model::Kernels::Differentiable).unwrap();
+        let max = scores.max_keepdim(candle_core::D::Minus1).unwrap().detach();
+        let e = scores.broadcast_sub(&max).unwrap().exp().unwrap();
+        let probs = e.broadcast_div(&e.sum_keepdim(candle_core::D::Minus1).unwrap()).unwrap();
         probs.reshape((b, hkv, r, s)).unwrap().matmul(&v.contiguous().unwrap()).unwrap()
     }
 

@@ -1,21 +1,30 @@
-//! `x @ W^T` for an `x` of few rows on the CPU: the shape of every matrix
-//! product in a decode step (one row per sequence of the batch).
+//! `x @ Wᵀ`: the one matrix product of every linear layer, as one op on every
+//! device, with a hand-written CPU form for an `x` of few rows (the shape of
+//! every product in a decode step, one row per sequence of the batch).
 //!
-//! Why by hand: candle's CPU matmul goes through the `gemm` crate, which for a
-//! handful of rows runs a single-threaded matrix-vector path (M = 1), or packs
+//! Why one op rather than candle's `x.matmul(&w.t())`: for the backward.
+//! candle would produce the weight's gradient as a transposed [K, N] tensor and
+//! add it to a zero [N, K] one through a strided copy, a slow pass over every
+//! parameter (on CUDA, several weight-sized temporaries per weight per
+//! micro-batch); here the gradient comes out as [N, K] directly. The forward is
+//! the device's own matmul (cuBLAS, gemm) reading `w` through a transposed
+//! layout, except for few rows on the CPU:
+//!
+//! Why a CPU form: candle's CPU matmul goes through the `gemm` crate, which for
+//! a handful of rows runs a single-threaded matrix-vector path (M = 1), or packs
 //! the whole weight matrix before multiplying (small M > 1). A decode step is
 //! bound by reading the weights, so both waste most of the step: here each
 //! weight row is read from memory once, multiplied against every row of `x`
 //! while it sits in L1, and the output columns are split across threads.
 //!
-//! Every output element is the same dot product (8-lane partial sums over K in
-//! order, a fixed reduction, then the scalar tail) whatever the number of rows
-//! or the thread split, so a sequence gets bitwise the same logits alone or in
-//! a batch.
+//! Every output element of the CPU form is the same dot product (8-lane partial
+//! sums over K in order, a fixed reduction, then the scalar tail) whatever the
+//! number of rows or the thread split, so a sequence gets bitwise the same
+//! logits alone or in a batch.
 
-use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{backend::BackendStorage, CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
-use super::cpu_threads::{for_each_unit, SharedOut};
+use super::threads::{for_each_unit, SharedOut};
 
 /// Up to this many rows of `x` the hand-written kernel is used; above it
 /// `gemm`'s packed kernels win (timed against each other on this machine's CPU
@@ -25,23 +34,29 @@ pub const MAX_ROWS: usize = 48;
 /// Output columns per unit of parallel work (the pool hands out runs of units).
 const COLS_PER_UNIT: usize = 8;
 
-/// Whether `x @ w^T` runs as [`matmul_t`]: f32 on the CPU.
-pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.rank() == 2 && w.rank() == 2
-}
-
-/// `x` [M, K] @ `w` [N, K]^T → [M, N], differentiable: the skinny kernel up to
-/// [`MAX_ROWS`] rows, candle's gemm above.
-///
-/// One op for both, rather than candle's matmul of `w.t()`, for the backward:
-/// candle would produce the weight's gradient as a transposed [K, N] tensor and
-/// add it to a zero [N, K] one through a strided copy, a slow pass over every
-/// parameter; here the gradient comes out as [N, K] directly.
+/// `x` [M, K] @ `w` [N, K]ᵀ → [M, N] on any device and float dtype,
+/// differentiable in both. On the CPU in f32 (the dispatch rule,
+/// [`super::cpu_form`]) the hand-written kernel takes up to [`MAX_ROWS`] rows.
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.apply_op2(w, MatmulT)
+    let skinny = super::cpu_form(&[x, w]);
+    x.apply_op2(w, MatmulT { skinny })
 }
 
-struct MatmulT;
+struct MatmulT {
+    /// The CPU form may run (it does up to [`MAX_ROWS`] rows).
+    skinny: bool,
+}
+
+impl MatmulT {
+    fn dims(l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("matmul-t: x is [{m}, {k}] but w is [{n}, {k2}]");
+        }
+        Ok((m, n, k))
+    }
+}
 
 impl CustomOp2 for MatmulT {
     fn name(&self) -> &'static str {
@@ -49,14 +64,11 @@ impl CustomOp2 for MatmulT {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("skinny matmul: x is [{m}, {k}] but w is [{n}, {k2}]");
-        }
-        if m > MAX_ROWS {
-            let out = s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?;
-            return Ok((out, Shape::from((m, n))));
+        let (m, n, k) = Self::dims(l1, l2)?;
+        if !self.skinny || m > MAX_ROWS {
+            let wt = l2.transpose(0, 1)?;
+            super::check_cublas(l1, &wt, "matmul-t")?;
+            return Ok((s1.matmul(s2, (1, m, n, k), l1, &wt)?, Shape::from((m, n))));
         }
         let x = contiguous_f32(s1, l1)?;
         let w = contiguous_f32(s2, l2)?;
@@ -65,9 +77,19 @@ impl CustomOp2 for MatmulT {
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (m, n, k) = Self::dims(l1, l2)?;
+        Ok((s1.matmul(s2, (1, m, n, k), l1, &l2.transpose(0, 1)?)?, Shape::from((m, n))))
+    }
+
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        // y = x w^T: dx = dy w, dw = dy^T x.
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        // y = x wᵀ: dx = dy w, dw = dyᵀ x ([N, K], the weight's own layout). The incoming
+        // gradient may be a broadcast (a sum's backward): cuBLAS needs real strides.
+        let grad = grad.contiguous()?;
+        let gt = grad.t()?;
+        super::check_cublas(grad.layout(), w.layout(), "matmul-t backward (dx)")?;
+        super::check_cublas(gt.layout(), x.layout(), "matmul-t backward (dw)")?;
+        Ok((Some(grad.matmul(w)?), Some(gt.matmul(x)?)))
     }
 }
 

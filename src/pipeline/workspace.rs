@@ -1,0 +1,240 @@
+//! The runner's façade (as DVC's `Repo`): a pipeline file opened against its
+//! cache, and everything the command line asks of the two. The CLI goes
+//! through here and names no stage kind, no output and no artifact file: what
+//! a kind's artifacts mean to a person (its metrics, its curves) the kind says
+//! through its hooks (`StageKind::metrics_view`, `StageKind::render`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use super::dag::Dag;
+use super::gc::{self, GcReport};
+use super::kind::{Project, Registry};
+use super::runner::{Decision, RunOptions, RunOutcome, Runner};
+use super::spec::{self, Override, Pipeline};
+use super::status::{self, StageStatus};
+use super::store::{Cache, StageRecord};
+use crate::common::diagnostic::Diagnostics;
+use crate::common::CancelToken;
+
+/// The cache a command uses: the one it was given (`--cache`, `R1PIPE_CACHE`),
+/// else `cache/` in the project root.
+pub fn cache_root(explicit: Option<PathBuf>, project: &Project) -> PathBuf {
+    explicit.unwrap_or_else(|| project.root.join("cache"))
+}
+
+/// The cache of a command that names no pipeline: the project around the current folder.
+pub fn cache_root_here(explicit: Option<PathBuf>) -> PathBuf {
+    let here = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    cache_root(explicit, &Project::of_dir(&here))
+}
+
+/// A pipeline, validated, against its cache.
+pub struct Workspace<'r> {
+    pub pipeline: Pipeline,
+    pub dag: Dag,
+    pub registry: &'r Registry,
+    pub cache: Cache,
+}
+
+impl<'r> Workspace<'r> {
+    /// Read and check the pipeline (every problem at once, with file and line),
+    /// then its graph (cycles), against `cache` or the project's default.
+    pub fn open(
+        file: &Path,
+        overrides: &[Override],
+        cache: Option<PathBuf>,
+        registry: &'r Registry,
+    ) -> Result<Workspace<'r>> {
+        let pipeline = spec::load(file, overrides, registry)?;
+        let dag = Dag::build(&pipeline).map_err(|d| Diagnostics(vec![d]))?;
+        let root = cache_root(cache, &pipeline.project);
+        Ok(Workspace { pipeline, dag, registry, cache: Cache::new(&root) })
+    }
+
+    pub fn runner(&self) -> Result<Runner<'_>> {
+        Runner::new(&self.pipeline, &self.dag, self.registry, self.cache.root.clone())
+    }
+
+    /// Plan and (unless a dry run) execute.
+    pub fn run(&self, opts: &RunOptions, cancel: &CancelToken) -> Result<RunOutcome> {
+        self.runner()?.run(opts, cancel)
+    }
+
+    /// A new file for this run's JSON log under the cache's `runs/`.
+    pub fn new_run_log(&self) -> Result<PathBuf> {
+        let dir = self.cache.runs_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(dir.join(format!(
+            "{}-{}-{}.jsonl",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S"),
+            self.pipeline.name,
+            std::process::id()
+        )))
+    }
+
+    /// Each stage's state against the cache.
+    pub fn status(&self) -> Result<Vec<StageStatus>> {
+        status::status(&self.runner()?)
+    }
+
+    fn stage_named(&self, stage: &str) -> Result<()> {
+        if self.pipeline.stage(stage).is_none() {
+            bail!("no stage `{stage}` in {}", self.pipeline.file.display());
+        }
+        Ok(())
+    }
+
+    /// Each up-to-date stage's record (stage → record): the pipeline's current results.
+    pub fn current_records(&self) -> Result<BTreeMap<String, StageRecord>> {
+        let mut out = BTreeMap::new();
+        if self.cache.exists() {
+            for (name, d) in self.runner()?.decide_all()? {
+                if let Decision::Cached { record } = d {
+                    out.insert(name, *record);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The fingerprints this pipeline's current results and runs would use (what `gc` keeps).
+    pub fn current_fingerprints(&self) -> Result<BTreeSet<String>> {
+        let mut out = BTreeSet::new();
+        if self.cache.exists() {
+            for (_, d) in self.runner()?.decide_all()? {
+                match d {
+                    Decision::Cached { record } => out.insert(record.fingerprint),
+                    Decision::Run { fingerprint, .. } => out.insert(fingerprint),
+                    Decision::Pending { .. } => false,
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// The path of the current result `stage.output`.
+    pub fn artifact(&self, stage: &str, output: &str) -> Result<PathBuf> {
+        self.stage_named(stage)?;
+        let Some(rec) = self.current_records()?.remove(stage) else {
+            bail!("stage `{stage}` is not up to date; run `r1pipe run {}` first", self.pipeline.file.display());
+        };
+        record_artifact(&self.cache, &rec, output)
+    }
+
+    /// Render `stage`'s curves into `out` (default `cache/plots/STAGE`) through its
+    /// kind's render hook: from its finished record, or from the work folder of a
+    /// stage that is interrupted or running. Returns the page to open.
+    pub fn plot(&self, stage: &str, out: Option<PathBuf>) -> Result<PathBuf> {
+        self.stage_named(stage)?;
+        let kind = &self.pipeline.stage(stage).expect("checked above").kind;
+        let runner = self.runner()?;
+        let decision = runner.decide_all()?.into_iter().find(|(n, _)| n == stage).map(|(_, d)| d);
+        let (artifacts, work_dir, state) = match decision {
+            Some(Decision::Cached { record }) => {
+                let paths = record.outputs.iter().map(|(k, o)| (k.clone(), self.cache.object_path(o))).collect();
+                (paths, None, "finished")
+            }
+            Some(Decision::Run { fingerprint, .. }) => {
+                (BTreeMap::new(), Some(self.cache.work_dir(&fingerprint)), "unfinished")
+            }
+            _ => bail!("stage `{stage}` cannot have run yet: its inputs are not up to date"),
+        };
+        let out = out.unwrap_or_else(|| self.cache.root.join("plots").join(stage));
+        let title = format!("{} / {stage} ({state})", self.pipeline.name);
+        match kind.render(&artifacts, work_dir.as_deref(), &out, &title) {
+            Some(page) => page,
+            None => bail!("stage `{stage}` ({}) has no curves to plot (training stages have them)", kind.name()),
+        }
+    }
+
+    /// What `metrics diff` compares of a record: the kind's metrics view, or with
+    /// `all` its raw metrics where the kind has no view. `None`: nothing to compare.
+    pub fn metrics_of(&self, rec: &StageRecord, all: bool) -> Option<Value> {
+        let metrics = rec.metrics.as_ref()?;
+        let view = self.registry.get(&rec.inputs.kind).and_then(|k| k.metrics_view(metrics));
+        match view {
+            Some(v) => Some(v),
+            None if all => Some(metrics.clone()),
+            None => None,
+        }
+    }
+
+    /// For each stage that is up to date, the newest earlier record of it in this
+    /// cache (a different fingerprint that finished before): `metrics diff`'s baseline.
+    pub fn previous_records(&self) -> Result<BTreeMap<String, StageRecord>> {
+        let now = self.current_records()?;
+        let db = self.cache.db()?;
+        let mut prev: BTreeMap<String, StageRecord> = BTreeMap::new();
+        for rec in self.cache.all_records(&db)? {
+            let Some(cur) = now.get(&rec.stage) else { continue };
+            if rec.pipeline != self.pipeline.name
+                || rec.fingerprint == cur.fingerprint
+                || rec.finished_at > cur.finished_at
+            {
+                continue;
+            }
+            if prev.get(&rec.stage).is_none_or(|p| rec.finished_at > p.finished_at) {
+                prev.insert(rec.stage.clone(), rec);
+            }
+        }
+        Ok(prev)
+    }
+}
+
+/// The path of a recorded output, checked to be on disk.
+fn record_artifact(cache: &Cache, rec: &StageRecord, output: &str) -> Result<PathBuf> {
+    let Some(obj) = rec.outputs.get(output) else {
+        let outs: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
+        bail!("stage `{}` has no output `{output}` (outputs: {})", rec.stage, outs.join(", "));
+    };
+    let path = cache.object_path(obj);
+    if !path.exists() {
+        bail!("{} is recorded but missing on disk; run the pipeline again to repair it", path.display());
+    }
+    Ok(path)
+}
+
+/// `stage.output` of the newest record of `stage` in the cache at `root`, when
+/// no pipeline is named (one pipeline's stage of that name, or an error naming them).
+pub fn latest_artifact(root: &Path, stage: &str, output: &str) -> Result<PathBuf> {
+    let cache = Cache::new(root);
+    if !cache.exists() {
+        bail!("no cache at {} (pass --cache DIR or run a pipeline first)", root.display());
+    }
+    let db = cache.db()?;
+    let matches: Vec<(String, String, String)> =
+        cache.latest_pointers(&db)?.into_iter().filter(|(_, s, _)| s == stage).collect();
+    let (pipeline, _, fp) = match matches.as_slice() {
+        [] => bail!("no finished stage `{stage}` in the cache {}", root.display()),
+        [one] => one.clone(),
+        many => bail!(
+            "stage `{stage}` exists in several pipelines ({}); pass --pipeline FILE",
+            many.iter().map(|m| m.0.clone()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let rec = cache.record(&db, &fp)?.with_context(|| format!("the record of {pipeline}/{stage} is missing"))?;
+    drop(db);
+    record_artifact(&cache, &rec, output)
+}
+
+/// `gc`: remove what no record reaches; with `keep`, only those fingerprints stay recorded.
+pub fn gc(root: &Path, keep: Option<&BTreeSet<String>>, include_unfinished: bool, dry_run: bool) -> Result<GcReport> {
+    let cache = Cache::new(root);
+    if !cache.exists() {
+        bail!("no cache at {}", root.display());
+    }
+    let _lock = if dry_run { None } else { Some(cache.lock(false)?) };
+    gc::gc(&cache, keep, include_unfinished, dry_run)
+}
+
+/// `gc --repair`: rebuild a damaged index from the record copies, holding the
+/// lock. Returns (records restored, records skipped for missing artifacts).
+pub fn repair(root: &Path) -> Result<(usize, usize)> {
+    let cache = Cache::new(root);
+    let _lock = cache.lock(false)?;
+    cache.repair()
+}
