@@ -23,7 +23,7 @@ const RULES: &[(&str, &[&str])] = &[
     ("src/rollout", &["pipeline", "stages", "train", "bench"]),
     ("src/rewards", &["pipeline", "stages", "model", "train", "bench"]),
     ("src/data", &["pipeline", "stages", "model", "train", "rewards", "bench"]),
-    ("src/eval", &["pipeline", "stages", "model", "train", "bench"]),
+    ("src/eval", &["pipeline", "stages", "train", "bench"]),
     ("src/hub.rs", &["pipeline", "stages", "model", "train", "rewards", "bench"]),
     // The command line reaches the ML core through its own modules, not through stage internals.
     ("src/cli", &["stages::format", "stages::grpo", "stages::sft", "stages::evaluate", "stages::infer"]),

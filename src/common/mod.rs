@@ -1,6 +1,6 @@
 //! What both sides of the crate need, importing neither: typed parameters and
 //! their errors, diagnostics with file and line, YAML positions, durable file
-//! helpers, checkpoint folders and cancellation. The runner (`pipeline/`) and
+//! helpers, checkpoint folders, cancellation and the host interface of long loops. The runner (`pipeline/`) and
 //! the ML core (`model/`, `train/`, `rewards/`, `data/`) both build on this;
 //! `tests/layers.rs` fails if either side imports the other.
 
@@ -9,10 +9,12 @@ pub mod checkpoints;
 pub mod diagnostic;
 pub mod fault;
 pub mod fsutil;
+pub mod host;
 pub mod memory;
 pub mod params;
 pub mod table;
 pub mod yaml_pos;
 
 pub use cancel::{CancelToken, Cancelled};
+pub use host::{FolderHost, Host};
 pub use params::{typed, ParamError};

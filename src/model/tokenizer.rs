@@ -6,20 +6,9 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Message {
-    pub role: String,
-    pub content: String,
-}
-
-impl Message {
-    pub fn new(role: &str, content: &str) -> Message {
-        Message { role: role.into(), content: content.into() }
-    }
-}
+pub use crate::data::Message;
 
 #[derive(Clone)]
 pub struct ChatTokenizer {

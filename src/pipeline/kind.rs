@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::common::checkpoints::Checkpoints;
-use crate::common::{typed, CancelToken, ParamError};
+use crate::common::{typed, CancelToken, Host, ParamError};
 
 /// One named output of a stage kind. It lands in the cache as
 /// `objects/<hash>/<file_name>` and is referenced as `${stage.<name>}`.
@@ -179,9 +179,18 @@ impl StageContext {
     pub fn checkpoints(&self) -> Checkpoints {
         Checkpoints::new(&self.work_dir)
     }
+}
 
-    /// A progress bar in the runner's display: position, rate and ETA.
-    pub fn progress_bar(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
+/// The stage context is the host of the ML core's long loops.
+impl Host for StageContext {
+    fn work_dir(&self) -> PathBuf {
+        self.work_dir.clone()
+    }
+    fn cancel(&self) -> &CancelToken {
+        &self.cancel
+    }
+    /// A bar in the runner's display: position, rate and ETA.
+    fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
         let bar = self.progress.add(indicatif::ProgressBar::new(len));
         let template =
             format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} · {{per_sec}} · ETA {{eta}} {{msg}}");

@@ -1,28 +1,25 @@
 //! `evaluate`: one or several models side by side on the GSM8K test prompts:
 //! strict and flexible accuracy with 95% intervals, format adherence,
-//! completion length, truncation, and paired tests between the models
-//! (`eval::metrics`). Optionally few-shot, with exemplars from the train split.
-//! Finished samples are kept in the work folder, so an interrupted evaluation continues.
+//! completion length, truncation, and paired tests between the models. This
+//! file is the stage's parameters and wiring; the loop is `eval::run` (which
+//! keeps finished samples, so an interrupted evaluation continues) and the
+//! numbers are `eval::metrics`. Optionally few-shot, with exemplars from the train split.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use anyhow::Result;
-use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
-use super::format::PromptRow;
 use super::model_common::{check_known_keys, check_model_ref, open_for_sampling, sampling_errors};
 use super::rollout_param;
 use crate::common::{typed, ParamError};
-use crate::data::gsm8k::think_answer;
-use crate::data::jsonl::{self, Appender};
-use crate::eval::extract::last_number;
-use crate::eval::metrics::{EvalMetrics, Verdict};
-use crate::model::{FinishReason, Message, SamplingParams};
+use crate::data::jsonl;
+use crate::data::PromptRow;
+use crate::eval::metrics::EvalMetrics;
+use crate::eval::run::{self, EvalSettings};
+use crate::model::SamplingParams;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
-use crate::rewards::answer::{gsm8k_equal, xml_answer};
-use crate::rewards::{lookup, Sample};
 use crate::rollout::ServerConfig;
 
 // No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
@@ -101,28 +98,6 @@ fn check_served_entries(params: &Value) -> Vec<ParamError> {
 
 fn default_batch() -> usize {
     8
-}
-
-/// One evaluated test question.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EvalSample {
-    pub model: String,
-    pub index: usize,
-    pub question: String,
-    pub reference: String,
-    pub completion: String,
-    /// The recipe's strict extraction: the last `<answer>…</answer>`.
-    pub extracted: Option<String>,
-    pub correct: bool,
-    /// lm-eval-harness's flexible extraction: the last number of the completion.
-    #[serde(default)]
-    pub extracted_flexible: Option<String>,
-    #[serde(default)]
-    pub correct_flexible: bool,
-    pub strict_format: bool,
-    pub soft_format: bool,
-    pub tokens: usize,
-    pub finish_reason: FinishReason,
 }
 
 pub struct Evaluate;
@@ -224,79 +199,27 @@ impl StageKind for Evaluate {
         if let Some(n) = p.limit {
             rows.truncate(n);
         }
-        let sampling = p.sampling.clone();
         let shots = match (&p.train, p.num_fewshot) {
-            (Some(t), k) if k > 0 => fewshot(&ctx.project.local_path(t).unwrap_or_else(|| t.into()), k, ctx.env.seed)?,
+            (Some(t), k) if k > 0 => {
+                run::fewshot(&ctx.project.local_path(t).unwrap_or_else(|| t.into()), k, ctx.env.seed)?
+            }
             _ => Vec::new(),
         };
-        // The verdicts are the reward catalog's functions with their defaults: one
-        // definition of "correct" and "formatted" for training and evaluation.
-        let verdict = |name: &str| (lookup(name).expect("a catalog function").build)(&Value::Null);
-        let (correctness, strict, soft) = (verdict("correctness")?, verdict("strict_format")?, verdict("soft_format")?);
+        let settings =
+            EvalSettings { sampling: p.sampling.clone(), batch_size: p.batch_size, shots, seed: ctx.env.seed };
         let mut all = Vec::new();
         let mut verdicts = BTreeMap::new();
-        for (name, reference) in &p.models {
-            // Samples already evaluated by an interrupted attempt are kept.
-            let partial = ctx.work_dir.join(samples_file(name));
-            let mut done: Vec<EvalSample> = if partial.exists() {
-                jsonl::read(&partial)?.into_iter().map(|(_, s)| s).collect()
-            } else {
-                Vec::new()
-            };
-            let seen: BTreeSet<usize> = done.iter().map(|s| s.index).collect();
-            if !seen.is_empty() {
-                eprintln!("{}: {name}: kept {} finished samples of an interrupted run", ctx.stage, seen.len());
+        for (name, entry) in &p.models {
+            let (mut done, todo) = run::resume(ctx, name, rows.len())?;
+            if !done.is_empty() {
+                eprintln!("{}: {name}: kept {} finished samples of an interrupted run", ctx.stage, done.len());
             }
-            let todo: Vec<usize> = (0..rows.len()).filter(|i| !seen.contains(i)).collect();
             if !todo.is_empty() {
-                let m = open_for_sampling(ctx, reference.reference(), reference.rollout())?;
-                let mut out = Appender::open(&partial)?;
-                let bar = ctx.progress_bar(rows.len() as u64, &format!("questions ({name})"));
-                bar.set_position(seen.len() as u64);
-                for chunk in todo.chunks(p.batch_size) {
-                    if let Err(e) = ctx.cancel.check() {
-                        bar.abandon();
-                        return Err(e.into());
-                    }
-                    let prompts: Vec<Vec<u32>> = chunk
-                        .iter()
-                        .map(|&i| m.tokenizer().encode_chat(&with_shots(&rows[i].prompt, &shots), true))
-                        .collect::<Result<_>>()?;
-                    // Seeded by question index, so a resumed run samples exactly as an uninterrupted one.
-                    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed ^ (chunk[0] as u64) << 20);
-                    let comps = m.sampler().sample(m.tokenizer(), &prompts, 1, &sampling, &mut rng, false)?;
-                    for (c, &i) in comps.iter().zip(chunk) {
-                        let row = &rows[i];
-                        let extracted = xml_answer(&c.text).map(str::to_string);
-                        let extracted_flexible = last_number(&c.text);
-                        let sample =
-                            Sample { prompt: "", completion: &c.text, answer: &row.answer, tokens: c.tokens.len() };
-                        let s = EvalSample {
-                            model: name.clone(),
-                            index: i,
-                            question: row.question.clone(),
-                            reference: row.answer.clone(),
-                            completion: c.text.clone(),
-                            correct: correctness.score(&sample) > 0.0,
-                            extracted,
-                            correct_flexible: extracted_flexible
-                                .as_deref()
-                                .is_some_and(|a| gsm8k_equal(a, &row.answer)),
-                            extracted_flexible,
-                            strict_format: strict.score(&sample) > 0.0,
-                            soft_format: soft.score(&sample) > 0.0,
-                            tokens: c.tokens.len(),
-                            finish_reason: c.finish_reason,
-                        };
-                        out.append(&s)?;
-                        done.push(s);
-                    }
-                    bar.inc(chunk.len() as u64);
-                }
-                bar.finish_and_clear();
+                let m = open_for_sampling(ctx, entry.reference(), entry.rollout())?;
+                done.extend(run::evaluate(name, &m.sampler(), m.tokenizer(), &rows, &todo, &settings, ctx)?);
             }
             done.sort_by_key(|s| s.index);
-            verdicts.insert(name.clone(), done.iter().map(verdict_of).collect::<Vec<_>>());
+            verdicts.insert(name.clone(), done.iter().map(|s| s.verdict()).collect::<Vec<_>>());
             all.extend(done);
         }
         jsonl::write(&ctx.output_path("samples"), &all)?;
@@ -319,71 +242,5 @@ impl StageKind for Evaluate {
             Ok(e) => serde_json::json!({ "models": e.models }),
             Err(_) => metrics.clone(),
         })
-    }
-}
-
-fn verdict_of(s: &EvalSample) -> Verdict {
-    Verdict {
-        index: s.index,
-        correct_strict: s.correct,
-        correct_flexible: s.correct_flexible,
-        strict_format: s.strict_format,
-        soft_format: s.soft_format,
-        tokens: s.tokens,
-        truncated: s.finish_reason == FinishReason::Length,
-    }
-}
-
-/// `k` worked examples from the train split (a seeded choice), as user/assistant turns
-/// whose answers are in the recipe's think/answer format.
-fn fewshot(train: &std::path::Path, k: usize, seed: u64) -> Result<Vec<Message>> {
-    use rand::seq::SliceRandom;
-    let mut rows: Vec<PromptRow> = jsonl::read(train)?.into_iter().map(|(_, r)| r).collect();
-    if rows.len() < k {
-        anyhow::bail!("{}: {k}-shot needs {k} exemplars, the file has {}", train.display(), rows.len());
-    }
-    rows.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0xf3e5));
-    Ok(rows[..k]
-        .iter()
-        .flat_map(|r| {
-            [Message::new("user", &r.question), Message::new("assistant", &think_answer(&r.rationale, &r.answer))]
-        })
-        .collect())
-}
-
-/// The prompt with the exemplars after its system message (if any), before the question.
-fn with_shots(prompt: &[Message], shots: &[Message]) -> Vec<Message> {
-    if shots.is_empty() {
-        return prompt.to_vec();
-    }
-    let split = prompt.iter().take_while(|m| m.role == "system").count();
-    prompt[..split].iter().chain(shots).chain(&prompt[split..]).cloned().collect()
-}
-
-/// The work-folder file of a model's finished samples: readable, and distinct for
-/// distinct names (`a.b` and `a_b` must not share one).
-fn samples_file(name: &str) -> String {
-    let readable: String =
-        name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
-    format!("samples-{readable}-{}.jsonl", &blake3::hash(name.as_bytes()).to_hex()[..8])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exemplars_go_between_the_system_prompt_and_the_question() {
-        let prompt = vec![Message::new("system", "S"), Message::new("user", "Q")];
-        let shots = vec![Message::new("user", "q1"), Message::new("assistant", "a1")];
-        let roles: Vec<String> = with_shots(&prompt, &shots).into_iter().map(|m| m.content).collect();
-        assert_eq!(roles, vec!["S", "q1", "a1", "Q"]);
-        assert_eq!(with_shots(&prompt, &[]), prompt);
-    }
-
-    #[test]
-    fn model_names_that_sanitize_alike_get_their_own_samples_file() {
-        assert_ne!(samples_file("a.b"), samples_file("a_b"));
-        assert!(samples_file("base").starts_with("samples-base-"));
     }
 }

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::common::{typed, ParamError};
-use crate::data::{gsm8k, jsonl};
-use crate::model::Message;
+use crate::data::{gsm8k, jsonl, Message, PromptRow, SftRow};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
@@ -59,22 +58,6 @@ impl Limit {
 
 fn default_system_prompt() -> String {
     gsm8k::R1_SYSTEM_PROMPT.into()
-}
-
-/// One GRPO/evaluation prompt.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PromptRow {
-    pub prompt: Vec<Message>,
-    pub question: String,
-    pub answer: String,
-    pub rationale: String,
-}
-
-/// One SFT example.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SftRow {
-    pub messages: Vec<Message>,
-    pub answer: String,
 }
 
 pub struct Format;

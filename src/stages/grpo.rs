@@ -5,13 +5,13 @@ use anyhow::{bail, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::format::PromptRow;
 use super::model_common::check_known_keys;
 use super::reward_param::reward_set;
 use super::rollout_param;
 use super::training::{self, open_trainable, TrainingArgs};
 use crate::common::{typed, ParamError};
 use crate::data::jsonl;
+use crate::data::PromptRow;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rollout::{Client, ServerConfig};
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};

@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use super::model_common::{check_known_keys, check_model_ref, open_for_sampling, sampling_errors};
 use super::rollout_param;
+use crate::common::Host;
 use crate::common::{typed, ParamError};
 use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
@@ -141,7 +142,7 @@ impl StageKind for Infer {
         };
         let m = open_for_sampling(ctx, &p.model, p.rollout.as_ref())?;
         let sampling = p.sampling.clone();
-        let bar = ctx.progress_bar(prompts.len() as u64, "questions");
+        let bar = ctx.progress(prompts.len() as u64, "questions");
         let mut answers = Vec::new();
         for (b, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
             ctx.cancel.check()?;

@@ -129,7 +129,8 @@ impl StageKind for Sft {
         let path = p.training.train_path(&ctx.project);
         let mut examples = Vec::new();
         for (line, row) in jsonl::read::<Value>(&path)? {
-            let messages = sft::messages_of(&row).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
+            let messages =
+                crate::data::rows::sft_messages(&row).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
             examples.push(
                 sft::tokenize(&loaded.tokenizer, &messages, p.max_seq_length)
                     .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?,

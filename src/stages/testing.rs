@@ -9,6 +9,7 @@ use anyhow::Result;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::common::Host;
 use crate::common::{typed, ParamError};
 use crate::data::jsonl::Appender;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
@@ -64,7 +65,7 @@ impl StageKind for Counter {
         };
         // Every executed step is logged, so a test can see that resumed work is not redone.
         let mut log = Appender::open(&ctx.work_dir.join("steps.jsonl"))?;
-        let bar = ctx.progress_bar(p.steps, "steps");
+        let bar = ctx.progress(p.steps, "steps");
         bar.set_position(count);
         while count < p.steps {
             ctx.cancel.check()?;

@@ -10,12 +10,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::model_common::{check_model_ref, open_model};
-use crate::common::{CancelToken, ParamError};
+use crate::common::ParamError;
 use crate::model::lora::LoraConfig;
 use crate::model::LoadedModel;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext};
 use crate::train::optim::Schedule;
-use crate::train::trainer::{self, Algorithm, Host, Hyper, Summary};
+use crate::train::trainer::{self, Algorithm, Hyper, Summary};
 
 /// The parameters every training stage takes (TRL's names). Unset values
 /// take the algorithm's code defaults ([`Hyper`] values in its stage file).
@@ -145,21 +145,6 @@ pub fn absent_outputs(params: &Value) -> Vec<(&'static str, &'static str)> {
     }
 }
 
-/// The runner's context as the training loop's host.
-struct StageHost<'a>(&'a StageContext);
-
-impl Host for StageHost<'_> {
-    fn work_dir(&self) -> PathBuf {
-        self.0.work_dir.clone()
-    }
-    fn cancel(&self) -> &CancelToken {
-        &self.0.cancel
-    }
-    fn progress(&self, len: u64) -> indicatif::ProgressBar {
-        self.0.progress_bar(len, "steps")
-    }
-}
-
 /// A training stage's model, with LoRA adapters added when asked for.
 pub fn open_trainable(ctx: &StageContext, args: &TrainingArgs) -> Result<LoadedModel> {
     let mut loaded = open_model(ctx, &args.model)?;
@@ -181,12 +166,12 @@ pub fn run<A: Algorithm>(
     hp: &Hyper,
     extra: Value,
 ) -> Result<Summary> {
-    let summary = trainer::train(&mut loaded.model, algo, hp, &StageHost(ctx))?;
+    let summary = trainer::train(&mut loaded.model, algo, hp, ctx)?;
     crate::model::load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
     if loaded.model.lora.is_some() {
         crate::model::peft::save_adapter(&loaded.model, base_model, &ctx.output_path("adapter"))?;
     }
-    std::fs::copy(trainer::log_path(&StageHost(ctx)), ctx.output_path("log"))?;
+    std::fs::copy(trainer::log_path(ctx), ctx.output_path("log"))?;
     crate::train::plots::render(
         &ctx.output_path("log"),
         &ctx.output_path("plots"),

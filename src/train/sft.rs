@@ -22,29 +22,6 @@ pub struct Example {
     pub truncated: bool,
 }
 
-/// The messages of an SFT row: `{messages: [...]}` or `{prompt, completion}`
-/// (each a string or a list of messages).
-pub fn messages_of(row: &Value) -> Result<Vec<Message>> {
-    let as_messages = |v: &Value, role: &str| -> Result<Vec<Message>> {
-        Ok(match v {
-            Value::String(s) => vec![Message::new(role, s)],
-            Value::Array(_) => serde_json::from_value(v.clone())?,
-            _ => bail!("expected a string or a list of messages"),
-        })
-    };
-    if let Some(m) = row.get("messages") {
-        return Ok(serde_json::from_value(m.clone())?);
-    }
-    match (row.get("prompt"), row.get("completion")) {
-        (Some(p), Some(c)) => {
-            let mut m = as_messages(p, "user")?;
-            m.extend(as_messages(c, "assistant")?);
-            Ok(m)
-        }
-        _ => bail!("an SFT row needs `messages`, or `prompt` and `completion`"),
-    }
-}
-
 /// Tokenize a conversation; only assistant turns are targets. Each assistant
 /// turn's tokens are found as the difference between the conversation rendered
 /// up to that turn (with the generation prompt) and including it.
@@ -242,14 +219,5 @@ mod tests {
         let g = la.backward().unwrap();
         let g: Vec<Vec<f32>> = g.get(a.as_tensor()).unwrap().to_vec2().unwrap();
         assert_eq!(g, vec![vec![0.0, -1.0 / 3.0, -1.0 / 3.0], vec![0.0, 0.0, -1.0 / 3.0]]);
-    }
-
-    #[test]
-    fn rows_in_both_shapes_become_messages() {
-        let m = messages_of(&serde_json::json!({"prompt": "q", "completion": "a"})).unwrap();
-        assert_eq!(m, vec![Message::new("user", "q"), Message::new("assistant", "a")]);
-        let m = messages_of(&serde_json::json!({"messages": [{"role": "user", "content": "x"}]})).unwrap();
-        assert_eq!(m.len(), 1);
-        assert!(messages_of(&serde_json::json!({"text": "x"})).is_err());
     }
 }

@@ -6,8 +6,8 @@
 //! optimizer step, and what to log about it.
 //!
 //! The loop knows nothing of the runner: what it needs from its host (a work
-//! folder, a cancel token, a progress bar) comes through [`Host`], which the
-//! stages implement for their context and tests for a temporary folder.
+//! folder, a cancel token, a progress bar) comes through `common::Host`, which
+//! the runner's stage context implements, and `common::FolderHost` for tests.
 
 use std::fs;
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ use serde_json::Value;
 use super::checkpoint;
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
 use crate::common::checkpoints::Checkpoints;
-use crate::common::{CancelToken, Cancelled};
+use crate::common::{Cancelled, Host};
 use crate::data::jsonl::Appender;
 use crate::model::Transformer;
 
@@ -54,33 +54,6 @@ impl Hyper {
     pub fn total_steps(&self, units: usize, per_step: usize) -> u64 {
         self.max_steps
             .unwrap_or_else(|| ((self.num_train_epochs * units as f64 / per_step.max(1) as f64).ceil() as u64).max(1))
-    }
-}
-
-/// What the loop needs from whoever runs it.
-pub trait Host {
-    /// Survives interruption: checkpoints and the per-step log live here.
-    fn work_dir(&self) -> PathBuf;
-    fn cancel(&self) -> &CancelToken;
-    /// A progress bar of `len` steps (hidden where nobody watches).
-    fn progress(&self, len: u64) -> indicatif::ProgressBar;
-}
-
-/// A host for tests and library use: a folder, a token, no display.
-pub struct FolderHost {
-    pub dir: PathBuf,
-    pub cancel: CancelToken,
-}
-
-impl Host for FolderHost {
-    fn work_dir(&self) -> PathBuf {
-        self.dir.clone()
-    }
-    fn cancel(&self) -> &CancelToken {
-        &self.cancel
-    }
-    fn progress(&self, len: u64) -> indicatif::ProgressBar {
-        indicatif::ProgressBar::hidden().with_position(0).with_message(format!("0/{len}"))
     }
 }
 
@@ -190,7 +163,7 @@ pub fn train<A: Algorithm>(model: &mut Transformer, algo: &mut A, hp: &Hyper, ho
     }
     let resumed_from_step = step;
     let mut log = Appender::open(&log_path)?;
-    let bar = host.progress(total);
+    let bar = host.progress(total, "steps");
     bar.set_position(step);
     if step > 0 {
         bar.set_message(format!("resumed at step {step}"));

@@ -1,0 +1,34 @@
+//! What a long loop of the ML core (training, evaluation) needs from whoever
+//! runs it: a folder that survives interruption, a cancel token, progress
+//! bars. The runner's stage context is one host; a plain folder is another
+//! (tests, library use, evaluation during training).
+
+use std::path::PathBuf;
+
+use super::CancelToken;
+
+pub trait Host {
+    /// Survives interruption: checkpoints, logs and partial results live here.
+    fn work_dir(&self) -> PathBuf;
+    fn cancel(&self) -> &CancelToken;
+    /// A progress bar of `len` `unit`s with rate and ETA (hidden where nobody watches).
+    fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar;
+}
+
+/// A host for tests and library use: a folder, a token, no display.
+pub struct FolderHost {
+    pub dir: PathBuf,
+    pub cancel: CancelToken,
+}
+
+impl Host for FolderHost {
+    fn work_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+    fn cancel(&self) -> &CancelToken {
+        &self.cancel
+    }
+    fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
+        indicatif::ProgressBar::hidden().with_position(0).with_message(format!("0/{len} {unit}"))
+    }
+}
