@@ -6,19 +6,15 @@ use std::fs;
 use std::path::Path;
 
 use r1pipe::train::grpo::GrpoConfig;
+use r1pipe::train::sft::SftConfig;
 
+/// The code defaults: each algorithm's config, the one place they are written.
 fn code_defaults(kind: &str) -> serde_json::Value {
-    let mut v = match kind {
-        "grpo" => serde_json::to_value(r1pipe::stages::grpo::DEFAULTS).unwrap(),
-        "sft" => serde_json::to_value(r1pipe::stages::sft::DEFAULTS).unwrap(),
-        _ => unreachable!(),
-    };
-    let extra = match kind {
+    match kind {
         "grpo" => serde_json::to_value(GrpoConfig::default()).unwrap(),
-        _ => serde_json::json!({"max_seq_length": 1024, "packing": false}),
-    };
-    v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    v
+        "sft" => serde_json::to_value(SftConfig::default()).unwrap(),
+        _ => unreachable!(),
+    }
 }
 
 fn same(a: &serde_json::Value, b: &serde_json::Value) -> bool {

@@ -2,6 +2,7 @@
 //! stage kind's typed struct with errors that name the key and the nearest valid one.
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use super::diagnostic::nearest;
@@ -35,6 +36,66 @@ impl std::fmt::Display for ParamError {
 }
 
 impl std::error::Error for ParamError {}
+
+/// The keys a parameter type knows, from its defaults serialized (flattened
+/// parts included): the one list of keys, derived from the type itself.
+pub fn known_keys<P: Default + Serialize>() -> Vec<String> {
+    match serde_json::to_value(P::default()) {
+        Ok(Value::Object(m)) => m.into_iter().map(|(k, _)| k).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A mapping of parameters as `P`, a type whose every field has a default: the
+/// keys given replace the defaults' (at the top level: a nested mapping given
+/// is taken whole), every key `P` does not know is reported at once with the
+/// nearest known one, then the values are typed (a wrong type names its key).
+pub fn with_defaults<P: Default + Serialize + DeserializeOwned>(value: &Value) -> Result<P, Vec<ParamError>> {
+    let Ok(Value::Object(defaults)) = serde_json::to_value(P::default()) else {
+        return Err(vec![ParamError::new("", "internal: a parameter type that is not a mapping")]);
+    };
+    let given = match value {
+        Value::Object(m) => m.clone(),
+        Value::Null => serde_json::Map::new(),
+        _ => return Err(vec![ParamError::new("", "parameters must be a mapping of names to values")]),
+    };
+    let known: Vec<String> = defaults.keys().cloned().collect();
+    let unknown: Vec<ParamError> = given
+        .keys()
+        .filter(|k| !defaults.contains_key(*k))
+        .map(|k| {
+            let names: Vec<&str> = known.iter().map(String::as_str).collect();
+            ParamError::new(k.clone(), format!("unknown parameter `{k}`"))
+                .hint(super::diagnostic::suggest(k, &names, "keys"))
+        })
+        .collect();
+    if !unknown.is_empty() {
+        return Err(unknown);
+    }
+    let mut merged = defaults.clone();
+    merged.extend(given.clone());
+    typed(&Value::Object(merged)).map_err(|first| {
+        // serde stops at the first wrong value, and inside a flattened part names no
+        // key: type each given value alone over the defaults to name every wrong one.
+        let mut errors: Vec<ParamError> = given
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let mut one = defaults.clone();
+                one.insert(k.clone(), v);
+                typed::<P>(&Value::Object(one)).err().map(|mut e| {
+                    if e.path.is_empty() {
+                        e.path = k;
+                    }
+                    e
+                })
+            })
+            .collect();
+        if errors.is_empty() {
+            errors.push(first);
+        }
+        errors
+    })
+}
 
 /// Deserialize `value` into `P` (which should be `#[serde(deny_unknown_fields)]`),
 /// turning serde's message into one that says which key is wrong and what it may have meant.
@@ -154,7 +215,7 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Deserialize, Debug)]
+    #[derive(Deserialize, Serialize, Debug, PartialEq)]
     #[serde(deny_unknown_fields)]
     #[allow(dead_code)]
     struct Lora {
@@ -192,6 +253,44 @@ mod tests {
         let e = typed::<P>(&serde_json::json!({"learning_rate": "fast"})).unwrap_err();
         assert_eq!(e.path, "learning_rate");
         assert!(e.message.contains("invalid type: string \"fast\", expected f64"), "{}", e.message);
+    }
+
+    #[derive(Deserialize, Serialize, Debug, PartialEq)]
+    struct Defaults {
+        learning_rate: f64,
+        lora: Option<Lora>,
+        #[serde(flatten)]
+        shared: Shared,
+    }
+    #[derive(Deserialize, Serialize, Debug, PartialEq)]
+    struct Shared {
+        max_steps: Option<u64>,
+        batch: usize,
+    }
+    impl Default for Defaults {
+        fn default() -> Self {
+            Defaults { learning_rate: 1e-6, lora: None, shared: Shared { max_steps: None, batch: 8 } }
+        }
+    }
+    #[test]
+    fn defaults_fill_what_is_not_given_and_every_unknown_key_is_reported() {
+        let d: Defaults = with_defaults(&serde_json::json!({"batch": 2, "lora": {"r": 4}})).unwrap();
+        assert_eq!(d.learning_rate, 1e-6);
+        assert_eq!(d.shared.batch, 2);
+        assert_eq!(d.shared.max_steps, None);
+        assert_eq!(d.lora.map(|l| l.r), Some(4));
+        let e = with_defaults::<Defaults>(&serde_json::json!({"bacth": 2, "lerning_rate": 1.0})).unwrap_err();
+        let paths: Vec<&str> = e.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(paths, vec!["bacth", "lerning_rate"]);
+        assert!(e[1].hint.as_deref().unwrap().contains("`learning_rate`"), "{:?}", e[1].hint);
+        // Two wrong types, one of them in the flattened part: both named.
+        let e =
+            with_defaults::<Defaults>(&serde_json::json!({"max_steps": "ten", "learning_rate": "fast"})).unwrap_err();
+        let paths: Vec<&str> = e.iter().map(|x| x.path.as_str()).collect();
+        assert_eq!(paths, vec!["learning_rate", "max_steps"]);
+        let mut keys = known_keys::<Defaults>();
+        keys.sort();
+        assert_eq!(keys, vec!["batch", "learning_rate", "lora", "max_steps"]);
     }
 
     #[test]

@@ -31,9 +31,6 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// The field names, for stages that flatten these parameters into their own.
-    pub const FIELDS: &'static [&'static str] = &["max_new_tokens", "temperature", "top_p", "top_k", "stop"];
-
     /// Problems with the settings, as (field, message).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut e = Vec::new();

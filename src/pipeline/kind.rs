@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::common::checkpoints::Checkpoints;
+use crate::common::params::with_defaults;
 use crate::common::{typed, CancelToken, Host, ParamError};
 
 /// One named output of a stage kind. It lands in the cache as
@@ -19,6 +21,18 @@ pub struct OutputSpec {
     pub file_name: &'static str,
     pub is_dir: bool,
     pub description: &'static str,
+}
+
+impl OutputSpec {
+    /// A file output named `name`, stored as `file_name`.
+    pub const fn file(name: &'static str, file_name: &'static str, description: &'static str) -> OutputSpec {
+        OutputSpec { name, file_name, is_dir: false, description }
+    }
+
+    /// A folder output, stored under its own name.
+    pub const fn dir(name: &'static str, description: &'static str) -> OutputSpec {
+        OutputSpec { name, file_name: name, is_dir: true, description }
+    }
 }
 
 /// What a kind's result depends on beyond its parameters and input artifacts.
@@ -159,6 +173,14 @@ pub struct StageContext {
 impl StageContext {
     pub fn params<P: DeserializeOwned>(&self) -> anyhow::Result<P> {
         typed(&self.params).map_err(|e| anyhow::anyhow!("stage `{}`: {e}", self.stage))
+    }
+
+    /// The parameters as a type whose every field has a default (`common::params::with_defaults`).
+    pub fn params_with_defaults<P: Default + Serialize + DeserializeOwned>(&self) -> anyhow::Result<P> {
+        with_defaults(&self.params).map_err(|es| {
+            let text: Vec<String> = es.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("stage `{}`: {}", self.stage, text.join("; "))
+        })
     }
 
     /// Where to write the output `name` (a file or a directory, as the kind declared it).

@@ -8,12 +8,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::model_common::{check_known_keys, check_model_ref, open_for_sampling, sampling_errors};
+use super::model_common::{check_model_ref, open_for_sampling, sampling_errors};
 use super::rollout_param;
-use crate::common::{typed, ParamError};
+use crate::common::params::with_defaults;
+use crate::common::ParamError;
 use crate::data::jsonl;
 use crate::data::PromptRow;
 use crate::eval::metrics::EvalMetrics;
@@ -22,31 +23,39 @@ use crate::model::SamplingParams;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rollout::ServerConfig;
 
-// No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
-#[derive(Debug, Deserialize)]
+/// The stage's parameters (every one with a default; the required ones are checked).
+#[derive(Debug, Serialize, Deserialize)]
 struct Params {
     /// Name → model reference, or `{model: REF, rollout: {url, model}}` for a
     /// model served elsewhere (REF gives the tokenizer). Evaluated and shown in name order.
     models: BTreeMap<String, ModelEntry>,
     /// The `test` output of a `format` stage (or JSONL of the same shape).
     test: String,
-    #[serde(default)]
     limit: Option<usize>,
-    #[serde(default = "default_batch")]
     batch_size: usize,
     /// Worked examples before each question (0: none), taken from `train`.
-    #[serde(default)]
     num_fewshot: usize,
     /// Where few-shot exemplars come from: the `train` output of a `format` stage (never the test split).
-    #[serde(default)]
     train: Option<String>,
     #[serde(flatten)]
     sampling: SamplingParams,
 }
 
-const OWN_KEYS: &[&str] = &["models", "test", "limit", "batch_size", "num_fewshot", "train"];
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            models: BTreeMap::new(),
+            test: String::new(),
+            limit: None,
+            batch_size: 8,
+            num_fewshot: 0,
+            train: None,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 enum ModelEntry {
     Local(String),
@@ -96,10 +105,6 @@ fn check_served_entries(params: &Value) -> Vec<ParamError> {
     errors
 }
 
-fn default_batch() -> usize {
-    8
-}
-
 pub struct Evaluate;
 
 const OUTPUTS: &[OutputSpec] = &[
@@ -142,14 +147,16 @@ impl StageKind for Evaluate {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &[OWN_KEYS, SamplingParams::FIELDS])?;
         let served = check_served_entries(params);
         if !served.is_empty() {
             return Err(served);
         }
-        let p: Params = typed(params).map_err(|e| vec![e])?;
+        let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
+        if p.test.trim().is_empty() {
+            errors.push(ParamError::new("test", "required parameter is missing").hint("test: ${prompts.test}"));
+        }
         if p.models.is_empty() {
             errors.push(
                 ParamError::new("models", "no models to evaluate")
@@ -193,7 +200,7 @@ impl StageKind for Evaluate {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: Params = ctx.params()?;
+        let p: Params = ctx.params_with_defaults()?;
         let test_path = ctx.project.local_path(&p.test).unwrap_or_else(|| p.test.clone().into());
         let mut rows: Vec<PromptRow> = jsonl::read(&test_path)?.into_iter().map(|(_, r)| r).collect();
         if let Some(n) = p.limit {

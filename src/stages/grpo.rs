@@ -1,77 +1,38 @@
-//! `grpo`: group relative policy optimization of a model against a reward set
-//! (the algorithm is `train::grpo`; this file is its parameters and outputs).
+//! `grpo`: group relative policy optimization of a model against a reward set.
+//! The algorithm and its settings are `train::grpo`; this file is the stage's
+//! inputs (model, data, rewards, an optional rollout server) and the wiring.
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::model_common::check_known_keys;
 use super::reward_param::reward_set;
 use super::rollout_param;
-use super::training::{self, open_trainable, TrainingArgs};
-use crate::common::{typed, ParamError};
-use crate::data::jsonl;
-use crate::data::PromptRow;
+use super::training::{self, open_trainable};
+use crate::common::params::with_defaults;
+use crate::common::ParamError;
+use crate::data::{jsonl, PromptRow};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rollout::{Client, ServerConfig};
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
-use crate::train::optim::Schedule;
 use crate::train::rollout_sync::RolloutServer;
-use crate::train::trainer::Hyper;
 
-// No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
-#[derive(Debug, Clone, Deserialize)]
+/// The stage's parameters: its inputs, and GRPO's settings (TRL's names) flattened in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Params {
-    #[serde(flatten)]
-    pub training: TrainingArgs,
+    /// The policy to start from: a model folder, a .gguf, a hub id, or `${stage.model}`.
+    pub model: String,
+    /// Training prompts: `${prompts.train}` or a local JSONL of prompt rows.
+    pub train: String,
     /// A reward-set file or an inline list of {name, weight, params}.
     pub rewards: Value,
+    /// Sample on an OpenAI-compatible server (vLLM) instead of the local model.
+    pub rollout: Option<ServerConfig>,
     #[serde(flatten)]
     pub grpo: GrpoConfig,
-    /// Sample on an OpenAI-compatible server (vLLM) instead of the local model.
-    #[serde(default)]
-    pub rollout: Option<ServerConfig>,
 }
 
-/// Code defaults of the shared parameters for GRPO: TRL's GRPOConfig (batch 8 ×
-/// accumulation 1, no warmup-less surprises) with the R1 recipe's optimizer
-/// settings; `stages/grpo.yaml` is the recipe's preset on top.
-pub const DEFAULTS: Hyper = Hyper {
-    learning_rate: 1e-6,
-    lr_scheduler_type: Schedule::Cosine,
-    warmup_ratio: 0.1,
-    adam_beta1: 0.9,
-    adam_beta2: 0.99,
-    weight_decay: 0.1,
-    max_grad_norm: 0.1,
-    per_device_train_batch_size: 8,
-    gradient_accumulation_steps: 1,
-    max_steps: None,
-    num_train_epochs: 1.0,
-    save_steps: 500,
-    save_total_limit: 2,
-    gradient_checkpointing: true,
-};
-
 pub struct Grpo;
-
-const OUTPUTS: &[OutputSpec] = &[
-    OutputSpec {
-        name: "model",
-        file_name: "model",
-        is_dir: true,
-        description: "the trained model, Hugging Face layout",
-    },
-    OutputSpec { name: "metrics", file_name: "metrics.json", is_dir: false, description: "summary of the run" },
-    OutputSpec { name: "log", file_name: "log.jsonl", is_dir: false, description: "per-step metrics with TRL's names" },
-    OutputSpec {
-        name: "plots",
-        file_name: "plots",
-        is_dir: true,
-        description: "SVG curves of the log and an index.html",
-    },
-    training::ADAPTER_OUTPUT,
-];
 
 impl StageKind for Grpo {
     fn name(&self) -> &'static str {
@@ -85,10 +46,13 @@ impl StageKind for Grpo {
         "group relative policy optimization against a reward set"
     }
     fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+        training::OUTPUTS
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
+    }
+    fn fingerprint_params(&self, params: &Value) -> Value {
+        rollout_param::fingerprint_params(params, "rollout")
     }
     fn render(
         &self,
@@ -99,62 +63,29 @@ impl StageKind for Grpo {
     ) -> Option<Result<std::path::PathBuf>> {
         training::render(artifacts, work_dir, out, title)
     }
-    fn fingerprint_params(&self, params: &Value) -> Value {
-        rollout_param::fingerprint_params(params, "rollout")
-    }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &[TrainingArgs::KEYS, GrpoConfig::KEYS, &["rewards", "rollout"]])?;
         let server = rollout_param::check(params, "rollout")?;
-        let p: Params = typed(params).map_err(|e| vec![e])?;
-        let hp = p.training.resolve(&DEFAULTS);
-        let (mut req, mut errors) = p.training.check(&hp, project);
-        let g = &p.grpo;
-        match reward_set(&p.rewards, project) {
-            Ok((_, Some(file))) => req.local_paths.push(("rewards".into(), file)),
-            Ok((_, None)) => {}
-            Err(es) => errors.extend(es.into_iter().map(|mut e| {
-                e.path = if e.path.is_empty() { "rewards".into() } else { format!("rewards.{}", e.path) };
-                e
-            })),
-        }
-        for (k, v) in [
-            ("num_iterations", g.num_iterations),
-            ("max_completion_length", g.max_completion_length),
-            ("max_prompt_length", g.max_prompt_length),
-        ] {
-            if v == 0 {
-                errors.push(ParamError::new(k, "must be at least 1"));
-            }
-        }
-        if g.num_generations < 2 {
-            errors.push(ParamError::new(
-                "num_generations",
-                "must be at least 2: advantages compare completions of one prompt",
-            ));
-        } else if !hp.per_step().is_multiple_of(g.num_generations) {
+        let p: Params = with_defaults(params)?;
+        let (mut req, mut errors) = training::check_inputs(&p.model, &p.train, project);
+        errors.extend(p.grpo.problems());
+        if p.rewards.is_null() {
             errors.push(
-                ParamError::new(
-                    "num_generations",
-                    format!(
-                        "per_device_train_batch_size × gradient_accumulation_steps = {} is not a multiple of num_generations = {}",
-                        hp.per_step(),
-                        g.num_generations
-                    ),
-                )
-                .hint("each optimizer step takes whole groups of completions"),
+                ParamError::new("rewards", "required parameter is missing").hint(
+                    "a reward-set file (stages/rewards/r1-gsm8k.yaml) or an inline list of {name, weight, params}",
+                ),
             );
-        }
-        if g.temperature.is_nan() || g.temperature <= 0.0 {
-            errors.push(ParamError::new("temperature", "GRPO samples: temperature must be > 0"));
-        }
-        for (field, message) in g.sampling().problems() {
-            let field = if field == "max_new_tokens" { "max_completion_length" } else { field };
-            if field != "temperature" {
-                errors.push(ParamError::new(field, message));
+        } else {
+            match reward_set(&p.rewards, project) {
+                Ok((_, Some(file))) => req.local_paths.push(("rewards".into(), file)),
+                Ok((_, None)) => {}
+                Err(es) => errors.extend(es.into_iter().map(|mut e| {
+                    e.path = if e.path.is_empty() { "rewards".into() } else { format!("rewards.{}", e.path) };
+                    e
+                })),
             }
         }
-        if server.is_some() && p.training.lora.is_none() {
+        if server.is_some() && p.grpo.training.lora.is_none() {
             errors.push(
                 ParamError::new(
                     "rollout",
@@ -164,14 +95,11 @@ impl StageKind for Grpo {
                 .hint("add `lora: { r: 16 }`: after each step the adapters are handed to the server (PEFT layout)"),
             );
         }
-        if g.vllm_importance_sampling_correction && server.is_none() {
+        if p.grpo.vllm_importance_sampling_correction && server.is_none() {
             errors.push(ParamError::new(
                 "vllm_importance_sampling_correction",
                 "corrects for sampling on a server; this stage samples locally (no `rollout:`)",
             ));
-        }
-        if g.epsilon < 0.0 || g.epsilon_high.is_some_and(|e| e < 0.0) {
-            errors.push(ParamError::new("epsilon", "clipping ranges must be ≥ 0"));
         }
         if errors.is_empty() {
             Ok(req)
@@ -181,13 +109,12 @@ impl StageKind for Grpo {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: Params = ctx.params()?;
-        let hp = p.training.resolve(&DEFAULTS);
+        let p: Params = ctx.params_with_defaults()?;
         let (rewards, _) = reward_set(&p.rewards, &ctx.project).map_err(|e| {
             anyhow::anyhow!("rewards: {}", e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; "))
         })?;
-        let mut loaded = open_trainable(ctx, &p.training)?;
-        let train_path = p.training.train_path(&ctx.project);
+        let mut loaded = open_trainable(ctx, &p.model, p.grpo.training.lora.as_ref())?;
+        let train_path = training::data_path(&p.train, &ctx.project);
         let mut prompts = Vec::new();
         for (line, row) in jsonl::read::<PromptRow>(&train_path)? {
             let ids = loaded
@@ -204,18 +131,19 @@ impl StageKind for Grpo {
             bail!("{} has no prompts: GRPO needs at least one (is the train split empty?)", train_path.display());
         }
         let tok = loaded.tokenizer.clone();
-        let mut algo = GrpoAlgorithm::new(p.grpo, hp.clone(), &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?;
+        let training_cfg = p.grpo.training.clone();
+        let mut algo = GrpoAlgorithm::new(p.grpo, &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?;
         if let Some(rc) = &p.rollout {
             let server = RolloutServer::new(
                 Client::new(rc, ctx.cancel.clone())?,
                 rollout_param::adapter_dir(ctx, rc)?,
                 rollout_param::adapter_prefix(ctx),
-                p.training.model.clone(),
+                p.model.clone(),
             );
             eprintln!("{}: rollouts from {} (model `{}`)", ctx.stage, rc.url, rc.model);
             algo = algo.with_server(server);
         }
-        training::run(ctx, &mut loaded, &p.training.model, &mut algo, &hp, json!({}))?;
+        training::run(ctx, &mut loaded, &p.model, &mut algo, &training_cfg, json!({}))?;
         Ok(())
     }
 }

@@ -8,10 +8,11 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::model_common::{check_known_keys, check_model_ref, open_for_sampling, sampling_errors};
+use super::model_common::{check_model_ref, open_for_sampling, sampling_errors};
 use super::rollout_param;
+use crate::common::params::with_defaults;
 use crate::common::Host;
-use crate::common::{typed, ParamError};
+use crate::common::ParamError;
 use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
 use crate::model::{FinishReason, Message, SamplingParams};
@@ -19,33 +20,37 @@ use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind
 use crate::rewards::answer::xml_answer;
 use crate::rollout::ServerConfig;
 
-#[derive(Debug, Deserialize)]
+/// The stage's parameters (every one with a default; the required ones are checked).
+#[derive(Debug, Serialize, Deserialize)]
 struct Params {
     model: String,
     questions: Questions,
-    #[serde(default = "default_system_prompt")]
     system_prompt: String,
-    #[serde(default = "default_batch")]
     batch_size: usize,
     /// Ask a server (OpenAI-compatible) instead of loading the weights; `model` gives the tokenizer.
-    #[serde(default)]
     rollout: Option<ServerConfig>,
     #[serde(flatten)]
     sampling: SamplingParams,
 }
 
-#[derive(Debug, Deserialize)]
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            model: String::new(),
+            questions: Questions::Inline(Vec::new()),
+            system_prompt: R1_SYSTEM_PROMPT.into(),
+            batch_size: 8,
+            rollout: None,
+            sampling: SamplingParams::default(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 enum Questions {
     Inline(Vec<String>),
     File(String),
-}
-
-fn default_system_prompt() -> String {
-    R1_SYSTEM_PROMPT.into()
-}
-fn default_batch() -> usize {
-    8
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,14 +92,13 @@ impl StageKind for Infer {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(
-            params,
-            &[&["model", "questions", "system_prompt", "batch_size", "rollout"], SamplingParams::FIELDS],
-        )?;
         rollout_param::check(params, "rollout")?;
-        let p: Params = typed(params).map_err(|e| vec![e])?;
+        let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
+        if p.model.trim().is_empty() {
+            errors.push(ParamError::new("model", "required parameter is missing").hint("add `model:` under `with:`"));
+        }
         match check_model_ref("model", &p.model, project) {
             Ok(Some(local)) => req.local_paths.push(local),
             Ok(None) => {}
@@ -117,7 +121,7 @@ impl StageKind for Infer {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: Params = ctx.params()?;
+        let p: Params = ctx.params_with_defaults()?;
         let system = Message::new("system", &p.system_prompt);
         let prompts: Vec<(String, Vec<Message>)> = match &p.questions {
             Questions::Inline(q) => {

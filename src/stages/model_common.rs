@@ -1,12 +1,10 @@
 //! What the model stages share: model references in parameters, loading on
-//! the pipeline's device, and the check of known keys for parameter structs
-//! that flatten shared ones.
+//! the pipeline's device, and models to sample from (local or served).
 
 use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::common::diagnostic::suggest;
 use crate::common::ParamError;
 use crate::model::{self, ChatTokenizer, LoadedModel, ModelRef, SamplingParams};
 use crate::pipeline::{Project, StageContext};
@@ -80,41 +78,4 @@ pub fn open_for_sampling(ctx: &StageContext, reference: &str, rollout: Option<&S
 /// Sampling parameters' problems as parameter errors.
 pub fn sampling_errors(s: &SamplingParams) -> Vec<ParamError> {
     s.problems().into_iter().map(|(k, m)| ParamError::new(k, m)).collect()
-}
-
-/// Keys check for parameter structs that `#[serde(flatten)]` shared parameters:
-/// serde cannot deny unknown fields with `flatten`, so the known keys are
-/// listed; every unknown key is reported, each with the nearest known one.
-pub fn check_known_keys(params: &serde_json::Value, known: &[&[&str]]) -> Result<(), Vec<ParamError>> {
-    let known: Vec<&str> = known.iter().flat_map(|k| k.iter().copied()).collect();
-    let errors: Vec<ParamError> = params
-        .as_object()
-        .map(|m| m.keys().collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|k| !known.contains(&k.as_str()))
-        .map(|k| ParamError::new(k.clone(), format!("unknown parameter `{k}`")).hint(suggest(k, &known, "keys")))
-        .collect();
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_unknown_key_is_reported_at_once() {
-        let e = check_known_keys(
-            &serde_json::json!({"modle": 1, "temprature": 2, "top_p": 1}),
-            &[&["model"], SamplingParams::FIELDS],
-        )
-        .unwrap_err();
-        let paths: Vec<&str> = e.iter().map(|x| x.path.as_str()).collect();
-        assert_eq!(paths, vec!["modle", "temprature"]);
-        assert!(e[1].hint.as_deref().unwrap().contains("did you mean `temperature`?"));
-    }
 }

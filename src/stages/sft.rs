@@ -1,84 +1,30 @@
-//! `sft`: supervised fine-tuning on the assistant turns of chat examples
-//! (the algorithm is `train::sft`; this file is its parameters and outputs).
+//! `sft`: supervised fine-tuning on the assistant turns of chat examples. The
+//! algorithm and its settings are `train::sft`; this file is the stage's
+//! inputs (model, data) and the wiring.
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::model_common::check_known_keys;
-use super::training::{self, open_trainable, TrainingArgs};
-use crate::common::{typed, ParamError};
-use crate::data::jsonl;
+use super::training::{self, open_trainable};
+use crate::common::params::with_defaults;
+use crate::common::ParamError;
+use crate::data::{jsonl, rows::sft_messages};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
-use crate::train::optim::Schedule;
-use crate::train::sft::{self, SftAlgorithm};
-use crate::train::trainer::Hyper;
+use crate::train::sft::{self, SftAlgorithm, SftConfig};
 
-// No deny_unknown_fields: serde does not support it with `flatten`; `check` lists the keys.
-#[derive(Debug, Clone, Deserialize)]
+/// The stage's parameters: its inputs, and SFT's settings (TRL's names) flattened in.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Params {
+    /// The model to fine-tune: a model folder, a .gguf, a hub id, or `${stage.model}`.
+    pub model: String,
+    /// Examples: `${prompts.sft}`, or a local JSONL of `{messages}` or `{prompt, completion}`.
+    pub train: String,
     #[serde(flatten)]
-    pub training: TrainingArgs,
-    #[serde(default = "d_len")]
-    pub max_seq_length: usize,
-    /// Pack several examples per sequence; attention never crosses examples.
-    #[serde(default)]
-    pub packing: bool,
+    pub sft: SftConfig,
 }
-
-fn d_len() -> usize {
-    1024
-}
-
-const OWN_KEYS: &[&str] = &["max_seq_length", "packing"];
-
-/// Code defaults of the shared parameters for SFT (TRL's SFTConfig names, full fine-tuning).
-pub const DEFAULTS: Hyper = Hyper {
-    learning_rate: 2e-5,
-    lr_scheduler_type: Schedule::Cosine,
-    warmup_ratio: 0.1,
-    adam_beta1: 0.9,
-    adam_beta2: 0.999,
-    weight_decay: 0.0,
-    max_grad_norm: 1.0,
-    per_device_train_batch_size: 8,
-    gradient_accumulation_steps: 1,
-    max_steps: None,
-    num_train_epochs: 1.0,
-    save_steps: 500,
-    save_total_limit: 2,
-    gradient_checkpointing: true,
-};
 
 pub struct Sft;
-
-const OUTPUTS: &[OutputSpec] = &[
-    OutputSpec {
-        name: "model",
-        file_name: "model",
-        is_dir: true,
-        description: "the fine-tuned model, Hugging Face layout",
-    },
-    OutputSpec {
-        name: "metrics",
-        file_name: "metrics.json",
-        is_dir: false,
-        description: "final loss, tokens seen, time",
-    },
-    OutputSpec {
-        name: "log",
-        file_name: "log.jsonl",
-        is_dir: false,
-        description: "per-step loss, learning rate, grad norm",
-    },
-    OutputSpec {
-        name: "plots",
-        file_name: "plots",
-        is_dir: true,
-        description: "SVG curves of the log and an index.html",
-    },
-    training::ADAPTER_OUTPUT,
-];
 
 impl StageKind for Sft {
     fn name(&self) -> &'static str {
@@ -92,7 +38,7 @@ impl StageKind for Sft {
         "supervised fine-tuning on the assistant turns of chat examples"
     }
     fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+        training::OUTPUTS
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
@@ -108,13 +54,9 @@ impl StageKind for Sft {
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
-        check_known_keys(params, &[TrainingArgs::KEYS, OWN_KEYS])?;
-        let p: Params = typed(params).map_err(|e| vec![e])?;
-        let hp = p.training.resolve(&DEFAULTS);
-        let (req, mut errors) = p.training.check(&hp, project);
-        if p.max_seq_length < 2 {
-            errors.push(ParamError::new("max_seq_length", "must be at least 2 (a token and the one it predicts)"));
-        }
+        let p: Params = with_defaults(params)?;
+        let (req, mut errors) = training::check_inputs(&p.model, &p.train, project);
+        errors.extend(p.sft.problems());
         if errors.is_empty() {
             Ok(req)
         } else {
@@ -123,16 +65,14 @@ impl StageKind for Sft {
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
-        let p: Params = ctx.params()?;
-        let hp = p.training.resolve(&DEFAULTS);
-        let mut loaded = open_trainable(ctx, &p.training)?;
-        let path = p.training.train_path(&ctx.project);
+        let p: Params = ctx.params_with_defaults()?;
+        let mut loaded = open_trainable(ctx, &p.model, p.sft.training.lora.as_ref())?;
+        let path = training::data_path(&p.train, &ctx.project);
         let mut examples = Vec::new();
         for (line, row) in jsonl::read::<Value>(&path)? {
-            let messages =
-                crate::data::rows::sft_messages(&row).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
+            let messages = sft_messages(&row).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
             examples.push(
-                sft::tokenize(&loaded.tokenizer, &messages, p.max_seq_length)
+                sft::tokenize(&loaded.tokenizer, &messages, p.sft.max_seq_length)
                     .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?,
             );
         }
@@ -142,14 +82,23 @@ impl StageKind for Sft {
         let truncated = examples.iter().filter(|e| e.truncated).count();
         if truncated > 0 {
             eprintln!(
-                "sft: {truncated} of {} examples were longer than max_seq_length = {} and were truncated",
+                "{}: {truncated} of {} examples were longer than max_seq_length = {} and were truncated",
+                ctx.stage,
                 examples.len(),
-                p.max_seq_length
+                p.sft.max_seq_length
             );
         }
         let pad = loaded.tokenizer.pad_id;
-        let mut algo = SftAlgorithm::new(hp.clone(), p.max_seq_length, p.packing, pad, &examples, ctx.env.seed);
-        training::run(ctx, &mut loaded, &p.training.model, &mut algo, &hp, json!({ "truncated_examples": truncated }))?;
+        let training_cfg = p.sft.training.clone();
+        let mut algo = SftAlgorithm::new(p.sft, pad, &examples, ctx.env.seed);
+        training::run(
+            ctx,
+            &mut loaded,
+            &p.model,
+            &mut algo,
+            &training_cfg,
+            json!({ "truncated_examples": truncated }),
+        )?;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! and GRPO's loss mathematics.
 
 pub mod checkpoint;
+pub mod config;
 pub mod grpo;
 pub mod grpo_loss;
 pub mod optim;

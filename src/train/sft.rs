@@ -11,8 +11,39 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::trainer::{Algorithm, Hyper, StepReport};
+use super::config::TrainingConfig;
+use super::trainer::{Algorithm, StepReport};
+use crate::common::ParamError;
 use crate::model::{Batch, ChatTokenizer, Message, Pass, Transformer};
+
+/// SFT's configuration: TRL's SFTConfig names and defaults (full fine-tuning),
+/// the shared training settings flattened in, and its checks in the YAML's names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SftConfig {
+    #[serde(flatten)]
+    pub training: TrainingConfig,
+    /// Examples longer than this many tokens are truncated (and counted).
+    pub max_seq_length: usize,
+    /// Pack several examples per sequence; attention never crosses examples.
+    pub packing: bool,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        SftConfig { training: TrainingConfig::default(), max_seq_length: 1024, packing: false }
+    }
+}
+
+impl SftConfig {
+    /// Every problem with the settings, in the YAML's field names.
+    pub fn problems(&self) -> Vec<ParamError> {
+        let mut errors = self.training.problems();
+        if self.max_seq_length < 2 {
+            errors.push(ParamError::new("max_seq_length", "must be at least 2 (a token and the one it predicts)"));
+        }
+        errors
+    }
+}
 
 /// One tokenized example: `targets[i]` says whether token i is trained on.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,9 +101,7 @@ pub struct SftLog {
 }
 
 pub struct SftAlgorithm<'a> {
-    pub hp: Hyper,
-    pub max_seq_length: usize,
-    pub packing: bool,
+    pub cfg: SftConfig,
     pub pad_id: u32,
     pub examples: &'a [Example],
     pub seed: u64,
@@ -80,23 +109,8 @@ pub struct SftAlgorithm<'a> {
 }
 
 impl<'a> SftAlgorithm<'a> {
-    pub fn new(
-        hp: Hyper,
-        max_seq_length: usize,
-        packing: bool,
-        pad_id: u32,
-        examples: &'a [Example],
-        seed: u64,
-    ) -> Self {
-        SftAlgorithm {
-            hp,
-            max_seq_length,
-            packing,
-            pad_id,
-            examples,
-            seed,
-            state: SftState { data_pos: 0, tokens_seen: 0 },
-        }
+    pub fn new(cfg: SftConfig, pad_id: u32, examples: &'a [Example], seed: u64) -> Self {
+        SftAlgorithm { cfg, pad_id, examples, seed, state: SftState { data_pos: 0, tokens_seen: 0 } }
     }
 
     fn example_at(&self, pos: u64) -> &'a Example {
@@ -108,12 +122,12 @@ impl<'a> SftAlgorithm<'a> {
 
     /// A micro-batch as a model batch and its target mask over next-token positions.
     pub fn batch(&self, exs: &[&Example], device: &candle_core::Device) -> Result<(Batch, Tensor)> {
-        let (batch, targets): (Batch, Vec<Vec<bool>>) = if self.packing {
+        let (batch, targets): (Batch, Vec<Vec<bool>>) = if self.cfg.packing {
             // Greedy packing into rows of at most max_seq_length tokens.
             let mut rows: Vec<Vec<&Example>> = Vec::new();
             let mut lens: Vec<usize> = Vec::new();
             for e in exs {
-                match lens.iter().position(|l| l + e.ids.len() <= self.max_seq_length) {
+                match lens.iter().position(|l| l + e.ids.len() <= self.cfg.max_seq_length) {
                     Some(i) => {
                         rows[i].push(e);
                         lens[i] += e.ids.len();
@@ -162,7 +176,7 @@ impl Algorithm for SftAlgorithm<'_> {
     type Log = SftLog;
 
     fn total_steps(&self) -> u64 {
-        self.hp.total_steps(self.examples.len(), self.hp.per_step())
+        self.cfg.training.total_steps(self.examples.len(), self.cfg.training.per_step())
     }
 
     fn state(&self) -> SftState {
@@ -175,11 +189,11 @@ impl Algorithm for SftAlgorithm<'_> {
 
     fn step(&mut self, model: &Transformer, _step: u64) -> Result<StepReport<SftLog>> {
         let exs: Vec<&Example> =
-            (0..self.hp.per_step() as u64).map(|i| self.example_at(self.state.data_pos + i)).collect();
+            (0..self.cfg.training.per_step() as u64).map(|i| self.example_at(self.state.data_pos + i)).collect();
         let normalizer: f64 = exs.iter().map(|e| e.targets.iter().skip(1).filter(|x| **x).count() as f64).sum();
         let tokens: usize = exs.iter().map(|e| e.ids.len()).sum();
         let mut loss_sum = 0.0;
-        for chunk in exs.chunks(self.hp.per_device_train_batch_size) {
+        for chunk in exs.chunks(self.cfg.training.per_device_train_batch_size) {
             let (b, mask) = self.batch(chunk, &model.device)?;
             let t = b.ids.dim(1)?;
             let lp = model.next_token_logprobs_range(&b, 0, t - 1, 1.0, Pass::TRAIN)?.to_dtype(DType::F32)?;

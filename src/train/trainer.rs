@@ -19,43 +19,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::checkpoint;
-use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig, Schedule};
+use super::config::TrainingConfig;
+use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
 use crate::common::checkpoints::Checkpoints;
 use crate::common::{Cancelled, Host};
 use crate::data::jsonl::Appender;
 use crate::model::Transformer;
-
-/// The hyperparameters every algorithm shares, resolved (TRL's names).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Hyper {
-    pub learning_rate: f64,
-    pub lr_scheduler_type: Schedule,
-    pub warmup_ratio: f64,
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub weight_decay: f64,
-    pub max_grad_norm: f64,
-    pub per_device_train_batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    pub max_steps: Option<u64>,
-    pub num_train_epochs: f64,
-    pub save_steps: u64,
-    pub save_total_limit: usize,
-    pub gradient_checkpointing: bool,
-}
-
-impl Hyper {
-    /// Examples (SFT) or completions (GRPO) per optimizer step.
-    pub fn per_step(&self) -> usize {
-        self.per_device_train_batch_size * self.gradient_accumulation_steps
-    }
-
-    /// Steps for `units` units of data at `per_step` per optimizer step: `max_steps`, or the epochs' worth.
-    pub fn total_steps(&self, units: usize, per_step: usize) -> u64 {
-        self.max_steps
-            .unwrap_or_else(|| ((self.num_train_epochs * units as f64 / per_step.max(1) as f64).ceil() as u64).max(1))
-    }
-}
 
 /// One optimizer step's worth of an algorithm's work.
 pub struct StepReport<L> {
@@ -139,7 +108,12 @@ pub fn log_path(host: &dyn Host) -> PathBuf {
 
 /// Train `model` with `algo` to the end (or to cancellation, which checkpoints
 /// and returns [`Cancelled`]).
-pub fn train<A: Algorithm>(model: &mut Transformer, algo: &mut A, hp: &Hyper, host: &dyn Host) -> Result<Summary> {
+pub fn train<A: Algorithm>(
+    model: &mut Transformer,
+    algo: &mut A,
+    hp: &TrainingConfig,
+    host: &dyn Host,
+) -> Result<Summary> {
     model.gradient_checkpointing = hp.gradient_checkpointing;
     let mut opt = AdamW::new(
         model.trainable(),

@@ -1,0 +1,115 @@
+//! The settings every training algorithm shares (TRL's `TrainingArguments`
+//! names), their checks, and the arithmetic of steps. An algorithm's own
+//! config (`grpo::GrpoConfig`, `sft::SftConfig`) flattens this one in, with
+//! its own defaults: each algorithm's config, defaults and checks sit in one
+//! place beside it, as TRL's `grpo_config.py` does.
+
+use serde::{Deserialize, Serialize};
+
+use super::optim::Schedule;
+use crate::common::ParamError;
+use crate::model::lora::LoraConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingConfig {
+    pub learning_rate: f64,
+    pub lr_scheduler_type: Schedule,
+    pub warmup_ratio: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub per_device_train_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    /// Stop after this many optimizer steps (else `num_train_epochs` of the data).
+    pub max_steps: Option<u64>,
+    pub num_train_epochs: f64,
+    pub save_steps: u64,
+    pub save_total_limit: usize,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// LoRA adapters instead of full fine-tuning: `{r, alpha, dropout, target_modules}`.
+    pub lora: Option<LoraConfig>,
+}
+
+impl Default for TrainingConfig {
+    /// TRL's SFTConfig's values (TrainingArguments with SFT's learning rate and
+    /// gradient checkpointing on), with cosine decay after a 10% warmup, one
+    /// epoch and two checkpoints kept; an algorithm's config changes what differs.
+    fn default() -> Self {
+        TrainingConfig {
+            learning_rate: 2e-5,
+            lr_scheduler_type: Schedule::Cosine,
+            warmup_ratio: 0.1,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            max_steps: None,
+            num_train_epochs: 1.0,
+            save_steps: 500,
+            save_total_limit: 2,
+            gradient_checkpointing: true,
+            lora: None,
+        }
+    }
+}
+
+impl TrainingConfig {
+    /// Examples (SFT) or completions (GRPO) per optimizer step.
+    pub fn per_step(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
+
+    /// Steps for `units` units of data at `per_step` per optimizer step: `max_steps`, or the epochs' worth.
+    pub fn total_steps(&self, units: usize, per_step: usize) -> u64 {
+        self.max_steps
+            .unwrap_or_else(|| ((self.num_train_epochs * units as f64 / per_step.max(1) as f64).ceil() as u64).max(1))
+    }
+
+    /// Problems with the settings, each named by its key.
+    pub fn problems(&self) -> Vec<ParamError> {
+        let mut errors = Vec::new();
+        for (k, v) in [
+            ("per_device_train_batch_size", self.per_device_train_batch_size),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+            ("save_total_limit", self.save_total_limit),
+        ] {
+            if v == 0 {
+                errors.push(ParamError::new(k, "must be at least 1"));
+            }
+        }
+        if self.save_steps == 0 {
+            errors.push(ParamError::new("save_steps", "must be at least 1"));
+        }
+        if self.max_steps == Some(0) {
+            errors.push(ParamError::new("max_steps", "must be at least 1 (or leave it out to train num_train_epochs)"));
+        }
+        if !(self.num_train_epochs.is_finite() && self.num_train_epochs > 0.0) {
+            errors.push(ParamError::new("num_train_epochs", "must be a positive number"));
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            errors.push(ParamError::new("learning_rate", "must be a positive number"));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            errors.push(ParamError::new("warmup_ratio", "must be in [0, 1)"));
+        }
+        for (k, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                errors.push(ParamError::new(k, "must be in [0, 1)"));
+            }
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            errors.push(ParamError::new("weight_decay", "must be ≥ 0"));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            errors.push(ParamError::new("max_grad_norm", "must be ≥ 0 (0: no clipping)"));
+        }
+        if let Some(l) = &self.lora {
+            errors.extend(l.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
+        }
+        errors
+    }
+}
