@@ -32,13 +32,16 @@ fn main() {
             let t = Instant::now();
             for _ in 0..reps {
                 for s in &samples {
-                    std::hint::black_box(set.terms.iter().map(|t| t.func.score(s)).sum::<f32>());
+                    let one = std::slice::from_ref(s);
+                    std::hint::black_box(
+                        set.terms.iter().map(|t| t.func.score_batch(one).expect("built-ins").len()).sum::<usize>(),
+                    );
                 }
             }
             let serial = t.elapsed().as_secs_f64() / reps as f64;
             let t = Instant::now();
             for _ in 0..reps {
-                std::hint::black_box(set.score(&samples));
+                std::hint::black_box(set.score(&samples).expect("built-ins"));
             }
             let parallel = t.elapsed().as_secs_f64() / reps as f64;
             println!(

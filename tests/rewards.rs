@@ -12,11 +12,12 @@ fn f(name: &str, params: serde_json::Value) -> Box<dyn RewardFn> {
 }
 
 fn score(name: &str, completion: &str, answer: &str) -> f32 {
-    f(name, json!({})).score(&Sample { prompt: "", completion, answer, tokens: completion.split_whitespace().count() })
+    with_tokens(name, json!({}), completion, answer, completion.split_whitespace().count())
 }
 
 fn with_tokens(name: &str, params: serde_json::Value, completion: &str, answer: &str, tokens: usize) -> f32 {
-    f(name, params).score(&Sample { prompt: "", completion, answer, tokens })
+    let s = Sample { prompt: "", completion, answer, tokens };
+    f(name, params).score_one(&s).unwrap().expect("a built-in applies to every sample")
 }
 
 const GOOD: &str = "<think>\n48/2 = 24, 48 + 24 = 72\n</think>\n<answer>\n72\n</answer>\n";
@@ -35,15 +36,7 @@ fn correctness_compares_the_last_answer_block_after_normalization() {
     assert_eq!(score("correctness", "72", "72"), 0.0, "no answer block, no reward");
     assert_eq!(score("correctness", "", "72"), 0.0);
     assert_eq!(score("correctness", "<answer></answer>", ""), 0.0, "an empty answer is never correct");
-    assert_eq!(
-        f("correctness", json!({"correct": 1.0})).score(&Sample {
-            prompt: "",
-            completion: GOOD,
-            answer: "72",
-            tokens: 9
-        }),
-        1.0
-    );
+    assert_eq!(with_tokens("correctness", json!({"correct": 1.0}), GOOD, "72", 9), 1.0);
 }
 
 #[test]
@@ -203,10 +196,12 @@ fn the_shipped_reward_sets_load_and_weight_their_terms() {
         {"name": "strict_format", "weight": 2.0},
     ]))
     .unwrap();
-    let s = set.score(&[
-        Sample { prompt: "", completion: GOOD, answer: "72", tokens: 10 },
-        Sample { prompt: "", completion: "x", answer: "72", tokens: 1 },
-    ]);
+    let s = set
+        .score(&[
+            Sample { prompt: "", completion: GOOD, answer: "72", tokens: 10 },
+            Sample { prompt: "", completion: "x", answer: "72", tokens: 1 },
+        ])
+        .unwrap();
     assert_eq!(s.total, vec![0.5 * 2.0 + 2.0 * 0.5, 0.0]);
     let stats = s.stats();
     assert_eq!(stats[0].0, "correctness");
@@ -302,7 +297,7 @@ proptest! {
         for info in CATALOG {
             let params = if info.name == "regex_match" { json!({"pattern": "[0-9]+"}) } else { serde_json::Value::Null };
             let func = (info.build)(&params).unwrap();
-            let v = func.score(&Sample { prompt: "", completion: &text, answer: &answer, tokens });
+            let v = func.score_one(&Sample { prompt: "", completion: &text, answer: &answer, tokens }).unwrap().unwrap();
             let (lo, hi) = func.range();
             prop_assert!(v.is_finite(), "{} gave {v}", info.name);
             prop_assert!(v >= lo - 1e-6 && v <= hi + 1e-6, "{} gave {v} outside [{lo}, {hi}]", info.name);

@@ -23,13 +23,15 @@ struct Row {
 
 pub fn list() -> Result<i32> {
     for f in CATALOG {
-        let d = (f.defaults)();
-        let params: Vec<String> = d
-            .as_object()
-            .map(|m| m.iter().map(|(k, v)| format!("{k}={}", show_default(v))).collect())
-            .unwrap_or_default();
-        let params = if params.is_empty() { "no parameters".to_string() } else { params.join(", ") };
-        println!("{:<20} {params}\n{:<20} {}", f.name, "", f.description);
+        let defaults = (f.defaults)();
+        println!("{}\n    {}", f.name, f.description.trim());
+        if f.params.is_empty() {
+            println!("    (no parameters)");
+        }
+        for p in f.params {
+            let d = defaults.get(p.name).map(show_default).unwrap_or_default();
+            println!("    {}={d}  {}", p.name, p.doc.trim());
+        }
     }
     Ok(0)
 }
@@ -66,7 +68,7 @@ pub fn score(set_file: &Path, completions: &Path, as_json: bool) -> Result<i32> 
             tokens: r.tokens.unwrap_or_else(|| r.completion.split_whitespace().count()),
         })
         .collect();
-    let scores = set.score(&samples);
+    let scores = set.score(&samples)?;
     if as_json {
         for (i, (line, _)) in rows.iter().enumerate() {
             let mut per = serde_json::Map::new();

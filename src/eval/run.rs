@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::extract::last_number;
 use super::metrics::Verdict;
@@ -21,7 +20,8 @@ use crate::data::jsonl::{self, Appender};
 use crate::data::{Message, PromptRow};
 use crate::model::{ChatTokenizer, FinishReason, SamplingParams};
 use crate::rewards::answer::{gsm8k_equal, xml_answer};
-use crate::rewards::{lookup, RewardFn, Sample};
+use crate::rewards::functions::{Correctness, SoftFormat, StrictFormat};
+use crate::rewards::{Sample, Scorer};
 use crate::rollout::Sampler;
 
 /// One evaluated test question.
@@ -94,7 +94,7 @@ pub fn evaluate(
     settings: &EvalSettings,
     host: &dyn Host,
 ) -> Result<Vec<EvalSample>> {
-    let judge = Judge::new()?;
+    let judge = Judge::default();
     let mut out = Appender::open(&samples_path(host, model))?;
     let bar = host.progress(rows.len() as u64, &format!("questions ({model})"));
     bar.set_position((rows.len() - todo.len()) as u64);
@@ -123,21 +123,14 @@ pub fn evaluate(
 
 /// The verdicts: the reward catalog's functions with their defaults, so that
 /// "correct" and "formatted" mean the same in training and in evaluation.
+#[derive(Default)]
 struct Judge {
-    correctness: Box<dyn RewardFn>,
-    strict: Box<dyn RewardFn>,
-    soft: Box<dyn RewardFn>,
+    correctness: Correctness,
+    strict: StrictFormat,
+    soft: SoftFormat,
 }
 
 impl Judge {
-    fn new() -> Result<Judge> {
-        let f = |name: &str| -> Result<Box<dyn RewardFn>> {
-            let info = lookup(name).ok_or_else(|| anyhow::anyhow!("the reward catalog has no `{name}`"))?;
-            Ok((info.build)(&Value::Null)?)
-        };
-        Ok(Judge { correctness: f("correctness")?, strict: f("strict_format")?, soft: f("soft_format")? })
-    }
-
     fn sample(
         &self,
         model: &str,
@@ -224,7 +217,7 @@ mod tests {
 
     #[test]
     fn a_judged_sample_uses_the_recipes_strict_and_flexible_extraction() {
-        let judge = Judge::new().unwrap();
+        let judge = Judge::default();
         let row = PromptRow { prompt: vec![], question: "q".into(), answer: "72".into(), rationale: String::new() };
         let s = judge.sample("m", 3, &row, "<think>\n48+24\n</think>\n<answer>\n72\n</answer>", 9, FinishReason::Stop);
         assert!(s.correct && s.correct_flexible && s.strict_format && s.soft_format);

@@ -5,5 +5,5 @@ pub mod answer;
 pub mod functions;
 pub mod set;
 
-pub use functions::{lookup, FunctionInfo, RewardFn, Sample, CATALOG};
+pub use functions::{lookup, Builtin, RewardFn, Sample, Scorer, CATALOG};
 pub use set::{RewardSet, Scores};

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use rayon::prelude::*;
+use anyhow::Context;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -47,9 +47,17 @@ pub struct Scores {
 }
 
 impl Scores {
-    /// (name, mean, std) per function, std with Bessel's correction as TRL logs it.
+    /// (name, mean, std) per function over the samples it applies to (TRL's
+    /// nanmean and nanstd), std with Bessel's correction as TRL logs it.
     pub fn stats(&self) -> Vec<(String, f32, f32)> {
-        self.names.iter().zip(&self.per_function).map(|(n, v)| (n.clone(), mean(v), std(v))).collect()
+        self.names
+            .iter()
+            .zip(&self.per_function)
+            .map(|(n, v)| {
+                let applies: Vec<f32> = v.iter().copied().filter(|x| !x.is_nan()).collect();
+                (n.clone(), if applies.is_empty() { f32::NAN } else { mean(&applies) }, std(&applies))
+            })
+            .collect()
     }
 }
 
@@ -157,13 +165,24 @@ impl RewardSet {
         self.terms.iter().map(|t| t.name.clone()).collect()
     }
 
-    /// Score every sample with every function, samples in parallel.
-    pub fn score(&self, samples: &[Sample]) -> Scores {
-        let rows: Vec<Vec<f32>> =
-            samples.par_iter().map(|s| self.terms.iter().map(|t| t.func.score(s)).collect()).collect();
-        let per_function: Vec<Vec<f32>> = (0..self.terms.len()).map(|f| rows.iter().map(|r| r[f]).collect()).collect();
-        let total = rows.iter().map(|r| r.iter().zip(&self.terms).map(|(v, t)| v * t.weight).sum()).collect();
-        Scores { names: self.names(), per_function, total }
+    /// Score every sample with every function, each over the whole batch (a
+    /// built-in in parallel over the samples). A function that does not apply to
+    /// a sample (`None`) has NaN there and is left out of its weighted total.
+    pub fn score(&self, samples: &[Sample]) -> anyhow::Result<Scores> {
+        let mut per_function = Vec::with_capacity(self.terms.len());
+        for t in &self.terms {
+            let v = t.func.score_batch(samples).with_context(|| format!("reward function `{}`", t.name))?;
+            if v.len() != samples.len() {
+                anyhow::bail!("reward function `{}` gave {} scores for {} samples", t.name, v.len(), samples.len());
+            }
+            per_function.push(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect::<Vec<f32>>());
+        }
+        let total = (0..samples.len())
+            .map(|i| {
+                self.terms.iter().zip(&per_function).filter(|(_, v)| !v[i].is_nan()).map(|(t, v)| v[i] * t.weight).sum()
+            })
+            .collect();
+        Ok(Scores { names: self.names(), per_function, total })
     }
 }
 
@@ -172,5 +191,33 @@ fn prefixed(i: usize, path: &str) -> String {
         i.to_string()
     } else {
         format!("{i}.{path}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A function that applies only to completions mentioning "x": 1 there, `None` elsewhere.
+    struct OnlyX;
+    impl RewardFn for OnlyX {
+        fn score_batch(&self, samples: &[Sample]) -> anyhow::Result<Vec<Option<f32>>> {
+            Ok(samples.iter().map(|s| s.completion.contains('x').then_some(1.0)).collect())
+        }
+        fn range(&self) -> (f32, f32) {
+            (0.0, 1.0)
+        }
+    }
+
+    #[test]
+    fn a_function_that_does_not_apply_is_left_out_of_the_total_and_its_stats() {
+        let mut set = RewardSet::from_value(&serde_json::json!([{"name": "integer", "weight": 2.0}])).unwrap();
+        set.terms.push(Term { name: "only_x".into(), weight: 3.0, func: Box::new(OnlyX) });
+        let s = |c: &'static str| Sample { prompt: "", completion: c, answer: "", tokens: 1 };
+        let scores = set.score(&[s("<answer>\n4\n</answer> x"), s("<answer>\n4\n</answer>"), s("y")]).unwrap();
+        assert_eq!(scores.total, vec![2.0 * 0.5 + 3.0, 2.0 * 0.5, 0.0]);
+        assert!(scores.per_function[1][1].is_nan());
+        let stats = scores.stats();
+        assert_eq!((stats[1].1, stats[1].2), (1.0, 0.0), "mean and std over the one sample it applies to");
     }
 }

@@ -271,7 +271,7 @@ impl<'a> GrpoAlgorithm<'a> {
                 Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: c.tokens.len() }
             })
             .collect();
-        let scores = self.rewards.score(&samples);
+        let scores = self.rewards.score(&samples)?;
         let advantages = advantages(&scores.total, self.cfg.num_generations, self.cfg.scale_rewards);
         let t_scoring = t.elapsed().as_secs_f64();
         let specs: Vec<RowSpec> = completions
