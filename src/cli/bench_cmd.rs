@@ -8,17 +8,34 @@ use anyhow::{bail, Context, Result};
 use r1pipe::bench;
 use r1pipe::model::{self, device, Config, Transformer};
 
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    /// A model (folder, .gguf, hub id)
+    #[arg(long, conflicts_with = "config")]
     pub model: Option<String>,
+    /// A config.json: random weights of that shape
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    #[arg(long, default_value = "auto")]
     pub dtype: String,
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub batches: Vec<usize>,
+    #[arg(long, default_value_t = 128)]
     pub prompt_len: usize,
+    #[arg(long, default_value_t = 32)]
     pub decode_steps: usize,
+    /// Sequences per training step (0 skips it)
+    #[arg(long, default_value_t = 4)]
     pub train_batch: usize,
+    #[arg(long, default_value_t = 256)]
     pub train_seq: usize,
+    /// Memory bandwidth in GB/s for the roofline (measured on the CPU when not given)
+    #[arg(long)]
     pub bandwidth: Option<f64>,
+    /// Compare the device's logits with the CPU's first
+    #[arg(long)]
     pub check: bool,
 }
 

@@ -8,18 +8,36 @@ use rand::SeedableRng;
 use r1pipe::data::gsm8k::R1_SYSTEM_PROMPT;
 use r1pipe::model::{self, device, generate, Message, SamplingParams};
 
+#[derive(clap::Args)]
 pub struct InferArgs {
+    /// A model folder, a .gguf file, or a hub id (Qwen/Qwen2.5-0.5B-Instruct)
+    #[arg(long)]
     pub model: String,
-    pub system_prompt: Option<String>,
-    pub max_new_tokens: usize,
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: usize,
-    pub seed: u64,
-    pub device: String,
-    pub dtype: String,
-    pub interactive: bool,
+    /// The question (or -i)
     pub question: Option<String>,
+    /// System prompt [default: the R1 think/answer format prompt]
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+    /// A chat loop on stdin
+    #[arg(short, long)]
+    pub interactive: bool,
 }
 
 pub fn run(a: InferArgs) -> Result<i32> {
@@ -28,7 +46,13 @@ pub fn run(a: InferArgs) -> Result<i32> {
     }
     eprintln!("loading {} …", a.model);
     let m = model::open(&a.model, &std::env::current_dir()?, &a.device, &a.dtype)?;
-    eprintln!("{} on {}, {:?}", a.model, device::describe(&m.model.device), m.model.compute_dtype);
+    eprintln!(
+        "{} on {}, {:?}, kernels: {}",
+        a.model,
+        device::describe(&m.model.device),
+        m.model.compute_dtype,
+        r1pipe::kernels::describe(m.model.device.is_cpu(), m.model.compute_dtype)
+    );
     let params = SamplingParams {
         temperature: a.temperature,
         top_p: a.top_p,

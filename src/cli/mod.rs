@@ -100,36 +100,7 @@ pub enum Command {
         repair: bool,
     },
     /// Ask a model a question; the answer streams as it is generated
-    Infer {
-        /// A model folder, a .gguf file, or a hub id (Qwen/Qwen2.5-0.5B-Instruct)
-        #[arg(long)]
-        model: String,
-        /// The question (or -i)
-        question: Option<String>,
-        /// System prompt [default: the R1 think/answer format prompt]
-        #[arg(long)]
-        system_prompt: Option<String>,
-        #[arg(long, default_value_t = 256)]
-        max_new_tokens: usize,
-        /// 0 is greedy
-        #[arg(long, default_value_t = 0.0)]
-        temperature: f32,
-        #[arg(long, default_value_t = 1.0)]
-        top_p: f32,
-        #[arg(long, default_value_t = 0)]
-        top_k: usize,
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// auto, cpu, cuda or cuda:N
-        #[arg(long, default_value = "auto")]
-        device: String,
-        /// auto (f32 on CPU, bf16 on CUDA), f32, bf16 or f16
-        #[arg(long, default_value = "auto")]
-        dtype: String,
-        /// A chat loop on stdin
-        #[arg(short, long)]
-        interactive: bool,
-    },
+    Infer(infer_cmd::InferArgs),
     /// Write a model (a .gguf, a folder, a hub id) as a Hugging Face folder (f32 safetensors, config, tokenizer)
     Convert {
         #[arg(long, required_unless_present = "config")]
@@ -144,35 +115,7 @@ pub enum Command {
         out: PathBuf,
     },
     /// Prefill/decode tokens/s with the decode roofline, and a training step, on any device
-    Bench {
-        /// A model (folder, .gguf, hub id)
-        #[arg(long, conflicts_with = "config")]
-        model: Option<String>,
-        /// A config.json: random weights of that shape
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[arg(long, default_value = "auto")]
-        device: String,
-        #[arg(long, default_value = "auto")]
-        dtype: String,
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-        batches: Vec<usize>,
-        #[arg(long, default_value_t = 128)]
-        prompt_len: usize,
-        #[arg(long, default_value_t = 32)]
-        decode_steps: usize,
-        /// Sequences per training step (0 skips it)
-        #[arg(long, default_value_t = 4)]
-        train_batch: usize,
-        #[arg(long, default_value_t = 256)]
-        train_seq: usize,
-        /// Memory bandwidth in GB/s for the roofline (measured on the CPU when not given)
-        #[arg(long)]
-        bandwidth: Option<f64>,
-        /// Compare the device's logits with the CPU's first
-        #[arg(long)]
-        check: bool,
-    },
+    Bench(bench_cmd::BenchArgs),
     /// Curves of a training stage (reward, KL, length, loss, …) as SVG with an index.html
     Plot {
         /// The training stage
@@ -249,56 +192,8 @@ pub fn main() -> i32 {
         Command::Status { args } => pipeline_cmds::status(&args),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
         Command::Show { target, pipeline, cache } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),
-        Command::Infer {
-            model,
-            question,
-            system_prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            device,
-            dtype,
-            interactive,
-        } => infer_cmd::run(infer_cmd::InferArgs {
-            model,
-            system_prompt,
-            max_new_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            device,
-            dtype,
-            interactive,
-            question,
-        }),
-        Command::Bench {
-            model,
-            config,
-            device,
-            dtype,
-            batches,
-            prompt_len,
-            decode_steps,
-            train_batch,
-            train_seq,
-            bandwidth,
-            check,
-        } => bench_cmd::run(bench_cmd::BenchArgs {
-            model,
-            config,
-            device,
-            dtype,
-            batches,
-            prompt_len,
-            decode_steps,
-            train_batch,
-            train_seq,
-            bandwidth,
-            check,
-        }),
+        Command::Infer(args) => infer_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
         Command::Convert { model, config, tokenizer, out } => (|| -> anyhow::Result<i32> {
             match (model, config, tokenizer) {
                 (Some(model), _, _) => {

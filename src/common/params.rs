@@ -37,6 +37,15 @@ impl std::fmt::Display for ParamError {
 
 impl std::error::Error for ParamError {}
 
+/// `value` when there are no problems, else all of them.
+pub fn checked<T>(value: T, problems: Vec<ParamError>) -> Result<T, Vec<ParamError>> {
+    if problems.is_empty() {
+        Ok(value)
+    } else {
+        Err(problems)
+    }
+}
+
 /// The keys a parameter type knows, from its defaults serialized (flattened
 /// parts included): the one list of keys, derived from the type itself.
 pub fn known_keys<P: Default + Serialize>() -> Vec<String> {

@@ -93,13 +93,32 @@ fn expand_home(s: &str) -> PathBuf {
     }
 }
 
+/// What a stage kind is: its name, its implementation version, what it does
+/// and what it writes.
+#[derive(Debug)]
+pub struct KindInfo {
+    pub name: &'static str,
+    /// Bumped whenever the kind's results change meaning; part of every fingerprint.
+    pub version: u32,
+    pub description: &'static str,
+    pub outputs: &'static [OutputSpec],
+}
+
 /// A stage kind: turns parameters and input artifacts into output artifacts.
 pub trait StageKind: Send + Sync {
-    fn name(&self) -> &'static str;
-    /// Bumped whenever the kind's results change meaning; part of every fingerprint.
-    fn version(&self) -> u32;
-    fn description(&self) -> &'static str;
-    fn outputs(&self) -> &'static [OutputSpec];
+    fn info(&self) -> &'static KindInfo;
+    fn name(&self) -> &'static str {
+        self.info().name
+    }
+    fn version(&self) -> u32 {
+        self.info().version
+    }
+    fn description(&self) -> &'static str {
+        self.info().description
+    }
+    fn outputs(&self) -> &'static [OutputSpec] {
+        self.info().outputs
+    }
     /// The parameters as they enter the fingerprint. Default: all of them; a kind
     /// leaves out settings that cannot change its results (timeouts, retries).
     fn fingerprint_params(&self, params: &Value) -> Value {

@@ -11,5 +11,5 @@ pub mod status;
 pub mod store;
 pub mod workspace;
 
-pub use kind::{Devices, OutputSpec, Project, Registry, Requirements, RunEnv, StageContext, StageKind};
+pub use kind::{Devices, KindInfo, OutputSpec, Project, Registry, Requirements, RunEnv, StageContext, StageKind};
 pub use workspace::Workspace;

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::common::{typed, ParamError};
 use crate::data::jsonl;
 use crate::hub::HubRepo;
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,25 +47,17 @@ pub struct Row {
 
 pub struct Download;
 
-const OUTPUTS: &[OutputSpec] = &[OutputSpec {
-    name: "dataset",
-    file_name: "dataset",
-    is_dir: true,
-    description: "a folder of <split>.jsonl files, one {question, answer} per line",
-}];
+const OUTPUTS: &[OutputSpec] =
+    &[OutputSpec::dir("dataset", "a folder of <split>.jsonl files, one {question, answer} per line")];
 
 impl StageKind for Download {
-    fn name(&self) -> &'static str {
-        "download"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn description(&self) -> &'static str {
-        "fetch a {question, answer} data set from the hub (parquet) or a local folder of JSONL"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+    fn info(&self) -> &'static KindInfo {
+        &KindInfo {
+            name: "download",
+            version: 1,
+            description: "fetch a {question, answer} data set from the hub (parquet) or a local folder of JSONL",
+            outputs: OUTPUTS,
+        }
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {

@@ -13,14 +13,14 @@ use serde_json::Value;
 
 use super::model_common::{check_model_ref, open_for_sampling, sampling_errors};
 use super::rollout_param;
-use crate::common::params::with_defaults;
+use crate::common::params::{checked, with_defaults};
 use crate::common::ParamError;
 use crate::data::jsonl;
 use crate::data::PromptRow;
 use crate::eval::metrics::EvalMetrics;
 use crate::eval::run::{self, EvalSettings};
 use crate::model::SamplingParams;
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rollout::ServerConfig;
 
 /// The stage's parameters (every one with a default; the required ones are checked).
@@ -108,32 +108,18 @@ fn check_served_entries(params: &Value) -> Vec<ParamError> {
 pub struct Evaluate;
 
 const OUTPUTS: &[OutputSpec] = &[
-    OutputSpec {
-        name: "metrics",
-        file_name: "metrics.json",
-        is_dir: false,
-        description: "per-model accuracy and format adherence",
-    },
-    OutputSpec {
-        name: "samples",
-        file_name: "samples.jsonl",
-        is_dir: false,
-        description: "every completion with its verdict",
-    },
+    OutputSpec::file("metrics", "metrics.json", "per-model accuracy and format adherence"),
+    OutputSpec::file("samples", "samples.jsonl", "every completion with its verdict"),
 ];
 
 impl StageKind for Evaluate {
-    fn name(&self) -> &'static str {
-        "evaluate"
-    }
-    fn version(&self) -> u32 {
-        3
-    }
-    fn description(&self) -> &'static str {
-        "GSM8K accuracy and format adherence of one or several models"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+    fn info(&self) -> &'static KindInfo {
+        &KindInfo {
+            name: "evaluate",
+            version: 3,
+            description: "GSM8K accuracy and format adherence of one or several models",
+            outputs: OUTPUTS,
+        }
     }
 
     fn fingerprint_params(&self, params: &Value) -> Value {
@@ -192,11 +178,7 @@ impl StageKind for Evaluate {
             }
             _ => {}
         }
-        if errors.is_empty() {
-            Ok(req)
-        } else {
-            Err(errors)
-        }
+        checked(req, errors)
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use crate::common::{typed, ParamError};
 use crate::data::{gsm8k, jsonl, Message, PromptRow, SftRow};
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,28 +63,19 @@ fn default_system_prompt() -> String {
 pub struct Format;
 
 const OUTPUTS: &[OutputSpec] = &[
-    OutputSpec { name: "train", file_name: "train.jsonl", is_dir: false, description: "training prompts" },
-    OutputSpec { name: "test", file_name: "test.jsonl", is_dir: false, description: "test prompts" },
-    OutputSpec {
-        name: "sft",
-        file_name: "sft.jsonl",
-        is_dir: false,
-        description: "think/answer chat examples from the train split",
-    },
+    OutputSpec::file("train", "train.jsonl", "training prompts"),
+    OutputSpec::file("test", "test.jsonl", "test prompts"),
+    OutputSpec::file("sft", "sft.jsonl", "think/answer chat examples from the train split"),
 ];
 
 impl StageKind for Format {
-    fn name(&self) -> &'static str {
-        "format"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn description(&self) -> &'static str {
-        "build chat prompts, reference answers and think/answer SFT examples from GSM8K rows"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+    fn info(&self) -> &'static KindInfo {
+        &KindInfo {
+            name: "format",
+            version: 1,
+            description: "build chat prompts, reference answers and think/answer SFT examples from GSM8K rows",
+            outputs: OUTPUTS,
+        }
     }
 
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {

@@ -9,10 +9,10 @@ use serde_json::{json, Value};
 use super::reward_param::reward_set;
 use super::rollout_param;
 use super::training::{self, open_trainable};
-use crate::common::params::with_defaults;
+use crate::common::params::{checked, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, PromptRow};
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
 use crate::rollout::{Client, ServerConfig};
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
 use crate::train::rollout_sync::RolloutServer;
@@ -35,18 +35,14 @@ pub struct Params {
 pub struct Grpo;
 
 impl StageKind for Grpo {
-    fn name(&self) -> &'static str {
-        "grpo"
-    }
-    fn version(&self) -> u32 {
+    fn info(&self) -> &'static KindInfo {
         // 3: LoRA runs also write `adapter`.
-        3
-    }
-    fn description(&self) -> &'static str {
-        "group relative policy optimization against a reward set"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        training::OUTPUTS
+        &KindInfo {
+            name: "grpo",
+            version: 3,
+            description: "group relative policy optimization against a reward set",
+            outputs: training::OUTPUTS,
+        }
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
@@ -101,11 +97,7 @@ impl StageKind for Grpo {
                 "corrects for sampling on a server; this stage samples locally (no `rollout:`)",
             ));
         }
-        if errors.is_empty() {
-            Ok(req)
-        } else {
-            Err(errors)
-        }
+        checked(req, errors)
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

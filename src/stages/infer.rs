@@ -10,13 +10,13 @@ use serde_json::{json, Value};
 
 use super::model_common::{check_model_ref, open_for_sampling, sampling_errors};
 use super::rollout_param;
-use crate::common::params::with_defaults;
+use crate::common::params::{checked, with_defaults};
 use crate::common::Host;
 use crate::common::ParamError;
 use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
 use crate::model::{FinishReason, Message, SamplingParams};
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::xml_answer;
 use crate::rollout::ServerConfig;
 
@@ -66,25 +66,12 @@ struct Answer {
 
 pub struct Infer;
 
-const OUTPUTS: &[OutputSpec] = &[OutputSpec {
-    name: "answers",
-    file_name: "answers.jsonl",
-    is_dir: false,
-    description: "question, completion, extracted answer",
-}];
+const OUTPUTS: &[OutputSpec] =
+    &[OutputSpec::file("answers", "answers.jsonl", "question, completion, extracted answer")];
 
 impl StageKind for Infer {
-    fn name(&self) -> &'static str {
-        "infer"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn description(&self) -> &'static str {
-        "answer questions with a model"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+    fn info(&self) -> &'static KindInfo {
+        &KindInfo { name: "infer", version: 1, description: "answer questions with a model", outputs: OUTPUTS }
     }
 
     fn fingerprint_params(&self, params: &Value) -> Value {
@@ -113,11 +100,7 @@ impl StageKind for Infer {
                 }
             }
         }
-        if errors.is_empty() {
-            Ok(req)
-        } else {
-            Err(errors)
-        }
+        checked(req, errors)
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::training::{self, open_trainable};
-use crate::common::params::with_defaults;
+use crate::common::params::{checked, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, rows::sft_messages};
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
 use crate::train::sft::{self, SftAlgorithm, SftConfig};
 
 /// The stage's parameters: its inputs, and SFT's settings (TRL's names) flattened in.
@@ -27,18 +27,14 @@ pub struct Params {
 pub struct Sft;
 
 impl StageKind for Sft {
-    fn name(&self) -> &'static str {
-        "sft"
-    }
-    fn version(&self) -> u32 {
+    fn info(&self) -> &'static KindInfo {
         // 3: LoRA runs also write `adapter`.
-        3
-    }
-    fn description(&self) -> &'static str {
-        "supervised fine-tuning on the assistant turns of chat examples"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        training::OUTPUTS
+        &KindInfo {
+            name: "sft",
+            version: 3,
+            description: "supervised fine-tuning on the assistant turns of chat examples",
+            outputs: training::OUTPUTS,
+        }
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
@@ -57,11 +53,7 @@ impl StageKind for Sft {
         let p: Params = with_defaults(params)?;
         let (req, mut errors) = training::check_inputs(&p.model, &p.train, project);
         errors.extend(p.sft.problems());
-        if errors.is_empty() {
-            Ok(req)
-        } else {
-            Err(errors)
-        }
+        checked(req, errors)
     }
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {

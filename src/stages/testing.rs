@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::common::Host;
 use crate::common::{typed, ParamError};
 use crate::data::jsonl::Appender;
-use crate::pipeline::{OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,25 +32,16 @@ struct Params {
 
 pub struct Counter;
 
-const OUTPUTS: &[OutputSpec] = &[OutputSpec {
-    name: "result",
-    file_name: "result.txt",
-    is_dir: false,
-    description: "the text and the final count",
-}];
+const OUTPUTS: &[OutputSpec] = &[OutputSpec::file("result", "result.txt", "the text and the final count")];
 
 impl StageKind for Counter {
-    fn name(&self) -> &'static str {
-        "test.counter"
-    }
-    fn version(&self) -> u32 {
-        1
-    }
-    fn description(&self) -> &'static str {
-        "test-only: counts to `steps`, checkpointing every step"
-    }
-    fn outputs(&self) -> &'static [OutputSpec] {
-        OUTPUTS
+    fn info(&self) -> &'static KindInfo {
+        &KindInfo {
+            name: "test.counter",
+            version: 1,
+            description: "test-only: counts to `steps`, checkpointing every step",
+            outputs: OUTPUTS,
+        }
     }
     fn check(&self, params: &Value, _project: &Project) -> Result<Requirements, Vec<ParamError>> {
         typed::<Params>(params).map_err(|e| vec![e])?;
