@@ -1,27 +1,69 @@
 #!/usr/bin/env bash
 # Source this (`. scripts/cuda-env.sh`) to build r1pipe's `cuda` feature on a
-# machine without a system CUDA toolkit, GPU or not: it installs NVIDIA's
-# CUDA 13.0 toolkit pieces from PyPI into .venv-cuda/ (once) and exports what
+# machine without a system CUDA toolkit, GPU or not: it installs NVIDIA's CUDA
+# toolkit pieces from PyPI into .venv-cuda<major>/ (once) and exports what
 # candle's build needs. cudarc loads the CUDA libraries at run time
 # (dynamic-linking), so nothing links against a driver at build time.
 #
 #   . scripts/cuda-env.sh && cargo build --release --features cuda
+#   CUDA_VERSION=12 . scripts/cuda-env.sh && CARGO_TARGET_DIR=$R1PIPE_CUDA_TARGET cargo build ...
 #
-# CUDA 13.0 is pinned so the PTX that nvcc writes is accepted by any CUDA 13
-# driver. CUDA_COMPUTE_CAP defaults to 90 (Hopper: H100, H200).
+# Which CUDA: $CUDA_VERSION (12 or 13) if set; else the one that matches the
+# driver `nvidia-smi` reports ("CUDA Version: 12.x" → 12); else 13. The
+# binary needs a driver at least as new as its toolkit, and that toolkit's
+# libraries (libcublas.so.<major>, libnvrtc.so.<major>, libcurand) at run time:
+#   13 → CUDA 13.0, driver ≥ 580;   12 → CUDA 12.4, driver ≥ 550.
+# CUDA_COMPUTE_CAP defaults to 90 (Hopper: H100, H200). $R1PIPE_CUDA_TARGET is
+# a target folder per major version (the CUDA bindings differ between them).
 _r1pipe_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-_venv="$_r1pipe_root/.venv-cuda"
+if [ -z "${CUDA_VERSION:-}" ]; then
+  _driver_cuda=$(nvidia-smi 2>/dev/null | grep -oE 'CUDA Version: [0-9]+' | grep -oE '[0-9]+$' || true)
+  CUDA_VERSION=${_driver_cuda:-13}
+  [ "$CUDA_VERSION" -ge 13 ] 2>/dev/null && CUDA_VERSION=13
+  unset _driver_cuda
+fi
+case "$CUDA_VERSION" in
+  13|13.*)
+    CUDA_VERSION=13
+    _pins="nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 \
+      nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35"
+    _stamp=13.0.88 ;;
+  12|12.*)
+    CUDA_VERSION=12
+    _pins="nvidia-cuda-nvcc-cu12==12.4.131 nvidia-cuda-runtime-cu12==12.4.127 nvidia-cuda-cccl-cu12==12.4.127.post1 \
+      nvidia-cuda-nvrtc-cu12==12.4.127 nvidia-cublas-cu12==12.4.5.8 nvidia-curand-cu12==10.3.5.147"
+    _stamp=12.4.131 ;;
+  *)
+    echo "cuda-env: CUDA_VERSION=$CUDA_VERSION: use 12 (driver ≥ 550) or 13 (driver ≥ 580)" >&2
+    return 1 2>/dev/null || exit 1 ;;
+esac
+export CUDA_VERSION
+export R1PIPE_CUDA_TARGET="$_r1pipe_root/target/cuda$([ "$CUDA_VERSION" = 13 ] || echo "-$CUDA_VERSION")"
+_venv="$_r1pipe_root/.venv-cuda$([ "$CUDA_VERSION" = 13 ] || echo "-$CUDA_VERSION")"
 if [ ! -x "$_venv/bin/python" ]; then
   python3 -m venv "$_venv" || return 1 2>/dev/null || exit 1
 fi
-if [ ! -f "$_venv/.r1pipe-cuda-13.0.88" ]; then
-  "$_venv/bin/pip" install --quiet \
-    nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
-    nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 \
-    nvidia-cuda-nvrtc==13.0.88 nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35 \
-    && touch "$_venv/.r1pipe-cuda-13.0.88" || { echo "cuda-env: pip install failed" >&2; return 1 2>/dev/null || exit 1; }
+if [ ! -f "$_venv/.r1pipe-cuda-$_stamp" ]; then
+  # shellcheck disable=SC2086
+  "$_venv/bin/pip" install --quiet $_pins \
+    && touch "$_venv/.r1pipe-cuda-$_stamp" || { echo "cuda-env: pip install failed" >&2; return 1 2>/dev/null || exit 1; }
 fi
-_cu=$(echo "$_venv"/lib/python3*/site-packages/nvidia/cu13)
+unset _pins _stamp
+if [ "$CUDA_VERSION" = 13 ]; then
+  _cu=$(echo "$_venv"/lib/python3*/site-packages/nvidia/cu13)
+else
+  # CUDA 12's wheels each bring their own folder under nvidia/: gather them into one root.
+  _cu="$_venv/cuda-root"
+  if [ ! -d "$_cu/bin" ]; then
+    mkdir -p "$_cu/bin" "$_cu/lib" "$_cu/include" "$_cu/nvvm"
+    for d in "$_venv"/lib/python3*/site-packages/nvidia/*/; do
+      [ -d "$d/bin" ] && cp -rs "$d/bin/." "$_cu/bin/"
+      [ -d "$d/lib" ] && cp -rs "$d/lib/." "$_cu/lib/"
+      [ -d "$d/include" ] && cp -rs "$d/include/." "$_cu/include/"
+      [ -d "$d/nvvm" ] && cp -rs "$d/nvvm/." "$_cu/nvvm/"
+    done
+  fi
+fi
 [ -d "$_cu" ] || _cu=$(dirname "$(find "$_venv" -path '*nvidia*' -name nvcc -type f | head -1)")/..
 export CUDA_ROOT="$(cd "$_cu" && pwd)"
 export CUDA_PATH="$CUDA_ROOT" CUDA_HOME="$CUDA_ROOT" CUDA_TOOLKIT_ROOT_DIR="$CUDA_ROOT"
@@ -29,6 +71,7 @@ export PATH="$CUDA_ROOT/bin:$PATH"
 export LD_LIBRARY_PATH="$CUDA_ROOT/lib:$CUDA_ROOT/lib64:${LD_LIBRARY_PATH:-}"
 export LIBRARY_PATH="$CUDA_ROOT/lib:$CUDA_ROOT/lib64:${LIBRARY_PATH:-}"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+echo "cuda-env: CUDA $CUDA_VERSION from $CUDA_ROOT (compute capability $CUDA_COMPUTE_CAP); target folder $R1PIPE_CUDA_TARGET" >&2
 # The linker wants unversioned names (the wheels ship libcublas.so.13 only) and a
 # libcuda.so, which only a driver install has. Link names point at the wheels'
 # libraries; a stub libcuda.so.1 defines every driver function cudarc declares

@@ -33,10 +33,10 @@ case "${1:-}" in
   prepare)
     # shellcheck disable=SC1091
     . scripts/cuda-env.sh
-    CARGO_TARGET_DIR=target/cuda cargo build --release --locked --features cuda
+    CARGO_TARGET_DIR="$R1PIPE_CUDA_TARGET" cargo build --release --locked --features cuda
     scripts/fetch-smollm2.sh
     rm -rf gpu-check && mkdir -p gpu-check/carry-1 gpu-check/carry-2
-    cp target/cuda/release/r1pipe gpu-check/carry-1/r1pipe
+    cp "$R1PIPE_CUDA_TARGET/release/r1pipe" gpu-check/carry-1/r1pipe
     strip gpu-check/carry-1/r1pipe
     gzip -9 -f gpu-check/carry-1/r1pipe
     shared=${R1PIPE_SHARED:-../shared}

@@ -189,3 +189,31 @@ fn the_runner_modules_import_each_other_without_a_cycle() {
     }
     assert!(edges.iter().any(|(f, t)| f == "dag" && t == "spec"), "the scan sees imports (dag reads spec)");
 }
+
+#[test]
+fn the_training_and_generation_loops_read_tensors_only_through_the_counted_copies() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut found = Vec::new();
+    for dir in ["src/model", "src/train", "src/eval", "src/rollout", "src/kernels"] {
+        let mut fs_list = Vec::new();
+        files(&root.join(dir), &mut fs_list);
+        for f in fs_list.into_iter().filter(|f| !f.ends_with("kernels/transfer.rs")) {
+            let text = fs::read_to_string(&f).unwrap();
+            // Unit tests (after `#[cfg(test)]`) may read what they like.
+            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            for (i, line) in code.lines().enumerate() {
+                let line = line.split("//").next().unwrap_or("");
+                for read in [".to_vec1", ".to_vec2", ".to_vec3", ".to_scalar"] {
+                    if line.contains(read) {
+                        found.push(format!("{}:{}: {}", f.strip_prefix(root).unwrap().display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "device reads outside kernels::transfer (use it, so tests/transfers.rs counts them):\n{}",
+        found.join("\n")
+    );
+}

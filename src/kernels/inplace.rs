@@ -97,7 +97,7 @@ pub fn sum_of_squares(tensors: &[&Tensor]) -> Result<f64> {
         }
     }
     if !on_device.is_empty() {
-        total += Tensor::stack(&on_device, 0)?.sum_all()?.to_scalar::<f64>()?;
+        total += super::transfer::to_scalar::<f64>(&Tensor::stack(&on_device, 0)?.sum_all()?)?;
     }
     Ok(total)
 }

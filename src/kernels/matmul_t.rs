@@ -251,7 +251,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
         use rand::{Rng, SeedableRng};
@@ -286,12 +286,48 @@ mod tests {
 
     #[test]
     fn a_row_gets_bitwise_the_same_result_alone_or_in_any_batch() {
-        let w = rand((200, 83), 1);
-        let x = rand((11, 83), 2);
-        let all = matmul_t(&x, &w).unwrap().to_vec2::<f32>().unwrap();
-        for (i, row) in all.iter().enumerate() {
-            let alone = matmul_t(&x.narrow(0, i, 1).unwrap(), &w).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(&alone[0], row, "row {i}");
+        // A property of the CPU form (gemm's packed kernels have no such promise).
+        crate::kernels::with_mode(crate::kernels::Mode::Cpu, || {
+            let w = rand((200, 83), 1);
+            let x = rand((11, 83), 2);
+            let all = matmul_t(&x, &w).unwrap().to_vec2::<f32>().unwrap();
+            for (i, row) in all.iter().enumerate() {
+                let alone = matmul_t(&x.narrow(0, i, 1).unwrap(), &w).unwrap().to_vec2::<f32>().unwrap();
+                assert_eq!(&alone[0], row, "row {i}");
+            }
+        });
+    }
+
+    #[test]
+    fn both_forms_agree_in_values_and_gradients_and_the_portable_one_takes_bf16() {
+        use crate::kernels::{with_mode, Mode};
+        for (m, n, k) in [(3, 70, 96), (60, 33, 20)] {
+            let (x0, w0, up) = (rand((m, k), 8), rand((n, k), 9), rand((m, n), 10));
+            let run = |mode| {
+                with_mode(mode, || {
+                    let (x, w) = (Var::from_tensor(&x0).unwrap(), Var::from_tensor(&w0).unwrap());
+                    let y = matmul_t(&x, &w).unwrap();
+                    let g = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    [y, g.get(&x).unwrap().clone(), g.get(&w).unwrap().clone()]
+                        .map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                })
+            };
+            let (cpu, portable) = (run(Mode::Cpu), run(Mode::Portable));
+            for (a, b) in cpu.iter().zip(&portable) {
+                let d = a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                assert!(d < 1e-4, "[{m}, {k}] @ [{n}, {k}]ᵀ: the forms differ by {d}");
+            }
+            let bf = matmul_t(&x0.to_dtype(DType::BF16).unwrap(), &w0.to_dtype(DType::BF16).unwrap()).unwrap();
+            assert_eq!(bf.dtype(), DType::BF16);
+            let d = (bf.to_dtype(DType::F32).unwrap() - x0.matmul(&w0.t().unwrap()).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 0.1, "bf16 product off by {d}");
         }
     }
 

@@ -16,6 +16,7 @@ pub mod matmul_t;
 pub mod row_exp;
 pub(crate) mod threads;
 pub mod token_logprobs;
+pub mod transfer;
 
 use std::cell::Cell;
 use std::sync::OnceLock;

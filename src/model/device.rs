@@ -56,9 +56,7 @@ fn probe_cuda() -> Result<Device, String> {
     if !cfg!(feature = "cuda") {
         return Err("r1pipe was built without the `cuda` feature".into());
     }
-    // A missing driver library makes cudarc panic rather than fail (it loads them
-    // lazily): turn that into the reason instead of aborting the run.
-    let attempt = std::panic::catch_unwind(|| Device::new_cuda(0));
+    let attempt = quietly(|| Device::new_cuda(0));
     match attempt {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => Err(explain_cuda_error(&e.to_string())),
@@ -71,6 +69,17 @@ fn probe_cuda() -> Result<Device, String> {
             Err(explain_cuda_error(&text))
         }
     }
+}
+
+/// Run `f`, turning a panic into an error without printing it. A missing driver
+/// library makes cudarc panic rather than fail (it loads the libraries lazily);
+/// that is a reason to report, not a crash.
+fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let out = std::panic::catch_unwind(f);
+    std::panic::set_hook(hook);
+    out
 }
 
 /// A CUDA start-up failure in words a user can act on: which library or
@@ -104,7 +113,7 @@ fn cuda(ordinal: usize) -> Result<Device> {
     if !cfg!(feature = "cuda") {
         bail!("device cuda:{ordinal} needs r1pipe built with `--features cuda` (see docs/cuda.md)");
     }
-    let attempt = std::panic::catch_unwind(|| Device::new_cuda(ordinal));
+    let attempt = quietly(|| Device::new_cuda(ordinal));
     match attempt {
         Ok(Ok(d)) => Ok(d),
         Ok(Err(e)) => bail!("cuda:{ordinal}: {}", explain_cuda_error(&e.to_string())),

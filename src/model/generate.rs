@@ -1,15 +1,20 @@
 //! Batched sampling with a KV cache: left padding, temperature, top-p, top-k,
 //! greedy, max_new_tokens, EOS and stop strings, a seeded RNG, and groups of
-//! `n` samples per prompt that share one prefill of the prompt.
+//! `n` samples per prompt that share one prefill of the prompt. The choice of
+//! each step's tokens moves as little as it can from the device (`pick`), and
+//! the text grows a token at a time (`ChatTokenizer::text_stream`).
 
 use anyhow::Result;
+use candle_core::{DType, Tensor, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::kv_cache::KvCache;
-use super::tokenizer::ChatTokenizer;
+use super::tokenizer::{ChatTokenizer, TextStream};
 use super::transformer::{Transformer, PAD_SENTINEL};
+use crate::kernels::transfer;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -74,17 +79,39 @@ pub struct Completion {
 /// Streams text as it is generated: (row, new text).
 pub type OnText<'a> = &'a mut dyn FnMut(usize, &str);
 
-struct Row {
+struct Row<'t> {
     prompt_index: usize,
     tokens: Vec<u32>,
-    emitted: usize,
     finish: Option<FinishReason>,
     eos: bool,
+    /// The text so far, decoded a token at a time (for stop strings and streaming).
+    stream: Option<TextStream<'t>>,
     text: String,
+    emitted: usize,
+}
+
+impl Row<'_> {
+    /// Append `token` to the text; the stream falls back to a whole decode if
+    /// the tokenizer cannot decode this sequence incrementally.
+    fn push(&mut self, token: u32, tok: &ChatTokenizer) -> Result<()> {
+        self.tokens.push(token);
+        let step = self.stream.as_mut().map(|s| s.step(token));
+        match step {
+            Some(Ok(Some(piece))) => self.text.push_str(&piece),
+            Some(Ok(None)) => {}
+            Some(Err(_)) | None => {
+                self.stream = None;
+                self.text = tok.decode(&self.tokens)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Generate `n` completions for each prompt (token ids, already templated).
-/// Rows finish independently; finished rows are dropped from the batch as it shrinks.
+/// Rows finish independently; finished rows are dropped from the batch as it
+/// shrinks. Each step moves to the host only what picking the next tokens
+/// needs: B token ids when greedy (the argmax is taken on the device).
 pub fn generate(
     model: &Transformer,
     tok: &ChatTokenizer,
@@ -107,7 +134,7 @@ pub fn generate(
     let logits = model.forward_cached(&padded, &mut cache)?;
     let expand: Vec<u32> = (0..prompts.len() as u32).flat_map(|p| std::iter::repeat_n(p, n)).collect();
     let (mut logits, mut cache) = if n > 1 {
-        let idx = candle_core::Tensor::new(expand.as_slice(), logits.device())?;
+        let idx = Tensor::new(expand.as_slice(), logits.device())?;
         (logits.index_select(&idx, 0)?, cache.select_rows(&expand)?)
     } else {
         (logits, cache)
@@ -117,16 +144,23 @@ pub fn generate(
         .map(|&p| Row {
             prompt_index: p as usize,
             tokens: Vec::new(),
-            emitted: 0,
             finish: None,
             eos: false,
+            stream: Some(tok.text_stream()),
             text: String::new(),
+            emitted: 0,
         })
         .collect();
+    let longest_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
     // `active[i]`: which row of `rows` is row i of the batch.
     let mut active: Vec<usize> = (0..rows.len()).collect();
     for step in 0..params.max_new_tokens {
-        let host: Vec<Vec<f32>> = logits.to_vec2()?;
+        // One uniform per unfinished row, in batch order, as the sampler has always drawn them.
+        let uniforms: Vec<f32> = active
+            .iter()
+            .map(|&r| if rows[r].finish.is_none() && params.temperature > 0.0 { rng.random::<f32>() } else { 0.0 })
+            .collect();
+        let picked = pick(&logits, params, &uniforms).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?;
         let mut next = Vec::with_capacity(active.len());
         for (i, &r) in active.iter().enumerate() {
             let row = &mut rows[r];
@@ -134,19 +168,28 @@ pub fn generate(
                 next.push(vec![PAD_SENTINEL]);
                 continue;
             }
-            let token = sample(&host[i], params, rng).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?.0;
+            let token = picked[i];
             if tok.eos_ids.contains(&token) {
                 row.finish = Some(FinishReason::Stop);
                 row.eos = true;
                 next.push(vec![PAD_SENTINEL]);
                 continue;
             }
-            row.tokens.push(token);
-            row.text = tok.decode(&row.tokens)?;
-            if let Some(cut) = params.stop.iter().filter_map(|s| row.text.find(s.as_str())).min() {
-                row.text.truncate(cut);
-                row.finish = Some(FinishReason::Stop);
-            } else if step + 1 == params.max_new_tokens {
+            let before = row.text.len();
+            row.push(token, tok)?;
+            // A stop string can only have appeared in what this token added (and
+            // the stop's length before it).
+            let from = before.saturating_sub(longest_stop);
+            let from = (0..=from).rev().find(|&k| row.text.is_char_boundary(k)).unwrap_or(0);
+            if params.stop.iter().any(|s| row.text[from..].contains(s.as_str())) {
+                // Cut on the whole decode, the text the completion reports.
+                let full = tok.decode(&row.tokens)?;
+                if let Some(cut) = params.stop.iter().filter_map(|s| full.find(s.as_str())).min() {
+                    row.text = full[..cut].to_string();
+                    row.finish = Some(FinishReason::Stop);
+                }
+            }
+            if row.finish.is_none() && step + 1 == params.max_new_tokens {
                 row.finish = Some(FinishReason::Length);
             }
             if let Some(cb) = on_text.as_mut() {
@@ -172,17 +215,103 @@ pub fn generate(
         }
         logits = model.forward_cached(&next, &mut cache)?;
     }
-    Ok(rows
-        .into_iter()
-        .map(|r| Completion {
-            prompt_index: r.prompt_index,
-            tokens: r.tokens,
-            text: r.text,
-            finish_reason: r.finish.unwrap_or(FinishReason::Length),
-            eos: r.eos,
-            sampling_logprobs: None,
+    rows.into_iter()
+        .map(|r| {
+            // The reported text is the whole decode (the stream is for stop strings and display).
+            let text = match r.finish {
+                Some(FinishReason::Stop) if !r.eos => r.text,
+                _ => tok.decode(&r.tokens)?,
+            };
+            Ok(Completion {
+                prompt_index: r.prompt_index,
+                tokens: r.tokens,
+                text,
+                finish_reason: r.finish.unwrap_or(FinishReason::Length),
+                eos: r.eos,
+                sampling_logprobs: None,
+            })
+        })
+        .collect()
+}
+
+/// The next token of every row of `logits` [B, V], moving to the host only what
+/// the choice needs: greedy takes the argmax on the device (B ids cross);
+/// plain sampling picks a block of the vocabulary, then a token in it (about
+/// 2·√V numbers a row cross, not V); top-k and top-p copy the rows and cut
+/// them on the host, in parallel. `uniforms[i]`: row i's draw in [0, 1).
+fn pick(logits: &Tensor, p: &SamplingParams, uniforms: &[f32]) -> Result<Vec<u32>> {
+    let (b, v) = logits.dims2()?;
+    if p.temperature <= 0.0 {
+        // A row with a NaN (a diverged model) gets the id `v`, which no token has.
+        let nan = logits.ne(logits)?.max(D::Minus1)?.to_dtype(DType::U32)?;
+        let ids = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
+        let ids = transfer::to_vec1::<u32>(&(ids + (nan * (v as f64))?)?)?;
+        return ids.into_iter().map(|id| if (id as usize) < v { Ok(id) } else { Err(nan_error()) }).collect();
+    }
+    if p.top_k == 0 && p.top_p >= 1.0 {
+        return sample_in_blocks(logits, p.temperature, uniforms);
+    }
+    let rows: Vec<Vec<f32>> = transfer::to_vec2(logits)?;
+    debug_assert_eq!(rows.len(), b);
+    rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u).map(|(t, _)| t)).collect()
+}
+
+/// Plain sampling at temperature τ from the device's logits: the softmax on the
+/// device; per row, the sums of √V-sized blocks of probabilities cross, the
+/// draw picks a block, and that block's probabilities cross to pick the token.
+fn sample_in_blocks(logits: &Tensor, temperature: f32, uniforms: &[f32]) -> Result<Vec<u32>> {
+    let (b, v) = logits.dims2()?;
+    let block = ((v as f64).sqrt().ceil() as usize).max(1);
+    let blocks = v.div_ceil(block);
+    let probs = candle_nn::ops::softmax_last_dim(&(logits.to_dtype(DType::F32)? / temperature as f64)?)?;
+    let padded = if blocks * block > v {
+        Tensor::cat(&[&probs, &Tensor::zeros((b, blocks * block - v), DType::F32, probs.device())?], 1)?
+    } else {
+        probs
+    };
+    let by_block = padded.reshape((b * blocks, block))?;
+    let sums: Vec<Vec<f32>> = transfer::to_vec2(&by_block.sum(D::Minus1)?.reshape((b, blocks))?)?;
+    let mut chosen = Vec::with_capacity(b);
+    let mut rests = Vec::with_capacity(b);
+    for (row, &u) in sums.iter().zip(uniforms) {
+        if row.iter().any(|x| x.is_nan()) {
+            return Err(nan_error());
+        }
+        let (k, rest) = walk(row, u);
+        chosen.push((chosen.len() * blocks + k) as u32);
+        rests.push(rest);
+    }
+    let picked: Vec<Vec<f32>> =
+        transfer::to_vec2(&by_block.index_select(&Tensor::new(chosen.as_slice(), by_block.device())?, 0)?)?;
+    Ok(picked
+        .iter()
+        .zip(chosen.iter().zip(&rests))
+        .map(|(probs, (&flat, &rest))| {
+            let k = flat as usize % blocks;
+            let (j, _) = walk(&probs[..block.min(v - k * block)], rest);
+            (k * block + j) as u32
         })
         .collect())
+}
+
+/// The first index where the running sum of `probs` passes `u`, and what is left
+/// of `u` at that index; the last index with any mass when rounding leaves `u` past the end.
+fn walk(probs: &[f32], mut u: f32) -> (usize, f32) {
+    for (i, &p) in probs.iter().enumerate() {
+        if u < p {
+            return (i, u);
+        }
+        u -= p;
+    }
+    let last = probs.iter().rposition(|&p| p > 0.0).unwrap_or(0);
+    (last, probs.get(last).map_or(0.0, |p| p * 0.5))
+}
+
+fn nan_error() -> anyhow::Error {
+    anyhow::anyhow!(
+        "the model's logits are NaN: its weights have diverged; \
+         retrain with a lower learning_rate or a smaller max_grad_norm"
+    )
 }
 
 /// The length of `text` that can be shown without risking a later stop-string cut
@@ -200,19 +329,17 @@ fn stream_safe_len(text: &str, stops: &[String]) -> usize {
     safe
 }
 
-/// Pick the next token from one row of logits; returns it with its log-probability.
-/// Logits with a NaN (a diverged model) are an error, not a guess.
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> Result<(u32, f32)> {
-    if let Some(i) = logits.iter().position(|l| l.is_nan()) {
-        anyhow::bail!(
-            "the model's logits are NaN (first at token id {i}): its weights have diverged; \
-             retrain with a lower learning_rate or a smaller max_grad_norm"
-        );
+/// Pick the next token from one row of logits with the draw `u` in [0, 1);
+/// returns it with its log-probability. Logits with a NaN (a diverged model)
+/// are an error, not a guess.
+pub fn sample(logits: &[f32], p: &SamplingParams, u: f32) -> Result<(u32, f32)> {
+    if logits.iter().any(|l| l.is_nan()) {
+        return Err(nan_error());
     }
-    Ok(sample_finite(logits, p, rng))
+    Ok(sample_finite(logits, p, u))
 }
 
-fn sample_finite(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
+fn sample_finite(logits: &[f32], p: &SamplingParams, mut u: f32) -> (u32, f32) {
     let t = if p.temperature > 0.0 { p.temperature } else { 1.0 };
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = max / t + logits.iter().map(|&l| ((l - max) / t).exp()).sum::<f32>().ln();
@@ -223,7 +350,6 @@ fn sample_finite(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u
     }
     if p.top_k == 0 && p.top_p >= 1.0 {
         // Plain sampling from the full distribution: no sort needed.
-        let mut u = rng.random::<f32>();
         for (i, &l) in logits.iter().enumerate() {
             let prob = (l / t - lse).exp();
             if u < prob {
@@ -255,7 +381,7 @@ fn sample_finite(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u
         cand.truncate(keep.max(1));
     }
     let total: f32 = cand.iter().map(|c| c.1).sum();
-    let mut u = rng.random::<f32>() * total;
+    let mut u = u * total;
     for &(i, prob) in &cand {
         if u < prob {
             return (i as u32, logprob(i));
@@ -270,12 +396,23 @@ fn sample_finite(logits: &[f32], p: &SamplingParams, rng: &mut ChaCha8Rng) -> (u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use rand::SeedableRng;
 
+    fn rows(v: &[Vec<f32>]) -> Tensor {
+        Tensor::new(v.to_vec(), &Device::Cpu).unwrap()
+    }
+
+    fn draws(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random::<f32>()).collect()
+    }
+
     #[test]
-    fn greedy_takes_the_argmax_and_reports_its_logprob() {
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let (t, lp) = sample(&[0.0, 2.0, 1.0], &SamplingParams::default(), &mut rng).unwrap();
+    fn greedy_takes_each_rows_argmax_on_the_device() {
+        let l = rows(&[vec![0.0, 2.0, 1.0], vec![5.0, -1.0, 4.9]]);
+        assert_eq!(pick(&l, &SamplingParams::default(), &[0.0, 0.0]).unwrap(), vec![1, 0]);
+        let (t, lp) = sample(&[0.0, 2.0, 1.0], &SamplingParams::default(), 0.0).unwrap();
         assert_eq!(t, 1);
         let z = (0f32.exp() + 2f32.exp() + 1f32.exp()).ln();
         assert!((lp - (2.0 - z)).abs() < 1e-6);
@@ -283,40 +420,56 @@ mod tests {
 
     #[test]
     fn top_k_and_top_p_restrict_the_candidates() {
-        let logits = [3.0, 2.9, 0.0, -1.0];
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let l = rows(&[vec![3.0, 2.9, 0.0, -1.0]]);
         let k1 = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
-        assert!((0..200).all(|_| sample(&logits, &k1, &mut rng).unwrap().0 == 0));
+        assert!(draws(200, 1).iter().all(|&u| pick(&l, &k1, &[u]).unwrap()[0] == 0));
         let p = SamplingParams { temperature: 1.0, top_p: 0.8, ..Default::default() };
         let seen: std::collections::BTreeSet<u32> =
-            (0..500).map(|_| sample(&logits, &p, &mut rng).unwrap().0).collect();
+            draws(500, 2).iter().map(|&u| pick(&l, &p, &[u]).unwrap()[0]).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
+    /// The block sampler draws from the softmax: frequencies over a vocabulary
+    /// of several blocks (and a ragged last one) match the probabilities.
     #[test]
-    fn sampling_follows_the_distribution_and_is_reproducible() {
-        let logits = [0.0f32, (3.0f32).ln()]; // probabilities 1/4, 3/4
+    fn sampling_in_blocks_follows_the_distribution_and_is_reproducible() {
+        let logits: Vec<f32> = (0..23).map(|i| ((i * 7) % 5) as f32 * 0.4).collect();
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let want: Vec<f32> = logits.iter().map(|l| l.exp() / z).collect();
         let p = SamplingParams { temperature: 1.0, ..Default::default() };
-        let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let draws: Vec<u32> = (0..4000).map(|_| sample(&logits, &p, &mut rng).unwrap().0).collect();
-        let frac = draws.iter().filter(|&&t| t == 1).count() as f64 / 4000.0;
-        assert!((frac - 0.75).abs() < 0.03, "{frac}");
-        let mut again = ChaCha8Rng::seed_from_u64(7);
-        let redraw: Vec<u32> = (0..4000).map(|_| sample(&logits, &p, &mut again).unwrap().0).collect();
-        assert_eq!(draws, redraw);
+        let l = rows(std::slice::from_ref(&logits));
+        let n = 20000;
+        let us = draws(n, 7);
+        let mut counts = [0usize; 23];
+        let picked: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u]).unwrap()[0]).collect();
+        for &t in &picked {
+            counts[t as usize] += 1;
+        }
+        for (i, (&c, &w)) in counts.iter().zip(&want).enumerate() {
+            let f = c as f32 / n as f32;
+            assert!((f - w).abs() < 0.01, "token {i}: {f} drawn, {w} expected");
+        }
+        let again: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u]).unwrap()[0]).collect();
+        assert_eq!(picked, again);
+        // At temperature τ the distribution is softmax(l / τ): the host sampler agrees with the blocks.
+        let p = SamplingParams { temperature: 0.5, ..Default::default() };
+        let mut agree = 0;
+        for &u in &us[..2000] {
+            agree += (pick(&l, &p, &[u]).unwrap()[0] == sample(&logits, &p, u).unwrap().0) as usize;
+        }
+        assert!(agree >= 1990, "the block sampler and the host sampler disagree on {} of 2000 draws", 2000 - agree);
     }
 
     #[test]
     fn nan_logits_are_an_error_that_says_so_with_every_sampler() {
-        let logits = [f32::NAN; 4];
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let l = rows(&[vec![0.0, 1.0, 2.0, 3.0], vec![f32::NAN; 4]]);
         for p in [
             SamplingParams::default(),
             SamplingParams { temperature: 1.0, ..Default::default() },
             SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() },
             SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() },
         ] {
-            let e = sample(&logits, &p, &mut rng).unwrap_err().to_string();
+            let e = pick(&l, &p, &[0.3, 0.3]).unwrap_err().to_string();
             assert!(e.contains("logits are NaN"), "{e}");
         }
     }

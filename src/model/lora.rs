@@ -14,7 +14,7 @@ pub struct LoraConfig {
     pub r: usize,
     #[serde(default = "d_alpha")]
     pub alpha: f64,
-    /// Dropout on the adapter input; only 0 is supported (see README).
+    /// Dropout on the adapter input; only 0 is supported (a random mask would break bitwise resume).
     #[serde(default)]
     pub dropout: f64,
     #[serde(default = "d_targets")]

@@ -138,7 +138,33 @@ impl ChatTokenizer {
         self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
     }
 
+    /// Decodes a growing list of ids one token at a time, returning what each
+    /// new token adds: a few tokens are decoded per step, not the whole list
+    /// again (which made generation quadratic in the completion's length).
+    pub fn text_stream(&self) -> TextStream<'_> {
+        TextStream { inner: self.tokenizer.decode_stream(true) }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
+    }
+}
+
+/// See [`ChatTokenizer::text_stream`].
+pub struct TextStream<'a> {
+    inner: tokenizers::DecodeStream<
+        'a,
+        tokenizers::models::ModelWrapper,
+        tokenizers::normalizers::NormalizerWrapper,
+        tokenizers::pre_tokenizers::PreTokenizerWrapper,
+        tokenizers::processors::PostProcessorWrapper,
+        tokenizers::decoders::DecoderWrapper,
+    >,
+}
+
+impl TextStream<'_> {
+    /// The text `id` adds (`None` while it ends inside a character).
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.inner.step(id).map_err(|e| anyhow!("decoding: {e}"))
     }
 }

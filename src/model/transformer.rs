@@ -287,26 +287,42 @@ impl Transformer {
 
     /// Additive attention bias [B, 1, T, S]: query i (absolute index `offset + i`)
     /// sees key j when j ≤ offset + i and key j is a real token (of the same
-    /// segment when packed, or of a shared prefix).
+    /// segment when packed, or of a shared prefix). Built on the device from
+    /// per-key rows ([B, S] validity and segments): what crosses from the host
+    /// grows with B × S, not B × T × S.
     fn mask(&self, key_valid: &[Vec<bool>], segments: Option<&[Vec<u32>]>, offset: usize, t: usize) -> Result<Tensor> {
-        let b = key_valid.len();
-        let s = offset + t;
-        let mut m = Vec::with_capacity(b * t * s);
-        for (r, row) in key_valid.iter().enumerate() {
-            let seg = segments.map(|x| &x[r]);
-            for i in 0..t {
-                for (j, &ok) in row.iter().enumerate().take(s) {
-                    let same = seg.is_none_or(|sg| sg[j] == sg[offset + i] || sg[j] == SHARED_PREFIX);
-                    m.push(if ok && same && j <= offset + i { 0.0 } else { MASKED });
-                }
-            }
+        let (b, s, dev) = (key_valid.len(), offset + t, &self.device);
+        let valid: Vec<u8> =
+            key_valid.iter().flat_map(|row| (0..s).map(|j| row.get(j).copied().unwrap_or(false) as u8)).collect();
+        let valid = Tensor::from_vec(valid, (b, 1, 1, s), dev)?;
+        let keys = Tensor::arange(0u32, s as u32, dev)?.reshape((1, 1, 1, s))?;
+        let queries = Tensor::arange(offset as u32, s as u32, dev)?.reshape((1, 1, t, 1))?;
+        let causal = keys.broadcast_le(&queries)?.to_dtype(DType::F32)?; // [1, 1, T, S]
+        let mut visible = causal.broadcast_mul(&valid.to_dtype(DType::F32)?)?; // [B, 1, T, S]
+        if let Some(seg) = segments {
+            let ids: Vec<u32> = seg.iter().flat_map(|row| (0..s).map(|j| row.get(j).copied().unwrap_or(0))).collect();
+            let keys = Tensor::from_vec(ids, (b, 1, 1, s), dev)?;
+            let queries = keys.narrow(3, offset, t)?.reshape((b, 1, t, 1))?;
+            let same = keys.broadcast_eq(&queries)?.to_dtype(DType::F32)?;
+            let shared = keys.eq(SHARED_PREFIX)?.to_dtype(DType::F32)?;
+            visible = (visible * same.broadcast_maximum(&shared)?)?;
         }
-        Tensor::from_vec(m, (b, 1, t, s), &self.device)?.to_dtype(self.compute_dtype)
+        // 1 → 0, 0 → MASKED, exactly (both products are exact in f32).
+        ((visible - 1.0)? * (-MASKED as f64))?.to_dtype(self.compute_dtype)
     }
 
     fn embed(&self, ids: &Tensor, pass: Pass) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        self.embed.get(pass)?.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.cfg.hidden_size))
+        let ids = ids.flatten_all()?;
+        let rows = if pass.grad && self.embed.trainable() {
+            // Gathered from the f32 master, then cast: the lookup's gradient (an
+            // index_add) accumulates in f32, where the bf16 copy would round small
+            // contributions away (with tied embeddings, on top of the head's).
+            self.embed.var.as_tensor().index_select(&ids, 0)?.to_dtype(self.compute_dtype)?
+        } else {
+            self.embed.get(pass)?.index_select(&ids, 0)?
+        };
+        rows.reshape((b, t, self.cfg.hidden_size))
     }
 
     fn head(&self) -> &Param {
@@ -413,10 +429,11 @@ impl Transformer {
     /// head, in chunks with their own backward.
     fn target_logprobs(&self, h: &Tensor, targets: &Tensor, temperature: f64, pass: Pass) -> Result<Tensor> {
         let head = self.head();
-        // An f32 master used as is: its gradient goes straight into the accumulator.
-        let direct = (pass.grad && head.trainable() && self.compute_dtype == DType::F32)
-            .then(|| WeightGrad { var: head.var.clone(), sink: self.sink.clone() });
-        let w = if direct.is_some() { head.get(Pass { grad: false, ..pass })? } else { head.get(pass)? };
+        // A trained head's gradient goes straight into the accumulator, in f32 (the
+        // compute-dtype copy is used without a graph).
+        let direct =
+            (pass.grad && head.trainable()).then(|| WeightGrad { var: head.var.clone(), sink: self.sink.clone() });
+        let w = head.get(Pass { grad: false, ..pass })?;
         let lp = logprobs_from_hidden(h, &w, targets, temperature, direct)?;
         lp.to_dtype(self.logits_dtype())
     }

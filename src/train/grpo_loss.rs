@@ -1,8 +1,10 @@
 //! GRPO's mathematics: group-relative advantages and the clipped surrogate
 //! loss with an optional k3 KL penalty, for each of TRL's loss normalizations.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
+
+use crate::kernels::transfer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,33 +143,30 @@ pub fn loss(
     if let Some(w) = is_weight {
         per_token = (per_token * w.detach())?;
     }
-    let mut stats = LossStats::default();
-    let tokens = mask.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-    stats.tokens = tokens;
+    // The statistics are summed on the device and read in one copy.
+    let mut sums = vec![mask.sum_all()?.to_dtype(DType::F64)?];
     if cfg.beta != 0.0 {
         let r = ref_logp.expect("β > 0 needs reference log-probabilities");
         let d = (r.detach() - logp)?;
         let kl = ((d.exp()? - &d)? - 1.0)?;
-        stats.kl = (&kl * mask)?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? / tokens.max(1.0);
+        sums.push((&kl * mask)?.sum_all()?.to_dtype(DType::F64)?);
         per_token = (per_token + (kl * cfg.beta)?)?;
     }
     // Clipped region: low clip with A < 0, high clip with A > 0 (TRL's clip_ratio/region_mean).
     {
-        let r: Vec<Vec<f32>> = ratio.detach().to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let a: Vec<f32> = adv.squeeze(1)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
-        let m: Vec<Vec<f32>> = mask.to_dtype(candle_core::DType::F32)?.to_vec2()?;
-        let mut clipped_n = 0.0;
-        for (i, row) in r.iter().enumerate() {
-            for (j, &x) in row.iter().enumerate() {
-                let low = x < (1.0 - cfg.epsilon_low) as f32 && a[i] < 0.0;
-                let high = x > (1.0 + cfg.epsilon_high) as f32 && a[i] > 0.0;
-                if m[i][j] > 0.0 && (low || high) {
-                    clipped_n += 1.0;
-                }
-            }
-        }
-        stats.clip_region = clipped_n / tokens.max(1.0);
+        let r = ratio.detach();
+        let dt = mask.dtype();
+        let low = r.lt(1.0 - cfg.epsilon_low)?.to_dtype(dt)?.broadcast_mul(&adv.lt(0.0)?.to_dtype(dt)?)?;
+        let high = r.gt(1.0 + cfg.epsilon_high)?.to_dtype(dt)?.broadcast_mul(&adv.gt(0.0)?.to_dtype(dt)?)?;
+        sums.push(((low + high)? * mask)?.sum_all()?.to_dtype(DType::F64)?);
     }
+    let sums = transfer::to_vec1::<f64>(&Tensor::stack(&sums, 0)?)?;
+    let tokens = sums[0];
+    let mut stats = LossStats { tokens, ..Default::default() };
+    if cfg.beta != 0.0 {
+        stats.kl = sums[1] / tokens.max(1.0);
+    }
+    stats.clip_region = sums[sums.len() - 1] / tokens.max(1.0);
     let masked = (per_token * mask)?;
     let b = logp.dim(0)? as f64;
     let acc = cfg.micro_batches.max(1) as f64;

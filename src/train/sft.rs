@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::config::TrainingConfig;
 use super::trainer::{Algorithm, StepReport};
 use crate::common::ParamError;
+use crate::kernels::transfer;
 use crate::model::{Batch, ChatTokenizer, Message, Pass, Transformer};
 
 /// SFT's configuration: TRL's SFTConfig names and defaults (full fine-tuning),
@@ -198,7 +199,7 @@ impl Algorithm for SftAlgorithm<'_> {
             let t = b.ids.dim(1)?;
             let lp = model.next_token_logprobs_range(&b, 0, t - 1, 1.0, Pass::TRAIN)?.to_dtype(DType::F32)?;
             let l = loss(&lp, &mask, normalizer)?;
-            loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += transfer::to_scalar::<f64>(&l.to_dtype(DType::F64)?)?;
             model.backward(&l)?;
         }
         self.state.data_pos += exs.len() as u64;

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use super::grpo_loss::{advantages, importance_weights, loss, LossConfig};
 use super::rollout_sync::RolloutServer;
 use super::trainer::{Algorithm, StepReport};
+use crate::kernels::transfer;
 use crate::model::{Batch, ChatTokenizer, Completion, Pass, Transformer};
 use crate::rewards::set::{mean, std};
 use crate::rewards::{RewardSet, Sample, Scores};
@@ -158,8 +159,8 @@ struct Extent {
 
 impl Extent {
     fn add(&mut self, values: &Tensor, mask: &Tensor) -> Result<()> {
-        let v: Vec<Vec<f32>> = values.to_dtype(DType::F32)?.to_vec2()?;
-        let m: Vec<Vec<f32>> = mask.to_dtype(DType::F32)?.to_vec2()?;
+        let v: Vec<Vec<f32>> = transfer::to_vec2(&values.to_dtype(DType::F32)?)?;
+        let m: Vec<Vec<f32>> = transfer::to_vec2(&mask.to_dtype(DType::F32)?)?;
         for (x, k) in v.iter().flatten().zip(m.iter().flatten()) {
             if *k > 0.0 {
                 let x = *x as f64;
@@ -422,7 +423,7 @@ impl Algorithm for GrpoAlgorithm<'_> {
                 }
             }
             let (l, s) = loss(&logp, &old, round.refs.get(ci), &adv, &mask, is_weight.as_ref(), &loss_cfg)?;
-            loss_sum += l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += transfer::to_scalar::<f64>(&l.to_dtype(DType::F64)?)?;
             kl_sum += s.kl * s.tokens;
             clip_sum += s.clip_region * s.tokens;
             tok_sum += s.tokens;
