@@ -23,6 +23,7 @@ fn project() -> Project {
 const PIPE: &str = r#"
 name: sft-test
 device: cpu
+dtype: DTYPE
 stages:
   gsm8k: { kind: download, with: { path: data/gsm8k } }
   prompts: { kind: format, with: { data: "${gsm8k.dataset}", system_prompt: "Answer." } }
@@ -49,7 +50,7 @@ fn log_of(p: &Project) -> Vec<serde_json::Value> {
 fn the_sft_loss_falls_well_below_its_start() {
     for packing in ["packing: false", "packing: true"] {
         let p = project();
-        p.write("pipe.yaml", &PIPE.replace("STEPS", "30").replace("PACKING", packing));
+        p.write("pipe.yaml", &PIPE.replace("DTYPE", "auto").replace("STEPS", "30").replace("PACKING", packing));
         p.run(&["run", "pipe.yaml"]).ok();
         let log = log_of(&p);
         assert_eq!(log.len(), 30);
@@ -62,6 +63,20 @@ fn the_sft_loss_falls_well_below_its_start() {
             assert!(log[0][k].is_number(), "{k} missing");
         }
     }
+}
+
+/// bf16 compute with f32 master weights (CUDA's default), on the portable ops:
+/// the loss falls as in f32.
+#[test]
+fn the_sft_loss_falls_in_bf16_compute_with_f32_masters() {
+    let p = project();
+    p.write("pipe.yaml", &PIPE.replace("DTYPE", "bf16").replace("STEPS", "30").replace("PACKING", "packing: true"));
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stderr.contains("BF16, kernels: portable"), "{}", r.stderr);
+    let log = log_of(&p);
+    let (first, last) = (log[0]["loss"].as_f64().unwrap(), log[29]["loss"].as_f64().unwrap());
+    println!("bf16: loss {first:.3} → {last:.3}");
+    assert!(last < 0.5 * first, "the loss did not fall in bf16: {first} → {last}");
 }
 
 #[test]
@@ -153,13 +168,13 @@ fn a_diverging_run_stops_with_the_step_and_a_hint_and_keeps_its_last_good_checkp
 #[test]
 fn a_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before() {
     let whole = project();
-    whole.write("pipe.yaml", &PIPE.replace("STEPS", "30").replace("PACKING", ""));
+    whole.write("pipe.yaml", &PIPE.replace("DTYPE", "auto").replace("STEPS", "30").replace("PACKING", ""));
     whole.run(&["run", "pipe.yaml"]).ok();
     let reference =
         fs::read(format!("{}/model.safetensors", whole.run(&["show", "sft.model"]).ok().stdout.trim())).unwrap();
 
     let p = project();
-    p.write("pipe.yaml", &PIPE.replace("STEPS", "30").replace("PACKING", ""));
+    p.write("pipe.yaml", &PIPE.replace("DTYPE", "auto").replace("STEPS", "30").replace("PACKING", ""));
     let mut child = p.spawn(&["run", "pipe.yaml"]);
     p.wait_for_checkpoint(4, Duration::from_secs(120));
     child.kill().unwrap();
@@ -190,13 +205,13 @@ fn packed_rows_restart_positions_and_segments_per_example() {
 #[test]
 fn a_killed_sft_run_resumes_to_bitwise_identical_weights() {
     let whole = project();
-    whole.write("pipe.yaml", &PIPE.replace("STEPS", "40").replace("PACKING", ""));
+    whole.write("pipe.yaml", &PIPE.replace("DTYPE", "auto").replace("STEPS", "40").replace("PACKING", ""));
     whole.run(&["run", "pipe.yaml"]).ok();
     let reference =
         fs::read(format!("{}/model.safetensors", whole.run(&["show", "sft.model"]).ok().stdout.trim())).unwrap();
 
     let p = project();
-    p.write("pipe.yaml", &PIPE.replace("STEPS", "40").replace("PACKING", ""));
+    p.write("pipe.yaml", &PIPE.replace("DTYPE", "auto").replace("STEPS", "40").replace("PACKING", ""));
     let mut child = p.spawn(&["run", "pipe.yaml"]);
     let at = p.wait_for_checkpoint(3, Duration::from_secs(120));
     child.kill().unwrap();
