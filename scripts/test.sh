@@ -10,4 +10,4 @@ cargo test --locked --features test-kinds "$@"
 echo "== the same model and training tests on the portable kernels (R1PIPE_KERNELS=portable)"
 R1PIPE_KERNELS=portable cargo test --locked --features test-kinds --lib \
   --test model_numerics --test lora --test grpo --test sft --test model_stages --test reference_fixtures \
-  --test transfers "$@"
+  --test transfers --test batching "$@"

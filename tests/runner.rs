@@ -365,6 +365,13 @@ fn every_shipped_pipeline_validates_and_plans() {
             .output()
             .unwrap();
         let r = common::Run::from(out);
+        // A pipeline that asks for CUDA validates, then a build without it says what it lacks.
+        let wants_cuda = fs::read_to_string(&path).unwrap().lines().any(|l| l.trim() == "device: cuda");
+        if wants_cuda && !cfg!(feature = "cuda") {
+            assert_eq!(r.code, 1, "{}: {}{}", path.display(), r.stdout, r.stderr);
+            assert!(r.stderr.contains("needs r1pipe built with `--features cuda`"), "{}", r.stderr);
+            continue;
+        }
         assert_eq!(r.code, 0, "{}: {}{}", path.display(), r.stdout, r.stderr);
         assert!(r.stdout.contains("dry run: nothing was executed"), "{}", r.stdout);
     }

@@ -82,9 +82,10 @@ pub fn resume(host: &dyn Host, model: &str, n: usize) -> Result<(Vec<EvalSample>
     Ok((done, (0..n).filter(|i| !seen.contains(i)).collect()))
 }
 
-/// Evaluate rows `todo` of `rows` with `sampler`, appending each batch's samples
-/// to the work folder's file as it finishes; returns the new samples. Stops
-/// (with `Cancelled`) between batches when the host is cancelled.
+/// Evaluate rows `todo` of `rows` with `sampler`, `batch_size` in flight at a
+/// time (continuous batching on a local model), appending each sample to the
+/// work folder's file as it finishes; returns the new samples. Stops (with
+/// `Cancelled`) between steps when the host is cancelled: what finished is kept.
 pub fn evaluate(
     model: &str,
     sampler: &Sampler,
@@ -98,26 +99,37 @@ pub fn evaluate(
     let mut out = Appender::open(&samples_path(host, model))?;
     let bar = host.progress(rows.len() as u64, &format!("questions ({model})"));
     bar.set_position((rows.len() - todo.len()) as u64);
+    let prompts: Vec<Vec<u32>> = todo
+        .iter()
+        .map(|&i| tokenizer.encode_chat(&with_shots(&rows[i].prompt, &settings.shots), true))
+        .collect::<Result<_>>()?;
+    // Seeded by question, so a question samples alike whatever batch it runs in.
+    let seed_of = |k: usize| settings.seed ^ (todo[k] as u64) << 20;
     let mut samples = Vec::with_capacity(todo.len());
-    for chunk in todo.chunks(settings.batch_size.max(1)) {
-        if let Err(e) = host.cancel().check() {
-            bar.abandon();
-            return Err(e.into());
-        }
-        let prompts: Vec<Vec<u32>> = chunk
-            .iter()
-            .map(|&i| tokenizer.encode_chat(&with_shots(&rows[i].prompt, &settings.shots), true))
-            .collect::<Result<_>>()?;
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(settings.seed ^ (chunk[0] as u64) << 20);
-        let comps = sampler.sample(tokenizer, &prompts, 1, &settings.sampling, &mut rng, false)?;
-        for (c, &i) in comps.iter().zip(chunk) {
+    let result = sampler.complete_each(
+        tokenizer,
+        &prompts,
+        settings.batch_size,
+        &settings.sampling,
+        &seed_of,
+        Some(host.cancel()),
+        &mut |k, c| {
+            let i = todo[k];
             let s = judge.sample(model, i, &rows[i], &c.text, c.tokens.len(), c.finish_reason);
             out.append(&s)?;
             samples.push(s);
+            bar.inc(1);
+            Ok(())
+        },
+    );
+    match result {
+        Ok(()) => bar.finish_and_clear(),
+        Err(e) => {
+            bar.abandon();
+            return Err(e);
         }
-        bar.inc(chunk.len() as u64);
     }
-    bar.finish_and_clear();
+    samples.sort_by_key(|s| s.index);
     Ok(samples)
 }
 

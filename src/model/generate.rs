@@ -25,13 +25,22 @@ pub struct SamplingParams {
     /// 0 means no top-k cut.
     pub top_k: usize,
     pub max_new_tokens: usize,
-    /// Generation ends when the text ends with one of these (not included in the text).
+    /// Generation ends when the text reaches one of these, which the text leaves
+    /// out unless `include_stop_str_in_output` (vLLM's names).
     pub stop: Vec<String>,
+    pub include_stop_str_in_output: bool,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, max_new_tokens: 256, stop: Vec::new() }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            max_new_tokens: 256,
+            stop: Vec::new(),
+            include_stop_str_in_output: false,
+        }
     }
 }
 
@@ -79,32 +88,106 @@ pub struct Completion {
 /// Streams text as it is generated: (row, new text).
 pub type OnText<'a> = &'a mut dyn FnMut(usize, &str);
 
-struct Row<'t> {
-    prompt_index: usize,
+/// A row's completion as it grows: its tokens, and its text decoded a token at
+/// a time (for stop strings and streaming; the completion reports the whole
+/// decode, as before).
+pub(crate) struct RowText<'t> {
     tokens: Vec<u32>,
-    finish: Option<FinishReason>,
     eos: bool,
-    /// The text so far, decoded a token at a time (for stop strings and streaming).
     stream: Option<TextStream<'t>>,
     text: String,
+    /// A stop string ended the row and `text` is cut there.
+    stopped: bool,
     emitted: usize,
 }
 
-impl Row<'_> {
-    /// Append `token` to the text; the stream falls back to a whole decode if
-    /// the tokenizer cannot decode this sequence incrementally.
-    fn push(&mut self, token: u32, tok: &ChatTokenizer) -> Result<()> {
+impl<'t> RowText<'t> {
+    pub(crate) fn new(tok: &'t ChatTokenizer) -> RowText<'t> {
+        RowText {
+            tokens: Vec::new(),
+            eos: false,
+            stream: Some(tok.text_stream()),
+            text: String::new(),
+            stopped: false,
+            emitted: 0,
+        }
+    }
+
+    /// Take the sampled `token`; whether (and why) the row ends here: EOS, a
+    /// stop string (the text is cut there, after it with
+    /// `include_stop_str_in_output`), or `max_new_tokens` reached.
+    pub(crate) fn advance(
+        &mut self,
+        token: u32,
+        tok: &ChatTokenizer,
+        params: &SamplingParams,
+    ) -> Result<Option<FinishReason>> {
+        if tok.eos_ids.contains(&token) {
+            self.eos = true;
+            return Ok(Some(FinishReason::Stop));
+        }
+        let before = self.text.len();
         self.tokens.push(token);
         let step = self.stream.as_mut().map(|s| s.step(token));
         match step {
             Some(Ok(Some(piece))) => self.text.push_str(&piece),
             Some(Ok(None)) => {}
+            // A tokenizer that cannot decode this sequence incrementally: decode it whole.
             Some(Err(_)) | None => {
                 self.stream = None;
                 self.text = tok.decode(&self.tokens)?;
             }
         }
-        Ok(())
+        // A stop string can only have appeared in what this token added (and the
+        // stop's length before it).
+        let longest_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
+        let from = before.saturating_sub(longest_stop);
+        let from = (0..=from).rev().find(|&k| self.text.is_char_boundary(k)).unwrap_or(0);
+        if params.stop.iter().any(|s| self.text[from..].contains(s.as_str())) {
+            // Cut on the whole decode, the text the completion reports.
+            let full = tok.decode(&self.tokens)?;
+            let cut = params
+                .stop
+                .iter()
+                .filter_map(|s| {
+                    full.find(s.as_str()).map(|at| if params.include_stop_str_in_output { at + s.len() } else { at })
+                })
+                .min();
+            if let Some(cut) = cut {
+                self.text = full[..cut].to_string();
+                self.stopped = true;
+                return Ok(Some(FinishReason::Stop));
+            }
+        }
+        Ok((self.tokens.len() >= params.max_new_tokens).then_some(FinishReason::Length))
+    }
+
+    /// What can be shown of the text so far without a later stop-string cut or
+    /// a partial character taking it back; `finished` shows the rest.
+    fn unshown(&mut self, params: &SamplingParams, finished: bool) -> Option<&str> {
+        let safe = if finished { self.text.len() } else { stream_safe_len(&self.text, &params.stop) };
+        (safe > self.emitted).then(|| {
+            let from = std::mem::replace(&mut self.emitted, safe);
+            &self.text[from..safe]
+        })
+    }
+
+    /// The completion of prompt `prompt_index`, finished for `reason`.
+    pub(crate) fn into_completion(
+        self,
+        tok: &ChatTokenizer,
+        prompt_index: usize,
+        reason: FinishReason,
+    ) -> Result<Completion> {
+        let text = if self.stopped { self.text } else { tok.decode(&self.tokens)? };
+        Ok(Completion {
+            prompt_index,
+            tokens: self.tokens,
+            text,
+            finish_reason: reason,
+            eos: self.eos,
+            sampling_logprobs: None,
+        })
     }
 }
 
@@ -112,6 +195,7 @@ impl Row<'_> {
 /// Rows finish independently; finished rows are dropped from the batch as it
 /// shrinks. Each step moves to the host only what picking the next tokens
 /// needs: B token ids when greedy (the argmax is taken on the device).
+/// (Many prompts, one completion each: `batching::generate_continuous`.)
 pub fn generate(
     model: &Transformer,
     tok: &ChatTokenizer,
@@ -139,70 +223,32 @@ pub fn generate(
     } else {
         (logits, cache)
     };
-    let mut rows: Vec<Row> = expand
-        .iter()
-        .map(|&p| Row {
-            prompt_index: p as usize,
-            tokens: Vec::new(),
-            finish: None,
-            eos: false,
-            stream: Some(tok.text_stream()),
-            text: String::new(),
-            emitted: 0,
-        })
-        .collect();
-    let longest_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
+    let mut rows: Vec<RowText> = expand.iter().map(|_| RowText::new(tok)).collect();
+    let mut finish: Vec<Option<FinishReason>> = vec![None; rows.len()];
     // `active[i]`: which row of `rows` is row i of the batch.
     let mut active: Vec<usize> = (0..rows.len()).collect();
     for step in 0..params.max_new_tokens {
         // One uniform per unfinished row, in batch order, as the sampler has always drawn them.
         let uniforms: Vec<f32> = active
             .iter()
-            .map(|&r| if rows[r].finish.is_none() && params.temperature > 0.0 { rng.random::<f32>() } else { 0.0 })
+            .map(|&r| if finish[r].is_none() && params.temperature > 0.0 { rng.random::<f32>() } else { 0.0 })
             .collect();
         let picked = pick(&logits, params, &uniforms).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?;
         let mut next = Vec::with_capacity(active.len());
         for (i, &r) in active.iter().enumerate() {
-            let row = &mut rows[r];
-            if row.finish.is_some() {
+            if finish[r].is_some() {
                 next.push(vec![PAD_SENTINEL]);
                 continue;
             }
-            let token = picked[i];
-            if tok.eos_ids.contains(&token) {
-                row.finish = Some(FinishReason::Stop);
-                row.eos = true;
-                next.push(vec![PAD_SENTINEL]);
-                continue;
-            }
-            let before = row.text.len();
-            row.push(token, tok)?;
-            // A stop string can only have appeared in what this token added (and
-            // the stop's length before it).
-            let from = before.saturating_sub(longest_stop);
-            let from = (0..=from).rev().find(|&k| row.text.is_char_boundary(k)).unwrap_or(0);
-            if params.stop.iter().any(|s| row.text[from..].contains(s.as_str())) {
-                // Cut on the whole decode, the text the completion reports.
-                let full = tok.decode(&row.tokens)?;
-                if let Some(cut) = params.stop.iter().filter_map(|s| full.find(s.as_str())).min() {
-                    row.text = full[..cut].to_string();
-                    row.finish = Some(FinishReason::Stop);
-                }
-            }
-            if row.finish.is_none() && step + 1 == params.max_new_tokens {
-                row.finish = Some(FinishReason::Length);
-            }
+            finish[r] = rows[r].advance(picked[i], tok, params)?;
             if let Some(cb) = on_text.as_mut() {
-                // Hold back a partial UTF-8 character or a possible stop-string prefix.
-                let safe = if row.finish.is_some() { row.text.len() } else { stream_safe_len(&row.text, &params.stop) };
-                if safe > row.emitted {
-                    cb(r, &row.text[row.emitted..safe]);
-                    row.emitted = safe;
+                if let Some(piece) = rows[r].unshown(params, finish[r].is_some()) {
+                    cb(r, piece);
                 }
             }
-            next.push(vec![if row.finish.is_some() { PAD_SENTINEL } else { token }]);
+            next.push(vec![if finish[r].is_some() { PAD_SENTINEL } else { picked[i] }]);
         }
-        let alive: Vec<usize> = (0..active.len()).filter(|&i| rows[active[i]].finish.is_none()).collect();
+        let alive: Vec<usize> = (0..active.len()).filter(|&i| finish[active[i]].is_none()).collect();
         if alive.is_empty() {
             break;
         }
@@ -216,21 +262,9 @@ pub fn generate(
         logits = model.forward_cached(&next, &mut cache)?;
     }
     rows.into_iter()
-        .map(|r| {
-            // The reported text is the whole decode (the stream is for stop strings and display).
-            let text = match r.finish {
-                Some(FinishReason::Stop) if !r.eos => r.text,
-                _ => tok.decode(&r.tokens)?,
-            };
-            Ok(Completion {
-                prompt_index: r.prompt_index,
-                tokens: r.tokens,
-                text,
-                finish_reason: r.finish.unwrap_or(FinishReason::Length),
-                eos: r.eos,
-                sampling_logprobs: None,
-            })
-        })
+        .zip(finish)
+        .zip(expand)
+        .map(|((row, f), p)| row.into_completion(tok, p as usize, f.unwrap_or(FinishReason::Length)))
         .collect()
 }
 
@@ -239,7 +273,7 @@ pub fn generate(
 /// plain sampling picks a block of the vocabulary, then a token in it (about
 /// 2·√V numbers a row cross, not V); top-k and top-p copy the rows and cut
 /// them on the host, in parallel. `uniforms[i]`: row i's draw in [0, 1).
-fn pick(logits: &Tensor, p: &SamplingParams, uniforms: &[f32]) -> Result<Vec<u32>> {
+pub(crate) fn pick(logits: &Tensor, p: &SamplingParams, uniforms: &[f32]) -> Result<Vec<u32>> {
     let (b, v) = logits.dims2()?;
     if p.temperature <= 0.0 {
         // A row with a NaN (a diverged model) gets the id `v`, which no token has.

@@ -51,4 +51,57 @@ impl KvCache {
         let valid = rows.iter().map(|&r| self.valid[r as usize].clone()).collect();
         Ok(KvCache { layers, len: self.len, capacity: self.capacity, valid })
     }
+
+    /// Put the rows of `group` (a cache prefilled on its own) into slots
+    /// `slots` of this one, right-aligned to this cache's length: their
+    /// positions before the group's are masked. Needs `group.len ≤ self.len`.
+    pub fn place(&mut self, slots: &[usize], group: &KvCache) -> Result<()> {
+        let (g, at) = (group.len, self.len.checked_sub(group.len));
+        let Some(at) = at else {
+            candle_core::bail!("KV cache: a group of {g} positions does not fit before position {}", self.len);
+        };
+        if slots.len() != group.valid.len() {
+            candle_core::bail!("KV cache: {} slots for a group of {} rows", slots.len(), group.valid.len());
+        }
+        for (mine, theirs) in self.layers.iter().zip(&group.layers) {
+            let (Some((kb, vb)), Some((gk, gv))) = (mine, theirs) else { continue };
+            for (i, &slot) in slots.iter().enumerate() {
+                // A row of the buffer is a contiguous view: slice_set writes into it in place.
+                kb.narrow(0, slot, 1)?.slice_set(&gk.narrow(0, i, 1)?.narrow(2, 0, g)?.contiguous()?, 2, at)?;
+                vb.narrow(0, slot, 1)?.slice_set(&gv.narrow(0, i, 1)?.narrow(2, 0, g)?.contiguous()?, 2, at)?;
+            }
+        }
+        for (i, &slot) in slots.iter().enumerate() {
+            let mut valid = vec![false; at];
+            valid.extend(&group.valid[i]);
+            self.valid[slot] = valid;
+        }
+        Ok(())
+    }
+
+    /// Drop the first `n` positions of every row (none of them still seen): the
+    /// live window moves to the front of newly allocated buffers.
+    pub fn drop_front(&mut self, n: usize) -> Result<()> {
+        if n > self.len {
+            candle_core::bail!("KV cache: cannot drop {n} of {} positions", self.len);
+        }
+        let keep = self.len - n;
+        for slot in self.layers.iter_mut() {
+            let Some((k, v)) = slot.as_ref() else { continue };
+            let moved = |t: &Tensor| -> Result<Tensor> {
+                let (b, h, cap, d) = t.dims4()?;
+                let fresh = Tensor::zeros((b, h, cap, d), t.dtype(), t.device())?;
+                if keep > 0 {
+                    fresh.slice_set(&t.narrow(2, n, keep)?.contiguous()?, 2, 0)?;
+                }
+                Ok(fresh)
+            };
+            *slot = Some((moved(k)?, moved(v)?));
+        }
+        for row in self.valid.iter_mut() {
+            row.drain(..n.min(row.len()));
+        }
+        self.len = keep;
+        Ok(())
+    }
 }

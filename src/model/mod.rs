@@ -4,6 +4,7 @@
 //! and tested without the runner.
 
 pub mod batch;
+pub mod batching;
 pub mod checkpointing;
 pub mod config;
 pub mod device;

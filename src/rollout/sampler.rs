@@ -3,10 +3,12 @@
 //! `model::Completion`s with the ids training needs.
 
 use anyhow::{bail, Result};
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::client::{Choice, Client, CompletionRequest};
+use crate::common::CancelToken;
+use crate::model::batching::{generate_continuous, Slots};
 use crate::model::{generate, ChatTokenizer, Completion, FinishReason, SamplingParams, Transformer};
 
 pub enum Sampler<'a> {
@@ -19,6 +21,43 @@ pub enum Sampler<'a> {
 }
 
 impl Sampler<'_> {
+    /// One completion of each prompt, `slots` in flight at a time, each handed to
+    /// `on_done(i, completion)` as it finishes: on the local model by continuous
+    /// batching (a finished row's slot takes the next prompt at once); on a
+    /// server, `slots` requests at a time (it batches on its own). Prompt i
+    /// samples with a generator seeded by `seed_of(i)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn complete_each(
+        &self,
+        tok: &ChatTokenizer,
+        prompts: &[Vec<u32>],
+        slots: usize,
+        params: &SamplingParams,
+        seed_of: &dyn Fn(usize) -> u64,
+        cancel: Option<&CancelToken>,
+        on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        match self {
+            Sampler::Local(model) => {
+                generate_continuous(model, tok, prompts, Slots::new(slots), params, seed_of, cancel, on_done)
+            }
+            Sampler::Server { .. } => {
+                let indices: Vec<usize> = (0..prompts.len()).collect();
+                for chunk in indices.chunks(slots.max(1)) {
+                    if let Some(c) = cancel {
+                        c.check()?;
+                    }
+                    let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed_of(chunk[0]));
+                    for c in self.sample(tok, &batch, 1, params, &mut rng, false)? {
+                        on_done(chunk[c.prompt_index], c)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// `n` completions of each prompt (prompt after prompt). `logprobs`: also the
     /// sampler's log-probabilities of the sampled tokens (servers only).
     pub fn sample(

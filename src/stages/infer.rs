@@ -4,7 +4,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -61,6 +60,7 @@ struct Answer {
     answer: Option<String>,
     tokens: usize,
     finish_reason: FinishReason,
+    /// Seconds from the stage's first question until this answer finished.
     time_s: f64,
 }
 
@@ -128,31 +128,36 @@ impl StageKind for Infer {
             }
         };
         let m = open_for_sampling(ctx, &p.model, p.rollout.as_ref())?;
-        let sampling = p.sampling.clone();
         let bar = ctx.progress(prompts.len() as u64, "questions");
-        let mut answers = Vec::new();
-        for (b, chunk) in prompts.chunks(p.batch_size.max(1)).enumerate() {
-            ctx.cancel.check()?;
-            let ids: Vec<Vec<u32>> =
-                chunk.iter().map(|(_, msgs)| m.tokenizer().encode_chat(msgs, true)).collect::<Result<_>>()?;
-            let t0 = Instant::now();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(ctx.env.seed.wrapping_add(b as u64));
-            let comps = m.sampler().sample(m.tokenizer(), &ids, 1, &sampling, &mut rng, false)?;
-            let per = t0.elapsed().as_secs_f64() / chunk.len() as f64;
-            for ((q, msgs), c) in chunk.iter().zip(comps) {
-                answers.push(Answer {
+        let ids: Vec<Vec<u32>> =
+            prompts.iter().map(|(_, msgs)| m.tokenizer().encode_chat(msgs, true)).collect::<Result<_>>()?;
+        let t0 = Instant::now();
+        let mut done: Vec<Option<Answer>> = prompts.iter().map(|_| None).collect();
+        let seed = ctx.env.seed;
+        m.sampler().complete_each(
+            m.tokenizer(),
+            &ids,
+            p.batch_size,
+            &p.sampling,
+            &|i| seed.wrapping_add(i as u64),
+            Some(&ctx.cancel),
+            &mut |i, c| {
+                let (q, msgs) = &prompts[i];
+                done[i] = Some(Answer {
                     question: q.clone(),
                     prompt: msgs.clone(),
                     answer: xml_answer(&c.text).map(str::to_string),
                     tokens: c.tokens.len(),
                     completion: c.text,
                     finish_reason: c.finish_reason,
-                    time_s: per,
+                    time_s: t0.elapsed().as_secs_f64(),
                 });
-            }
-            bar.inc(chunk.len() as u64);
-        }
+                bar.inc(1);
+                Ok(())
+            },
+        )?;
         bar.finish_and_clear();
+        let answers: Vec<Answer> = done.into_iter().flatten().collect();
         jsonl::write(&ctx.output_path("answers"), &answers)?;
         ctx.set_metrics(json!({ "questions": answers.len(), "mean_tokens": answers.iter().map(|a| a.tokens as f64).sum::<f64>() / answers.len().max(1) as f64 }));
         Ok(())

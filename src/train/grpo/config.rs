@@ -94,6 +94,7 @@ impl GrpoConfig {
             top_k: self.top_k,
             max_new_tokens: self.max_completion_length,
             stop: Vec::new(),
+            include_stop_str_in_output: false,
         }
     }
 

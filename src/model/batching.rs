@@ -1,0 +1,267 @@
+//! Continuous batching: many prompts through a fixed number of decoding slots.
+//! A row that finishes (EOS, a stop string, its token limit) frees its slot,
+//! and waiting prompts take the free slots together: they are prefilled as a
+//! batch of their own and their keys and values placed in the shared cache,
+//! right-aligned to its current length, so the batch never waits for its
+//! longest member. Evaluation and inference run every question through this.
+//!
+//! The cache's time axis is shared by all slots: a new row's prompt occupies
+//! the last positions before the current step (its earlier positions are
+//! masked), its positions restart at 0, and when the axis is full the
+//! positions no active row still sees are dropped (compaction). Each prompt
+//! draws from its own seeded RNG, so what a row samples does not depend on
+//! which others it shares a batch with.
+
+use std::collections::VecDeque;
+
+use anyhow::Result;
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use super::generate::{pick, Completion, FinishReason, RowText, SamplingParams};
+use super::kv_cache::KvCache;
+use super::tokenizer::ChatTokenizer;
+use super::transformer::{Transformer, PAD_SENTINEL};
+use crate::common::CancelToken;
+
+/// How a batch of prompts is scheduled.
+#[derive(Debug, Clone, Copy)]
+pub struct Slots {
+    /// Rows decoded at once.
+    pub slots: usize,
+    /// Wait for this many free slots before prefilling waiting prompts together
+    /// (one prefill of k prompts costs about one of a single prompt on these shapes).
+    pub refill_at: usize,
+}
+
+impl Slots {
+    pub fn new(slots: usize) -> Slots {
+        let slots = slots.max(1);
+        Slots { slots, refill_at: (slots / 8).max(1) }
+    }
+}
+
+/// One decoding slot's row.
+struct Active<'t> {
+    index: usize,
+    text: RowText<'t>,
+    rng: ChaCha8Rng,
+    /// The token to feed at the next step (the one just sampled).
+    next: u32,
+}
+
+/// Complete every prompt (token ids, already templated) once, `slots.slots` at
+/// a time; `on_done(i, completion)` receives prompt i's completion as soon as
+/// it finishes (in finishing order). Prompt i samples from an RNG seeded with
+/// `seed_of(i)`. Stops between steps when `cancel` is set (finished prompts
+/// have been handed over; the rest are not).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_continuous(
+    model: &Transformer,
+    tok: &ChatTokenizer,
+    prompts: &[Vec<u32>],
+    slots: Slots,
+    params: &SamplingParams,
+    seed_of: &dyn Fn(usize) -> u64,
+    cancel: Option<&CancelToken>,
+    on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+) -> Result<()> {
+    let mut queue: VecDeque<usize> = (0..prompts.len()).collect();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    // The live window of the time axis never exceeds a prompt plus its completion;
+    // room for twice that means a compaction every few hundred steps.
+    let capacity = 2 * (longest + params.max_new_tokens + 1);
+    let mut cache = KvCache::new(model.cfg.num_layers, capacity);
+    let mut rows: Vec<Option<Active>> = Vec::new();
+    while !queue.is_empty() || rows.iter().any(Option::is_some) {
+        if let Some(c) = cancel {
+            c.check()?;
+        }
+        let free = rows.iter().filter(|r| r.is_none()).count() + slots.slots.saturating_sub(rows.len());
+        if rows.iter().all(Option::is_none) {
+            // Nothing decoding: start a fresh batch.
+            let take: Vec<usize> = (0..slots.slots.min(queue.len())).filter_map(|_| queue.pop_front()).collect();
+            cache = KvCache::new(model.cfg.num_layers, capacity);
+            rows = start(model, tok, prompts, &take, params, seed_of, &mut cache, on_done)?;
+        } else if !queue.is_empty() && free >= slots.refill_at.min(queue.len()) {
+            refill(model, tok, prompts, &mut queue, params, seed_of, &mut cache, &mut rows, on_done)?;
+        }
+        if rows.iter().all(Option::is_none) {
+            continue;
+        }
+        if queue.is_empty() {
+            shrink(&mut cache, &mut rows)?;
+        }
+        if cache.len + 1 > capacity {
+            compact(&mut cache, &rows)?;
+        }
+        step(model, tok, params, &mut cache, &mut rows, on_done)?;
+    }
+    Ok(())
+}
+
+/// The first rows of a fresh cache: `take`'s prompts prefilled together.
+#[allow(clippy::too_many_arguments)]
+fn start<'t>(
+    model: &Transformer,
+    tok: &'t ChatTokenizer,
+    prompts: &[Vec<u32>],
+    take: &[usize],
+    params: &SamplingParams,
+    seed_of: &dyn Fn(usize) -> u64,
+    cache: &mut KvCache,
+    on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+) -> Result<Vec<Option<Active<'t>>>> {
+    let logits = prefill(model, prompts, take, cache)?;
+    let mut rows = Vec::with_capacity(take.len());
+    for (row, done) in first_tokens(tok, take, &logits, params, seed_of)? {
+        rows.push(finish_or_keep(tok, row, done, on_done)?);
+    }
+    Ok(rows)
+}
+
+/// Waiting prompts into free slots: prefilled as a batch of their own, then
+/// placed in the cache right-aligned to its current length. A group longer
+/// than the cache's current length waits until the axis has grown to fit it.
+#[allow(clippy::too_many_arguments)]
+fn refill<'t>(
+    model: &Transformer,
+    tok: &'t ChatTokenizer,
+    prompts: &[Vec<u32>],
+    queue: &mut VecDeque<usize>,
+    params: &SamplingParams,
+    seed_of: &dyn Fn(usize) -> u64,
+    cache: &mut KvCache,
+    rows: &mut [Option<Active<'t>>],
+    on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+) -> Result<()> {
+    let free: Vec<usize> = (0..rows.len()).filter(|&s| rows[s].is_none()).collect();
+    let mut take = Vec::new();
+    while take.len() < free.len() {
+        match queue.front() {
+            Some(&i) if prompts[i].len() <= cache.len => {
+                take.push(i);
+                queue.pop_front();
+            }
+            _ => break,
+        }
+    }
+    if take.is_empty() {
+        return Ok(());
+    }
+    let mut group = KvCache::new(model.cfg.num_layers, take.iter().map(|&i| prompts[i].len()).max().unwrap_or(0));
+    let logits = prefill(model, prompts, &take, &mut group)?;
+    let slots: Vec<usize> = free[..take.len()].to_vec();
+    cache.place(&slots, &group)?;
+    for ((row, done), &slot) in first_tokens(tok, &take, &logits, params, seed_of)?.into_iter().zip(&slots) {
+        rows[slot] = finish_or_keep(tok, row, done, on_done)?;
+    }
+    Ok(())
+}
+
+/// Prefill `take`'s prompts, left-padded, into `cache`; their last logits [k, V].
+fn prefill(model: &Transformer, prompts: &[Vec<u32>], take: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+    let longest = take.iter().map(|&i| prompts[i].len()).max().unwrap_or(0);
+    let padded: Vec<Vec<u32>> = take
+        .iter()
+        .map(|&i| {
+            std::iter::repeat_n(PAD_SENTINEL, longest - prompts[i].len()).chain(prompts[i].iter().copied()).collect()
+        })
+        .collect();
+    Ok(model.forward_cached(&padded, cache)?)
+}
+
+/// New rows with their first token from their prefill's logits, and whether
+/// that token already ends them.
+fn first_tokens<'t>(
+    tok: &'t ChatTokenizer,
+    take: &[usize],
+    logits: &Tensor,
+    params: &SamplingParams,
+    seed_of: &dyn Fn(usize) -> u64,
+) -> Result<Vec<(Active<'t>, Option<FinishReason>)>> {
+    let mut rngs: Vec<ChaCha8Rng> = take.iter().map(|&i| ChaCha8Rng::seed_from_u64(seed_of(i))).collect();
+    let uniforms: Vec<f32> =
+        rngs.iter_mut().map(|r| if params.temperature > 0.0 { r.random::<f32>() } else { 0.0 }).collect();
+    let picked = pick(logits, params, &uniforms)?;
+    let mut out = Vec::with_capacity(take.len());
+    for ((&index, rng), token) in take.iter().zip(rngs).zip(picked) {
+        let mut row = Active { index, text: RowText::new(tok), rng, next: token };
+        let done = row.text.advance(token, tok, params)?;
+        out.push((row, done));
+    }
+    Ok(out)
+}
+
+/// Hand a finished row over (freeing its slot), or keep it decoding.
+fn finish_or_keep<'t>(
+    tok: &ChatTokenizer,
+    row: Active<'t>,
+    done: Option<FinishReason>,
+    on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+) -> Result<Option<Active<'t>>> {
+    match done {
+        Some(reason) => {
+            on_done(row.index, row.text.into_completion(tok, row.index, reason)?)?;
+            Ok(None)
+        }
+        None => Ok(Some(row)),
+    }
+}
+
+/// One decoding step of every occupied slot.
+fn step<'t>(
+    model: &Transformer,
+    tok: &'t ChatTokenizer,
+    params: &SamplingParams,
+    cache: &mut KvCache,
+    rows: &mut [Option<Active<'t>>],
+    on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+) -> Result<()> {
+    let feed: Vec<Vec<u32>> = rows.iter().map(|r| vec![r.as_ref().map_or(PAD_SENTINEL, |r| r.next)]).collect();
+    let logits = model.forward_cached(&feed, cache)?;
+    let uniforms: Vec<f32> = rows
+        .iter_mut()
+        .map(|r| match r {
+            Some(r) if params.temperature > 0.0 => r.rng.random::<f32>(),
+            _ => 0.0,
+        })
+        .collect();
+    let picked = pick(&logits, params, &uniforms)?;
+    for (slot, token) in rows.iter_mut().zip(picked) {
+        let Some(row) = slot.as_mut() else { continue };
+        let done = row.text.advance(token, tok, params)?;
+        row.next = token;
+        if done.is_some() {
+            let row = slot.take().expect("matched above");
+            *slot = finish_or_keep(tok, row, done, on_done)?;
+        }
+    }
+    Ok(())
+}
+
+/// With no prompt left to take a free slot, drop the free slots from the batch
+/// once a quarter of it is free: decoding them is wasted work.
+fn shrink(cache: &mut KvCache, rows: &mut Vec<Option<Active>>) -> Result<()> {
+    let live: Vec<u32> = (0..rows.len() as u32).filter(|&s| rows[s as usize].is_some()).collect();
+    if live.len() * 4 > rows.len() * 3 {
+        return Ok(());
+    }
+    *cache = cache.select_rows(&live)?;
+    rows.retain(Option::is_some);
+    Ok(())
+}
+
+/// Drop the leading positions of the time axis that no occupied slot sees.
+fn compact(cache: &mut KvCache, rows: &[Option<Active>]) -> Result<()> {
+    let first_seen = (0..rows.len())
+        .filter(|&s| rows[s].is_some())
+        .filter_map(|s| cache.valid[s].iter().position(|&v| v))
+        .min()
+        .unwrap_or(cache.len);
+    if first_seen == 0 {
+        anyhow::bail!("the KV cache is full ({} positions) and every position is still in use", cache.len);
+    }
+    Ok(cache.drop_front(first_seen)?)
+}
