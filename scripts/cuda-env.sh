@@ -92,6 +92,12 @@ if [ ! -f "$_link/libcuda.so" ]; then
   cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$_link/libcuda.so" "$_link/stub.c"
   unset _sys
 fi
+# The binary needs libcuda.so.1 to start (candle links the CUDA libraries):
+# $R1PIPE_CUDA_STUB holds the stub under that name, for a test that starts a
+# CUDA build where no driver is installed (every CUDA call then fails, as on a
+# machine whose GPU does not answer). Never put it on a real GPU machine's path.
+ln -sf libcuda.so "$_link/libcuda.so.1"
+export R1PIPE_CUDA_STUB="$_link"
 export LIBRARY_PATH="$_link:$LIBRARY_PATH"
 unset _link _r1pipe_root _venv _cu
 # Headers from the separate cccl package (thrust, cub, cuda/std) join the toolkit's include path.

@@ -85,6 +85,8 @@ fn quietly<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Re
 /// A CUDA start-up failure in words a user can act on: which library or
 /// driver is missing or too old, and what to do.
 pub fn explain_cuda_error(e: &str) -> String {
+    // candle's errors carry a backtrace after the first line when RUST_BACKTRACE is set.
+    let e = e.lines().next().unwrap_or(e).trim();
     let lower = e.to_lowercase();
     let advice = if lower.contains("libcuda") || lower.contains("no cuda-capable device") || lower.contains("no device")
     {
