@@ -147,7 +147,7 @@ fn main() {
         [("SmolLM2 MLP up", 1536, 576), ("SmolLM2 vocabulary", 49152, 576), ("Qwen2.5-0.5B MLP up", 4864, 896)]
     {
         let w: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 * 0.01).collect();
-        for m in [1, 8] {
+        for m in [1, 8, 32] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
             let mut out = vec![0f32; m * n];
             let s = time(0.5, || skinny_matmul::matmul_t_slices(&x, &w, m, n, k, &mut out));

@@ -147,6 +147,7 @@ fn a_diverging_run_stops_with_the_step_and_a_hint_and_keeps_its_last_good_checkp
     p.write(
         "pipe.yaml",
         &PIPE
+            .replace("DTYPE", "auto")
             .replace("STEPS", "30")
             .replace("PACKING", "")
             .replace("learning_rate: 0.01", "learning_rate: 1.0e30\n      max_grad_norm: 0.0"),

@@ -249,14 +249,7 @@ impl<'a> Unit<'a> {
             }
         }
         for ph in p.chunks_exact_mut(n) {
-            let max = ph.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut sum = 0f32;
-            for x in ph.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
-            }
-            let inv = 1.0 / sum;
-            ph.iter_mut().for_each(|x| *x *= inv);
+            super::row_exp::softmax_in_place(ph);
         }
     }
 

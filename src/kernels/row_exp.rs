@@ -44,6 +44,17 @@ pub fn write_exp(row: &[f32], a: f32, b: f32, c: f32, out: &mut [f32]) {
     portable::write_exp(row, a, b, c, out)
 }
 
+/// softmax of the row in place: exp(xᵢ − max) / Σ. Attention's probabilities.
+pub fn softmax_in_place(row: &mut [f32]) {
+    let max = max(row);
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable() {
+        // SAFETY: as in `max`.
+        return unsafe { avx2::softmax_in_place(row, max) };
+    }
+    portable::softmax_in_place(row, max)
+}
+
 /// Plain loops and libm's `expf`, where AVX2 and FMA are missing (public so the
 /// kernels benchmark can time both side by side).
 pub mod portable {
@@ -59,6 +70,16 @@ pub mod portable {
         for (o, &x) in out.iter_mut().zip(row) {
             *o = c * (x * a - b).exp();
         }
+    }
+
+    pub fn softmax_in_place(row: &mut [f32], max: f32) {
+        let mut sum = 0f32;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|x| *x *= inv);
     }
 }
 
@@ -155,6 +176,33 @@ mod avx2 {
             s[0] = _mm256_add_ps(s[0], exp8(x));
         }
         hsum(_mm256_add_ps(s[0], s[1]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_in_place(row: &mut [f32], max: f32) {
+        let vm = _mm256_set1_ps(max);
+        let n = row.len() / 8 * 8;
+        let p = row.as_mut_ptr();
+        let mut s = [_mm256_setzero_ps(); 2];
+        for (k, i) in (0..n).step_by(8).enumerate() {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), vm));
+            _mm256_storeu_ps(p.add(i), e);
+            s[k & 1] = _mm256_add_ps(s[k & 1], e);
+        }
+        if n < row.len() {
+            let e = exp8(_mm256_sub_ps(tail(&row[n..], f32::NEG_INFINITY), vm));
+            let mut l = [0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), e);
+            let len = row.len() - n;
+            row[n..].copy_from_slice(&l[..len]);
+            s[0] = _mm256_add_ps(s[0], e);
+        }
+        let inv = _mm256_set1_ps(1.0 / hsum(_mm256_add_ps(s[0], s[1])));
+        for i in (0..n).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+        }
+        let inv = _mm256_cvtss_f32(inv);
+        row[n..].iter_mut().for_each(|x| *x *= inv);
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -262,6 +310,33 @@ mod tests {
             row[at] = f32::NAN;
             assert!(max(&row).is_nan(), "NaN at {at} not seen");
             assert!(sum_exp(&row, 1.0, 30.0).is_nan(), "NaN at {at} lost in the sum");
+        }
+    }
+
+    #[test]
+    fn softmax_in_place_matches_f64_for_every_tail_length_and_masked_keys() {
+        for len in [1usize, 7, 8, 9, 23, 64, 333] {
+            let mut row: Vec<f32> = (0..len).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.9).collect();
+            if len > 3 {
+                row[1] = -1e9; // a masked key
+            }
+            let want: Vec<f64> = {
+                let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b as f64));
+                let e: Vec<f64> = row.iter().map(|&x| (x as f64 - m).exp()).collect();
+                let s: f64 = e.iter().sum();
+                e.iter().map(|x| x / s).collect()
+            };
+            let mut got = row.clone();
+            softmax_in_place(&mut got);
+            let mut plain = row.clone();
+            portable::softmax_in_place(&mut plain, portable::max(&row));
+            for (i, ((&g, &p), &w)) in got.iter().zip(&plain).zip(&want).enumerate() {
+                assert!((g as f64 - w).abs() <= 1e-6 * (1.0 + w), "len {len}, key {i}: {g} vs {w}");
+                assert!((p as f64 - w).abs() <= 1e-6 * (1.0 + w), "portable, len {len}, key {i}: {p} vs {w}");
+            }
+            if len > 3 {
+                assert_eq!(got[1], 0.0, "a masked key's probability is exactly 0");
+            }
         }
     }
 }

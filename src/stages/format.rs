@@ -29,6 +29,11 @@ pub struct Params {
     /// Fail on a bad row instead of dropping it.
     #[serde(default)]
     pub strict: bool,
+    /// Hold out this many rows of the train split (after `shuffle_seed`, before
+    /// `limit`) as the `valid` output, kept out of `train` and `sft`: what
+    /// hyperparameters are chosen on, so the test split is only ever reported.
+    #[serde(default)]
+    pub validation: usize,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy)]
@@ -66,13 +71,15 @@ const OUTPUTS: &[OutputSpec] = &[
     OutputSpec::file("train", "train.jsonl", "training prompts"),
     OutputSpec::file("test", "test.jsonl", "test prompts"),
     OutputSpec::file("sft", "sft.jsonl", "think/answer chat examples from the train split"),
+    OutputSpec::file("valid", "valid.jsonl", "prompts held out of the train split (`validation` rows)"),
 ];
 
 impl StageKind for Format {
     fn info(&self) -> &'static KindInfo {
         &KindInfo {
             name: "format",
-            version: 1,
+            // 2: the `valid` output (rows held out of the train split).
+            version: 2,
             description: "build chat prompts, reference answers and think/answer SFT examples from GSM8K rows",
             outputs: OUTPUTS,
         }
@@ -94,6 +101,19 @@ impl StageKind for Format {
         for split in ["train", "test"] {
             let file = data.join(format!("{split}.jsonl"));
             let (rows, dropped) = format_split(&file, &p, split)?;
+            if split == "train" {
+                let valid = &rows[..p.validation.min(rows.len())];
+                if valid.len() < p.validation {
+                    anyhow::bail!(
+                        "validation: {} rows asked for, the train split has {} (after dropping bad rows)",
+                        p.validation,
+                        rows.len()
+                    );
+                }
+                jsonl::write(&ctx.output_path("valid"), valid)?;
+                metrics.insert("valid".into(), json!({ "rows": valid.len() }));
+            }
+            let rows = if split == "train" { limited(rows[p.validation..].to_vec(), &p, split) } else { rows };
             if split == "train" {
                 let sft = rows.iter().map(|r| {
                     let mut messages = r.prompt.clone();
@@ -164,8 +184,16 @@ fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>,
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         rows.shuffle(&mut rng);
     }
+    if split != "train" {
+        rows = limited(rows, p, split);
+    }
+    Ok((rows, dropped))
+}
+
+/// At most `limit` rows of the split (the train split's after its held-out rows).
+fn limited(mut rows: Vec<PromptRow>, p: &Params, split: &str) -> Vec<PromptRow> {
     if let Some(n) = p.limit.and_then(|l| l.for_split(split)) {
         rows.truncate(n);
     }
-    Ok((rows, dropped))
+    rows
 }
