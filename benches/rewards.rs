@@ -19,7 +19,8 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     println!("{:<14} {:>6} {:>12} {:>12} {:>14}", "reward set", "group", "serial ms", "parallel ms", "µs/completion");
     for set_name in ["r1-gsm8k", "building-r1"] {
-        let set = RewardSet::from_file(&root.join(format!("stages/rewards/{set_name}.yaml"))).expect("shipped set");
+        let set =
+            RewardSet::from_file(&root.join(format!("stages/rewards/{set_name}.yaml")), root).expect("shipped set");
         for group in [8usize, 64, 512] {
             let texts: Vec<String> = (0..group).map(completion).collect();
             let answers: Vec<String> = (0..group).map(|i| (i + 22).to_string()).collect();

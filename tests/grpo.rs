@@ -167,3 +167,75 @@ fn grpo_parameters_are_validated() {
         r.stderr
     );
 }
+
+/// A reward written as a program outside the binary trains like a built-in: its
+/// values are logged under its name, and editing the script reruns the stage.
+#[test]
+fn a_reward_program_is_logged_and_editing_it_reruns_the_stage() {
+    let p = project();
+    let program = "import json, sys\n\
+        for line in sys.stdin:\n\
+        \x20   s = json.loads(line)['samples']\n\
+        \x20   print(json.dumps({'rewards': [1.0 if x['completion'][:1].isalpha() else 0.0 for x in s]}), flush=True)\n";
+    p.write("reward.py", program);
+    let text = pipe("2", "f32").replace(
+        r#"rewards: [ { name: regex_match, params: { pattern: "^[A-Za-z]" } } ]"#,
+        "rewards: [ { name: starts_with_letter, command: [python3, reward.py] } ]",
+    );
+    assert!(text.contains("reward.py"));
+    p.write("pipe.yaml", &text);
+    p.run(&["run", "pipe.yaml"]).ok();
+    let log = log_of(&p);
+    assert_eq!(log.len(), 2);
+    for s in &log {
+        let m = s["rewards/starts_with_letter/mean"].as_f64().expect("logged under its name");
+        assert!((0.0..=1.0).contains(&m) && s["rewards/starts_with_letter/std"].is_f64(), "{s}");
+    }
+    assert!(p.run(&["run", "pipe.yaml"]).ok().skipped("grpo"));
+    p.write("reward.py", &format!("{program}# pays for a leading letter\n"));
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(!r.skipped("grpo"), "the edited script reruns the stage: {}", r.stdout);
+}
+
+/// Dynamic sampling (DAPO): a reward that ties on every group of the even-numbered
+/// questions. Without it some steps train on tied groups (no signal); with it every
+/// step's batch is full and has none, and the log says how many groups were
+/// dropped and in how many rounds.
+#[test]
+fn dynamic_sampling_replaces_tied_groups_so_every_step_trains_on_signal() {
+    let p = project();
+    let program = "import json, re, sys\n\
+        for line in sys.stdin:\n\
+        \x20   s = json.loads(line)['samples']\n\
+        \x20   even = lambda x: int(re.search(r'has (\\d+) apples', x['prompt']).group(1)) % 2 == 0\n\
+        \x20   r = [0.5 if even(x) else sum(map(ord, x['completion'])) % 1000 / 1000 for x in s]\n\
+        \x20   print(json.dumps({'rewards': r}), flush=True)\n";
+    p.write("reward.py", program);
+    let text = pipe("4", "f32").replace(
+        r#"rewards: [ { name: regex_match, params: { pattern: "^[A-Za-z]" } } ]"#,
+        "rewards: [ { name: ties_on_even, command: [python3, reward.py] } ]",
+    );
+    p.write("pipe.yaml", &text);
+    p.run(&["run", "pipe.yaml"]).ok();
+    let without = log_of(&p);
+    let tied: f64 = without.iter().map(|s| s["frac_reward_zero_std"].as_f64().unwrap()).sum();
+    assert!(tied > 0.0, "the plain run trains on tied groups: {without:?}");
+    assert!(without[0].get("dynamic_sampling/rounds").is_none());
+
+    let with = text.replace("      max_steps: 4\n", "      max_steps: 4\n      dynamic_sampling: true\n");
+    assert_ne!(with, text);
+    p.write("pipe.yaml", &with);
+    p.run(&["run", "pipe.yaml"]).ok();
+    let log = log_of(&p);
+    assert_eq!(log.len(), 4);
+    let mut dropped = 0.0;
+    for s in &log {
+        assert_eq!(s["frac_reward_zero_std"].as_f64(), Some(0.0), "no tied group is trained on: {s}");
+        let rounds = s["dynamic_sampling/rounds"].as_u64().unwrap();
+        let d = s["dynamic_sampling/dropped_fraction"].as_f64().unwrap();
+        assert!((1..=5).contains(&rounds) && (0.0..1.0).contains(&d), "{s}");
+        assert_eq!(d > 0.0, rounds > 1, "a group dropped costs a round: {s}");
+        dropped += d;
+    }
+    assert!(dropped > 0.0, "groups were dropped: {log:?}");
+}

@@ -128,7 +128,7 @@ fn smollm2_logits_match_transformers_at_every_position() {
 #[test]
 fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
     use candle_core::{Tensor, Var};
-    use r1pipe::train::grpo_loss::{loss, LossConfig, LossType};
+    use r1pipe::train::grpo_loss::{loss, LossConfig, LossInputs, LossType};
 
     let f: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(fixture("trl-grpo-loss.json")).unwrap()).unwrap();
@@ -142,17 +142,31 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
     for case in cases {
         let loss_type: LossType = serde_json::from_value(case["loss_type"].clone()).unwrap();
         let cfg = LossConfig {
-            loss_type,
-            epsilon_low: case["epsilon_low"].as_f64().unwrap(),
-            epsilon_high: case["epsilon_high"].as_f64().unwrap(),
-            beta: case["beta"].as_f64().unwrap(),
             max_completion_length: f["max_completion_length"].as_u64().unwrap() as usize,
             micro_batches: f["gradient_accumulation_steps"].as_u64().unwrap() as usize,
             global_tokens: f["num_items_in_batch"].as_f64().unwrap(),
+            use_bias_correction_kl: false,
+            ..LossConfig::new(
+                loss_type,
+                case["epsilon_low"].as_f64().unwrap(),
+                case["epsilon_high"].as_f64().unwrap(),
+                case["beta"].as_f64().unwrap(),
+            )
         };
         let name = format!("{loss_type:?} ε [{}, {}] β {}", cfg.epsilon_low, cfg.epsilon_high, cfg.beta);
         let logp = Var::from_tensor(&t2(matrix("logp"))).unwrap();
-        let (l, stats) = loss(logp.as_tensor(), &old, Some(&refp), &adv, &mask, None, &cfg).unwrap();
+        let inputs = LossInputs {
+            logp: logp.as_tensor(),
+            old_logp: &old,
+            ref_logp: Some(&refp),
+            sampling_logp: None,
+            adv: &adv,
+            mask: &mask,
+            is_weight: None,
+            entropy: None,
+            entropy_mask: None,
+        };
+        let (l, stats) = loss(&inputs, &cfg).unwrap();
         let got = l.to_scalar::<f64>().unwrap();
         let want = case["loss"].as_f64().unwrap();
         // Both sides in float64, same formulas in a different order: agreement to ~1e-15.
@@ -172,6 +186,93 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
             "{name}: clip_ratio/region_mean {} vs TRL {clip}",
             stats.clip_region
         );
+    }
+}
+
+/// TRL 1.16's further loss types (cispo, sapo, luspo, vespo) and options
+/// (sequence-level ratios, δ, the off-policy mask, bias-corrected KL, the sampler's
+/// importance weights, the high-entropy token mask and the entropy bonus) against
+/// `_compute_loss` itself (tests/fixtures/make_grpo_loss.py, `option_cases`): the
+/// loss, its gradient with respect to the log-probabilities and to the entropy, and
+/// the logged KL, clipped fraction and entropy.
+#[test]
+fn grpo_loss_options_match_trl() {
+    use candle_core::{Tensor, Var};
+    use r1pipe::train::grpo_loss::{high_entropy_mask, loss, IsLevel, LossConfig, LossInputs, LossType};
+
+    let f: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(fixture("trl-grpo-loss.json")).unwrap()).unwrap();
+    let matrix = |k: &str| -> Vec<Vec<f64>> { serde_json::from_value(f[k].clone()).unwrap() };
+    let t2 = |v: Vec<Vec<f64>>| Tensor::new(v, &Device::Cpu).unwrap();
+    let (old, refp, mask) = (t2(matrix("old_logp")), t2(matrix("ref_logp")), t2(matrix("mask")));
+    let (sampling, is_ratio) = (t2(matrix("sampling_logp")), t2(matrix("is_ratio")));
+    let adv: Vec<f64> = serde_json::from_value(f["advantages"].clone()).unwrap();
+    let adv = Tensor::new(adv, &Device::Cpu).unwrap();
+    let cases = f["option_cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 14, "the fixture's option cases");
+    let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() < 1e-12, "{what}: {got} vs TRL {want}");
+    for case in cases {
+        let loss_type: LossType = serde_json::from_value(case["loss_type"].clone()).unwrap();
+        let o = &case["options"];
+        let mut cfg = LossConfig {
+            max_completion_length: f["max_completion_length"].as_u64().unwrap() as usize,
+            micro_batches: f["gradient_accumulation_steps"].as_u64().unwrap() as usize,
+            global_tokens: f["num_items_in_batch"].as_f64().unwrap(),
+            use_bias_correction_kl: o["use_bias_correction_kl"].as_bool().unwrap_or(false),
+            delta: o["delta"].as_f64(),
+            off_policy_mask_threshold: o["off_policy_mask_threshold"].as_f64(),
+            entropy_coef: o["entropy_coef"].as_f64().unwrap_or(0.0),
+            ..LossConfig::new(
+                loss_type,
+                case["epsilon_low"].as_f64().unwrap(),
+                case["epsilon_high"].as_f64().unwrap(),
+                case["beta"].as_f64().unwrap(),
+            )
+        };
+        // TRL forms sapo's temperatures with `torch.where` on Python floats, which makes a
+        // float32 tensor: its 1.05 is 1.05f32.
+        cfg.sapo_temperature_neg = 1.05f32 as f64;
+        if o["importance_sampling_level"].as_str() == Some("sequence") {
+            cfg.importance_sampling_level = IsLevel::Sequence;
+        }
+        let name = format!("{case}");
+        let logp = Var::from_tensor(&t2(matrix("logp"))).unwrap();
+        let entropy = Var::from_tensor(&t2(matrix("entropy"))).unwrap();
+        let entropy_mask =
+            o["top_entropy_quantile"].as_f64().map(|q| high_entropy_mask(entropy.as_tensor(), &mask, 1.0 - q).unwrap());
+        let inputs = LossInputs {
+            logp: logp.as_tensor(),
+            old_logp: &old,
+            ref_logp: Some(&refp),
+            sampling_logp: Some(&sampling),
+            adv: &adv,
+            mask: &mask,
+            is_weight: case["is_ratio"].as_bool().unwrap().then_some(&is_ratio),
+            entropy: Some(entropy.as_tensor()),
+            entropy_mask: entropy_mask.as_ref(),
+        };
+        let (l, stats) = loss(&inputs, &cfg).unwrap();
+        close(l.to_scalar::<f64>().unwrap(), case["loss"].as_f64().unwrap(), &format!("{name}: loss"));
+        let grads = l.backward().unwrap();
+        let want: Vec<Vec<f64>> = serde_json::from_value(case["grad"].clone()).unwrap();
+        let got: Vec<Vec<f64>> = grads.get(logp.as_tensor()).unwrap().to_vec2().unwrap();
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            close(*g, *w, &format!("{name}: ∂loss/∂logp"));
+        }
+        match serde_json::from_value::<Option<Vec<Vec<f64>>>>(case["entropy_grad"].clone()).unwrap() {
+            Some(want) => {
+                let got: Vec<Vec<f64>> = grads.get(entropy.as_tensor()).unwrap().to_vec2().unwrap();
+                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                    close(*g, *w, &format!("{name}: ∂loss/∂entropy"));
+                }
+            }
+            None => assert!(grads.get(entropy.as_tensor()).is_none(), "{name}: no entropy bonus, no gradient"),
+        }
+        close(stats.kl, case["kl"].as_f64().unwrap(), &format!("{name}: kl"));
+        close(stats.entropy, case["entropy"].as_f64().unwrap(), &format!("{name}: entropy"));
+        if let Some(clip) = case["clip_region"].as_f64() {
+            close(stats.clip_region, clip, &format!("{name}: clip_ratio/region_mean"));
+        }
     }
 }
 

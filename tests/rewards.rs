@@ -108,6 +108,27 @@ fn length_is_logarithmic_up_to_the_target_and_flat_beyond() {
     assert!(at(10) < at(50) && at(50) < at(100));
 }
 
+/// TRL's own docstring example (100 tokens, cache 20: 90 tokens → −0.5) and the
+/// three pieces of DAPO's Eq. 13 at their edges.
+#[test]
+fn soft_overlong_is_zero_then_linear_then_minus_one_as_trl() {
+    let p = serde_json::json!({"max_completion_len": 100, "soft_punish_cache": 20});
+    let at = |n| with_tokens("soft_overlong", p.clone(), "", "", n);
+    assert_eq!(at(90), -0.5);
+    assert_eq!((at(0), at(80)), (0.0, 0.0));
+    assert_eq!((at(81), at(100)), (-1.0 / 20.0, -1.0));
+    assert_eq!(at(101), -1.0);
+    let no_cache = serde_json::json!({"max_completion_len": 100, "soft_punish_cache": 0});
+    assert_eq!(with_tokens("soft_overlong", no_cache.clone(), "", "", 100), 0.0);
+    assert_eq!(with_tokens("soft_overlong", no_cache, "", "", 101), -1.0);
+    let too_big = RewardSet::from_value(
+        &serde_json::json!([{"name": "soft_overlong", "params": {"max_completion_len": 10, "soft_punish_cache": 11}}]),
+        std::path::Path::new("."),
+    );
+    let e = too_big.err().expect("a cache beyond the length is refused")[0].to_string();
+    assert!(e.contains("soft_punish_cache") && e.contains("at most max_completion_len (10)"), "{e}");
+}
+
 #[test]
 fn accuracy_checks_mathematical_equivalence() {
     assert_eq!(score("accuracy", "<answer>3/4</answer>", "0.75"), 1.0);
@@ -186,15 +207,26 @@ fn unicode_text_is_handled() {
 #[test]
 fn the_shipped_reward_sets_load_and_weight_their_terms() {
     let root = env!("CARGO_MANIFEST_DIR");
-    let gsm = RewardSet::from_file(&std::path::Path::new(root).join("stages/rewards/r1-gsm8k.yaml")).unwrap();
+    let gsm = RewardSet::from_file(
+        &std::path::Path::new(root).join("stages/rewards/r1-gsm8k.yaml"),
+        std::path::Path::new(root),
+    )
+    .unwrap();
     assert_eq!(gsm.names(), ["xml_count", "soft_format", "strict_format", "integer", "correctness", "length"]);
-    let b = RewardSet::from_file(&std::path::Path::new(root).join("stages/rewards/building-r1.yaml")).unwrap();
+    let b = RewardSet::from_file(
+        &std::path::Path::new(root).join("stages/rewards/building-r1.yaml"),
+        std::path::Path::new(root),
+    )
+    .unwrap();
     assert_eq!(b.names(), ["accuracy", "format", "reasoning_steps", "cosine", "repetition_penalty"]);
 
-    let set = RewardSet::from_value(&json!([
-        {"name": "correctness", "weight": 0.5},
-        {"name": "strict_format", "weight": 2.0},
-    ]))
+    let set = RewardSet::from_value(
+        &json!([
+            {"name": "correctness", "weight": 0.5},
+            {"name": "strict_format", "weight": 2.0},
+        ]),
+        std::path::Path::new("."),
+    )
     .unwrap();
     let s = set
         .score(&[
@@ -214,13 +246,17 @@ fn a_reward_set_file_may_be_a_mapping_with_a_rewards_list() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("set.yaml");
     std::fs::write(&p, "rewards:\n  - name: correctness\n  - name: strict_format\n    weight: 0.5\n").unwrap();
-    let set = RewardSet::from_file(&p).unwrap();
+    let set = RewardSet::from_file(&p, std::path::Path::new(".")).unwrap();
     assert_eq!(set.names(), vec!["correctness", "strict_format"]);
     std::fs::write(&p, "rewards:\n  - name: correctness\n  - name: strict_fromat\n").unwrap();
-    let e = RewardSet::from_file(&p).err().unwrap().to_string();
+    let e = RewardSet::from_file(&p, std::path::Path::new(".")).err().unwrap().to_string();
     assert!(e.contains("set.yaml:3:") && e.contains("did you mean `strict_format`?"), "{e}");
     std::fs::write(&p, "other: 1\n").unwrap();
-    assert!(RewardSet::from_file(&p).err().unwrap().to_string().contains("under a `rewards:` key"));
+    assert!(RewardSet::from_file(&p, std::path::Path::new("."))
+        .err()
+        .unwrap()
+        .to_string()
+        .contains("under a `rewards:` key"));
 }
 
 #[test]
@@ -228,7 +264,7 @@ fn reward_set_errors_name_the_line_and_the_valid_choices() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("set.yaml");
     std::fs::write(&p, "- name: correctness\n- name: corectness\n- name: cosine\n  params: {max_lenght: 3}\n").unwrap();
-    let e = RewardSet::from_file(&p).err().unwrap().to_string();
+    let e = RewardSet::from_file(&p, std::path::Path::new(".")).err().unwrap().to_string();
     assert!(e.contains("set.yaml:2: parameter `1.name`: unknown reward function `corectness`"), "{e}");
     assert!(e.contains("did you mean `correctness`?"), "{e}");
     assert!(
@@ -303,4 +339,79 @@ proptest! {
             prop_assert!(v >= lo - 1e-6 && v <= hi + 1e-6, "{} gave {v} outside [{lo}, {hi}]", info.name);
         }
     }
+}
+
+/// The shipped example program scores through `r1pipe rewards --set`: a correct short
+/// answer earns more than a correct long one, a wrong one 0, no answer block null.
+#[test]
+fn a_reward_program_scores_batches_over_json_lines() {
+    let p = common::Project::new();
+    let root = env!("CARGO_MANIFEST_DIR");
+    p.write(
+        "c.jsonl",
+        &[
+            json!({"completion": "<answer>72</answer>", "answer": "72", "tokens": 16}),
+            json!({"completion": "<answer>72</answer>", "answer": "72", "tokens": 192}),
+            json!({"completion": "<answer>7</answer>", "answer": "72", "tokens": 16}),
+            json!({"completion": "no block", "answer": "72", "tokens": 16}),
+        ]
+        .iter()
+        .map(|v| format!("{v}\n"))
+        .collect::<String>(),
+    );
+    let r = p
+        .run(&["rewards", "--set", &format!("{root}/stages/rewards/examples/with-program.yaml"), "c.jsonl", "--json"])
+        .ok();
+    let got: Vec<serde_json::Value> = r
+        .stdout
+        .lines()
+        .take(4)
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["rewards"]["concise_correct"].clone())
+        .collect();
+    assert_eq!(got, vec![json!(1.0 - 16.0 / 256.0), json!(0.25), json!(0.0), serde_json::Value::Null], "{}", r.stdout);
+}
+
+/// A program that crashes, answers the wrong count or malformed JSON, or takes too
+/// long ends the scoring with the program named and what went wrong.
+#[test]
+fn a_failing_reward_program_is_named_with_what_went_wrong() {
+    let p = common::Project::new();
+    p.write(
+        "c.jsonl",
+        &format!("{}\n{}\n", json!({"completion": "a", "answer": "1"}), json!({"completion": "b", "answer": "2"})),
+    );
+    let cases = [
+        (
+            "import sys; sys.stdin.readline(); sys.stderr.write('boom: bad state\\n'); sys.exit(3)",
+            "exit status: 3",
+            Some("boom: bad state"),
+        ),
+        ("import sys; sys.stdin.readline(); print('{\"rewards\": [1]}', flush=True)", "1 rewards for 2 samples", None),
+        ("import sys; sys.stdin.readline(); print('not json', flush=True)", "`not json`", None),
+        ("import sys, time; sys.stdin.readline(); time.sleep(30)", "did not answer within 0.5 s", None),
+    ];
+    for (i, (program, says, stderr)) in cases.iter().enumerate() {
+        let set = format!("set{i}.yaml");
+        p.write(
+            &set,
+            &format!(
+                "- name: custom\n  command: [python3, -c, {}]\n  timeout_s: 0.5\n",
+                serde_json::to_string(program).unwrap()
+            ),
+        );
+        let r = p.run(&["rewards", "--set", &set, "c.jsonl"]);
+        assert_eq!(r.code, 1, "{program}: {}", r.stderr);
+        assert!(r.stderr.contains("reward program `python3 -c") && r.stderr.contains(says), "{program}: {}", r.stderr);
+        if let Some(line) = stderr {
+            assert!(r.stderr.contains(line), "its stderr is shown: {}", r.stderr);
+        }
+    }
+    // A program with a typo in its name is refused when it would start, naming it.
+    p.write("set9.yaml", "- name: custom\n  command: [no-such-program-r1pipe]\n");
+    let r = p.run(&["rewards", "--set", "set9.yaml", "c.jsonl"]);
+    assert!(r.code == 1 && r.stderr.contains("cannot start `no-such-program-r1pipe`"), "{}", r.stderr);
+    // An entry cannot be a command and take params, or be a command and a URL.
+    p.write("set10.yaml", "- name: custom\n  command: [python3]\n  url: http://localhost:1/\n");
+    let r = p.run(&["rewards", "--set", "set10.yaml", "c.jsonl"]);
+    assert!(r.code != 0 && r.stderr.contains("set10.yaml:") && r.stderr.contains("not both"), "{}", r.stderr);
 }

@@ -206,7 +206,8 @@ fn grpo_takes_every_completion_from_the_server_and_hands_it_an_adapter_per_updat
     for s in &l {
         let d = s["sampling/sampling_logp_difference/mean"].as_f64().expect("the mismatch is logged");
         assert!(d > 0.0 && d.is_finite(), "{s}");
-        assert!(s.get("sampling/importance_sampling_ratio/mean").is_none(), "the correction is off by default");
+        let w = s["sampling/importance_sampling_ratio/mean"].as_f64().expect("the correction is on by default (TRL's)");
+        assert!(w > 0.0 && w.is_finite(), "{s}");
     }
     // The stage's own outputs: the merged model and the last adapter.
     let adapter = PathBuf::from(p.run(&["show", "grpo.adapter"]).ok().stdout.trim());
@@ -383,17 +384,9 @@ fn a_server_that_returns_only_text_has_it_tokenized_for_training() {
     );
     assert!(l[0].get("sampling/sampling_logp_difference/mean").is_none(), "no log-probabilities, no mismatch to log");
 
-    // The correction cannot run without them, and says so.
-    let text = pipeline(&server.url, 1, "").replace(
-        "      log_completions: 1\n",
-        "      log_completions: 1\n      vllm_importance_sampling_correction: true\n",
-    );
-    p.write("pipe.yaml", &text);
-    let r = p.run(&["run", "pipe.yaml"]);
-    assert_eq!(r.code, 1);
-    assert!(
-        r.stderr.contains("needs the sampler's log-probabilities") && r.stderr.contains(&server.url),
-        "{}",
-        r.stderr
-    );
+    // The correction (on by default) cannot run without them: the run says so once and goes on.
+    let r = p.run(&["run", "pipe.yaml", "--force", "grpo"]).ok();
+    let said = r.stderr.matches("vllm_importance_sampling_correction is skipped").count();
+    assert_eq!(said, 1, "{}", r.stderr);
+    assert!(r.stderr.contains(&server.url), "{}", r.stderr);
 }

@@ -27,6 +27,12 @@ pub struct InferArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Keep tokens at least this fraction as likely as the most likely one
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    /// Divide (or multiply, if negative) the logits of tokens already seen; 1 is none
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// auto, cpu, cuda or cuda:N
@@ -57,6 +63,8 @@ pub fn run(a: InferArgs) -> Result<i32> {
         temperature: a.temperature,
         top_p: a.top_p,
         top_k: a.top_k,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
         max_new_tokens: a.max_new_tokens,
         stop: Vec::new(),
         include_stop_str_in_output: false,

@@ -8,6 +8,7 @@ use serde_json::json;
 
 use r1pipe::common::table::render_table;
 use r1pipe::data::jsonl;
+use r1pipe::pipeline::Project;
 use r1pipe::rewards::{RewardSet, Sample, CATALOG};
 
 #[derive(Deserialize)]
@@ -45,7 +46,7 @@ fn show_default(v: &serde_json::Value) -> String {
 }
 
 pub fn score(set_file: &Path, completions: &Path, as_json: bool) -> Result<i32> {
-    let set = RewardSet::from_file(set_file)?;
+    let set = RewardSet::from_file(set_file, &Project::of_file(set_file).root)?;
     let rows = jsonl::read::<Row>(completions)?;
     if rows.is_empty() {
         bail!("{} has no completions", completions.display());

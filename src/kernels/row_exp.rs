@@ -44,6 +44,17 @@ pub fn write_exp(row: &[f32], a: f32, b: f32, c: f32, out: &mut [f32]) {
     portable::write_exp(row, a, b, c, out)
 }
 
+/// (Σ eᵢ, Σ eᵢ·xᵢ) for eᵢ = exp(a·xᵢ − b), a > 0: with b the row's scaled max,
+/// what a softmax's entropy needs beside its normalizer.
+pub fn sum_exp_weighted(row: &[f32], a: f32, b: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2::usable() {
+        // SAFETY: as in `max`.
+        return unsafe { avx2::sum_exp_weighted(row, a, b) };
+    }
+    portable::sum_exp_weighted(row, a, b)
+}
+
 /// softmax of the row in place: exp(xᵢ − max) / Σ. Attention's probabilities.
 pub fn softmax_in_place(row: &mut [f32]) {
     let max = max(row);
@@ -70,6 +81,13 @@ pub mod portable {
         for (o, &x) in out.iter_mut().zip(row) {
             *o = c * (x * a - b).exp();
         }
+    }
+
+    pub fn sum_exp_weighted(row: &[f32], a: f32, b: f32) -> (f32, f32) {
+        row.iter().fold((0.0, 0.0), |(s, w), &x| {
+            let e = (x * a - b).exp();
+            (s + e, w + e * x)
+        })
     }
 
     pub fn softmax_in_place(row: &mut [f32], max: f32) {
@@ -176,6 +194,28 @@ mod avx2 {
             s[0] = _mm256_add_ps(s[0], exp8(x));
         }
         hsum(_mm256_add_ps(s[0], s[1]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum_exp_weighted(row: &[f32], a: f32, b: f32) -> (f32, f32) {
+        let (va, vb) = (_mm256_set1_ps(a), _mm256_set1_ps(b));
+        let chunks = row.chunks_exact(8);
+        let rest = chunks.remainder();
+        let (mut s, mut w) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for c in chunks {
+            let x = _mm256_loadu_ps(c.as_ptr());
+            let e = exp8(_mm256_fmsub_ps(x, va, vb));
+            s = _mm256_add_ps(s, e);
+            w = _mm256_fmadd_ps(e, x, w);
+        }
+        if !rest.is_empty() {
+            // Padding lanes: x = 0 with e = exp(−∞) = 0 adds nothing to either sum.
+            let x = tail(rest, 0.0);
+            let e = exp8(_mm256_fmsub_ps(tail(rest, f32::NEG_INFINITY), va, vb));
+            s = _mm256_add_ps(s, e);
+            w = _mm256_fmadd_ps(e, x, w);
+        }
+        (hsum(s), hsum(w))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -337,6 +377,19 @@ mod tests {
             if len > 3 {
                 assert_eq!(got[1], 0.0, "a masked key's probability is exactly 0");
             }
+        }
+    }
+
+    #[test]
+    fn the_weighted_exp_sum_matches_f64_for_every_tail_length() {
+        for len in [1usize, 5, 8, 13, 100] {
+            let row: Vec<f32> = (0..len).map(|i| ((i * 29 % 17) as f32 - 8.0) * 0.7).collect();
+            let (a, b) = (0.8f32, 3.0f32);
+            let (s, w) = sum_exp_weighted(&row, a, b);
+            let ws: f64 = row.iter().map(|&x| ((x * a - b) as f64).exp()).sum();
+            let ww: f64 = row.iter().map(|&x| ((x * a - b) as f64).exp() * x as f64).sum();
+            assert!((s as f64 - ws).abs() < 1e-5 * ws, "len {len}: {s} vs {ws}");
+            assert!((w as f64 - ww).abs() < 1e-5 * ww.abs().max(1.0), "len {len}: {w} vs {ww}");
         }
     }
 }

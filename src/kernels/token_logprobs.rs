@@ -52,6 +52,44 @@ fn at_least_f32(t: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// log softmax(logits / τ)[target] and the entropy −Σ p log p of softmax(logits / τ),
+/// per row: [N, 2], no graph. The CPU form reads each row twice (max, then the
+/// normalizer and the probability-weighted logit together).
+pub fn logprobs_and_entropy(logits: &Tensor, targets: &Tensor, temperature: f64) -> Result<Tensor> {
+    if super::cpu_form(&[logits]) {
+        return logits
+            .contiguous()?
+            .apply_op2_no_bwd(&targets.contiguous()?, &LogprobsEntropy { inv_t: (1.0 / temperature) as f32 });
+    }
+    let l = at_least_f32(logits)?;
+    let l = if temperature != 1.0 { (l / temperature)? } else { l };
+    let lsm = log_softmax_last(&l)?;
+    let lp = lsm.gather(&targets.unsqueeze(D::Minus1)?.contiguous()?, D::Minus1)?;
+    let h = (lsm.exp()? * &lsm)?.sum_keepdim(D::Minus1)?.neg()?;
+    Tensor::cat(&[lp, h], 1)
+}
+
+/// d/d logits of Σ g_lp · log p[target] + g_h · H, for p = softmax(logits / τ):
+/// [g_lp (onehot − p) − g_h p (log p + H)] / τ, from candle ops (no graph). Only
+/// an entropy bonus needs it; the log-probability alone goes through [`logits_grad`].
+pub fn logits_grad_with_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    g_lp: &Tensor,
+    g_h: &Tensor,
+    inv_t: f64,
+) -> Result<Tensor> {
+    let l = (at_least_f32(logits)? * inv_t)?;
+    let lsm = log_softmax_last(&l)?;
+    let p = lsm.exp()?;
+    let h = (&p * &lsm)?.sum_keepdim(D::Minus1)?.neg()?;
+    let entropy_part = (&p * lsm.broadcast_add(&h)?)?.broadcast_mul(&g_h.unsqueeze(1)?)?;
+    let lp_part = p.broadcast_mul(&g_lp.unsqueeze(1)?)?;
+    let d = ((lp_part + entropy_part)?.neg()? * inv_t)?;
+    let idx = targets.unsqueeze(1)?.contiguous()?;
+    d.scatter_add(&idx, &(g_lp * inv_t)?.unsqueeze(1)?.contiguous()?, 1)
+}
+
 /// d/d logits of Σ g · log softmax(logits / τ)[target]: (onehot(target) − softmax(logits / τ)) · g / τ.
 /// `logits` [N, V] f32, `targets` [N] u32, `g` [N] f32; no graph.
 pub fn logits_grad(logits: &Tensor, targets: &Tensor, g: &Tensor, inv_t: f64) -> Result<Tensor> {
@@ -71,6 +109,36 @@ pub fn logits_grad(logits: &Tensor, targets: &Tensor, g: &Tensor, inv_t: f64) ->
 
 struct TokenLogprobs {
     inv_t: f32,
+}
+
+/// [`logprobs_and_entropy`]'s CPU form.
+struct LogprobsEntropy {
+    inv_t: f32,
+}
+
+impl CustomOp2 for LogprobsEntropy {
+    fn name(&self) -> &'static str {
+        "token-logprobs-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (logits, targets, n, v) = rows(s1, l1, s2, l2)?;
+        let mut out = vec![0f32; 2 * n];
+        let shared = SharedOut::new(&mut out);
+        for_rows(n, v, |i| {
+            let row = &logits[i * v..(i + 1) * v];
+            let max = row_exp::max(row) * self.inv_t;
+            let (sum, weighted) = row_exp::sum_exp_weighted(row, self.inv_t, max);
+            let lse = max + sum.ln();
+            // H = lse − Σ p z with z = x/τ: Σ p z = (Σ e x)/(Σ e) / τ.
+            let entropy = lse - weighted / sum * self.inv_t;
+            // SAFETY: row i alone writes out[2i], out[2i + 1]; `out` outlives the call.
+            let o = unsafe { shared.part(2 * i, 2) };
+            o[0] = row[targets[i] as usize] * self.inv_t - lse;
+            o[1] = entropy;
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, 2))))
+    }
 }
 
 /// Gradient of [`TokenLogprobs`] with respect to the logits, given the
@@ -243,5 +311,60 @@ mod tests {
             let e = token_logprobs(&logits(1, 37, 2), &t, 1.0).unwrap_err().to_string();
             assert!(e.contains("outside the vocabulary of 37"), "{e}");
         });
+    }
+
+    #[test]
+    fn logprobs_with_entropy_match_the_composed_ops_in_both_forms_and_their_gradient_finite_differences() {
+        use crate::kernels::{with_mode, Mode};
+        let l = logits(4, 31, 9);
+        let t = Tensor::new(&[0u32, 30, 5, 12], &Device::Cpu).unwrap();
+        let dense = |x: &Tensor, tau: f64| -> (Vec<f64>, Vec<f64>) {
+            let x: Vec<Vec<f32>> = x.to_vec2().unwrap();
+            let (mut lp, mut h) = (vec![], vec![]);
+            for (r, row) in x.iter().enumerate() {
+                let z: Vec<f64> = row.iter().map(|&v| v as f64 / tau).collect();
+                let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                lp.push(z[[0usize, 30, 5, 12][r]] - lse);
+                h.push(-z.iter().map(|v| (v - lse).exp() * (v - lse)).sum::<f64>());
+            }
+            (lp, h)
+        };
+        for tau in [1.0, 0.7] {
+            let (want_lp, want_h) = dense(&l, tau);
+            for mode in [Mode::Cpu, Mode::Portable] {
+                let got: Vec<Vec<f32>> =
+                    with_mode(mode, || logprobs_and_entropy(&l, &t, tau).unwrap().to_vec2().unwrap());
+                for r in 0..4 {
+                    assert!((got[r][0] as f64 - want_lp[r]).abs() < 1e-5, "{mode:?} τ={tau} lp[{r}]");
+                    assert!((got[r][1] as f64 - want_h[r]).abs() < 1e-5, "{mode:?} τ={tau} H[{r}]");
+                }
+            }
+            // The gradient of Σ g_lp·lp + g_h·H against central differences in f64.
+            let (g_lp, g_h) = ([0.5f32, -1.0, 0.0, 2.0], [1.0f32, 0.3, -0.7, 0.0]);
+            let d: Vec<Vec<f32>> = logits_grad_with_entropy(
+                &l,
+                &t,
+                &Tensor::new(&g_lp, &Device::Cpu).unwrap(),
+                &Tensor::new(&g_h, &Device::Cpu).unwrap(),
+                1.0 / tau,
+            )
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+            let base: Vec<Vec<f32>> = l.to_vec2().unwrap();
+            let value = |x: &Vec<Vec<f32>>| {
+                let (lp, h) = dense(&Tensor::new(x.clone(), &Device::Cpu).unwrap(), tau);
+                (0..4).map(|r| g_lp[r] as f64 * lp[r] + g_h[r] as f64 * h[r]).sum::<f64>()
+            };
+            for (r, j) in [(0usize, 0usize), (0, 7), (1, 30), (2, 3), (3, 12)] {
+                let eps = 1e-2f32;
+                let (mut up, mut down) = (base.clone(), base.clone());
+                up[r][j] += eps;
+                down[r][j] -= eps;
+                let fd = (value(&up) - value(&down)) / (2.0 * eps as f64);
+                assert!((fd - d[r][j] as f64).abs() < 1e-3, "τ={tau} [{r}][{j}]: {} vs {fd}", d[r][j]);
+            }
+        }
     }
 }

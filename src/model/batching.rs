@@ -98,7 +98,7 @@ pub fn generate_continuous(
         if cache.len + 1 > capacity {
             compact(&mut cache, &rows)?;
         }
-        step(model, tok, params, &mut cache, &mut rows, on_done)?;
+        step(model, tok, prompts, params, &mut cache, &mut rows, on_done)?;
     }
     Ok(())
 }
@@ -117,7 +117,7 @@ fn start<'t>(
 ) -> Result<Vec<Option<Active<'t>>>> {
     let logits = prefill(model, prompts, take, cache)?;
     let mut rows = Vec::with_capacity(take.len());
-    for (row, done) in first_tokens(tok, take, &logits, params, seed_of)? {
+    for (row, done) in first_tokens(tok, prompts, take, &logits, params, seed_of)? {
         rows.push(finish_or_keep(tok, row, done, on_done)?);
     }
     Ok(rows)
@@ -156,7 +156,7 @@ fn refill<'t>(
     let logits = prefill(model, prompts, &take, &mut group)?;
     let slots: Vec<usize> = free[..take.len()].to_vec();
     cache.place(&slots, &group)?;
-    for ((row, done), &slot) in first_tokens(tok, &take, &logits, params, seed_of)?.into_iter().zip(&slots) {
+    for ((row, done), &slot) in first_tokens(tok, prompts, &take, &logits, params, seed_of)?.into_iter().zip(&slots) {
         rows[slot] = finish_or_keep(tok, row, done, on_done)?;
     }
     Ok(())
@@ -178,6 +178,7 @@ fn prefill(model: &Transformer, prompts: &[Vec<u32>], take: &[usize], cache: &mu
 /// that token already ends them.
 fn first_tokens<'t>(
     tok: &'t ChatTokenizer,
+    prompts: &[Vec<u32>],
     take: &[usize],
     logits: &Tensor,
     params: &SamplingParams,
@@ -186,7 +187,8 @@ fn first_tokens<'t>(
     let mut rngs: Vec<ChaCha8Rng> = take.iter().map(|&i| ChaCha8Rng::seed_from_u64(seed_of(i))).collect();
     let uniforms: Vec<f32> =
         rngs.iter_mut().map(|r| if params.temperature > 0.0 { r.random::<f32>() } else { 0.0 }).collect();
-    let picked = pick(logits, params, &uniforms)?;
+    let seen = |i: usize| prompts[take[i]].clone();
+    let picked = pick(logits, params, &uniforms, &seen)?;
     let mut out = Vec::with_capacity(take.len());
     for ((&index, rng), token) in take.iter().zip(rngs).zip(picked) {
         let mut row = Active { index, text: RowText::new(tok), rng, next: token };
@@ -216,6 +218,7 @@ fn finish_or_keep<'t>(
 fn step<'t>(
     model: &Transformer,
     tok: &'t ChatTokenizer,
+    prompts: &[Vec<u32>],
     params: &SamplingParams,
     cache: &mut KvCache,
     rows: &mut [Option<Active<'t>>],
@@ -230,7 +233,10 @@ fn step<'t>(
             _ => 0.0,
         })
         .collect();
-    let picked = pick(&logits, params, &uniforms)?;
+    let seen = |i: usize| -> Vec<u32> {
+        rows[i].as_ref().map_or_else(Vec::new, |r| prompts[r.index].iter().chain(r.text.tokens()).copied().collect())
+    };
+    let picked = pick(&logits, params, &uniforms, &seen)?;
     for (slot, token) in rows.iter_mut().zip(picked) {
         let Some(row) = slot.as_mut() else { continue };
         let done = row.text.advance(token, tok, params)?;

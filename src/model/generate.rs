@@ -24,6 +24,12 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 0 means no top-k cut.
     pub top_k: usize,
+    /// Keep only tokens at least this fraction as likely as the most likely one.
+    pub min_p: Option<f32>,
+    /// Above 1, every token already in the prompt or the completion is made less
+    /// likely: its logit divided by it when positive, multiplied when negative
+    /// (HF's and vLLM's rule).
+    pub repetition_penalty: f32,
     pub max_new_tokens: usize,
     /// Generation ends when the text reaches one of these, which the text leaves
     /// out unless `include_stop_str_in_output` (vLLM's names).
@@ -37,6 +43,8 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: None,
+            repetition_penalty: 1.0,
             max_new_tokens: 256,
             stop: Vec::new(),
             include_stop_str_in_output: false,
@@ -56,6 +64,12 @@ impl SamplingParams {
         }
         if self.max_new_tokens == 0 {
             e.push(("max_new_tokens", "must be at least 1".to_string()));
+        }
+        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            e.push(("min_p", "must be in [0, 1]".to_string()));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            e.push(("repetition_penalty", "must be > 0 (1: none)".to_string()));
         }
         e
     }
@@ -111,6 +125,11 @@ impl<'t> RowText<'t> {
             stopped: false,
             emitted: 0,
         }
+    }
+
+    /// The tokens generated so far (EOS excluded).
+    pub(crate) fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// Take the sampled `token`; whether (and why) the row ends here: EOS, a
@@ -233,7 +252,12 @@ pub fn generate(
             .iter()
             .map(|&r| if finish[r].is_none() && params.temperature > 0.0 { rng.random::<f32>() } else { 0.0 })
             .collect();
-        let picked = pick(&logits, params, &uniforms).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?;
+        let seen = |i: usize| -> Vec<u32> {
+            let r = active[i];
+            prompts[expand[r] as usize].iter().chain(rows[r].tokens()).copied().collect()
+        };
+        let picked =
+            pick(&logits, params, &uniforms, &seen).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?;
         let mut next = Vec::with_capacity(active.len());
         for (i, &r) in active.iter().enumerate() {
             if finish[r].is_some() {
@@ -273,8 +297,23 @@ pub fn generate(
 /// plain sampling picks a block of the vocabulary, then a token in it (about
 /// 2·√V numbers a row cross, not V); top-k and top-p copy the rows and cut
 /// them on the host, in parallel. `uniforms[i]`: row i's draw in [0, 1).
-pub(crate) fn pick(logits: &Tensor, p: &SamplingParams, uniforms: &[f32]) -> Result<Vec<u32>> {
+pub(crate) fn pick(
+    logits: &Tensor,
+    p: &SamplingParams,
+    uniforms: &[f32],
+    seen: &dyn Fn(usize) -> Vec<u32>,
+) -> Result<Vec<u32>> {
     let (b, v) = logits.dims2()?;
+    if p.repetition_penalty != 1.0 || p.min_p.is_some() {
+        // Per-row adjustments by what each row has seen: on the host, rows in parallel.
+        let mut rows: Vec<Vec<f32>> = transfer::to_vec2(logits)?;
+        if p.repetition_penalty != 1.0 {
+            for (i, row) in rows.iter_mut().enumerate() {
+                penalize(row, &seen(i), p.repetition_penalty);
+            }
+        }
+        return rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u).map(|(t, _)| t)).collect();
+    }
     if p.temperature <= 0.0 {
         // A row with a NaN (a diverged model) gets the id `v`, which no token has.
         let nan = logits.ne(logits)?.max(D::Minus1)?.to_dtype(DType::U32)?;
@@ -288,6 +327,17 @@ pub(crate) fn pick(logits: &Tensor, p: &SamplingParams, uniforms: &[f32]) -> Res
     let rows: Vec<Vec<f32>> = transfer::to_vec2(logits)?;
     debug_assert_eq!(rows.len(), b);
     rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u).map(|(t, _)| t)).collect()
+}
+
+/// HF's repetition penalty on one row: a logit of a token already seen is
+/// divided by `penalty` when positive and multiplied by it when negative.
+fn penalize(row: &mut [f32], seen: &[u32], penalty: f32) {
+    let mut done = std::collections::HashSet::new();
+    for &t in seen {
+        if let Some(x) = row.get_mut(t as usize).filter(|_| done.insert(t)) {
+            *x = if *x > 0.0 { *x / penalty } else { *x * penalty };
+        }
+    }
 }
 
 /// Plain sampling at temperature τ from the device's logits: the softmax on the
@@ -382,7 +432,7 @@ fn sample_finite(logits: &[f32], p: &SamplingParams, mut u: f32) -> (u32, f32) {
         let best = logits.iter().enumerate().fold(0, |b, (i, &l)| if l > logits[b] { i } else { b });
         return (best as u32, logprob(best));
     }
-    if p.top_k == 0 && p.top_p >= 1.0 {
+    if p.top_k == 0 && p.top_p >= 1.0 && p.min_p.is_none() {
         // Plain sampling from the full distribution: no sort needed.
         for (i, &l) in logits.iter().enumerate() {
             let prob = (l / t - lse).exp();
@@ -412,6 +462,12 @@ fn sample_finite(logits: &[f32], p: &SamplingParams, mut u: f32) -> (u32, f32) {
                 break;
             }
         }
+        cand.truncate(keep.max(1));
+    }
+    if let Some(min_p) = p.min_p {
+        // Relative to the most likely token (the first candidate), as HF's MinPLogitsWarper.
+        let floor = cand.first().map_or(0.0, |c| c.1) * min_p;
+        let keep = cand.iter().take_while(|c| c.1 >= floor).count();
         cand.truncate(keep.max(1));
     }
     let total: f32 = cand.iter().map(|c| c.1).sum();
@@ -445,7 +501,7 @@ mod tests {
     #[test]
     fn greedy_takes_each_rows_argmax_on_the_device() {
         let l = rows(&[vec![0.0, 2.0, 1.0], vec![5.0, -1.0, 4.9]]);
-        assert_eq!(pick(&l, &SamplingParams::default(), &[0.0, 0.0]).unwrap(), vec![1, 0]);
+        assert_eq!(pick(&l, &SamplingParams::default(), &[0.0, 0.0], &|_| vec![]).unwrap(), vec![1, 0]);
         let (t, lp) = sample(&[0.0, 2.0, 1.0], &SamplingParams::default(), 0.0).unwrap();
         assert_eq!(t, 1);
         let z = (0f32.exp() + 2f32.exp() + 1f32.exp()).ln();
@@ -456,10 +512,10 @@ mod tests {
     fn top_k_and_top_p_restrict_the_candidates() {
         let l = rows(&[vec![3.0, 2.9, 0.0, -1.0]]);
         let k1 = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
-        assert!(draws(200, 1).iter().all(|&u| pick(&l, &k1, &[u]).unwrap()[0] == 0));
+        assert!(draws(200, 1).iter().all(|&u| pick(&l, &k1, &[u], &|_| vec![]).unwrap()[0] == 0));
         let p = SamplingParams { temperature: 1.0, top_p: 0.8, ..Default::default() };
         let seen: std::collections::BTreeSet<u32> =
-            draws(500, 2).iter().map(|&u| pick(&l, &p, &[u]).unwrap()[0]).collect();
+            draws(500, 2).iter().map(|&u| pick(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
@@ -475,7 +531,7 @@ mod tests {
         let n = 20000;
         let us = draws(n, 7);
         let mut counts = [0usize; 23];
-        let picked: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u]).unwrap()[0]).collect();
+        let picked: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
         for &t in &picked {
             counts[t as usize] += 1;
         }
@@ -483,13 +539,13 @@ mod tests {
             let f = c as f32 / n as f32;
             assert!((f - w).abs() < 0.01, "token {i}: {f} drawn, {w} expected");
         }
-        let again: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u]).unwrap()[0]).collect();
+        let again: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
         assert_eq!(picked, again);
         // At temperature τ the distribution is softmax(l / τ): the host sampler agrees with the blocks.
         let p = SamplingParams { temperature: 0.5, ..Default::default() };
         let mut agree = 0;
         for &u in &us[..2000] {
-            agree += (pick(&l, &p, &[u]).unwrap()[0] == sample(&logits, &p, u).unwrap().0) as usize;
+            agree += (pick(&l, &p, &[u], &|_| vec![]).unwrap()[0] == sample(&logits, &p, u).unwrap().0) as usize;
         }
         assert!(agree >= 1990, "the block sampler and the host sampler disagree on {} of 2000 draws", 2000 - agree);
     }
@@ -503,7 +559,7 @@ mod tests {
             SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() },
             SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() },
         ] {
-            let e = pick(&l, &p, &[0.3, 0.3]).unwrap_err().to_string();
+            let e = pick(&l, &p, &[0.3, 0.3], &|_| vec![]).unwrap_err().to_string();
             assert!(e.contains("logits are NaN"), "{e}");
         }
     }

@@ -401,7 +401,7 @@ impl Transformer {
         let (b, _, hd) = h.dims3()?;
         let h = h.narrow(1, start, len)?.reshape((b * len, hd))?;
         let targets = batch.ids.narrow(1, start + 1, len)?.flatten_all()?;
-        self.target_logprobs(&h, &targets, temperature, pass)?.reshape((b, len))
+        self.target_logprobs(&h, &targets, temperature, pass, false)?.0.reshape((b, len))
     }
 
     /// log π of `targets[i]` as predicted at flat position `at[i]` (row × T + t)
@@ -417,25 +417,60 @@ impl Transformer {
         temperature: f64,
         pass: Pass,
     ) -> Result<Tensor> {
+        Ok(self.logprobs_at_with(batch, at, targets, temperature, pass, false)?.0)
+    }
+
+    /// [`Self::logprobs_at`] with the entropy of the policy at each of those
+    /// positions (over the whole vocabulary, at `temperature`), from the same
+    /// chunked pass: both [N], both differentiable under a training pass.
+    pub fn logprobs_and_entropy_at(
+        &self,
+        batch: &Batch,
+        at: &[u32],
+        targets: &[u32],
+        temperature: f64,
+        pass: Pass,
+    ) -> Result<(Tensor, Tensor)> {
+        let (lp, entropy) = self.logprobs_at_with(batch, at, targets, temperature, pass, true)?;
+        let entropy = entropy.ok_or_else(|| candle_core::Error::Msg("the vocabulary op gave no entropy".into()))?;
+        Ok((lp, entropy.to_dtype(self.logits_dtype())?))
+    }
+
+    fn logprobs_at_with(
+        &self,
+        batch: &Batch,
+        at: &[u32],
+        targets: &[u32],
+        temperature: f64,
+        pass: Pass,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let h = self.hidden(batch, pass)?;
         let (b, t, hd) = h.dims3()?;
         let at_t = Tensor::from_slice(at, at.len(), &self.device)?;
         let h = h.reshape((b * t, hd))?.index_select(&at_t, 0)?;
         let targets = Tensor::from_slice(targets, targets.len(), &self.device)?;
-        self.target_logprobs(&h, &targets, temperature, pass)
+        self.target_logprobs(&h, &targets, temperature, pass, entropy)
     }
 
     /// log π of `targets` [N] from final hidden states `h` [N, H] through the
     /// head, in chunks with their own backward.
-    fn target_logprobs(&self, h: &Tensor, targets: &Tensor, temperature: f64, pass: Pass) -> Result<Tensor> {
+    fn target_logprobs(
+        &self,
+        h: &Tensor,
+        targets: &Tensor,
+        temperature: f64,
+        pass: Pass,
+        entropy: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let head = self.head();
         // A trained head's gradient goes straight into the accumulator, in f32 (the
         // compute-dtype copy is used without a graph).
         let direct =
             (pass.grad && head.trainable()).then(|| WeightGrad { var: head.var.clone(), sink: self.sink.clone() });
         let w = head.get(Pass { grad: false, ..pass })?;
-        let lp = logprobs_from_hidden(h, &w, targets, temperature, direct)?;
-        lp.to_dtype(self.logits_dtype())
+        let (lp, entropy) = logprobs_from_hidden(h, &w, targets, temperature, direct, entropy)?;
+        Ok((lp.to_dtype(self.logits_dtype())?, entropy))
     }
 
     /// Differentiate `loss` (built by training passes) and add the trainable

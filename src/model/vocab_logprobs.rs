@@ -48,19 +48,28 @@ pub struct WeightGrad {
     pub sink: GradSink,
 }
 
-/// `h` [N, H], `w` [V, H], `targets` [N] u32 → [N] f32: log softmax(h wᵀ / τ)[target].
-/// Differentiable in `h`, and in `w` through `direct` when given or through the
-/// graph when `w` tracks one; a frozen `w` (LoRA) gets no gradient computed.
+/// `h` [N, H], `w` [V, H], `targets` [N] u32 → [N] f32: log softmax(h wᵀ / τ)[target],
+/// and with `entropy` the entropy of softmax(h wᵀ / τ) per row ([N]), computed in
+/// the same pass over each chunk of logits. Differentiable in `h` (both), and in
+/// `w` through `direct` when given or through the graph when `w` tracks one; a
+/// frozen `w` (LoRA) gets no gradient computed.
 pub fn logprobs_from_hidden(
     h: &Tensor,
     w: &Tensor,
     targets: &Tensor,
     temperature: f64,
     direct: Option<WeightGrad>,
-) -> Result<Tensor> {
-    chunked(h, w, targets, temperature, direct, chunk_elements(h.device()))
+    entropy: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let out = chunked(h, w, targets, temperature, direct, chunk_elements(h.device()), entropy)?;
+    if entropy {
+        Ok((out.narrow(1, 0, 1)?.squeeze(1)?, Some(out.narrow(1, 1, 1)?.squeeze(1)?)))
+    } else {
+        Ok((out, None))
+    }
 }
 
+/// [N] log-probabilities, or [N, 2] with the entropies.
 fn chunked(
     h: &Tensor,
     w: &Tensor,
@@ -68,9 +77,10 @@ fn chunked(
     temperature: f64,
     direct: Option<WeightGrad>,
     chunk_elements: usize,
+    entropy: bool,
 ) -> Result<Tensor> {
     let step = (chunk_elements / w.dim(0)?.max(1)).max(1);
-    let values = forward_values(&h.detach(), &w.detach(), targets, temperature, step)?;
+    let values = forward_values(&h.detach(), &w.detach(), targets, temperature, step, entropy)?;
     if !h.track_op() && !w.track_op() && direct.is_none() {
         return Ok(values);
     }
@@ -80,18 +90,31 @@ fn chunked(
 }
 
 /// The values, `step` rows at a time, with no graph.
-fn forward_values(h: &Tensor, w: &Tensor, targets: &Tensor, temperature: f64, step: usize) -> Result<Tensor> {
+fn forward_values(
+    h: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    temperature: f64,
+    step: usize,
+    entropy: bool,
+) -> Result<Tensor> {
     let (n, _) = h.dims2()?;
     let mut parts = Vec::with_capacity(n.div_ceil(step));
     let mut start = 0;
     while start < n {
         let len = step.min(n - start);
         let logits = at_least_f32(linear(&h.narrow(0, start, len)?, w, None)?)?;
-        parts.push(token_logprobs(&logits, &targets.narrow(0, start, len)?, temperature)?);
+        let t = targets.narrow(0, start, len)?;
+        parts.push(if entropy {
+            token_logprobs::logprobs_and_entropy(&logits, &t, temperature)?
+        } else {
+            token_logprobs(&logits, &t, temperature)?
+        });
         start += len;
     }
     if parts.is_empty() {
-        return Tensor::zeros(0, at_least_f32(h.narrow(0, 0, 0)?)?.dtype(), h.device());
+        let dt = at_least_f32(h.narrow(0, 0, 0)?)?.dtype();
+        return if entropy { Tensor::zeros((0, 2), dt, h.device()) } else { Tensor::zeros(0, dt, h.device()) };
     }
     Tensor::cat(&parts, 0)
 }
@@ -153,10 +176,23 @@ impl CustomOp3 for VocabLogprobs {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, hd) = h.dims2()?;
         let (h, w) = (h.detach(), w.detach());
+        let grad = if grad.dtype() == DType::F64 { grad.clone() } else { grad.to_dtype(DType::F32)? };
+        // [N] for the log-probabilities alone, [N, 2] with the entropies: their two gradients.
+        let (grad, grad_h) = if grad.rank() == 2 {
+            (grad.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?, Some(grad.narrow(1, 1, 1)?.squeeze(1)?.contiguous()?))
+        } else {
+            (grad, None)
+        };
         // Only rows with a gradient: padding and masked tokens contribute nothing.
         let g: Vec<f32> = transfer::to_vec1(&grad.to_dtype(DType::F32)?)?;
-        let grad = if grad.dtype() == DType::F64 { grad.clone() } else { grad.to_dtype(DType::F32)? };
-        let live: Vec<u32> = (0..n as u32).filter(|&i| g[i as usize] != 0.0).collect();
+        let gh: Option<Vec<f32>> = match &grad_h {
+            Some(t) => Some(transfer::to_vec1(&t.to_dtype(DType::F32)?)?),
+            None => None,
+        };
+        let grad_h = grad_h.filter(|_| gh.as_ref().is_some_and(|v| v.iter().any(|&x| x != 0.0)));
+        let live: Vec<u32> = (0..n as u32)
+            .filter(|&i| g[i as usize] != 0.0 || gh.as_ref().is_some_and(|v| v[i as usize] != 0.0))
+            .collect();
         let dev = h.device();
         let graph_dw = self.weight_grad && self.direct.is_none();
         if live.is_empty() {
@@ -165,6 +201,10 @@ impl CustomOp3 for VocabLogprobs {
         let idx = Tensor::new(live.as_slice(), dev)?;
         let (hl, tl) = (h.index_select(&idx, 0)?, self.targets.index_select(&idx, 0)?);
         let gl = grad.index_select(&idx, 0)?;
+        let ghl = match &grad_h {
+            Some(t) => Some(t.index_select(&idx, 0)?),
+            None => None,
+        };
         let m = live.len();
         let step = self.step;
         let (mut dh_parts, mut dw): (Vec<Tensor>, Option<Tensor>) = (Vec::new(), None);
@@ -173,12 +213,14 @@ impl CustomOp3 for VocabLogprobs {
             let len = step.min(m - start);
             let hc = hl.narrow(0, start, len)?;
             let logits = at_least_f32(linear(&hc, &w, None)?)?;
-            let dl = token_logprobs::logits_grad(
-                &logits,
-                &tl.narrow(0, start, len)?,
-                &gl.narrow(0, start, len)?,
-                self.inv_t,
-            )?
+            let (tc, gc) = (tl.narrow(0, start, len)?, gl.narrow(0, start, len)?);
+            let dl = match &ghl {
+                // An entropy term in the loss: its gradient from candle ops (a rare option).
+                Some(gh) => {
+                    token_logprobs::logits_grad_with_entropy(&logits, &tc, &gc, &gh.narrow(0, start, len)?, self.inv_t)?
+                }
+                None => token_logprobs::logits_grad(&logits, &tc, &gc, self.inv_t)?,
+            }
             .to_dtype(w.dtype())?;
             dh_parts.push(dl.matmul(&w)?);
             if self.weight_grad {
@@ -244,7 +286,7 @@ mod tests {
         // Row 2 weighted 0: skipped by the backward, and its gradient must still be 0.
         let up = Tensor::new(&[1.0f32, -2.0, 0.0, 0.5, 3.0, 1.5, -1.0], &Device::Cpu).unwrap();
         for temperature in [1.0, 0.7] {
-            let fused = chunked(h.as_tensor(), w.as_tensor(), &t, temperature, None, chunk).unwrap();
+            let fused = chunked(h.as_tensor(), w.as_tensor(), &t, temperature, None, chunk, false).unwrap();
             let reference = unfused(h.as_tensor(), w.as_tensor(), &t, temperature);
             assert!(max_diff(&fused, &reference) < 1e-5, "values at τ = {temperature}");
             let g1 = (fused * &up).unwrap().sum_all().unwrap().backward().unwrap();
@@ -264,7 +306,7 @@ mod tests {
         let t = Tensor::new(&[1u32, 2, 3, 4, 49], &Device::Cpu).unwrap();
         let sink = GradSink::default();
         let direct = WeightGrad { var: w.clone(), sink: sink.clone() };
-        let l = logprobs_from_hidden(h.as_tensor(), w.as_tensor(), &t, 1.0, Some(direct)).unwrap();
+        let (l, _) = logprobs_from_hidden(h.as_tensor(), w.as_tensor(), &t, 1.0, Some(direct), false).unwrap();
         let store = l.sum_all().unwrap().backward().unwrap();
         assert!(store.get(w.as_tensor()).is_none(), "the weight's gradient went through the graph");
         let reference = unfused(h.as_tensor(), w.as_tensor(), &t, 1.0).sum_all().unwrap().backward().unwrap();
@@ -286,7 +328,7 @@ mod tests {
         let h = Var::from_tensor(&h32.to_dtype(DType::BF16).unwrap()).unwrap();
         let wb = w.as_tensor().to_dtype(DType::BF16).unwrap().detach();
         // 4 rows a chunk: 128 chunks, every one adding to every entry of the gradient.
-        let lp = chunked(h.as_tensor(), &wb, &t, 1.0, Some(direct), 4 * v).unwrap();
+        let lp = chunked(h.as_tensor(), &wb, &t, 1.0, Some(direct), 4 * v, false).unwrap();
         lp.sum_all().unwrap().backward().unwrap();
         let got = sink.take().remove(&w.as_tensor().id()).expect("gradient in the sink");
         assert_eq!(got.dtype(), DType::F32);
@@ -302,5 +344,43 @@ mod tests {
             / want.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt();
         // 0.18% measured (the bf16 logits' rounding); summed in bf16 it was 1.2%.
         assert!(rel < 0.005, "the chunked bf16 head gradient is {:.3}% off", 100.0 * rel);
+    }
+
+    /// The entropy from the chunked op equals a dense one, values and gradients
+    /// (through h and w, with an entropy term in the loss), across chunks.
+    #[test]
+    fn the_entropy_from_the_chunked_op_equals_the_dense_one_with_its_gradient() {
+        use crate::kernels::{with_mode, Mode};
+        let (n, hd, v) = (6usize, 10usize, 57usize);
+        let h = Var::from_tensor(&rand((n, hd), 11, 1.0)).unwrap();
+        let w = Var::from_tensor(&rand((v, hd), 12, 0.6)).unwrap();
+        let t = Tensor::new(&[1u32, 56, 3, 3, 20, 9], &Device::Cpu).unwrap();
+        let (g_lp, g_h) = (
+            Tensor::new(&[1.0f32, 0.0, -0.5, 2.0, 0.0, 1.0], &Device::Cpu).unwrap(),
+            Tensor::new(&[0.3f32, 1.0, 0.0, -0.2, 0.0, 0.5], &Device::Cpu).unwrap(),
+        );
+        for mode in [Mode::Cpu, Mode::Portable] {
+            with_mode(mode, || {
+                let out = chunked(h.as_tensor(), w.as_tensor(), &t, 0.8, None, 2 * v + 3, true).unwrap();
+                let (lp, ent) = (
+                    out.narrow(1, 0, 1).unwrap().squeeze(1).unwrap(),
+                    out.narrow(1, 1, 1).unwrap().squeeze(1).unwrap(),
+                );
+                // Dense: the whole logits, log-softmax, entropy.
+                let logits = (h.as_tensor().matmul(&w.as_tensor().t().unwrap()).unwrap() / 0.8).unwrap();
+                let lsm = crate::kernels::token_logprobs::log_softmax_last(&logits).unwrap();
+                let dlp = lsm.gather(&t.unsqueeze(1).unwrap(), 1).unwrap().squeeze(1).unwrap();
+                let dent = (lsm.exp().unwrap() * &lsm).unwrap().sum(1).unwrap().neg().unwrap();
+                assert!(max_diff(&lp, &dlp) < 1e-5 && max_diff(&ent, &dent) < 1e-5, "{mode:?}: values");
+                let loss =
+                    |a: &Tensor, b: &Tensor| ((a * &g_lp).unwrap() + (b * &g_h).unwrap()).unwrap().sum_all().unwrap();
+                let g1 = loss(&lp, &ent).backward().unwrap();
+                let g2 = loss(&dlp, &dent).backward().unwrap();
+                for (name, x) in [("h", &h), ("w", &w)] {
+                    let d = max_diff(g1.get(x).unwrap(), g2.get(x).unwrap());
+                    assert!(d < 1e-4, "{mode:?}: d{name} differs by {d}");
+                }
+            });
+        }
     }
 }

@@ -35,6 +35,10 @@ pub trait RewardFn: Send + Sync {
     fn score_batch(&self, samples: &[Sample]) -> anyhow::Result<Vec<Option<f32>>>;
     /// The documented bounds of a score (infinite where unbounded or unknown).
     fn range(&self) -> (f32, f32);
+    /// Files the function reads, whose content a stage's fingerprint covers.
+    fn files(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
     /// One sample's score.
     fn score_one(&self, sample: &Sample) -> anyhow::Result<Option<f32>> {
         Ok(self.score_batch(std::slice::from_ref(sample))?.pop().flatten())
@@ -230,6 +234,34 @@ builtins! {
     score(p, s) {
         let n = s.tokens.min(p.target_tokens) as f64;
         (p.scale as f64 * (1.0 + n).ln() / (1.0 + p.target_tokens as f64).ln()) as f32
+    }
+
+    /// DAPO's soft overlong punishment (TRL's `get_soft_overlong_punishment`): 0 up to max_completion_len − soft_punish_cache tokens, then falling linearly to −1 at max_completion_len, −1 beyond
+    "soft_overlong" => SoftOverlong {
+        /// the length, in tokens, at which the punishment reaches −1 (the stage's `max_completion_length`)
+        max_completion_len: usize = 512,
+        /// the tokens before `max_completion_len` over which the punishment grows (0: −1 past the limit only)
+        soft_punish_cache: usize = 128,
+    }
+    range(p) { (-1.0, 0.0) }
+    check(p) {
+        if p.soft_punish_cache > p.max_completion_len {
+            return Err(ParamError::new(
+                "soft_punish_cache",
+                format!("must be at most max_completion_len ({})", p.max_completion_len),
+            ));
+        }
+        Ok(())
+    }
+    score(p, s) {
+        let free = p.max_completion_len - p.soft_punish_cache;
+        if s.tokens <= free {
+            0.0
+        } else if s.tokens <= p.max_completion_len {
+            (free as f64 - s.tokens as f64) as f32 / p.soft_punish_cache as f32
+        } else {
+            -1.0
+        }
     }
 
     // ------------------------------------------------ Building-DeepSeek-R1 recipe

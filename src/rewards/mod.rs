@@ -2,6 +2,7 @@
 //! reference answer, completion length), combined into weighted reward sets.
 
 pub mod answer;
+pub mod external;
 pub mod functions;
 pub mod set;
 

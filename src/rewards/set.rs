@@ -1,18 +1,21 @@
 //! Reward sets: a weighted list of reward functions, from a YAML file or an
 //! inline list, scored over a whole group of completions in parallel.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::external::{CommandReward, UrlReward};
 use super::functions::{lookup, RewardFn, Sample, CATALOG};
 use crate::common::diagnostic::{suggest, Diagnostic, Diagnostics};
 use crate::common::params::yaml_to_json;
 use crate::common::yaml_pos::Positions;
 use crate::common::{typed, ParamError};
 
+/// One entry of a reward set: a built-in by `name` (with `params`), or a
+/// function outside the binary (`command` or `url`, `name` its label).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TermSpec {
@@ -21,10 +24,52 @@ struct TermSpec {
     weight: f32,
     #[serde(default)]
     params: Value,
+    command: Option<Vec<String>>,
+    url: Option<String>,
+    #[serde(default = "default_timeout")]
+    timeout_s: f64,
 }
 
 fn one() -> f32 {
     1.0
+}
+
+/// How long a program or server may take per batch.
+fn default_timeout() -> f64 {
+    60.0
+}
+
+impl TermSpec {
+    /// The function of an entry that names a command or a URL; None for a built-in.
+    fn external(&self, root: &Path) -> Option<Result<Box<dyn RewardFn>, ParamError>> {
+        let checked = |field: &str| -> Result<(), ParamError> {
+            if !self.params.is_null() {
+                return Err(ParamError::new("params", format!("a `{field}` reward takes no `params`"))
+                    .hint("pass what the program needs as arguments, or in the samples it reads"));
+            }
+            if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+                return Err(ParamError::new("timeout_s", "must be a positive number of seconds"));
+            }
+            Ok(())
+        };
+        match (&self.command, &self.url) {
+            (None, None) => None,
+            (Some(_), Some(_)) => Some(Err(ParamError::new("url", "an entry has a `command` or a `url`, not both"))),
+            (Some(c), None) => Some(checked("command").and_then(|_| {
+                if c.is_empty() || c[0].is_empty() {
+                    return Err(ParamError::new("command", "the command is empty")
+                        .hint("a list: [program, args…], e.g. [python3, stages/rewards/examples/length.py]"));
+                }
+                Ok(Box::new(CommandReward::new(c.clone(), root, self.timeout_s)) as Box<dyn RewardFn>)
+            })),
+            (None, Some(u)) => Some(checked("url").and_then(|_| {
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    return Err(ParamError::new("url", format!("`{u}` is not an http:// or https:// address")));
+                }
+                Ok(Box::new(UrlReward::new(u.clone(), self.timeout_s)) as Box<dyn RewardFn>)
+            })),
+        }
+    }
 }
 
 pub struct Term {
@@ -79,8 +124,10 @@ pub fn std(v: &[f32]) -> f32 {
 }
 
 impl RewardSet {
-    /// From a list of `{name, weight, params}`; errors carry the list index path (`1.params.correct`).
-    pub fn from_value(v: &Value) -> Result<RewardSet, Vec<ParamError>> {
+    /// From a list of `{name, weight, params}` (or `{name, command | url, weight,
+    /// timeout_s}`); a command runs in `root`. Errors carry the list index path
+    /// (`1.params.correct`).
+    pub fn from_value(v: &Value, root: &Path) -> Result<RewardSet, Vec<ParamError>> {
         let Value::Array(items) = v else {
             return Err(vec![ParamError::new("", "a reward set is a list of {name, weight, params}")]);
         };
@@ -99,6 +146,22 @@ impl RewardSet {
                     continue;
                 }
             };
+            if !spec.weight.is_finite() {
+                errors.push(ParamError::new(format!("{i}.weight"), "weight must be a finite number"));
+                continue;
+            }
+            match spec.external(root) {
+                Some(Ok(func)) => {
+                    terms.push(Term { name: spec.name, weight: spec.weight, func });
+                    continue;
+                }
+                Some(Err(mut e)) => {
+                    e.path = prefixed(i, &e.path);
+                    errors.push(e);
+                    continue;
+                }
+                None => {}
+            }
             let Some(info) = lookup(&spec.name) else {
                 errors.push(
                     ParamError::new(format!("{i}.name"), format!("unknown reward function `{}`", spec.name))
@@ -106,10 +169,6 @@ impl RewardSet {
                 );
                 continue;
             };
-            if !spec.weight.is_finite() {
-                errors.push(ParamError::new(format!("{i}.weight"), "weight must be a finite number"));
-                continue;
-            }
             match (info.build)(&spec.params) {
                 Ok(func) => terms.push(Term { name: spec.name, weight: spec.weight, func }),
                 Err(mut e) => {
@@ -129,8 +188,8 @@ impl RewardSet {
         }
     }
 
-    /// From a YAML file; errors name the file and line.
-    pub fn from_file(path: &Path) -> Result<RewardSet, Diagnostics> {
+    /// From a YAML file, commands running in `root`; errors name the file and line.
+    pub fn from_file(path: &Path, root: &Path) -> Result<RewardSet, Diagnostics> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Diagnostic::new(path, None, format!("cannot read reward set: {e}")))?;
         let doc: serde_yaml::Value = serde_yaml::from_str(&text)
@@ -147,7 +206,7 @@ impl RewardSet {
             }
             _ => (&v, ""),
         };
-        RewardSet::from_value(list).map_err(|errs| {
+        RewardSet::from_value(list, root).map_err(|errs| {
             Diagnostics(
                 errs.into_iter()
                     .map(|e| {
@@ -159,6 +218,12 @@ impl RewardSet {
                     .collect(),
             )
         })
+    }
+
+    /// The files the set's programs read (their scripts, arguments that are
+    /// files): a stage's fingerprint covers their content.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.terms.iter().flat_map(|t| t.func.files()).collect()
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -211,7 +276,8 @@ mod tests {
 
     #[test]
     fn a_function_that_does_not_apply_is_left_out_of_the_total_and_its_stats() {
-        let mut set = RewardSet::from_value(&serde_json::json!([{"name": "integer", "weight": 2.0}])).unwrap();
+        let mut set =
+            RewardSet::from_value(&serde_json::json!([{"name": "integer", "weight": 2.0}]), Path::new(".")).unwrap();
         set.terms.push(Term { name: "only_x".into(), weight: 3.0, func: Box::new(OnlyX) });
         let s = |c: &'static str| Sample { prompt: "", completion: c, answer: "", tokens: 1 };
         let scores = set.score(&[s("<answer>\n4\n</answer> x"), s("<answer>\n4\n</answer>"), s("y")]).unwrap();

@@ -13,6 +13,7 @@ use crate::common::params::{checked, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, PromptRow};
 use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
+use crate::rewards::set::RewardSet;
 use crate::rollout::{Client, ServerConfig};
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
 use crate::train::rollout_sync::RolloutServer;
@@ -36,10 +37,10 @@ pub struct Grpo;
 
 impl StageKind for Grpo {
     fn info(&self) -> &'static KindInfo {
-        // 3: LoRA runs also write `adapter`.
+        // 3: LoRA runs also write `adapter`. 4: TRL 1.16's defaults (bias-corrected KL, sampler IS correction on).
         &KindInfo {
             name: "grpo",
-            version: 3,
+            version: 4,
             description: "group relative policy optimization against a reward set",
             outputs: training::OUTPUTS,
         }
@@ -73,8 +74,17 @@ impl StageKind for Grpo {
             );
         } else {
             match reward_set(&p.rewards, project) {
-                Ok((_, Some(file))) => req.local_paths.push(("rewards".into(), file)),
-                Ok((_, None)) => {}
+                Ok((set, file)) => {
+                    if let Some(file) = file {
+                        req.local_paths.push(("rewards".into(), file));
+                    }
+                    for f in set.files() {
+                        req.local_paths.push((format!("rewards: {}", f.display()), f));
+                    }
+                    if let Err(e) = weighted(set, p.grpo.reward_weights.as_deref()) {
+                        errors.push(e);
+                    }
+                }
                 Err(es) => errors.extend(es.into_iter().map(|mut e| {
                     e.path = if e.path.is_empty() { "rewards".into() } else { format!("rewards.{}", e.path) };
                     e
@@ -91,12 +101,6 @@ impl StageKind for Grpo {
                 .hint("add `lora: { r: 16 }`: after each step the adapters are handed to the server (PEFT layout)"),
             );
         }
-        if p.grpo.vllm_importance_sampling_correction && server.is_none() {
-            errors.push(ParamError::new(
-                "vllm_importance_sampling_correction",
-                "corrects for sampling on a server; this stage samples locally (no `rollout:`)",
-            ));
-        }
         checked(req, errors)
     }
 
@@ -105,6 +109,7 @@ impl StageKind for Grpo {
         let (rewards, _) = reward_set(&p.rewards, &ctx.project).map_err(|e| {
             anyhow::anyhow!("rewards: {}", e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; "))
         })?;
+        let rewards = weighted(rewards, p.grpo.reward_weights.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut loaded = open_trainable(ctx, &p.model, p.grpo.training.lora.as_ref())?;
         let train_path = training::data_path(&p.train, &ctx.project);
         let mut prompts = Vec::new();
@@ -138,4 +143,23 @@ impl StageKind for Grpo {
         training::run(ctx, &mut loaded, &p.model, &mut algo, &training_cfg, json!({}))?;
         Ok(())
     }
+}
+
+/// The reward set with TRL's `reward_weights` in place of its own weights, one
+/// per function in the set's order.
+fn weighted(mut set: RewardSet, weights: Option<&[f32]>) -> std::result::Result<RewardSet, ParamError> {
+    let Some(weights) = weights else { return Ok(set) };
+    if weights.len() != set.terms.len() {
+        return Err(ParamError::new(
+            "reward_weights",
+            format!("{} weights for {} reward functions ({})", weights.len(), set.terms.len(), set.names().join(", ")),
+        )
+        .hint(
+            "give one weight per function, in the reward set's order, or drop `reward_weights` to keep the set's own",
+        ));
+    }
+    for (t, &w) in set.terms.iter_mut().zip(weights) {
+        t.weight = w;
+    }
+    Ok(set)
 }

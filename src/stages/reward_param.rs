@@ -19,10 +19,10 @@ pub fn reward_set(v: &Value, project: &Project) -> Result<(RewardSet, Option<Pat
                 return Err(vec![ParamError::new("", format!("{} does not exist", path.display()))
                     .hint("give a reward-set file such as stages/rewards/r1-gsm8k.yaml, or an inline list")]);
             }
-            RewardSet::from_file(&path)
+            RewardSet::from_file(&path, &project.root)
                 .map(|s| (s, Some(path)))
                 .map_err(|d| vec![ParamError::new("", format!("\n{d}"))])
         }
-        other => RewardSet::from_value(other).map(|s| (s, None)),
+        other => RewardSet::from_value(other, &project.root).map(|s| (s, None)),
     }
 }

@@ -17,6 +17,33 @@ pub enum LossType {
     Dapo,
     /// Sum over tokens / (batch × max_completion_length).
     DrGrpo,
+    /// Clipped importance weights (detached) times A times log π (MiniMax-M1); normalized as `dapo`.
+    Cispo,
+    /// A sigmoid gate instead of hard clipping (Soft Adaptive Policy Optimization); normalized as `grpo`.
+    Sapo,
+    /// Each sequence's loss summed over its tokens (length-unbiased GSPO); needs sequence-level ratios.
+    Luspo,
+    /// Gamma-weighted sequence ratios times A times log π (VESPO); normalized as `dapo`.
+    Vespo,
+}
+
+/// Whether the importance ratio π/πold is one per token or one per sequence
+/// (the mean of its tokens' log-ratios: GSPO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IsLevel {
+    Token,
+    Sequence,
+}
+
+/// How several reward functions become one advantage (TRL's `multi_objective_aggregation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Aggregation {
+    /// Weighted sum of the rewards, then the advantage of the sum.
+    SumThenNormalize,
+    /// Each reward normalized within its group, weighted and summed, then normalized over the batch (GDPO).
+    NormalizeThenSum,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +80,33 @@ pub fn advantages(rewards: &[f32], group: usize, scale: ScaleRewards) -> Vec<f32
         .collect()
 }
 
+/// GDPO's advantages (`normalize_then_sum`): each function's rewards
+/// normalized within its group (NaN, a function that does not apply, left out),
+/// weighted and summed, then normalized over the whole batch, as TRL computes
+/// them. `per_function[f][i]`: function f on completion i.
+pub fn advantages_normalize_then_sum(per_function: &[Vec<f32>], weights: &[f32], group: usize) -> Vec<f32> {
+    let n = per_function.first().map_or(0, Vec::len);
+    let mut summed = vec![0f32; n];
+    let mut any = vec![false; n];
+    for (values, &w) in per_function.iter().zip(weights) {
+        for (g, chunk) in values.chunks(group).enumerate() {
+            let seen: Vec<f32> = chunk.iter().copied().filter(|x| !x.is_nan()).collect();
+            let mean = seen.iter().sum::<f32>() / seen.len().max(1) as f32;
+            let sd = std(&seen);
+            for (k, &x) in chunk.iter().enumerate() {
+                if !x.is_nan() {
+                    summed[g * group + k] += (x - mean) / (sd + 1e-4) * w;
+                    any[g * group + k] = true;
+                }
+            }
+        }
+    }
+    let seen: Vec<f32> = summed.iter().zip(&any).filter(|(_, &a)| a).map(|(&x, _)| x).collect();
+    let (mean, sd) = (seen.iter().sum::<f32>() / seen.len().max(1) as f32, std(&seen));
+    // A completion no function scored carries no signal (TRL zeroes its advantage).
+    summed.iter().zip(&any).map(|(&x, &a)| if a { (x - mean) / (sd + 1e-4) } else { 0.0 }).collect()
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct LossConfig {
     pub loss_type: LossType,
@@ -64,15 +118,65 @@ pub struct LossConfig {
     pub micro_batches: usize,
     /// Completion tokens in the whole accumulated batch (the `dapo` normalizer).
     pub global_tokens: f64,
+    pub importance_sampling_level: IsLevel,
+    /// Two-sided clipping: the unclipped ratio capped at δ (INTELLECT-2).
+    pub delta: Option<f64>,
+    /// Drop sequences with A < 0 whose mean log πsampler − log π exceeds this (DeepSeek-V3.2's OPSM).
+    pub off_policy_mask_threshold: Option<f64>,
+    /// Weight the KL term by the importance ratio.
+    pub use_bias_correction_kl: bool,
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
+    pub vespo_k_pos: f64,
+    pub vespo_k_neg: f64,
+    pub vespo_lambda_pos: f64,
+    pub vespo_lambda_neg: f64,
+    /// The entropy bonus's coefficient this step (0: none).
+    pub entropy_coef: f64,
 }
 
-/// Statistics of one micro-batch's loss, for the logs.
+impl LossConfig {
+    /// TRL's defaults for everything beyond the normalization: token-level
+    /// ratios, no δ, no off-policy mask, bias-corrected KL, no entropy bonus.
+    pub fn new(loss_type: LossType, epsilon_low: f64, epsilon_high: f64, beta: f64) -> LossConfig {
+        LossConfig {
+            loss_type,
+            epsilon_low,
+            epsilon_high,
+            beta,
+            max_completion_length: 0,
+            micro_batches: 1,
+            global_tokens: 0.0,
+            importance_sampling_level: IsLevel::Token,
+            delta: None,
+            off_policy_mask_threshold: None,
+            use_bias_correction_kl: true,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            vespo_k_pos: 2.0,
+            vespo_k_neg: 3.0,
+            vespo_lambda_pos: 3.0,
+            vespo_lambda_neg: 2.0,
+            entropy_coef: 0.0,
+        }
+    }
+}
+
+/// Statistics of one micro-batch's loss, for the logs (TRL's names in `GrpoLog`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LossStats {
     /// Mean k3 KL over completion tokens (0 when β = 0).
     pub kl: f64,
     /// Fraction of completion tokens whose ratio was clipped (low or high region).
     pub clip_region: f64,
+    pub clip_low: f64,
+    pub clip_high: f64,
+    /// `cispo`: fraction of tokens whose weight hit ε_high with A > 0.
+    pub cispo_clip: f64,
+    /// `vespo`: mean gamma weight.
+    pub vespo_phi: f64,
+    /// Mean entropy of the policy over completion tokens (when given).
+    pub entropy: f64,
     pub tokens: f64,
 }
 
@@ -120,66 +224,220 @@ pub fn importance_weights(
     }
 }
 
-/// The GRPO loss of one micro-batch.
-/// `logp`, `old_logp`, `ref_logp`: [B, C] per-token log-probabilities of the completions;
-/// `adv`: [B]; `mask`: [B, C] (1 for completion tokens that count); `is_weight`:
-/// [B, C] importance weights for off-policy samples ([`importance_weights`]),
-/// applied to the policy term and not to the KL term, as in TRL.
-pub fn loss(
-    logp: &Tensor,
-    old_logp: &Tensor,
-    ref_logp: Option<&Tensor>,
-    adv: &Tensor,
-    mask: &Tensor,
-    is_weight: Option<&Tensor>,
-    cfg: &LossConfig,
-) -> Result<(Tensor, LossStats)> {
-    let adv = adv.unsqueeze(1)?;
-    let ratio = (logp - old_logp.detach())?.exp()?;
-    let clipped = ratio.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
-    let l1 = ratio.broadcast_mul(&adv)?;
-    let l2 = clipped.broadcast_mul(&adv)?;
-    let mut per_token = l1.minimum(&l2)?.neg()?;
-    if let Some(w) = is_weight {
-        per_token = (per_token * w.detach())?;
-    }
-    // The statistics are summed on the device and read in one copy.
-    let mut sums = vec![mask.sum_all()?.to_dtype(DType::F64)?];
-    if cfg.beta != 0.0 {
-        let r = ref_logp.expect("β > 0 needs reference log-probabilities");
-        let d = (r.detach() - logp)?;
-        let kl = ((d.exp()? - &d)? - 1.0)?;
-        sums.push((&kl * mask)?.sum_all()?.to_dtype(DType::F64)?);
-        per_token = (per_token + (kl * cfg.beta)?)?;
-    }
-    // Clipped region: low clip with A < 0, high clip with A > 0 (TRL's clip_ratio/region_mean).
-    {
-        let r = ratio.detach();
-        let dt = mask.dtype();
-        let low = r.lt(1.0 - cfg.epsilon_low)?.to_dtype(dt)?.broadcast_mul(&adv.lt(0.0)?.to_dtype(dt)?)?;
-        let high = r.gt(1.0 + cfg.epsilon_high)?.to_dtype(dt)?.broadcast_mul(&adv.gt(0.0)?.to_dtype(dt)?)?;
-        sums.push(((low + high)? * mask)?.sum_all()?.to_dtype(DType::F64)?);
-    }
-    let sums = transfer::to_vec1::<f64>(&Tensor::stack(&sums, 0)?)?;
-    let tokens = sums[0];
-    let mut stats = LossStats { tokens, ..Default::default() };
-    if cfg.beta != 0.0 {
-        stats.kl = sums[1] / tokens.max(1.0);
-    }
-    stats.clip_region = sums[sums.len() - 1] / tokens.max(1.0);
-    let masked = (per_token * mask)?;
+/// What one micro-batch's loss is computed from. Every tensor is [B, C]
+/// (completions × completion positions) but `adv` ([B]).
+pub struct LossInputs<'a> {
+    /// log π of the sampled tokens, with a graph to the policy.
+    pub logp: &'a Tensor,
+    pub old_logp: &'a Tensor,
+    pub ref_logp: Option<&'a Tensor>,
+    /// The sampler's log-probabilities (a rollout server's), for the off-policy mask.
+    pub sampling_logp: Option<&'a Tensor>,
+    pub adv: &'a Tensor,
+    /// 1 for completion tokens that count.
+    pub mask: &'a Tensor,
+    /// Importance weights πold / πsampler ([`importance_weights`]).
+    pub is_weight: Option<&'a Tensor>,
+    /// The policy's per-token entropy (with a graph when there is an entropy bonus).
+    pub entropy: Option<&'a Tensor>,
+    /// 1 for the tokens the policy term keeps (`top_entropy_quantile`).
+    pub entropy_mask: Option<&'a Tensor>,
+}
+
+/// The GRPO loss of one micro-batch, for every loss type, as TRL 1.16's
+/// `_compute_loss` computes it: the importance ratio (per token or per
+/// sequence), the loss type's per-token term, then the off-policy mask, the
+/// entropy mask, the sampler's importance weights (not for `vespo`, which
+/// folds them into its ratio), the KL term (bias-corrected when asked), the
+/// loss type's normalization, and the entropy bonus.
+pub fn loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossStats)> {
+    let (logp, mask) = (x.logp, x.mask);
+    let dt = mask.dtype();
+    let adv = x.adv.unsqueeze(1)?;
+    let log_ratio = (logp - x.old_logp.detach())?;
+    let log_w = match cfg.importance_sampling_level {
+        IsLevel::Token => log_ratio.clone(),
+        IsLevel::Sequence => (&log_ratio * mask)?
+            .sum_keepdim(D::Minus1)?
+            .broadcast_div(&mask.sum_keepdim(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?,
+    };
+    let coef_1 = log_w.exp()?;
+    let positive = adv.gt(0.0)?.to_dtype(dt)?;
+    let nonnegative = adv.ge(0.0)?.to_dtype(dt)?;
+    let negative = adv.lt(0.0)?.to_dtype(dt)?;
+    // The statistics are summed on the device and read in one copy: [tokens, kl, clip low,
+    // clip high, cispo clip, vespo φ, entropy].
+    let sum = |t: &Tensor| -> Result<Tensor> { t.broadcast_mul(mask)?.sum_all()?.to_dtype(DType::F64) };
+    // A statistic of one value per sequence ([B, 1]: sequence-level ratios, vespo's φ)
+    // is a mean over sequences, as TRL's `global_masked_mean`; the rest over tokens.
     let b = logp.dim(0)? as f64;
+    let mut per_sequence = [false; 7];
+    let mut mean_of = |k: usize, t: &Tensor| -> Result<Tensor> {
+        per_sequence[k] = t.dim(D::Minus1)? == 1;
+        if per_sequence[k] {
+            t.sum_all()?.to_dtype(DType::F64)
+        } else {
+            sum(t)
+        }
+    };
+    let zero = Tensor::zeros((), DType::F64, mask.device())?;
+    let mut stats_t = vec![
+        mask.sum_all()?.to_dtype(DType::F64)?,
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+        zero.clone(),
+        zero,
+    ];
+    let mut per_token = match cfg.loss_type {
+        LossType::Cispo => {
+            let clamped = coef_1.clamp(f64::NEG_INFINITY, cfg.epsilon_high)?.detach();
+            let clipped = coef_1.detach().gt(cfg.epsilon_high)?.to_dtype(dt)?.broadcast_mul(&positive)?;
+            stats_t[4] = mean_of(4, &clipped)?;
+            clamped.broadcast_mul(&adv)?.broadcast_mul(logp)?.neg()?
+        }
+        LossType::Grpo | LossType::Bnpo | LossType::DrGrpo | LossType::Dapo | LossType::Luspo => {
+            let coef_2 = coef_1.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
+            let coef_1 = match cfg.delta {
+                Some(d) => coef_1.clamp(f64::NEG_INFINITY, d)?,
+                None => coef_1.clone(),
+            };
+            // The clipped fractions are TRL's: of the ratio after δ's cap.
+            let r = coef_1.detach();
+            let low = r.lt(1.0 - cfg.epsilon_low)?.to_dtype(dt)?.broadcast_mul(&negative)?;
+            let high = r.gt(1.0 + cfg.epsilon_high)?.to_dtype(dt)?.broadcast_mul(&positive)?;
+            stats_t[2] = mean_of(2, &low)?;
+            stats_t[3] = mean_of(3, &high)?;
+            coef_1.broadcast_mul(&adv)?.minimum(&coef_2.broadcast_mul(&adv)?)?.neg()?
+        }
+        LossType::Sapo => {
+            let temps =
+                ((&positive * cfg.sapo_temperature_pos)? + (positive.affine(-1.0, 1.0)? * cfg.sapo_temperature_neg)?)?;
+            let gate = candle_nn::ops::sigmoid(&(&coef_1 - 1.0)?.broadcast_mul(&temps)?)?;
+            let soft = (gate * 4.0)?.broadcast_div(&temps)?;
+            soft.broadcast_mul(&adv)?.neg()?
+        }
+        LossType::Vespo => {
+            let phi = vespo_weights(&log_ratio.detach(), mask, x.is_weight, &nonnegative, cfg)?;
+            stats_t[5] = mean_of(5, &phi)?;
+            phi.broadcast_mul(&adv)?.broadcast_mul(logp)?.neg()?
+        }
+    };
+    if let Some(threshold) = cfg.off_policy_mask_threshold {
+        let sampling = x.sampling_logp.unwrap_or(x.old_logp);
+        let kl = (sampling.detach() - logp.detach())?;
+        let mean_kl = (&kl * mask)?
+            .sum_keepdim(D::Minus1)?
+            .broadcast_div(&mask.sum_keepdim(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?;
+        let keep = nonnegative.maximum(&mean_kl.le(threshold)?.to_dtype(dt)?)?;
+        per_token = per_token.broadcast_mul(&keep)?;
+    }
+    if let Some(m) = x.entropy_mask {
+        per_token = (per_token * m)?;
+    }
+    if let (Some(w), false) = (x.is_weight, cfg.loss_type == LossType::Vespo) {
+        per_token = per_token.broadcast_mul(&w.detach())?;
+    }
+    if cfg.beta != 0.0 {
+        let Some(r) = x.ref_logp else { candle_core::bail!("β > 0 needs reference log-probabilities") };
+        let d = (r.detach() - logp)?;
+        let mut kl = ((d.exp()? - &d)? - 1.0)?;
+        if cfg.use_bias_correction_kl {
+            kl = kl.broadcast_mul(&coef_1)?;
+        }
+        stats_t[1] = sum(&kl.detach())?;
+        per_token = (per_token.broadcast_as(mask.shape())? + (kl * cfg.beta)?)?;
+    }
+    let per_token = per_token.broadcast_as(mask.shape())?;
+    if let Some(h) = x.entropy {
+        stats_t[6] = sum(&h.detach())?;
+    }
+    let sums = transfer::to_vec1::<f64>(&Tensor::stack(&stats_t, 0)?)?;
+    let tokens = sums[0];
+    let per = |k: usize| sums[k] / if per_sequence[k] { b.max(1.0) } else { tokens.max(1.0) };
+    let stats = LossStats {
+        tokens,
+        kl: per(1),
+        clip_low: per(2),
+        clip_high: per(3),
+        clip_region: per(2) + per(3),
+        cispo_clip: per(4),
+        vespo_phi: per(5),
+        entropy: per(6),
+    };
+    let masked = (per_token * mask)?;
     let acc = cfg.micro_batches.max(1) as f64;
-    let loss = match cfg.loss_type {
-        LossType::Grpo => {
+    let mut loss = match cfg.loss_type {
+        LossType::Grpo | LossType::Sapo => {
             let per_seq = masked.sum(D::Minus1)?.broadcast_div(&mask.sum(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?;
             (per_seq.mean_all()? / acc)?
         }
         LossType::Bnpo => (masked.sum_all()? / (tokens.max(1.0) * acc))?,
         LossType::DrGrpo => (masked.sum_all()? / (b * cfg.max_completion_length as f64 * acc))?,
-        LossType::Dapo => (masked.sum_all()? / cfg.global_tokens.max(1.0))?,
+        LossType::Dapo | LossType::Cispo | LossType::Vespo => (masked.sum_all()? / cfg.global_tokens.max(1.0))?,
+        LossType::Luspo => (masked.sum(D::Minus1)?.mean_all()? / acc)?,
     };
+    if cfg.entropy_coef != 0.0 {
+        // The bonus is the mean entropy over the tokens the policy term acts on, for every
+        // loss type (TRL: L = L_policy − coef · H), scaled only for accumulation.
+        let Some(h) = x.entropy else { candle_core::bail!("an entropy bonus needs the policy's entropy") };
+        let effective = match x.entropy_mask {
+            Some(m) => (mask * m)?,
+            None => mask.clone(),
+        };
+        let mean_h = (((h * &effective)?.sum_all()? / effective.sum_all()?.clamp(1.0, f64::INFINITY)?)? / acc)?;
+        loss = (loss - (mean_h * cfg.entropy_coef)?)?;
+    }
     Ok((loss, stats))
+}
+
+/// TRL's `get_high_entropy_mask`: 1 for the masked-in tokens whose entropy is at
+/// least the `quantile` of the masked-in entropies (linear interpolation, as
+/// `torch.quantile`), 0 elsewhere.
+pub fn high_entropy_mask(entropy: &Tensor, mask: &Tensor, quantile: f64) -> Result<Tensor> {
+    let h: Vec<Vec<f32>> = transfer::to_vec2(&entropy.detach().to_dtype(DType::F32)?)?;
+    let m: Vec<Vec<f32>> = transfer::to_vec2(&mask.to_dtype(DType::F32)?)?;
+    let mut seen: Vec<f32> =
+        h.iter().flatten().zip(m.iter().flatten()).filter(|(_, &k)| k > 0.0).map(|(&x, _)| x).collect();
+    if seen.is_empty() {
+        return mask.zeros_like();
+    }
+    seen.sort_by(f32::total_cmp);
+    let pos = quantile * (seen.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    let threshold = seen[lo] as f64 + (seen[hi] as f64 - seen[lo] as f64) * (pos - lo as f64);
+    let keep = entropy.detach().to_dtype(DType::F64)?.ge(threshold)?.to_dtype(mask.dtype())?;
+    keep * mask
+}
+
+/// VESPO's gamma weights per sequence, [B, 1], without a graph:
+/// φ(w) = e^λ · w^k · e^(−λw) for the sequence ratio w = exp(Σ log π/πold (+ Σ log πold/πsampler)),
+/// k and λ by the sign of the advantage, computed in log space with TRL's clamps.
+fn vespo_weights(
+    log_ratio: &Tensor,
+    mask: &Tensor,
+    is_weight: Option<&Tensor>,
+    nonnegative: &Tensor,
+    cfg: &LossConfig,
+) -> Result<Tensor> {
+    let lower = 1e-8f64.ln();
+    let mut seq = (log_ratio.clamp(-20.0, 20.0)? * mask)?.sum_keepdim(D::Minus1)?;
+    if let Some(w) = is_weight {
+        seq = (seq + w.log()?.clamp(lower, 20.0)?.sum_keepdim(D::Minus1)?)?;
+    }
+    let log_w = seq.clamp(lower, 20.0)?;
+    let w = log_w.exp()?;
+    let pick =
+        |pos: f64, neg: f64| -> Result<Tensor> { (nonnegative * pos)? + (nonnegative.affine(-1.0, 1.0)? * neg)? };
+    let k = pick(cfg.vespo_k_pos, cfg.vespo_k_neg)?;
+    let lambda = pick(cfg.vespo_lambda_pos, cfg.vespo_lambda_neg)?.clamp(1e-4, f64::INFINITY)?;
+    let log_phi = ((&lambda + (k * &log_w)?)? - (lambda * w)?)?;
+    // TRL's nan_to_num(nan=0, posinf=0, neginf=0): a non-finite φ weighs nothing.
+    let phi = log_phi.exp()?;
+    let dt = phi.dtype();
+    let finite = phi.eq(&phi)?.to_dtype(dt)?.mul(&phi.abs()?.lt(f64::INFINITY)?.to_dtype(dt)?)?;
+    finite.gt(0.0)?.where_cond(&phi, &phi.zeros_like()?)
 }
 
 #[cfg(test)]
@@ -233,16 +491,39 @@ mod tests {
         out
     }
 
+    /// The hand-computed examples use the plain k3 KL (TRL's `use_bias_correction_kl = False`).
     fn cfg(loss_type: LossType, beta: f64) -> LossConfig {
         LossConfig {
-            loss_type,
-            epsilon_low: 0.2,
-            epsilon_high: 0.2,
-            beta,
             max_completion_length: 4,
             micro_batches: 2,
             global_tokens: 10.0,
+            use_bias_correction_kl: false,
+            ..LossConfig::new(loss_type, 0.2, 0.2, beta)
         }
+    }
+
+    /// The loss of policy `logp` against `old` and `refp`, optionally importance-weighted.
+    fn loss_of(
+        logp: &Tensor,
+        old: &Tensor,
+        refp: &Tensor,
+        adv: &Tensor,
+        mask: &Tensor,
+        is_weight: Option<&Tensor>,
+        cfg: &LossConfig,
+    ) -> Result<(Tensor, LossStats)> {
+        let x = LossInputs {
+            logp,
+            old_logp: old,
+            ref_logp: Some(refp),
+            sampling_logp: None,
+            adv,
+            mask,
+            is_weight,
+            entropy: None,
+            entropy_mask: None,
+        };
+        loss(&x, cfg)
     }
 
     #[test]
@@ -259,7 +540,7 @@ mod tests {
                 (LossType::Dapo, (s0 + s1) / 10.0),
             ];
             for (lt, want) in expected {
-                let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, None, &cfg(lt, beta)).unwrap();
+                let (l, _) = loss_of(&logp, &old, &refp, &adv, &mask, None, &cfg(lt, beta)).unwrap();
                 let got = l.to_scalar::<f64>().unwrap();
                 assert!((got - want).abs() < 1e-12, "{lt:?} β={beta}: {got} vs {want}");
             }
@@ -275,7 +556,7 @@ mod tests {
         c.epsilon_high = 0.05;
         let t = by_hand_eps(0.04, 0.2, 0.05);
         let want = (t[0][0] + t[0][1] + t[0][2] + t[1][0] + t[1][1]) / 5.0 / 2.0;
-        let (l, s) = loss(&logp, &old, Some(&refp), &adv, &mask, None, &c).unwrap();
+        let (l, s) = loss_of(&logp, &old, &refp, &adv, &mask, None, &c).unwrap();
         assert!((l.to_scalar::<f64>().unwrap() - want).abs() < 1e-12);
         assert_ne!(by_hand_eps(0.04, 0.2, 0.05)[0][0], by_hand(0.04)[0][0], "the case exercises the upper bound");
         assert!((s.clip_region - 2.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
@@ -288,12 +569,12 @@ mod tests {
         for lt in [LossType::Grpo, LossType::Bnpo, LossType::Dapo, LossType::DrGrpo] {
             let c = cfg(lt, 0.04);
             let x = candle_core::Var::from_tensor(&logp).unwrap();
-            let (l, _) = loss(x.as_tensor(), &old, Some(&refp), &adv, &mask, None, &c).unwrap();
+            let (l, _) = loss_of(x.as_tensor(), &old, &refp, &adv, &mask, None, &c).unwrap();
             let g: Vec<Vec<f64>> = l.backward().unwrap().get(x.as_tensor()).unwrap().to_vec2().unwrap();
             let base: Vec<Vec<f64>> = logp.to_vec2().unwrap();
             let value = |v: &Vec<Vec<f64>>| {
                 let t = Tensor::new(v.clone(), &Device::Cpu).unwrap();
-                loss(&t, &old, Some(&refp), &adv, &mask, None, &c).unwrap().0.to_scalar::<f64>().unwrap()
+                loss_of(&t, &old, &refp, &adv, &mask, None, &c).unwrap().0.to_scalar::<f64>().unwrap()
             };
             for i in 0..2 {
                 for j in 0..3 {
@@ -345,7 +626,7 @@ mod tests {
         let (logp, old, refp, adv, mask) = case();
         let w = Tensor::new(&[[2.0f64, 1.0, 0.5], [1.0, 0.0, 1.0]], &Device::Cpu).unwrap();
         let c = cfg(LossType::Dapo, 0.04);
-        let (l, _) = loss(&logp, &old, Some(&refp), &adv, &mask, Some(&w), &c).unwrap();
+        let (l, _) = loss_of(&logp, &old, &refp, &adv, &mask, Some(&w), &c).unwrap();
         let (pol, kl) = (by_hand(0.0), by_hand(0.04));
         let ww = [[2.0, 1.0, 0.5], [1.0, 0.0, 1.0]];
         let mut want = 0.0;
@@ -359,7 +640,7 @@ mod tests {
     #[test]
     fn stats_report_kl_and_the_clipped_region() {
         let (logp, old, refp, adv, mask) = case();
-        let (_, s) = loss(&logp, &old, Some(&refp), &adv, &mask, None, &cfg(LossType::Dapo, 0.04)).unwrap();
+        let (_, s) = loss_of(&logp, &old, &refp, &adv, &mask, None, &cfg(LossType::Dapo, 0.04)).unwrap();
         // Ratios: row 0: e^0.1 (≤1.2), 1, e^-1 (< 0.8, but A > 0: not clipped); row 1: 1, e^-0.5 (< 0.8, A < 0: clipped).
         assert!((s.clip_region - 1.0 / 5.0).abs() < 1e-12, "{}", s.clip_region);
         let kl = |d: f64| d.exp() - d - 1.0;

@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::super::config::TrainingConfig;
-use super::super::grpo_loss::{IsMode, LossType, ScaleRewards};
+use super::super::grpo_loss::LossConfig;
+use super::super::grpo_loss::{Aggregation, IsLevel, IsMode, LossType, ScaleRewards};
+use super::super::optim::Schedule;
 use crate::common::ParamError;
 use crate::model::SamplingParams;
 
@@ -20,21 +22,71 @@ pub struct GrpoConfig {
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
+    /// Keep only tokens at least this fraction as likely as the most likely one.
+    pub min_p: Option<f32>,
+    /// > 1 makes tokens already in the prompt or the completion less likely (HF's rule).
+    pub repetition_penalty: f32,
     pub beta: f64,
     pub epsilon: f64,
     pub epsilon_high: Option<f64>,
+    /// Two-sided clipping: the unclipped ratio capped at δ (> 1 + ε; INTELLECT-2).
+    pub delta: Option<f64>,
     pub loss_type: LossType,
+    pub importance_sampling_level: IsLevel,
     pub scale_rewards: ScaleRewards,
+    pub multi_objective_aggregation: Aggregation,
+    /// One weight per reward function, replacing the reward set's weights.
+    pub reward_weights: Option<Vec<f32>>,
     pub num_iterations: usize,
     pub mask_truncated_completions: bool,
+    /// Drop sequences with a negative advantage whose sampler has drifted further than this (OPSM).
+    pub off_policy_mask_threshold: Option<f64>,
+    /// Weight the KL term by the importance ratio.
+    pub use_bias_correction_kl: bool,
+    /// Move the reference toward the policy every `ref_model_sync_steps`:
+    /// π_ref ← α·π_θ + (1 − α)·π_ref (TR-DPO).
+    pub sync_ref_model: bool,
+    pub ref_model_mixup_alpha: f64,
+    pub ref_model_sync_steps: u64,
+    /// Train only on the top ρ of completion tokens by the policy's entropy (1: all).
+    pub top_entropy_quantile: f64,
+    /// An entropy bonus: L = L_policy − coef · mean entropy.
+    pub entropy_coef: f64,
+    /// Skywork-OR1's controller: raise `entropy_coef` by `entropy_coef_delta` while the
+    /// entropy is at or below `entropy_target`, lower it otherwise (within [min, max]).
+    pub use_adaptive_entropy: bool,
+    pub entropy_coef_min: f64,
+    pub entropy_coef_max: f64,
+    pub entropy_coef_delta: f64,
+    pub entropy_target: f64,
+    pub sapo_temperature_pos: f64,
+    pub sapo_temperature_neg: f64,
+    pub vespo_k_pos: f64,
+    pub vespo_k_neg: f64,
+    pub vespo_lambda_pos: f64,
+    pub vespo_lambda_neg: f64,
+    /// DAPO's dynamic sampling (verl's `filter_groups`): groups whose rewards all tie
+    /// are dropped and fresh prompts sampled in their place, for up to
+    /// `dynamic_sampling_max_rounds` extra rounds of generation per step.
+    pub dynamic_sampling: bool,
+    pub dynamic_sampling_max_rounds: usize,
+    /// Evaluate the policy every this many steps on the stage's `eval_dataset` (greedy).
+    pub eval_steps: Option<u64>,
+    /// At most this many evaluation questions (all when unset).
+    pub eval_limit: Option<usize>,
+    /// Completions per evaluation question: only 1 (greedy) is supported.
+    pub num_generations_eval: Option<usize>,
+    /// The evaluation metric that picks the best checkpoint (`accuracy_strict`, …).
+    pub metric_for_best_model: Option<String>,
+    /// Write the best evaluated checkpoint as the stage's model.
+    pub load_best_model_at_end: bool,
     /// Every this many steps, a few prompt/completion/reward samples go into the log (0: never).
     pub log_completions: u64,
     /// How a full fine-tuning run keeps its reference policy (β > 0): `bf16` halves its memory.
     pub reference_dtype: ReferenceDtype,
     /// With a rollout server: weight each token's policy term by πold / πsampler
-    /// (the server samples with its own kernels and precision, so slightly off-policy).
-    /// TRL's names; off by default here until measured for a setup (the log's
-    /// `sampling/sampling_logp_difference/*` shows the mismatch either way).
+    /// (the server samples with its own kernels and precision, so slightly
+    /// off-policy). Applies only to rollouts from a server, as in TRL.
     pub vllm_importance_sampling_correction: bool,
     pub vllm_importance_sampling_mode: IsMode,
     pub vllm_importance_sampling_clip_min: Option<f64>,
@@ -51,34 +103,68 @@ pub enum ReferenceDtype {
 }
 
 impl Default for GrpoConfig {
-    /// TRL's GRPOConfig, with the R1 recipe's optimizer settings where TRL
-    /// inherits the Trainer's (β2 0.99, weight decay 0.1, clipping 0.1, warmup 0.1).
+    /// TRL 1.16's GRPOConfig, everything but `max_prompt_length` (which TRL
+    /// dropped; here a prompt's tokens beyond it are cut from its start).
     fn default() -> Self {
         GrpoConfig {
             training: TrainingConfig {
                 learning_rate: 1e-6,
-                adam_beta2: 0.99,
-                weight_decay: 0.1,
-                max_grad_norm: 0.1,
+                lr_scheduler_type: Schedule::Linear,
+                warmup_ratio: 0.0,
+                adam_beta2: 0.999,
+                weight_decay: 0.0,
+                max_grad_norm: 1.0,
+                num_train_epochs: 3.0,
                 ..TrainingConfig::default()
             },
             num_generations: 8,
             max_prompt_length: 512,
-            max_completion_length: 256,
+            max_completion_length: 512,
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: None,
+            repetition_penalty: 1.0,
             beta: 0.0,
             epsilon: 0.2,
             epsilon_high: None,
+            delta: None,
             loss_type: LossType::Dapo,
+            importance_sampling_level: IsLevel::Token,
             scale_rewards: ScaleRewards::Group,
+            multi_objective_aggregation: Aggregation::SumThenNormalize,
+            reward_weights: None,
             num_iterations: 1,
             mask_truncated_completions: false,
+            off_policy_mask_threshold: None,
+            use_bias_correction_kl: true,
+            sync_ref_model: false,
+            ref_model_mixup_alpha: 0.6,
+            ref_model_sync_steps: 512,
+            top_entropy_quantile: 1.0,
+            entropy_coef: 0.0,
+            use_adaptive_entropy: false,
+            entropy_coef_min: 0.0,
+            entropy_coef_max: 1.0,
+            entropy_coef_delta: 0.005,
+            entropy_target: 0.2,
+            sapo_temperature_pos: 1.0,
+            sapo_temperature_neg: 1.05,
+            vespo_k_pos: 2.0,
+            vespo_k_neg: 3.0,
+            vespo_lambda_pos: 3.0,
+            vespo_lambda_neg: 2.0,
+            dynamic_sampling: false,
+            dynamic_sampling_max_rounds: 4,
+            eval_steps: None,
+            eval_limit: None,
+            num_generations_eval: None,
+            metric_for_best_model: None,
+            load_best_model_at_end: false,
             log_completions: 0,
             reference_dtype: ReferenceDtype::Bf16,
-            vllm_importance_sampling_correction: false,
-            vllm_importance_sampling_mode: IsMode::TokenTruncate,
+            vllm_importance_sampling_correction: true,
+            vllm_importance_sampling_mode: IsMode::SequenceMask,
             vllm_importance_sampling_clip_min: None,
             vllm_importance_sampling_clip_max: Some(3.0),
         }
@@ -92,10 +178,42 @@ impl GrpoConfig {
             temperature: self.temperature,
             top_p: self.top_p,
             top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
             max_new_tokens: self.max_completion_length,
             stop: Vec::new(),
             include_stop_str_in_output: false,
         }
+    }
+
+    /// The loss's settings for a step whose batch has `global_tokens` completion
+    /// tokens in `micro_batches` micro-batches, with this step's entropy coefficient.
+    pub fn loss_config(&self, micro_batches: usize, global_tokens: f64, entropy_coef: f64) -> LossConfig {
+        LossConfig {
+            loss_type: self.loss_type,
+            epsilon_low: self.epsilon,
+            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
+            beta: self.beta,
+            max_completion_length: self.max_completion_length,
+            micro_batches,
+            global_tokens,
+            importance_sampling_level: self.importance_sampling_level,
+            delta: self.delta,
+            off_policy_mask_threshold: self.off_policy_mask_threshold,
+            use_bias_correction_kl: self.use_bias_correction_kl,
+            sapo_temperature_pos: self.sapo_temperature_pos,
+            sapo_temperature_neg: self.sapo_temperature_neg,
+            vespo_k_pos: self.vespo_k_pos,
+            vespo_k_neg: self.vespo_k_neg,
+            vespo_lambda_pos: self.vespo_lambda_pos,
+            vespo_lambda_neg: self.vespo_lambda_neg,
+            entropy_coef,
+        }
+    }
+
+    /// Whether a step needs the policy's per-token entropy (beyond logging it).
+    pub fn needs_entropy_gradient(&self) -> bool {
+        self.entropy_coef != 0.0 || self.use_adaptive_entropy
     }
 
     /// Prompts per round: a step's completions are whole groups.
@@ -149,6 +267,78 @@ impl GrpoConfig {
         if self.epsilon_high.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
             errors.push(ParamError::new("epsilon_high", "clipping ranges must be ≥ 0"));
         }
+        if let Some(d) = self.delta {
+            let hi = 1.0 + self.epsilon_high.unwrap_or(self.epsilon);
+            if !(d.is_finite() && d > hi) {
+                errors.push(ParamError::new("delta", format!("must be greater than 1 + ε_high = {hi}")));
+            }
+        }
+        if self.loss_type == LossType::Luspo && self.importance_sampling_level != IsLevel::Sequence {
+            errors.push(
+                ParamError::new("loss_type", "luspo is a sequence-level loss")
+                    .hint("set importance_sampling_level: sequence"),
+            );
+        }
+        if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
+            errors.push(ParamError::new("min_p", "must be in [0, 1]"));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            errors.push(ParamError::new("repetition_penalty", "must be > 0 (1: none)"));
+        }
+        if self.off_policy_mask_threshold.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+            errors.push(ParamError::new("off_policy_mask_threshold", "must be ≥ 0"));
+        }
+        if !(0.0..=1.0).contains(&self.top_entropy_quantile) {
+            errors.push(ParamError::new("top_entropy_quantile", "must be in [0, 1] (1: every token)"));
+        }
+        if !self.entropy_coef.is_finite() {
+            errors.push(ParamError::new("entropy_coef", "must be a finite number"));
+        }
+        if self.use_adaptive_entropy
+            && !(self.entropy_coef_min <= self.entropy_coef_max && self.entropy_coef_delta >= 0.0)
+        {
+            errors.push(ParamError::new(
+                "entropy_coef_min",
+                "needs entropy_coef_min ≤ entropy_coef_max and entropy_coef_delta ≥ 0",
+            ));
+        }
+        // TRL's names are known so that a TRL config is answered precisely, but
+        // these are not implemented here yet: refused rather than ignored.
+        if self.sync_ref_model {
+            errors.push(
+                ParamError::new("sync_ref_model", "is not supported by r1pipe yet")
+                    .hint("leave it out: the reference stays the starting policy"),
+            );
+        }
+        if let Some(w) = &self.reward_weights {
+            if w.iter().any(|x| !x.is_finite()) {
+                errors.push(ParamError::new("reward_weights", "every weight must be a finite number"));
+            }
+        }
+        for (k, v) in
+            [("sapo_temperature_pos", self.sapo_temperature_pos), ("sapo_temperature_neg", self.sapo_temperature_neg)]
+        {
+            if !(v.is_finite() && v > 0.0) {
+                errors.push(ParamError::new(k, "must be > 0"));
+            }
+        }
+        if self.dynamic_sampling && self.dynamic_sampling_max_rounds == 0 {
+            errors.push(ParamError::new("dynamic_sampling_max_rounds", "must be at least 1 with dynamic_sampling"));
+        }
+        for (set, name) in [
+            (self.eval_steps.is_some(), "eval_steps"),
+            (self.eval_limit.is_some(), "eval_limit"),
+            (self.num_generations_eval.is_some(), "num_generations_eval"),
+            (self.metric_for_best_model.is_some(), "metric_for_best_model"),
+            (self.load_best_model_at_end, "load_best_model_at_end"),
+        ] {
+            if set {
+                errors.push(
+                    ParamError::new(name, "evaluation during training is not supported by r1pipe yet")
+                        .hint("evaluate the checkpoints with an `evaluate` stage after training"),
+                );
+            }
+        }
         errors
     }
 }
@@ -164,5 +354,35 @@ mod tests {
         c.training.learning_rate = f64::NAN;
         let named: Vec<String> = c.problems().into_iter().map(|e| e.path).collect();
         assert_eq!(named, ["learning_rate", "max_completion_length", "num_generations", "temperature"]);
+    }
+
+    #[test]
+    fn trl_1_16_options_are_checked_by_name_and_unimplemented_ones_refused() {
+        let c = GrpoConfig {
+            loss_type: LossType::Luspo,
+            delta: Some(1.1),
+            min_p: Some(1.5),
+            repetition_penalty: 0.0,
+            top_entropy_quantile: 2.0,
+            reward_weights: Some(vec![f32::NAN]),
+            sapo_temperature_neg: 0.0,
+            sync_ref_model: true,
+            eval_steps: Some(10),
+            ..Default::default()
+        };
+        let named: Vec<String> = c.problems().into_iter().map(|e| e.path).collect();
+        for field in [
+            "delta",
+            "loss_type",
+            "min_p",
+            "repetition_penalty",
+            "top_entropy_quantile",
+            "reward_weights",
+            "sapo_temperature_neg",
+            "sync_ref_model",
+            "eval_steps",
+        ] {
+            assert!(named.iter().any(|n| n == field), "{field} not named in {named:?}");
+        }
     }
 }

@@ -25,7 +25,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::grpo_loss::{advantages, importance_weights, loss, LossConfig};
+use super::grpo_loss::{
+    advantages, advantages_normalize_then_sum, high_entropy_mask, importance_weights, loss, Aggregation, LossInputs,
+};
 use super::rollout_sync::RolloutServer;
 use super::trainer::{Algorithm, StepReport};
 use crate::kernels::transfer;
@@ -55,6 +57,12 @@ pub struct GrpoState {
     /// Prompts consumed so far (position in the seeded epoch order).
     pub data_pos: u64,
     pub rng: ChaCha8Rng,
+    /// The adaptive entropy controller: its coefficient, and the entropy of the
+    /// last step (`None`: no step yet, which TRL writes as +∞).
+    #[serde(default)]
+    pub entropy_coef: f64,
+    #[serde(default)]
+    pub last_world_entropy: Option<f64>,
 }
 
 /// The per-step log fields of GRPO (TRL's names).
@@ -70,6 +78,24 @@ pub struct GrpoLog {
     pub kl: f64,
     #[serde(rename = "clip_ratio/region_mean")]
     pub clip_region: f64,
+    #[serde(rename = "clip_ratio/low_mean")]
+    pub clip_low: f64,
+    #[serde(rename = "clip_ratio/high_mean")]
+    pub clip_high: f64,
+    /// The policy's mean entropy over completion tokens.
+    pub entropy: f64,
+    #[serde(rename = "cispo_clip_ratio", skip_serializing_if = "Option::is_none")]
+    pub cispo_clip: Option<f64>,
+    #[serde(rename = "vespo/phi_seq_mean", skip_serializing_if = "Option::is_none")]
+    pub vespo_phi: Option<f64>,
+    /// The entropy bonus's coefficient this step (when there is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub entropy_coef: Option<f64>,
+    /// Dynamic sampling: the fraction of sampled groups dropped for tying, and the rounds of generation.
+    #[serde(rename = "dynamic_sampling/dropped_fraction", skip_serializing_if = "Option::is_none")]
+    pub dropped_fraction: Option<f64>,
+    #[serde(rename = "dynamic_sampling/rounds", skip_serializing_if = "Option::is_none")]
+    pub sampling_rounds: Option<u64>,
     /// Generated tokens per second of this round's sampling (0 on later iterations).
     #[serde(rename = "generation_tokens_per_second")]
     pub generation_tps: f64,
@@ -123,6 +149,12 @@ struct Round {
     t_generation: f64,
     t_scoring: f64,
     t_reference: f64,
+    /// Prompts this round consumed (more than it trains on when dynamic sampling dropped groups).
+    consumed: u64,
+    /// Dynamic sampling: groups sampled, groups dropped, rounds of generation.
+    sampled_groups: usize,
+    dropped_groups: usize,
+    rounds: u64,
 }
 
 /// [rows][completion_len] log-probabilities of the sampled tokens, and 1 where known.
@@ -190,6 +222,8 @@ pub struct GrpoAlgorithm<'a> {
     rewards_seen: Vec<f64>,
     /// Rollouts on an inference server instead of the local model.
     server: Option<RolloutServer>,
+    /// Said once that the server's replies carry no log-probabilities to correct with.
+    said_no_sampler_logprobs: bool,
 }
 
 impl<'a> GrpoAlgorithm<'a> {
@@ -210,7 +244,12 @@ impl<'a> GrpoAlgorithm<'a> {
         } else {
             None
         };
-        let state = GrpoState { data_pos: 0, rng: ChaCha8Rng::seed_from_u64(seed) };
+        let state = GrpoState {
+            data_pos: 0,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            entropy_coef: cfg.entropy_coef,
+            last_world_entropy: None,
+        };
         Ok(GrpoAlgorithm {
             cfg,
             tok,
@@ -222,6 +261,7 @@ impl<'a> GrpoAlgorithm<'a> {
             round: None,
             rewards_seen: vec![],
             server: None,
+            said_no_sampler_logprobs: false,
         })
     }
 
@@ -244,37 +284,83 @@ impl<'a> GrpoAlgorithm<'a> {
         order[(pos % n) as usize]
     }
 
-    /// Sample the round's completions, score them, compute advantages and the training rows.
+    /// Sample the round's completions, score them, compute advantages and the
+    /// training rows. With dynamic sampling, groups whose rewards all tie (no
+    /// gradient) are dropped and fresh prompts sampled in their place, for up
+    /// to `dynamic_sampling_max_rounds` extra rounds; the last round keeps its
+    /// groups tied or not, so the batch is always full.
     fn rollout(&mut self, policy: &Transformer, step: u64) -> Result<Round> {
-        let picked: Vec<usize> =
-            (0..self.prompts_per_round() as u64).map(|i| self.prompt_at(self.state.data_pos + i)).collect();
-        let prompt_ids: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
-        let t = Instant::now();
-        let (sampler, from_server) = match self.server.as_mut() {
-            Some(server) => (server.sampler(policy, step)?, true),
-            None => (Sampler::Local(policy), false),
-        };
-        // A server's log-probabilities of its samples show how far off-policy they are.
-        let completions = sampler.sample(
-            self.tok,
-            &prompt_ids,
-            self.cfg.num_generations,
-            &self.cfg.sampling(),
-            &mut self.state.rng,
-            from_server,
-        )?;
-        let t_generation = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        let samples: Vec<Sample> = completions
-            .iter()
-            .map(|c| {
-                let p = &self.prompts[picked[c.prompt_index]];
-                Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: c.tokens.len() }
-            })
+        let g = self.cfg.num_generations;
+        let need = self.prompts_per_round();
+        let (mut picked, mut completions, mut per_function, mut total) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut consumed, mut rounds, mut sampled_groups, mut dropped_groups) = (0u64, 0u64, 0usize, 0usize);
+        let (mut t_generation, mut t_scoring, mut from_server) = (0.0, 0.0, false);
+        let mut names = Vec::new();
+        while picked.len() < need {
+            let want = need - picked.len();
+            let batch: Vec<usize> =
+                (0..want as u64).map(|i| self.prompt_at(self.state.data_pos + consumed + i)).collect();
+            consumed += want as u64;
+            rounds += 1;
+            let prompt_ids: Vec<Vec<u32>> = batch.iter().map(|&i| self.prompts[i].ids.clone()).collect();
+            let t = Instant::now();
+            let (sampler, server) = match self.server.as_mut() {
+                Some(server) => (server.sampler(policy, step)?, true),
+                None => (Sampler::Local(policy), false),
+            };
+            from_server = server;
+            // A server's log-probabilities of its samples show how far off-policy they are.
+            let comps = sampler.sample(self.tok, &prompt_ids, g, &self.cfg.sampling(), &mut self.state.rng, server)?;
+            t_generation += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let samples: Vec<Sample> = comps
+                .iter()
+                .map(|c| {
+                    let p = &self.prompts[batch[c.prompt_index]];
+                    Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: c.tokens.len() }
+                })
+                .collect();
+            let scores = self.rewards.score(&samples)?;
+            t_scoring += t.elapsed().as_secs_f64();
+            names = scores.names.clone();
+            for (k, &prompt) in batch.iter().enumerate() {
+                let range = k * g..(k + 1) * g;
+                let group: Vec<Completion> = comps[range.clone()].to_vec();
+                let funcs: Vec<Vec<f32>> = scores.per_function.iter().map(|f| f[range.clone()].to_vec()).collect();
+                let totals = scores.total[range].to_vec();
+                sampled_groups += 1;
+                let ties = totals.iter().all(|&x| x == totals[0]);
+                // The last allowed round keeps every group, tied or not, so the batch is full.
+                if self.cfg.dynamic_sampling && ties && rounds <= self.cfg.dynamic_sampling_max_rounds as u64 {
+                    dropped_groups += 1;
+                    continue;
+                }
+                picked.push(prompt);
+                completions.extend(group);
+                per_function.push(funcs);
+                total.extend(totals);
+            }
+            if !self.cfg.dynamic_sampling {
+                break;
+            }
+        }
+        // Completions refer to their prompt's place in `picked`.
+        for (k, c) in completions.iter_mut().enumerate() {
+            c.prompt_index = k / g;
+        }
+        let per_function: Vec<Vec<f32>> = (0..names.len())
+            .map(|f| per_function.iter().flat_map(|group| group[f].iter().copied()).collect())
             .collect();
-        let scores = self.rewards.score(&samples)?;
-        let advantages = advantages(&scores.total, self.cfg.num_generations, self.cfg.scale_rewards);
-        let t_scoring = t.elapsed().as_secs_f64();
+        let scores = Scores { names, per_function, total };
+        let advantages = match self.cfg.multi_objective_aggregation {
+            Aggregation::SumThenNormalize => advantages(&scores.total, g, self.cfg.scale_rewards),
+            Aggregation::NormalizeThenSum => {
+                let weights: Vec<f32> = self.rewards.terms.iter().map(|t| t.weight).collect();
+                advantages_normalize_then_sum(&scores.per_function, &weights, g)
+            }
+        };
+        let prompt_ids: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
         let specs: Vec<RowSpec> = completions
             .iter()
             .map(|c| RowSpec { prompt: &prompt_ids[c.prompt_index], tokens: &c.tokens, eos: c.eos })
@@ -286,12 +372,19 @@ impl<'a> GrpoAlgorithm<'a> {
             self.cfg.mask_truncated_completions,
         );
         let sampling = SamplingLogprobs::of(&completions, rows.completion_len).filter(|_| from_server);
-        if self.cfg.vllm_importance_sampling_correction && sampling.is_none() {
-            anyhow::bail!(
-                "vllm_importance_sampling_correction needs the sampler's log-probabilities, and {} \
-                 returned none (vLLM does, with its token ids)",
-                self.server.as_ref().map_or("local generation", |s| s.client.url())
+        if from_server
+            && self.cfg.vllm_importance_sampling_correction
+            && sampling.is_none()
+            && !self.said_no_sampler_logprobs
+        {
+            // TRL's default is on; a server that returns text only cannot be corrected for.
+            self.said_no_sampler_logprobs = true;
+            let url = self.server.as_ref().map_or("the server", |s| s.client.url());
+            eprintln!(
+                "warning: vllm_importance_sampling_correction is skipped: {url} returns no log-probabilities \
+                 (vLLM does, with its token ids); training goes on without the correction"
             );
+            tracing::warn!(url, "no sampler log-probabilities: importance-sampling correction skipped");
         }
         tracing::debug!(completions = rows.len(), completion_len = rows.completion_len, "grpo training rows");
         Ok(Round {
@@ -307,6 +400,10 @@ impl<'a> GrpoAlgorithm<'a> {
             t_generation,
             t_scoring,
             t_reference: 0.0,
+            consumed,
+            sampled_groups,
+            dropped_groups,
+            rounds,
         })
     }
 
@@ -322,6 +419,30 @@ impl<'a> GrpoAlgorithm<'a> {
         let batch = Batch::shared_prefix(&packed.rows, self.tok.pad_id, &model.device)?;
         let lp = model.logprobs_at(&batch, &packed.at, &packed.targets, self.cfg.temperature as f64, pass)?;
         Ok(lp.reshape((r.len(), rows.completion_len))?.to_dtype(DType::F32)?)
+    }
+
+    /// The policy's log-probabilities and entropies [completions, completion_len]
+    /// of completions `r` under the training pass; the entropy keeps its graph
+    /// only when the loss has an entropy term.
+    fn policy_logprobs_and_entropy(
+        &self,
+        model: &Transformer,
+        rows: &Rows,
+        r: &Range<usize>,
+    ) -> Result<(Tensor, Tensor)> {
+        let packed = rows.pack(r.clone());
+        let batch = Batch::shared_prefix(&packed.rows, self.tok.pad_id, &model.device)?;
+        let (lp, h) = model.logprobs_and_entropy_at(
+            &batch,
+            &packed.at,
+            &packed.targets,
+            self.cfg.temperature as f64,
+            Pass::TRAIN,
+        )?;
+        let shape = (r.len(), rows.completion_len);
+        let h = h.reshape(shape)?.to_dtype(DType::F32)?;
+        let h = if self.cfg.needs_entropy_gradient() { h } else { h.detach() };
+        Ok((lp.reshape(shape)?.to_dtype(DType::F32)?, h))
     }
 
     /// πold (μ > 1, from the policy before this round's updates) and πref (β > 0), without a graph.
@@ -384,25 +505,38 @@ impl Algorithm for GrpoAlgorithm<'_> {
         let cfg = &self.cfg;
         let global_tokens: f64 = round.rows.masks.iter().map(|m| m.iter().sum::<f32>() as f64).sum();
         let chunks = self.micro_batches(round.rows.len());
-        let loss_cfg = LossConfig {
-            loss_type: cfg.loss_type,
-            epsilon_low: cfg.epsilon,
-            epsilon_high: cfg.epsilon_high.unwrap_or(cfg.epsilon),
-            beta: cfg.beta,
-            max_completion_length: cfg.max_completion_length,
-            micro_batches: chunks.len(),
-            global_tokens,
+        // The entropy bonus this step: the static coefficient, or the adaptive
+        // controller's, applied while the last step's entropy is at or below the target.
+        let entropy_coef = if cfg.use_adaptive_entropy {
+            let last = self.state.last_world_entropy.unwrap_or(f64::INFINITY);
+            if last <= cfg.entropy_target {
+                self.state.entropy_coef
+            } else {
+                0.0
+            }
+        } else {
+            cfg.entropy_coef
         };
+        let loss_cfg = cfg.loss_config(chunks.len(), global_tokens, entropy_coef);
         let (mut loss_sum, mut kl_sum, mut clip_sum, mut tok_sum) = (0.0, 0.0, 0.0, 0.0);
+        let (mut low_sum, mut high_sum, mut cispo_sum, mut phi_sum, mut entropy_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        // The entropy over the tokens the policy term acts on, for the adaptive controller.
+        let (mut window_entropy, mut window_tokens) = (0.0, 0.0);
         let mut trained_tokens = 0;
         let (mut logp_diff, mut is_ratio) = (Extent::default(), Extent::default());
         for (ci, r) in chunks.iter().enumerate() {
             trained_tokens += round.rows.tokens(r);
             let mask = Tensor::new(round.rows.masks[r.clone()].to_vec(), &policy.device)?;
             let adv = Tensor::new(&round.advantages[r.clone()], &policy.device)?;
-            let logp = self.completion_logprobs(policy, &round.rows, r, Pass::TRAIN)?;
+            let (logp, entropy) = self.policy_logprobs_and_entropy(policy, &round.rows, r)?;
             let old = if cfg.num_iterations > 1 { round.old[ci].clone() } else { logp.detach() };
+            let entropy_mask = if cfg.top_entropy_quantile < 1.0 {
+                Some(high_entropy_mask(&entropy, &mask, 1.0 - cfg.top_entropy_quantile)?)
+            } else {
+                None
+            };
             let mut is_weight = None;
+            let mut sampling_logp = None;
             if let Some(sp) = &round.sampling {
                 let dev = &policy.device;
                 let values = Tensor::new(sp.values[r.clone()].to_vec(), dev)?;
@@ -421,13 +555,56 @@ impl Algorithm for GrpoAlgorithm<'_> {
                     is_ratio.add(&w, &mask)?;
                     is_weight = Some(w);
                 }
+                // Tokens the server did not score keep πold (no drift evidence), as TRL's NaN → 0.
+                sampling_logp = Some(((&values * &known)? + (old.detach() * known.affine(-1.0, 1.0)?)?)?);
             }
-            let (l, s) = loss(&logp, &old, round.refs.get(ci), &adv, &mask, is_weight.as_ref(), &loss_cfg)?;
+            let inputs = LossInputs {
+                logp: &logp,
+                old_logp: &old,
+                ref_logp: round.refs.get(ci),
+                sampling_logp: sampling_logp.as_ref(),
+                adv: &adv,
+                mask: &mask,
+                is_weight: is_weight.as_ref(),
+                entropy: Some(&entropy),
+                entropy_mask: entropy_mask.as_ref(),
+            };
+            let (l, s) = loss(&inputs, &loss_cfg)?;
             loss_sum += transfer::to_scalar::<f64>(&l.to_dtype(DType::F64)?)?;
             kl_sum += s.kl * s.tokens;
             clip_sum += s.clip_region * s.tokens;
+            low_sum += s.clip_low * s.tokens;
+            high_sum += s.clip_high * s.tokens;
+            cispo_sum += s.cispo_clip * s.tokens;
+            phi_sum += s.vespo_phi * s.tokens;
+            entropy_sum += s.entropy * s.tokens;
             tok_sum += s.tokens;
+            if cfg.use_adaptive_entropy {
+                let (h, n) = match &entropy_mask {
+                    Some(m) => {
+                        let eff = (&mask * m)?;
+                        let sums = transfer::to_vec1::<f32>(&Tensor::stack(
+                            &[(entropy.detach() * &eff)?.sum_all()?, eff.sum_all()?],
+                            0,
+                        )?)?;
+                        (sums[0] as f64, sums[1] as f64)
+                    }
+                    None => (s.entropy * s.tokens, s.tokens),
+                };
+                window_entropy += h;
+                window_tokens += n;
+            }
             policy.backward(&l)?;
+        }
+        if cfg.use_adaptive_entropy {
+            let world = window_entropy / window_tokens.max(1.0);
+            let c = self.state.entropy_coef;
+            self.state.entropy_coef = if world <= cfg.entropy_target {
+                (c + cfg.entropy_coef_delta).min(cfg.entropy_coef_max)
+            } else {
+                (c - cfg.entropy_coef_delta).max(cfg.entropy_coef_min)
+            };
+            self.state.last_world_entropy = Some(world);
         }
         let t_policy = t.elapsed().as_secs_f64();
 
@@ -462,6 +639,15 @@ impl Algorithm for GrpoAlgorithm<'_> {
             clipped_ratio: comps.iter().filter(|c| !c.eos).count() as f64 / comps.len() as f64,
             kl: kl_sum / tok_sum.max(1.0),
             clip_region: clip_sum / tok_sum.max(1.0),
+            clip_low: low_sum / tok_sum.max(1.0),
+            clip_high: high_sum / tok_sum.max(1.0),
+            entropy: entropy_sum / tok_sum.max(1.0),
+            cispo_clip: (cfg.loss_type == super::grpo_loss::LossType::Cispo).then(|| cispo_sum / tok_sum.max(1.0)),
+            vespo_phi: (cfg.loss_type == super::grpo_loss::LossType::Vespo).then(|| phi_sum / tok_sum.max(1.0)),
+            entropy_coef: (cfg.entropy_coef != 0.0 || cfg.use_adaptive_entropy).then_some(entropy_coef),
+            dropped_fraction: (cfg.dynamic_sampling && first)
+                .then(|| round.dropped_groups as f64 / round.sampled_groups.max(1) as f64),
+            sampling_rounds: (cfg.dynamic_sampling && first).then_some(round.rounds),
             generation_tps: if first { gen_tokens as f64 / round.t_generation.max(1e-9) } else { 0.0 },
             t_generation: if first { round.t_generation } else { 0.0 },
             t_scoring: if first { round.t_scoring } else { 0.0 },
@@ -482,7 +668,7 @@ impl Algorithm for GrpoAlgorithm<'_> {
         if round.iteration < cfg.num_iterations && step + 1 < self.total_steps() {
             self.round = Some(round);
         } else {
-            self.state.data_pos += self.prompts_per_round() as u64;
+            self.state.data_pos += round.consumed;
         }
         Ok(StepReport { loss: loss_sum, log, tokens: trained_tokens, message: format!("reward {reward:.3}") })
     }
