@@ -134,8 +134,16 @@ fn a_killed_grpo_run_resumes_to_bitwise_identical_weights() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(at < 24, "finished before it could be killed");
+    // The kill may also have cut the log mid-line: a partial UTF-8 sequence there is
+    // dropped with a warning, not a failure of every later run.
+    let work: Vec<_> = fs::read_dir(p.cache().join("work")).unwrap().flatten().map(|e| e.path()).collect();
+    let log_path = work.iter().map(|w| w.join("log.jsonl")).find(|l| l.exists()).expect("a work log");
+    let mut damaged = fs::read(&log_path).unwrap();
+    damaged.extend_from_slice(b"{\"step\": 9\xe2\x82");
+    fs::write(&log_path, damaged).unwrap();
     let r = p.run(&["run", "pipe.yaml"]).ok();
     assert!(r.decision("grpo").starts_with("resume from step"), "{}", r.stdout);
+    assert!(r.stderr.contains("dropped 1 damaged line(s)"), "{}", r.stderr);
     // Only the remaining steps ran: a restart from step 0 would report resumed_from_step 0.
     let m: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(p.run(&["show", "grpo.metrics"]).ok().stdout.trim()).unwrap())

@@ -36,3 +36,26 @@ pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     }
     Ok(out)
 }
+
+/// A text file a user names (pipeline, preset, reward set), read whole but
+/// refused beyond `cap` bytes (a device such as /dev/zero, or the wrong file,
+/// would otherwise be read until memory runs out), with a UTF-8 byte-order mark
+/// dropped (editors on Windows write one).
+pub fn read_text_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(cap + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > cap {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {} KiB: is it the right file?", cap / 1024),
+        ));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Error::new(ErrorKind::InvalidData, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()))
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
+}

@@ -11,6 +11,7 @@ pub mod fault;
 pub mod fsutil;
 pub mod host;
 pub mod memory;
+pub mod names;
 pub mod params;
 pub mod table;
 pub mod yaml_pos;

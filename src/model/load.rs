@@ -129,6 +129,30 @@ pub fn read_config(dir: &Path) -> Result<Config> {
         .with_context(|| format!("in {}", p.display()))
 }
 
+/// The shard files a `model.safetensors.index.json` names, each checked to be a
+/// plain file name in the model's own folder (an index may come from anywhere).
+fn shard_files(index: &Path) -> Result<Vec<String>> {
+    let text = fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
+    let idx: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index.display()))?;
+    let map = idx
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .with_context(|| format!("{} has no `weight_map`", index.display()))?;
+    let mut files: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let Some(f) = file.as_str() else { bail!("{}: weight_map.{tensor} is not a file name", index.display()) };
+        let plain =
+            matches!(Path::new(f).components().collect::<Vec<_>>().as_slice(), [std::path::Component::Normal(_)]);
+        if !plain || !f.ends_with(".safetensors") {
+            bail!("{}: weight_map.{tensor} names `{f}`, not a .safetensors file beside the index", index.display());
+        }
+        files.push(f.to_string());
+    }
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 fn load_dir_weights(dir: &Path, cfg: &Config) -> Result<BTreeMap<String, Tensor>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
@@ -136,11 +160,7 @@ fn load_dir_weights(dir: &Path, cfg: &Config) -> Result<BTreeMap<String, Tensor>
         return read_safetensors(&single);
     }
     if index.exists() {
-        let idx: Value = serde_json::from_str(&fs::read_to_string(&index)?)?;
-        let map = idx.get("weight_map").and_then(Value::as_object).context("the index has no weight_map")?;
-        let mut files: Vec<&str> = map.values().filter_map(Value::as_str).collect();
-        files.sort();
-        files.dedup();
+        let files = shard_files(&index)?;
         let mut out = BTreeMap::new();
         for f in files {
             out.extend(read_safetensors(&dir.join(f))?);
@@ -250,15 +270,7 @@ fn fetch_hub(id: &str, revision: &str) -> Result<PathBuf> {
         Ok(_) => {}
         Err(single) => {
             let index = repo.get("model.safetensors.index.json").map_err(|_| single)?;
-            let idx: Value = serde_json::from_str(&fs::read_to_string(index)?)?;
-            let mut files: Vec<String> = idx
-                .get("weight_map")
-                .and_then(Value::as_object)
-                .map(|m| m.values().filter_map(Value::as_str).map(str::to_string).collect())
-                .unwrap_or_default();
-            files.sort();
-            files.dedup();
-            for f in files {
+            for f in shard_files(&index)? {
                 repo.get(&f)?;
             }
         }

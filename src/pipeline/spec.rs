@@ -11,6 +11,8 @@ use serde_json::Value;
 
 use super::kind::{Project, Registry, Requirements, StageKind};
 use crate::common::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
+use crate::common::fsutil::read_text_capped;
+use crate::common::names::identifier_problem;
 use crate::common::params::{lookup, yaml_to_json};
 use crate::common::yaml_pos::Positions;
 
@@ -91,9 +93,15 @@ impl std::str::FromStr for Override {
     }
 }
 
+/// A pipeline file larger than this is refused before it is parsed.
+const MAX_PIPELINE_BYTES: u64 = 4 << 20;
+
+/// A preset or reward set larger than this is refused before it is parsed.
+pub const MAX_PRESET_BYTES: u64 = 1 << 20;
+
 /// Load and validate a pipeline.
 pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<Pipeline, Diagnostics> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
+    let text = read_text_capped(file, MAX_PIPELINE_BYTES).map_err(|e| {
         Diagnostic::new(file, None, format!("cannot read pipeline file: {e}"))
             .with_hint("check the path; pipelines usually live in pipelines/")
     })?;
@@ -137,6 +145,14 @@ impl Loader {
             }),
             None => self.file.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(),
         };
+        if let Some(problem) = identifier_problem(&name) {
+            let from = if get("name").is_some() { "" } else { " (taken from the file name)" };
+            self.err(
+                "name",
+                format!("the pipeline's name{from}: {problem}"),
+                Some("set `name:` to an identifier such as `gsm8k-grpo`".into()),
+            );
+        }
         let seed = match get("seed") {
             None => 42,
             Some(v) => v.as_u64().unwrap_or_else(|| {
@@ -184,6 +200,14 @@ impl Loader {
             }
         };
         let stage_names: Vec<String> = stages_yaml.keys().map(|k| k.as_str().unwrap_or("?").to_string()).collect();
+        for name in &stage_names {
+            let path = format!("stages.{name}");
+            if let Some(problem) = identifier_problem(name) {
+                self.err(&path, format!("stage name: {problem}"), Some("name stages like `sft` or `eval_base`".into()));
+            } else if name == "vars" {
+                self.err(&path, "`vars` cannot name a stage: `${vars.…}` refers to the pipeline's variables", None);
+            }
+        }
 
         // -S overrides: vars first (they feed every stage), stage keys after presets are merged.
         let mut stage_overrides: BTreeMap<String, Vec<&Override>> = BTreeMap::new();
@@ -447,7 +471,15 @@ impl Loader {
 
     fn read_preset(&mut self, at: &str, rel: &str) -> Option<(PathBuf, Positions, Value)> {
         let path = self.project.root.join(rel);
-        let text = match std::fs::read_to_string(&path) {
+        if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            self.err(
+                at,
+                format!("a preset is a YAML file (.yaml or .yml), not {}", path.display()),
+                Some("presets live in stages/, e.g. `use: stages/grpo.yaml`".into()),
+            );
+            return None;
+        }
+        let text = match read_text_capped(&path, MAX_PRESET_BYTES) {
             Ok(t) => t,
             Err(e) => {
                 self.err(

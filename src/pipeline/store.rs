@@ -25,10 +25,41 @@ use serde_json::Value;
 use super::fingerprint::FingerprintInputs;
 use crate::common::fsutil::{sync_path, walk};
 
+/// An artifact in `objects/<hash>/<file_name>`. Records are files a user can
+/// edit, so a reference is checked when read: a content hash (64 lowercase hex
+/// digits) and a plain file name, never a path that leaves the object folder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawObjectRef")]
 pub struct ObjectRef {
     pub hash: String,
     pub file_name: String,
+}
+
+#[derive(Deserialize)]
+struct RawObjectRef {
+    hash: String,
+    file_name: String,
+}
+
+impl TryFrom<RawObjectRef> for ObjectRef {
+    type Error = String;
+    fn try_from(r: RawObjectRef) -> std::result::Result<Self, String> {
+        if r.hash.len() != 64 || !r.hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return Err(format!(
+                "`hash` {:?} is not a content hash (64 hex digits)",
+                r.hash.chars().take(80).collect::<String>()
+            ));
+        }
+        let plain = Path::new(&r.file_name).components().count() == 1
+            && matches!(Path::new(&r.file_name).components().next(), Some(std::path::Component::Normal(_)));
+        if !plain {
+            return Err(format!(
+                "`file_name` {:?} is not a plain file name",
+                r.file_name.chars().take(80).collect::<String>()
+            ));
+        }
+        Ok(ObjectRef { hash: r.hash, file_name: r.file_name })
+    }
 }
 
 /// What a completed stage left: written only after its outputs are in `objects/`.

@@ -152,6 +152,11 @@ impl RewardSet {
             }
             match spec.external(root) {
                 Some(Ok(func)) => {
+                    // A program's label names log keys and plot series: an identifier.
+                    if let Some(problem) = crate::common::names::identifier_problem(&spec.name) {
+                        errors.push(ParamError::new(format!("{i}.name"), format!("reward name: {problem}")));
+                        continue;
+                    }
                     terms.push(Term { name: spec.name, weight: spec.weight, func });
                     continue;
                 }
@@ -190,7 +195,7 @@ impl RewardSet {
 
     /// From a YAML file, commands running in `root`; errors name the file and line.
     pub fn from_file(path: &Path, root: &Path) -> Result<RewardSet, Diagnostics> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::common::fsutil::read_text_capped(path, 1 << 20)
             .map_err(|e| Diagnostic::new(path, None, format!("cannot read reward set: {e}")))?;
         let doc: serde_yaml::Value = serde_yaml::from_str(&text)
             .map_err(|e| Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {e}")))?;

@@ -86,16 +86,32 @@ pub fn truncate_log(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let kept: String = fs::read_to_string(path)?
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs::write(path, kept)?;
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (mut kept, mut damaged) = (String::new(), 0usize);
+    for line in bytes.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        // A line cut by a kill, or bytes that are not a JSON object, are damage: they
+        // are dropped (said below) rather than failing every later run.
+        let value = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok().map(|v| (l, v)));
+        match value {
+            Some((l, v)) => match v["step"].as_u64() {
+                Some(s) if s <= step => {
+                    kept.push_str(l);
+                    kept.push('\n');
+                }
+                Some(_) => {}
+                None => damaged += 1,
+            },
+            None => damaged += 1,
+        }
+    }
+    if damaged > 0 {
+        eprintln!("warning: {}: dropped {damaged} damaged line(s); the log goes on from step {step}", path.display());
+        tracing::warn!(path = %path.display(), damaged, "damaged log lines dropped");
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    fs::write(&tmp, kept).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     Ok(())
 }

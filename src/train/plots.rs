@@ -152,16 +152,31 @@ pub fn render(log: &Path, out: &Path, title: &str) -> Result<PathBuf> {
         figures.push(chart.file);
     }
     let imgs: String = figures.iter().map(|f| format!("<img src=\"{f}\" alt=\"{f}\">\n")).collect();
+    let title = html_escape(title);
     let html = format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n\
          <style>body{{font-family:sans-serif;margin:16px}} img{{width:720px;max-width:48%;margin:4px;border:1px solid #ddd}}</style>\n\
          </head><body>\n<h1>{title}</h1>\n<p>{} steps, from {}</p>\n{imgs}</body></html>\n",
         lines.len(),
-        log.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default()
+        html_escape(&log.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default())
     );
     let index = out.join("index.html");
     fs::write(&index, html)?;
     Ok(index)
+}
+
+/// Text as HTML shows it, never as markup.
+fn html_escape(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            '"' => "&quot;".to_string(),
+            '\'' => "&#39;".to_string(),
+            c => c.to_string(),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -194,5 +209,9 @@ mod tests {
         assert!(reward.contains("rewards/strict_format/mean") && !reward.contains("/std"));
         // No data, no chart.
         assert!(!html.contains("completion_length.svg"));
+        // A title is text, never markup.
+        let index = render(&log, &dir.path().join("plots2"), "<img src=x onerror=alert(1)>").unwrap();
+        let html = fs::read_to_string(&index).unwrap();
+        assert!(html.contains("&lt;img src=x onerror=alert(1)&gt;") && !html.contains("<img src=x"), "{html}");
     }
 }

@@ -1,0 +1,109 @@
+//! Hostile inputs: names and records that would lead paths out of their
+//! folders, files that are not what a field expects, and markup where text
+//! belongs. Each is refused with the file, field or name, before any work, and
+//! never by echoing a file's content.
+
+mod common;
+
+use std::fs;
+
+use common::Project;
+
+const CHAIN: &str = r#"
+name: chain
+stages:
+  a:
+    kind: test.counter
+    with: { steps: 1, text: "alpha" }
+"#;
+
+#[test]
+fn stage_and_pipeline_names_that_could_leave_a_folder_are_refused() {
+    let p = Project::new();
+    for (name, field) in [
+        ("\"../../../../tmp/x\"", "stage name"),
+        ("/abs", "stage name"),
+        ("\"<img src=x onerror=alert(1)>\"", "stage name"),
+        ("vars", "`vars` cannot name a stage"),
+    ] {
+        p.write("pipe.yaml", &CHAIN.replace("  a:\n", &format!("  {name}:\n")));
+        let r = p.run(&["run", "pipe.yaml"]);
+        assert_eq!(r.code, 2, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains("pipe.yaml:") && r.stderr.contains(field), "{name}: {}", r.stderr);
+    }
+    p.write("pipe.yaml", &CHAIN.replace("name: chain", "name: ../../escape"));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert!(
+        r.code == 2 && r.stderr.contains("pipe.yaml:2:") && r.stderr.contains("the pipeline's name"),
+        "{}",
+        r.stderr
+    );
+    assert!(!p.root().join("../../escape").exists() && !p.cache().exists(), "nothing was written");
+}
+
+#[test]
+fn a_preset_that_is_not_yaml_is_refused_without_echoing_it() {
+    let p = Project::new();
+    p.write("secret.txt", "root:$6$hash-of-a-password:19000:0:99999:7:::\n");
+    for target in ["secret.txt", "/dev/zero"] {
+        p.write(
+            "pipe.yaml",
+            &CHAIN.replace("    kind: test.counter\n", &format!("    kind: test.counter\n    use: {target}\n")),
+        );
+        let r = p.run(&["run", "pipe.yaml"]);
+        assert_eq!(r.code, 2, "{target}: {}", r.stderr);
+        assert!(r.stderr.contains("a preset is a YAML file"), "{target}: {}", r.stderr);
+        assert!(!r.stderr.contains("hash-of-a-password"), "the content is not echoed: {}", r.stderr);
+    }
+    // A file with the right name but the wrong size is refused after a bounded read.
+    fs::write(p.root().join("big.yaml"), vec![b'#'; 2 << 20]).unwrap();
+    p.write("pipe.yaml", &CHAIN.replace("    kind: test.counter\n", "    kind: test.counter\n    use: big.yaml\n"));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert!(r.code == 2 && r.stderr.contains("larger than 1024 KiB"), "{}", r.stderr);
+}
+
+#[test]
+fn a_pipeline_saved_with_a_byte_order_mark_loads() {
+    let p = Project::new();
+    p.write("pipe.yaml", &format!("\u{feff}{CHAIN}"));
+    p.run(&["run", "pipe.yaml"]).ok();
+}
+
+#[test]
+fn a_record_edited_to_point_outside_the_cache_is_never_followed() {
+    let p = Project::new();
+    p.write("pipe.yaml", CHAIN);
+    p.run(&["run", "pipe.yaml"]).ok();
+    let records = p.cache().join("records");
+    let copy = fs::read_dir(&records).unwrap().flatten().next().unwrap().path();
+    let text = fs::read_to_string(&copy).unwrap();
+    let record: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let hash = record["outputs"]["result"]["hash"].as_str().unwrap().to_string();
+    fs::write(&copy, text.replace(&hash, "../../../../tmp/outside")).unwrap();
+    let r = p.run(&["gc", "--repair"]).ok();
+    assert!(r.stdout.contains("0 record(s) restored"), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("not a content hash"), "the bad record is named: {}", r.stderr);
+    let shown = p.run(&["show", "a.result", "-p", "pipe.yaml"]);
+    assert!(!shown.stdout.contains("outside"), "{}", shown.stdout);
+}
+
+/// A sharded model's index names its shards: only plain .safetensors files beside it.
+#[test]
+fn a_shard_index_that_points_outside_the_model_folder_is_refused() {
+    let p = Project::new();
+    let dir = p.root().join("models/tiny");
+    common::tiny_model(&dir, 1);
+    fs::rename(dir.join("model.safetensors"), dir.join("model-00001-of-00001.safetensors")).unwrap();
+    for target in ["../../secret.safetensors", "/etc/passwd", "model-00001-of-00001.safetensors/../x.safetensors"] {
+        let index = serde_json::json!({"weight_map": {"model.norm.weight": target}});
+        fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let r = p.run(&["infer", "--model", "models/tiny", "--max-new-tokens", "1", "hi"]);
+        assert_eq!(r.code, 1, "{target}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("weight_map.model.norm.weight")
+                && r.stderr.contains("not a .safetensors file beside the index"),
+            "{target}: {}",
+            r.stderr
+        );
+    }
+}
