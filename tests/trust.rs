@@ -107,3 +107,22 @@ fn a_shard_index_that_points_outside_the_model_folder_is_refused() {
         );
     }
 }
+
+/// A prompt that encodes to nothing, or a token budget beyond the model's context,
+/// is a clear error before generation (it was a panic and an allocation abort).
+#[test]
+fn generation_refuses_empty_prompts_and_budgets_beyond_the_context() {
+    let p = Project::new();
+    let dir = p.root().join("models/tiny");
+    common::tiny_model(&dir, 1);
+    let r = p.run(&["infer", "--model", "models/tiny", "--max-new-tokens", "10000000000000", "hi"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("more than the model's context of 2048 tokens"), "{}", r.stderr);
+    let config = dir.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+    cfg["chat_template"] = serde_json::json!("");
+    fs::write(&config, cfg.to_string()).unwrap();
+    let r = p.run(&["infer", "--model", "models/tiny", "--max-new-tokens", "2", "hi"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("encodes to no tokens") && !r.stderr.contains("panicked"), "{}", r.stderr);
+}

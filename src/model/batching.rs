@@ -69,6 +69,7 @@ pub fn generate_continuous(
     cancel: Option<&CancelToken>,
     on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
 ) -> Result<()> {
+    super::generate::check_prompts(model, prompts, params)?;
     let mut queue: VecDeque<usize> = (0..prompts.len()).collect();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     // The live window of the time axis never exceeds a prompt plus its completion;

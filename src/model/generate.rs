@@ -4,7 +4,7 @@
 //! each step's tokens moves as little as it can from the device (`pick`), and
 //! the text grows a token at a time (`ChatTokenizer::text_stream`).
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
@@ -210,6 +210,25 @@ impl<'t> RowText<'t> {
     }
 }
 
+/// Refuse, before any memory is set aside, prompts that cannot be generated
+/// from: an empty one (a chat template that rendered nothing) or one whose
+/// completion would run past the model's context.
+pub fn check_prompts(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<()> {
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {i} encodes to no tokens: the chat template rendered nothing for it (check the tokenizer's chat template and the prompt)");
+    }
+    let context = model.cfg.max_position_embeddings;
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest.saturating_add(params.max_new_tokens) > context {
+        bail!(
+            "a prompt of {longest} tokens plus max_new_tokens {} is more than the model's context of {context} tokens \
+             (max_position_embeddings): lower max_new_tokens or shorten the prompt",
+            params.max_new_tokens
+        );
+    }
+    Ok(())
+}
+
 /// Generate `n` completions for each prompt (token ids, already templated).
 /// Rows finish independently; finished rows are dropped from the batch as it
 /// shrinks. Each step moves to the host only what picking the next tokens
@@ -227,6 +246,7 @@ pub fn generate(
     if prompts.is_empty() || n == 0 {
         return Ok(Vec::new());
     }
+    check_prompts(model, prompts, params)?;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let mut cache = KvCache::new(model.cfg.num_layers, longest + params.max_new_tokens + 1);
     let padded: Vec<Vec<u32>> = prompts

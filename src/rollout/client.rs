@@ -135,6 +135,12 @@ impl Client {
                 }
                 Err(ureq::Error::Transport(t)) => Failure::Retry(t.to_string()),
             };
+            // A server may echo the request, headers included: the key never reaches a
+            // message or a log.
+            let failure = match failure {
+                Failure::Fatal(m) => Failure::Fatal(self.redact(&m)),
+                Failure::Retry(m) => Failure::Retry(self.redact(&m)),
+            };
             match failure {
                 Failure::Fatal(m) => bail!("rollout server {url}: {m}"),
                 Failure::Retry(m) if attempt > self.cfg.max_retries as usize => bail!(
@@ -150,6 +156,16 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// `text` with the API key's value and any bearer token or Authorization
+    /// header value replaced by `[redacted]`.
+    fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        if let Some(k) = self.api_key.as_deref().filter(|k| !k.is_empty()) {
+            out = out.replace(k, "[redacted]");
+        }
+        redact_credentials(&out)
     }
 
     /// Sleep `secs`, waking early on cancellation.
@@ -328,9 +344,31 @@ fn parse_completions(text: &str, n: usize, logprobs: bool) -> Result<Vec<Choice>
         .collect()
 }
 
+/// Bearer tokens and Authorization header values in `text`, replaced by `[redacted]`.
+fn redact_credentials(text: &str) -> String {
+    static RE: std::sync::LazyLock<regex::Regex> = std::sync::LazyLock::new(|| {
+        regex::Regex::new(r#"(?i)(authorization"?\s*[:=]\s*"?(?:bearer\s+)?|bearer\s+)[^\s",}]+"#)
+            .expect("static regex")
+    });
+    RE.replace_all(text, "${1}[redacted]").into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_echoed_by_a_server_are_redacted() {
+        for echoed in [
+            r#"{"error": "bad key", "headers": {"Authorization": "Bearer sk-live-123"}}"#,
+            "authorization: Bearer sk-live-123",
+            "Authorization=sk-live-123",
+            "token was bearer sk-live-123.",
+        ] {
+            let r = redact_credentials(echoed);
+            assert!(!r.contains("sk-live-123") && r.contains("[redacted]"), "{echoed} -> {r}");
+        }
+    }
     use std::sync::atomic::AtomicU32;
     use std::sync::Arc;
 
