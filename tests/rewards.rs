@@ -415,3 +415,46 @@ fn a_failing_reward_program_is_named_with_what_went_wrong() {
     let r = p.run(&["rewards", "--set", "set10.yaml", "c.jsonl"]);
     assert!(r.code != 0 && r.stderr.contains("set10.yaml:") && r.stderr.contains("not both"), "{}", r.stderr);
 }
+
+/// A reward-model server gets the batch as a JSON POST and its `rewards` are the
+/// scores; an error status is named with the address, and its body (which may echo
+/// the request's headers) is not printed.
+#[test]
+fn a_reward_server_scores_a_posted_batch_and_its_errors_are_named() {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/score", server.server_addr().to_ip().unwrap());
+    let handle = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for (i, mut req) in server.incoming_requests().take(2).enumerate() {
+            let mut body = String::new();
+            req.as_reader().read_to_string(&mut body).unwrap();
+            seen.push(body);
+            let reply = if i == 0 {
+                tiny_http::Response::from_string(r#"{"rewards": [0.25, null]}"#)
+            } else {
+                tiny_http::Response::from_string("Authorization: Bearer sk-secret").with_status_code(401)
+            };
+            req.respond(reply).unwrap();
+        }
+        seen
+    });
+    let p = common::Project::new();
+    p.write(
+        "c.jsonl",
+        &format!("{}\n{}\n", json!({"completion": "a", "answer": "1"}), json!({"completion": "b", "answer": "2"})),
+    );
+    p.write("set.yaml", &format!("- name: judge\n  url: {url}\n  timeout_s: 10\n"));
+    let r = p.run(&["rewards", "--set", "set.yaml", "c.jsonl", "--json"]).ok();
+    let first: serde_json::Value = serde_json::from_str(r.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["rewards"]["judge"], 0.25);
+    let second: serde_json::Value = serde_json::from_str(r.stdout.lines().nth(1).unwrap()).unwrap();
+    assert!(second["rewards"]["judge"].is_null(), "{second}");
+    let r = p.run(&["rewards", "--set", "set.yaml", "c.jsonl"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains(&url) && r.stderr.contains("HTTP 401"), "{}", r.stderr);
+    assert!(!r.stderr.contains("sk-secret"), "{}", r.stderr);
+    let seen = handle.join().unwrap();
+    let batch: serde_json::Value = serde_json::from_str(&seen[0]).unwrap();
+    assert_eq!(batch["samples"][1]["completion"], "b");
+    assert!(batch["samples"][0]["completion_tokens"].is_u64(), "{batch}");
+}
