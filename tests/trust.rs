@@ -126,3 +126,18 @@ fn generation_refuses_empty_prompts_and_budgets_beyond_the_context() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("encodes to no tokens") && !r.stderr.contains("panicked"), "{}", r.stderr);
 }
+
+/// A deleted index with the record copies still there points at the repair, which
+/// keeps every finished stage, instead of silently rerunning everything.
+#[test]
+fn a_deleted_index_points_at_the_repair_instead_of_rerunning_everything() {
+    let p = Project::new();
+    p.write("pipe.yaml", CHAIN);
+    p.run(&["run", "pipe.yaml"]).ok();
+    fs::remove_dir_all(p.cache().join("index")).unwrap();
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("is missing") && r.stderr.contains("r1pipe gc --repair"), "{}", r.stderr);
+    p.run(&["gc", "--repair"]).ok();
+    assert!(p.run(&["run", "pipe.yaml"]).ok().skipped("a"));
+}

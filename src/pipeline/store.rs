@@ -127,6 +127,22 @@ impl Cache {
     /// so it is never held across a stage's run: `status` can read in between.
     pub fn db(&self) -> Result<sled::Db> {
         let path = self.root.join("index");
+        // Record copies without an index: the index was deleted. Opening a fresh one
+        // would rerun every finished stage; the copies can restore it instead.
+        if !path.exists() && fs::read_dir(self.record_copies_dir()).is_ok_and(|mut d| d.next().is_some()) {
+            bail!(
+                "the cache index {} is missing, but {} holds the records of finished stages\n  hint: \
+                 `r1pipe gc --repair --cache {}` rebuilds the index from them (every finished stage stays cached)",
+                path.display(),
+                self.record_copies_dir().display(),
+                self.root.display()
+            );
+        }
+        self.open_index()
+    }
+
+    fn open_index(&self) -> Result<sled::Db> {
+        let path = self.root.join("index");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match sled::Config::new().path(&path).open() {
@@ -166,7 +182,7 @@ impl Cache {
             fs::rename(&index, &aside).with_context(|| format!("moving {} aside", index.display()))?;
             eprintln!("moved the old index to {}", aside.display());
         }
-        let db = self.db()?;
+        let db = self.open_index()?;
         let mut records: Vec<StageRecord> = Vec::new();
         if let Ok(rd) = fs::read_dir(self.record_copies_dir()) {
             for e in rd.flatten() {
