@@ -140,7 +140,7 @@ impl CommandReward {
             .stdin
             .write_all(line.as_bytes())
             .and_then(|_| running.stdin.flush())
-            .map_err(|e| anyhow!("writing the batch to it failed ({e}): {}", status(&mut running.child)))?;
+            .map_err(|e| anyhow!("writing the batch to it failed ({e}): {}", exit_status(&mut running.child)))?;
         match running.lines.recv_timeout(self.timeout) {
             Ok(Ok(reply)) => parse_reply(&reply, samples.len()),
             Ok(Err(e)) => bail!("reading its reply failed: {e}"),
@@ -148,19 +148,23 @@ impl CommandReward {
                 bail!("it did not answer within {:.1} s (`timeout_s` raises the limit)", self.timeout.as_secs_f64())
             }
             Err(RecvTimeoutError::Disconnected) => {
-                // The reader thread saw the end of stdout: give the exit a moment to land.
-                std::thread::sleep(Duration::from_millis(100));
-                bail!("it closed its output without answering: {}", status(&mut running.child))
+                // The reader thread saw the end of stdout: the exit usually follows at once.
+                bail!("it closed its output without answering: {}", exit_status(&mut running.child))
             }
         }
     }
 }
 
-fn status(child: &mut Child) -> String {
-    match child.try_wait() {
-        Ok(Some(s)) => format!("it {s}"),
-        Ok(None) => "it is still running".into(),
-        Err(e) => format!("its state is unknown ({e})"),
+/// How the program ended, waiting up to 2 s for it to end.
+fn exit_status(child: &mut Child) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) => return format!("it {s}"),
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => return "it is still running".into(),
+            Err(e) => return format!("its state is unknown ({e})"),
+        }
     }
 }
 
