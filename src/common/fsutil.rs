@@ -59,3 +59,19 @@ pub fn read_text_capped(path: &Path, cap: u64) -> std::io::Result<String> {
         None => text,
     })
 }
+
+/// The blake3 hash of a file's bytes, as hex, read in 1 MiB pieces.
+pub fn hash_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut f = fs::File::open(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().to_hex().to_string())
+}

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::fingerprint::FingerprintInputs;
-use crate::common::fsutil::{sync_path, walk};
+use crate::common::fsutil::{hash_file, sync_path, walk};
 
 /// An artifact in `objects/<hash>/<file_name>`. Records are files a user can
 /// edit, so a reference is checked when read: a content hash (64 lowercase hex
@@ -449,20 +449,6 @@ fn holder_description(lock_path: &Path) -> String {
 
 fn latest_key(pipeline: &str, stage: &str) -> Vec<u8> {
     format!("{pipeline}\0{stage}").into_bytes()
-}
-
-pub fn hash_file(path: &Path) -> Result<String> {
-    let mut f = fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut h = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().to_hex().to_string())
 }
 
 pub fn remove_path(p: &Path) -> Result<()> {

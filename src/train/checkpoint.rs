@@ -27,7 +27,8 @@ pub fn save<S: Serialize>(cps: &Checkpoints, step: u64, keep: usize, opt: &AdamW
 
 /// Restore the newest readable checkpoint into the optimizer's parameters and
 /// moments; returns its loop state, or `None` when there is none. A damaged
-/// checkpoint (truncated, corrupted, incomplete) is reported by name and the
+/// checkpoint (truncated, corrupted, incomplete, or any file's bytes no longer
+/// those its manifest lists) is reported by name and the
 /// previous one tried; nothing is applied from a checkpoint until all of it
 /// has been read and checked, so a damaged one leaves the model untouched.
 pub fn restore<S: DeserializeOwned>(
@@ -62,6 +63,7 @@ fn read<S: DeserializeOwned>(
     opt: &AdamW,
     device: &candle_core::Device,
 ) -> Result<(Vec<Tensor>, super::optim::SavedMoments, S)> {
+    Checkpoints::verify(dir)?;
     let path = dir.join("model.safetensors");
     let saved = candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
     let mut weights = Vec::new();
