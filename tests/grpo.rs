@@ -247,3 +247,158 @@ fn dynamic_sampling_replaces_tied_groups_so_every_step_trains_on_signal() {
     }
     assert!(dropped > 0.0, "groups were dropped: {log:?}");
 }
+
+/// `pipe` with more settings for the `grpo` stage and more stages after it.
+fn pipe_with(steps: &str, grpo_extra: &str, stages: &str) -> String {
+    let indented: String = grpo_extra.lines().map(|l| format!("      {l}\n")).collect();
+    format!("{}{indented}{stages}", pipe(steps, "f32"))
+}
+
+fn metrics_of(p: &Project, stage: &str) -> serde_json::Value {
+    let path = p.run(&["show", &format!("{stage}.metrics"), "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn evaluation_during_training_equals_a_separate_evaluate_of_that_steps_model() {
+    let p = project();
+    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(5));
+    let evaluate = "  evaluate:\n    kind: evaluate\n    with: { models: { grpo: \"${grpo.model}\" }, \
+                    test: \"${prompts.test}\", limit: 4, batch_size: 3, max_new_tokens: 12 }\n";
+    p.write(
+        "pipe.yaml",
+        &pipe_with(
+            "2",
+            "eval_dataset: ${prompts.test}\neval_steps: 1\neval_limit: 4\nper_device_eval_batch_size: 3",
+            evaluate,
+        ),
+    );
+    p.run(&["run", "pipe.yaml"]).ok();
+    let log = log_of(&p);
+    let names = r1pipe::train::task_eval::METRICS;
+    assert!(names.len() == 7 && names.contains(&"reward"));
+    for line in &log {
+        for n in names {
+            assert!(line[format!("eval/{n}")].is_number(), "step {} lacks eval/{n}: {line}", line["step"]);
+        }
+    }
+    let separate = &metrics_of(&p, "evaluate")["models"]["grpo"];
+    assert_eq!(separate["n"], 4);
+    for n in names.iter().filter(|n| **n != "reward") {
+        assert_eq!(log[1][format!("eval/{n}")], separate[*n], "eval/{n} at step 2 differs from `evaluate`");
+    }
+    // The answers themselves, not only their averages.
+    let evaluations = p.run(&["show", "grpo.eval", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+    let during: Vec<serde_json::Value> = fs::read_dir(evaluations)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("samples-step-2-"))
+        .map(|e| fs::read_to_string(e.path()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect())
+        .unwrap();
+    let after_path = p.run(&["show", "evaluate.samples", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+    let after: Vec<serde_json::Value> =
+        fs::read_to_string(after_path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let texts = |v: &[serde_json::Value]| {
+        let mut t: Vec<(u64, String)> =
+            v.iter().map(|s| (s["index"].as_u64().unwrap(), s["completion"].as_str().unwrap().to_string())).collect();
+        t.sort();
+        t
+    };
+    assert_eq!(texts(&during), texts(&after));
+}
+
+/// A `grpo` stage `name` like the test pipeline's, for `steps` steps, with `extra` settings.
+fn plain_grpo(name: &str, steps: u64, extra: &str) -> String {
+    let body = pipe("STEPS", "f32");
+    let with = &body[body.find("    with:\n      model").unwrap()..];
+    let extra: String = extra.lines().map(|l| format!("      {l}\n")).collect();
+    format!("  {name}:\n    kind: grpo\n{}{extra}", with.replace("max_steps: STEPS", &format!("max_steps: {steps}")))
+}
+
+#[test]
+fn load_best_model_at_end_makes_the_best_evaluated_step_the_stages_model() {
+    let p = project();
+    // A random model never writes the strict format: every evaluation ties at 0,
+    // and the first (step 1) stays the best, so the model must be step 1's.
+    let eval = "eval_dataset: ${prompts.test}\neval_steps: 1\nmetric_for_best_model: strict_format\nload_best_model_at_end: true";
+    p.write("pipe.yaml", &pipe_with("3", eval, &format!("{}{}", plain_grpo("one", 1, ""), plain_grpo("last", 3, ""))));
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stderr.contains("best model: step 1 of 3 (eval/strict_format 0.0000)"), "{}", r.stderr);
+    let m = metrics_of(&p, "grpo");
+    assert_eq!((m["best_model_step"].as_u64(), m["loaded_best_model"].as_bool()), (Some(1), Some(true)), "{m}");
+    let weights = |stage: &str| {
+        let dir = p.run(&["show", &format!("{stage}.model"), "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+        fs::read(format!("{dir}/model.safetensors")).unwrap()
+    };
+    assert!(weights("grpo") == weights("one"), "the stage's model is not step 1's weights");
+    assert!(weights("grpo") != weights("last"), "the stage's model is the last step's weights");
+}
+
+#[test]
+fn evaluation_settings_without_held_out_prompts_are_refused_before_anything_runs() {
+    let p = project();
+    p.write("pipe.yaml", &pipe_with("2", "eval_steps: 1\nmetric_for_best_model: accuracy", ""));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("parameter `eval_dataset`: evaluation during training needs held-out prompts"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("parameter `metric_for_best_model`: `accuracy` is not an evaluation metric"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("accuracy_strict, accuracy_flexible"), "the hint lists the metrics: {}", r.stderr);
+}
+
+const KL: &str = "beta: 0.04\nreference_dtype: f32";
+
+#[test]
+fn sync_ref_model_with_alpha_one_every_step_keeps_the_reference_at_the_policy() {
+    let p = project();
+    let sync = format!("{KL}\nsync_ref_model: true\nref_model_mixup_alpha: 1.0\nref_model_sync_steps: 1");
+    p.write("pipe.yaml", &pipe_with("4", &sync, &plain_grpo("fixed", 4, KL)));
+    p.run(&["run", "pipe.yaml"]).ok();
+    let kl = |stage: &str| -> Vec<f64> {
+        let path = p.run(&["show", &format!("{stage}.log"), "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kl"].as_f64().unwrap())
+            .collect()
+    };
+    let (synced, fixed) = (kl("grpo"), kl("fixed"));
+    println!("kl synced {synced:?}\nkl fixed {fixed:?}");
+    // Each round's reference is the policy that sampled it: no divergence to measure.
+    assert!(synced.iter().all(|k| k.abs() < 1e-6), "{synced:?}");
+    assert!(fixed[3] > 1e-4, "without the sync the policy drifts from the reference: {fixed:?}");
+}
+
+#[test]
+fn a_grpo_run_with_a_synced_reference_killed_after_a_checkpoint_resumes_bitwise() {
+    let extra = format!("{KL}\nsync_ref_model: true\nref_model_mixup_alpha: 0.5\nref_model_sync_steps: 1");
+    let whole = project();
+    whole.write("pipe.yaml", &pipe_with("4", &extra, &plain_grpo("fixed", 4, KL)));
+    whole.run(&["run", "pipe.yaml"]).ok();
+    let weights = |p: &Project, stage: &str| {
+        let dir = p.run(&["show", &format!("{stage}.model"), "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+        fs::read(format!("{dir}/model.safetensors")).unwrap()
+    };
+    let reference = weights(&whole, "grpo");
+    assert!(reference != weights(&whole, "fixed"), "the synced reference did not change training");
+
+    let p = project();
+    p.write("pipe.yaml", &pipe_with("4", &extra, ""));
+    let killed = p.cmd(&["run", "pipe.yaml"]).env("R1PIPE_FAULT", "after-checkpoint-2").output().unwrap();
+    assert!(!killed.status.success());
+    let work = fs::read_dir(p.cache().join("work")).unwrap().flatten().next().unwrap().path();
+    assert!(
+        work.join("checkpoints/step-000000002/algorithm.safetensors").exists(),
+        "the checkpoint lacks the reference"
+    );
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stderr.contains("resumed at step 2 of 4"), "{}", r.stderr);
+    assert!(weights(&p, "grpo") == reference, "the resumed run's weights differ from the uninterrupted run's");
+}

@@ -437,3 +437,38 @@ fn a_repeated_tokens_tied_embedding_gradient_accumulates_in_f32() {
     let e = rel_err(&got["model.embed_tokens.weight"], &want["model.embed_tokens.weight"]);
     assert!(e < 0.02, "the tied embedding's gradient is {:.2}% off in bf16", 100.0 * e);
 }
+
+/// The reference policy of GRPO: an f32 frozen copy owns its storage (the
+/// optimizer updates the policy in place), and a sync blends in f32 as float64 says.
+#[test]
+fn a_frozen_copy_owns_its_weights_and_blends_toward_another_model_as_float64_says() {
+    let policy = model(true, true, 31);
+    let mut reference = policy.frozen_copy(DType::F32, DType::F32).unwrap();
+    let name = "model.layers.0.mlp.up_proj.weight";
+    let before: Vec<f32> = reference.weights[name].flatten_all().unwrap().to_vec1().unwrap();
+    policy.weights[name].set(&(policy.weights[name].as_tensor() + 1.0).unwrap()).unwrap();
+    let after: Vec<f32> = reference.weights[name].flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(before, after, "changing the policy changed its frozen copy");
+
+    let other = model(true, true, 32);
+    let theirs = other.tensors();
+    let alpha = 0.6;
+    let want: Vec<f64> = before
+        .iter()
+        .zip(theirs[name].flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .map(|(&w, t)| (1.0 - alpha) * w as f64 + alpha * t as f64)
+        .collect();
+    reference.blend_weights(&theirs, alpha).unwrap();
+    let got: Vec<f32> = reference.weights[name].flatten_all().unwrap().to_vec1().unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!((*g as f64 - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+    }
+    // The blended weights are what the model computes with: α = 1 makes it the other model.
+    reference.blend_weights(&theirs, 1.0).unwrap();
+    let batch = Batch::left_padded(&[vec![1u32, 5, 7, 2]], 0, &Device::Cpu).unwrap();
+    let a: Vec<f32> =
+        reference.logits(&batch, r1pipe::model::Pass::SCORE).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> =
+        other.logits(&batch, r1pipe::model::Pass::SCORE).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+}

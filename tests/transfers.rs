@@ -85,7 +85,7 @@ fn sft_step_transfers(m: &mut Transformer) -> u64 {
     let dir = tempfile::tempdir().unwrap();
     let host = FolderHost { dir: dir.path().to_path_buf(), cancel: CancelToken::default() };
     let before = counts().0;
-    trainer::train(m, &mut algo, &training, &host).unwrap();
+    trainer::train(m, &mut algo, &training, &host, None).unwrap();
     counts().0 - before
 }
 

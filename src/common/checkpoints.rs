@@ -53,6 +53,10 @@ impl Checkpoints {
         out
     }
 
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn latest(&self) -> Option<(u64, PathBuf)> {
         self.list().pop()
     }

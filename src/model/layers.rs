@@ -67,6 +67,14 @@ impl Param {
         Ok(())
     }
 
+    /// Recompute the compute-dtype view if there is one (a weight cast on use has none, and gets none).
+    pub fn refresh_if_cached(&mut self) -> Result<()> {
+        if self.compute.is_some() {
+            self.refresh()?;
+        }
+        Ok(())
+    }
+
     /// The weight for a pass: attached to the master when the pass trains it.
     pub fn get(&self, pass: Pass) -> Result<Tensor> {
         let t = match &self.compute {

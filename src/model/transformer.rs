@@ -169,7 +169,10 @@ impl Transformer {
     pub fn frozen_copy(&self, storage: DType, compute: DType) -> anyhow::Result<Transformer> {
         let mut vars = BTreeMap::new();
         for (name, t) in self.tensors() {
-            vars.insert(name, Var::from_tensor(&t.to_dtype(storage)?.contiguous()?)?);
+            // `copy`: a cast to the weight's own dtype is the same tensor, and a
+            // Var made from a Var is that Var; the copy must never share the
+            // policy's storage, which the optimizer updates in place.
+            vars.insert(name, Var::from_tensor(&t.to_dtype(storage)?.copy()?)?);
         }
         let frozen = |name: String, var: Var, dt: DType| -> Result<Param> {
             if var.dtype() == dt {
@@ -179,6 +182,29 @@ impl Transformer {
             }
         };
         Ok(Self::from_vars(self.cfg.clone(), vars, &self.device, compute, frozen)?)
+    }
+
+    /// Move these weights toward `theirs` (by Hugging Face name, every weight
+    /// present): w ← (1 − α)·w + α·w_theirs, computed in f32 and stored in each
+    /// weight's own dtype (TR-DPO's reference sync); α = 1 copies them exactly.
+    pub fn blend_weights(&mut self, theirs: &BTreeMap<String, Tensor>, alpha: f64) -> anyhow::Result<()> {
+        for (name, var) in &self.weights {
+            let t = theirs.get(name).ok_or_else(|| anyhow::anyhow!("no weight {name} to blend with"))?;
+            if t.shape() != var.shape() {
+                anyhow::bail!("{name} has shape {:?}, the model {:?}", t.dims(), var.dims());
+            }
+            let new = if alpha == 1.0 {
+                t.to_dtype(var.dtype())?
+            } else {
+                let ours = var.as_tensor().to_dtype(DType::F32)?;
+                ((ours * (1.0 - alpha))? + (t.to_dtype(DType::F32)? * alpha)?)?.to_dtype(var.dtype())?
+            };
+            var.set(&new)?;
+        }
+        for p in self.params_mut() {
+            p.refresh_if_cached()?;
+        }
+        Ok(())
     }
 
     /// Compute in `dtype` from now on (the master weights stay f32).

@@ -12,11 +12,14 @@ use super::training::{self, open_trainable};
 use crate::common::params::{checked, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, PromptRow};
+use crate::model::ChatTokenizer;
 use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
 use crate::rewards::set::RewardSet;
 use crate::rollout::{Client, ServerConfig};
 use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
 use crate::train::rollout_sync::RolloutServer;
+use crate::train::task_eval::TaskEvaluator;
+use crate::train::trainer::Evaluation;
 
 /// The stage's parameters: its inputs, and GRPO's settings (TRL's names) flattened in.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -29,6 +32,9 @@ pub struct Params {
     pub rewards: Value,
     /// Sample on an OpenAI-compatible server (vLLM) instead of the local model.
     pub rollout: Option<ServerConfig>,
+    /// Held-out prompts to evaluate the policy on while it trains (`${prompts.test}`,
+    /// or a JSONL of prompt rows): after the last step, and every `eval_steps`.
+    pub eval_dataset: Option<String>,
     #[serde(flatten)]
     pub grpo: GrpoConfig,
 }
@@ -66,6 +72,19 @@ impl StageKind for Grpo {
         let p: Params = with_defaults(params)?;
         let (mut req, mut errors) = training::check_inputs(&p.model, &p.train, project);
         errors.extend(p.grpo.problems());
+        match p.eval_dataset.as_deref().filter(|d| !d.trim().is_empty()) {
+            Some(d) => {
+                if let Some(local) = project.local_path(d) {
+                    req.local_paths.push(("eval_dataset".into(), local));
+                }
+            }
+            None if p.grpo.evaluates() => {
+                errors.push(ParamError::new("eval_dataset", "evaluation during training needs held-out prompts").hint(
+                    "add `eval_dataset: ${prompts.test}` (a format stage's test split), or drop the eval_* settings",
+                ))
+            }
+            None => {}
+        }
         if p.rewards.is_null() {
             errors.push(
                 ParamError::new("rewards", "required parameter is missing").hint(
@@ -129,6 +148,19 @@ impl StageKind for Grpo {
         }
         let tok = loaded.tokenizer.clone();
         let training_cfg = p.grpo.training.clone();
+        let mut evaluator = match &p.eval_dataset {
+            Some(d) => Some(evaluator(&p.grpo, &training::data_path(d, &ctx.project), &tok, &rewards, ctx.env.seed)?),
+            None => None,
+        };
+        let evaluation = match evaluator.as_mut() {
+            Some(e) => Some(Evaluation {
+                every: p.grpo.eval_steps,
+                best: p.grpo.best_metric().map_err(|e| anyhow::anyhow!("metric_for_best_model: {e}"))?,
+                load_best_at_end: p.grpo.load_best_model_at_end,
+                evaluator: e,
+            }),
+            None => None,
+        };
         let mut algo = GrpoAlgorithm::new(p.grpo, &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?;
         if let Some(rc) = &p.rollout {
             let server = RolloutServer::new(
@@ -140,9 +172,30 @@ impl StageKind for Grpo {
             eprintln!("{}: rollouts from {} (model `{}`)", ctx.stage, rc.url, rc.model);
             algo = algo.with_server(server);
         }
-        training::run(ctx, &mut loaded, &p.model, &mut algo, &training_cfg, json!({}))?;
+        training::run(ctx, &mut loaded, &p.model, &mut algo, &training_cfg, json!({}), evaluation)?;
         Ok(())
     }
+}
+
+/// The evaluation during training: the first `eval_limit` rows of `path`,
+/// greedy (or `num_generations_eval` samples each), at most
+/// `max_completion_length` new tokens, as the `evaluate` stage judges them.
+fn evaluator<'a>(
+    cfg: &GrpoConfig,
+    path: &std::path::Path,
+    tok: &'a ChatTokenizer,
+    rewards: &'a RewardSet,
+    seed: u64,
+) -> Result<TaskEvaluator<'a>> {
+    let mut rows: Vec<PromptRow> = jsonl::read(path)?.into_iter().map(|(_, r)| r).collect();
+    if let Some(n) = cfg.eval_limit {
+        rows.truncate(n);
+    }
+    if rows.is_empty() {
+        bail!("eval_dataset: {} has no prompts to evaluate on", path.display());
+    }
+    let generations = cfg.num_generations_eval.unwrap_or(1);
+    Ok(TaskEvaluator::new(tok, rows, generations, rewards, cfg.sampling(), cfg.per_device_eval_batch_size, seed))
 }
 
 /// The reward set with TRL's `reward_weights` in place of its own weights, one

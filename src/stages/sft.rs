@@ -90,6 +90,7 @@ impl StageKind for Sft {
             &mut algo,
             &training_cfg,
             json!({ "truncated_examples": truncated }),
+            None,
         )?;
         Ok(())
     }

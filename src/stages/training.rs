@@ -17,7 +17,7 @@ use crate::model::lora::LoraConfig;
 use crate::model::LoadedModel;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext};
 use crate::train::config::TrainingConfig;
-use crate::train::trainer::{self, Algorithm, Summary};
+use crate::train::trainer::{self, Algorithm, Evaluation, Summary};
 
 /// What every training stage writes.
 pub const OUTPUTS: &[OutputSpec] = &[
@@ -26,14 +26,20 @@ pub const OUTPUTS: &[OutputSpec] = &[
     OutputSpec::file("log", "log.jsonl", "per-step metrics with TRL's names"),
     OutputSpec::dir("plots", "SVG curves of the log and an index.html"),
     OutputSpec::dir("adapter", "LoRA runs: the adapters in PEFT layout (peft, vLLM, SGLang load it)"),
+    OutputSpec::dir("eval", "evaluation during training (`eval_dataset`): each evaluated step's judged samples"),
 ];
 
 /// Outputs a training stage with these parameters does not write.
 pub fn absent_outputs(params: &Value) -> Vec<(&'static str, &'static str)> {
-    match params.get("lora") {
-        Some(l) if !l.is_null() => Vec::new(),
-        _ => vec![("adapter", "only LoRA runs (`lora:`) write an adapter; this run's result is `model`")],
+    let given = |key: &str| params.get(key).is_some_and(|v| !v.is_null());
+    let mut absent = Vec::new();
+    if !given("lora") {
+        absent.push(("adapter", "only LoRA runs (`lora:`) write an adapter; this run's result is `model`"));
     }
+    if !given("eval_dataset") {
+        absent.push(("eval", "only runs with an `eval_dataset` evaluate while they train"));
+    }
+    absent
 }
 
 /// The checks of a training stage's inputs: the model and the data are given,
@@ -79,6 +85,8 @@ pub fn open_trainable(ctx: &StageContext, model: &str, lora: Option<&LoraConfig>
 /// outputs: the model (Hugging Face layout, adapters merged), the per-step
 /// log and the summary metrics (with `extra` added); with LoRA also the
 /// adapters in PEFT layout, naming `base_model` (the `model` parameter) as their base.
+/// With `eval`, the model is evaluated as it trains (and may end as its best evaluation).
+#[allow(clippy::too_many_arguments)]
 pub fn run<A: Algorithm>(
     ctx: &mut StageContext,
     loaded: &mut LoadedModel,
@@ -86,13 +94,25 @@ pub fn run<A: Algorithm>(
     algo: &mut A,
     cfg: &TrainingConfig,
     extra: Value,
+    eval: Option<Evaluation>,
 ) -> Result<Summary> {
-    let summary = trainer::train(&mut loaded.model, algo, cfg, ctx)?;
+    let summary = trainer::train(&mut loaded.model, algo, cfg, ctx, eval)?;
     crate::model::load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
     if loaded.model.lora.is_some() {
         crate::model::peft::save_adapter(&loaded.model, base_model, &ctx.output_path("adapter"))?;
     }
     std::fs::copy(trainer::log_path(ctx), ctx.output_path("log"))?;
+    let evaluations = crate::common::Host::work_dir(ctx).join(trainer::EVAL_DIR);
+    if evaluations.is_dir() {
+        let out = ctx.output_path("eval");
+        std::fs::create_dir_all(&out)?;
+        for entry in std::fs::read_dir(&evaluations)? {
+            let path = entry?.path();
+            if path.is_file() {
+                std::fs::copy(&path, out.join(path.file_name().unwrap_or_default()))?;
+            }
+        }
+    }
     crate::train::plots::render(
         &ctx.output_path("log"),
         &ctx.output_path("plots"),

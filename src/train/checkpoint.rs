@@ -1,5 +1,6 @@
-//! Training checkpoints: weights, optimizer moments and the loop's own state
-//! (step, RNG, data position), written atomically into the stage's work folder.
+//! Training checkpoints: weights, optimizer moments, the loop's own state
+//! (step, RNG, data position) and any tensors the algorithm keeps besides the
+//! weights (GRPO's synced reference), written atomically into the stage's work folder.
 
 use std::collections::HashMap;
 use std::fs;
@@ -13,15 +14,58 @@ use serde::Serialize;
 use super::optim::AdamW;
 use crate::common::checkpoints::Checkpoints;
 
-/// Saves what the optimizer trains (every weight, or only the LoRA adapters) with its moments.
-pub fn save<S: Serialize>(cps: &Checkpoints, step: u64, keep: usize, opt: &AdamW, state: &S) -> Result<()> {
+/// The algorithm's own tensors in a checkpoint (absent when it keeps none).
+const ALGORITHM_TENSORS: &str = "algorithm.safetensors";
+
+/// What a checkpoint gives back: its step, the loop state and the algorithm's tensors.
+pub type Restored<S> = (u64, S, HashMap<String, Tensor>);
+
+/// Saves what the optimizer trains (every weight, or only the LoRA adapters)
+/// with its moments, the loop state and the algorithm's `tensors`.
+pub fn save<S: Serialize>(
+    cps: &Checkpoints,
+    step: u64,
+    keep: usize,
+    opt: &AdamW,
+    state: &S,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
     cps.save(step, keep, |dir| {
-        let t: HashMap<String, Tensor> = opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-        candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+        write_weights(dir, opt)?;
         opt.save(dir)?;
         fs::write(dir.join("state.json"), serde_json::to_string(state)?)?;
+        if !tensors.is_empty() {
+            candle_core::safetensors::save(tensors, dir.join(ALGORITHM_TENSORS))?;
+        }
         Ok(())
     })?;
+    Ok(())
+}
+
+/// Save only the trainable weights as `step`'s folder of `cps` (the best evaluation's).
+pub fn save_weights(cps: &Checkpoints, step: u64, opt: &AdamW) -> Result<()> {
+    cps.save(step, 1, |dir| write_weights(dir, opt))?;
+    Ok(())
+}
+
+fn write_weights(dir: &Path, opt: &AdamW) -> Result<()> {
+    let t: HashMap<String, Tensor> = opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    Ok(())
+}
+
+/// Set the trainable weights from `step`'s folder of `cps` (written by [`save_weights`]), checked whole first.
+pub fn load_weights(cps: &Checkpoints, step: u64, opt: &AdamW, device: &candle_core::Device) -> Result<()> {
+    let dir = cps
+        .list()
+        .into_iter()
+        .find(|(s, _)| *s == step)
+        .map(|(_, d)| d)
+        .with_context(|| format!("the weights of step {step} are missing from {}", cps.dir().display()))?;
+    Checkpoints::verify(&dir).with_context(|| format!("{} is damaged", dir.display()))?;
+    for ((_, var), w) in opt.params().iter().zip(read_weights(&dir, opt, device)?) {
+        var.set(&w)?;
+    }
     Ok(())
 }
 
@@ -35,15 +79,15 @@ pub fn restore<S: DeserializeOwned>(
     cps: &Checkpoints,
     opt: &mut AdamW,
     device: &candle_core::Device,
-) -> Result<Option<(u64, S)>> {
+) -> Result<Option<Restored<S>>> {
     for (step, dir) in cps.list().into_iter().rev() {
         match read::<S>(&dir, opt, device) {
-            Ok((weights, moments, state)) => {
+            Ok(Contents(weights, moments, state, tensors)) => {
                 for ((_, var), w) in opt.params().iter().zip(weights) {
                     var.set(&w)?;
                 }
                 opt.apply(moments);
-                return Ok(Some((step, state)));
+                return Ok(Some((step, state, tensors)));
             }
             Err(e) => {
                 eprintln!("checkpoint {} is damaged ({e:#}); trying the one before it", dir.display());
@@ -57,13 +101,31 @@ pub fn restore<S: DeserializeOwned>(
     Ok(None)
 }
 
+/// Everything a checkpoint holds: weights, moments, loop state, the algorithm's tensors.
+struct Contents<S>(Vec<Tensor>, super::optim::SavedMoments, S, HashMap<String, Tensor>);
+
 /// Everything a checkpoint holds, read and checked against the parameters.
-fn read<S: DeserializeOwned>(
-    dir: &Path,
-    opt: &AdamW,
-    device: &candle_core::Device,
-) -> Result<(Vec<Tensor>, super::optim::SavedMoments, S)> {
+fn read<S: DeserializeOwned>(dir: &Path, opt: &AdamW, device: &candle_core::Device) -> Result<Contents<S>> {
     Checkpoints::verify(dir)?;
+    let weights = read_weights(dir, opt, device)?;
+    let moments = opt.read(dir, device)?;
+    let state_path = dir.join("state.json");
+    let state = serde_json::from_str(
+        &fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{} is not valid", state_path.display()))?;
+    let tensors_path = dir.join(ALGORITHM_TENSORS);
+    let tensors = if tensors_path.exists() {
+        candle_core::safetensors::load(&tensors_path, device)
+            .with_context(|| format!("reading {}", tensors_path.display()))?
+    } else {
+        HashMap::new()
+    };
+    Ok(Contents(weights, moments, state, tensors))
+}
+
+/// A folder's `model.safetensors`, one tensor per trainable parameter, shapes checked.
+fn read_weights(dir: &Path, opt: &AdamW, device: &candle_core::Device) -> Result<Vec<Tensor>> {
     let path = dir.join("model.safetensors");
     let saved = candle_core::safetensors::load(&path, device).with_context(|| format!("reading {}", path.display()))?;
     let mut weights = Vec::new();
@@ -74,13 +136,7 @@ fn read<S: DeserializeOwned>(
         }
         weights.push(w.clone());
     }
-    let moments = opt.read(dir, device)?;
-    let state_path = dir.join("state.json");
-    let state = serde_json::from_str(
-        &fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{} is not valid", state_path.display()))?;
-    Ok((weights, moments, state))
+    Ok(weights)
 }
 
 /// Drop log lines of steps after `step` (they are redone after a resume).

@@ -10,4 +10,5 @@ pub mod optim;
 pub mod plots;
 pub mod rollout_sync;
 pub mod sft;
+pub mod task_eval;
 pub mod trainer;

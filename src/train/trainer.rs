@@ -9,6 +9,7 @@
 //! folder, a cancel token, a progress bar) comes through `common::Host`, which
 //! the runner's stage context implements, and `common::FolderHost` for tests.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -22,7 +23,7 @@ use super::checkpoint;
 use super::config::TrainingConfig;
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
 use crate::common::checkpoints::Checkpoints;
-use crate::common::{Cancelled, Host};
+use crate::common::{Cancelled, FolderHost, Host};
 use crate::data::jsonl::Appender;
 use crate::model::Transformer;
 
@@ -52,6 +53,18 @@ pub trait Algorithm {
     /// Compute one optimizer step's gradients into the model (`model.backward` per
     /// micro-batch). `step` is the 0-based index of the step.
     fn step(&mut self, model: &Transformer, step: u64) -> Result<StepReport<Self::Log>>;
+    /// After the optimizer applied step `step` (1-based: the steps done so far).
+    fn after_update(&mut self, _model: &Transformer, _step: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Tensors besides the trained weights a checkpoint must hold to resume bitwise.
+    fn checkpoint_tensors(&self) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
+        Ok(Default::default())
+    }
+    /// Take back what [`Algorithm::checkpoint_tensors`] gave (empty: the checkpoint had none).
+    fn restore_tensors(&mut self, _tensors: std::collections::HashMap<String, candle_core::Tensor>) -> Result<()> {
+        Ok(())
+    }
     /// Whether the loop may checkpoint or stop before the next step (GRPO: not
     /// between the updates of one round, whose samples live only in memory).
     fn at_boundary(&self) -> bool {
@@ -60,6 +73,43 @@ pub trait Algorithm {
     /// The algorithm's own lines for the summary metrics.
     fn summary(&self) -> Value {
         Value::Object(Default::default())
+    }
+}
+
+/// Evaluation during training: the metrics of the weights as they are now
+/// (TRL's `eval_steps`), logged as `eval/<name>` in the step's log line.
+pub trait Evaluator {
+    /// `host`'s work folder is the evaluation's own, for partial results.
+    fn evaluate(&mut self, model: &Transformer, step: u64, host: &dyn Host) -> Result<BTreeMap<String, f64>>;
+}
+
+/// When to evaluate, and which evaluation is the best (transformers' names).
+pub struct Evaluation<'e> {
+    /// Every this many steps, and always after the last step.
+    pub every: Option<u64>,
+    /// The metric that ranks evaluations (without the `eval/` prefix), and its direction.
+    pub best: Option<BestMetric>,
+    /// End with the best evaluation's weights instead of the last step's.
+    pub load_best_at_end: bool,
+    pub evaluator: &'e mut dyn Evaluator,
+}
+
+#[derive(Debug, Clone)]
+pub struct BestMetric {
+    pub metric: String,
+    pub greater_is_better: bool,
+}
+
+/// The best evaluation so far: its step and value (its weights are in `best/`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct Best {
+    pub step: u64,
+    pub value: f64,
+}
+
+impl Evaluation<'_> {
+    fn due(&self, step: u64, total: u64) -> bool {
+        step == total || self.every.is_some_and(|e| step.is_multiple_of(e))
     }
 }
 
@@ -76,12 +126,17 @@ struct StepLine<'a, L: Serialize> {
     optimizer_time: f64,
     #[serde(flatten)]
     algo: &'a L,
+    /// `eval/<metric>` on the steps that were evaluated.
+    #[serde(flatten)]
+    eval: BTreeMap<String, f64>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Saved<S> {
     step: u64,
     algorithm: S,
+    #[serde(default)]
+    best: Option<Best>,
 }
 
 /// What a finished run reports (the stage's metrics).
@@ -94,6 +149,13 @@ pub struct Summary {
     pub first_loss: Option<f64>,
     pub final_loss: Option<f64>,
     pub train_seconds_this_run: f64,
+    /// The best evaluation (with `metric_for_best_model`): its step and value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_model_step: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_metric: Option<f64>,
+    /// Whether `model` holds the best evaluation's weights (`load_best_model_at_end`).
+    pub loaded_best_model: bool,
     #[serde(flatten)]
     pub algorithm: Value,
 }
@@ -106,13 +168,17 @@ pub fn log_path(host: &dyn Host) -> PathBuf {
     host.work_dir().join(LOG_FILE)
 }
 
+/// The folder of evaluation samples in a host's work folder.
+pub const EVAL_DIR: &str = "eval";
+
 /// Train `model` with `algo` to the end (or to cancellation, which checkpoints
-/// and returns [`Cancelled`]).
+/// and returns [`Cancelled`]), evaluating it as `eval` says.
 pub fn train<A: Algorithm>(
     model: &mut Transformer,
     algo: &mut A,
     hp: &TrainingConfig,
     host: &dyn Host,
+    mut eval: Option<Evaluation>,
 ) -> Result<Summary> {
     model.gradient_checkpointing = hp.gradient_checkpointing;
     let mut opt = AdamW::new(
@@ -122,12 +188,18 @@ pub fn train<A: Algorithm>(
     let total = algo.total_steps();
     let warmup = (hp.warmup_ratio * total as f64).ceil() as u64;
     let cps = Checkpoints::new(&host.work_dir());
+    // The best evaluation's trainable weights: one checkpoint-like folder, replaced atomically.
+    let best_cps = Checkpoints::new(&host.work_dir().join("best"));
+    let eval_host = FolderHost { dir: host.work_dir().join(EVAL_DIR), cancel: host.cancel().clone() };
     let log_path = log_path(host);
     let mut step = 0;
+    let mut best: Option<Best> = None;
     match checkpoint::restore::<Saved<A::State>>(&cps, &mut opt, &model.device)? {
-        Some((_, saved)) => {
+        Some((_, saved, tensors)) => {
             step = saved.step;
+            best = saved.best;
             algo.restore(saved.algorithm);
+            algo.restore_tensors(tensors)?;
             model.refresh_compute_weights()?;
             checkpoint::truncate_log(&log_path, step)?;
             tracing::info!(step, "resumed from checkpoint");
@@ -143,8 +215,9 @@ pub fn train<A: Algorithm>(
         bar.set_message(format!("resumed at step {step}"));
     }
     let mut last_saved = step;
-    let save = |step: u64, opt: &AdamW, algo: &A| {
-        checkpoint::save(&cps, step, hp.save_total_limit, opt, &Saved { step, algorithm: algo.state() })
+    let save = |step: u64, opt: &AdamW, algo: &A, best: Option<Best>| {
+        let state = Saved { step, algorithm: algo.state(), best };
+        checkpoint::save(&cps, step, hp.save_total_limit, opt, &state, &algo.checkpoint_tensors()?)
     };
     let t_run = Instant::now();
     let (mut first_loss, mut final_loss) = (None, None);
@@ -152,7 +225,7 @@ pub fn train<A: Algorithm>(
     while step < total {
         if algo.at_boundary() && host.cancel().is_cancelled() {
             if step > last_saved {
-                save(step, &opt, algo)?;
+                save(step, &opt, algo, best)?;
             }
             bar.abandon();
             return Err(Cancelled.into());
@@ -183,9 +256,30 @@ pub fn train<A: Algorithm>(
         model.refresh_compute_weights()?;
         let optimizer_time = t_opt.elapsed().as_secs_f64();
         step += 1;
+        algo.after_update(model, step)?;
         let step_time = t.elapsed().as_secs_f64();
         first_loss.get_or_insert(report.loss);
         final_loss = Some(report.loss);
+        let mut evaluated = BTreeMap::new();
+        if let Some(ev) = eval.as_mut().filter(|e| e.due(step, total)) {
+            fs::create_dir_all(&eval_host.dir).with_context(|| format!("creating {}", eval_host.dir.display()))?;
+            let metrics = ev.evaluator.evaluate(model, step, &eval_host)?;
+            if let Some(b) = &ev.best {
+                let value = *metrics.get(&b.metric).with_context(|| format!("no `{}` in the evaluation", b.metric))?;
+                let better = match best {
+                    None => true,
+                    Some(old) if b.greater_is_better => value > old.value,
+                    Some(old) => value < old.value,
+                };
+                if better {
+                    checkpoint::save_weights(&best_cps, step, &opt)?;
+                    best = Some(Best { step, value });
+                }
+            }
+            let shown: Vec<String> = metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            tracing::info!(step, metrics = %shown.join(", "), "evaluated");
+            evaluated = metrics.into_iter().map(|(k, v)| (format!("eval/{k}"), v)).collect();
+        }
         log.append(&StepLine {
             step,
             loss: report.loss,
@@ -195,17 +289,27 @@ pub fn train<A: Algorithm>(
             tokens_per_second: report.tokens as f64 / step_time.max(1e-9),
             optimizer_time,
             algo: &report.log,
+            eval: evaluated,
         })
         .context("writing the training log")?;
         bar.set_message(report.message);
         bar.set_position(step);
         let crossed = step / hp.save_steps > last_saved / hp.save_steps;
         if algo.at_boundary() && (crossed || step >= total) {
-            save(step, &opt, algo)?;
+            save(step, &opt, algo, best)?;
             last_saved = step;
+            crate::common::fault::point(&format!("after-checkpoint-{step}"));
         }
     }
     bar.finish_and_clear();
+    let load_best = eval.as_ref().is_some_and(|e| e.load_best_at_end);
+    if let (true, Some(b)) = (load_best, best) {
+        checkpoint::load_weights(&best_cps, b.step, &opt, &model.device)?;
+        model.refresh_compute_weights()?;
+        let metric = eval.as_ref().and_then(|e| e.best.as_ref()).map_or("", |m| m.metric.as_str());
+        eprintln!("best model: step {} of {step} (eval/{metric} {:.4}); it is the stage's model", b.step, b.value);
+        tracing::info!(step = b.step, value = b.value, "loaded the best evaluated weights");
+    }
     Ok(Summary {
         steps: step,
         resumed_from_step,
@@ -213,6 +317,9 @@ pub fn train<A: Algorithm>(
         first_loss,
         final_loss,
         train_seconds_this_run: t_run.elapsed().as_secs_f64(),
+        best_model_step: best.map(|b| b.step),
+        best_metric: best.map(|b| b.value),
+        loaded_best_model: load_best && best.is_some(),
         algorithm: algo.summary(),
     })
 }

@@ -43,8 +43,9 @@ pub struct GrpoConfig {
     pub off_policy_mask_threshold: Option<f64>,
     /// Weight the KL term by the importance ratio.
     pub use_bias_correction_kl: bool,
-    /// Move the reference toward the policy every `ref_model_sync_steps`:
-    /// π_ref ← α·π_θ + (1 − α)·π_ref (TR-DPO).
+    /// Move the reference toward the policy every `ref_model_sync_steps`
+    /// optimizer steps: π_ref ← α·π_θ + (1 − α)·π_ref (TR-DPO; needs β > 0 and
+    /// full fine-tuning, as in TRL).
     pub sync_ref_model: bool,
     pub ref_model_mixup_alpha: f64,
     pub ref_model_sync_steps: u64,
@@ -70,15 +71,22 @@ pub struct GrpoConfig {
     /// `dynamic_sampling_max_rounds` extra rounds of generation per step.
     pub dynamic_sampling: bool,
     pub dynamic_sampling_max_rounds: usize,
-    /// Evaluate the policy every this many steps on the stage's `eval_dataset` (greedy).
+    /// Evaluate the policy every this many steps on the stage's `eval_dataset`
+    /// (and after the last step; unset: after the last step only).
     pub eval_steps: Option<u64>,
-    /// At most this many evaluation questions (all when unset).
+    /// The first this many evaluation questions (all when unset).
     pub eval_limit: Option<usize>,
-    /// Completions per evaluation question: only 1 (greedy) is supported.
+    /// Completions per evaluation question: unset or 1 is greedy (what `evaluate`
+    /// does); more are sampled as training samples and every one is judged.
     pub num_generations_eval: Option<usize>,
-    /// The evaluation metric that picks the best checkpoint (`accuracy_strict`, …).
+    /// Evaluation questions in flight at a time (continuous batching).
+    pub per_device_eval_batch_size: usize,
+    /// The evaluation metric that picks the best step (`accuracy_strict`, `reward`, …).
     pub metric_for_best_model: Option<String>,
-    /// Write the best evaluated checkpoint as the stage's model.
+    /// Whether a larger `metric_for_best_model` is better (default: yes, but for
+    /// `truncation_rate`; `mean_completion_tokens` must say).
+    pub greater_is_better: Option<bool>,
+    /// The stage's model is the best evaluated step's weights, not the last step's.
     pub load_best_model_at_end: bool,
     /// Every this many steps, a few prompt/completion/reward samples go into the log (0: never).
     pub log_completions: u64,
@@ -159,7 +167,9 @@ impl Default for GrpoConfig {
             eval_steps: None,
             eval_limit: None,
             num_generations_eval: None,
+            per_device_eval_batch_size: 8,
             metric_for_best_model: None,
+            greater_is_better: None,
             load_best_model_at_end: false,
             log_completions: 0,
             reference_dtype: ReferenceDtype::Bf16,
@@ -305,10 +315,28 @@ impl GrpoConfig {
         // TRL's names are known so that a TRL config is answered precisely, but
         // these are not implemented here yet: refused rather than ignored.
         if self.sync_ref_model {
-            errors.push(
-                ParamError::new("sync_ref_model", "is not supported by r1pipe yet")
-                    .hint("leave it out: the reference stays the starting policy"),
-            );
+            // As in TRL: without β there is no reference, and with LoRA the reference is the adapter-free base.
+            if self.beta == 0.0 {
+                errors.push(
+                    ParamError::new("sync_ref_model", "needs a reference model, and β = 0 has none")
+                        .hint("set `beta` > 0 (e.g. 0.04), or drop `sync_ref_model`"),
+                );
+            }
+            if self.training.lora.is_some() {
+                errors.push(
+                    ParamError::new(
+                        "sync_ref_model",
+                        "does not work with LoRA: the reference is the base model with the adapters off",
+                    )
+                    .hint("drop `sync_ref_model`, or train without `lora:`"),
+                );
+            }
+            if !(0.0..=1.0).contains(&self.ref_model_mixup_alpha) {
+                errors.push(ParamError::new("ref_model_mixup_alpha", "must be in [0, 1]"));
+            }
+            if self.ref_model_sync_steps == 0 {
+                errors.push(ParamError::new("ref_model_sync_steps", "must be at least 1"));
+            }
         }
         if let Some(w) = &self.reward_weights {
             if w.iter().any(|x| !x.is_finite()) {
@@ -325,21 +353,64 @@ impl GrpoConfig {
         if self.dynamic_sampling && self.dynamic_sampling_max_rounds == 0 {
             errors.push(ParamError::new("dynamic_sampling_max_rounds", "must be at least 1 with dynamic_sampling"));
         }
-        for (set, name) in [
-            (self.eval_steps.is_some(), "eval_steps"),
-            (self.eval_limit.is_some(), "eval_limit"),
-            (self.num_generations_eval.is_some(), "num_generations_eval"),
-            (self.metric_for_best_model.is_some(), "metric_for_best_model"),
-            (self.load_best_model_at_end, "load_best_model_at_end"),
+        errors.extend(self.evaluation_problems());
+        errors
+    }
+
+    /// The evaluation settings' own problems (whether there is an `eval_dataset` is the stage's check).
+    fn evaluation_problems(&self) -> Vec<ParamError> {
+        let mut errors = Vec::new();
+        for (k, v) in [
+            ("eval_steps", self.eval_steps.map(|x| x as usize)),
+            ("eval_limit", self.eval_limit),
+            ("num_generations_eval", self.num_generations_eval),
+            ("per_device_eval_batch_size", Some(self.per_device_eval_batch_size)),
         ] {
-            if set {
-                errors.push(
-                    ParamError::new(name, "evaluation during training is not supported by r1pipe yet")
-                        .hint("evaluate the checkpoints with an `evaluate` stage after training"),
-                );
+            if v == Some(0) {
+                errors.push(ParamError::new(k, "must be at least 1"));
             }
         }
+        if self.metric_for_best_model.is_some() {
+            if let Err(e) = self.best_metric() {
+                errors.push(
+                    ParamError::new("metric_for_best_model", e)
+                        .hint(format!("one of: {}", crate::train::task_eval::METRICS.join(", "))),
+                );
+            }
+        } else if self.load_best_model_at_end {
+            errors.push(
+                ParamError::new("load_best_model_at_end", "needs `metric_for_best_model` to say which step is best")
+                    .hint("e.g. `metric_for_best_model: accuracy_strict`"),
+            );
+        }
         errors
+    }
+
+    /// Whether the stage evaluates while it trains (an `eval_dataset` must then be given).
+    pub fn evaluates(&self) -> bool {
+        self.eval_steps.is_some()
+            || self.eval_limit.is_some()
+            || self.num_generations_eval.is_some()
+            || self.metric_for_best_model.is_some()
+            || self.load_best_model_at_end
+    }
+
+    /// The metric that ranks evaluations and its direction (`eval/` or TRL's `eval_` prefix dropped).
+    pub fn best_metric(&self) -> Result<Option<crate::train::trainer::BestMetric>, String> {
+        let Some(raw) = &self.metric_for_best_model else { return Ok(None) };
+        let metric = raw.strip_prefix("eval/").or_else(|| raw.strip_prefix("eval_")).unwrap_or(raw).to_string();
+        if !crate::train::task_eval::METRICS.contains(&metric.as_str()) {
+            return Err(format!("`{raw}` is not an evaluation metric"));
+        }
+        let greater_is_better = match (self.greater_is_better, metric.as_str()) {
+            (Some(g), _) => g,
+            (None, "truncation_rate") => false,
+            (None, "mean_completion_tokens") => {
+                return Err("`mean_completion_tokens` has no better direction: set `greater_is_better`".into())
+            }
+            (None, _) => true,
+        };
+        Ok(Some(crate::train::trainer::BestMetric { metric, greater_is_better }))
     }
 }
 
@@ -357,6 +428,20 @@ mod tests {
     }
 
     #[test]
+    fn the_best_metric_is_named_without_its_prefix_and_has_a_direction() {
+        let best = |m: &str, g: Option<bool>| {
+            GrpoConfig { metric_for_best_model: Some(m.into()), greater_is_better: g, ..Default::default() }
+                .best_metric()
+                .map(|b| b.map(|b| (b.metric, b.greater_is_better)))
+        };
+        assert_eq!(best("eval_reward", None), Ok(Some(("reward".into(), true))));
+        assert_eq!(best("eval/truncation_rate", None), Ok(Some(("truncation_rate".into(), false))));
+        assert_eq!(best("mean_completion_tokens", Some(false)), Ok(Some(("mean_completion_tokens".into(), false))));
+        assert!(best("mean_completion_tokens", None).unwrap_err().contains("greater_is_better"));
+        assert!(best("loss", None).unwrap_err().contains("not an evaluation metric"));
+    }
+
+    #[test]
     fn trl_1_16_options_are_checked_by_name_and_unimplemented_ones_refused() {
         let c = GrpoConfig {
             loss_type: LossType::Luspo,
@@ -367,7 +452,8 @@ mod tests {
             reward_weights: Some(vec![f32::NAN]),
             sapo_temperature_neg: 0.0,
             sync_ref_model: true,
-            eval_steps: Some(10),
+            eval_steps: Some(0),
+            load_best_model_at_end: true,
             ..Default::default()
         };
         let named: Vec<String> = c.problems().into_iter().map(|e| e.path).collect();
@@ -381,6 +467,7 @@ mod tests {
             "sapo_temperature_neg",
             "sync_ref_model",
             "eval_steps",
+            "load_best_model_at_end",
         ] {
             assert!(named.iter().any(|n| n == field), "{field} not named in {named:?}");
         }

@@ -63,6 +63,10 @@ pub struct GrpoState {
     pub entropy_coef: f64,
     #[serde(default)]
     pub last_world_entropy: Option<f64>,
+    /// `sync_ref_model`: the reference has moved from the starting weights (so
+    /// checkpoints hold it).
+    #[serde(default)]
+    pub reference_synced: bool,
 }
 
 /// The per-step log fields of GRPO (TRL's names).
@@ -249,6 +253,7 @@ impl<'a> GrpoAlgorithm<'a> {
             rng: ChaCha8Rng::seed_from_u64(seed),
             entropy_coef: cfg.entropy_coef,
             last_world_entropy: None,
+            reference_synced: false,
         };
         Ok(GrpoAlgorithm {
             cfg,
@@ -489,6 +494,38 @@ impl Algorithm for GrpoAlgorithm<'_> {
 
     fn at_boundary(&self) -> bool {
         self.round.is_none()
+    }
+
+    /// `sync_ref_model`: every `ref_model_sync_steps` optimizer steps the
+    /// reference moves toward the policy (TRL's SyncRefModelCallback, on step end).
+    fn after_update(&mut self, policy: &Transformer, step: u64) -> Result<()> {
+        if !self.cfg.sync_ref_model || !step.is_multiple_of(self.cfg.ref_model_sync_steps) {
+            return Ok(());
+        }
+        if let Some(reference) = self.reference.as_mut() {
+            reference.blend_weights(&policy.tensors(), self.cfg.ref_model_mixup_alpha)?;
+            self.state.reference_synced = true;
+            tracing::debug!(step, alpha = self.cfg.ref_model_mixup_alpha, "reference synced toward the policy");
+        }
+        Ok(())
+    }
+
+    fn checkpoint_tensors(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        Ok(match (&self.reference, self.state.reference_synced) {
+            (Some(reference), true) => reference.tensors().into_iter().collect(),
+            _ => Default::default(),
+        })
+    }
+
+    fn restore_tensors(&mut self, tensors: std::collections::HashMap<String, Tensor>) -> Result<()> {
+        if !self.state.reference_synced {
+            return Ok(());
+        }
+        let reference = self.reference.as_mut().ok_or_else(|| anyhow::anyhow!("a synced reference needs β > 0"))?;
+        if tensors.is_empty() {
+            anyhow::bail!("the checkpoint lacks the synced reference model (sync_ref_model) it needs to resume");
+        }
+        reference.blend_weights(&tensors.into_iter().collect(), 1.0)
     }
 
     fn step(&mut self, policy: &Transformer, step: u64) -> Result<StepReport<GrpoLog>> {
