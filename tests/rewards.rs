@@ -276,6 +276,15 @@ fn reward_set_errors_name_the_line_and_the_valid_choices() {
 }
 
 #[test]
+fn a_time_limit_on_a_built_in_reward_is_refused_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("set.yaml");
+    std::fs::write(&p, "- name: correctness\n  timeout_s: 5\n").unwrap();
+    let e = RewardSet::from_file(&p, std::path::Path::new(".")).err().unwrap().to_string();
+    assert!(e.contains("set.yaml:2: parameter `0.timeout_s`: `correctness` is a built-in reward"), "{e}");
+}
+
+#[test]
 fn the_rewards_command_scores_a_file_and_lists_functions() {
     let p = common::Project::new();
     p.write(

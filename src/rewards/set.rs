@@ -26,8 +26,8 @@ struct TermSpec {
     params: Value,
     command: Option<Vec<String>>,
     url: Option<String>,
-    #[serde(default = "default_timeout")]
-    timeout_s: f64,
+    /// Only for a `command` or `url` entry (a built-in runs in the process).
+    timeout_s: Option<f64>,
 }
 
 fn one() -> f32 {
@@ -40,6 +40,10 @@ fn default_timeout() -> f64 {
 }
 
 impl TermSpec {
+    fn timeout(&self) -> f64 {
+        self.timeout_s.unwrap_or_else(default_timeout)
+    }
+
     /// The function of an entry that names a command or a URL; None for a built-in.
     fn external(&self, root: &Path) -> Option<Result<Box<dyn RewardFn>, ParamError>> {
         let checked = |field: &str| -> Result<(), ParamError> {
@@ -47,12 +51,17 @@ impl TermSpec {
                 return Err(ParamError::new("params", format!("a `{field}` reward takes no `params`"))
                     .hint("pass what the program needs as arguments, or in the samples it reads"));
             }
-            if !(self.timeout_s.is_finite() && self.timeout_s > 0.0) {
+            if !(self.timeout().is_finite() && self.timeout() > 0.0) {
                 return Err(ParamError::new("timeout_s", "must be a positive number of seconds"));
             }
             Ok(())
         };
         match (&self.command, &self.url) {
+            (None, None) if self.timeout_s.is_some() => Some(Err(ParamError::new(
+                "timeout_s",
+                format!("`{}` is a built-in reward: it runs inside r1pipe and has no time limit", self.name),
+            )
+            .hint("`timeout_s` is for a `command` or `url` entry; drop it here"))),
             (None, None) => None,
             (Some(_), Some(_)) => Some(Err(ParamError::new("url", "an entry has a `command` or a `url`, not both"))),
             (Some(c), None) => Some(checked("command").and_then(|_| {
@@ -60,13 +69,13 @@ impl TermSpec {
                     return Err(ParamError::new("command", "the command is empty")
                         .hint("a list: [program, args…], e.g. [python3, stages/rewards/examples/length.py]"));
                 }
-                Ok(Box::new(CommandReward::new(c.clone(), root, self.timeout_s)) as Box<dyn RewardFn>)
+                Ok(Box::new(CommandReward::new(c.clone(), root, self.timeout())) as Box<dyn RewardFn>)
             })),
             (None, Some(u)) => Some(checked("url").and_then(|_| {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
                     return Err(ParamError::new("url", format!("`{u}` is not an http:// or https:// address")));
                 }
-                Ok(Box::new(UrlReward::new(u.clone(), self.timeout_s)) as Box<dyn RewardFn>)
+                Ok(Box::new(UrlReward::new(u.clone(), self.timeout())) as Box<dyn RewardFn>)
             })),
         }
     }
