@@ -141,3 +141,89 @@ fn a_deleted_index_points_at_the_repair_instead_of_rerunning_everything() {
     p.run(&["gc", "--repair"]).ok();
     assert!(p.run(&["run", "pipe.yaml"]).ok().skipped("a"));
 }
+
+const TWO: &str = r#"
+name: two
+stages:
+  a: { kind: test.counter, with: { steps: 1, text: "alpha" } }
+  b: { kind: test.counter, with: { steps: 1, text: "beta", input: "${a.result}" } }
+"#;
+
+/// `a`'s stored result, opened for writing as a determined user would (folders
+/// are read-only), changed by `change`, with its mtime kept when `same_mtime`.
+fn tamper_with_a(p: &Project, same_mtime: bool, change: impl FnOnce(&std::path::Path)) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::path::PathBuf::from(p.run(&["show", "a.result", "-p", "pipe.yaml"]).ok().stdout.trim());
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    fs::set_permissions(path.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    change(&path);
+    if same_mtime && path.exists() {
+        fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+    }
+    path
+}
+
+fn same_size_other_bytes(path: &std::path::Path) {
+    let mut bytes = fs::read(path).unwrap();
+    bytes[0] ^= 0x20;
+    fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_changed_or_deleted_artifact_is_noticed_by_status_show_and_run_and_remade() {
+    for (what, change) in [
+        ("changed", Box::new(same_size_other_bytes) as Box<dyn Fn(&std::path::Path)>),
+        ("deleted", Box::new(|f: &std::path::Path| fs::remove_file(f).unwrap())),
+    ] {
+        let p = Project::new();
+        p.write("pipe.yaml", TWO);
+        p.run(&["run", "pipe.yaml"]).ok();
+        let original = fs::read(p.run(&["show", "a.result", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
+        tamper_with_a(&p, false, |f| change(f));
+        let status = p.run(&["status", "pipe.yaml"]);
+        assert!(status.stdout.contains("its cached output `result` is damaged"), "{what}: {}", status.stdout);
+        let show = p.run(&["show", "a.result", "-p", "pipe.yaml"]);
+        assert!(show.code != 0, "{what}: show returned a damaged artifact: {}", show.stdout);
+        let r = p.run(&["run", "pipe.yaml"]).ok();
+        assert!(r.decision("a").contains("run") && r.stdout.contains("is damaged"), "{what}: {}", r.stdout);
+        let remade = fs::read(p.run(&["show", "a.result", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
+        assert_eq!(remade, original, "{what}");
+        assert!(p.run(&["run", "pipe.yaml"]).ok().skipped("b"), "{what}: the downstream stage saw the same input");
+    }
+}
+
+#[test]
+fn damage_that_keeps_size_and_mtime_is_found_by_verify_and_by_the_stage_that_reads_it() {
+    let p = Project::new();
+    p.write("pipe.yaml", TWO);
+    p.run(&["run", "pipe.yaml"]).ok();
+    let clean = p.run(&["verify", "pipe.yaml"]);
+    assert_eq!(clean.code, 0, "{}", clean.stdout);
+    assert!(clean.stdout.contains("ok       two/a.result") && clean.stdout.contains("0 damaged"), "{}", clean.stdout);
+
+    // verify re-reads every byte: it names the artifact, drops it, and the next run remakes it.
+    tamper_with_a(&p, true, same_size_other_bytes);
+    assert!(p.run(&["status", "pipe.yaml"]).stdout.contains("cached"), "a cheap check cannot see this damage");
+    let v = p.run(&["verify", "pipe.yaml"]);
+    assert_eq!(v.code, 1, "{}", v.stdout);
+    assert!(
+        v.stdout.contains("DAMAGED  two/a.result") && v.stdout.contains("has changed since it was stored"),
+        "{}",
+        v.stdout
+    );
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(!r.skipped("a"), "{}", r.stdout);
+    assert_eq!(p.run(&["verify", "pipe.yaml"]).code, 0);
+
+    // A stage that reads it re-hashes it in full first: it fails naming the
+    // damaged input, and the next run remakes `a` (`b`'s own result, made from
+    // the same content, stays valid).
+    tamper_with_a(&p, true, same_size_other_bytes);
+    let r = p.run(&["run", "pipe.yaml", "--force", "b"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("`b` reads `a.result`, which is damaged"), "{}", r.stderr);
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(!r.skipped("a") && r.skipped("b"), "{}", r.stdout);
+    assert_eq!(p.run(&["verify", "pipe.yaml"]).code, 0);
+}

@@ -82,6 +82,13 @@ pub enum Command {
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },
+    /// Re-hash every stored artifact (of a pipeline's records) against its content hash; drop the records of damaged ones
+    Verify {
+        /// Only this pipeline's records
+        pipeline: Option<PathBuf>,
+        #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
     /// Remove artifacts and work folders that no record reaches
     Gc {
         /// Keep only the current results of these pipelines (drop older records)
@@ -226,6 +233,7 @@ pub fn main() -> i32 {
             completions.as_deref().expect("clap requires the completions file"),
             json,
         ),
+        Command::Verify { pipeline, cache } => pipeline_cmds::verify(pipeline.as_deref(), cache),
         Command::Gc { repair: true, cache, .. } => pipeline_cmds::repair(cache),
         Command::Gc { keep, cache, include_unfinished, dry_run, .. } => {
             pipeline_cmds::gc(&keep, cache, include_unfinished, dry_run)

@@ -160,6 +160,35 @@ pub fn plot(stage: &str, file: &Path, out: Option<PathBuf>, open_it: bool, cache
 }
 
 /// `gc --repair`: rebuild a damaged index from the record copies, holding the lock.
+/// `verify [P.yaml]`: every stored artifact (of that pipeline) re-hashed; exit 1 when any is damaged.
+pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i32> {
+    let registry = r1pipe::stages::registry();
+    let (root, name) = match pipeline_file {
+        Some(file) => {
+            let ws = Workspace::open(file, &[], cache, &registry)?;
+            (ws.cache.root.clone(), Some(ws.pipeline.name.clone()))
+        }
+        None => (workspace::cache_root_here(cache), None),
+    };
+    let t = std::time::Instant::now();
+    let checked = workspace::verify(&root, name.as_deref())?;
+    let damaged: Vec<_> = checked.iter().filter(|v| v.problem.is_some()).collect();
+    for v in &checked {
+        match &v.problem {
+            None => println!("ok       {}/{}.{}", v.pipeline, v.stage, v.output),
+            Some(p) => println!("DAMAGED  {}/{}.{}: {p}", v.pipeline, v.stage, v.output),
+        }
+    }
+    println!(
+        "{} artifact(s) re-hashed in {:.1} s: {} damaged{}",
+        checked.len(),
+        t.elapsed().as_secs_f64(),
+        damaged.len(),
+        if damaged.is_empty() { "" } else { "; their stages' records are dropped, and the next run remakes them" }
+    );
+    Ok(if damaged.is_empty() { 0 } else { 1 })
+}
+
 pub fn repair(cache: Option<PathBuf>) -> Result<i32> {
     let root = workspace::cache_root_here(cache);
     let (restored, skipped) = workspace::repair(&root)?;

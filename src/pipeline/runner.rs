@@ -14,7 +14,7 @@ use super::dag::Dag;
 use super::fingerprint::FingerprintInputs;
 use super::kind::{Registry, RunEnv, StageContext};
 use super::spec::{bind_artifacts, Pipeline, Stage};
-use super::store::{remove_path, Cache, ObjectRef, StageRecord};
+use super::store::{remove_path, Cache, Check, ObjectRef, StageRecord};
 use crate::common::checkpoints::Checkpoints;
 use crate::common::{CancelToken, Cancelled};
 
@@ -125,11 +125,17 @@ impl<'a> Runner<'a> {
         let record = self.cache.record(&db, &fingerprint)?;
         let mut reasons = Vec::new();
         match record {
-            Some(rec) if !forced && self.cache.outputs_present(&rec) => {
-                return Ok(Decision::Cached { record: Box::new(rec) });
-            }
             Some(_) if forced => reasons.push("forced".into()),
-            Some(_) => reasons.push("its cached outputs are missing from cache/objects (repairing)".into()),
+            Some(rec) => {
+                // Size and mtime against what was hashed; what changed is re-hashed.
+                let damaged = self.cache.damaged_outputs(&db, &rec, Check::Cheap)?;
+                if damaged.is_empty() {
+                    return Ok(Decision::Cached { record: Box::new(rec) });
+                }
+                for (name, problem) in damaged {
+                    reasons.push(format!("its cached output `{name}` is damaged: {problem}; remaking it"));
+                }
+            }
             None => match self.cache.latest(&db, &self.pipeline.name, &stage.name)? {
                 None => reasons.push("never run".into()),
                 Some(old) => {
@@ -381,6 +387,28 @@ impl<'a> Runner<'a> {
         }
     }
 
+    /// Every artifact `stage` reads, re-hashed in full: a damaged one is never
+    /// used. It is discarded with the record of the stage that made it (so the
+    /// next run remakes it) and this stage fails, naming both.
+    fn verify_inputs(&self, stage: &Stage, available: &BTreeMap<String, ObjectRef>) -> Result<()> {
+        let db = self.cache.db()?;
+        for r in &stage.refs {
+            let oref = &available[&r.key()];
+            if let Some(problem) = self.cache.object_damage(&db, oref, Check::Full)? {
+                self.cache.discard_object(&db, oref)?;
+                bail!(
+                    "`{}` reads `{}`, which is damaged: {problem}\n  hint: its record is dropped; run again and \
+                     `{}` is remade before `{}` reads it",
+                    stage.name,
+                    r.key(),
+                    r.stage,
+                    stage.name
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn run_stage(
         &self,
         stage: &Stage,
@@ -404,6 +432,7 @@ impl<'a> Runner<'a> {
                 "started_at": started_at,
             }))?,
         )?;
+        self.verify_inputs(stage, available)?;
         let paths: BTreeMap<String, PathBuf> =
             stage.refs.iter().map(|r| (r.key(), self.cache.object_path(&available[&r.key()]))).collect();
         let mut params = stage.params.clone();

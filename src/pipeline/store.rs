@@ -284,77 +284,93 @@ impl Cache {
     /// The object appears by one rename, so it is either whole or absent.
     pub fn commit_output(&self, db: &sled::Db, src: &Path, file_name: &str) -> Result<ObjectRef> {
         let content = self.hash_path(db, src)?;
-        let mut h = blake3::Hasher::new();
-        h.update(b"r1pipe-object-v1\0");
-        h.update(file_name.as_bytes());
-        h.update(b"\0");
-        h.update(content.as_bytes());
-        let hash = h.finalize().to_hex().to_string();
+        let hash = object_hash(file_name, &content);
         let oref = ObjectRef { hash: hash.clone(), file_name: file_name.to_string() };
         let dest = self.objects_dir().join(&hash);
         if dest.join(file_name).exists() {
-            // Identical content is already stored: the new copy is redundant.
-            remove_path(src)?;
-            return Ok(oref);
+            if self.object_damage(db, &oref, Check::Cheap)?.is_none() {
+                // Identical content is already stored: the new copy is redundant.
+                remove_path(src)?;
+                return Ok(oref);
+            }
+            // The stored copy is damaged: the new one replaces it.
+            remove_path(&dest)?;
         }
+        let memo = db.open_tree(FILE_HASHES)?;
+        let hashed = remembered_files(&memo, src)?;
         let tmp = self.objects_dir().join(format!(".tmp-{hash}-{}", std::process::id()));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
         fs::rename(src, tmp.join(file_name)).with_context(|| format!("moving {} into the cache", src.display()))?;
-        make_read_only(&tmp.join(file_name))?;
         crate::common::fsutil::sync_dir_files(&tmp)?;
         if dest.exists() {
             fs::remove_dir_all(&dest)?; // an incomplete leftover with no file inside
         }
         fs::rename(&tmp, &dest)?;
         sync_path(&self.objects_dir());
+        // The files keep their size and mtime through the renames: what was hashed
+        // at `src` is remembered at its new place, so a later check reads nothing.
+        remember_at(&memo, &hashed, &dest.join(file_name))?;
+        make_read_only(&dest)?;
         Ok(oref)
+    }
+
+    /// What is wrong with a stored artifact, if anything: missing, unreadable, or
+    /// content that no longer hashes to its name. `Check::Cheap` re-hashes only
+    /// files whose size or mtime differ from when they were hashed (DVC's rule);
+    /// `Check::Full` re-reads every byte.
+    pub fn object_damage(&self, db: &sled::Db, oref: &ObjectRef, check: Check) -> Result<Option<String>> {
+        let path = self.object_path(oref);
+        if !path.exists() {
+            return Ok(Some(format!("{} is missing", path.display())));
+        }
+        let content = match check {
+            Check::Cheap => self.hash_path(db, &path),
+            Check::Full => hash_path_uncached(&path),
+        };
+        Ok(match content {
+            Err(e) => Some(format!("{} cannot be read ({e:#})", path.display())),
+            Ok(c) if object_hash(&oref.file_name, &c) != oref.hash => {
+                Some(format!("{} has changed since it was stored (its content hash differs)", path.display()))
+            }
+            Ok(_) => None,
+        })
+    }
+
+    /// Never use a damaged artifact again: drop every record that points to it
+    /// (those stages rerun) and remove it. Returns the stages whose records went.
+    /// Call only while holding the lock.
+    pub fn discard_object(&self, db: &sled::Db, oref: &ObjectRef) -> Result<Vec<String>> {
+        let mut dropped = Vec::new();
+        for rec in self.all_records(db)? {
+            if rec.outputs.values().any(|o| o.hash == oref.hash) {
+                self.remove_record(db, &rec.fingerprint)?;
+                dropped.push(format!("{}/{}", rec.pipeline, rec.stage));
+            }
+        }
+        remove_path(&self.objects_dir().join(&oref.hash))?;
+        tracing::warn!(object = %oref.hash, ?dropped, "damaged artifact discarded");
+        Ok(dropped)
+    }
+
+    /// Each damaged output of a record: (output name, what is wrong).
+    pub fn damaged_outputs(&self, db: &sled::Db, rec: &StageRecord, check: Check) -> Result<Vec<(String, String)>> {
+        let mut out = Vec::new();
+        for (name, oref) in &rec.outputs {
+            if let Some(problem) = self.object_damage(db, oref, check)? {
+                out.push((name.clone(), problem));
+            }
+        }
+        Ok(out)
     }
 
     /// Content hash of a local file or folder. A file's hash is remembered by
     /// (path, size, mtime) so large files are read once, not on every run.
     pub fn hash_path(&self, db: &sled::Db, path: &Path) -> Result<String> {
         let memo = db.open_tree(FILE_HASHES)?;
-        if path.is_file() {
-            return self.hash_file_memo(&memo, path);
-        }
-        if !path.is_dir() {
-            bail!("{} does not exist", path.display());
-        }
-        let mut h = blake3::Hasher::new();
-        h.update(b"dir\0");
-        for p in walk(path)? {
-            if p.is_file() {
-                let rel = p.strip_prefix(path).expect("walk stays under its root");
-                h.update(rel.to_string_lossy().as_bytes());
-                h.update(b"\0");
-                h.update(self.hash_file_memo(&memo, &p)?.as_bytes());
-                h.update(b"\n");
-            }
-        }
-        Ok(h.finalize().to_hex().to_string())
-    }
-
-    fn hash_file_memo(&self, memo: &sled::Tree, path: &Path) -> Result<String> {
-        let abs = fs::canonicalize(path)?;
-        let meta = fs::metadata(&abs)?;
-        let mtime_ns = meta.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let key = abs.to_string_lossy().to_string();
-        if let Some(bytes) = memo.get(key.as_bytes())? {
-            if let Ok(m) = serde_json::from_slice::<FileHashMemo>(&bytes) {
-                if m.len == meta.len() && m.mtime_ns == mtime_ns {
-                    return Ok(m.hash);
-                }
-            }
-        }
-        let hash = hash_file(&abs)?;
-        memo.insert(
-            key.as_bytes(),
-            serde_json::to_vec(&FileHashMemo { len: meta.len(), mtime_ns, hash: hash.clone() })?,
-        )?;
-        Ok(hash)
+        content_hash(path, &mut |p| hash_file_memo(&memo, p))
     }
 
     /// Take the one-writer lock. Fails at once naming the holder, or waits with `wait`.
@@ -447,12 +463,108 @@ fn holder_description(lock_path: &Path) -> String {
     }
 }
 
+/// How thoroughly a stored artifact is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Re-hash only the files whose size or mtime changed since they were hashed.
+    Cheap,
+    /// Re-read and re-hash every file.
+    Full,
+}
+
+/// An object's name: its file name and content hash, hashed together.
+fn object_hash(file_name: &str, content: &str) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"r1pipe-object-v1\0");
+    h.update(file_name.as_bytes());
+    h.update(b"\0");
+    h.update(content.as_bytes());
+    h.finalize().to_hex().to_string()
+}
+
+/// The content hash of a file, or of a folder from its files' relative paths
+/// and hashes (each file's hash from `file_hash`).
+fn content_hash(path: &Path, file_hash: &mut dyn FnMut(&Path) -> Result<String>) -> Result<String> {
+    if path.is_file() {
+        return file_hash(path);
+    }
+    if !path.is_dir() {
+        bail!("{} does not exist", path.display());
+    }
+    let mut h = blake3::Hasher::new();
+    h.update(b"dir\0");
+    for p in walk(path)? {
+        if p.is_file() {
+            let rel = p.strip_prefix(path).expect("walk stays under its root");
+            h.update(rel.to_string_lossy().as_bytes());
+            h.update(b"\0");
+            h.update(file_hash(&p)?.as_bytes());
+            h.update(b"\n");
+        }
+    }
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// The content hash of a file or folder, every byte read now.
+fn hash_path_uncached(path: &Path) -> Result<String> {
+    content_hash(path, &mut |p| hash_file(p))
+}
+
+fn memo_key(path: &Path) -> Result<(String, u64, u128)> {
+    let abs = fs::canonicalize(path)?;
+    let meta = fs::metadata(&abs)?;
+    let mtime_ns = meta.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    Ok((abs.to_string_lossy().to_string(), meta.len(), mtime_ns))
+}
+
+fn hash_file_memo(memo: &sled::Tree, path: &Path) -> Result<String> {
+    let (key, len, mtime_ns) = memo_key(path)?;
+    if let Some(bytes) = memo.get(key.as_bytes())? {
+        if let Ok(m) = serde_json::from_slice::<FileHashMemo>(&bytes) {
+            if m.len == len && m.mtime_ns == mtime_ns {
+                return Ok(m.hash);
+            }
+        }
+    }
+    let hash = hash_file(path)?;
+    memo.insert(key.as_bytes(), serde_json::to_vec(&FileHashMemo { len, mtime_ns, hash: hash.clone() })?)?;
+    Ok(hash)
+}
+
+/// The remembered hashes of the files under `root` (relative path → memo entry).
+fn remembered_files(memo: &sled::Tree, root: &Path) -> Result<Vec<(PathBuf, FileHashMemo)>> {
+    let files = if root.is_dir() { walk(root)?.into_iter().filter(|p| p.is_file()).collect() } else { vec![] };
+    let mut out = Vec::new();
+    for f in if root.is_file() { vec![root.to_path_buf()] } else { files } {
+        let (key, _, _) = memo_key(&f)?;
+        if let Some(m) = memo.get(key.as_bytes())?.and_then(|b| serde_json::from_slice::<FileHashMemo>(&b).ok()) {
+            let rel = f.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
+            out.push((rel, m));
+        }
+    }
+    Ok(out)
+}
+
+/// Remember `files` (from [`remembered_files`]) under their new root, where their size and mtime still match.
+fn remember_at(memo: &sled::Tree, files: &[(PathBuf, FileHashMemo)], root: &Path) -> Result<()> {
+    for (rel, m) in files {
+        let path = if rel.as_os_str().is_empty() { root.to_path_buf() } else { root.join(rel) };
+        let (key, len, mtime_ns) = memo_key(&path)?;
+        if len == m.len && mtime_ns == m.mtime_ns {
+            memo.insert(key.as_bytes(), serde_json::to_vec(m)?)?;
+        }
+    }
+    Ok(())
+}
+
 fn latest_key(pipeline: &str, stage: &str) -> Vec<u8> {
     format!("{pipeline}\0{stage}").into_bytes()
 }
 
 pub fn remove_path(p: &Path) -> Result<()> {
     if p.is_dir() {
+        // Stored artifacts are read-only folders: make them writable to empty them.
+        make_writable(p)?;
         fs::remove_dir_all(p)?;
     } else if p.exists() {
         fs::remove_file(p)?;
@@ -460,15 +572,35 @@ pub fn remove_path(p: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Artifacts are immutable: every file becomes 0444 (readable by all, written by
-/// none), whatever mode the library that wrote it chose, so a stray write fails
-/// loudly and the files of one artifact look alike.
+/// Artifacts are immutable: every file becomes 0444 and every folder 0555
+/// (readable by all, written by none), whatever mode the library that wrote it
+/// chose, so a stray write or delete fails loudly and the files of one artifact look alike.
 fn make_read_only(p: &Path) -> Result<()> {
+    set_modes(p, 0o444, 0o555)
+}
+
+/// Folders writable again (files stay read-only), so a stored artifact can be removed.
+fn make_writable(p: &Path) -> Result<()> {
+    set_modes(p, 0o444, 0o755)
+}
+
+fn set_modes(p: &Path, file_mode: u32, dir_mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    let files: Vec<PathBuf> =
-        if p.is_dir() { walk(p)?.into_iter().filter(|f| f.is_file()).collect() } else { vec![p.to_path_buf()] };
-    for f in files {
-        fs::set_permissions(&f, fs::Permissions::from_mode(0o444))?;
+    let mut all = vec![p.to_path_buf()];
+    if p.is_dir() {
+        all.extend(walk(p)?);
+    }
+    for f in all {
+        // Symlinks are left alone: a mode change would follow them out of the cache.
+        let meta = fs::symlink_metadata(&f)?;
+        let mode = if meta.is_dir() {
+            dir_mode
+        } else if meta.is_file() {
+            file_mode
+        } else {
+            continue;
+        };
+        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", f.display()))?;
     }
     Ok(())
 }
@@ -514,6 +646,66 @@ mod tests {
             let mode = fs::metadata(cache.object_path(&o).join(name)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o444, "{name}");
         }
+        for folder in [cache.object_path(&o), cache.object_path(&o).parent().unwrap().to_path_buf()] {
+            let mode = fs::metadata(&folder).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o555, "{}", folder.display());
+        }
+        remove_path(&cache.objects_dir().join(&o.hash)).unwrap();
+        assert!(!cache.object_path(&o).exists(), "remove_path opens read-only folders to remove them");
+    }
+
+    /// Folders made writable again, as someone determined to change an artifact would.
+    fn tamper(path: &Path, change: impl FnOnce(&Path)) {
+        make_writable(path.parent().unwrap()).unwrap();
+        change(path);
+    }
+
+    #[test]
+    fn a_stored_folder_with_a_file_changed_deleted_or_added_is_damaged_and_a_new_commit_replaces_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Cache::new(tmp.path());
+        cache.create_dirs().unwrap();
+        let db = cache.db().unwrap();
+        let make = |dir: &Path| {
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join("model.safetensors"), "weights").unwrap();
+            fs::write(dir.join("config.json"), "{}").unwrap();
+        };
+        make(&tmp.path().join("m"));
+        let o = cache.commit_output(&db, &tmp.path().join("m"), "model").unwrap();
+        assert_eq!(cache.object_damage(&db, &o, Check::Cheap).unwrap(), None);
+        assert_eq!(cache.object_damage(&db, &o, Check::Full).unwrap(), None);
+        let weights = cache.object_path(&o).join("model.safetensors");
+        type Change = Box<dyn Fn(&Path)>;
+        let changes: [(&str, Change); 3] = [
+            (
+                "changed",
+                Box::new(|w: &Path| {
+                    fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+                    fs::write(w, "WEIGHTS").unwrap();
+                }),
+            ),
+            ("deleted", Box::new(|w: &Path| fs::remove_file(w).unwrap())),
+            ("added", Box::new(|w: &Path| fs::write(w.with_file_name("extra.bin"), "x").unwrap())),
+        ];
+        for (what, change) in changes {
+            tamper(&weights, |w| change(w));
+            let cheap = cache.object_damage(&db, &o, Check::Cheap).unwrap();
+            assert!(cheap.is_some_and(|p| p.contains("has changed since it was stored")), "{what}");
+            // Committing the same content again replaces the damaged copy.
+            make(&tmp.path().join("m"));
+            assert_eq!(cache.commit_output(&db, &tmp.path().join("m"), "model").unwrap(), o);
+            assert_eq!(cache.object_damage(&db, &o, Check::Full).unwrap(), None, "{what}");
+        }
+        // Same size and mtime: only a full check can tell.
+        let mtime = fs::metadata(&weights).unwrap().modified().unwrap();
+        tamper(&weights, |w| {
+            fs::set_permissions(w, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+            fs::write(w, "weighTs").unwrap();
+            fs::File::options().write(true).open(w).unwrap().set_modified(mtime).unwrap();
+        });
+        assert_eq!(cache.object_damage(&db, &o, Check::Cheap).unwrap(), None);
+        assert!(cache.object_damage(&db, &o, Check::Full).unwrap().is_some());
     }
 
     #[test]

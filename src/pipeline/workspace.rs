@@ -16,7 +16,7 @@ use super::kind::{Project, Registry};
 use super::runner::{Decision, RunOptions, RunOutcome, Runner};
 use super::spec::{self, Override, Pipeline};
 use super::status::{self, StageStatus};
-use super::store::{Cache, StageRecord};
+use super::store::{Cache, Check, StageRecord};
 use crate::common::diagnostic::Diagnostics;
 use crate::common::CancelToken;
 
@@ -185,17 +185,17 @@ impl<'r> Workspace<'r> {
     }
 }
 
-/// The path of a recorded output, checked to be on disk.
+/// The path of a recorded output, checked to be whole (size and mtime of its files).
 fn record_artifact(cache: &Cache, rec: &StageRecord, output: &str) -> Result<PathBuf> {
     let Some(obj) = rec.outputs.get(output) else {
         let outs: Vec<&str> = rec.outputs.keys().map(String::as_str).collect();
         bail!("stage `{}` has no output `{output}` (outputs: {})", rec.stage, outs.join(", "));
     };
-    let path = cache.object_path(obj);
-    if !path.exists() {
-        bail!("{} is recorded but missing on disk; run the pipeline again to repair it", path.display());
+    let db = cache.db()?;
+    if let Some(problem) = cache.object_damage(&db, obj, Check::Cheap)? {
+        bail!("`{}.{output}` is damaged: {problem}\n  hint: run the pipeline again: the stage is remade", rec.stage);
     }
-    Ok(path)
+    Ok(cache.object_path(obj))
 }
 
 /// `stage.output` of the newest record of `stage` in the cache at `root`, when
@@ -229,6 +229,53 @@ pub fn gc(root: &Path, keep: Option<&BTreeSet<String>>, include_unfinished: bool
     }
     let _lock = if dry_run { None } else { Some(cache.lock(false)?) };
     gc::gc(&cache, keep, include_unfinished, dry_run)
+}
+
+/// One stored artifact `verify` re-hashed.
+pub struct Verified {
+    pub pipeline: String,
+    pub stage: String,
+    pub output: String,
+    pub path: PathBuf,
+    /// What is wrong with it (`None`: it hashes to its name).
+    pub problem: Option<String>,
+}
+
+/// `verify`: re-read every artifact the records point to (only `pipeline`'s
+/// when given) and check it against its content hash. A damaged artifact is
+/// removed with every record pointing to it, so the next run remakes it
+/// rather than using what is there.
+pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
+    let cache = Cache::new(root);
+    if !cache.exists() {
+        bail!("no cache at {} (pass --cache DIR or run a pipeline first)", root.display());
+    }
+    let _lock = cache.lock(false)?;
+    let db = cache.db()?;
+    let mut out = Vec::new();
+    let mut records = cache.all_records(&db)?;
+    records.retain(|r| pipeline.is_none_or(|p| r.pipeline == p));
+    records.sort_by(|a, b| (&a.pipeline, &a.stage, a.finished_at).cmp(&(&b.pipeline, &b.stage, b.finished_at)));
+    for rec in records {
+        for (output, oref) in &rec.outputs {
+            // An artifact shared with a record verified before (and found damaged) is gone by now.
+            let problem = match cache.object_damage(&db, oref, Check::Full)? {
+                Some(p) => {
+                    cache.discard_object(&db, oref)?;
+                    Some(p)
+                }
+                None => None,
+            };
+            out.push(Verified {
+                pipeline: rec.pipeline.clone(),
+                stage: rec.stage.clone(),
+                output: output.clone(),
+                path: cache.object_path(oref),
+                problem,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// `gc --repair`: rebuild a damaged index from the record copies, holding the

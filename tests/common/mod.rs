@@ -10,6 +10,24 @@ pub struct Project {
     pub dir: tempfile::TempDir,
 }
 
+impl Drop for Project {
+    /// The cache's stored artifacts are read-only folders: open them so the temporary folder can go.
+    fn drop(&mut self) {
+        fn open_up(p: &Path) {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = fs::symlink_metadata(p) {
+                if meta.is_dir() {
+                    let _ = fs::set_permissions(p, fs::Permissions::from_mode(0o755));
+                    for e in fs::read_dir(p).into_iter().flatten().flatten() {
+                        open_up(&e.path());
+                    }
+                }
+            }
+        }
+        open_up(self.dir.path());
+    }
+}
+
 impl Project {
     /// An empty project: a folder with `stages/` (which marks a project root).
     pub fn new() -> Project {
