@@ -11,6 +11,7 @@ pub mod bench;
 pub mod common;
 pub mod data;
 pub mod eval;
+pub mod fuzzing;
 pub mod hub;
 pub mod kernels;
 pub mod model;

@@ -472,3 +472,16 @@ fn a_frozen_copy_owns_its_weights_and_blends_toward_another_model_as_float64_say
         other.logits(&batch, r1pipe::model::Pass::SCORE).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert_eq!(a, b);
 }
+
+/// The size check counts weights without listing them: it must count what a model has.
+#[test]
+fn the_parameter_count_of_a_config_is_what_the_model_holds() {
+    for family in ["qwen2", "llama", "qwen3"] {
+        for tied in [true, false] {
+            let cfg = tiny_config_of(family, tied);
+            let want = cfg.parameter_count().unwrap();
+            let m = Transformer::random(cfg, 1, &Device::Cpu).unwrap();
+            assert_eq!(m.num_parameters() as u128, want, "{family}, tied {tied}");
+        }
+    }
+}

@@ -32,7 +32,8 @@ struct StandIn {
     answer_at_most: Arc<AtomicU32>,
     /// Completions requests to fail (503, then malformed JSON, alternating) before answering.
     fail_next: Arc<AtomicU32>,
-    /// 0: answer as vLLM does (token ids, log-probabilities); 1: text only, like a plain OpenAI server.
+    /// 0: answer as vLLM does (token ids, log-probabilities); 1: text only, like a plain OpenAI server;
+    /// 2: token ids beyond the vocabulary, as a server of another model would.
     text_only: Arc<AtomicU32>,
 }
 
@@ -85,11 +86,14 @@ fn stand_in(model_dir: PathBuf) -> StandIn {
                             let n = v["n"].as_u64().unwrap() as usize;
                             s.lock().unwrap().completions.push(v);
                             let mut a = answer(&tok, n);
-                            if plain.load(Ordering::SeqCst) == 1 {
-                                for c in a["choices"].as_array_mut().unwrap() {
-                                    let c = c.as_object_mut().unwrap();
+                            let mode = plain.load(Ordering::SeqCst);
+                            for c in a["choices"].as_array_mut().unwrap() {
+                                let c = c.as_object_mut().unwrap();
+                                if mode == 1 {
                                     c.remove("token_ids");
                                     c.remove("logprobs");
+                                } else if mode == 2 {
+                                    c["token_ids"][0] = json!(4_000_000_000u32);
                                 }
                             }
                             (200, a.to_string())
@@ -389,4 +393,16 @@ fn a_server_that_returns_only_text_has_it_tokenized_for_training() {
     let said = r.stderr.matches("vllm_importance_sampling_correction is skipped").count();
     assert_eq!(said, 1, "{}", r.stderr);
     assert!(r.stderr.contains(&server.url), "{}", r.stderr);
+}
+
+#[test]
+fn a_token_id_outside_the_vocabulary_ends_the_stage_naming_the_server() {
+    let p = project();
+    let server = stand_in(p.root().join("models/tiny"));
+    server.text_only.store(2, Ordering::SeqCst);
+    p.write("pipe.yaml", &pipeline(&server.url, 1, ""));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains(&format!("rollout server {}", server.url)), "{}", r.stderr);
+    assert!(r.stderr.contains("returned token id 4000000000, outside the tokenizer's"), "{}", r.stderr);
 }

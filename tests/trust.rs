@@ -227,3 +227,105 @@ fn damage_that_keeps_size_and_mtime_is_found_by_verify_and_by_the_stage_that_rea
     assert!(!r.skipped("a") && r.skipped("b"), "{}", r.stdout);
     assert_eq!(p.run(&["verify", "pipe.yaml"]).code, 0);
 }
+
+/// A model folder of the tiny test model whose chat template is `template`.
+fn model_with_template(p: &Project, template: &str) -> std::path::PathBuf {
+    let dir = p.root().join("models/tiny");
+    common::tiny_model(&dir, 1);
+    let cfg_path = dir.join("tokenizer_config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = template.into();
+    let _ = fs::remove_file(&cfg_path); // copied read-only from the shared model
+    fs::write(&cfg_path, cfg.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn a_chat_template_that_loops_too_long_or_writes_too_much_is_stopped_with_a_reason() {
+    let p = Project::new();
+    for (template, said) in [
+        ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "ran out of its budget"),
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "wrote more than 16 MiB",
+        ),
+    ] {
+        let model = model_with_template(&p, template);
+        let r = p.run(&["infer", "--model", model.to_str().unwrap(), "--max-new-tokens", "2", "hi"]);
+        assert_eq!(r.code, 1, "{template}: {}", r.stderr);
+        assert!(r.stderr.contains(said), "{template}: {}", r.stderr);
+    }
+}
+
+#[test]
+fn sizes_no_machine_can_hold_are_refused_before_any_allocation_with_the_field_named() {
+    let p = Project::new();
+    let mut cfg: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(common::shared().join("models/smollm2-135m-instruct/config.json")).unwrap(),
+    )
+    .unwrap();
+    cfg["num_hidden_layers"] = 1_000_000_000u64.into();
+    p.write("big/config.json", &cfg.to_string());
+    let tokenizer = common::shared().join("models/smollm2-135m-instruct");
+    let r =
+        p.run(&["convert", "--config", "big/config.json", "--tokenizer", tokenizer.to_str().unwrap(), "--out", "x"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("more than this machine's") && r.stderr.contains("`num_hidden_layers` = 1000000000"),
+        "{}",
+        r.stderr
+    );
+
+    cfg["num_hidden_layers"] = 2.into();
+    cfg["rms_norm_eps"] = (-1.0).into();
+    p.write("big/config.json", &cfg.to_string());
+    let r =
+        p.run(&["convert", "--config", "big/config.json", "--tokenizer", tokenizer.to_str().unwrap(), "--out", "x"]);
+    assert!(r.code == 1 && r.stderr.contains("`rms_norm_eps` = -1 must be a small positive number"), "{}", r.stderr);
+
+    for (field, value) in [("per_device_train_batch_size", "1000000000000"), ("num_generations", "100000000")] {
+        p.write(
+            "pipe.yaml",
+            &format!(
+                "stages:\n  grpo:\n    kind: grpo\n    with:\n      model: {}\n      train: t.jsonl\n      \
+                 rewards: [ {{ name: correctness }} ]\n      {field}: {value}\n",
+                tokenizer.display()
+            ),
+        );
+        p.write("t.jsonl", "");
+        let r = p.run(&["run", "pipe.yaml"]);
+        assert_eq!(r.code, 2, "{field}: {}", r.stderr);
+        assert!(r.stderr.contains(&format!("parameter `{field}`: {value} is more than 65536 rows")), "{}", r.stderr);
+    }
+}
+
+#[test]
+fn yaml_nested_beyond_reason_is_refused_at_once_naming_the_line() {
+    let p = Project::new();
+    p.write("pipe.yaml", &format!("name: deep\nstages:\n  a: {}\n", "[".repeat(200_000)));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("pipe.yaml:3: `[` and `{` nest more than 64 deep here"), "{}", r.stderr);
+    // Brackets inside quotes and comments are text, not nesting.
+    let quoted = format!(
+        "name: q\nstages:\n  a: {{ kind: test.counter, with: {{ steps: 1, text: \"{}\" }} }} # {}\n",
+        "[".repeat(100),
+        "{".repeat(100)
+    );
+    p.write("pipe.yaml", &quoted);
+    p.run(&["run", "pipe.yaml"]).ok();
+}
+
+#[test]
+fn a_device_named_as_an_input_file_is_refused_before_any_stage_runs() {
+    let p = Project::new();
+    p.write(
+        "pipe.yaml",
+        "name: dev\nstages:\n  a: { kind: test.counter, with: { steps: 1, text: x } }\n  \
+         ask: { kind: infer, with: { model: models/none, questions: /dev/zero } }\n",
+    );
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("`questions` names /dev/zero, which is not a regular file or folder"), "{}", r.stderr);
+    assert!(!p.cache().exists(), "a stage ran before the inputs were checked");
+}

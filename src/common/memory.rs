@@ -44,6 +44,13 @@ pub fn rss_bytes() -> u64 {
     pages * page
 }
 
+/// The machine's physical memory in bytes (0 where it cannot be read).
+pub fn total_memory_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    pages.max(0) as u64 * page.max(0) as u64
+}
+
 /// The peak resident set size of the process so far, in bytes.
 pub fn peak_rss_bytes() -> u64 {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

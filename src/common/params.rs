@@ -38,6 +38,24 @@ impl std::fmt::Display for ParamError {
 impl std::error::Error for ParamError {}
 
 /// `value` when there are no problems, else all of them.
+/// The most rows a batch-like parameter may ask for: far beyond what fits in
+/// memory with any model r1pipe runs, low enough that a typo is named here
+/// instead of aborting in an allocation.
+pub const MAX_BATCH: usize = 1 << 16;
+
+/// A batch-like count (`batch_size`, `num_generations`, …): between 1 and [`MAX_BATCH`].
+pub fn batch_problem(field: &str, v: usize) -> Option<ParamError> {
+    if v == 0 {
+        Some(ParamError::new(field, "must be at least 1"))
+    } else if v > MAX_BATCH {
+        Some(ParamError::new(field, format!("{v} is more than {MAX_BATCH} rows at a time")).hint(
+            "a batch this large cannot fit in memory; accumulate gradients (gradient_accumulation_steps) instead",
+        ))
+    } else {
+        None
+    }
+}
+
 pub fn checked<T>(value: T, problems: Vec<ParamError>) -> Result<T, Vec<ParamError>> {
     if problems.is_empty() {
         Ok(value)

@@ -12,6 +12,59 @@ pub struct Positions {
     lines: HashMap<String, usize>,
 }
 
+/// How deep flow collections (`[…]`, `{…}`) may nest in a file r1pipe reads.
+pub const MAX_FLOW_DEPTH: usize = 64;
+
+/// The line (1-based) where flow collections first nest deeper than
+/// [`MAX_FLOW_DEPTH`], found in one pass before any YAML parser sees the text
+/// (the parsers' own limits come only after work that grows with the square of
+/// the depth). Quoted strings and comments are skipped.
+pub fn too_deep(text: &str) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut prev = ' ';
+    for c in text.chars() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+            prev = c;
+            continue;
+        }
+        match (quote, c) {
+            _ if comment => {}
+            (Some('"'), '"') if prev != '\\' => quote = None,
+            (Some('\''), '\'') => quote = None,
+            (Some(_), _) => {}
+            (None, '"' | '\'') => quote = Some(c),
+            (None, '#') if prev.is_whitespace() => comment = true,
+            (None, '[' | '{') => {
+                depth += 1;
+                if depth > MAX_FLOW_DEPTH {
+                    return Some(line);
+                }
+            }
+            (None, ']' | '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    None
+}
+
+/// [`too_deep`] as the error that names `file`, for every reader of YAML files.
+pub fn nesting_problem(file: &std::path::Path, text: &str) -> Option<super::diagnostic::Diagnostic> {
+    let line = too_deep(text)?;
+    Some(
+        super::diagnostic::Diagnostic::new(
+            file,
+            Some(line),
+            format!("`[` and `{{` nest more than {MAX_FLOW_DEPTH} deep here"),
+        )
+        .with_hint("no pipeline, preset or reward set needs this; is the file what you meant to pass?"),
+    )
+}
+
 impl Positions {
     pub fn parse(text: &str) -> Positions {
         let mut recv = Receiver::default();

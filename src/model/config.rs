@@ -110,7 +110,57 @@ impl Config {
         positive("vocab_size", cfg.vocab_size)?;
         positive("intermediate_size", cfg.intermediate_size)?;
         positive("num_hidden_layers", cfg.num_layers)?;
+        if !(cfg.rms_norm_eps.is_finite() && cfg.rms_norm_eps > 0.0) {
+            bail!("`rms_norm_eps` = {} must be a small positive number (e.g. 1e-6)", cfg.rms_norm_eps);
+        }
+        if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0) {
+            bail!("`rope_theta` = {} must be a positive number (e.g. 10000)", cfg.rope_theta);
+        }
+        cfg.check_size()?;
         Ok(cfg)
+    }
+
+    /// The number of weights this shape has, without listing them (a hostile
+    /// config's layer count could make the list itself too large); `None` when it
+    /// overflows.
+    pub fn parameter_count(&self) -> Option<u128> {
+        let (h, i, hd) = (self.hidden_size as u128, self.intermediate_size as u128, self.head_dim as u128);
+        let q = (self.num_heads as u128).checked_mul(hd)?;
+        let kv = (self.num_kv_heads as u128).checked_mul(hd)?;
+        let mut layer = h.checked_mul(2)?; // the two norms
+        layer = layer.checked_add(q.checked_mul(h)?.checked_mul(2)?)?; // q_proj, o_proj
+        layer = layer.checked_add(kv.checked_mul(h)?.checked_mul(2)?)?; // k_proj, v_proj
+        layer = layer.checked_add(h.checked_mul(i)?.checked_mul(3)?)?; // gate, up, down
+        if self.attention_bias {
+            layer = layer.checked_add(q + 2 * kv)?;
+        }
+        if self.qk_norm {
+            layer = layer.checked_add(2 * hd)?;
+        }
+        let embeddings = (self.vocab_size as u128).checked_mul(h)?;
+        let heads = if self.tie_word_embeddings { 1 } else { 2 };
+        embeddings.checked_mul(heads)?.checked_add(h)?.checked_add(layer.checked_mul(self.num_layers as u128)?)
+    }
+
+    /// A shape whose f32 weights cannot fit in this machine's memory is refused
+    /// before anything is allocated, naming the fields that make it so.
+    fn check_size(&self) -> Result<()> {
+        let memory = crate::common::memory::total_memory_bytes() as u128;
+        let bytes = self.parameter_count().and_then(|n| n.checked_mul(4));
+        match bytes {
+            Some(b) if memory == 0 || b <= memory => Ok(()),
+            _ => bail!(
+                "config.json describes {} weights ({} in f32), more than this machine's {:.1} GiB of memory: \
+                 check `num_hidden_layers` = {}, `hidden_size` = {}, `intermediate_size` = {}, `vocab_size` = {}",
+                self.parameter_count().map_or("more than 2^128".into(), |n| format!("{:.3e}", n as f64)),
+                bytes.map_or("beyond counting".into(), |b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)),
+                memory as f64 / (1u64 << 30) as f64,
+                self.num_layers,
+                self.hidden_size,
+                self.intermediate_size,
+                self.vocab_size
+            ),
+        }
     }
 
     /// Query heads that share one key/value head.

@@ -131,7 +131,7 @@ pub fn read_config(dir: &Path) -> Result<Config> {
 
 /// The shard files a `model.safetensors.index.json` names, each checked to be a
 /// plain file name in the model's own folder (an index may come from anywhere).
-fn shard_files(index: &Path) -> Result<Vec<String>> {
+pub(crate) fn shard_files(index: &Path) -> Result<Vec<String>> {
     let text = fs::read_to_string(index).with_context(|| format!("reading {}", index.display()))?;
     let idx: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", index.display()))?;
     let map = idx

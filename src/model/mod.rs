@@ -10,7 +10,7 @@ pub mod config;
 pub mod device;
 pub mod family;
 pub mod generate;
-mod gguf_meta;
+pub(crate) mod gguf_meta;
 pub mod grads;
 pub mod kv_cache;
 pub mod layers;

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 pub use crate::data::Message;
@@ -46,12 +46,51 @@ fn ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
+/// Instructions a chat template may run for one prompt: real templates take thousands.
+const TEMPLATE_FUEL: u64 = 10_000_000;
+/// Bytes a chat template may write for one prompt.
+const TEMPLATE_OUTPUT_CAP: usize = 16 << 20;
+
+/// A writer that refuses to grow past `cap` bytes.
+struct CappedText {
+    text: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.cap {
+            self.text.resize(self.cap, 0);
+            return Err(std::io::Error::other("output cap reached"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A tokenizer.json, checked to be JSON first: the tokenizers library panics on
+/// some malformed files (a truncated decoder, found by fuzzing) instead of
+/// answering an error, so what still panics is caught and named too.
+fn read_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        .map_err(|e| anyhow!("{} is not valid JSON: {e}", path.display()))?;
+    match std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(&bytes)) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(anyhow!("reading {}: {e}", path.display())),
+        Err(_) => Err(anyhow!("{} is not a tokenizer the tokenizers library can read", path.display())),
+    }
+}
+
 impl ChatTokenizer {
     /// From a model folder holding tokenizer.json (and optionally tokenizer_config.json,
     /// generation_config.json, config.json).
     pub fn from_dir(dir: &Path) -> Result<ChatTokenizer> {
         let tj = dir.join("tokenizer.json");
-        let tokenizer = tokenizers::Tokenizer::from_file(&tj).map_err(|e| anyhow!("reading {}: {e}", tj.display()))?;
+        let tokenizer = read_tokenizer(&tj)?;
         let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let cfg = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);
@@ -113,6 +152,9 @@ impl ChatTokenizer {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+        // A template is a program from a model's files: its work and its output are
+        // bounded, so a hostile one ends with an error, not a hang or an abort.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_template("chat", template).context("the chat template does not parse")?;
         let ctx = minijinja::context! {
             messages => messages,
@@ -120,7 +162,18 @@ impl ChatTokenizer {
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
-        env.get_template("chat")?.render(ctx).context("rendering the chat template")
+        let mut out = CappedText { text: Vec::new(), cap: TEMPLATE_OUTPUT_CAP };
+        let rendered = env.get_template("chat")?.render_captured_to(ctx, &mut out).map(|_| ());
+        match rendered {
+            Ok(_) => Ok(String::from_utf8(out.text).context("the chat template wrote invalid UTF-8")?),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => bail!(
+                "the chat template ran out of its budget of {TEMPLATE_FUEL} instructions (a loop too long for a prompt)"
+            ),
+            Err(_) if out.text.len() >= out.cap => {
+                bail!("the chat template wrote more than {} MiB for one prompt", TEMPLATE_OUTPUT_CAP >> 20)
+            }
+            Err(e) => Err(e).context("rendering the chat template"),
+        }
     }
 
     /// The chat template applied to `messages`, tokenized: the one way a

@@ -4,6 +4,7 @@
 //! graph (cycles) is checked next, on the parsed pipeline (`dag.rs`).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -124,6 +125,9 @@ impl Loader {
     }
 
     fn load(mut self, text: &str, overrides: &[Override], registry: &Registry) -> Result<Pipeline, Diagnostics> {
+        if let Some(d) = crate::common::yaml_pos::nesting_problem(&self.file, text) {
+            return Err(d.into());
+        }
         let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| yaml_syntax(&self.file, text, &e))?;
         let serde_yaml::Value::Mapping(top) = doc else {
             return Err(Diagnostic::new(&self.file, Some(1), "a pipeline file must be a mapping with `stages:`")
@@ -435,10 +439,18 @@ impl Loader {
             }
         };
         for (param, path) in &requirements.local_paths {
-            if !path.exists() {
+            // A device or a pipe (/dev/zero, a FIFO) has no content to fingerprint: named
+            // now, before any stage runs, rather than when this stage's turn comes.
+            let problem = match fs::metadata(path) {
+                Err(_) => Some("which does not exist"),
+                Ok(m) if !(m.is_file() || m.is_dir()) => Some("which is not a regular file or folder"),
+                Ok(_) => None,
+            };
+            if let Some(problem) = problem {
+                let key = param.split(':').next().unwrap_or(param);
                 self.err(
-                    &format!("{base}.with.{param}"),
-                    format!("stage `{name}`: `{param}` names {}, which does not exist", path.display()),
+                    &format!("{base}.with.{key}"),
+                    format!("stage `{name}`: `{param}` names {}, {problem}", path.display()),
                     Some(format!("relative paths are read from the project root, {}", self.project.root.display())),
                 );
             }
@@ -490,6 +502,10 @@ impl Loader {
                 return None;
             }
         };
+        if let Some(d) = crate::common::yaml_pos::nesting_problem(&path, &text) {
+            self.diags.push(d);
+            return None;
+        }
         let doc: serde_yaml::Value = match serde_yaml::from_str(&text) {
             Ok(d) => d,
             Err(e) => {

@@ -206,6 +206,9 @@ impl RewardSet {
     pub fn from_file(path: &Path, root: &Path) -> Result<RewardSet, Diagnostics> {
         let text = crate::common::fsutil::read_text_capped(path, 1 << 20)
             .map_err(|e| Diagnostic::new(path, None, format!("cannot read reward set: {e}")))?;
+        if let Some(d) = crate::common::yaml_pos::nesting_problem(path, &text) {
+            return Err(d.into());
+        }
         let doc: serde_yaml::Value = serde_yaml::from_str(&text)
             .map_err(|e| Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {e}")))?;
         let v = yaml_to_json(&doc, "").map_err(|e| Diagnostic::new(path, None, e.message))?;

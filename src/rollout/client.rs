@@ -315,7 +315,7 @@ struct RawLogprobs {
 }
 
 /// The choices of a `/v1/completions` answer, checked to be the `n` asked for.
-fn parse_completions(text: &str, n: usize, logprobs: bool) -> Result<Vec<Choice>, String> {
+pub(crate) fn parse_completions(text: &str, n: usize, logprobs: bool) -> Result<Vec<Choice>, String> {
     let a: CompletionsAnswer =
         serde_json::from_str(text).map_err(|e| format!("not a completions answer ({e}): {}", excerpt(text)))?;
     if a.choices.len() != n {

@@ -108,6 +108,17 @@ fn completion(prompt_index: usize, c: Choice, tok: &ChatTokenizer, max_new: usiz
     let finish_reason = if c.finish_reason == "length" { FinishReason::Length } else { FinishReason::Stop };
     let (tokens, eos) = match c.token_ids {
         Some(mut ids) => {
+            // Ids index the embedding: one out of range is the server's error, named here.
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= tok.vocab_size()) {
+                bail!(
+                    "rollout server {url} returned token id {bad}, outside the tokenizer's {} ids: is it \
+                     serving another model?",
+                    tok.vocab_size()
+                );
+            }
+            if ids.len() > max_new + 1 {
+                bail!("rollout server {url} returned {} tokens for a limit of {max_new}", ids.len());
+            }
             let eos = ids.last().is_some_and(|t| tok.eos_ids.contains(t));
             if eos {
                 ids.pop();

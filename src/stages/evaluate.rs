@@ -163,9 +163,7 @@ impl StageKind for Evaluate {
         if let Some(local) = project.local_path(&p.test) {
             req.local_paths.push(("test".into(), local));
         }
-        if p.batch_size == 0 {
-            errors.push(ParamError::new("batch_size", "must be at least 1"));
-        }
+        errors.extend(crate::common::params::batch_problem("batch_size", p.batch_size));
         match (&p.train, p.num_fewshot) {
             (None, k) if k > 0 => errors.push(
                 ParamError::new("num_fewshot", format!("{k}-shot needs exemplars: give `train`"))

@@ -82,6 +82,7 @@ impl StageKind for Infer {
         rollout_param::check(params, "rollout")?;
         let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
+        errors.extend(crate::common::params::batch_problem("batch_size", p.batch_size));
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         if p.model.trim().is_empty() {
             errors.push(ParamError::new("model", "required parameter is missing").hint("add `model:` under `with:`"));

@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::optim::Schedule;
+use crate::common::params::batch_problem;
 use crate::common::ParamError;
 use crate::model::lora::LoraConfig;
 
@@ -60,7 +61,7 @@ impl Default for TrainingConfig {
 impl TrainingConfig {
     /// Examples (SFT) or completions (GRPO) per optimizer step.
     pub fn per_step(&self) -> usize {
-        self.per_device_train_batch_size * self.gradient_accumulation_steps
+        self.per_device_train_batch_size.saturating_mul(self.gradient_accumulation_steps)
     }
 
     /// Steps for `units` units of data at `per_step` per optimizer step: `max_steps`, or the epochs' worth.
@@ -75,11 +76,11 @@ impl TrainingConfig {
         for (k, v) in [
             ("per_device_train_batch_size", self.per_device_train_batch_size),
             ("gradient_accumulation_steps", self.gradient_accumulation_steps),
-            ("save_total_limit", self.save_total_limit),
         ] {
-            if v == 0 {
-                errors.push(ParamError::new(k, "must be at least 1"));
-            }
+            errors.extend(batch_problem(k, v));
+        }
+        if self.save_total_limit == 0 {
+            errors.push(ParamError::new("save_total_limit", "must be at least 1"));
         }
         if self.save_steps == 0 {
             errors.push(ParamError::new("save_steps", "must be at least 1"));

@@ -9,6 +9,7 @@ use super::super::config::TrainingConfig;
 use super::super::grpo_loss::LossConfig;
 use super::super::grpo_loss::{Aggregation, IsLevel, IsMode, LossType, ScaleRewards};
 use super::super::optim::Schedule;
+use crate::common::params::batch_problem;
 use crate::common::ParamError;
 use crate::model::SamplingParams;
 
@@ -244,7 +245,9 @@ impl GrpoConfig {
             }
         }
         let per_step = self.training.per_step();
-        if self.num_generations < 2 {
+        if let Some(e) = batch_problem("num_generations", self.num_generations) {
+            errors.push(e);
+        } else if self.num_generations < 2 {
             errors.push(ParamError::new(
                 "num_generations",
                 "must be at least 2: advantages compare completions of one prompt",
@@ -360,16 +363,13 @@ impl GrpoConfig {
     /// The evaluation settings' own problems (whether there is an `eval_dataset` is the stage's check).
     fn evaluation_problems(&self) -> Vec<ParamError> {
         let mut errors = Vec::new();
-        for (k, v) in [
-            ("eval_steps", self.eval_steps.map(|x| x as usize)),
-            ("eval_limit", self.eval_limit),
-            ("num_generations_eval", self.num_generations_eval),
-            ("per_device_eval_batch_size", Some(self.per_device_eval_batch_size)),
-        ] {
+        for (k, v) in [("eval_steps", self.eval_steps), ("eval_limit", self.eval_limit.map(|x| x as u64))] {
             if v == Some(0) {
                 errors.push(ParamError::new(k, "must be at least 1"));
             }
         }
+        errors.extend(self.num_generations_eval.and_then(|n| batch_problem("num_generations_eval", n)));
+        errors.extend(batch_problem("per_device_eval_batch_size", self.per_device_eval_batch_size));
         if self.metric_for_best_model.is_some() {
             if let Err(e) = self.best_metric() {
                 errors.push(
