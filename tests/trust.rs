@@ -329,3 +329,43 @@ fn a_device_named_as_an_input_file_is_refused_before_any_stage_runs() {
     assert!(r.stderr.contains("`questions` names /dev/zero, which is not a regular file or folder"), "{}", r.stderr);
     assert!(!p.cache().exists(), "a stage ran before the inputs were checked");
 }
+
+#[test]
+fn errors_say_what_is_wrong_and_only_that() {
+    let p = Project::new();
+    // U2: a non-finite number is the one error, not also "`model` missing".
+    p.write(
+        "pipe.yaml",
+        "stages:\n  sft:\n    kind: sft\n    with:\n      model: m\n      train: t.jsonl\n      learning_rate: .nan\n",
+    );
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert!(r.code == 2 && r.stderr.contains("pipe.yaml:7: stage `sft`: number NaN is not finite"), "{}", r.stderr);
+    assert!(!r.stderr.contains("required parameter is missing"), "{}", r.stderr);
+    // U6: a reference inside vars is refused, not passed on as text.
+    p.write(
+        "pipe.yaml",
+        "vars: { a: \"${b.c}\" }\nstages:\n  a: { kind: test.counter, with: { steps: 1, text: \"${vars.a}\" } }\n",
+    );
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert!(r.code == 2 && r.stderr.contains("`vars.a` holds a `${…}` reference"), "{}", r.stderr);
+    // U7: a missing folder under an existing one is a missing path, not a hub id to download.
+    fs::create_dir_all(p.root().join("models")).unwrap();
+    p.write("pipe.yaml", "stages:\n  ask: { kind: infer, with: { model: models/missing, questions: [\"hi\"] } }\n");
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert!(
+        r.code == 2 && r.stderr.contains("`models/` is a folder here, so this is a path, not a hub id"),
+        "{}",
+        r.stderr
+    );
+    // U10: an OS error names its path.
+    p.write("pipe.yaml", CHAIN);
+    p.run(&["run", "pipe.yaml"]).ok();
+    fs::remove_file(p.cache().join("LOCK")).unwrap();
+    fs::create_dir(p.cache().join("LOCK")).unwrap();
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert!(
+        r.code == 1 && r.stderr.contains("opening the cache's lock file") && r.stderr.contains("LOCK"),
+        "{}",
+        r.stderr
+    );
+}

@@ -207,9 +207,9 @@ pub fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> Result<Value, ParamErr
                 Value::from(u)
             } else {
                 let f = n.as_f64().unwrap_or(f64::NAN);
-                serde_json::Number::from_f64(f)
-                    .map(Value::Number)
-                    .ok_or_else(|| ParamError::new(path, format!("number {f} is not finite")))?
+                serde_json::Number::from_f64(f).map(Value::Number).ok_or_else(|| {
+                    ParamError::new(path, format!("number {f} is not finite")).hint("write a finite number")
+                })?
             }
         }
         serde_yaml::Value::String(s) => Value::String(s.clone()),

@@ -41,6 +41,14 @@ impl ModelRef {
         if id.split('/').count() != 2 || id.split('/').any(str::is_empty) {
             bail!("model `{s}` is neither an existing folder, a .gguf file, nor a hub id (OWNER/NAME)");
         }
+        // `models/missing` has a hub id's shape, but a local folder `models/` says it is a path.
+        let owner = id.split('/').next().unwrap_or_default();
+        if base.join(owner).is_dir() {
+            bail!(
+                "model `{s}`: {} does not exist (`{owner}/` is a folder here, so this is a path, not a hub id)",
+                p.display()
+            );
+        }
         Ok(ModelRef::Hub { id: id.to_string(), revision: revision.to_string() })
     }
 

@@ -25,8 +25,8 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path)?;
-    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?))
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid JSON", path.display()))?))
 }
 
 /// A special token field: a plain string or `{"content": "..."}`.

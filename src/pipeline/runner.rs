@@ -423,15 +423,17 @@ impl<'a> Runner<'a> {
         let work_dir = self.cache.work_dir(fingerprint);
         let out_dir = work_dir.join("out");
         // Partial outputs of an earlier attempt are never trusted; checkpoints are.
-        remove_path(&out_dir)?;
-        fs::create_dir_all(&out_dir)?;
+        remove_path(&out_dir).with_context(|| format!("clearing {}", out_dir.display()))?;
+        fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+        let stage_file = work_dir.join("stage.json");
         fs::write(
-            work_dir.join("stage.json"),
+            &stage_file,
             serde_json::to_vec_pretty(&serde_json::json!({
                 "pipeline": self.pipeline.name, "stage": stage.name, "fingerprint": fingerprint,
                 "started_at": started_at,
             }))?,
-        )?;
+        )
+        .with_context(|| format!("writing {}", stage_file.display()))?;
         self.verify_inputs(stage, available)?;
         let paths: BTreeMap<String, PathBuf> =
             stage.refs.iter().map(|r| (r.key(), self.cache.object_path(&available[&r.key()]))).collect();

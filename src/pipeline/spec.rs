@@ -176,7 +176,20 @@ impl Loader {
         let mut vars = match get("vars") {
             None => serde_json::Map::new(),
             Some(v) => match yaml_to_json(v, "vars") {
-                Ok(Value::Object(m)) => m,
+                Ok(Value::Object(m)) => {
+                    // vars are values, resolved into stages; a reference inside one would be
+                    // passed on as literal text.
+                    for (k, v) in &m {
+                        if v.to_string().contains("${") {
+                            self.err(
+                                &format!("vars.{k}"),
+                                format!("`vars.{k}` holds a `${{…}}` reference, which vars cannot resolve"),
+                                Some("write the reference where the value is used, under a stage's `with:`".into()),
+                            );
+                        }
+                    }
+                    m
+                }
                 Ok(Value::Null) => serde_json::Map::new(),
                 Ok(_) => {
                     self.err("vars", "`vars` must be a mapping of names to values", None);
@@ -377,12 +390,18 @@ impl Loader {
                 None => self.err(&format!("{base}.use"), "`use` must be a path to a YAML preset", None),
             }
         }
+        // Set when `with` could not be read: the kind's own checks would then report
+        // every parameter as missing, which is not the problem.
+        let mut with_unreadable = false;
         match get("with") {
             None | Some(serde_yaml::Value::Null) => {}
             Some(w @ serde_yaml::Value::Mapping(_)) => match yaml_to_json(w, "") {
                 Ok(Value::Object(with)) => deep_merge(&mut params, with),
                 Ok(_) => unreachable!("a mapping converts to an object"),
-                Err(e) => self.err(&format!("{base}.with.{}", e.path), e.message, None),
+                Err(e) => {
+                    with_unreadable = true;
+                    self.err(&format!("{base}.with.{}", e.path), format!("stage `{name}`: {}", e.message), e.hint)
+                }
             },
             Some(_) => self.err(
                 &format!("{base}.with"),
@@ -429,7 +448,8 @@ impl Loader {
             Some(_) => self.err(&format!("{base}.needs"), "`needs` must be a list of stage names", None),
         }
 
-        let requirements = match kind.check(&params, &self.project) {
+        let checked = if with_unreadable { Ok(Requirements::default()) } else { kind.check(&params, &self.project) };
+        let requirements = match checked {
             Ok(r) => r,
             Err(errors) => {
                 for e in errors {

@@ -377,7 +377,13 @@ impl Cache {
     pub fn lock(&self, wait: bool) -> Result<CacheLock> {
         fs::create_dir_all(&self.root).with_context(|| format!("creating cache {}", self.root.display()))?;
         let path = self.root.join("LOCK");
-        let mut file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path)?;
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening the cache's lock file {}", path.display()))?;
         // `status` peeks at the lock (try-lock, released at once): a run that starts at
         // that instant waits out the peek instead of failing.
         let deadline = Instant::now() + Duration::from_secs(2);
