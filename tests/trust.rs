@@ -369,3 +369,57 @@ fn errors_say_what_is_wrong_and_only_that() {
         r.stderr
     );
 }
+
+/// A read-only view of `dir` at `at` (a read-only bind mount), unmounted when dropped.
+struct ReadOnlyMount(std::path::PathBuf);
+
+impl ReadOnlyMount {
+    fn new(dir: &std::path::Path, at: &std::path::Path) -> Result<ReadOnlyMount, String> {
+        fs::create_dir_all(at).unwrap();
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("mount").args(args).output().map_err(|e| e.to_string())?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            }
+        };
+        run(&["--bind", dir.to_str().unwrap(), at.to_str().unwrap()])?;
+        let mounted = ReadOnlyMount(at.to_path_buf());
+        run(&["-o", "remount,ro,bind", at.to_str().unwrap()])?;
+        Ok(mounted)
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_read_only_cache_serves_status_show_verify_and_a_run_with_nothing_to_do() {
+    let p = Project::new();
+    p.write("pipe.yaml", CHAIN);
+    p.run(&["run", "pipe.yaml"]).ok();
+    let ro = p.root().join("ro");
+    let _mount = match ReadOnlyMount::new(&p.cache(), &ro) {
+        Ok(m) => m,
+        Err(e) => {
+            // Needs root (or CAP_SYS_ADMIN); as another user, chmod makes a read-only cache instead.
+            println!("SKIPPED: cannot make a read-only bind mount here ({e})");
+            return;
+        }
+    };
+    assert!(fs::write(ro.join("probe"), "x").is_err(), "the mount is writable");
+    let cache = ro.to_str().unwrap();
+    let r = p.run(&["run", "pipe.yaml", "--cache", cache]).ok();
+    assert!(r.stdout.contains("(read-only)") && r.stdout.contains("a: skip (cached)"), "{}", r.stdout);
+    let r = p.run(&["status", "pipe.yaml", "--cache", cache]).ok();
+    assert!(r.stdout.contains("cached"), "{}", r.stdout);
+    let shown = p.run(&["show", "a.result", "-p", "pipe.yaml", "--cache", cache]).ok().stdout;
+    assert!(fs::read_to_string(shown.trim()).unwrap().contains("alpha"));
+    assert_eq!(p.run(&["verify", "--cache", cache]).code, 0);
+    let r = p.run(&["run", "pipe.yaml", "--cache", cache, "--force", "a"]);
+    assert!(r.code == 1 && r.stderr.contains("is read-only, and 1 would have to run: `a` (forced)"), "{}", r.stderr);
+}

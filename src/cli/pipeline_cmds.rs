@@ -45,6 +45,9 @@ fn init_tracing(run_log: Option<&Path>) -> Result<()> {
 pub fn run(args: &PipelineArgs, opts: &RunOptions) -> Result<i32> {
     let registry = r1pipe::stages::registry();
     let ws = open(args, &registry)?;
+    if !opts.dry_run && ws.cache.is_read_only() {
+        return run_on_read_only_cache(&ws, opts);
+    }
     if opts.dry_run {
         init_tracing(None)?;
     } else {
@@ -59,6 +62,49 @@ pub fn run(args: &PipelineArgs, opts: &RunOptions) -> Result<i32> {
         RunOutcome::Failed => 1,
         RunOutcome::Interrupted => 130,
     })
+}
+
+/// A run on a cache this process may not write: fine when every stage is
+/// cached (nothing to write), else an error naming what would have to run.
+fn run_on_read_only_cache(ws: &Workspace, opts: &RunOptions) -> Result<i32> {
+    init_tracing(None)?;
+    println!(
+        "pipeline {} ({}), cache {} (read-only)",
+        ws.pipeline.name,
+        ws.pipeline.file.display(),
+        ws.cache.root.display()
+    );
+    let forced: Vec<&String> = opts.force.iter().collect();
+    let rows = ws.status()?;
+    let pending: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let why = if opts.force_all || forced.contains(&&r.stage) {
+                "forced".to_string()
+            } else if r.state == "cached" {
+                return None;
+            } else if r.detail.is_empty() {
+                r.state.clone()
+            } else {
+                r.detail.clone()
+            };
+            Some(format!("`{}` ({why})", r.stage))
+        })
+        .collect();
+    if !pending.is_empty() {
+        bail!(
+            "the cache {} is read-only, and {} would have to run: {}\n  hint: run with --cache pointing at a \
+             writable folder (a copy of this one keeps everything cached)",
+            ws.cache.root.display(),
+            pending.len(),
+            pending.join(", ")
+        );
+    }
+    let n = rows.len();
+    for (i, r) in rows.iter().enumerate() {
+        println!("[{}/{n}] {}: skip (cached)  {}", i + 1, r.stage, r.fingerprint);
+    }
+    Ok(0)
 }
 
 /// First Ctrl-C: stages finish their current step, checkpoint and stop. Second: exit now.

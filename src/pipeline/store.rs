@@ -141,8 +141,52 @@ impl Cache {
         self.open_index()
     }
 
+    /// Whether this process may not write the cache (a read-only mount, another
+    /// user's cache): reading commands then work on a snapshot of the index.
+    pub fn is_read_only(&self) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(self.root.as_os_str().as_bytes()) else { return false };
+        // SAFETY: access only reads the NUL-terminated path it is given.
+        self.root.exists() && unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0
+    }
+
+    /// A private copy of a read-only cache's index, opened: what `status`,
+    /// `show` and a run with nothing to do read (sled cannot open a folder it
+    /// may not write). Writes to it (remembered file hashes) are dropped.
+    fn index_snapshot(&self) -> Result<sled::Db> {
+        const PREFIX: &str = "r1pipe-index-snapshot-";
+        // Snapshots of processes that have ended are removed: at most one per live process remains.
+        for e in fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(pid) = name.strip_prefix(PREFIX).and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill with signal 0 only checks that the process exists.
+                if unsafe { libc::kill(pid, 0) } != 0 {
+                    let _ = remove_path(&e.path());
+                }
+            }
+        }
+        let snapshot = std::env::temp_dir().join(format!("{PREFIX}{}", std::process::id()));
+        remove_path(&snapshot)?;
+        fs::create_dir_all(&snapshot)?;
+        let index = self.root.join("index");
+        for entry in walk(&index).with_context(|| format!("reading the cache index {}", index.display()))? {
+            let rel = entry.strip_prefix(&index).expect("walk stays under its root");
+            if entry.is_dir() {
+                fs::create_dir_all(snapshot.join(rel))?;
+            } else {
+                fs::copy(&entry, snapshot.join(rel)).with_context(|| format!("copying {}", entry.display()))?;
+                make_writable_file(&snapshot.join(rel))?;
+            }
+        }
+        tracing::info!(cache = %self.root.display(), snapshot = %snapshot.display(), "read-only cache: reading a snapshot of its index");
+        Ok(sled::Config::new().path(&snapshot).temporary(false).open()?)
+    }
+
     fn open_index(&self) -> Result<sled::Db> {
         let path = self.root.join("index");
+        if path.exists() && self.is_read_only() {
+            return self.index_snapshot();
+        }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match sled::Config::new().path(&path).open() {
@@ -583,6 +627,12 @@ pub fn remove_path(p: &Path) -> Result<()> {
 /// chose, so a stray write or delete fails loudly and the files of one artifact look alike.
 fn make_read_only(p: &Path) -> Result<()> {
     set_modes(p, 0o444, 0o555)
+}
+
+fn make_writable_file(p: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
+    Ok(())
 }
 
 /// Folders writable again (files stay read-only), so a stored artifact can be removed.

@@ -250,7 +250,9 @@ pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
     if !cache.exists() {
         bail!("no cache at {} (pass --cache DIR or run a pipeline first)", root.display());
     }
-    let _lock = cache.lock(false)?;
+    // A read-only cache is checked all the same; what is damaged is named but stays.
+    let writable = !cache.is_read_only();
+    let _lock = if writable { Some(cache.lock(false)?) } else { None };
     let db = cache.db()?;
     let mut out = Vec::new();
     let mut records = cache.all_records(&db)?;
@@ -260,10 +262,11 @@ pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
         for (output, oref) in &rec.outputs {
             // An artifact shared with a record verified before (and found damaged) is gone by now.
             let problem = match cache.object_damage(&db, oref, Check::Full)? {
-                Some(p) => {
+                Some(p) if writable => {
                     cache.discard_object(&db, oref)?;
                     Some(p)
                 }
+                Some(p) => Some(format!("{p} (the cache is read-only: it stays)")),
                 None => None,
             };
             out.push(Verified {
