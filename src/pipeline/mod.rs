@@ -5,6 +5,7 @@ pub mod dag;
 pub mod fingerprint;
 pub mod gc;
 pub mod kind;
+pub mod matrix;
 pub mod runner;
 pub mod spec;
 pub mod status;

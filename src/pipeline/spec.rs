@@ -18,7 +18,7 @@ use crate::common::params::{lookup, yaml_to_json};
 use crate::common::yaml_pos::Positions;
 
 const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages"];
-const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs"];
+const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs", "matrix"];
 
 /// A reference `${stage.output}` found in a stage's parameters.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -120,7 +120,17 @@ struct Loader {
 
 impl Loader {
     fn err(&mut self, path: &str, message: impl Into<String>, hint: Option<String>) {
-        let line = self.positions.line(path);
+        // A matrix member's keys are where its matrix stage wrote them.
+        let line = self.positions.line(path).or_else(|| {
+            let tail = path.strip_prefix("stages.")?;
+            let (stage, rest) = tail.split_once('.').map_or((tail, None), |(s, r)| (s, Some(r)));
+            let base = super::matrix::base_name(stage);
+            let moved = match rest {
+                Some(r) => format!("stages.{base}.{r}"),
+                None => format!("stages.{base}"),
+            };
+            (base != stage).then(|| self.positions.line(&moved))?
+        });
         self.diags.push(Diagnostic::new(&self.file, line, message).with_optional_hint(hint));
     }
 
@@ -216,8 +226,8 @@ impl Loader {
                 serde_yaml::Mapping::new()
             }
         };
-        let stage_names: Vec<String> = stages_yaml.keys().map(|k| k.as_str().unwrap_or("?").to_string()).collect();
-        for name in &stage_names {
+        let base_names: Vec<String> = stages_yaml.keys().map(|k| k.as_str().unwrap_or("?").to_string()).collect();
+        for name in &base_names {
             let path = format!("stages.{name}");
             if let Some(problem) = identifier_problem(name) {
                 self.err(&path, format!("stage name: {problem}"), Some("name stages like `sft` or `eval_base`".into()));
@@ -225,6 +235,13 @@ impl Loader {
                 self.err(&path, "`vars` cannot name a stage: `${vars.…}` refers to the pipeline's variables", None);
             }
         }
+        // Matrix stages become their members (`grpo@r1`, …) before anything reads a stage.
+        let (expanded, matrix_problems) = super::matrix::expand(&stages_yaml);
+        for (path, msg, hint) in matrix_problems {
+            self.err(&path, msg, hint);
+        }
+        let stages_yaml = expanded.stages;
+        let stage_names: Vec<String> = stages_yaml.keys().map(|k| k.as_str().unwrap_or("?").to_string()).collect();
 
         // -S overrides: vars first (they feed every stage), stage keys after presets are merged.
         let mut stage_overrides: BTreeMap<String, Vec<&Override>> = BTreeMap::new();
@@ -236,6 +253,11 @@ impl Loader {
                 }
             } else if stage_names.contains(&o.target) {
                 stage_overrides.entry(o.target.clone()).or_default().push(o);
+            } else if let Some(members) = expanded.members.get(&o.target) {
+                // An override of a matrix stage applies to every member.
+                for m in members {
+                    stage_overrides.entry(m.clone()).or_default().push(o);
+                }
             } else {
                 let names: Vec<&str> = stage_names.iter().map(String::as_str).collect();
                 self.override_err(o, &format!("no stage `{}`", o.target), Some(suggest(&o.target, &names, "stages")));

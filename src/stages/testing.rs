@@ -25,6 +25,9 @@ struct Params {
     text: String,
     #[serde(default)]
     input: Option<String>,
+    /// Named input artifacts (a mapping, as evaluate's `models`), appended as `name: content`.
+    #[serde(default)]
+    inputs: std::collections::BTreeMap<String, String>,
     /// Fail (an error, not a crash) when reaching this step.
     #[serde(default)]
     fail_at: Option<u64>,
@@ -73,6 +76,9 @@ impl StageKind for Counter {
         let mut text = format!("{}\ncount={count}\n", p.text);
         if let Some(input) = &p.input {
             text.push_str(&fs::read_to_string(input)?);
+        }
+        for (name, input) in &p.inputs {
+            text.push_str(&format!("{name}: {}", fs::read_to_string(input)?));
         }
         fs::write(ctx.output_path("result"), text)?;
         let executed = fs::read_to_string(ctx.work_dir.join("steps.jsonl"))?.lines().count();
