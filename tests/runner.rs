@@ -377,3 +377,65 @@ fn every_shipped_pipeline_validates_and_plans() {
     }
     assert!(!cache.path().join("index").exists(), "a dry run created an index");
 }
+
+const PARALLEL: &str = r#"
+name: par
+stages:
+  a: { kind: test.counter, with: { steps: 10, step_ms: 60, text: a } }
+  b: { kind: test.counter, with: { steps: 10, step_ms: 60, text: b } }
+  c: { kind: test.counter, with: { steps: 1, text: c, inputs: { a: "${a.result}", b: "${b.result}" } } }
+"#;
+
+/// (event, stage) of the run log's decisions and finishes, in order.
+fn events(p: &Project) -> Vec<(String, String)> {
+    let dir = p.cache().join("runs");
+    let mut logs: Vec<_> = fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    logs.sort();
+    fs::read_to_string(logs.last().unwrap())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| {
+            let f = &v["fields"];
+            let m = f["message"].as_str()?;
+            let stage = f["stage"].as_str()?;
+            (m == "stage decided" || m == "stage finished").then(|| (m.to_string(), stage.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn with_jobs_stages_whose_inputs_are_ready_run_at_the_same_time_and_give_the_same_results() {
+    let p = Project::new();
+    p.write("pipe.yaml", PARALLEL);
+    p.run(&["run", "pipe.yaml", "--jobs", "2"]).ok();
+    let ev = events(&p);
+    let at = |m: &str, s: &str| ev.iter().position(|(e, x)| e.contains(m) && x == s).unwrap();
+    assert!(at("decided", "b") < at("finished", "a"), "b waited for a: {ev:?}");
+    assert!(at("decided", "a") < at("finished", "b"), "a waited for b: {ev:?}");
+    assert!(at("decided", "c") > at("finished", "a").max(at("finished", "b")), "c ran before its inputs: {ev:?}");
+    let parallel = fs::read_to_string(p.run(&["show", "c.result", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
+
+    let q = Project::new();
+    q.write("pipe.yaml", PARALLEL);
+    q.run(&["run", "pipe.yaml"]).ok();
+    let sequential = fs::read_to_string(q.run(&["show", "c.result", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
+    assert_eq!(parallel, sequential);
+    assert!(parallel.contains("a: a\ncount=10") && parallel.contains("b: b\ncount=10"), "{parallel}");
+}
+
+#[test]
+fn with_jobs_a_failing_stage_lets_the_running_ones_finish_and_keeps_them() {
+    let p = Project::new();
+    p.write(
+        "pipe.yaml",
+        &PARALLEL.replace("steps: 10, step_ms: 60, text: a", "steps: 10, step_ms: 10, text: a, fail_at: 2"),
+    );
+    let r = p.run(&["run", "pipe.yaml", "--jobs", "2"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("a: failed"), "{}", r.stderr);
+    assert!(r.stdout.contains("b: done"), "the running stage was not finished and kept: {}", r.stdout);
+    assert!(!r.stdout.contains("c: run"), "{}", r.stdout);
+    let again = p.run(&["run", "pipe.yaml", "--jobs", "2"]);
+    assert!(again.skipped("b"), "{}", again.stdout);
+}

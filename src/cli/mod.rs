@@ -59,6 +59,10 @@ pub enum Command {
         /// Wait for another run holding the cache instead of failing
         #[arg(long)]
         wait: bool,
+        /// Run up to N stages at the same time when their inputs are ready (their
+        /// threads share the machine's cores)
+        #[arg(short, long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+        jobs: u16,
     },
     /// Each stage's state: cached, stale (why), never run, interrupted
     Status {
@@ -192,8 +196,16 @@ pub enum DagFormat {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { args, dry_run, force, force_all, only, until, wait } => {
-            let opts = r1pipe::pipeline::runner::RunOptions { dry_run, force, force_all, only, until, wait };
+        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs } => {
+            let opts = r1pipe::pipeline::runner::RunOptions {
+                dry_run,
+                force,
+                force_all,
+                only,
+                until,
+                wait,
+                jobs: jobs as usize,
+            };
             pipeline_cmds::run(&args, &opts)
         }
         Command::Status { args } => pipeline_cmds::status(&args),

@@ -28,6 +28,17 @@ pub struct RunOptions {
     /// Run this stage and everything it needs.
     pub until: Option<String>,
     pub wait: bool,
+    /// Stages that may run at the same time (their inputs ready); 1 runs one after another.
+    pub jobs: usize,
+}
+
+/// A stage between its start and its finish.
+struct Started {
+    ctx: StageContext,
+    started_at: chrono::DateTime<Utc>,
+    t0: Instant,
+    work_dir: PathBuf,
+    out_dir: PathBuf,
 }
 
 /// What the runner decided for one stage.
@@ -265,101 +276,190 @@ impl<'a> Runner<'a> {
         cancel: &CancelToken,
         available: &mut BTreeMap<String, ObjectRef>,
     ) -> Result<RunOutcome> {
+        if opts.dry_run {
+            return self.plan(selected, opts, available);
+        }
         let total = selected.len();
-        let mut ran = 0;
+        let jobs = opts.jobs.max(1);
         let progress = indicatif::MultiProgress::new();
-        for (i, name) in selected.iter().enumerate() {
-            let stage = self.pipeline.stage(name).expect("selected names are stages");
-            let forced = opts.force_all || opts.force.contains(name);
-            let decision = self.decide(stage, available, forced)?;
-            let tag = format!("[{}/{}] {name}", i + 1, total);
-            match decision {
-                Decision::Cached { record } => {
-                    println!("{tag}: skip (cached)  {}", &record.fingerprint[..12]);
-                    tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %record.fingerprint, decision = "skip", "stage decided");
-                    for (o, r) in &record.outputs {
-                        available.insert(format!("{name}.{o}"), r.clone());
-                    }
-                }
-                Decision::Pending { upstream } => {
-                    let ups = upstream.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ");
-                    if opts.dry_run {
-                        println!("{tag}: run after {ups} (if their outputs change)");
-                    } else {
-                        println!("{tag}: not run: {ups} did not complete");
-                    }
-                }
-                Decision::Run { fingerprint, inputs, reasons, resume_step } => {
-                    let verb = match resume_step {
-                        Some(step) => format!("resume from step {step}"),
-                        None => "run".to_string(),
-                    };
-                    println!("{tag}: {verb}  {}  ({})", &fingerprint[..12], reasons.join("; "));
-                    tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %fingerprint, decision = %verb, reasons = ?reasons, "stage decided");
-                    if opts.dry_run {
+        let tag = |name: &str| {
+            let i = selected.iter().position(|s| s == name).unwrap_or(0);
+            format!("[{}/{}] {name}", i + 1, total)
+        };
+        // Stages not decided yet, in selection order; stages running, with what their finish needs.
+        let mut waiting: Vec<&String> = selected.iter().collect();
+        let mut running: BTreeMap<String, (String, Box<FingerprintInputs>)> = BTreeMap::new();
+        let (mut ran, mut failed, mut interrupted) = (0, false, false);
+        std::thread::scope(|scope| -> Result<()> {
+            let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, Started, Result<()>)>();
+            loop {
+                // Start, in selection order, every stage whose upstream stages have finished,
+                // while fewer than `jobs` run.
+                let mut i = 0;
+                while !failed && !interrupted && running.len() < jobs && i < waiting.len() {
+                    let name = waiting[i];
+                    let stage = self.pipeline.stage(name).expect("selected names are stages");
+                    let blocked = stage.upstream().iter().any(|u| running.contains_key(u) || waiting.contains(&u));
+                    if blocked {
+                        i += 1;
                         continue;
                     }
-                    if cancel.is_cancelled() {
-                        println!("{tag}: not started: interrupted");
-                        return Ok(RunOutcome::Interrupted);
-                    }
-                    ran += 1;
-                    match self.run_stage(stage, &fingerprint, &inputs, available, &progress, cancel) {
-                        Ok(record) => {
-                            tracing::info!(
-                                target: "r1pipe::runlog",
-                                stage = %name,
-                                fingerprint = %record.fingerprint,
-                                duration_s = record.duration_s,
-                                metrics = %record.metrics.clone().unwrap_or_default(),
-                                "stage finished"
-                            );
-                            println!(
-                                "{tag}: done in {}  {}",
-                                human_duration(record.duration_s),
-                                &record.fingerprint[..12]
-                            );
+                    waiting.remove(i);
+                    let forced = opts.force_all || opts.force.contains(name);
+                    let decision = self.decide(stage, available, forced)?;
+                    self.announce(&tag(name), name, &decision, false);
+                    match decision {
+                        Decision::Cached { record } => {
                             for (o, r) in &record.outputs {
                                 available.insert(format!("{name}.{o}"), r.clone());
                             }
                         }
-                        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
-                            let at = Checkpoints::new(&self.cache.work_dir(&fingerprint)).latest().map(|(s, _)| s);
-                            match at {
-                                Some(step) => {
-                                    println!("{tag}: interrupted; checkpoint at step {step}. Run again to resume.")
-                                }
-                                None => {
-                                    println!("{tag}: interrupted before its first checkpoint. Run again to restart it.")
-                                }
+                        Decision::Pending { .. } => {}
+                        Decision::Run { fingerprint, inputs, .. } => {
+                            if cancel.is_cancelled() {
+                                println!("{}: not started: interrupted", tag(name));
+                                interrupted = true;
+                                break;
                             }
-                            tracing::warn!(target: "r1pipe::runlog", stage = %name, "stage interrupted");
-                            return Ok(RunOutcome::Interrupted);
-                        }
-                        Err(e) => {
-                            eprintln!("{tag}: failed: {e:#}");
-                            if out_of_space(&e) {
-                                eprintln!(
-                                    "  hint: no space left to write (the disk, or a file-size limit, is full): free some \
-                                     and run again; the last checkpoint and the cache are intact"
-                                );
-                            }
-                            tracing::error!(target: "r1pipe::runlog", stage = %name, error = %format!("{e:#}"), "stage failed");
-                            return Ok(RunOutcome::Failed);
+                            ran += 1;
+                            let started = match self.start_stage(stage, &fingerprint, available, &progress, cancel) {
+                                Ok(s) => s,
+                                Err(e) => {
+                                    self.report_failure(&tag(name), name, &e);
+                                    failed = true;
+                                    break;
+                                }
+                            };
+                            running.insert(name.clone(), (fingerprint, inputs));
+                            let done = done_tx.clone();
+                            let (name, kind) = (name.clone(), stage.kind.clone());
+                            // The work runs beside the scheduler; what it writes to the cache
+                            // (outputs, the record) waits for the scheduler. A training step
+                            // recurses deeply through the graph: the thread gets a main thread's stack.
+                            std::thread::Builder::new()
+                                .name(format!("stage {name}"))
+                                .stack_size(64 << 20)
+                                .spawn_scoped(scope, move || {
+                                    let mut started = started;
+                                    let result = kind.run(&mut started.ctx);
+                                    let _ = done.send((name, started, result));
+                                })
+                                .context("starting a stage's thread")?;
                         }
                     }
                 }
+                if running.is_empty() {
+                    return Ok(());
+                }
+                let (name, started, result) = done_rx.recv().expect("a running stage reports back");
+                let (fingerprint, inputs) = running.remove(&name).expect("it was running");
+                let stage = self.pipeline.stage(&name).expect("selected names are stages");
+                let tag = tag(&name);
+                match self.finish_stage(stage, &fingerprint, &inputs, started, result) {
+                    Ok(record) => {
+                        tracing::info!(
+                            target: "r1pipe::runlog",
+                            stage = %name,
+                            fingerprint = %record.fingerprint,
+                            duration_s = record.duration_s,
+                            metrics = %record.metrics.clone().unwrap_or_default(),
+                            "stage finished"
+                        );
+                        println!("{tag}: done in {}  {}", human_duration(record.duration_s), &record.fingerprint[..12]);
+                        for (o, r) in &record.outputs {
+                            available.insert(format!("{name}.{o}"), r.clone());
+                        }
+                    }
+                    Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
+                        let at = Checkpoints::new(&self.cache.work_dir(&fingerprint)).latest().map(|(s, _)| s);
+                        match at {
+                            Some(step) => {
+                                println!("{tag}: interrupted; checkpoint at step {step}. Run again to resume.")
+                            }
+                            None => {
+                                println!("{tag}: interrupted before its first checkpoint. Run again to restart it.")
+                            }
+                        }
+                        tracing::warn!(target: "r1pipe::runlog", stage = %name, "stage interrupted");
+                        interrupted = true;
+                    }
+                    Err(e) => {
+                        self.report_failure(&tag, &name, &e);
+                        failed = true;
+                    }
+                }
             }
+        })?;
+        if failed {
+            return Ok(RunOutcome::Failed);
         }
-        if opts.dry_run {
-            println!("dry run: nothing was executed");
-            return Ok(RunOutcome::Completed);
+        if interrupted {
+            return Ok(RunOutcome::Interrupted);
         }
         if ran == 0 {
             println!("everything is up to date");
         }
         self.print_summaries(selected, available);
         Ok(RunOutcome::Completed)
+    }
+
+    /// A dry run: every decision, nothing executed.
+    fn plan(
+        &self,
+        selected: &[String],
+        opts: &RunOptions,
+        available: &mut BTreeMap<String, ObjectRef>,
+    ) -> Result<RunOutcome> {
+        for (i, name) in selected.iter().enumerate() {
+            let stage = self.pipeline.stage(name).expect("selected names are stages");
+            let forced = opts.force_all || opts.force.contains(name);
+            let decision = self.decide(stage, available, forced)?;
+            self.announce(&format!("[{}/{}] {name}", i + 1, selected.len()), name, &decision, true);
+            if let Decision::Cached { record } = &decision {
+                for (o, r) in &record.outputs {
+                    available.insert(format!("{name}.{o}"), r.clone());
+                }
+            }
+        }
+        println!("dry run: nothing was executed");
+        Ok(RunOutcome::Completed)
+    }
+
+    /// The line (and run-log event) that says what will happen to a stage.
+    fn announce(&self, tag: &str, name: &str, decision: &Decision, dry_run: bool) {
+        match decision {
+            Decision::Cached { record } => {
+                println!("{tag}: skip (cached)  {}", &record.fingerprint[..12]);
+                tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %record.fingerprint, decision = "skip", "stage decided");
+            }
+            Decision::Pending { upstream } => {
+                let ups = upstream.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", ");
+                if dry_run {
+                    println!("{tag}: run after {ups} (if their outputs change)");
+                } else {
+                    println!("{tag}: not run: {ups} did not complete");
+                }
+            }
+            Decision::Run { fingerprint, reasons, resume_step, .. } => {
+                let verb = match resume_step {
+                    Some(step) => format!("resume from step {step}"),
+                    None => "run".to_string(),
+                };
+                println!("{tag}: {verb}  {}  ({})", &fingerprint[..12], reasons.join("; "));
+                tracing::info!(target: "r1pipe::runlog", stage = %name, fingerprint = %fingerprint, decision = %verb, reasons = ?reasons, "stage decided");
+            }
+        }
+    }
+
+    fn report_failure(&self, tag: &str, name: &str, e: &anyhow::Error) {
+        eprintln!("{tag}: failed: {e:#}");
+        if out_of_space(e) {
+            eprintln!(
+                "  hint: no space left to write (the disk, or a file-size limit, is full): free some \
+                 and run again; the last checkpoint and the cache are intact"
+            );
+        }
+        tracing::error!(target: "r1pipe::runlog", stage = %name, error = %format!("{e:#}"), "stage failed");
     }
 
     /// What the pipeline's final stages (those no other stage reads) produced,
@@ -409,15 +509,16 @@ impl<'a> Runner<'a> {
         Ok(())
     }
 
-    fn run_stage(
+    /// Everything before a stage's own work: its work folder, its inputs checked
+    /// and bound, its context.
+    fn start_stage(
         &self,
         stage: &Stage,
         fingerprint: &str,
-        inputs: &FingerprintInputs,
         available: &BTreeMap<String, ObjectRef>,
         progress: &indicatif::MultiProgress,
         cancel: &CancelToken,
-    ) -> Result<StageRecord> {
+    ) -> Result<Started> {
         let started_at = Utc::now();
         let t0 = Instant::now();
         let work_dir = self.cache.work_dir(fingerprint);
@@ -439,7 +540,7 @@ impl<'a> Runner<'a> {
             stage.refs.iter().map(|r| (r.key(), self.cache.object_path(&available[&r.key()]))).collect();
         let mut params = stage.params.clone();
         bind_artifacts(&mut params, &paths);
-        let mut ctx = StageContext {
+        let ctx = StageContext {
             stage: stage.name.clone(),
             kind: stage.kind.name(),
             params,
@@ -452,7 +553,21 @@ impl<'a> Runner<'a> {
             outputs: stage.kind.outputs(),
             metrics: None,
         };
-        let result = stage.kind.run(&mut ctx);
+        Ok(Started { ctx, started_at, t0, work_dir, out_dir })
+    }
+
+    /// Everything after a stage's own work (`result`): its outputs moved into the
+    /// cache and its record written. Only the scheduling thread calls this: it is
+    /// the cache's one writer.
+    fn finish_stage(
+        &self,
+        stage: &Stage,
+        fingerprint: &str,
+        inputs: &FingerprintInputs,
+        started: Started,
+        result: Result<()>,
+    ) -> Result<StageRecord> {
+        let Started { mut ctx, started_at, t0, work_dir, out_dir } = started;
         // The stage's memory is free now: give it back before the next stage (or the
         // commit) runs, whatever the stage's outcome.
         crate::common::memory::release_free_memory();
