@@ -35,6 +35,13 @@ pub struct PipelineArgs {
     pub cache: Option<PathBuf>,
 }
 
+/// Where stages run (`--executor`).
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Validate, plan and execute a pipeline: skip what is cached, resume what was interrupted
@@ -59,10 +66,19 @@ pub enum Command {
         /// Wait for another run holding the cache instead of failing
         #[arg(long)]
         wait: bool,
-        /// Run up to N stages at the same time when their inputs are ready (their
-        /// threads share the machine's cores)
-        #[arg(short, long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
-        jobs: u16,
+        /// Run up to N stages at the same time when their inputs are ready (locally their
+        /// threads share the machine's cores) [default: 1 locally, 64 on Slurm]
+        #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+        jobs: Option<u16>,
+        /// Where stages run: here, or as Slurm jobs (the pipeline's `executor:` gives the settings)
+        #[arg(long, value_enum)]
+        executor: Option<ExecutorKind>,
+    },
+    /// Run one stage's job as the Slurm executor wrote it (what a Slurm job runs)
+    #[command(hide = true)]
+    ExecJob {
+        /// The stage's work folder, holding job.json
+        work_dir: PathBuf,
     },
     /// Each stage's state: cached, stale (why), never run, interrupted
     Status {
@@ -196,7 +212,7 @@ pub enum DagFormat {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs } => {
+        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs, executor } => {
             let opts = r1pipe::pipeline::runner::RunOptions {
                 dry_run,
                 force,
@@ -204,10 +220,12 @@ pub fn main() -> i32 {
                 only,
                 until,
                 wait,
-                jobs: jobs as usize,
+                jobs: jobs.map_or(0, usize::from),
+                slurm: None,
             };
-            pipeline_cmds::run(&args, &opts)
+            pipeline_cmds::run(&args, opts, executor)
         }
+        Command::ExecJob { work_dir } => pipeline_cmds::exec_job(&work_dir),
         Command::Status { args } => pipeline_cmds::status(&args),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
         Command::Show { target, pipeline, cache } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),

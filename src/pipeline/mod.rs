@@ -7,6 +7,7 @@ pub mod gc;
 pub mod kind;
 pub mod matrix;
 pub mod runner;
+pub mod slurm;
 pub mod spec;
 pub mod status;
 pub mod store;

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub wait: bool,
     /// Stages that may run at the same time (their inputs ready); 1 runs one after another.
     pub jobs: usize,
+    /// Run each stage as a Slurm job instead of in this process.
+    pub slurm: Option<super::slurm::SlurmConfig>,
 }
 
 /// A stage between its start and its finish.
@@ -322,7 +324,19 @@ impl<'a> Runner<'a> {
                                 break;
                             }
                             ran += 1;
-                            let started = match self.start_stage(stage, &fingerprint, available, &progress, cancel) {
+                            // A job a head that died left running is followed, its outputs untouched.
+                            let live = opts
+                                .slurm
+                                .as_ref()
+                                .and_then(|_| super::slurm::live_job(&self.cache.work_dir(&fingerprint)));
+                            let started = match self.start_stage(
+                                stage,
+                                &fingerprint,
+                                available,
+                                &progress,
+                                cancel,
+                                live.is_some(),
+                            ) {
                                 Ok(s) => s,
                                 Err(e) => {
                                     self.report_failure(&tag(name), name, &e);
@@ -332,7 +346,8 @@ impl<'a> Runner<'a> {
                             };
                             running.insert(name.clone(), (fingerprint, inputs));
                             let done = done_tx.clone();
-                            let (name, kind) = (name.clone(), stage.kind.clone());
+                            let (name, kind, resources) = (name.clone(), stage.kind.clone(), stage.resources.clone());
+                            let (slurm, job_tag) = (opts.slurm.clone(), tag(&name));
                             // The work runs beside the scheduler; what it writes to the cache
                             // (outputs, the record) waits for the scheduler. A training step
                             // recurses deeply through the graph: the thread gets a main thread's stack.
@@ -341,7 +356,12 @@ impl<'a> Runner<'a> {
                                 .stack_size(64 << 20)
                                 .spawn_scoped(scope, move || {
                                     let mut started = started;
-                                    let result = kind.run(&mut started.ctx);
+                                    let result = match &slurm {
+                                        Some(cfg) => {
+                                            super::slurm::run_stage(cfg, &resources, &mut started.ctx, &job_tag, live)
+                                        }
+                                        None => kind.run(&mut started.ctx),
+                                    };
                                     let _ = done.send((name, started, result));
                                 })
                                 .context("starting a stage's thread")?;
@@ -518,13 +538,17 @@ impl<'a> Runner<'a> {
         available: &BTreeMap<String, ObjectRef>,
         progress: &indicatif::MultiProgress,
         cancel: &CancelToken,
+        job_still_running: bool,
     ) -> Result<Started> {
         let started_at = Utc::now();
         let t0 = Instant::now();
         let work_dir = self.cache.work_dir(fingerprint);
         let out_dir = work_dir.join("out");
-        // Partial outputs of an earlier attempt are never trusted; checkpoints are.
-        remove_path(&out_dir).with_context(|| format!("clearing {}", out_dir.display()))?;
+        // Partial outputs of an earlier attempt are never trusted; checkpoints are
+        // (a job still running writes its own, and is left to).
+        if !job_still_running {
+            remove_path(&out_dir).with_context(|| format!("clearing {}", out_dir.display()))?;
+        }
         fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
         let stage_file = work_dir.join("stage.json");
         fs::write(

@@ -11,14 +11,15 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::kind::{Project, Registry, Requirements, StageKind};
+use super::slurm::{Resources, SlurmConfig};
 use crate::common::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
 use crate::common::fsutil::read_text_capped;
 use crate::common::names::identifier_problem;
 use crate::common::params::{lookup, yaml_to_json};
 use crate::common::yaml_pos::Positions;
 
-const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages"];
-const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs", "matrix"];
+const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages", "executor"];
+const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs", "matrix", "resources"];
 
 /// A reference `${stage.output}` found in a stage's parameters.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,6 +42,8 @@ pub struct Stage {
     pub refs: Vec<ArtifactRef>,
     pub needs: Vec<String>,
     pub requirements: Requirements,
+    /// What the stage's job asks of a cluster (`resources:`); not part of its fingerprint.
+    pub resources: Resources,
     pub line: Option<usize>,
 }
 
@@ -60,6 +63,8 @@ pub struct Pipeline {
     pub seed: u64,
     pub device: String,
     pub dtype: String,
+    /// `executor: { kind: slurm, … }`: run stages as Slurm jobs (`--executor` overrides it).
+    pub slurm: Option<SlurmConfig>,
     /// In file order.
     pub stages: Vec<Stage>,
 }
@@ -182,6 +187,7 @@ impl Loader {
         if let Some((message, hint)) = registry.devices().check_dtype(&dtype) {
             self.err("dtype", message, Some(hint));
         }
+        let slurm = self.executor(get("executor"));
 
         let mut vars = match get("vars") {
             None => serde_json::Map::new(),
@@ -328,8 +334,16 @@ impl Loader {
             }
         }
 
-        let pipeline =
-            Pipeline { file: self.file.clone(), project: self.project.clone(), name, seed, device, dtype, stages };
+        let pipeline = Pipeline {
+            file: self.file.clone(),
+            project: self.project.clone(),
+            name,
+            seed,
+            device,
+            dtype,
+            slurm,
+            stages,
+        };
         self.diags.into_result(pipeline)
     }
 
@@ -337,6 +351,35 @@ impl Loader {
         self.diags.push(
             Diagnostic::new(&self.file, None, format!("override `-S {}`: {msg}", o.text)).with_optional_hint(hint),
         );
+    }
+
+    /// `executor: { kind: local }` or `{ kind: slurm, partition, account, qos, extra, … }`.
+    fn executor(&mut self, v: Option<&serde_yaml::Value>) -> Option<SlurmConfig> {
+        let v = yaml_to_json(v?, "executor").map_err(|e| self.err(&e.path, e.message, None)).ok()?;
+        let Value::Object(mut m) = v else {
+            self.err("executor", "`executor` must be a mapping with `kind: local` or `kind: slurm`", None);
+            return None;
+        };
+        match m.remove("kind").as_ref().and_then(Value::as_str) {
+            Some("local") if m.is_empty() => None,
+            Some("slurm") => match crate::common::params::typed::<SlurmConfig>(&Value::Object(m)) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    let path = if e.path.is_empty() { "executor".to_string() } else { format!("executor.{}", e.path) };
+                    self.err(&path, format!("executor: {}", e.message), e.hint);
+                    None
+                }
+            },
+            _ => {
+                self.err(
+                    "executor",
+                    "`executor` needs `kind: local` or `kind: slurm` (with partition, account, qos, extra, \
+                     max_resubmits, signal_grace_s, poll_s)",
+                    None,
+                );
+                None
+            }
+        }
     }
 
     fn scalar_string(&mut self, v: Option<&serde_yaml::Value>, key: &str, default: &str) -> String {
@@ -497,7 +540,17 @@ impl Loader {
                 );
             }
         }
-        Some(Stage { name: name.to_string(), kind, params, refs, needs, requirements, line })
+        let resources = match get("resources") {
+            None => Resources::default(),
+            Some(r) => match yaml_to_json(r, "").map(|v| crate::common::params::typed::<Resources>(&v)) {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) | Err(e) => {
+                    self.err(&format!("{base}.resources"), format!("stage `{name}`: resources: {}", e.message), e.hint);
+                    Resources::default()
+                }
+            },
+        };
+        Some(Stage { name: name.to_string(), kind, params, refs, needs, requirements, resources, line })
     }
 
     /// A kind's parameter error, placed in the pipeline file or, for a key that

@@ -1,0 +1,362 @@
+//! The Slurm executor. The `r1pipe run` process (the head) stays where it was
+//! started and stays the cache's one writer: for each stage it writes the
+//! resolved job (kind, parameters with their input artifacts' paths, run
+//! settings) into the stage's work folder as `job.json`, submits
+//! `sbatch --parsable … --wrap "r1pipe exec-job WORK"`, and follows the job:
+//! the job writes `exit.json` (ok, failed or interrupted, with the stage's
+//! metrics) before it ends, so no accounting database is needed; `squeue`
+//! only says whether it is still there. The head then commits the outputs
+//! itself. A job stopped by its time limit or a preemption (SIGTERM, sent
+//! `signal_grace_s` before, as `--signal=B:TERM@…` asks) checkpoints and
+//! exits as interrupted; the head resubmits it (up to `max_resubmits`) and it
+//! resumes from its checkpoint. Ctrl-C on the head sends the jobs SIGTERM, so
+//! they checkpoint too. The job's log is `WORK/slurm-<id>.log`; its last
+//! lines are shown when it fails.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::kind::{Project, Registry, RunEnv, StageContext};
+use crate::common::{CancelToken, Cancelled};
+
+/// `executor: { kind: slurm, … }` at the top of a pipeline (or `--executor slurm`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmConfig {
+    pub partition: Option<String>,
+    pub account: Option<String>,
+    pub qos: Option<String>,
+    /// More `sbatch` options, passed as they are (`--constraint=a100`, …).
+    #[serde(default)]
+    pub extra: Vec<String>,
+    /// Resubmissions of a job stopped by its time limit or a preemption.
+    #[serde(default = "default_resubmits")]
+    pub max_resubmits: u32,
+    /// Seconds before the time limit that the job is told to checkpoint and stop.
+    #[serde(default = "default_grace")]
+    pub signal_grace_s: u32,
+    /// Seconds between looks at a running job.
+    #[serde(default = "default_poll")]
+    pub poll_s: f64,
+}
+
+fn default_resubmits() -> u32 {
+    3
+}
+fn default_grace() -> u32 {
+    120
+}
+fn default_poll() -> f64 {
+    2.0
+}
+
+impl Default for SlurmConfig {
+    fn default() -> Self {
+        SlurmConfig {
+            partition: None,
+            account: None,
+            qos: None,
+            extra: Vec::new(),
+            max_resubmits: default_resubmits(),
+            signal_grace_s: default_grace(),
+            poll_s: default_poll(),
+        }
+    }
+}
+
+/// A stage's `resources:` (what its Slurm job asks for; ignored when stages run locally).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub gpus: Option<u32>,
+    pub cpus: Option<u32>,
+    /// As Slurm writes it: `32G`, `500M`.
+    pub mem: Option<String>,
+    /// As Slurm writes it: `4:00:00`, `1-00:00:00`.
+    pub time: Option<String>,
+    pub partition: Option<String>,
+}
+
+/// What a job runs, as the head resolved it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JobFile {
+    pub stage: String,
+    pub kind: String,
+    pub params: Value,
+    pub project_root: PathBuf,
+    pub device: String,
+    pub device_class: String,
+    pub dtype: String,
+    pub seed: u64,
+    pub work_dir: PathBuf,
+    pub out_dir: PathBuf,
+}
+
+/// How a job ended, written by the job itself.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ExitFile {
+    /// `ok`, `failed` or `interrupted`.
+    pub status: String,
+    pub error: Option<String>,
+    pub metrics: Option<Value>,
+}
+
+const JOB_FILE: &str = "job.json";
+const EXIT_FILE: &str = "exit.json";
+/// The id of the stage's current job (a restarted head reads it).
+const JOB_ID_FILE: &str = "slurm-job";
+
+/// The job an earlier head submitted for the stage in `work_dir` that is
+/// still queued or running (a head that died leaves its jobs running).
+pub fn live_job(work_dir: &Path) -> Option<u64> {
+    let id: u64 = fs::read_to_string(work_dir.join(JOB_ID_FILE)).ok()?.trim().parse().ok()?;
+    in_queue(id).ok()?.then_some(id)
+}
+
+/// Slurm's word for the state of the stage's job in `work_dir`, if it has one in the queue.
+pub fn job_state(work_dir: &Path) -> Option<(u64, String)> {
+    let id: u64 = fs::read_to_string(work_dir.join(JOB_ID_FILE)).ok()?.trim().parse().ok()?;
+    let out = Command::new("squeue").args(["-h", "-j", &id.to_string(), "-o", "%T"]).output().ok()?;
+    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && !state.is_empty()).then_some((id, state))
+}
+
+/// Run a started stage as Slurm jobs until it finishes, fails, or the head is
+/// cancelled; on success the stage's metrics are in `ctx`. `live`: a job an
+/// earlier head submitted for it, followed instead of submitting again.
+pub fn run_stage(
+    cfg: &SlurmConfig,
+    resources: &Resources,
+    ctx: &mut StageContext,
+    tag: &str,
+    live: Option<u64>,
+) -> Result<()> {
+    let job = JobFile {
+        stage: ctx.stage.clone(),
+        kind: ctx.kind.to_string(),
+        params: ctx.params.clone(),
+        project_root: ctx.project.root.clone(),
+        device: ctx.env.device.clone(),
+        device_class: ctx.env.device_class.clone(),
+        dtype: ctx.env.dtype.clone(),
+        seed: ctx.env.seed,
+        work_dir: ctx.work_dir.clone(),
+        out_dir: ctx.out_dir.clone(),
+    };
+    let mut resubmits = 0;
+    let mut following = live;
+    loop {
+        let id = match following.take() {
+            Some(id) => {
+                println!("{tag}: following Slurm job {id}, submitted by an earlier run");
+                id
+            }
+            None => {
+                write_atomically(&ctx.work_dir.join(JOB_FILE), &serde_json::to_vec_pretty(&job)?)?;
+                let _ = fs::remove_file(ctx.work_dir.join(EXIT_FILE));
+                let id = submit(cfg, resources, &job)?;
+                fs::write(ctx.work_dir.join(JOB_ID_FILE), id.to_string())?;
+                tracing::info!(target: "r1pipe::runlog", stage = %ctx.stage, job = id, "submitted to Slurm");
+                println!("{tag}: Slurm job {id} (log {})", ctx.work_dir.join(format!("slurm-{id}.log")).display());
+                id
+            }
+        };
+        let log = ctx.work_dir.join(format!("slurm-{id}.log"));
+        match follow(id, &ctx.work_dir, &ctx.cancel, cfg.poll_s)? {
+            Some(exit) if exit.status == "ok" => {
+                ctx.metrics = exit.metrics;
+                return Ok(());
+            }
+            Some(exit) if exit.status == "interrupted" => {
+                if ctx.cancel.is_cancelled() {
+                    return Err(Cancelled.into());
+                }
+                resubmits += 1;
+                if resubmits > cfg.max_resubmits {
+                    bail!(
+                        "Slurm job {id} was stopped (time limit or preemption) {resubmits} times, more than \
+                         max_resubmits = {}; its checkpoint is kept\n{}",
+                        cfg.max_resubmits,
+                        log_tail(&log)
+                    );
+                }
+                println!("{tag}: Slurm job {id} stopped before the end (time limit or preemption); resubmitting");
+            }
+            Some(exit) => bail!(
+                "Slurm job {id} failed: {}\n{}",
+                exit.error.unwrap_or_else(|| "no reason given".into()),
+                log_tail(&log)
+            ),
+            None if ctx.cancel.is_cancelled() => return Err(Cancelled.into()),
+            None => bail!(
+                "Slurm job {id} ended without saying how (cancelled outside r1pipe, or killed before it could \
+                 write {EXIT_FILE}); its checkpoint is kept\n{}",
+                log_tail(&log)
+            ),
+        }
+    }
+}
+
+fn submit(cfg: &SlurmConfig, resources: &Resources, job: &JobFile) -> Result<u64> {
+    let exe = std::env::current_exe().context("finding the r1pipe binary to run in the job")?;
+    let mut cmd = Command::new("sbatch");
+    cmd.arg("--parsable")
+        .arg(format!("--job-name=r1pipe-{}", job.stage))
+        .arg(format!("--output={}", job.work_dir.join("slurm-%j.log").display()))
+        // The job sees paths as the head does (a relative cache or project path included).
+        .arg(format!("--chdir={}", std::env::current_dir()?.display()))
+        .arg(format!("--signal=B:TERM@{}", cfg.signal_grace_s));
+    if let Some(p) = resources.partition.as_ref().or(cfg.partition.as_ref()) {
+        cmd.arg(format!("--partition={p}"));
+    }
+    if let Some(a) = &cfg.account {
+        cmd.arg(format!("--account={a}"));
+    }
+    if let Some(q) = &cfg.qos {
+        cmd.arg(format!("--qos={q}"));
+    }
+    if let Some(g) = resources.gpus.filter(|g| *g > 0) {
+        cmd.arg(format!("--gres=gpu:{g}"));
+    }
+    if let Some(c) = resources.cpus {
+        cmd.arg(format!("--cpus-per-task={c}"));
+    }
+    if let Some(m) = &resources.mem {
+        cmd.arg(format!("--mem={m}"));
+    }
+    if let Some(t) = &resources.time {
+        cmd.arg(format!("--time={t}"));
+    }
+    cmd.args(&cfg.extra);
+    // `exec`: the job's process is r1pipe itself, so the signal reaches it.
+    cmd.arg(format!("--wrap=exec '{}' exec-job '{}'", exe.display(), job.work_dir.display()));
+    let out = cmd.output().context("running sbatch (is Slurm installed here? scripts/slurm-local.sh up starts one)")?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("sbatch refused the job of stage `{}`: {}", job.stage, String::from_utf8_lossy(&out.stderr).trim());
+    }
+    // `--parsable` prints `id` or `id;cluster`.
+    stdout
+        .trim()
+        .split(';')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("sbatch answered `{}`, not a job id", stdout.trim()))
+}
+
+/// Wait for job `id` to end; its exit file, or `None` if it left none. A
+/// cancelled head asks the job to checkpoint and stop, and waits for it.
+fn follow(id: u64, work_dir: &Path, cancel: &CancelToken, poll_s: f64) -> Result<Option<ExitFile>> {
+    let exit_path = work_dir.join(EXIT_FILE);
+    let mut told_to_stop = false;
+    let mut gone_since: Option<Instant> = None;
+    loop {
+        if let Some(exit) = read_exit(&exit_path)? {
+            // The exit file is written last: wait for the job to leave the queue too.
+            if !in_queue(id)? {
+                return Ok(Some(exit));
+            }
+        }
+        if cancel.is_cancelled() && !told_to_stop {
+            told_to_stop = true;
+            let _ = Command::new("scancel").args(["--batch", "--signal=TERM", &id.to_string()]).status();
+        }
+        if in_queue(id)? {
+            gone_since = None;
+        } else {
+            // Gone from the queue: its exit file (on a shared filesystem) may lag a little.
+            let since = *gone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(10) {
+                return read_exit(&exit_path);
+            }
+        }
+        std::thread::sleep(Duration::from_secs_f64(poll_s.clamp(0.05, 60.0)));
+    }
+}
+
+fn in_queue(id: u64) -> Result<bool> {
+    let out = Command::new("squeue")
+        .args(["-h", "-j", &id.to_string(), "-o", "%T"])
+        .output()
+        .context("running squeue to follow a job")?;
+    // An id the controller no longer knows is an error for squeue: the job is gone.
+    Ok(out.status.success() && !String::from_utf8_lossy(&out.stdout).trim().is_empty())
+}
+
+fn read_exit(path: &Path) -> Result<Option<ExitFile>> {
+    match fs::read(path) {
+        Ok(bytes) => {
+            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// The last lines of a job's log, for an error message.
+fn log_tail(log: &Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
+    if tail.is_empty() {
+        format!("(the job's log {} is empty or missing)", log.display())
+    } else {
+        format!("last lines of {}:\n  {tail}", log.display())
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The job's side (`r1pipe exec-job WORK`): run the stage written in
+/// `WORK/job.json` and say how it ended in `WORK/exit.json`. Returns the
+/// process's exit code (0 ok, 1 failed, 130 interrupted).
+pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) -> Result<i32> {
+    let job_path = work_dir.join(JOB_FILE);
+    let job: JobFile =
+        serde_json::from_slice(&fs::read(&job_path).with_context(|| format!("reading {}", job_path.display()))?)
+            .with_context(|| format!("{} is not a job file", job_path.display()))?;
+    let kind = registry
+        .get(&job.kind)
+        .with_context(|| format!("{}: no stage kind `{}` in this r1pipe", job_path.display(), job.kind))?;
+    // Outputs of an earlier attempt of this job are never trusted; its checkpoints are.
+    super::store::remove_path(&job.out_dir)?;
+    fs::create_dir_all(&job.out_dir)?;
+    eprintln!("r1pipe exec-job: stage `{}` ({}), work {}", job.stage, job.kind, work_dir.display());
+    let mut ctx = StageContext {
+        stage: job.stage.clone(),
+        kind: kind.name(),
+        params: job.params,
+        project: Project { root: job.project_root },
+        work_dir: job.work_dir,
+        out_dir: job.out_dir,
+        env: RunEnv { device: job.device, device_class: job.device_class, dtype: job.dtype, seed: job.seed },
+        progress: indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()),
+        cancel,
+        outputs: kind.outputs(),
+        metrics: None,
+    };
+    let result = kind.run(&mut ctx);
+    let (exit, code) = match result {
+        Ok(()) => (ExitFile { status: "ok".into(), error: None, metrics: ctx.metrics.take() }, 0),
+        Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
+            eprintln!("r1pipe exec-job: stopped (its checkpoint is kept)");
+            (ExitFile { status: "interrupted".into(), error: None, metrics: None }, 130)
+        }
+        Err(e) => {
+            eprintln!("r1pipe exec-job: failed: {e:#}");
+            (ExitFile { status: "failed".into(), error: Some(format!("{e:#}")), metrics: None }, 1)
+        }
+    };
+    write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;
+    Ok(code)
+}

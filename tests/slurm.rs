@@ -1,0 +1,151 @@
+//! The Slurm executor on a real one-node cluster (`scripts/slurm-local.sh up`,
+//! which CI runs first): stages as jobs with the same results as a local run,
+//! a failing job named with its log, and a job stopped mid-way (as a time
+//! limit or a preemption does) resubmitted and resumed to the same result.
+//! Without a cluster these tests say so and skip.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::Project;
+
+/// Whether a Slurm cluster answers here; if not, the reason, printed by the caller.
+fn cluster() -> Result<(), String> {
+    match std::process::Command::new("sinfo").args(["-h", "-o", "%T"]).output() {
+        Ok(o) if o.status.success() && !String::from_utf8_lossy(&o.stdout).trim().is_empty() => Ok(()),
+        Ok(o) => Err(format!("sinfo answered: {}", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => Err(format!("no sinfo ({e}); scripts/slurm-local.sh up starts a one-node cluster")),
+    }
+}
+
+macro_rules! need_cluster {
+    () => {
+        if let Err(why) = cluster() {
+            println!("SKIPPED: no Slurm cluster: {why}");
+            return;
+        }
+    };
+}
+
+const PIPE: &str = r#"
+name: cluster
+executor: { kind: slurm, poll_s: 0.2, signal_grace_s: 30 }
+stages:
+  a: { kind: test.counter, with: { steps: STEPS, step_ms: STEP_MS, text: a } }
+  b: { kind: test.counter, resources: { cpus: 1, mem: 200M }, with: { steps: 3, text: b } }
+  c: { kind: test.counter, with: { steps: 1, text: c, inputs: { a: "${a.result}", b: "${b.result}" } } }
+"#;
+
+fn pipe(steps: u64, step_ms: u64) -> String {
+    PIPE.replace("STEPS", &steps.to_string()).replace("STEP_MS", &step_ms.to_string())
+}
+
+fn result(p: &Project, stage: &str, extra: &[&str]) -> String {
+    let mut args = vec!["show", stage, "-p", "pipe.yaml"];
+    args.extend(extra);
+    fs::read_to_string(p.run(&args).ok().stdout.trim()).unwrap()
+}
+
+#[test]
+fn stages_run_as_slurm_jobs_and_give_what_a_local_run_gives() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(4, 10));
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert_eq!(r.stdout.matches(": Slurm job ").count(), 3, "{}", r.stdout);
+    let on_slurm = result(&p, "c.result", &[]);
+
+    let q = Project::new();
+    q.write("pipe.yaml", &pipe(4, 10));
+    let r = q.run(&["run", "pipe.yaml", "--executor", "local"]).ok();
+    assert!(!r.stdout.contains("Slurm job"), "{}", r.stdout);
+    assert_eq!(result(&q, "c.result", &[]), on_slurm);
+    // Cached is cached, wherever it ran.
+    assert!(p.run(&["run", "pipe.yaml"]).ok().stdout.contains("everything is up to date"));
+}
+
+#[test]
+fn a_failing_job_is_named_with_the_last_lines_of_its_log() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(4, 10).replace("text: a }", "text: a, fail_at: 2 }"));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("a: failed: Slurm job") && r.stderr.contains("failed: "), "{}", r.stderr);
+    assert!(r.stderr.contains("last lines of") && r.stderr.contains("r1pipe exec-job: failed"), "{}", r.stderr);
+}
+
+#[test]
+fn a_job_stopped_mid_way_is_resubmitted_and_resumes_from_its_checkpoint() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(40, 100));
+    let head = p.cmd(&["run", "pipe.yaml"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    p.wait_for_stage_checkpoint("a", 5, Duration::from_secs(120));
+    // What a time limit (`--signal=B:TERM@grace`) or a preemption does to the job.
+    let id = fs::read_to_string(work_of(&p, "a").join("slurm-job")).unwrap();
+    let status = std::process::Command::new("scancel").args(["--batch", "--signal=TERM", id.trim()]).status().unwrap();
+    assert!(status.success());
+    let out = head.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("stopped before the end (time limit or preemption); resubmitting"), "{stdout}");
+    let submitted = stdout.lines().filter(|l| l.contains("a: Slurm job ") && l.contains("(log ")).count();
+    assert_eq!(submitted, 2, "{stdout}");
+    let a = result(&p, "a.result", &[]);
+    assert_eq!(a, "a\ncount=40\n", "the resumed job counted on from its checkpoint");
+}
+
+/// The work folder of stage `stage` in the project's cache.
+fn work_of(p: &Project, stage: &str) -> std::path::PathBuf {
+    fs::read_dir(p.cache().join("work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|w| {
+            fs::read_to_string(w.join("stage.json")).unwrap_or_default().contains(&format!("\"stage\": \"{stage}\""))
+        })
+        .unwrap()
+}
+
+#[test]
+fn when_the_head_dies_its_job_runs_on_and_the_next_run_follows_it() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(30, 100));
+    let mut head = p.cmd(&["run", "pipe.yaml"]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    p.wait_for_stage_checkpoint("a", 3, Duration::from_secs(120));
+    head.kill().unwrap();
+    head.wait().unwrap();
+    let id = fs::read_to_string(work_of(&p, "a").join("slurm-job")).unwrap().trim().to_string();
+    let status = p.run(&["status", "pipe.yaml"]).ok().stdout;
+    assert!(status.contains(&format!("Slurm job {id} RUNNING")), "{status}");
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stdout.contains(&format!("a: following Slurm job {id}, submitted by an earlier run")), "{}", r.stdout);
+    assert!(
+        !r.stdout.lines().any(|l| l.contains("a: Slurm job ") && l.contains("(log ")),
+        "submitted again: {}",
+        r.stdout
+    );
+    assert_eq!(result(&p, "a.result", &[]), "a\ncount=30\n");
+}
+
+#[test]
+fn ctrl_c_on_the_head_makes_its_jobs_checkpoint_and_the_next_run_resumes() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(40, 100));
+    let head = p.cmd(&["run", "pipe.yaml"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    p.wait_for_stage_checkpoint("a", 3, Duration::from_secs(120));
+    // SAFETY: kill sends SIGINT (what Ctrl-C sends) to the child we started.
+    unsafe { libc::kill(head.id() as i32, libc::SIGINT) };
+    let out = head.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{stdout}");
+    assert!(stdout.contains("a: interrupted; checkpoint at step"), "{stdout}");
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stdout.contains("a: resume from step"), "{}", r.stdout);
+    assert_eq!(result(&p, "a.result", &[]), "a\ncount=40\n");
+}
