@@ -51,6 +51,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# A job that does not say how much memory it needs gets 1 GB a core, not the whole node.
+DefMemPerCPU=1024
 SchedulerType=sched/backfill
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none

@@ -382,7 +382,7 @@ const PARALLEL: &str = r#"
 name: par
 stages:
   a: { kind: test.counter, with: { steps: 10, step_ms: 60, text: a } }
-  b: { kind: test.counter, with: { steps: 10, step_ms: 60, text: b } }
+  b: { kind: test.counter, resources: { gpus: 1 }, with: { steps: 10, step_ms: 60, text: b } }
   c: { kind: test.counter, with: { steps: 1, text: c, inputs: { a: "${a.result}", b: "${b.result}" } } }
 "#;
 

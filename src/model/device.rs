@@ -123,6 +123,14 @@ fn cuda(ordinal: usize) -> Result<Device> {
     }
 }
 
+/// How many CUDA devices answer (0 in a build without CUDA or with no driver).
+pub fn gpu_count() -> usize {
+    if !cfg!(feature = "cuda") {
+        return 0;
+    }
+    (0..64).take_while(|&i| cuda(i).is_ok()).count()
+}
+
 /// `cpu` or `cuda`, for fingerprints.
 pub fn class(spec: &str) -> Result<String> {
     Ok(match DeviceSpec::parse(spec).map_err(|e| anyhow::anyhow!("{e}: {DEVICE_HINT}"))? {

@@ -255,6 +255,10 @@ pub trait Devices: Send + Sync {
     fn check_dtype(&self, dtype: &str) -> Option<(String, String)>;
     /// `cpu` or `cuda`: what enters the fingerprints of device-dependent stages.
     fn class(&self, device: &str) -> anyhow::Result<String>;
+    /// The GPUs this process can use (0 without CUDA), for stages that ask for some.
+    fn gpu_count(&self) -> usize {
+        0
+    }
 }
 
 /// The stage kinds a runner knows, and its device rules: the one place where

@@ -34,6 +34,37 @@ pub struct RunOptions {
     pub slurm: Option<super::slurm::SlurmConfig>,
 }
 
+/// The GPUs of this machine, handed to running stages one set at a time.
+struct GpuPool {
+    total: usize,
+    free: Vec<usize>,
+}
+
+impl GpuPool {
+    fn new(total: usize) -> GpuPool {
+        GpuPool { total, free: (0..total).rev().collect() }
+    }
+    fn total(&self) -> usize {
+        self.total
+    }
+    fn free(&self) -> usize {
+        self.free.len()
+    }
+    /// `n` devices no running stage holds, lowest first; `None` if fewer are free.
+    fn take(&mut self, n: usize) -> Option<Vec<usize>> {
+        if n > self.free.len() {
+            return None;
+        }
+        let mut ids: Vec<usize> = (0..n).filter_map(|_| self.free.pop()).collect();
+        ids.sort_unstable();
+        Some(ids)
+    }
+    fn give(&mut self, ids: Vec<usize>) {
+        self.free.extend(ids);
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+    }
+}
+
 /// A stage between its start and its finish.
 struct Started {
     ctx: StageContext,
@@ -291,6 +322,12 @@ impl<'a> Runner<'a> {
         // Stages not decided yet, in selection order; stages running, with what their finish needs.
         let mut waiting: Vec<&String> = selected.iter().collect();
         let mut running: BTreeMap<String, (String, Box<FingerprintInputs>)> = BTreeMap::new();
+        // Stages run here that ask for GPUs (`resources.gpus`) get their own; counted only when one asks.
+        let wants_gpus = opts.slurm.is_none()
+            && self.env.device_class == "cuda"
+            && selected.iter().any(|n| self.pipeline.stage(n).is_some_and(|s| s.resources.gpus.unwrap_or(0) > 0));
+        let mut gpus = GpuPool::new(if wants_gpus { self.registry.devices().gpu_count() } else { 0 });
+        let mut held: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         let (mut ran, mut failed, mut interrupted) = (0, false, false);
         std::thread::scope(|scope| -> Result<()> {
             let (done_tx, done_rx) = std::sync::mpsc::channel::<(String, Started, Result<()>)>();
@@ -302,7 +339,14 @@ impl<'a> Runner<'a> {
                     let name = waiting[i];
                     let stage = self.pipeline.stage(name).expect("selected names are stages");
                     let blocked = stage.upstream().iter().any(|u| running.contains_key(u) || waiting.contains(&u));
-                    if blocked {
+                    let asks = if wants_gpus { stage.resources.gpus.unwrap_or(0) as usize } else { 0 };
+                    if asks > gpus.total() {
+                        anyhow::bail!(
+                            "stage `{name}` asks for {asks} GPUs (resources.gpus), and this machine has {}",
+                            gpus.total()
+                        );
+                    }
+                    if blocked || asks > gpus.free() {
                         i += 1;
                         continue;
                     }
@@ -337,7 +381,16 @@ impl<'a> Runner<'a> {
                                 cancel,
                                 live.is_some(),
                             ) {
-                                Ok(s) => s,
+                                Ok(mut s) => {
+                                    if asks > 0 {
+                                        // Its own devices: no other running stage is given them.
+                                        let ids = gpus.take(asks).expect("checked free above");
+                                        s.ctx.env.device = format!("cuda:{}", ids[0]);
+                                        println!("{}: on GPU {}", tag(name), ids[0]);
+                                        held.insert(name.clone(), ids);
+                                    }
+                                    s
+                                }
                                 Err(e) => {
                                     self.report_failure(&tag(name), name, &e);
                                     failed = true;
@@ -373,6 +426,7 @@ impl<'a> Runner<'a> {
                 }
                 let (name, started, result) = done_rx.recv().expect("a running stage reports back");
                 let (fingerprint, inputs) = running.remove(&name).expect("it was running");
+                gpus.give(held.remove(&name).unwrap_or_default());
                 let stage = self.pipeline.stage(&name).expect("selected names are stages");
                 let tag = tag(&name);
                 match self.finish_stage(stage, &fingerprint, &inputs, started, result) {
@@ -672,5 +726,24 @@ pub fn human_duration(s: f64) -> String {
         format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
     } else {
         format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_stages_never_share_a_gpu_and_a_finished_one_gives_its_back() {
+        let mut pool = GpuPool::new(3);
+        let a = pool.take(1).unwrap();
+        let b = pool.take(2).unwrap();
+        assert_eq!((a.clone(), b.clone()), (vec![0], vec![1, 2]));
+        assert_eq!(pool.take(1), None, "a third stage waits");
+        pool.give(a);
+        assert_eq!(pool.take(1), Some(vec![0]));
+        pool.give(b);
+        assert_eq!(pool.free(), 2);
+        assert_eq!(GpuPool::new(0).take(1), None);
     }
 }

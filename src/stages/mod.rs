@@ -46,4 +46,7 @@ impl Devices for ModelDevices {
     fn class(&self, d: &str) -> anyhow::Result<String> {
         device::class(d)
     }
+    fn gpu_count(&self) -> usize {
+        device::gpu_count()
+    }
 }
