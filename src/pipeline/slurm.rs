@@ -86,6 +86,8 @@ pub struct Resources {
 /// What a job runs, as the head resolved it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JobFile {
+    /// The stage's fingerprint (its work folder's name): what the job's result is recorded under.
+    pub fingerprint: String,
     pub stage: String,
     pub kind: String,
     pub params: Value,
@@ -138,6 +140,7 @@ pub fn run_stage(
     live: Option<u64>,
 ) -> Result<()> {
     let job = JobFile {
+        fingerprint: ctx.work_dir.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         stage: ctx.stage.clone(),
         kind: ctx.kind.to_string(),
         params: ctx.params.clone(),
