@@ -240,6 +240,7 @@ pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i3
         None => (workspace::cache_root_here(cache), None),
     };
     let t = std::time::Instant::now();
+    let read_only = r1pipe::pipeline::store::Cache::new(&root).is_read_only();
     let checked = workspace::verify(&root, name.as_deref())?;
     let damaged: Vec<_> = checked.iter().filter(|v| v.problem.is_some()).collect();
     for v in &checked {
@@ -253,7 +254,11 @@ pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i3
         checked.len(),
         t.elapsed().as_secs_f64(),
         damaged.len(),
-        if damaged.is_empty() { "" } else { "; their stages' records are dropped, and the next run remakes them" }
+        match (damaged.is_empty(), read_only) {
+            (true, _) => "",
+            (false, false) => "; they are removed with their records, and the next run remakes them",
+            (false, true) => "; the cache is read-only, so they stay: remake them in a writable copy",
+        }
     );
     Ok(if damaged.is_empty() { 0 } else { 1 })
 }

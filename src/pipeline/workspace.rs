@@ -266,7 +266,7 @@ pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
                     cache.discard_object(&db, oref)?;
                     Some(p)
                 }
-                Some(p) => Some(format!("{p} (the cache is read-only: it stays)")),
+                Some(p) => Some(p),
                 None => None,
             };
             out.push(Verified {
