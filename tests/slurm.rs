@@ -14,7 +14,15 @@ use common::Project;
 /// Whether a Slurm cluster answers here; if not, the reason, printed by the caller.
 fn cluster() -> Result<(), String> {
     match std::process::Command::new("sinfo").args(["-h", "-o", "%T"]).output() {
-        Ok(o) if o.status.success() && !String::from_utf8_lossy(&o.stdout).trim().is_empty() => Ok(()),
+        Ok(o) if o.status.success() => {
+            let states = String::from_utf8_lossy(&o.stdout).trim().to_string();
+            // A node that can take jobs; a cluster whose nodes are all down would only time out.
+            if states.lines().any(|s| ["idle", "mixed", "allocated"].contains(&s.trim_end_matches('*'))) {
+                Ok(())
+            } else {
+                Err(format!("no node takes jobs (sinfo: {states:?})"))
+            }
+        }
         Ok(o) => Err(format!("sinfo answered: {}", String::from_utf8_lossy(&o.stderr).trim())),
         Err(e) => Err(format!("no sinfo ({e}); scripts/slurm-local.sh up starts a one-node cluster")),
     }
