@@ -409,12 +409,19 @@ impl<'a> Runner<'a> {
                                 .stack_size(64 << 20)
                                 .spawn_scoped(scope, move || {
                                     let mut started = started;
-                                    let result = match &slurm {
-                                        Some(cfg) => {
-                                            super::slurm::run_stage(cfg, &resources, &mut started.ctx, &job_tag, live)
-                                        }
-                                        None => kind.run(&mut started.ctx),
-                                    };
+                                    let ctx = &mut started.ctx;
+                                    // A panic (a bug) ends this stage as a failure the scheduler reports,
+                                    // not the run with the other stages' work half done.
+                                    let result =
+                                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &slurm {
+                                            Some(cfg) => super::slurm::run_stage(cfg, &resources, ctx, &job_tag, live),
+                                            None => kind.run(ctx),
+                                        }))
+                                        .unwrap_or_else(|_| {
+                                            Err(anyhow::anyhow!(
+                                                "the stage panicked (a bug in r1pipe); its checkpoints are kept"
+                                            ))
+                                        });
                                     let _ = done.send((name, started, result));
                                 })
                                 .context("starting a stage's thread")?;

@@ -117,16 +117,13 @@ const JOB_ID_FILE: &str = "slurm-job";
 /// The job an earlier head submitted for the stage in `work_dir` that is
 /// still queued or running (a head that died leaves its jobs running).
 pub fn live_job(work_dir: &Path) -> Option<u64> {
-    let id: u64 = fs::read_to_string(work_dir.join(JOB_ID_FILE)).ok()?.trim().parse().ok()?;
-    in_queue(id).ok()?.then_some(id)
+    job_state(work_dir).map(|(id, _)| id)
 }
 
-/// Slurm's word for the state of the stage's job in `work_dir`, if it has one in the queue.
+/// The stage's job in `work_dir` and Slurm's word for its state, while it is in the queue.
 pub fn job_state(work_dir: &Path) -> Option<(u64, String)> {
     let id: u64 = fs::read_to_string(work_dir.join(JOB_ID_FILE)).ok()?.trim().parse().ok()?;
-    let out = Command::new("squeue").args(["-h", "-j", &id.to_string(), "-o", "%T"]).output().ok()?;
-    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    (out.status.success() && !state.is_empty()).then_some((id, state))
+    Some((id, queue_state(id).ok()??))
 }
 
 /// Run a started stage as Slurm jobs until it finishes, fails, or the head is
@@ -238,7 +235,8 @@ fn submit(cfg: &SlurmConfig, resources: &Resources, job: &JobFile) -> Result<u64
     }
     cmd.args(&cfg.extra);
     // `exec`: the job's process is r1pipe itself, so the signal reaches it.
-    cmd.arg(format!("--wrap=exec '{}' exec-job '{}'", exe.display(), job.work_dir.display()));
+    let quoted = |p: &Path| format!("'{}'", p.display().to_string().replace('\'', "'\\''"));
+    cmd.arg(format!("--wrap=exec {} exec-job {}", quoted(&exe), quoted(&job.work_dir)));
     let out = cmd.output().context("running sbatch (is Slurm installed here? scripts/slurm-local.sh up starts one)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
@@ -260,36 +258,34 @@ fn follow(id: u64, work_dir: &Path, cancel: &CancelToken, poll_s: f64) -> Result
     let mut told_to_stop = false;
     let mut gone_since: Option<Instant> = None;
     loop {
-        if let Some(exit) = read_exit(&exit_path)? {
-            // The exit file is written last: wait for the job to leave the queue too.
-            if !in_queue(id)? {
+        if queue_state(id)?.is_some() {
+            gone_since = None;
+        } else {
+            // The exit file is written last; on a shared filesystem it may lag a little.
+            if let Some(exit) = read_exit(&exit_path)? {
                 return Ok(Some(exit));
+            }
+            if gone_since.get_or_insert_with(Instant::now).elapsed() > Duration::from_secs(10) {
+                return Ok(None);
             }
         }
         if cancel.is_cancelled() && !told_to_stop {
             told_to_stop = true;
             let _ = Command::new("scancel").args(["--batch", "--signal=TERM", &id.to_string()]).status();
         }
-        if in_queue(id)? {
-            gone_since = None;
-        } else {
-            // Gone from the queue: its exit file (on a shared filesystem) may lag a little.
-            let since = *gone_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > Duration::from_secs(10) {
-                return read_exit(&exit_path);
-            }
-        }
         std::thread::sleep(Duration::from_secs_f64(poll_s.clamp(0.05, 60.0)));
     }
 }
 
-fn in_queue(id: u64) -> Result<bool> {
+/// Slurm's word for job `id`'s state (`PENDING`, `RUNNING`, …), or `None` once it has left the queue.
+fn queue_state(id: u64) -> Result<Option<String>> {
     let out = Command::new("squeue")
         .args(["-h", "-j", &id.to_string(), "-o", "%T"])
         .output()
         .context("running squeue to follow a job")?;
     // An id the controller no longer knows is an error for squeue: the job is gone.
-    Ok(out.status.success() && !String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    Ok((out.status.success() && !state.is_empty()).then_some(state))
 }
 
 fn read_exit(path: &Path) -> Result<Option<ExitFile>> {

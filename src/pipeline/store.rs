@@ -583,9 +583,13 @@ fn hash_file_memo(memo: &sled::Tree, path: &Path) -> Result<String> {
 
 /// The remembered hashes of the files under `root` (relative path → memo entry).
 fn remembered_files(memo: &sled::Tree, root: &Path) -> Result<Vec<(PathBuf, FileHashMemo)>> {
-    let files = if root.is_dir() { walk(root)?.into_iter().filter(|p| p.is_file()).collect() } else { vec![] };
+    let files = if root.is_file() {
+        vec![root.to_path_buf()]
+    } else {
+        walk(root)?.into_iter().filter(|p| p.is_file()).collect()
+    };
     let mut out = Vec::new();
-    for f in if root.is_file() { vec![root.to_path_buf()] } else { files } {
+    for f in files {
         let (key, _, _) = memo_key(&f)?;
         if let Some(m) = memo.get(key.as_bytes())?.and_then(|b| serde_json::from_slice::<FileHashMemo>(&b).ok()) {
             let rel = f.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
