@@ -1,7 +1,8 @@
 //! What a long loop of the ML core (training, evaluation) needs from whoever
 //! runs it: a folder that survives interruption, a cancel token, progress
 //! bars. The runner's stage context is one host; a plain folder is another
-//! (tests, library use, evaluation during training).
+//! (tests, library use); a subfolder of a host is a third (evaluation during
+//! training: its own partial results, the stage's display).
 
 use std::path::PathBuf;
 
@@ -30,5 +31,24 @@ impl Host for FolderHost {
     }
     fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
         indicatif::ProgressBar::hidden().with_position(0).with_message(format!("0/{len} {unit}"))
+    }
+}
+
+/// A folder inside another host's work folder, with that host's cancel token
+/// and progress display.
+pub struct SubfolderHost<'a> {
+    pub host: &'a dyn Host,
+    pub dir: PathBuf,
+}
+
+impl Host for SubfolderHost<'_> {
+    fn work_dir(&self) -> PathBuf {
+        self.dir.clone()
+    }
+    fn cancel(&self) -> &CancelToken {
+        self.host.cancel()
+    }
+    fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
+        self.host.progress(len, unit)
     }
 }

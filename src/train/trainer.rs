@@ -23,7 +23,8 @@ use super::checkpoint;
 use super::config::TrainingConfig;
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
 use crate::common::checkpoints::Checkpoints;
-use crate::common::{Cancelled, FolderHost, Host};
+use crate::common::host::SubfolderHost;
+use crate::common::{Cancelled, Host};
 use crate::data::jsonl::Appender;
 use crate::model::Transformer;
 
@@ -190,7 +191,7 @@ pub fn train<A: Algorithm>(
     let cps = Checkpoints::new(&host.work_dir());
     // The best evaluation's trainable weights: one checkpoint-like folder, replaced atomically.
     let best_cps = Checkpoints::new(&host.work_dir().join("best"));
-    let eval_host = FolderHost { dir: host.work_dir().join(EVAL_DIR), cancel: host.cancel().clone() };
+    let eval_host = SubfolderHost { host, dir: host.work_dir().join(EVAL_DIR) };
     let log_path = log_path(host);
     let mut step = 0;
     let mut best: Option<Best> = None;
