@@ -2,7 +2,8 @@
 //! the GRPO and SFT benchmarks give them: attention forward and backward
 //! (`kernels::attention`) on a packed GRPO row (a shared prompt then its
 //! completions, each seeing the prompt and itself) and on causal SFT rows, and
-//! the skinny `x @ Wᵀ` of decoding, and candle's general f32 matmul (the gemm
+//! the `x @ Wᵀ` of decoding (the unpacked dot-product kernel and the packed
+//! one evaluation and inference use), and candle's general f32 matmul (the gemm
 //! crate) for scale: the rate a training step's products run at, which bounds
 //! the step from below. Prints one table: time per call and the useful
 //! arithmetic rate (visible query-key pairs only for attention).
@@ -143,17 +144,32 @@ fn main() {
             "-"
         );
     }
-    for (name, n, k) in
-        [("SmolLM2 MLP up", 1536, 576), ("SmolLM2 vocabulary", 49152, 576), ("Qwen2.5-0.5B MLP up", 4864, 896)]
-    {
+    for (name, n, k) in [
+        ("SmolLM2 q/o", 576, 576),
+        ("SmolLM2 k/v", 192, 576),
+        ("SmolLM2 MLP up", 1536, 576),
+        ("SmolLM2 MLP down", 576, 1536),
+        ("SmolLM2 vocabulary", 49152, 576),
+        ("Qwen2.5-0.5B MLP up", 4864, 896),
+    ] {
         let w: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 * 0.01).collect();
+        let w = w.as_slice();
+        let packed = r1pipe::kernels::packed::PackedWeight::pack(w, n, k);
         for m in [1, 8, 32] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
+            let x = x.as_slice();
             let mut out = vec![0f32; m * n];
-            let s = time(0.5, || skinny_matmul::matmul_t_slices(&x, &w, m, n, k, &mut out));
+            let s = time(0.5, || skinny_matmul::matmul_t_slices(x, w, m, n, k, &mut out));
             println!(
                 "{:<58} {:>10.3} {:>9.1}",
                 format!("skinny x @ Wᵀ, {name} [{m} × {k}] @ [{n} × {k}]ᵀ"),
+                s * 1e3,
+                2.0 * (m * n * k) as f64 / s / 1e9
+            );
+            let s = time(0.5, || r1pipe::kernels::packed::matmul_packed(x, m, &packed, &mut out));
+            println!(
+                "{:<58} {:>10.3} {:>9.1}",
+                format!("packed x @ Wᵀ, {name} [{m} × {k}] @ [{n} × {k}]ᵀ"),
                 s * 1e3,
                 2.0 * (m * n * k) as f64 / s / 1e9
             );

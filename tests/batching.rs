@@ -36,13 +36,53 @@ fn alone(m: &Transformer, tok: &ChatTokenizer, prompt: &[u32], params: &Sampling
 
 #[test]
 fn continuous_batching_gives_every_prompt_its_completion_alone() {
-    let m = model();
+    every_prompt_gets_its_completion_alone(&model());
+}
+
+#[test]
+fn with_packed_weights_too() {
+    // Evaluation and inference pack the weights (kernels::packed): prefill and decode
+    // then share one product, and a row must still not depend on its batch.
+    let mut m = model();
+    m.pack_for_inference().unwrap();
+    every_prompt_gets_its_completion_alone(&m);
+}
+
+#[test]
+fn packed_weights_give_the_unpacked_logits() {
+    use r1pipe::model::KvCache;
+    let plain = model();
+    let mut packed = model();
+    packed.pack_for_inference().unwrap();
+    let ids: Vec<Vec<u32>> = prompts().into_iter().filter(|p| p.len() == 5).collect();
+    assert!(ids.len() >= 2);
+    let logits = |m: &Transformer| {
+        let mut cache = KvCache::new(m.cfg.num_layers, 16);
+        let first = m.forward_cached(&ids, &mut cache).unwrap();
+        let next: Vec<Vec<u32>> = (0..ids.len() as u32).map(|i| vec![i + 3]).collect();
+        let second = m.forward_cached(&next, &mut cache).unwrap();
+        [first, second].map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+    };
+    let (a, b) = (logits(&plain), logits(&packed));
+    for (x, y) in a.iter().zip(&b) {
+        let scale = x.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-4 * scale, "packed logits differ by {d} (scale {scale})");
+        if r1pipe::kernels::mode() == r1pipe::kernels::Mode::Cpu {
+            assert_ne!(x, y, "the packed product should have run (its sums are in another order)");
+        } else {
+            assert_eq!(x, y, "the portable kernels pack nothing: the same op sequence as unpacked");
+        }
+    }
+}
+
+fn every_prompt_gets_its_completion_alone(m: &Transformer) {
     let mut tok = ChatTokenizer::from_dir(&common::shared().join("models/smollm2-135m-instruct")).unwrap();
     tok.eos_ids.clear();
     let params = SamplingParams { max_new_tokens: 14, ..Default::default() };
     let prompts = prompts();
     // An end token that greedy decoding reaches at different steps for different prompts.
-    let free_runs: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, &tok, p, &params).tokens).collect();
+    let free_runs: Vec<Vec<u32>> = prompts.iter().map(|p| alone(m, &tok, p, &params).tokens).collect();
     let eos = (0..96u32)
         .max_by_key(|&t| {
             let firsts: std::collections::BTreeSet<usize> =
@@ -51,13 +91,13 @@ fn continuous_batching_gives_every_prompt_its_completion_alone() {
         })
         .unwrap();
     tok.eos_ids = vec![eos];
-    let want: Vec<Completion> = prompts.iter().map(|p| alone(&m, &tok, p, &params)).collect();
+    let want: Vec<Completion> = prompts.iter().map(|p| alone(m, &tok, p, &params)).collect();
     let lengths: std::collections::BTreeSet<usize> = want.iter().map(|c| c.tokens.len()).collect();
     assert!(lengths.len() >= 3, "rows should finish at different steps: lengths {lengths:?}");
     assert!(want.iter().any(|c| c.finish_reason == FinishReason::Length));
     let mut got: Vec<Option<Completion>> = vec![None; prompts.len()];
     let mut order = Vec::new();
-    generate_continuous(&m, &tok, &prompts, Slots { slots: 3, refill_at: 1 }, &params, &|_| 0, None, &mut |i, c| {
+    generate_continuous(m, &tok, &prompts, Slots { slots: 3, refill_at: 1 }, &params, &|_| 0, None, &mut |i, c| {
         order.push(i);
         got[i] = Some(c);
         Ok(())

@@ -13,6 +13,7 @@
 pub mod attention;
 pub mod inplace;
 pub mod matmul_t;
+pub mod packed;
 pub mod row_exp;
 pub(crate) mod threads;
 pub mod token_logprobs;

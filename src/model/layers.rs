@@ -4,11 +4,14 @@
 //! the gated MLP. Each is plain data (cheap `Arc` clones), so a layer can be
 //! handed to the activation-checkpointing op and recomputed in backward.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor, Var};
 
 use super::kv_cache::KvCache;
 use super::ops::{linear, rms_norm, rope, softmax_last, Ops};
 use crate::kernels;
+use crate::kernels::packed::PackedWeight;
 
 /// How a forward pass runs: which kernels, whether it builds a graph to the
 /// trainable parameters, and whether LoRA adapters are applied.
@@ -103,6 +106,9 @@ pub struct Linear {
     pub w: Param,
     pub b: Option<Param>,
     pub lora: Option<LoraFactors>,
+    /// `w` packed for the CPU's inference product (a model loaded for evaluation
+    /// or inference only: [`super::Transformer::pack_for_inference`]).
+    pub packed: Option<Arc<PackedWeight>>,
 }
 
 impl Linear {
@@ -111,7 +117,16 @@ impl Linear {
             Some(b) => Some(b.get(pass)?),
             None => None,
         };
-        let y = linear(x, &self.w.get(pass)?, b.as_ref())?;
+        let y = match &self.packed {
+            Some(p) if pass == Pass::INFERENCE => {
+                let y = kernels::packed::product(x, p)?;
+                match &b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                }
+            }
+            _ => linear(x, &self.w.get(pass)?, b.as_ref())?,
+        };
         match &self.lora {
             Some(l) if pass.adapters => {
                 let dt = x.dtype();

@@ -7,6 +7,7 @@
 //! the same function (tested).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -22,6 +23,7 @@ use super::layers::{Attention, DecoderLayer, LayerInputs, Linear, LoraFactors, M
 use super::lora::LoraConfig;
 use super::ops::Ops;
 use super::vocab_logprobs::{logprobs_from_hidden, WeightGrad};
+use crate::kernels::packed::PackedWeight;
 
 /// Additive bias for masked attention: large and finite, so a fully masked
 /// row (a padding query) yields a uniform softmax instead of NaN.
@@ -37,6 +39,8 @@ pub struct Transformer {
     norm: RmsNorm,
     /// `None` when tied to the embedding.
     lm_head: Option<Param>,
+    /// The head packed for the CPU's inference product ([`Transformer::pack_for_inference`]).
+    packed_head: Option<Arc<PackedWeight>>,
     /// The dtype activations are computed in (f32 on CPU; bf16 on CUDA by default).
     pub compute_dtype: DType,
     pub device: Device,
@@ -96,7 +100,12 @@ impl Transformer {
             Ok(RmsNorm { w: p(name)?, eps: cfg.rms_norm_eps, offset: cfg.norm_offset })
         };
         let lin = |name: &str| -> Result<Linear> {
-            Ok(Linear { w: p(&format!("{name}.weight"))?, b: maybe(&format!("{name}.bias"))?, lora: None })
+            Ok(Linear {
+                w: p(&format!("{name}.weight"))?,
+                b: maybe(&format!("{name}.bias"))?,
+                lora: None,
+                packed: None,
+            })
         };
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
@@ -134,6 +143,7 @@ impl Transformer {
             embed: p("model.embed_tokens.weight")?,
             norm: norm("model.norm.weight")?,
             lm_head: if cfg.tie_word_embeddings { None } else { Some(p("lm_head.weight")?) },
+            packed_head: None,
             layers,
             cfg,
             weights: vars,
@@ -188,6 +198,7 @@ impl Transformer {
     /// present): w ← (1 − α)·w + α·w_theirs, computed in f32 and stored in each
     /// weight's own dtype (TR-DPO's reference sync); α = 1 copies them exactly.
     pub fn blend_weights(&mut self, theirs: &BTreeMap<String, Tensor>, alpha: f64) -> anyhow::Result<()> {
+        self.drop_packed();
         for (name, var) in &self.weights {
             let t = theirs.get(name).ok_or_else(|| anyhow::anyhow!("no weight {name} to blend with"))?;
             if t.shape() != var.shape() {
@@ -207,8 +218,34 @@ impl Transformer {
         Ok(())
     }
 
+    /// Pack every projection's weight and the head for the CPU's inference
+    /// product (`kernels::packed`), for a model that only generates (evaluate,
+    /// infer): the optimizer updates the master weights in place, which the
+    /// packed copies would not follow. Costs one more copy of those weights in
+    /// memory; a no-op where the CPU forms do not apply (CUDA, bf16, portable).
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.packed = PackedWeight::for_tensor(&lin.w.get(Pass::INFERENCE)?)?;
+            }
+        }
+        self.packed_head = PackedWeight::for_tensor(&self.head().get(Pass::INFERENCE)?)?;
+        Ok(())
+    }
+
+    /// Forget the packed copies (their weights are about to change).
+    fn drop_packed(&mut self) {
+        for layer in &mut self.layers {
+            for (_, lin) in layer.linears_mut() {
+                lin.packed = None;
+            }
+        }
+        self.packed_head = None;
+    }
+
     /// Compute in `dtype` from now on (the master weights stay f32).
     pub fn set_compute_dtype(&mut self, dtype: DType) -> Result<()> {
+        self.drop_packed();
         self.compute_dtype = dtype;
         for p in self.params_mut() {
             *p = Param::new(p.name.clone(), p.var.clone(), dtype, p.frozen)?;
@@ -219,6 +256,7 @@ impl Transformer {
     /// Recast the compute-dtype weights from the masters: once per optimizer step
     /// (a no-op for f32 compute, whose weights are the masters themselves).
     pub fn refresh_compute_weights(&mut self) -> Result<()> {
+        self.drop_packed();
         if self.compute_dtype == DType::F32 {
             return Ok(());
         }
@@ -550,7 +588,11 @@ impl Transformer {
         }
         let h = self.norm.forward(&x, pass)?;
         cache.len += t;
-        super::ops::linear(&h.narrow(1, t - 1, 1)?.squeeze(1)?, &self.head().get(pass)?, None)?.to_dtype(DType::F32)
+        let last = h.narrow(1, t - 1, 1)?.squeeze(1)?;
+        match &self.packed_head {
+            Some(p) => crate::kernels::packed::product(&last, p),
+            None => super::ops::linear(&last, &self.head().get(pass)?, None)?.to_dtype(DType::F32),
+        }
     }
 
     pub fn num_parameters(&self) -> usize {

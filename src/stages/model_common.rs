@@ -66,7 +66,13 @@ impl SamplingModel {
 /// Open `reference` for sampling, locally or (with `rollout`) on a server.
 pub fn open_for_sampling(ctx: &StageContext, reference: &str, rollout: Option<&ServerConfig>) -> Result<SamplingModel> {
     match rollout {
-        None => Ok(SamplingModel::Local(open_model(ctx, reference)?)),
+        None => {
+            let mut m = open_model(ctx, reference)?;
+            // Sampling stages never train the model: its weights can be packed for the
+            // CPU's inference product (twice the decode rate of the unpacked kernel).
+            m.model.pack_for_inference()?;
+            Ok(SamplingModel::Local(m))
+        }
         Some(rc) => {
             let tokenizer = model::load::open_tokenizer(reference, &ctx.project.root)?;
             eprintln!("{}: `{}` served at {} (tokenizer from {reference})", ctx.stage, rc.model, rc.url);
