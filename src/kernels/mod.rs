@@ -1,6 +1,6 @@
 //! The hand-written CPU kernels, each beside its portable form (candle ops,
-//! the path CUDA takes): attention, the `x @ Wᵀ` product, the fused token
-//! log-probabilities, the vectorized exp behind them, and the optimizer's
+//! the path CUDA takes): attention, the `x @ Wᵀ` product (and its form for
+//! weights packed once for inference), the fused token log-probabilities, the vectorized exp behind them, and the optimizer's
 //! in-place passes. They import only each other and candle; `model/` and
 //! `train/` call them.
 //!
