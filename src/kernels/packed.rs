@@ -69,8 +69,13 @@ impl PackedWeight {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
-        let data = w.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Some(Arc::new(PackedWeight::pack(&data, n, k))))
+        let w = w.contiguous()?;
+        // Read in place: a CPU tensor's own storage, no copy to the host to count.
+        let (storage, layout) = w.storage_and_layout();
+        let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+            candle_core::bail!("packing a weight: not a contiguous CPU tensor");
+        };
+        Ok(Some(Arc::new(PackedWeight::pack(&cpu.as_slice::<f32>()?[a..b], n, k))))
     }
 
     fn panels(&self) -> &[f32] {
