@@ -1,8 +1,8 @@
 //! The hand-written CPU kernels, each beside its portable form (candle ops,
 //! the path CUDA takes): attention, the `x @ Wᵀ` product (and its form for
-//! weights packed once for inference), the fused token log-probabilities, the vectorized exp behind them, and the optimizer's
-//! in-place passes. They import only each other and candle; `model/` and
-//! `train/` call them.
+//! weights packed once for inference), the fused token log-probabilities,
+//! the vectorized exp behind them, and the optimizer's in-place passes. They
+//! import only each other and candle; `model/` and `train/` call them.
 //!
 //! One dispatch rule for every kernel, here: a CPU form applies to f32
 //! tensors on the CPU, unless `R1PIPE_KERNELS=portable` forces the portable

@@ -19,7 +19,7 @@
 //! the thread split: a sequence gets bitwise the same logits alone or in any
 //! batch, in a prefill or a decode step (the AVX-512 kernel equals the scalar
 //! form bit for bit). Without AVX-512 nothing is packed and the unpacked
-//! product runs (see [`simd`] for why).
+//! product runs (see [`has_kernel`] for why).
 
 use std::sync::Arc;
 
@@ -65,7 +65,7 @@ impl PackedWeight {
     /// tensor on the CPU, kernels not forced portable) and the CPU has a packed
     /// kernel (AVX-512); `None` otherwise.
     pub fn for_tensor(w: &Tensor) -> Result<Option<Arc<PackedWeight>>> {
-        if !super::cpu_form(&[w]) || simd().is_none() {
+        if !super::cpu_form(&[w]) || !has_kernel() {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
@@ -80,11 +80,6 @@ impl PackedWeight {
 
     fn panels(&self) -> &[f32] {
         &self.buf[self.start..self.start + self.n.div_ceil(PANEL) * self.k * PANEL]
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.buf.len() * 4
     }
 }
 
@@ -143,37 +138,30 @@ pub fn matmul_packed(x: &[f32], m: usize, w: &PackedWeight, out: &mut [f32]) {
 /// # Safety
 /// `out` is an [m, n] buffer whose columns c0..c0 + PANEL only this call writes.
 unsafe fn panel(x: &[f32], m: usize, k: usize, wp: &[f32], c0: usize, n: usize, out: *mut f32) {
-    match simd() {
-        #[cfg(target_arch = "x86_64")]
-        Some(Simd::Avx512) => avx512::panel(x, m, k, wp, c0, n, out),
-        _ => scalar_panel(x, m, k, wp, c0, n, out),
+    #[cfg(target_arch = "x86_64")]
+    if has_kernel() {
+        return avx512::panel(x, m, k, wp, c0, n, out);
     }
+    scalar_panel(x, m, k, wp, c0, n, out)
 }
 
 /// Whether models loaded for inference get packed weights here: CPU forms in
 /// use and a packed kernel for this CPU.
 pub fn packs_here() -> bool {
-    super::mode() == super::Mode::Cpu && simd().is_some()
+    super::mode() == super::Mode::Cpu && has_kernel()
 }
 
-/// The vector units a packed product can use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Simd {
-    Avx512,
-}
-
-/// The vector unit here with a packed kernel; `None`: weights are not packed
-/// and the unpacked product runs. Only AVX-512: an AVX2 form of this kernel
+/// Whether this CPU has a packed kernel (AVX-512); without one weights are not
+/// packed and the unpacked product runs. Only AVX-512: an AVX2 form of this kernel
 /// (3 rows × 3 vectors of 8) measured no faster than the unpacked AVX2 kernel,
 /// which already runs near AVX2's FMA rate (about 225 against 210–230 GFLOP/s
 /// at 32 rows, and 134 against 220 on the vocabulary at 8 rows, with AVX-512
 /// switched off on the machine of bench/RESULTS.md's 2026-12-03 section).
-fn simd() -> Option<Simd> {
+fn has_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        return Some(Simd::Avx512);
-    }
-    None
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// The reference form every vector kernel equals bit for bit: per output, fused
