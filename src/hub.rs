@@ -47,7 +47,11 @@ impl HubRepo {
                 )
             });
         }
-        let info = self.online()?.info().with_context(|| format!("listing {} on {}", self.repo.url(), endpoint()))?;
+        let info = self
+            .online()?
+            .info()
+            .map_err(unreachable)
+            .with_context(|| format!("listing {} on {}", self.repo.url(), endpoint()))?;
         Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
     }
 
@@ -61,6 +65,7 @@ impl HubRepo {
         }
         self.online()?
             .get(file)
+            .map_err(unreachable)
             .with_context(|| format!("downloading {file} of {} from {}", self.repo.url(), endpoint()))
     }
 }
@@ -78,6 +83,31 @@ impl HubRepo {
             }
         }
         Ok(out)
+    }
+}
+
+/// A failed hub request, with what to do when the hub cannot be reached at all
+/// (a machine without internet, a firewall): the ways around it, named once here.
+fn unreachable(e: hf_hub::api::sync::ApiError) -> anyhow::Error {
+    use hf_hub::api::sync::ApiError;
+    let transport = match &e {
+        ApiError::RequestError(r) => matches!(**r, ureq::Error::Transport(_)),
+        ApiError::TooManyRetries(inner) => {
+            matches!(&**inner, ApiError::RequestError(r) if matches!(**r, ureq::Error::Transport(_)))
+        }
+        _ => false,
+    };
+    let err = anyhow::Error::new(e);
+    if transport {
+        // The transport error's chain repeats the URL at every level: its root says what happened.
+        anyhow::anyhow!(
+            "the hub at {} cannot be reached ({}): set HF_ENDPOINT to a mirror you can reach, or \
+             HF_HUB_OFFLINE=1 to use only what the hub cache (HF_HOME) holds, or name a local folder instead of a hub id",
+            endpoint(),
+            err.root_cause()
+        )
+    } else {
+        err
     }
 }
 

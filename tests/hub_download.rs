@@ -6,36 +6,8 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::sync::Arc;
 
-use parquet::data_type::{ByteArray, ByteArrayType};
-use parquet::file::properties::WriterProperties;
-use parquet::file::writer::SerializedFileWriter;
-use parquet::schema::parser::parse_message_type;
-
-use common::Project;
-
-/// A parquet file with `question` and `answer` string columns, snappy-compressed like the hub's.
-fn write_parquet(path: &Path, rows: &[(String, String)]) {
-    let schema = Arc::new(
-        parse_message_type(
-            "message schema { REQUIRED BYTE_ARRAY question (UTF8); REQUIRED BYTE_ARRAY answer (UTF8); }",
-        )
-        .unwrap(),
-    );
-    let props = Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
-    let mut w = SerializedFileWriter::new(fs::File::create(path).unwrap(), schema, props).unwrap();
-    let mut rg = w.next_row_group().unwrap();
-    for col in 0..2 {
-        let values: Vec<ByteArray> =
-            rows.iter().map(|r| ByteArray::from(if col == 0 { r.0.as_str() } else { r.1.as_str() })).collect();
-        let mut c = rg.next_column().unwrap().unwrap();
-        c.typed::<ByteArrayType>().write_batch(&values, None, None).unwrap();
-        c.close().unwrap();
-    }
-    rg.close().unwrap();
-    w.close().unwrap();
-}
+use common::{write_parquet, Project};
 
 #[test]
 fn download_reads_gsm8k_parquet_from_the_hub_and_then_works_offline() {

@@ -1,5 +1,5 @@
 //! The quickstart end to end (pipelines/quickstart.yaml: SmolLM2-135M-Instruct
-//! and GSM8K from ../shared, offline, CPU): the run ends by printing the
+//! and GSM8K from the shared folder, offline, CPU, as scripts/quickstart.sh runs it there): the run ends by printing the
 //! evaluation table and the trained model's answer, and that answer is in the
 //! think/answer format, not a loop.
 
@@ -43,7 +43,7 @@ fn the_format_check_itself_tells_good_from_bad() {
 #[test]
 fn the_quickstart_ends_with_the_table_and_an_answer_in_the_format() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    common::shared(); // ../shared must be there (fails loudly otherwise)
+    let gsm8k = format!("vars.gsm8k={}", common::shared().join("data/gsm8k").display()); // fails loudly without it
     assert!(
         root.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
         "run scripts/fetch-smollm2.sh first (scripts/test.sh does)"
@@ -59,13 +59,18 @@ fn the_quickstart_ends_with_the_table_and_an_answer_in_the_format() {
             .unwrap();
         common::Run::from(out)
     };
-    let r = run(&["run", "pipelines/quickstart.yaml"]).ok();
+    let offline = ["-S", &gsm8k, "-S", "vars.model=models/smollm2-135m-instruct"];
+    let r = run(&[&["run", "pipelines/quickstart.yaml"][..], &offline].concat()).ok();
     let summary =
         r.stdout.split("── evaluate ──").nth(1).unwrap_or_else(|| panic!("no evaluation table:\n{}", r.stdout));
     assert!(summary.contains("accuracy, strict (95% CI)") && summary.contains("sft"), "{}", r.stdout);
     let answer_block = r.stdout.split("── infer ──").nth(1).unwrap_or_else(|| panic!("no answer:\n{}", r.stdout));
     assert!(answer_block.contains("Q: Natalia sold clips"), "{answer_block}");
-    let path = run(&["show", "infer.answers", "-p", "pipelines/quickstart.yaml"]).ok().stdout.trim().to_string();
+    let path = run(&[&["show", "infer.answers", "-p", "pipelines/quickstart.yaml"][..], &offline].concat())
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
     let line = fs::read_to_string(path).unwrap();
     let a: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     let completion = a["completion"].as_str().unwrap();

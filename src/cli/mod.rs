@@ -1,9 +1,11 @@
 //! Subcommands: run · status · dag · show · gc (and, from the ML side, rewards · infer).
 
 mod bench_cmd;
+mod fetch_cmd;
 mod infer_cmd;
 mod metrics_cmd;
 mod pipeline_cmds;
+mod presets_cmd;
 mod rewards_cmd;
 
 use std::path::PathBuf;
@@ -73,6 +75,9 @@ pub enum Command {
         /// Where stages run: here, or as Slurm jobs (the pipeline's `executor:` gives the settings)
         #[arg(long, value_enum)]
         executor: Option<ExecutorKind>,
+        /// No progress bars and no per-step training lines (decisions, results and errors still show)
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Run one stage's job as the Slurm executor wrote it (what a Slurm job runs)
     #[command(hide = true)]
@@ -99,6 +104,9 @@ pub enum Command {
         /// Resolve against this pipeline's current fingerprints (else: the newest record of that stage)
         #[arg(short, long)]
         pipeline: Option<PathBuf>,
+        /// The overrides the run was made with: -S grpo.learning_rate=1e-6 (repeatable; needs --pipeline)
+        #[arg(short = 'S', long = "set", value_name = "STAGE.KEY=VALUE", requires = "pipeline")]
+        set: Vec<Override>,
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },
@@ -128,6 +136,16 @@ pub enum Command {
     },
     /// Ask a model a question; the answer streams as it is generated
     Infer(infer_cmd::InferArgs),
+    /// The presets and reward sets built into r1pipe (`use: grpo`, `rewards: r1-gsm8k`), or one's text
+    Presets {
+        /// Print this one's YAML
+        name: Option<String>,
+    },
+    /// Download a model or a data set from the Hugging Face Hub ahead of a run (HF_ENDPOINT, HF_HOME, HF_TOKEN)
+    Fetch {
+        #[command(subcommand)]
+        what: fetch_cmd::FetchCommand,
+    },
     /// Write a model (a .gguf, a folder, a hub id) as a Hugging Face folder (f32 safetensors, config, tokenizer)
     Convert {
         #[arg(long, required_unless_present = "config")]
@@ -166,8 +184,8 @@ pub enum Command {
     },
     /// Score completions with a reward set (debug rewards before spending GPU hours), or list the functions
     Rewards {
-        /// The reward set, e.g. stages/rewards/r1-gsm8k.yaml
-        #[arg(long, value_name = "FILE.yaml", required_unless_present = "list")]
+        /// The reward set: a built-in's name (r1-gsm8k) or a file
+        #[arg(long, value_name = "NAME|FILE.yaml", required_unless_present = "list")]
         set: Option<PathBuf>,
         /// JSONL of {prompt?, completion, answer, tokens?}
         #[arg(required_unless_present = "list")]
@@ -212,7 +230,7 @@ pub enum DagFormat {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs, executor } => {
+        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs, executor, quiet } => {
             let opts = r1pipe::pipeline::runner::RunOptions {
                 dry_run,
                 force,
@@ -222,14 +240,19 @@ pub fn main() -> i32 {
                 wait,
                 jobs: jobs.map_or(0, usize::from),
                 slurm: None,
+                quiet,
             };
             pipeline_cmds::run(&args, opts, executor)
         }
         Command::ExecJob { work_dir } => pipeline_cmds::exec_job(&work_dir),
         Command::Status { args } => pipeline_cmds::status(&args),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
-        Command::Show { target, pipeline, cache } => pipeline_cmds::show(&target, pipeline.as_deref(), cache),
+        Command::Show { target, pipeline, set, cache } => {
+            pipeline_cmds::show(&target, pipeline.as_deref(), &set, cache)
+        }
         Command::Infer(args) => infer_cmd::run(args),
+        Command::Fetch { what } => fetch_cmd::run(what),
+        Command::Presets { name } => presets_cmd::run(name.as_deref()),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Convert { model, config, tokenizer, out } => (|| -> anyhow::Result<i32> {
             match (model, config, tokenizer) {

@@ -12,6 +12,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 use r1pipe::common::table::render_table;
 use r1pipe::common::CancelToken;
 use r1pipe::pipeline::runner::{RunOptions, RunOutcome};
+use r1pipe::pipeline::spec::Override;
 use r1pipe::pipeline::workspace::{self, Workspace};
 
 use super::{DagFormat, PipelineArgs};
@@ -25,6 +26,8 @@ fn open<'r>(args: &PipelineArgs, registry: &'r r1pipe::pipeline::Registry) -> Re
 fn init_tracing(run_log: Option<&Path>) -> Result<()> {
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        // Colour codes only where a terminal shows them, never into a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn,r1pipe::runlog=off")));
     let file = match run_log {
         Some(p) => {
@@ -174,13 +177,13 @@ pub fn dag(args: &PipelineArgs, format: DagFormat) -> Result<i32> {
     Ok(0)
 }
 
-pub fn show(target: &str, pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i32> {
+pub fn show(target: &str, pipeline_file: Option<&Path>, set: &[Override], cache: Option<PathBuf>) -> Result<i32> {
     let Some((stage, output)) = target.split_once('.') else {
         bail!("`{target}`: expected STAGE.OUTPUT, e.g. sft.model");
     };
     let registry = r1pipe::stages::registry();
     let path = match pipeline_file {
-        Some(file) => Workspace::open(file, &[], cache, &registry)?.artifact(stage, output)?,
+        Some(file) => Workspace::open(file, set, cache, &registry)?.artifact(stage, output)?,
         None => workspace::latest_artifact(&workspace::cache_root_here(cache), stage, output)?,
     };
     println!("{}", path.display());

@@ -46,7 +46,12 @@ fn show_default(v: &serde_json::Value) -> String {
 }
 
 pub fn score(set_file: &Path, completions: &Path, as_json: bool) -> Result<i32> {
-    let set = RewardSet::from_file(set_file, &Project::of_file(set_file).root)?;
+    let name = set_file.to_string_lossy();
+    let set = if r1pipe::common::builtin::is_name(&name) {
+        RewardSet::named(&name, &std::env::current_dir()?)?.0
+    } else {
+        RewardSet::from_file(set_file, &Project::of_file(set_file).root)?
+    };
     let rows = jsonl::read::<Row>(completions)?;
     if rows.is_empty() {
         bail!("{} has no completions", completions.display());

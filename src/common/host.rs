@@ -14,6 +14,10 @@ pub trait Host {
     fn cancel(&self) -> &CancelToken;
     /// A progress bar of `len` `unit`s with rate and ETA (hidden where nobody watches).
     fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar;
+    /// A line for whoever watches the run (a training step's numbers, a
+    /// warning): above the progress bars, or plain on stderr where there are
+    /// none, and not at all when the run was asked to be quiet.
+    fn say(&self, line: &str);
 }
 
 /// A host for tests and library use: a folder, a token, no display.
@@ -31,6 +35,10 @@ impl Host for FolderHost {
     }
     fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
         indicatif::ProgressBar::hidden().with_position(0).with_message(format!("0/{len} {unit}"))
+    }
+    /// No display here: the line goes to the diagnostics (`RUST_LOG=info`).
+    fn say(&self, line: &str) {
+        tracing::info!("{line}");
     }
 }
 
@@ -50,5 +58,8 @@ impl Host for SubfolderHost<'_> {
     }
     fn progress(&self, len: u64, unit: &str) -> indicatif::ProgressBar {
         self.host.progress(len, unit)
+    }
+    fn say(&self, line: &str) {
+        self.host.say(line)
     }
 }

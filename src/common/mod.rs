@@ -4,6 +4,7 @@
 //! the ML core (`model/`, `train/`, `rewards/`, `data/`) both build on this;
 //! `tests/layers.rs` fails if either side imports the other.
 
+pub mod builtin;
 pub mod cancel;
 pub mod checkpoints;
 pub mod diagnostic;

@@ -3,6 +3,7 @@
 
 pub mod gsm8k;
 pub mod jsonl;
+pub mod qa;
 pub mod rows;
 
 pub use rows::{Message, PromptRow, SftRow};

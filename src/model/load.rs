@@ -265,25 +265,40 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Download a model's files from the hub (or take them from the hub cache) and return their folder.
 fn fetch_hub(id: &str, revision: &str) -> Result<PathBuf> {
+    fetch_hub_files(id, revision, true).map(|(dir, _)| dir)
+}
+
+/// A hub model's files in the hub cache: config, tokenizer, the optional files
+/// beside them and (with `weights`) the safetensors, single or sharded. Returns
+/// the snapshot folder and the names fetched.
+pub fn fetch_hub_files(id: &str, revision: &str, weights: bool) -> Result<(PathBuf, Vec<String>)> {
     let repo = HubRepo::model(id, revision);
     let config = repo.get("config.json")?;
     let dir = config.parent().context("hub cache path")?.to_path_buf();
+    let mut names = vec!["config.json".to_string()];
     repo.get("tokenizer.json")?;
+    names.push("tokenizer.json".into());
     for optional in ["tokenizer_config.json", "generation_config.json"] {
-        if let Err(e) = repo.get(optional) {
-            tracing::debug!(file = optional, error = %e, "optional model file not fetched");
+        match repo.get(optional) {
+            Ok(_) => names.push(optional.into()),
+            Err(e) => tracing::debug!(file = optional, error = %e, "optional model file not fetched"),
         }
     }
+    if !weights {
+        return Ok((dir, names));
+    }
     match repo.get("model.safetensors") {
-        Ok(_) => {}
+        Ok(_) => names.push("model.safetensors".into()),
         Err(single) => {
             let index = repo.get("model.safetensors.index.json").map_err(|_| single)?;
+            names.push("model.safetensors.index.json".into());
             for f in shard_files(&index)? {
                 repo.get(&f)?;
+                names.push(f);
             }
         }
     }
-    Ok(dir)
+    Ok((dir, names))
 }
 
 /// Write `model` in the Hugging Face layout: model.safetensors (f32, tied

@@ -41,6 +41,10 @@ pub struct Requirements {
     /// Local files or directories the stage reads, with the parameter that names
     /// them: checked to exist before anything runs, and hashed into the fingerprint.
     pub local_paths: Vec<(String, PathBuf)>,
+    /// Values read from elsewhere that the result depends on (a reward set by
+    /// name or file), with the parameter that names them and the hash of their
+    /// parsed content: hashed into the fingerprint beside the files.
+    pub content: Vec<(String, String)>,
     /// The result depends on the device class and dtype (model stages).
     pub uses_device: bool,
     /// The result depends on the pipeline's seed.
@@ -184,6 +188,8 @@ pub struct StageContext {
     pub out_dir: PathBuf,
     pub env: RunEnv,
     pub progress: indicatif::MultiProgress,
+    /// `run -q`: no bars and no per-step lines (decisions and errors still show).
+    pub quiet: bool,
     pub cancel: CancelToken,
     pub(crate) outputs: &'static [OutputSpec],
     pub(crate) metrics: Option<Value>,
@@ -242,6 +248,19 @@ impl Host for StageContext {
         );
         bar.set_prefix(self.stage.clone());
         bar
+    }
+    /// Prefixed by the stage (several run at once under `--jobs`); above the bars on
+    /// a terminal, plain lines on stderr otherwise (a log file, a Slurm job's log).
+    fn say(&self, line: &str) {
+        if self.quiet {
+            return;
+        }
+        let text = format!("{}: {line}", self.stage);
+        if self.progress.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            let _ = self.progress.println(text);
+        }
     }
 }
 

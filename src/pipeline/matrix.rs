@@ -100,7 +100,7 @@ fn axes(matrix: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<Vec<A
         problems.push((
             path.into(),
             "`matrix` must be a mapping of keys to lists (or to mappings of names to values)".into(),
-            Some("e.g. `matrix: { lr: [1.0e-5, 3.0e-5], rewards: { r1: stages/rewards/r1-gsm8k.yaml } }`".into()),
+            Some("e.g. `matrix: { lr: [1.0e-5, 3.0e-5], rewards: { r1: r1-gsm8k, mine: my-rewards.yaml } }`".into()),
         ));
         return None;
     };

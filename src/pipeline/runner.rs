@@ -32,6 +32,8 @@ pub struct RunOptions {
     pub jobs: usize,
     /// Run each stage as a Slurm job instead of in this process.
     pub slurm: Option<super::slurm::SlurmConfig>,
+    /// No progress bars and no per-step lines.
+    pub quiet: bool,
 }
 
 /// The GPUs of this machine, handed to running stages one set at a time.
@@ -139,6 +141,9 @@ impl<'a> Runner<'a> {
                 .hash_path(db, path)
                 .with_context(|| format!("hashing `{param}` of stage `{}`", stage.name))?;
             files.insert(param.clone(), h);
+        }
+        for (param, hash) in &stage.requirements.content {
+            files.insert(param.clone(), hash.clone());
         }
         let mut env = BTreeMap::new();
         if stage.requirements.uses_device {
@@ -314,7 +319,11 @@ impl<'a> Runner<'a> {
         }
         let total = selected.len();
         let jobs = opts.jobs.max(1);
-        let progress = indicatif::MultiProgress::new();
+        let progress = if opts.quiet {
+            indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
+        } else {
+            indicatif::MultiProgress::new()
+        };
         let tag = |name: &str| {
             let i = selected.iter().position(|s| s == name).unwrap_or(0);
             format!("[{}/{}] {name}", i + 1, total)
@@ -382,6 +391,7 @@ impl<'a> Runner<'a> {
                                 live.is_some(),
                             ) {
                                 Ok(mut s) => {
+                                    s.ctx.quiet = opts.quiet;
                                     if asks > 0 {
                                         // Its own devices: no other running stage is given them.
                                         let ids = gpus.take(asks).expect("checked free above");
@@ -634,6 +644,7 @@ impl<'a> Runner<'a> {
             out_dir: out_dir.clone(),
             env: self.env.clone(),
             progress: progress.clone(),
+            quiet: false,
             cancel: cancel.clone(),
             outputs: stage.kind.outputs(),
             metrics: None,

@@ -340,6 +340,7 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
         out_dir: job.out_dir,
         env: RunEnv { device: job.device, device_class: job.device_class, dtype: job.dtype, seed: job.seed },
         progress: indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()),
+        quiet: false,
         cancel,
         outputs: kind.outputs(),
         metrics: None,

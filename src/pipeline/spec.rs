@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::kind::{Project, Registry, Requirements, StageKind};
 use super::slurm::{Resources, SlurmConfig};
+use crate::common::builtin::{self, BuiltinKind};
 use crate::common::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
 use crate::common::fsutil::read_text_capped;
 use crate::common::names::identifier_problem;
@@ -452,7 +453,11 @@ impl Loader {
                         preset_file = Some((path, positions));
                     }
                 }
-                None => self.err(&format!("{base}.use"), "`use` must be a path to a YAML preset", None),
+                None => self.err(
+                    &format!("{base}.use"),
+                    "`use` must name a preset: a built-in (`grpo`, `sft`) or a YAML file",
+                    None,
+                ),
             }
         }
         // Set when `with` could not be read: the kind's own checks would then report
@@ -577,24 +582,44 @@ impl Loader {
     }
 
     fn read_preset(&mut self, at: &str, rel: &str) -> Option<(PathBuf, Positions, Value)> {
-        let path = self.project.root.join(rel);
-        if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
-            self.err(
-                at,
-                format!("a preset is a YAML file (.yaml or .yml), not {}", path.display()),
-                Some("presets live in stages/, e.g. `use: stages/grpo.yaml`".into()),
-            );
-            return None;
-        }
-        let text = match read_text_capped(&path, MAX_PRESET_BYTES) {
-            Ok(t) => t,
-            Err(e) => {
+        let (path, text) = if builtin::is_name(rel) {
+            // A built-in: its text is compiled in; messages name the repository file it came from.
+            let Some(b) = builtin::find(BuiltinKind::Preset, rel) else {
+                let names = builtin::names(BuiltinKind::Preset);
                 self.err(
                     at,
-                    format!("cannot read preset {}: {e}", path.display()),
-                    Some(format!("preset paths are relative to the project root, {}", self.project.root.display())),
+                    format!("no built-in preset `{rel}`"),
+                    Some(format!(
+                        "{}; or give a YAML file's path (`use: my-presets/{rel}.yaml`); `r1pipe presets` lists them",
+                        suggest(rel, &names, "built-in presets")
+                    )),
                 );
                 return None;
+            };
+            (PathBuf::from(format!("<built-in {}>", b.source)), b.text.to_string())
+        } else {
+            let path = self.project.root.join(rel);
+            if !matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                self.err(
+                    at,
+                    format!("a preset is a built-in name or a YAML file (.yaml or .yml), not {}", path.display()),
+                    Some("e.g. `use: grpo` (built in) or `use: my-presets/grpo.yaml`".into()),
+                );
+                return None;
+            }
+            match read_text_capped(&path, MAX_PRESET_BYTES) {
+                Ok(t) => (path, t),
+                Err(e) => {
+                    self.err(
+                        at,
+                        format!("cannot read preset {}: {e}", path.display()),
+                        Some(format!(
+                            "preset paths are relative to the project root, {}; the built-in presets are named without a path (`use: grpo`)",
+                            self.project.root.display()
+                        )),
+                    );
+                    return None;
+                }
             }
         };
         if let Some(d) = crate::common::yaml_pos::nesting_problem(&path, &text) {

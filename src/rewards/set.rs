@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use super::external::{CommandReward, UrlReward};
 use super::functions::{lookup, RewardFn, Sample, CATALOG};
+use crate::common::builtin::{self, BuiltinKind};
 use crate::common::diagnostic::{suggest, Diagnostic, Diagnostics};
 use crate::common::params::yaml_to_json;
 use crate::common::yaml_pos::Positions;
@@ -204,15 +205,45 @@ impl RewardSet {
 
     /// From a YAML file, commands running in `root`; errors name the file and line.
     pub fn from_file(path: &Path, root: &Path) -> Result<RewardSet, Diagnostics> {
+        Self::parse_file(path, root).map(|(set, _)| set)
+    }
+
+    /// A reward set as a stage or `r1pipe rewards` names it: a built-in's name
+    /// (`r1-gsm8k`) or a YAML file's path (relative to `root`). Also returns the
+    /// set's parsed content (its list as JSON), which is what a fingerprint
+    /// covers: comments and layout of the file do not change the result.
+    pub fn named(value: &str, root: &Path) -> Result<(RewardSet, Value), Diagnostics> {
+        if builtin::is_name(value) {
+            let Some(b) = builtin::find(BuiltinKind::RewardSet, value) else {
+                let names = builtin::names(BuiltinKind::RewardSet);
+                return Err(Diagnostic::new(Path::new(value), None, format!("no built-in reward set `{value}`"))
+                    .with_hint(format!(
+                        "{}; or give a YAML file's path (`my-rewards/{value}.yaml`); `r1pipe presets` lists them",
+                        suggest(value, &names, "built-in reward sets")
+                    ))
+                    .into());
+            };
+            return Self::parse_text(b.text, Path::new(&format!("<built-in {}>", b.source)), root);
+        }
+        let path = if Path::new(value).is_absolute() { PathBuf::from(value) } else { root.join(value) };
+        Self::parse_file(&path, root)
+    }
+
+    fn parse_file(path: &Path, root: &Path) -> Result<(RewardSet, Value), Diagnostics> {
         let text = crate::common::fsutil::read_text_capped(path, 1 << 20)
             .map_err(|e| Diagnostic::new(path, None, format!("cannot read reward set: {e}")))?;
-        if let Some(d) = crate::common::yaml_pos::nesting_problem(path, &text) {
+        Self::parse_text(&text, path, root)
+    }
+
+    /// `text` read from `path` (named in every error, with the line).
+    fn parse_text(text: &str, path: &Path, root: &Path) -> Result<(RewardSet, Value), Diagnostics> {
+        if let Some(d) = crate::common::yaml_pos::nesting_problem(path, text) {
             return Err(d.into());
         }
-        let doc: serde_yaml::Value = serde_yaml::from_str(&text)
+        let doc: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {e}")))?;
         let v = yaml_to_json(&doc, "").map_err(|e| Diagnostic::new(path, None, e.message))?;
-        let positions = Positions::parse(&text);
+        let positions = Positions::parse(text);
         // A bare list, or a mapping with a `rewards:` list (as a pipeline's stage writes it).
         let (list, prefix) = match &v {
             serde_json::Value::Object(m) if m.contains_key("rewards") => (&m["rewards"], "rewards."),
@@ -223,7 +254,7 @@ impl RewardSet {
             }
             _ => (&v, ""),
         };
-        RewardSet::from_value(list, root).map_err(|errs| {
+        let set = RewardSet::from_value(list, root).map_err(|errs| {
             Diagnostics(
                 errs.into_iter()
                     .map(|e| {
@@ -234,7 +265,8 @@ impl RewardSet {
                     })
                     .collect(),
             )
-        })
+        })?;
+        Ok((set, list.clone()))
     }
 
     /// The files the set's programs read (their scripts, arguments that are

@@ -2,31 +2,81 @@
 //! or from a local folder of `train.jsonl`/`test.jsonl`, as JSONL split files.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use anyhow::{bail, Result};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::common::{typed, ParamError};
-use crate::data::jsonl;
-use crate::hub::HubRepo;
+use crate::data::{jsonl, qa};
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
-    /// A hub dataset id, e.g. `openai/gsm8k`.
+    /// A hub dataset id (`openai/gsm8k`) or a local folder of `<split>.jsonl` files,
+    /// told apart as model references are: a folder that exists, or a path starting
+    /// with `.`, `/` or `~`, is local; `OWNER/NAME` otherwise is the hub.
     pub dataset: Option<String>,
     /// The dataset's config (a folder of the hub repo).
     #[serde(default = "default_config")]
     pub config: String,
     #[serde(default = "default_revision")]
     pub revision: String,
-    /// A local folder with `<split>.jsonl` files.
+    /// A local folder with `<split>.jsonl` files (never the hub).
     pub path: Option<String>,
     #[serde(default = "default_splits")]
     pub splits: Vec<String>,
+}
+
+/// Where a data set comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    Local(PathBuf),
+    Hub(String),
+}
+
+impl Params {
+    /// The source the parameters name, or the parameter error that says why none.
+    pub fn source(&self, project: &Project) -> Result<Option<Source>, ParamError> {
+        match (&self.dataset, &self.path) {
+            (Some(_), Some(_)) => {
+                Err(ParamError::new("path", "give either `dataset` (hub or folder) or `path`, not both"))
+            }
+            (None, None) => Err(ParamError::new("", "no source")
+                .hint("add `dataset: openai/gsm8k` (hub) or `dataset: data/gsm8k/` (a local folder of JSONL)")),
+            (None, Some(path)) => Ok(project.local_path(path).map(Source::Local)),
+            (Some(value), None) => {
+                let Some(local) = project.local_path(value) else { return Ok(None) };
+                Source::parse(value, local)
+                    .map(Some)
+                    .map_err(|e| e.hint("write OWNER/NAME, e.g. openai/gsm8k, or a local folder"))
+            }
+        }
+    }
+}
+
+impl Source {
+    /// `value` as written, `local` the path it would name (anchored at the project root).
+    fn parse(value: &str, local: PathBuf) -> Result<Source, ParamError> {
+        let path_like = value.starts_with('.') || value.starts_with('/') || value.starts_with('~');
+        if local.is_dir() || path_like {
+            return Ok(Source::Local(local));
+        }
+        let parts: Vec<&str> = value.split('/').collect();
+        if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+            return Err(ParamError::new(
+                "dataset",
+                format!("`{value}` is neither an existing folder nor a hub id, and {} does not exist", local.display()),
+            ));
+        }
+        // `data/gsm8k` has a hub id's shape, but an existing folder `data/` says it is a path.
+        if local.parent().is_some_and(Path::is_dir) {
+            return Ok(Source::Local(local));
+        }
+        Ok(Source::Hub(value.to_string()))
+    }
 }
 
 fn default_config() -> String {
@@ -37,12 +87,6 @@ fn default_revision() -> String {
 }
 fn default_splits() -> Vec<String> {
     vec!["train".into(), "test".into()]
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Row {
-    pub question: String,
-    pub answer: String,
 }
 
 pub struct Download;
@@ -63,40 +107,23 @@ impl StageKind for Download {
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut req = Requirements::default();
-        match (&p.dataset, &p.path) {
-            (Some(_), Some(_)) => {
-                return Err(vec![ParamError::new("path", "give either `dataset` (hub) or `path` (local), not both")])
-            }
-            (None, None) => {
-                return Err(vec![ParamError::new("", "no source")
-                    .hint("add `dataset: openai/gsm8k` (hub) or `path: data/gsm8k/` (local JSONL)")])
-            }
-            (None, Some(path)) => {
-                if let Some(dir) = project.local_path(path) {
-                    if dir.is_dir() {
-                        let missing: Vec<String> = p
-                            .splits
-                            .iter()
-                            .filter(|s| !dir.join(format!("{s}.jsonl")).is_file())
-                            .map(|s| format!("{s}.jsonl"))
-                            .collect();
-                        if !missing.is_empty() {
-                            return Err(vec![ParamError::new(
-                                "path",
-                                format!("{} has no {}", dir.display(), missing.join(", ")),
-                            )
-                            .hint("the folder must hold one <split>.jsonl per split in `splits`")]);
-                        }
-                    }
-                    req.local_paths.push(("path".into(), dir));
+        if let Some(Source::Local(dir)) = p.source(project).map_err(|e| vec![e])? {
+            if dir.is_dir() {
+                let missing: Vec<String> = p
+                    .splits
+                    .iter()
+                    .filter(|s| !dir.join(format!("{s}.jsonl")).is_file())
+                    .map(|s| format!("{s}.jsonl"))
+                    .collect();
+                if !missing.is_empty() {
+                    return Err(vec![ParamError::new(
+                        if p.path.is_some() { "path" } else { "dataset" },
+                        format!("{} has no {}", dir.display(), missing.join(", ")),
+                    )
+                    .hint("the folder must hold one <split>.jsonl per split in `splits`")]);
                 }
             }
-            (Some(id), None) => {
-                if id.split('/').count() != 2 {
-                    return Err(vec![ParamError::new("dataset", format!("`{id}` is not a hub id"))
-                        .hint("write OWNER/NAME, e.g. openai/gsm8k")]);
-                }
-            }
+            req.local_paths.push((if p.path.is_some() { "path" } else { "dataset" }.into(), dir));
         }
         if p.splits.is_empty() {
             return Err(vec![ParamError::new("splits", "no splits requested")]);
@@ -111,13 +138,10 @@ impl StageKind for Download {
         let mut counts = serde_json::Map::new();
         for split in &p.splits {
             ctx.cancel.check()?;
-            let rows = match (&p.path, &p.dataset) {
-                (Some(dir), _) => {
-                    let dir = ctx.project.local_path(dir).expect("a local path");
-                    read_local(&dir.join(format!("{split}.jsonl")))?
-                }
-                (None, Some(id)) => read_hub(id, &p.config, &p.revision, split)?,
-                (None, None) => unreachable!("checked before running"),
+            let rows = match p.source(&ctx.project).map_err(|e| anyhow::anyhow!("{}", e.message))? {
+                Some(Source::Local(dir)) => qa::read_local_split(&dir, split)?,
+                Some(Source::Hub(id)) => qa::read_hub_split(&id, &p.config, &p.revision, split)?,
+                None => bail!("the data set's source was not bound before running"),
             };
             counts.insert(split.clone(), json!(rows.len()));
             jsonl::write(&out.join(format!("{split}.jsonl")), &rows)?;
@@ -126,52 +150,4 @@ impl StageKind for Download {
         ctx.set_metrics(json!({ "rows": counts }));
         Ok(())
     }
-}
-
-fn read_local(path: &Path) -> Result<Vec<Row>> {
-    Ok(jsonl::read::<Row>(path)?.into_iter().map(|(_, r)| r).collect())
-}
-
-/// A split from the hub: the parquet files of `<config>/<split>-*.parquet`, in order.
-fn read_hub(id: &str, config: &str, revision: &str, split: &str) -> Result<Vec<Row>> {
-    let repo = HubRepo::dataset(id, revision);
-    let prefix = format!("{config}/{split}-");
-    let mut files: Vec<String> =
-        repo.files()?.into_iter().filter(|f| f.starts_with(&prefix) && f.ends_with(".parquet")).collect();
-    files.sort();
-    if files.is_empty() {
-        bail!("the hub dataset {id} (revision {revision}) has no {prefix}*.parquet: check `config` and `splits`");
-    }
-    let mut rows = Vec::new();
-    for f in files {
-        let local = repo.get(&f)?;
-        rows.extend(read_parquet(&local).with_context(|| format!("reading {f} of {id}"))?);
-    }
-    Ok(rows)
-}
-
-/// `{question, answer}` rows of a parquet file with those two string columns.
-pub fn read_parquet(path: &Path) -> Result<Vec<Row>> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    use parquet::record::Field;
-    let reader = SerializedFileReader::new(fs::File::open(path)?)?;
-    let mut rows = Vec::new();
-    for (i, row) in reader.get_row_iter(None)?.enumerate() {
-        let row = row?;
-        let (mut q, mut a) = (None, None);
-        for (name, field) in row.get_column_iter() {
-            if let Field::Str(s) = field {
-                match name.as_str() {
-                    "question" => q = Some(s.clone()),
-                    "answer" => a = Some(s.clone()),
-                    _ => {}
-                }
-            }
-        }
-        match (q, a) {
-            (Some(question), Some(answer)) => rows.push(Row { question, answer }),
-            _ => bail!("{}: row {} lacks a string `question` or `answer` column", path.display(), i + 1),
-        }
-    }
-    Ok(rows)
 }

@@ -86,16 +86,14 @@ impl StageKind for Grpo {
             None => {}
         }
         if p.rewards.is_null() {
-            errors.push(
-                ParamError::new("rewards", "required parameter is missing").hint(
-                    "a reward-set file (stages/rewards/r1-gsm8k.yaml) or an inline list of {name, weight, params}",
-                ),
-            );
+            errors.push(ParamError::new("rewards", "required parameter is missing").hint(
+                "a built-in reward set (r1-gsm8k), a reward-set file, or an inline list of {name, weight, params}",
+            ));
         } else {
             match reward_set(&p.rewards, project) {
-                Ok((set, file)) => {
-                    if let Some(file) = file {
-                        req.local_paths.push(("rewards".into(), file));
+                Ok((set, content)) => {
+                    if let Some(hash) = content {
+                        req.content.push(("rewards".into(), hash));
                     }
                     for f in set.files() {
                         req.local_paths.push((format!("rewards: {}", f.display()), f));

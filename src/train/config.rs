@@ -27,6 +27,9 @@ pub struct TrainingConfig {
     pub num_train_epochs: f64,
     pub save_steps: u64,
     pub save_total_limit: usize,
+    /// A line of the step's numbers every this many steps (and after the first
+    /// and the last); the log file has every step whatever this says.
+    pub logging_steps: u64,
     /// Recompute each decoder layer in backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
     /// LoRA adapters instead of full fine-tuning: `{r, alpha, dropout, target_modules}`.
@@ -52,6 +55,7 @@ impl Default for TrainingConfig {
             num_train_epochs: 1.0,
             save_steps: 500,
             save_total_limit: 2,
+            logging_steps: 10,
             gradient_checkpointing: true,
             lora: None,
         }
@@ -84,6 +88,9 @@ impl TrainingConfig {
         }
         if self.save_steps == 0 {
             errors.push(ParamError::new("save_steps", "must be at least 1"));
+        }
+        if self.logging_steps == 0 {
+            errors.push(ParamError::new("logging_steps", "must be at least 1"));
         }
         if self.max_steps == Some(0) {
             errors.push(ParamError::new("max_steps", "must be at least 1 (or leave it out to train num_train_epochs)"));

@@ -8,6 +8,7 @@ pub mod grpo;
 pub mod grpo_loss;
 pub mod optim;
 pub mod plots;
+pub mod progress;
 pub mod rollout_sync;
 pub mod sft;
 pub mod task_eval;

@@ -22,6 +22,7 @@ use serde_json::Value;
 use super::checkpoint;
 use super::config::TrainingConfig;
 use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::progress::{step_line, Watch};
 use crate::common::checkpoints::Checkpoints;
 use crate::common::host::SubfolderHost;
 use crate::common::{Cancelled, Host};
@@ -221,6 +222,7 @@ pub fn train<A: Algorithm>(
         checkpoint::save(&cps, step, hp.save_total_limit, opt, &state, &algo.checkpoint_tensors()?)
     };
     let t_run = Instant::now();
+    let mut watch = Watch::default();
     let (mut first_loss, mut final_loss) = (None, None);
     model.take_grads(); // nothing left over from an earlier use of the model
     while step < total {
@@ -281,7 +283,7 @@ pub fn train<A: Algorithm>(
             tracing::info!(step, metrics = %shown.join(", "), "evaluated");
             evaluated = metrics.into_iter().map(|(k, v)| (format!("eval/{k}"), v)).collect();
         }
-        log.append(&StepLine {
+        let line = StepLine {
             step,
             loss: report.loss,
             grad_norm,
@@ -291,8 +293,18 @@ pub fn train<A: Algorithm>(
             optimizer_time,
             algo: &report.log,
             eval: evaluated,
-        })
-        .context("writing the training log")?;
+        };
+        log.append(&line).context("writing the training log")?;
+        let logged = serde_json::to_value(&line).context("the step's log line")?;
+        for warning in watch.observe(&logged, step) {
+            // Said to the person watching; the run log (JSON) keeps it as an event too.
+            tracing::info!(step, %warning, "training warning");
+            host.say(&format!("warning: {warning}"));
+        }
+        if step == 1 || step == total || step.is_multiple_of(hp.logging_steps) {
+            let per_step = t_run.elapsed().as_secs_f64() / (step - resumed_from_step) as f64;
+            host.say(&step_line(&logged, step, total, per_step));
+        }
         bar.set_message(report.message);
         bar.set_position(step);
         let crossed = step / hp.save_steps > last_saved / hp.save_steps;
@@ -303,6 +315,10 @@ pub fn train<A: Algorithm>(
         }
     }
     bar.finish_and_clear();
+    for warning in watch.finish() {
+        tracing::info!(%warning, "training warning");
+        host.say(&format!("warning: {warning}"));
+    }
     let load_best = eval.as_ref().is_some_and(|e| e.load_best_at_end);
     if let (true, Some(b)) = (load_best, best) {
         checkpoint::load_weights(&best_cps, b.step, &opt, &model.device)?;

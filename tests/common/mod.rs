@@ -181,10 +181,39 @@ pub fn gsm8k_rows(n: usize) -> String {
         .collect()
 }
 
-/// A stand-in for the Hugging Face Hub serving one repository (`repo_path` is
-/// `datasets/OWNER/NAME` or `OWNER/NAME` for a model): the revision info API and
-/// `resolve` with ranges, as hf-hub calls them. Answers `requests` requests, then
-/// returns the URLs it was asked for.
+/// A parquet file with `question` and `answer` string columns, snappy-compressed like the hub's.
+pub fn write_parquet(path: &Path, rows: &[(String, String)]) {
+    use parquet::data_type::{ByteArray, ByteArrayType};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::parser::parse_message_type;
+    let schema = std::sync::Arc::new(
+        parse_message_type(
+            "message schema { REQUIRED BYTE_ARRAY question (UTF8); REQUIRED BYTE_ARRAY answer (UTF8); }",
+        )
+        .unwrap(),
+    );
+    let props =
+        std::sync::Arc::new(WriterProperties::builder().set_compression(parquet::basic::Compression::SNAPPY).build());
+    let mut w = SerializedFileWriter::new(fs::File::create(path).unwrap(), schema, props).unwrap();
+    let mut rg = w.next_row_group().unwrap();
+    for col in 0..2 {
+        let values: Vec<ByteArray> =
+            rows.iter().map(|r| ByteArray::from(if col == 0 { r.0.as_str() } else { r.1.as_str() })).collect();
+        let mut c = rg.next_column().unwrap().unwrap();
+        c.typed::<ByteArrayType>().write_batch(&values, None, None).unwrap();
+        c.close().unwrap();
+    }
+    rg.close().unwrap();
+    w.close().unwrap();
+}
+
+/// A repository the stand-in hub serves: `datasets/OWNER/NAME` or `OWNER/NAME`
+/// (a model), with its files by name.
+pub type HubRepoFiles = (String, Vec<(String, Vec<u8>)>);
+
+/// A stand-in for the Hugging Face Hub serving one repository: answers
+/// `requests` requests, then returns the URLs it was asked for.
 pub fn hub_server(
     repo_path: &str,
     files: Vec<(String, Vec<u8>)>,
@@ -192,53 +221,99 @@ pub fn hub_server(
 ) -> (String, std::thread::JoinHandle<Vec<String>>) {
     let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
-    let api = match repo_path.strip_prefix("datasets/") {
-        Some(id) => format!("/api/datasets/{id}/revision/main"),
-        None => format!("/api/models/{repo_path}/revision/main"),
-    };
-    let resolve = format!("/{repo_path}/resolve/main/");
+    let repos = vec![(repo_path.to_string(), files)];
     let handle = std::thread::spawn(move || {
         let mut log = Vec::new();
-        const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
         for _ in 0..requests {
             let Ok(Some(req)) = server.recv_timeout(Duration::from_secs(30)) else { break };
-            let url = req.url().to_string();
-            log.push(url.clone());
-            let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap();
-            if url == api {
-                let siblings: Vec<_> = files.iter().map(|(n, _)| serde_json::json!({"rfilename": n})).collect();
-                let body = serde_json::json!({"sha": SHA, "siblings": siblings}).to_string();
-                req.respond(
-                    tiny_http::Response::from_string(body).with_header(header("Content-Type", "application/json")),
-                )
-                .unwrap();
-            } else if let Some((_, data)) = files.iter().find(|(n, _)| url == format!("{resolve}{n}")) {
-                let range = req
-                    .headers()
-                    .iter()
-                    .find(|h| h.field.equiv("Range"))
-                    .map(|h| h.value.to_string())
-                    .unwrap_or_default();
-                let start: usize =
-                    range.trim_start_matches("bytes=").split('-').next().unwrap_or("0").parse().unwrap_or(0);
-                let end = if range.ends_with("-0") { 0 } else { data.len().saturating_sub(1) };
-                let body = data[start.min(data.len())..=end.min(data.len().saturating_sub(1))].to_vec();
-                let etag = format!("\"{}\"", blake3::hash(data).to_hex());
-                req.respond(
-                    tiny_http::Response::from_data(body)
-                        .with_status_code(206)
-                        .with_header(header("ETag", &etag))
-                        .with_header(header("X-Repo-Commit", SHA))
-                        .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", data.len()))),
-                )
-                .unwrap();
-            } else {
-                req.respond(tiny_http::Response::from_string("not found").with_status_code(404)).unwrap();
-            }
+            log.push(req.url().to_string());
+            respond_as_hub(req, &repos);
         }
         log
     });
     (endpoint, handle)
+}
+
+/// A stand-in hub serving several repositories until it is dropped (or `stop`ped).
+pub struct StandInHub {
+    pub endpoint: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl StandInHub {
+    pub fn start(repos: Vec<HubRepoFiles>) -> StandInHub {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", server.server_addr().to_ip().unwrap());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut log = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let Ok(Some(req)) = server.recv_timeout(Duration::from_millis(100)) else { continue };
+                log.push(req.url().to_string());
+                respond_as_hub(req, &repos);
+            }
+            log
+        });
+        StandInHub { endpoint, stop, handle: Some(handle) }
+    }
+
+    /// Stop serving; the URLs that were asked for.
+    pub fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().map(|h| h.join().unwrap()).unwrap_or_default()
+    }
+}
+
+impl Drop for StandInHub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// One request, answered as the hub does for hf-hub: the revision info API and
+/// `resolve` with ranges.
+fn respond_as_hub(req: tiny_http::Request, repos: &[HubRepoFiles]) {
+    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
+    let url = req.url().to_string();
+    let header = |k: &str, v: &str| tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap();
+    for (repo_path, files) in repos {
+        let api = match repo_path.strip_prefix("datasets/") {
+            Some(id) => format!("/api/datasets/{id}/revision/main"),
+            None => format!("/api/models/{repo_path}/revision/main"),
+        };
+        let resolve = format!("/{repo_path}/resolve/main/");
+        if url == api {
+            let siblings: Vec<_> = files.iter().map(|(n, _)| serde_json::json!({"rfilename": n})).collect();
+            let body = serde_json::json!({"sha": SHA, "siblings": siblings}).to_string();
+            let _ = req.respond(
+                tiny_http::Response::from_string(body).with_header(header("Content-Type", "application/json")),
+            );
+            return;
+        }
+        if let Some((_, data)) = files.iter().find(|(n, _)| url == format!("{resolve}{n}")) {
+            let range =
+                req.headers().iter().find(|h| h.field.equiv("Range")).map(|h| h.value.to_string()).unwrap_or_default();
+            let start: usize = range.trim_start_matches("bytes=").split('-').next().unwrap_or("0").parse().unwrap_or(0);
+            let end = if range.ends_with("-0") { 0 } else { data.len().saturating_sub(1) };
+            let body = data[start.min(data.len())..=end.min(data.len().saturating_sub(1))].to_vec();
+            let etag = format!("\"{}\"", blake3::hash(data).to_hex());
+            let _ = req.respond(
+                tiny_http::Response::from_data(body)
+                    .with_status_code(206)
+                    .with_header(header("ETag", &etag))
+                    .with_header(header("X-Repo-Commit", SHA))
+                    .with_header(header("Content-Range", &format!("bytes {start}-{end}/{}", data.len()))),
+            );
+            return;
+        }
+    }
+    let _ = req.respond(tiny_http::Response::from_string("not found").with_status_code(404));
 }
 
 /// The shared folder beside the repository (data and model files); fails loudly when absent.
