@@ -44,7 +44,7 @@ stages:
       model: "$work/qwen-shape"
       train: \${prompts.sft}
       packing: true
-      max_seq_length: 1024
+      max_length: 1024
       per_device_train_batch_size: $n
       max_steps: 2
       save_steps: 1000

@@ -204,7 +204,7 @@ stages:
       model: "{model}"
       train: ${{prompts.sft}}
       packing: true
-      max_seq_length: 1024
+      max_length: 1024
       per_device_train_batch_size: 18
       max_steps: 2
       save_steps: 1000

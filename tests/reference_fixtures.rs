@@ -335,3 +335,31 @@ fn peft_adapters_load_with_peft_logits_and_save_in_peft_layout() {
     };
     assert_eq!(set(&oc), set(&tc), "target_modules");
 }
+
+/// Every learning-rate schedule against transformers' own `_get_*_lr_lambda`
+/// functions (fixture made by tests/fixtures/make_trl_names.py): from the end of
+/// warmup on, the rates are equal; during warmup step k trains at transformers'
+/// rate of step k + 1 (r1pipe's first step is not at rate 0: docs/grpo.md).
+#[test]
+fn learning_rate_schedules_match_transformers() {
+    use r1pipe::train::schedule::{learning_rate, Schedule, ScheduleKwargs};
+    let f: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(fixture("hf-lr-schedules.json")).unwrap()).unwrap();
+    let (warmup, total, base) =
+        (f["warmup_steps"].as_u64().unwrap(), f["total_steps"].as_u64().unwrap(), f["learning_rate"].as_f64().unwrap());
+    let cases = f["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 7, "every schedule with a warmup has a case");
+    for (name, case) in cases {
+        let schedule: Schedule = serde_json::from_value(serde_json::json!(name)).unwrap();
+        let kwargs: ScheduleKwargs = serde_json::from_value(case["kwargs"].clone()).unwrap();
+        let hf: Vec<f64> = case["factor"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        for step in 0..total {
+            let ours = learning_rate(base, schedule, &kwargs, step, warmup, total);
+            let theirs = if step < warmup { hf[step as usize + 1] } else { hf[step as usize] } * base;
+            assert!(
+                (ours - theirs).abs() <= 1e-12 * base,
+                "{name} at step {step}: r1pipe {ours:e}, transformers {theirs:e}"
+            );
+        }
+    }
+}

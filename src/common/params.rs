@@ -92,8 +92,12 @@ pub fn with_defaults<P: Default + Serialize + DeserializeOwned>(value: &Value) -
         .filter(|k| !defaults.contains_key(*k))
         .map(|k| {
             let names: Vec<&str> = known.iter().map(String::as_str).collect();
-            ParamError::new(k.clone(), format!("unknown parameter `{k}`"))
-                .hint(super::diagnostic::suggest(k, &names, "keys"))
+            // A near miss is named alone: a list of eighty keys buries it.
+            let hint = match super::diagnostic::nearest(k, names.iter().copied()) {
+                Some(n) => format!("did you mean `{n}`?"),
+                None => super::diagnostic::suggest(k, &names, "keys"),
+            };
+            ParamError::new(k.clone(), format!("unknown parameter `{k}`")).hint(hint)
         })
         .collect();
     if !unknown.is_empty() {

@@ -123,6 +123,13 @@ pub trait StageKind: Send + Sync {
     fn outputs(&self) -> &'static [OutputSpec] {
         self.info().outputs
     }
+    /// Other spellings of the kind's parameters turned into its own, once, when
+    /// the pipeline is read (so checks, runs and fingerprints see one form);
+    /// what has no meaning here is an error. Default: none (the training kinds
+    /// read TRL's config names and values).
+    fn normalize(&self, _params: &mut serde_json::Map<String, Value>) -> Vec<ParamError> {
+        Vec::new()
+    }
     /// The parameters as they enter the fingerprint. Default: all of them; a kind
     /// leaves out settings that cannot change its results (timeouts, retries).
     fn fingerprint_params(&self, params: &Value) -> Value {

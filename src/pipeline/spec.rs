@@ -495,6 +495,12 @@ impl Loader {
         }
         refs.sort();
         refs.dedup();
+        // Other spellings (TRL's, for the training kinds) become the kind's own, once.
+        if let Value::Object(m) = &mut params {
+            for e in kind.normalize(m) {
+                self.param_error(name, &kind_name, &base, &e, preset_file.as_ref());
+            }
+        }
 
         let mut needs = Vec::new();
         match get("needs") {

@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 use super::reward_param::reward_set;
 use super::rollout_param;
 use super::training::{self, open_trainable};
-use crate::common::params::{checked, with_defaults};
+use super::trl_compat::{self, Trainer};
+use crate::common::params::{checked, known_keys, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, PromptRow};
 use crate::model::ChatTokenizer;
@@ -53,6 +54,9 @@ impl StageKind for Grpo {
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
+    }
+    fn normalize(&self, params: &mut serde_json::Map<String, Value>) -> Vec<ParamError> {
+        trl_compat::normalize(params, Trainer::Grpo, &known_keys::<Params>())
     }
     fn fingerprint_params(&self, params: &Value) -> Value {
         rollout_param::fingerprint_params(params, "rollout")
@@ -123,6 +127,7 @@ impl StageKind for Grpo {
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: Params = ctx.params_with_defaults()?;
+        training::apply_stage_settings(ctx, &p.grpo.training);
         let (rewards, _) = reward_set(&p.rewards, &ctx.project).map_err(|e| {
             anyhow::anyhow!("rewards: {}", e.iter().map(|x| x.to_string()).collect::<Vec<_>>().join("; "))
         })?;

@@ -13,6 +13,7 @@ pub mod sft;
 #[cfg(feature = "test-kinds")]
 pub mod testing;
 pub mod training;
+pub mod trl_compat;
 
 use crate::model::device;
 use crate::pipeline::{Devices, Registry};

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::training::{self, open_trainable};
-use crate::common::params::{checked, with_defaults};
+use super::trl_compat::{self, Trainer};
+use crate::common::params::{checked, known_keys, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, rows::sft_messages};
 use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
@@ -36,6 +37,9 @@ impl StageKind for Sft {
             outputs: training::OUTPUTS,
         }
     }
+    fn normalize(&self, params: &mut serde_json::Map<String, Value>) -> Vec<ParamError> {
+        trl_compat::normalize(params, Trainer::Sft, &known_keys::<Params>())
+    }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(params)
     }
@@ -58,13 +62,14 @@ impl StageKind for Sft {
 
     fn run(&self, ctx: &mut StageContext) -> Result<()> {
         let p: Params = ctx.params_with_defaults()?;
+        training::apply_stage_settings(ctx, &p.sft.training);
         let mut loaded = open_trainable(ctx, &p.model, p.sft.training.lora.as_ref())?;
         let path = training::data_path(&p.train, &ctx.project);
         let mut examples = Vec::new();
         for (line, row) in jsonl::read::<Value>(&path)? {
             let messages = sft_messages(&row).map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?;
             examples.push(
-                sft::tokenize(&loaded.tokenizer, &messages, p.sft.max_seq_length)
+                sft::tokenize(&loaded.tokenizer, &messages, p.sft.max_length)
                     .map_err(|e| anyhow::anyhow!("{}:{line}: {e}", path.display()))?,
             );
         }
@@ -74,10 +79,10 @@ impl StageKind for Sft {
         let truncated = examples.iter().filter(|e| e.truncated).count();
         if truncated > 0 {
             eprintln!(
-                "{}: {truncated} of {} examples were longer than max_seq_length = {} and were truncated",
+                "{}: {truncated} of {} examples were longer than max_length = {} and were truncated",
                 ctx.stage,
                 examples.len(),
-                p.sft.max_seq_length
+                p.sft.max_length
             );
         }
         let pad = loaded.tokenizer.pad_id;

@@ -72,6 +72,14 @@ pub fn data_path(train: &str, project: &Project) -> PathBuf {
     project.local_path(train).unwrap_or_else(|| train.into())
 }
 
+/// A stage's own `bf16:` and `seed:` (TRL's names) over the pipeline's `dtype:` and `seed:`.
+pub fn apply_stage_settings(ctx: &mut StageContext, cfg: &TrainingConfig) {
+    ctx.env.dtype = cfg.dtype(&ctx.env.dtype).to_string();
+    if let Some(seed) = cfg.seed {
+        ctx.env.seed = seed;
+    }
+}
+
 /// A training stage's model, with LoRA adapters added when asked for.
 pub fn open_trainable(ctx: &StageContext, model: &str, lora: Option<&LoraConfig>) -> Result<LoadedModel> {
     let mut loaded = open_model(ctx, model)?;

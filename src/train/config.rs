@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::optim::Schedule;
+use super::schedule::{self, Schedule, ScheduleKwargs};
 use crate::common::params::batch_problem;
 use crate::common::ParamError;
 use crate::model::lora::LoraConfig;
@@ -15,9 +15,15 @@ use crate::model::lora::LoraConfig;
 pub struct TrainingConfig {
     pub learning_rate: f64,
     pub lr_scheduler_type: Schedule,
+    /// What the schedule takes beyond its name (`min_lr_rate`, `num_cycles`, …).
+    pub lr_scheduler_kwargs: ScheduleKwargs,
     pub warmup_ratio: f64,
+    /// Warmup in steps (transformers 5: a value below 1 is a fraction of the
+    /// run); replaces `warmup_ratio` when given.
+    pub warmup_steps: Option<f64>,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
+    pub adam_epsilon: f64,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub per_device_train_batch_size: usize,
@@ -34,6 +40,10 @@ pub struct TrainingConfig {
     pub gradient_checkpointing: bool,
     /// LoRA adapters instead of full fine-tuning: `{r, alpha, dropout, target_modules}`.
     pub lora: Option<LoraConfig>,
+    /// Compute in bf16 (true) or f32 (false) for this stage; unset: the pipeline's `dtype:`.
+    pub bf16: Option<bool>,
+    /// This stage's seed; unset: the pipeline's `seed:`.
+    pub seed: Option<u64>,
 }
 
 impl Default for TrainingConfig {
@@ -44,9 +54,12 @@ impl Default for TrainingConfig {
         TrainingConfig {
             learning_rate: 2e-5,
             lr_scheduler_type: Schedule::Cosine,
+            lr_scheduler_kwargs: ScheduleKwargs::default(),
             warmup_ratio: 0.1,
+            warmup_steps: None,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             per_device_train_batch_size: 8,
@@ -58,6 +71,8 @@ impl Default for TrainingConfig {
             logging_steps: 10,
             gradient_checkpointing: true,
             lora: None,
+            bf16: None,
+            seed: None,
         }
     }
 }
@@ -66,6 +81,25 @@ impl TrainingConfig {
     /// Examples (SFT) or completions (GRPO) per optimizer step.
     pub fn per_step(&self) -> usize {
         self.per_device_train_batch_size.saturating_mul(self.gradient_accumulation_steps)
+    }
+
+    /// Warmup steps of a run of `total` steps: `warmup_steps` (a fraction when
+    /// below 1, as transformers 5 reads it), else `warmup_ratio` of the run.
+    pub fn warmup(&self, total: u64) -> u64 {
+        match self.warmup_steps {
+            Some(w) if w >= 1.0 => w as u64,
+            Some(w) => (w * total as f64).ceil() as u64,
+            None => (self.warmup_ratio * total as f64).ceil() as u64,
+        }
+    }
+
+    /// The compute dtype this stage asks for (`bf16:`), over the pipeline's.
+    pub fn dtype<'a>(&self, pipeline: &'a str) -> &'a str {
+        match self.bf16 {
+            Some(true) => "bf16",
+            Some(false) => "f32",
+            None => pipeline,
+        }
     }
 
     /// Steps for `units` units of data at `per_step` per optimizer step: `max_steps`, or the epochs' worth.
@@ -104,6 +138,24 @@ impl TrainingConfig {
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             errors.push(ParamError::new("warmup_ratio", "must be in [0, 1)"));
         }
+        if let Some(w) = self.warmup_steps {
+            if !(w.is_finite() && w >= 0.0) || (w >= 1.0 && w.fract() != 0.0) {
+                errors.push(
+                    ParamError::new("warmup_steps", format!("{w} is neither a step count nor a fraction below 1"))
+                        .hint("e.g. `warmup_steps: 100`, or `warmup_steps: 0.1` for a tenth of the run"),
+                );
+            }
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            errors.push(ParamError::new("adam_epsilon", "must be a positive number"));
+        }
+        let warmup_given = self.warmup_steps.is_some_and(|w| w > 0.0) || self.warmup_ratio > 0.0;
+        errors.extend(schedule::problems(
+            self.lr_scheduler_type,
+            &self.lr_scheduler_kwargs,
+            self.learning_rate,
+            warmup_given,
+        ));
         for (k, v) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
             if !(0.0..1.0).contains(&v) {
                 errors.push(ParamError::new(k, "must be in [0, 1)"));

@@ -10,6 +10,7 @@ pub mod optim;
 pub mod plots;
 pub mod progress;
 pub mod rollout_sync;
+pub mod schedule;
 pub mod sft;
 pub mod task_eval;
 pub mod trainer;

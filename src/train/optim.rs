@@ -1,6 +1,6 @@
 //! AdamW (decoupled weight decay, bias-corrected moments, as PyTorch's) over
-//! the trainable parameters only, global-norm gradient clipping, and the
-//! learning-rate schedule (linear warmup, then cosine, linear or constant).
+//! the trainable parameters only, and global-norm gradient clipping. The
+//! learning-rate schedules are in `schedule`.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -130,28 +130,6 @@ pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Res
     Ok(norm)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Schedule {
-    Cosine,
-    Constant,
-    Linear,
-}
-
-/// Learning rate at optimizer step `step` (0-based) of `total`: linear warmup
-/// over `warmup` steps, then cosine (or linear) decay to 0, or constant.
-pub fn learning_rate(base: f64, schedule: Schedule, step: u64, warmup: u64, total: u64) -> f64 {
-    if step < warmup {
-        return base * (step + 1) as f64 / warmup as f64;
-    }
-    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-    match schedule {
-        Schedule::Constant => base,
-        Schedule::Linear => base * (1.0 - progress).max(0.0),
-        Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress.min(1.0)).cos()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,15 +166,5 @@ mod tests {
         assert!((n - 5.0).abs() < 1e-9);
         let a = g["a"].to_vec1::<f32>().unwrap()[0];
         assert!((a - 0.6).abs() < 1e-5, "{a}");
-    }
-
-    #[test]
-    fn the_schedule_warms_up_then_decays_by_cosine() {
-        assert!((learning_rate(1.0, Schedule::Cosine, 0, 10, 100) - 0.1).abs() < 1e-12);
-        assert!((learning_rate(1.0, Schedule::Cosine, 9, 10, 100) - 1.0).abs() < 1e-12);
-        assert!((learning_rate(1.0, Schedule::Cosine, 10, 10, 100) - 1.0).abs() < 1e-12);
-        assert!((learning_rate(1.0, Schedule::Cosine, 55, 10, 100) - 0.5).abs() < 1e-12);
-        assert!(learning_rate(1.0, Schedule::Cosine, 100, 10, 100).abs() < 1e-12);
-        assert_eq!(learning_rate(1.0, Schedule::Constant, 50, 10, 100), 1.0);
     }
 }

@@ -24,14 +24,14 @@ pub struct SftConfig {
     #[serde(flatten)]
     pub training: TrainingConfig,
     /// Examples longer than this many tokens are truncated (and counted).
-    pub max_seq_length: usize,
+    pub max_length: usize,
     /// Pack several examples per sequence; attention never crosses examples.
     pub packing: bool,
 }
 
 impl Default for SftConfig {
     fn default() -> Self {
-        SftConfig { training: TrainingConfig::default(), max_seq_length: 1024, packing: false }
+        SftConfig { training: TrainingConfig::default(), max_length: 1024, packing: false }
     }
 }
 
@@ -39,8 +39,8 @@ impl SftConfig {
     /// Every problem with the settings, in the YAML's field names.
     pub fn problems(&self) -> Vec<ParamError> {
         let mut errors = self.training.problems();
-        if self.max_seq_length < 2 {
-            errors.push(ParamError::new("max_seq_length", "must be at least 2 (a token and the one it predicts)"));
+        if self.max_length < 2 {
+            errors.push(ParamError::new("max_length", "must be at least 2 (a token and the one it predicts)"));
         }
         errors
     }
@@ -124,11 +124,11 @@ impl<'a> SftAlgorithm<'a> {
     /// A micro-batch as a model batch and its target mask over next-token positions.
     pub fn batch(&self, exs: &[&Example], device: &candle_core::Device) -> Result<(Batch, Tensor)> {
         let (batch, targets): (Batch, Vec<Vec<bool>>) = if self.cfg.packing {
-            // Greedy packing into rows of at most max_seq_length tokens.
+            // Greedy packing into rows of at most max_length tokens.
             let mut rows: Vec<Vec<&Example>> = Vec::new();
             let mut lens: Vec<usize> = Vec::new();
             for e in exs {
-                match lens.iter().position(|l| l + e.ids.len() <= self.cfg.max_seq_length) {
+                match lens.iter().position(|l| l + e.ids.len() <= self.cfg.max_length) {
                     Some(i) => {
                         rows[i].push(e);
                         lens[i] += e.ids.len();

@@ -21,8 +21,9 @@ use serde_json::Value;
 
 use super::checkpoint;
 use super::config::TrainingConfig;
-use super::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use super::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use super::progress::{step_line, Watch};
+use super::schedule::learning_rate;
 use crate::common::checkpoints::Checkpoints;
 use crate::common::host::SubfolderHost;
 use crate::common::{Cancelled, Host};
@@ -185,10 +186,10 @@ pub fn train<A: Algorithm>(
     model.gradient_checkpointing = hp.gradient_checkpointing;
     let mut opt = AdamW::new(
         model.trainable(),
-        AdamWConfig { beta1: hp.adam_beta1, beta2: hp.adam_beta2, eps: 1e-8, weight_decay: hp.weight_decay },
+        AdamWConfig { beta1: hp.adam_beta1, beta2: hp.adam_beta2, eps: hp.adam_epsilon, weight_decay: hp.weight_decay },
     )?;
     let total = algo.total_steps();
-    let warmup = (hp.warmup_ratio * total as f64).ceil() as u64;
+    let warmup = hp.warmup(total);
     let cps = Checkpoints::new(&host.work_dir());
     // The best evaluation's trainable weights: one checkpoint-like folder, replaced atomically.
     let best_cps = Checkpoints::new(&host.work_dir().join("best"));
@@ -253,7 +254,7 @@ pub fn train<A: Algorithm>(
                 step + 1
             );
         }
-        let lr = learning_rate(hp.learning_rate, hp.lr_scheduler_type, step, warmup, total);
+        let lr = learning_rate(hp.learning_rate, hp.lr_scheduler_type, &hp.lr_scheduler_kwargs, step, warmup, total);
         opt.step(&grads, lr)?;
         drop(grads);
         model.refresh_compute_weights()?;

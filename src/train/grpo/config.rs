@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::super::config::TrainingConfig;
 use super::super::grpo_loss::LossConfig;
 use super::super::grpo_loss::{Aggregation, IsLevel, IsMode, LossType, ScaleRewards};
-use super::super::optim::Schedule;
+use super::super::schedule::Schedule;
 use crate::common::params::batch_problem;
 use crate::common::ParamError;
 use crate::model::SamplingParams;
