@@ -46,6 +46,8 @@ pub fn pipeline_yaml(bytes: &[u8]) -> bool {
 /// A reward-set file (no program in it is started: that happens when a stage scores).
 pub fn reward_set(bytes: &[u8]) -> bool {
     let dir = Scratch::new();
+    // The program the corpus's set names must exist: a set is checked for it before anything runs.
+    dir.write("stages/rewards/examples/concise_correct.py", b"");
     let file = dir.write("set.yaml", bytes);
     RewardSet::from_file(&file, &dir.0).is_ok()
 }
@@ -134,6 +136,9 @@ impl Scratch {
 
     fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
         let path = self.0.join(name);
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
         let _ = std::fs::write(&path, bytes);
         path
     }

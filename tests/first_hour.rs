@@ -142,3 +142,21 @@ fn a_run_where_every_group_ties_says_so_and_names_the_constant_reward() {
     let r = p.run(&["run", "q.yaml"]).ok();
     assert!(!r.stderr.contains("warning: steps"), "{}", r.stderr);
 }
+
+#[test]
+fn r1pipe_alone_says_what_to_do_first_and_every_option_has_a_help_text() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_r1pipe")).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("First steps: `scripts/quickstart.sh`") && text.contains("docs/"), "{text}");
+    for command in ["convert", "show", "verify", "gc", "fetch", "presets", "run"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_r1pipe")).args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout).to_string();
+        // An option line with nothing after its name: `      --cache <DIR>` alone.
+        let bare: Vec<&str> = help
+            .lines()
+            .filter(|l| l.trim_start().starts_with("--") && !l.trim().contains("  "))
+            .filter(|l| !l.contains("--help") && !l.contains("--version"))
+            .collect();
+        assert!(bare.is_empty(), "`r1pipe {command} --help` has options without a help text: {bare:?}\n{help}");
+    }
+}

@@ -53,7 +53,8 @@ fn named_paths(text: &str) -> Vec<(usize, String)> {
                 rest = &tail[end..];
             }
         }
-        // `use super::super::x` does not occur; `super::x` stays within a module.
+        // `super::…` paths (train/grpo/config.rs uses `super::super::`) stay inside one
+        // layer's folder, so only `crate::`/`r1pipe::` paths can cross a layer.
     }
     out
 }

@@ -392,12 +392,12 @@ fn a_failing_reward_program_is_named_with_what_went_wrong() {
     let cases = [
         (
             "import sys; sys.stdin.readline(); sys.stderr.write('boom: bad state\\n'); sys.exit(3)",
-            "exit status: 3",
+            "it exited with status 3",
             Some("boom: bad state"),
         ),
         ("import sys; sys.stdin.readline(); print('{\"rewards\": [1]}', flush=True)", "1 rewards for 2 samples", None),
         ("import sys; sys.stdin.readline(); print('not json', flush=True)", "`not json`", None),
-        ("import sys, time; sys.stdin.readline(); time.sleep(30)", "did not answer within 0.5 s", None),
+        ("import sys, time; sys.stdin.readline(); time.sleep(30)", "did not answer within the time limit (0.5 s", None),
     ];
     for (i, (program, says, stderr)) in cases.iter().enumerate() {
         let set = format!("set{i}.yaml");
@@ -418,10 +418,11 @@ fn a_failing_reward_program_is_named_with_what_went_wrong() {
             assert!(r.stderr.contains(line), "its stderr is shown: {}", r.stderr);
         }
     }
-    // A program with a typo in its name is refused when it would start, naming it.
+    // A program with a typo in its name is refused when the set is read, before anything runs.
     p.write("set9.yaml", "- name: custom\n  command: [no-such-program-r1pipe]\n");
     let r = p.run(&["rewards", "--set", "set9.yaml", "c.jsonl"]);
-    assert!(r.code == 1 && r.stderr.contains("cannot start `no-such-program-r1pipe`"), "{}", r.stderr);
+    assert!(r.code != 0 && r.stderr.contains("set9.yaml:2:"), "{}", r.stderr);
+    assert!(r.stderr.contains("the program `no-such-program-r1pipe` is not on PATH nor a file"), "{}", r.stderr);
     // An entry cannot be a command and take params, or be a command and a URL.
     p.write("set10.yaml", "- name: custom\n  command: [python3]\n  url: http://localhost:1/\n");
     let r = p.run(&["rewards", "--set", "set10.yaml", "c.jsonl"]);

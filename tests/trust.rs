@@ -52,7 +52,7 @@ fn a_preset_that_is_not_yaml_is_refused_without_echoing_it() {
         );
         let r = p.run(&["run", "pipe.yaml"]);
         assert_eq!(r.code, 2, "{target}: {}", r.stderr);
-        assert!(r.stderr.contains("a preset is a YAML file"), "{target}: {}", r.stderr);
+        assert!(r.stderr.contains("a preset is a built-in name or a YAML file"), "{target}: {}", r.stderr);
         assert!(!r.stderr.contains("hash-of-a-password"), "the content is not echoed: {}", r.stderr);
     }
     // A file with the right name but the wrong size is refused after a bounded read.

@@ -50,7 +50,7 @@ fn unknown_parameter_names_the_line_and_the_nearest_key() {
 fn mistyped_parameter_says_what_was_expected() {
     let e = invalid("stages:\n  a:\n    kind: test.counter\n    with:\n      steps: many\n");
     assert!(e.contains("pipe.yaml:5:"), "{e}");
-    assert!(e.contains("parameter `steps`: invalid type: string \"many\", expected u64"), "{e}");
+    assert!(e.contains("parameter `steps`: expected a whole number ≥ 0 (e.g. 100), not \"many\""), "{e}");
 }
 
 #[test]

@@ -18,7 +18,12 @@ use r1pipe::pipeline::spec::Override;
 #[command(
     name = "r1pipe",
     version,
-    about = "The DeepSeek-R1 recipe (GRPO, SFT, evaluation, inference) as one cached, resumable pipeline"
+    about = "The DeepSeek-R1 recipe (GRPO, SFT, evaluation, inference) as one cached, resumable pipeline",
+    arg_required_else_help = true,
+    after_help = "First steps: `scripts/quickstart.sh` in a clone of r1pipe builds it and runs \
+pipelines/quickstart.yaml (about ten minutes on a CPU); `r1pipe run P.yaml --dry-run` shows what a \
+pipeline would do; `r1pipe presets` lists the built-in presets and reward sets.\n\
+Manual: README.md and docs/ (pipelines.md: pipeline files and every command; stages.md: every parameter)."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -99,7 +104,7 @@ pub enum Command {
     },
     /// The path of a finished artifact, for scripts: $(r1pipe show sft.model)
     Show {
-        /// STAGE.OUTPUT
+        /// STAGE.OUTPUT, e.g. sft.model
         target: String,
         /// Resolve against this pipeline's current fingerprints (else: the newest record of that stage)
         #[arg(short, long)]
@@ -107,6 +112,7 @@ pub enum Command {
         /// The overrides the run was made with: -S grpo.learning_rate=1e-6 (repeatable; needs --pipeline)
         #[arg(short = 'S', long = "set", value_name = "STAGE.KEY=VALUE", requires = "pipeline")]
         set: Vec<Override>,
+        /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },
@@ -114,6 +120,7 @@ pub enum Command {
     Verify {
         /// Only this pipeline's records
         pipeline: Option<PathBuf>,
+        /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },
@@ -122,6 +129,7 @@ pub enum Command {
         /// Keep only the current results of these pipelines (drop older records)
         #[arg(value_name = "PIPELINE")]
         keep: Vec<PathBuf>,
+        /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
         /// Also remove interrupted stages' checkpoints
@@ -148,6 +156,7 @@ pub enum Command {
     },
     /// Write a model (a .gguf, a folder, a hub id) as a Hugging Face folder (f32 safetensors, config, tokenizer)
     Convert {
+        /// The model to convert: a .gguf, a model folder or a hub id
         #[arg(long, required_unless_present = "config")]
         model: Option<String>,
         /// Instead of --model: random weights of this config.json's shape …
@@ -156,6 +165,7 @@ pub enum Command {
         /// … with the tokenizer files of this model folder
         #[arg(long)]
         tokenizer: Option<PathBuf>,
+        /// The folder to write
         #[arg(long)]
         out: PathBuf,
     },
@@ -174,6 +184,7 @@ pub enum Command {
         /// Open index.html with xdg-open
         #[arg(long)]
         open: bool,
+        /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },
@@ -214,6 +225,7 @@ pub enum MetricsCommand {
         /// Every stage's numeric metrics, not only evaluations
         #[arg(long)]
         all: bool,
+        /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },

@@ -22,19 +22,44 @@ pub fn sync_path(dir: &Path) {
     }
 }
 
-/// All files and folders under `dir`, recursively, in sorted order.
+/// All files, folders and symbolic links under `dir`, recursively, in sorted
+/// order. A symbolic link is listed, never followed: whatever a caller does to
+/// the entries (chmod, remove, hash) stays inside `dir`, even when someone
+/// planted a link to a folder elsewhere.
 pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    walk_inner(dir, false)
+}
+
+/// [`walk`], descending into linked folders too: for reading a user's input
+/// folder (a model in the hub cache is links into its blobs), never for
+/// changing or removing anything.
+pub fn walk_following_links(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    walk_inner(dir, true)
+}
+
+fn walk_inner(dir: &Path, follow: bool) -> std::io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut entries: Vec<_> = fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
     entries.sort();
     for p in entries {
-        let is_dir = p.is_dir();
+        let is_dir = if follow { p.is_dir() } else { fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) };
         out.push(p.clone());
         if is_dir {
-            out.extend(walk(&p)?);
+            out.extend(walk_inner(&p, follow)?);
         }
     }
     Ok(out)
+}
+
+/// The symbolic links under `dir` (or `dir` itself, if it is one).
+pub fn symlinks_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if fs::symlink_metadata(dir)?.file_type().is_symlink() {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    Ok(walk(dir)?.into_iter().filter(|p| fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink())).collect())
 }
 
 /// A text file a user names (pipeline, preset, reward set), read whole but

@@ -14,6 +14,8 @@ pub mod host;
 pub mod memory;
 pub mod names;
 pub mod params;
+pub mod redact;
+pub mod supervised;
 pub mod table;
 pub mod yaml_pos;
 

@@ -100,46 +100,97 @@ pub fn with_defaults<P: Default + Serialize + DeserializeOwned>(value: &Value) -
             ParamError::new(k.clone(), format!("unknown parameter `{k}`")).hint(hint)
         })
         .collect();
-    if !unknown.is_empty() {
-        return Err(unknown);
-    }
+    // Every problem in one pass: the known keys are typed even when some are unknown.
+    let given: serde_json::Map<String, Value> = given.into_iter().filter(|(k, _)| defaults.contains_key(k)).collect();
     let mut merged = defaults.clone();
     merged.extend(given.clone());
-    typed(&Value::Object(merged)).map_err(|first| {
+    let typed_result = typed(&Value::Object(merged)).map_err(|first| {
         // serde stops at the first wrong value, and inside a flattened part names no
         // key: type each given value alone over the defaults to name every wrong one.
         let mut errors: Vec<ParamError> = given
             .into_iter()
             .filter_map(|(k, v)| {
                 let mut one = defaults.clone();
-                one.insert(k.clone(), v);
-                typed::<P>(&Value::Object(one)).err().map(|mut e| {
-                    if e.path.is_empty() {
-                        e.path = k;
-                    }
-                    e
-                })
+                one.insert(k.clone(), v.clone());
+                typed_naming::<P>(&Value::Object(one), Some((&k, &v))).err()
             })
             .collect();
         if errors.is_empty() {
             errors.push(first);
         }
         errors
-    })
+    });
+    match typed_result {
+        Ok(p) if unknown.is_empty() => Ok(p),
+        Ok(_) => Err(unknown),
+        Err(mut errors) => {
+            let mut all = unknown;
+            all.append(&mut errors);
+            Err(all)
+        }
+    }
 }
 
 /// Deserialize `value` into `P` (which should be `#[serde(deny_unknown_fields)]`),
 /// turning serde's message into one that says which key is wrong and what it may have meant.
 pub fn typed<P: DeserializeOwned>(value: &Value) -> Result<P, ParamError> {
+    typed_naming::<P>(value, None)
+}
+
+/// [`typed`], where an error serde places at no path (inside a flattened part)
+/// is `key`'s, whose value is `given`.
+fn typed_naming<P: DeserializeOwned>(value: &Value, key: Option<(&str, &Value)>) -> Result<P, ParamError> {
     serde_path_to_error::deserialize(value).map_err(|err| {
         let path = err.path().to_string();
         let path = if path == "." { String::new() } else { path };
         let inner = err.into_inner().to_string();
-        explain_serde_error(&path, &inner)
+        match (path.is_empty(), key) {
+            (true, Some((k, v))) => explain_serde_error(k, &inner, Some(v)),
+            (true, None) => explain_serde_error(&path, &inner, None),
+            (false, _) => explain_serde_error(&path, &inner, lookup(value, &path)),
+        }
     })
 }
 
-fn explain_serde_error(path: &str, msg: &str) -> ParamError {
+/// What a serde type name means to someone writing YAML, with an example.
+fn expected_in_words(serde_name: &str) -> String {
+    match serde_name.trim() {
+        "f64" | "f32" => "a number (e.g. 3.0e-6)".into(),
+        "u64" | "u32" | "u16" | "u8" | "usize" => "a whole number ≥ 0 (e.g. 100)".into(),
+        "i64" | "i32" | "isize" => "a whole number (e.g. -1)".into(),
+        "a boolean" => "true or false".into(),
+        "a string" => "text (quote it if it looks like a number)".into(),
+        "a sequence" => "a list (e.g. [a, b])".into(),
+        "a map" => "a mapping of keys (e.g. {key: value})".into(),
+        s if s.starts_with("struct ") => "a mapping of keys (e.g. {key: value})".into(),
+        s if s.starts_with("a ") || s.starts_with("an ") || s.starts_with("one of") => s.into(),
+        other => other.into(),
+    }
+}
+
+/// A value as the user wrote it, short.
+fn given_text(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => format!("\"{s}\""),
+        other => other.to_string(),
+    };
+    if s.chars().count() > 60 {
+        format!("{}…", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
+}
+
+fn explain_serde_error(path: &str, msg: &str, given: Option<&Value>) -> ParamError {
+    // `invalid type: string "abc", expected f64`: say what the key takes, in words.
+    for prefix in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = msg.strip_prefix(prefix) {
+            if let Some((_, want)) = rest.rsplit_once(", expected ") {
+                let got = given.map(given_text).unwrap_or_else(|| rest.split(", expected").next().unwrap_or("").into());
+                return ParamError::new(path, format!("expected {}, not {got}", expected_in_words(want)));
+            }
+        }
+    }
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         let (field, tail) = rest.split_once('`').unwrap_or((rest, ""));
         let valid = backticked(tail.split_once("expected").map(|(_, t)| t).unwrap_or(""));
@@ -166,7 +217,11 @@ fn explain_serde_error(path: &str, msg: &str) -> ParamError {
         };
         return ParamError::new(path, format!("unknown value `{variant}`")).hint(hint);
     }
-    ParamError::new(path, msg.to_string())
+    // A type's own `expecting` (an untagged enum's forms, written "a …"): say what was given.
+    match given {
+        Some(v) if msg.starts_with("a ") => ParamError::new(path, format!("expected {msg}, not {}", given_text(v))),
+        _ => ParamError::new(path, msg.to_string()),
+    }
 }
 
 fn join_path(path: &str, field: &str) -> String {
@@ -283,7 +338,8 @@ mod tests {
     fn type_errors_name_the_key() {
         let e = typed::<P>(&serde_json::json!({"learning_rate": "fast"})).unwrap_err();
         assert_eq!(e.path, "learning_rate");
-        assert!(e.message.contains("invalid type: string \"fast\", expected f64"), "{}", e.message);
+        // In words, with the value as given, not serde's `invalid type: string "fast", expected f64`.
+        assert_eq!(e.message, "expected a number (e.g. 3.0e-6), not \"fast\"");
     }
 
     #[derive(Deserialize, Serialize, Debug, PartialEq)]

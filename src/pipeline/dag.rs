@@ -131,7 +131,10 @@ impl Dag {
         for name in self.order(p) {
             let s = p.stage(&name).expect("ordered names come from the pipeline");
             let ups = s.upstream();
-            let outs: Vec<&str> = s.kind.outputs().iter().map(|o| o.name).collect();
+            // Only what this stage writes with its parameters (no `adapter` without LoRA).
+            let absent = s.kind.absent_outputs(&s.params);
+            let outs: Vec<&str> =
+                s.kind.outputs().iter().map(|o| o.name).filter(|n| !absent.iter().any(|(a, _)| a == n)).collect();
             out.push_str(&format!("{name} ({})  → {}\n", s.kind.name(), outs.join(", ")));
             for (i, r) in s.refs.iter().enumerate() {
                 let last = i + 1 == s.refs.len() && s.needs.is_empty();

@@ -123,6 +123,9 @@ pub trait StageKind: Send + Sync {
     fn outputs(&self) -> &'static [OutputSpec] {
         self.info().outputs
     }
+    /// Every parameter the kind takes, with its default (`null`: none, or
+    /// required): what docs/stages.md lists (tests/docs.rs keeps the two equal).
+    fn parameters(&self) -> Value;
     /// Other spellings of the kind's parameters turned into its own, once, when
     /// the pipeline is read (so checks, runs and fingerprints see one form);
     /// what has no meaning here is an error. Default: none (the training kinds

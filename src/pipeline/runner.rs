@@ -172,6 +172,7 @@ impl<'a> Runner<'a> {
         };
         let fingerprint = inputs.fingerprint();
         let record = self.cache.record(&db, &fingerprint)?;
+        let had_record = record.is_some();
         let mut reasons = Vec::new();
         match record {
             Some(_) if forced => reasons.push("forced".into()),
@@ -185,17 +186,38 @@ impl<'a> Runner<'a> {
                     reasons.push(format!("its cached output `{name}` is damaged: {problem}; remaking it"));
                 }
             }
-            None => match self.cache.latest(&db, &self.pipeline.name, &stage.name)? {
-                None => reasons.push("never run".into()),
-                Some(old) => {
-                    if forced {
-                        reasons.push("forced".into());
-                    }
-                    reasons.extend(inputs.diff(&old.inputs));
+            None => {
+                if forced {
+                    reasons.push("forced".into());
                 }
-            },
+                match self.cache.nearest(&db, &self.pipeline.name, &stage.name, &inputs)? {
+                    // Said against the closest cached variant, not the newest run of the stage.
+                    Some(old) => reasons.extend(inputs.diff(&old.inputs)),
+                    None if !forced => reasons.push("never run".into()),
+                    None => {}
+                }
+            }
         }
         let resume_step = Checkpoints::new(&self.cache.work_dir(&fingerprint)).latest().map(|(s, _)| s);
+        match (resume_step, had_record, forced) {
+            (Some(step), false, false) => {
+                // Not "never run": an earlier run of exactly this stage stopped at a checkpoint.
+                reasons.retain(|r| r != "never run");
+                reasons.insert(0, format!("interrupted earlier; its checkpoint at step {step} is resumed"));
+            }
+            (Some(step), _, true) => {
+                // A forced run that was interrupted is continued by forcing again: say so, and how to start over.
+                reasons.retain(|r| r != "forced");
+                reasons.insert(
+                    0,
+                    format!(
+                        "forced; continuing the forced run interrupted at step {step} (to start over, remove {})",
+                        self.cache.work_dir(&fingerprint).display()
+                    ),
+                );
+            }
+            _ => {}
+        }
         Ok(Decision::Run { fingerprint, inputs: Box::new(inputs), reasons, resume_step })
     }
 
@@ -712,7 +734,7 @@ impl<'a> Runner<'a> {
         self.cache.put_record(&db, &record)?;
         drop(db);
         // The record is durable; the work folder (checkpoints) has served its purpose.
-        let _ = fs::remove_dir_all(&work_dir);
+        let _ = remove_path(&work_dir);
         Ok(record)
     }
 }

@@ -70,7 +70,8 @@ impl Default for SlurmConfig {
     }
 }
 
-/// A stage's `resources:` (what its Slurm job asks for; ignored when stages run locally).
+/// A stage's `resources:`: what its Slurm job asks for; locally, `gpus` is what
+/// the GPU pool of `run --jobs` gives it (the rest applies to Slurm only).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {

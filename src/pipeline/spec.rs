@@ -113,8 +113,14 @@ pub fn load(file: &Path, overrides: &[Override], registry: &Registry) -> Result<
             .with_hint("check the path; pipelines usually live in pipelines/")
     })?;
     let project = Project::of_file(file);
-    Loader { file: file.to_path_buf(), positions: Positions::parse(&text), diags: Diagnostics::default(), project }
-        .load(&text, overrides, registry)
+    Loader {
+        file: file.to_path_buf(),
+        positions: Positions::parse(&text),
+        diags: Diagnostics::default(),
+        project,
+        stage_overrides: Vec::new(),
+    }
+    .load(&text, overrides, registry)
 }
 
 struct Loader {
@@ -122,6 +128,9 @@ struct Loader {
     positions: Positions,
     diags: Diagnostics,
     project: Project,
+    /// The `-S` overrides of the stage being read: (key under `with`, as typed), so
+    /// that a bad value set on the command line is reported as coming from there.
+    stage_overrides: Vec<(String, String)>,
 }
 
 impl Loader {
@@ -479,6 +488,7 @@ impl Loader {
                 None,
             ),
         }
+        self.stage_overrides = overrides.iter().map(|o| (o.path.join("."), o.text.clone())).collect();
         for o in overrides {
             match yaml_to_json(&o.value, "") {
                 Ok(v) => set_path(&mut params, &o.path, v),
@@ -576,6 +586,18 @@ impl Loader {
     ) {
         let full = if e.path.is_empty() { format!("{base}.with") } else { format!("{base}.with.{}", e.path) };
         let msg = format!("stage `{stage}` ({kind}): {e}");
+        let from_command_line = self
+            .stage_overrides
+            .iter()
+            .find(|(key, _)| !e.path.is_empty() && (e.path == *key || e.path.starts_with(&format!("{key}."))));
+        if let Some((_, text)) = from_command_line {
+            let text = text.clone();
+            self.diags.push(
+                Diagnostic::new(&self.file, None, format!("command line `-S {text}`: {msg}"))
+                    .with_optional_hint(e.hint.clone()),
+            );
+            return;
+        }
         let in_preset = preset
             .filter(|_| self.positions.exact(&full).is_none())
             .and_then(|(file, pos)| Some((file, pos.exact(&e.path)?)));

@@ -38,6 +38,20 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
         };
         rows.push(match decision {
             None => row("never run", "no cache yet".into(), "", String::new(), String::new()),
+            // Cached, and being made again right now (`run --force`).
+            Some(Decision::Cached { record })
+                if running.is_some() && runner.cache.work_dir(&record.fingerprint).join("stage.json").exists() =>
+            {
+                let who = running.as_deref().unwrap_or_default();
+                let who = who.split(" (started").next().unwrap_or(who);
+                row(
+                    "running",
+                    format!("forced rerun of a cached result: {who}"),
+                    &record.fingerprint,
+                    String::new(),
+                    String::new(),
+                )
+            }
             Some(Decision::Cached { record }) => row(
                 "cached",
                 String::new(),

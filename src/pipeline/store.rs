@@ -269,6 +269,24 @@ impl Cache {
         }
     }
 
+    /// The cached record of a stage named `stage` (of the same kind) closest to
+    /// `inputs`: the fewest differences, this pipeline's records before other
+    /// pipelines', then the newest. What "why does this run" is said against: the
+    /// newest record alone may be another `-S` variant, and tell the wrong story.
+    pub fn nearest(
+        &self,
+        db: &sled::Db,
+        pipeline: &str,
+        stage: &str,
+        inputs: &FingerprintInputs,
+    ) -> Result<Option<StageRecord>> {
+        let candidates = self.all_records(db)?.into_iter().filter(|r| r.stage == stage && r.inputs.kind == inputs.kind);
+        // Fewest differences, then this pipeline's, then the newest.
+        Ok(candidates.min_by_key(|r| {
+            (inputs.diff(&r.inputs).len(), r.pipeline != pipeline, std::cmp::Reverse(r.finished_at))
+        }))
+    }
+
     pub fn all_records(&self, db: &sled::Db) -> Result<Vec<StageRecord>> {
         let tree = db.open_tree(RECORDS)?;
         tree.iter().values().map(|v| Ok(serde_json::from_slice(&v?)?)).collect()
@@ -367,8 +385,18 @@ impl Cache {
     /// `Check::Full` re-reads every byte.
     pub fn object_damage(&self, db: &sled::Db, oref: &ObjectRef, check: Check) -> Result<Option<String>> {
         let path = self.object_path(oref);
-        if !path.exists() {
+        if fs::symlink_metadata(&path).is_err() {
             return Ok(Some(format!("{} is missing", path.display())));
+        }
+        // r1pipe stores copies, never links: a link inside an object was put there by
+        // someone else and may point anywhere; such an object is never served.
+        let links = crate::common::fsutil::symlinks_in(&self.objects_dir().join(&oref.hash))?;
+        if let Some(link) = links.first() {
+            return Ok(Some(format!(
+                "{} holds a symbolic link ({}); a stored artifact never does",
+                path.display(),
+                link.display()
+            )));
         }
         let content = match check {
             Check::Cheap => self.hash_path(db, &path),
@@ -543,7 +571,9 @@ fn content_hash(path: &Path, file_hash: &mut dyn FnMut(&Path) -> Result<String>)
     }
     let mut h = blake3::Hasher::new();
     h.update(b"dir\0");
-    for p in walk(path)? {
+    // Inputs may be folders of links (a model in the hub cache); stored objects never
+    // hold one (`object_damage` says so before their content is trusted).
+    for p in crate::common::fsutil::walk_following_links(path)? {
         if p.is_file() {
             let rel = p.strip_prefix(path).expect("walk stays under its root");
             h.update(rel.to_string_lossy().as_bytes());
@@ -615,13 +645,17 @@ fn latest_key(pipeline: &str, stage: &str) -> Vec<u8> {
     format!("{pipeline}\0{stage}").into_bytes()
 }
 
+/// Remove a file, a folder (a stored artifact's read-only folders included) or a
+/// link. A symbolic link is removed itself, never followed: nothing outside `p`
+/// is changed, whatever links someone planted under it.
 pub fn remove_path(p: &Path) -> Result<()> {
-    if p.is_dir() {
+    let Ok(meta) = fs::symlink_metadata(p) else { return Ok(()) };
+    if meta.is_dir() {
         // Stored artifacts are read-only folders: make them writable to empty them.
         make_writable(p)?;
-        fs::remove_dir_all(p)?;
-    } else if p.exists() {
-        fs::remove_file(p)?;
+        fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
+    } else {
+        fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
     }
     Ok(())
 }

@@ -4,22 +4,20 @@
 //! "completion_tokens"}, …]}` and answer `{"rewards": [number or null, …]}`,
 //! one value per sample in order (null: the reward does not apply there).
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::functions::{RewardFn, Sample};
+use crate::common::supervised::{Limits, Supervised};
 
-/// How many of a program's last stderr lines an error shows.
-const STDERR_TAIL: usize = 20;
+/// The longest `timeout_s` a program or server may be given (a day): beyond it a
+/// duration is refused where the set is read rather than overflowing later.
+pub const MAX_TIMEOUT_S: f64 = 86_400.0;
 
 fn request(samples: &[Sample]) -> Value {
     let samples: Vec<Value> = samples
@@ -56,30 +54,18 @@ fn parse_reply(line: &str, expected: usize) -> Result<Vec<Option<f32>>> {
         .collect()
 }
 
-/// A running reward program and the threads that read its output.
-struct Running {
-    child: Child,
-    stdin: ChildStdin,
-    lines: Receiver<std::io::Result<String>>,
-    stderr: Arc<Mutex<VecDeque<String>>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A reward computed by a program started once per stage run (on its first
-/// batch, so checking a pipeline starts nothing) and fed one JSON line per batch.
+/// batch, so checking a pipeline starts nothing) and fed one JSON line per
+/// batch, under the supervisor every program r1pipe starts runs under
+/// (`common::supervised`: its own process group, a deadline over writing and
+/// reading, capped output, killed whole when the stage ends).
 pub struct CommandReward {
     /// The program and its arguments, as written.
     pub command: Vec<String>,
     /// The folder it runs in (the project root), where relative paths resolve.
     pub dir: PathBuf,
     pub timeout: Duration,
-    running: Mutex<Option<Running>>,
+    running: Mutex<Option<Supervised>>,
 }
 
 impl CommandReward {
@@ -87,84 +73,14 @@ impl CommandReward {
         CommandReward {
             command,
             dir: dir.to_path_buf(),
-            timeout: Duration::from_secs_f64(timeout_s),
+            // Checked finite, positive and at most MAX_TIMEOUT_S where the set is read.
+            timeout: Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::from_secs_f64(MAX_TIMEOUT_S)),
             running: Mutex::new(None),
         }
     }
 
     fn shown(&self) -> String {
         self.command.join(" ")
-    }
-
-    fn start(&self) -> Result<Running> {
-        let (program, args) = self.command.split_first().ok_or_else(|| anyhow!("the command is empty"))?;
-        let mut child = Command::new(program)
-            .args(args)
-            .current_dir(&self.dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("cannot start `{program}` in {}", self.dir.display()))?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            bail!("the program's standard streams could not be opened");
-        };
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let end = line.is_err();
-                if tx.send(line).is_err() || end {
-                    break;
-                }
-            }
-        });
-        let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let sink = tail.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                let Ok(mut t) = sink.lock() else { break };
-                if t.len() == STDERR_TAIL {
-                    t.pop_front();
-                }
-                t.push_back(line);
-            }
-        });
-        Ok(Running { child, stdin, lines, stderr: tail })
-    }
-
-    fn exchange(&self, running: &mut Running, samples: &[Sample]) -> Result<Vec<Option<f32>>> {
-        let mut line = serde_json::to_string(&request(samples))?;
-        line.push('\n');
-        running
-            .stdin
-            .write_all(line.as_bytes())
-            .and_then(|_| running.stdin.flush())
-            .map_err(|e| anyhow!("writing the batch to it failed ({e}): {}", exit_status(&mut running.child)))?;
-        match running.lines.recv_timeout(self.timeout) {
-            Ok(Ok(reply)) => parse_reply(&reply, samples.len()),
-            Ok(Err(e)) => bail!("reading its reply failed: {e}"),
-            Err(RecvTimeoutError::Timeout) => {
-                bail!("it did not answer within {:.1} s (`timeout_s` raises the limit)", self.timeout.as_secs_f64())
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                // The reader thread saw the end of stdout: the exit usually follows at once.
-                bail!("it closed its output without answering: {}", exit_status(&mut running.child))
-            }
-        }
-    }
-}
-
-/// How the program ended, waiting up to 2 s for it to end.
-fn exit_status(child: &mut Child) -> String {
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return format!("it {s}"),
-            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => return "it is still running".into(),
-            Err(e) => return format!("its state is unknown ({e})"),
-        }
     }
 }
 
@@ -178,16 +94,22 @@ impl RewardFn for CommandReward {
     fn score_batch(&self, samples: &[Sample]) -> Result<Vec<Option<f32>>> {
         let mut guard = self.running.lock().map_err(|_| anyhow!("the reward program's lock was poisoned"))?;
         if guard.is_none() {
-            *guard = Some(self.start().with_context(|| format!("reward program `{}`", self.shown()))?);
+            let started = Supervised::spawn(&self.command, &self.dir, Limits::default())
+                .with_context(|| format!("reward program `{}`", self.shown()))?;
+            *guard = Some(started);
         }
         let Some(running) = guard.as_mut() else { bail!("the reward program is not running") };
-        match self.exchange(running, samples) {
+        let line = serde_json::to_string(&request(samples))?;
+        let hint = format!("{:.1} s; `timeout_s` raises it", self.timeout.as_secs_f64());
+        let reply = running
+            .exchange(&line, Instant::now() + self.timeout, &hint)
+            .and_then(|reply| parse_reply(&reply, samples.len()));
+        match reply {
             Ok(v) => Ok(v),
             Err(e) => {
-                // A program that failed once is not trusted with the next batch: stop it, and
-                // show what it said on stderr.
-                let stderr: Vec<String> =
-                    running.stderr.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+                // A program that failed once is not trusted with the next batch: stop it
+                // (its whole process group), and show what it said on stderr.
+                let stderr = running.stop();
                 *guard = None;
                 let tail = if stderr.is_empty() {
                     " (nothing on stderr)".to_string()
@@ -207,32 +129,51 @@ impl RewardFn for CommandReward {
 /// A reward computed by an HTTP endpoint: the batch POSTed as JSON.
 pub struct UrlReward {
     pub url: String,
+    /// The environment variable whose value is sent as a bearer token.
+    pub api_key_env: Option<String>,
     agent: ureq::Agent,
 }
 
 impl UrlReward {
-    pub fn new(url: String, timeout_s: f64) -> UrlReward {
+    pub fn new(url: String, timeout_s: f64, api_key_env: Option<String>) -> UrlReward {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(10))
-            .timeout(Duration::from_secs_f64(timeout_s))
+            .timeout(Duration::try_from_secs_f64(timeout_s).unwrap_or(Duration::from_secs_f64(MAX_TIMEOUT_S)))
             .build();
-        UrlReward { url, agent }
+        UrlReward { url, api_key_env, agent }
+    }
+
+    /// The URL as errors show it: any credentials in it replaced.
+    fn shown(&self) -> String {
+        crate::common::redact::url(&self.url)
     }
 }
 
 impl RewardFn for UrlReward {
     fn score_batch(&self, samples: &[Sample]) -> Result<Vec<Option<f32>>> {
-        let reply = match self.agent.post(&self.url).send_json(request(samples)) {
-            Ok(r) => {
-                r.into_string().map_err(|e| anyhow!("reward server {}: reading its reply failed: {e}", self.url))?
-            }
-            // The body of an error reply is not shown: a server may echo the request's headers.
-            Err(ureq::Error::Status(code, r)) => {
-                bail!("reward server {} answered HTTP {code} {}", self.url, r.status_text())
-            }
-            Err(ureq::Error::Transport(t)) => bail!("reward server {}: {t}", self.url),
+        let mut req = self.agent.post(&self.url);
+        if let Some(var) = &self.api_key_env {
+            let token = std::env::var(var).map_err(|_| {
+                anyhow!("reward server {}: the environment variable {var} (api_key_env) is not set", self.shown())
+            })?;
+            req = req.set("Authorization", &format!("Bearer {token}"));
+        }
+        let reply = match req.send_json(request(samples)) {
+            Ok(r) => r
+                .into_string()
+                .map_err(|e| anyhow!("reward server {}: reading its reply failed: {}", self.shown(), e.kind()))?,
+            // Named by its status only: neither the body nor the reason phrase is shown (a server
+            // may echo the request's headers, the token among them).
+            Err(ureq::Error::Status(code, _)) => bail!("reward server {} answered HTTP {code}", self.shown()),
+            // The transport error's own text repeats the URL: its kind and cause are enough.
+            Err(ureq::Error::Transport(t)) => bail!(
+                "reward server {}: {}{}",
+                self.shown(),
+                t.kind(),
+                t.message().map(|m| format!(" ({m})")).unwrap_or_default()
+            ),
         };
-        parse_reply(&reply, samples.len()).map_err(|e| anyhow!("reward server {}: {e}", self.url))
+        parse_reply(&reply, samples.len()).map_err(|e| anyhow!("reward server {}: {e}", self.shown()))
     }
 
     fn range(&self) -> (f32, f32) {

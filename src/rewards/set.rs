@@ -7,7 +7,7 @@ use anyhow::Context;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::external::{CommandReward, UrlReward};
+use super::external::{CommandReward, UrlReward, MAX_TIMEOUT_S};
 use super::functions::{lookup, RewardFn, Sample, CATALOG};
 use crate::common::builtin::{self, BuiltinKind};
 use crate::common::diagnostic::{suggest, Diagnostic, Diagnostics};
@@ -29,6 +29,9 @@ struct TermSpec {
     url: Option<String>,
     /// Only for a `command` or `url` entry (a built-in runs in the process).
     timeout_s: Option<f64>,
+    /// Only for a `url` entry: the environment variable holding a token, sent as
+    /// `Authorization: Bearer …` (a secret never sits in the pipeline file).
+    api_key_env: Option<String>,
 }
 
 fn one() -> f32 {
@@ -52,8 +55,11 @@ impl TermSpec {
                 return Err(ParamError::new("params", format!("a `{field}` reward takes no `params`"))
                     .hint("pass what the program needs as arguments, or in the samples it reads"));
             }
-            if !(self.timeout().is_finite() && self.timeout() > 0.0) {
-                return Err(ParamError::new("timeout_s", "must be a positive number of seconds"));
+            if !(self.timeout().is_finite() && self.timeout() > 0.0 && self.timeout() <= MAX_TIMEOUT_S) {
+                return Err(ParamError::new(
+                    "timeout_s",
+                    format!("{} is not a number of seconds between 0 and {MAX_TIMEOUT_S} (a day)", self.timeout()),
+                ));
             }
             Ok(())
         };
@@ -70,16 +76,52 @@ impl TermSpec {
                     return Err(ParamError::new("command", "the command is empty")
                         .hint("a list: [program, args…], e.g. [python3, stages/rewards/examples/length.py]"));
                 }
+                command_problem(c, root)?;
                 Ok(Box::new(CommandReward::new(c.clone(), root, self.timeout())) as Box<dyn RewardFn>)
             })),
             (None, Some(u)) => Some(checked("url").and_then(|_| {
                 if !(u.starts_with("http://") || u.starts_with("https://")) {
                     return Err(ParamError::new("url", format!("`{u}` is not an http:// or https:// address")));
                 }
-                Ok(Box::new(UrlReward::new(u.clone(), self.timeout())) as Box<dyn RewardFn>)
+                if crate::common::redact::has_credentials(u) {
+                    return Err(ParamError::new(
+                        "url",
+                        "a user name or password in the URL would be copied into the cache's records and logs",
+                    )
+                    .hint("put a token in an environment variable and name it: `api_key_env: REWARD_TOKEN`"));
+                }
+                Ok(Box::new(UrlReward::new(u.clone(), self.timeout(), self.api_key_env.clone())) as Box<dyn RewardFn>)
             })),
         }
     }
+}
+
+/// A reward program that cannot start, named before anything runs: the program
+/// is neither on PATH nor a file, or an argument that names a script (a path
+/// with a script's extension) does not exist.
+fn command_problem(command: &[String], root: &Path) -> Result<(), ParamError> {
+    let program = &command[0];
+    let found = if program.contains('/') {
+        let p = if Path::new(program).is_absolute() { PathBuf::from(program) } else { root.join(program) };
+        p.is_file()
+    } else {
+        std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+    };
+    if !found {
+        return Err(ParamError::new("command.0", format!("the program `{program}` is not on PATH nor a file"))
+            .hint(format!("install it, or give its path (relative paths are read from {})", root.display())));
+    }
+    const SCRIPTS: &[&str] = &["py", "sh", "js", "mjs", "rb", "pl", "lua", "jl", "R"];
+    for (i, arg) in command.iter().enumerate().skip(1) {
+        let is_script = Path::new(arg).extension().and_then(|e| e.to_str()).is_some_and(|e| SCRIPTS.contains(&e))
+            && !arg.starts_with('-');
+        let p = if Path::new(arg).is_absolute() { PathBuf::from(arg) } else { root.join(arg) };
+        if is_script && !p.is_file() {
+            return Err(ParamError::new(format!("command.{i}"), format!("the script {} does not exist", p.display()))
+                .hint(format!("relative paths are read from the project root, {}", root.display())));
+        }
+    }
+    Ok(())
 }
 
 pub struct Term {

@@ -5,14 +5,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::common::{typed, ParamError};
 use crate::data::{jsonl, qa};
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// A hub dataset id (`openai/gsm8k`) or a local folder of `<split>.jsonl` files,
@@ -79,6 +79,18 @@ impl Source {
     }
 }
 
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            dataset: None,
+            config: default_config(),
+            revision: default_revision(),
+            path: None,
+            splits: default_splits(),
+        }
+    }
+}
+
 fn default_config() -> String {
     "main".into()
 }
@@ -104,6 +116,9 @@ impl StageKind for Download {
         }
     }
 
+    fn parameters(&self) -> Value {
+        serde_json::to_value(Params::default()).unwrap_or_default()
+    }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut req = Requirements::default();

@@ -56,7 +56,10 @@ impl Default for Params {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a model (a folder, a .gguf, a hub id or `${stage.model}`) or a served one ({model, rollout})"
+)]
 enum ModelEntry {
     Local(String),
     Served { model: String, rollout: ServerConfig },
@@ -132,6 +135,9 @@ impl StageKind for Evaluate {
         p
     }
 
+    fn parameters(&self) -> Value {
+        serde_json::to_value(Params::default()).unwrap_or_default()
+    }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let served = check_served_entries(params);
         if !served.is_empty() {

@@ -13,7 +13,7 @@ use crate::common::{typed, ParamError};
 use crate::data::{gsm8k, jsonl, Message, PromptRow, SftRow};
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Params {
     /// The `dataset` output of a `download` stage.
@@ -36,8 +36,21 @@ pub struct Params {
     pub validation: usize,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy)]
-#[serde(untagged)]
+impl Default for Params {
+    fn default() -> Self {
+        Params {
+            data: String::new(),
+            system_prompt: default_system_prompt(),
+            limit: None,
+            shuffle_seed: None,
+            strict: false,
+            validation: 0,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, Copy)]
+#[serde(untagged, expecting = "a row count for every split (e.g. 200) or one per split (e.g. {train: 200, test: 16})")]
 pub enum Limit {
     All(usize),
     PerSplit {
@@ -85,6 +98,9 @@ impl StageKind for Format {
         }
     }
 
+    fn parameters(&self) -> Value {
+        serde_json::to_value(Params::default()).unwrap_or_default()
+    }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = typed(params).map_err(|e| vec![e])?;
         let mut req = Requirements::default();

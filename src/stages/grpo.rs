@@ -49,11 +49,11 @@ impl StageKind for Grpo {
             name: "grpo",
             version: 4,
             description: "group relative policy optimization against a reward set",
-            outputs: training::OUTPUTS,
+            outputs: training::OUTPUTS_WITH_EVAL,
         }
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
-        training::absent_outputs(params)
+        training::absent_outputs(training::OUTPUTS_WITH_EVAL, params)
     }
     fn normalize(&self, params: &mut serde_json::Map<String, Value>) -> Vec<ParamError> {
         trl_compat::normalize(params, Trainer::Grpo, &known_keys::<Params>())
@@ -71,6 +71,9 @@ impl StageKind for Grpo {
         training::render(artifacts, work_dir, out, title)
     }
 
+    fn parameters(&self) -> Value {
+        serde_json::to_value(Params::default()).unwrap_or_default()
+    }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let server = rollout_param::check(params, "rollout")?;
         let p: Params = with_defaults(params)?;

@@ -46,7 +46,7 @@ impl Default for Params {
 }
 
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a list of questions or the path of a file of them")]
 enum Questions {
     Inline(Vec<String>),
     File(String),
@@ -78,6 +78,9 @@ impl StageKind for Infer {
         rollout_param::fingerprint_params(params, "rollout")
     }
 
+    fn parameters(&self) -> Value {
+        serde_json::to_value(Params::default()).unwrap_or_default()
+    }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         rollout_param::check(params, "rollout")?;
         let p: Params = with_defaults(params)?;

@@ -41,7 +41,7 @@ impl StageKind for Sft {
         trl_compat::normalize(params, Trainer::Sft, &known_keys::<Params>())
     }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
-        training::absent_outputs(params)
+        training::absent_outputs(training::OUTPUTS, params)
     }
     fn render(
         &self,
@@ -53,6 +53,9 @@ impl StageKind for Sft {
         training::render(artifacts, work_dir, out, title)
     }
 
+    fn parameters(&self) -> Value {
+        serde_json::to_value(Params::default()).unwrap_or_default()
+    }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = with_defaults(params)?;
         let (req, mut errors) = training::check_inputs(&p.model, &p.train, project);

@@ -46,6 +46,9 @@ impl StageKind for Counter {
             outputs: OUTPUTS,
         }
     }
+    fn parameters(&self) -> Value {
+        json!({"steps": null, "step_ms": 0, "text": "", "input": null, "inputs": {}, "fail_at": null})
+    }
     fn check(&self, params: &Value, _project: &Project) -> Result<Requirements, Vec<ParamError>> {
         typed::<Params>(params).map_err(|e| vec![e])?;
         Ok(Requirements::default())

@@ -19,8 +19,9 @@ use crate::pipeline::{OutputSpec, Project, Requirements, StageContext};
 use crate::train::config::TrainingConfig;
 use crate::train::trainer::{self, Algorithm, Evaluation, Summary};
 
-/// What every training stage writes.
-pub const OUTPUTS: &[OutputSpec] = &[
+/// What a training stage writes: GRPO all of these, SFT all but `eval` (it does
+/// not evaluate while it trains).
+pub const OUTPUTS_WITH_EVAL: &[OutputSpec] = &[
     OutputSpec::dir("model", "the trained model, Hugging Face layout (LoRA adapters merged)"),
     OutputSpec::file("metrics", "metrics.json", "summary of the run: losses, steps, tokens, time"),
     OutputSpec::file("log", "log.jsonl", "per-step metrics with TRL's names"),
@@ -28,9 +29,10 @@ pub const OUTPUTS: &[OutputSpec] = &[
     OutputSpec::dir("adapter", "LoRA runs: the adapters in PEFT layout (peft, vLLM, SGLang load it)"),
     OutputSpec::dir("eval", "evaluation during training (`eval_dataset`): each evaluated step's judged samples"),
 ];
+pub const OUTPUTS: &[OutputSpec] = OUTPUTS_WITH_EVAL.split_at(5).0;
 
-/// Outputs a training stage with these parameters does not write.
-pub fn absent_outputs(params: &Value) -> Vec<(&'static str, &'static str)> {
+/// Outputs (of those `declared`) a training stage with these parameters does not write.
+pub fn absent_outputs(declared: &[OutputSpec], params: &Value) -> Vec<(&'static str, &'static str)> {
     let given = |key: &str| params.get(key).is_some_and(|v| !v.is_null());
     let mut absent = Vec::new();
     if !given("lora") {
@@ -39,6 +41,7 @@ pub fn absent_outputs(params: &Value) -> Vec<(&'static str, &'static str)> {
     if !given("eval_dataset") {
         absent.push(("eval", "only runs with an `eval_dataset` evaluate while they train"));
     }
+    absent.retain(|(name, _)| declared.iter().any(|o| o.name == *name));
     absent
 }
 

@@ -26,6 +26,13 @@ const CHARTS: &[Chart] = &[
         keys: &["reward_std", "frac_reward_zero_std"],
     },
     Chart { file: "kl.svg", title: "KL to the reference", keys: &["kl"] },
+    Chart { file: "entropy.svg", title: "entropy of the policy over completion tokens", keys: &["entropy"] },
+    Chart {
+        file: "eval_accuracy.svg",
+        title: "evaluation during training: accuracy and format (eval_dataset)",
+        keys: &["eval/accuracy_strict", "eval/accuracy_flexible", "eval/strict_format", "eval/truncation_rate"],
+    },
+    Chart { file: "eval_reward.svg", title: "evaluation during training: reward", keys: &["eval/reward"] },
     Chart {
         file: "completion_length.svg",
         title: "completions/mean_length (tokens)",
@@ -191,7 +198,8 @@ mod tests {
             .map(|s| {
                 serde_json::json!({"step": s, "reward": s as f64 * 0.1, "rewards/correctness/mean": 0.0,
                     "rewards/strict_format/mean": s as f64 * 0.05, "rewards/strict_format/std": 0.1,
-                    "kl": 0.001 * s as f64, "loss": 1.0 / s as f64, "grad_norm": 0.5, "learning_rate": 1e-6})
+                    "kl": 0.001 * s as f64, "loss": 1.0 / s as f64, "grad_norm": 0.5, "learning_rate": 1e-6,
+                    "entropy": 1.0 - 0.1 * s as f64, "eval/accuracy_strict": 0.1 * s as f64, "eval/reward": 0.2})
                 .to_string()
                     + "\n"
             })
@@ -199,7 +207,16 @@ mod tests {
         fs::write(&log, lines).unwrap();
         let index = render(&log, &dir.path().join("plots"), "grpo").unwrap();
         let html = fs::read_to_string(&index).unwrap();
-        for f in ["reward.svg", "kl.svg", "loss.svg", "grad_norm.svg", "learning_rate.svg"] {
+        for f in [
+            "reward.svg",
+            "kl.svg",
+            "loss.svg",
+            "grad_norm.svg",
+            "learning_rate.svg",
+            "entropy.svg",
+            "eval_accuracy.svg",
+            "eval_reward.svg",
+        ] {
             assert!(html.contains(f), "{f} not in index");
             let svg = fs::read_to_string(dir.path().join("plots").join(f)).unwrap();
             assert!(svg.starts_with("<svg") && svg.contains("polyline"), "{f} has no line");
