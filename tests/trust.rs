@@ -423,3 +423,117 @@ fn a_read_only_cache_serves_status_show_verify_and_a_run_with_nothing_to_do() {
     let r = p.run(&["run", "pipe.yaml", "--cache", cache, "--force", "a"]);
     assert!(r.code == 1 && r.stderr.contains("is read-only, and 1 would have to run: `a` (forced)"), "{}", r.stderr);
 }
+
+/// A folder outside the cache with files of known modes, for planted links to point at.
+fn victim(root: &std::path::Path) -> (std::path::PathBuf, Vec<(std::path::PathBuf, u32)>) {
+    use std::os::unix::fs::PermissionsExt;
+    let v = root.join("victim");
+    fs::create_dir_all(v.join("sub")).unwrap();
+    fs::write(v.join("id_key"), "private").unwrap();
+    fs::write(v.join("sub/notes"), "mine").unwrap();
+    let modes = [(v.join("id_key"), 0o600), (v.join("sub/notes"), 0o640), (v.join("sub"), 0o700), (v.clone(), 0o750)];
+    for (path, mode) in &modes {
+        fs::set_permissions(path, fs::Permissions::from_mode(*mode)).unwrap();
+    }
+    (v, modes.to_vec())
+}
+
+fn untouched(modes: &[(std::path::PathBuf, u32)], after: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode) in modes {
+        let meta = fs::metadata(path).unwrap_or_else(|_| panic!("after {after}: {} was removed", path.display()));
+        assert_eq!(meta.permissions().mode() & 0o777, *mode, "after {after}: {} changed mode", path.display());
+    }
+}
+
+/// Make a stored folder writable, as whoever plants a link would, and plant one.
+fn plant(folder: &std::path::Path, target: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = folder.to_path_buf();
+    while dir.file_name().is_some() && dir.exists() {
+        let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o755));
+        if dir.ends_with("objects") || dir.ends_with("work") {
+            break;
+        }
+        dir.pop();
+    }
+    fs::create_dir_all(folder).unwrap();
+    std::os::unix::fs::symlink(target, folder.join("evil")).unwrap();
+}
+
+#[test]
+fn links_planted_in_the_cache_are_never_followed_by_verify_gc_or_run() {
+    let p = Project::new();
+    p.write("data/gsm8k/train.jsonl", &common::gsm8k_rows(3));
+    p.write("data/gsm8k/test.jsonl", &common::gsm8k_rows(2));
+    p.write("pipe.yaml", "name: links\nstages:\n  gsm8k: { kind: download, with: { dataset: data/gsm8k } }\n");
+    p.run(&["run", "pipe.yaml"]).ok();
+    let (target, modes) = victim(p.root());
+    let dataset = std::path::PathBuf::from(p.run(&["show", "gsm8k.dataset", "-p", "pipe.yaml"]).ok().stdout.trim());
+
+    // In a stored object: verify calls it damaged, names the link, and removes the object.
+    plant(&dataset, &target);
+    let r = p.run(&["verify", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("holds a symbolic link"), "{}{}", r.stdout, r.stderr);
+    untouched(&modes, "verify");
+    assert!(target.join("id_key").exists() && !dataset.exists());
+
+    // Again, found by run's own check: the object is remade, not served.
+    p.run(&["run", "pipe.yaml"]).ok();
+    plant(&dataset, &target);
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.stdout.contains("holds a symbolic link"), "{}", r.stdout);
+    untouched(&modes, "run replacing a damaged object");
+
+    // In an object no record reaches: gc removes the link, not what it points to.
+    plant(&p.cache().join("objects/0000000000000000/x"), &target);
+    p.run(&["gc"]).ok();
+    untouched(&modes, "gc");
+    assert!(!p.cache().join("objects/0000000000000000").exists());
+
+    // In a stage's work folder (its outputs of an earlier attempt are cleared on start).
+    let fp = fs::read_dir(p.cache().join("records"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().trim_end_matches(".json").to_string())
+        .next()
+        .unwrap();
+    plant(&p.cache().join("work").join(&fp).join("out"), &target);
+    p.run(&["run", "pipe.yaml", "--force", "gsm8k"]).ok();
+    untouched(&modes, "a forced run clearing its work folder");
+    assert_eq!(fs::read_to_string(target.join("id_key")).unwrap(), "private");
+}
+
+#[test]
+fn the_cache_is_never_group_or_world_writable_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let p = Project::new();
+    p.write("pipe.yaml", CHAIN);
+    let mut cmd = p.cmd(&["run", "pipe.yaml"]);
+    // SAFETY: umask in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o000);
+            Ok(())
+        });
+    }
+    assert!(cmd.output().unwrap().status.success());
+    for path in std::iter::once(p.cache()).chain(walk(&p.cache())) {
+        let mode = fs::symlink_metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o022, 0, "{} is {:o}", path.display(), mode & 0o777);
+    }
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if e.file_type().unwrap().is_dir() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}

@@ -68,6 +68,11 @@ pub fn symlinks_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// dropped (editors on Windows write one).
 pub fn read_text_capped(path: &Path, cap: u64) -> std::io::Result<String> {
     use std::io::{Error, ErrorKind, Read};
+    // A FIFO would block the open until someone writes to it, a device would never
+    // end: only a regular file (or a link to one) is read.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file (a FIFO, a device or a folder)"));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?.take(cap + 1).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > cap {

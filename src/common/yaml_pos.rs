@@ -15,6 +15,33 @@ pub struct Positions {
 /// How deep flow collections (`[…]`, `{…}`) may nest in a file r1pipe reads.
 pub const MAX_FLOW_DEPTH: usize = 64;
 
+/// How far a block-style line may sit: its indentation plus two columns for each
+/// `- ` or `? ` that opens a level on it (every level of block nesting takes at
+/// least one column). No pipeline comes near; 10,000 levels overflow the parser's stack.
+pub const MAX_BLOCK_COLUMNS: usize = 512;
+
+/// The line (1-based) where block style nests beyond [`MAX_BLOCK_COLUMNS`].
+fn too_deep_block(text: &str) -> Option<usize> {
+    for (i, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start_matches([' ', '\t']);
+        let mut columns = line.len() - trimmed.len();
+        let mut rest = trimmed;
+        while let Some(r) =
+            rest.strip_prefix("- ").or_else(|| rest.strip_prefix("? ")).or_else(|| rest.strip_prefix("-\t"))
+        {
+            columns += 2;
+            rest = r.trim_start_matches([' ', '\t']);
+            if columns > MAX_BLOCK_COLUMNS {
+                return Some(i + 1);
+            }
+        }
+        if columns > MAX_BLOCK_COLUMNS {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
 /// The line (1-based) where flow collections first nest deeper than
 /// [`MAX_FLOW_DEPTH`], found in one pass before any YAML parser sees the text
 /// (the parsers' own limits come only after work that grows with the square of
@@ -54,14 +81,14 @@ pub fn too_deep(text: &str) -> Option<usize> {
 
 /// [`too_deep`] as the error that names `file`, for every reader of YAML files.
 pub fn nesting_problem(file: &std::path::Path, text: &str) -> Option<super::diagnostic::Diagnostic> {
-    let line = too_deep(text)?;
+    let (line, what) = match (too_deep(text), too_deep_block(text)) {
+        (Some(l), _) => (l, format!("`[` and `{{` nest more than {MAX_FLOW_DEPTH} deep here")),
+        (None, Some(l)) => (l, format!("indentation and `- ` / `? ` nest beyond {MAX_BLOCK_COLUMNS} columns here")),
+        (None, None) => return None,
+    };
     Some(
-        super::diagnostic::Diagnostic::new(
-            file,
-            Some(line),
-            format!("`[` and `{{` nest more than {MAX_FLOW_DEPTH} deep here"),
-        )
-        .with_hint("no pipeline, preset or reward set needs this; is the file what you meant to pass?"),
+        super::diagnostic::Diagnostic::new(file, Some(line), what)
+            .with_hint("no pipeline, preset or reward set needs this; is the file what you meant to pass?"),
     )
 }
 

@@ -19,6 +19,18 @@ pub type Problem = (String, String, Option<String>);
 /// Separates a matrix stage's name from its member's.
 pub const MEMBER_SEPARATOR: char = '@';
 
+/// The most members one matrix stage may have: a sweep of a thousand runs is
+/// several pipelines, and the product is checked before any member is made.
+pub const MAX_MEMBERS: usize = 1024;
+
+/// A YAML scalar or key as its author wrote it (not Rust's Debug form).
+fn as_written(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other).unwrap_or_default().trim().to_string(),
+    }
+}
+
 pub struct Expanded {
     /// Every stage, matrix stages replaced by their members (in file order).
     pub stages: Mapping,
@@ -47,12 +59,36 @@ pub fn expand(stages: &Mapping) -> (Expanded, Vec<Problem>) {
         };
         let path = format!("stages.{name}.matrix");
         let Some(axes) = axes(matrix, &path, &mut problems) else { continue };
+        let count = axes.iter().try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()));
+        if count.is_none_or(|n| n > MAX_MEMBERS) {
+            let sizes: Vec<String> = axes.iter().map(|(k, v)| format!("{k}: {}", v.len())).collect();
+            problems.push((
+                path.clone(),
+                format!(
+                    "this matrix makes {} members ({}); at most {MAX_MEMBERS} are allowed",
+                    count.map_or("more than 2^64".to_string(), |n| n.to_string()),
+                    sizes.join(" × ")
+                ),
+                Some("split the sweep into several stages or pipelines".into()),
+            ));
+            continue;
+        }
         let mut names = Vec::new();
+        let mut made_by: BTreeMap<String, String> = BTreeMap::new();
         for combo in combinations(&axes) {
             let member = format!(
                 "{name}{MEMBER_SEPARATOR}{}",
                 combo.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>().join("-")
             );
+            let which: Vec<String> = combo.iter().map(|(k, n, _)| format!("{k}={n}")).collect();
+            if let Some(other) = made_by.insert(member.clone(), which.join(", ")) {
+                problems.push((
+                    path.clone(),
+                    format!("two members would both be named `{member}` ({other}; and {})", which.join(", ")),
+                    Some("rename a value so that no two joined with `-` read the same".into()),
+                ));
+                continue;
+            }
             let values: BTreeMap<&str, &Value> = combo.iter().map(|(k, _, v)| (k.as_str(), *v)).collect();
             let mut b = body.clone();
             if let Some(m) = b.as_mapping_mut() {
@@ -109,7 +145,7 @@ fn axes(matrix: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<Vec<A
         let Some(key) = k.as_str().filter(|k| member_name_problem(k).is_none()) else {
             problems.push((
                 path.into(),
-                format!("matrix key `{k:?}` must be a name of letters, digits, `_`, `-`"),
+                format!("matrix key `{}` must be a name of letters, digits, `_`, `-`", as_written(k)),
                 None,
             ));
             return None;
@@ -119,15 +155,16 @@ fn axes(matrix: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<Vec<A
                 s.iter().enumerate().map(|(i, x)| (i.to_string(), x.clone())).collect()
             }
             Value::Mapping(named) if !named.is_empty() => {
-                let mut vals = Vec::new();
+                let mut vals: Vec<(String, Value)> = Vec::new();
                 for (n, x) in named {
-                    let n = match n {
-                        Value::String(s) => s.clone(),
-                        Value::Number(num) => num.to_string(),
-                        other => format!("{other:?}"),
-                    };
+                    let n = as_written(n);
                     if let Some(p) = member_name_problem(&n) {
                         problems.push((format!("{path}.{key}"), p, None));
+                        return None;
+                    }
+                    // `1` and `"1"` are two YAML keys with one name.
+                    if vals.iter().any(|(m, _)| *m == n) {
+                        problems.push((format!("{path}.{key}"), format!("the value name `{n}` appears twice"), None));
                         return None;
                     }
                     vals.push((n, x.clone()));
@@ -195,6 +232,12 @@ fn fill_items(v: &mut Value, values: &BTreeMap<&str, &Value>, path: &str, proble
             let mut out = String::new();
             let mut rest = text.as_str();
             while let Some(i) = rest.find("${item.") {
+                // `$${item.x}` is the literal text `${item.x}`: left for the loader to unescape.
+                if rest[..i].ends_with('$') {
+                    out.push_str(&rest[..i + 2]);
+                    rest = &rest[i + 2..];
+                    continue;
+                }
                 out.push_str(&rest[..i]);
                 let Some(end) = rest[i..].find('}') else { break };
                 let key = &rest[i + 7..i + end];
@@ -208,19 +251,31 @@ fn fill_items(v: &mut Value, values: &BTreeMap<&str, &Value>, path: &str, proble
                     return;
                 };
                 if i == 0 && i + end + 1 == rest.len() && out.is_empty() {
-                    *v = (*value).clone();
+                    *v = as_data((*value).clone());
                     return;
                 }
-                match value {
-                    Value::String(t) => out.push_str(t),
-                    other => out.push_str(serde_yaml::to_string(other).unwrap_or_default().trim()),
-                }
+                out.push_str(&escape_references(&as_written(value)));
                 rest = &rest[i + end + 1..];
             }
             out.push_str(rest);
             *v = Value::String(out);
         }
         _ => {}
+    }
+}
+
+/// A matrix value is data: a `${…}` inside it is text, never a reference the
+/// loader would resolve (it reads `$${` as a literal `${`).
+fn escape_references(text: &str) -> String {
+    text.replace("${", "$${")
+}
+
+fn as_data(v: Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(escape_references(&s)),
+        Value::Sequence(items) => Value::Sequence(items.into_iter().map(as_data).collect()),
+        Value::Mapping(m) => Value::Mapping(m.into_iter().map(|(k, x)| (k, as_data(x))).collect()),
+        other => other,
     }
 }
 

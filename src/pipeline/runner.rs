@@ -381,9 +381,26 @@ impl<'a> Runner<'a> {
                         i += 1;
                         continue;
                     }
-                    waiting.remove(i);
                     let forced = opts.force_all || opts.force.contains(name);
-                    let decision = self.decide(stage, available, forced)?;
+                    let decision = match self.decide(stage, available, forced) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            // This stage's failure: the running ones finish and are kept.
+                            waiting.remove(i);
+                            self.report_failure(&tag(name), name, &e);
+                            failed = true;
+                            break;
+                        }
+                    };
+                    // A stage identical to one running now (the same fingerprint: the same work
+                    // folder) waits for it, and then finds its result cached.
+                    if let Decision::Run { fingerprint, .. } = &decision {
+                        if running.values().any(|(fp, _)| fp == fingerprint) {
+                            i += 1;
+                            continue;
+                        }
+                    }
+                    waiting.remove(i);
                     self.announce(&tag(name), name, &decision, false);
                     match decision {
                         Decision::Cached { record } => {
@@ -429,6 +446,15 @@ impl<'a> Runner<'a> {
                                     break;
                                 }
                             };
+                            let job_spec = opts.slurm.as_ref().map(|_| super::slurm::JobSpec {
+                                params: stage.params.clone(),
+                                bindings: stage
+                                    .refs
+                                    .iter()
+                                    .map(|r| (r.key(), self.cache.object_path(&available[&r.key()])))
+                                    .collect(),
+                                inputs: (*inputs).clone(),
+                            });
                             running.insert(name.clone(), (fingerprint, inputs));
                             let done = done_tx.clone();
                             let (name, kind, resources) = (name.clone(), stage.kind.clone(), stage.resources.clone());
@@ -446,7 +472,14 @@ impl<'a> Runner<'a> {
                                     // not the run with the other stages' work half done.
                                     let result =
                                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &slurm {
-                                            Some(cfg) => super::slurm::run_stage(cfg, &resources, ctx, &job_tag, live),
+                                            Some(cfg) => super::slurm::run_stage(
+                                                cfg,
+                                                &resources,
+                                                ctx,
+                                                &job_tag,
+                                                live,
+                                                job_spec.expect("made for Slurm runs"),
+                                            ),
                                             None => kind.run(ctx),
                                         }))
                                         .unwrap_or_else(|_| {

@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::fingerprint::FingerprintInputs;
 use super::kind::{Project, Registry, RunEnv, StageContext};
 use crate::common::{CancelToken, Cancelled};
 
@@ -91,14 +92,84 @@ pub struct JobFile {
     pub fingerprint: String,
     pub stage: String,
     pub kind: String,
+    /// The stage's parameters with their `${stage.output}` references in place …
     pub params: Value,
+    /// … and the stored artifact each reference is bound to.
+    pub bindings: std::collections::BTreeMap<String, PathBuf>,
+    /// What the fingerprint was computed from: the job is checked against it
+    /// before it runs (a job file is in a shared folder, and may be edited).
+    pub inputs: FingerprintInputs,
     pub project_root: PathBuf,
     pub device: String,
     pub device_class: String,
     pub dtype: String,
     pub seed: u64,
     pub work_dir: PathBuf,
-    pub out_dir: PathBuf,
+}
+
+/// What a job file needs from the head beyond the stage's context.
+pub struct JobSpec {
+    pub params: Value,
+    pub bindings: std::collections::BTreeMap<String, PathBuf>,
+    pub inputs: FingerprintInputs,
+}
+
+impl JobFile {
+    /// Refuse a job that is not what its fingerprint says: run from another folder,
+    /// with other parameters or inputs than were fingerprinted, or bound to other
+    /// artifacts. Only then do its parameters (bound here, not taken from the file)
+    /// and its output folder (the work folder's `out`) mean what the head will record.
+    fn check(&self, work_dir: &Path, kind: &dyn super::kind::StageKind) -> Result<Value> {
+        let named = fs::canonicalize(work_dir)?;
+        let claimed = fs::canonicalize(&self.work_dir).unwrap_or_default();
+        if named != claimed
+            || named.file_name().map(|n| n.to_string_lossy().to_string()) != Some(self.fingerprint.clone())
+        {
+            bail!(
+                "its work folder is {}, not {} (the folder it was started in)",
+                self.work_dir.display(),
+                named.display()
+            );
+        }
+        if self.inputs.fingerprint() != self.fingerprint {
+            bail!("what it was fingerprinted from no longer gives its fingerprint {}", self.fingerprint);
+        }
+        if self.inputs.kind != kind.name() || self.inputs.kind_version != kind.version() {
+            bail!(
+                "it is a `{}` v{} job, and this r1pipe's `{}` is v{}",
+                self.inputs.kind,
+                self.inputs.kind_version,
+                kind.name(),
+                kind.version()
+            );
+        }
+        if kind.fingerprint_params(&self.params) != self.inputs.params {
+            bail!("its parameters are not the ones its fingerprint was computed from");
+        }
+        let bound: Vec<&String> = self.bindings.keys().collect();
+        let fingerprinted: Vec<&String> = self.inputs.inputs.keys().collect();
+        if bound != fingerprinted {
+            bail!("its input artifacts are not the ones its fingerprint names");
+        }
+        for (key, path) in &self.bindings {
+            let stored_as = path.parent().and_then(Path::file_name).map(|h| h.to_string_lossy().to_string());
+            if stored_as.as_deref() != self.inputs.inputs.get(key).map(String::as_str) {
+                bail!("its input `{key}` is bound to {}, not to the artifact its fingerprint names", path.display());
+            }
+        }
+        for (k, v) in [
+            ("seed", self.seed.to_string()),
+            ("dtype", self.dtype.clone()),
+            ("device_class", self.device_class.clone()),
+        ] {
+            if self.inputs.env.get(k).is_some_and(|f| *f != v) {
+                bail!("its {k} is {v}, not the fingerprint's {}", self.inputs.env[k]);
+            }
+        }
+        let mut params = self.params.clone();
+        super::spec::bind_artifacts(&mut params, &self.bindings);
+        Ok(params)
+    }
 }
 
 /// How a job ended, written by the job itself.
@@ -136,19 +207,21 @@ pub fn run_stage(
     ctx: &mut StageContext,
     tag: &str,
     live: Option<u64>,
+    spec: JobSpec,
 ) -> Result<()> {
     let job = JobFile {
         fingerprint: ctx.work_dir.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
         stage: ctx.stage.clone(),
         kind: ctx.kind.to_string(),
-        params: ctx.params.clone(),
+        params: spec.params,
+        bindings: spec.bindings,
+        inputs: spec.inputs,
         project_root: ctx.project.root.clone(),
         device: ctx.env.device.clone(),
         device_class: ctx.env.device_class.clone(),
         dtype: ctx.env.dtype.clone(),
         seed: ctx.env.seed,
         work_dir: ctx.work_dir.clone(),
-        out_dir: ctx.out_dir.clone(),
     };
     let mut resubmits = 0;
     let mut following = live;
@@ -289,18 +362,22 @@ fn queue_state(id: u64) -> Result<Option<String>> {
     Ok((out.status.success() && !state.is_empty()).then_some(state))
 }
 
+/// The most an exit file may be (its metrics included): read with a cap, as every
+/// file a job writes into the shared folder.
+const EXIT_FILE_CAP: u64 = 16 << 20;
+
 fn read_exit(path: &Path) -> Result<Option<ExitFile>> {
-    match fs::read(path) {
-        Ok(bytes) => {
-            Ok(Some(serde_json::from_slice(&bytes).with_context(|| format!("{} is not valid", path.display()))?))
-        }
-        Err(_) => Ok(None),
+    if !path.exists() {
+        return Ok(None);
     }
+    let text = crate::common::fsutil::read_text_capped(path, EXIT_FILE_CAP)
+        .with_context(|| format!("reading the job's exit file {}", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| format!("{} is not valid", path.display()))?))
 }
 
-/// The last lines of a job's log, for an error message.
+/// The last lines of a job's log, for an error message (its last 256 KiB read).
 fn log_tail(log: &Path) -> String {
-    let text = fs::read_to_string(log).unwrap_or_default();
+    let text = tail_of_file(log, 256 << 10);
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
     if tail.is_empty() {
@@ -328,17 +405,29 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
     let kind = registry
         .get(&job.kind)
         .with_context(|| format!("{}: no stage kind `{}` in this r1pipe", job_path.display(), job.kind))?;
-    // Outputs of an earlier attempt of this job are never trusted; its checkpoints are.
-    super::store::remove_path(&job.out_dir)?;
-    fs::create_dir_all(&job.out_dir)?;
+    let params = match job.check(work_dir, kind.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            let error = format!("{} is refused: {e:#}; nothing was run", job_path.display());
+            eprintln!("r1pipe exec-job: {error}");
+            let exit = ExitFile { status: "failed".into(), error: Some(error), metrics: None };
+            write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;
+            return Ok(1);
+        }
+    };
+    // The outputs go to the work folder's `out`, whatever the file says; those of an
+    // earlier attempt of this job are never trusted, its checkpoints are.
+    let out_dir = work_dir.join("out");
+    super::store::remove_path(&out_dir)?;
+    fs::create_dir_all(&out_dir)?;
     eprintln!("r1pipe exec-job: stage `{}` ({}), work {}", job.stage, job.kind, work_dir.display());
     let mut ctx = StageContext {
         stage: job.stage.clone(),
         kind: kind.name(),
-        params: job.params,
+        params,
         project: Project { root: job.project_root },
-        work_dir: job.work_dir,
-        out_dir: job.out_dir,
+        work_dir: work_dir.to_path_buf(),
+        out_dir,
         env: RunEnv { device: job.device, device_class: job.device_class, dtype: job.dtype, seed: job.seed },
         progress: indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden()),
         quiet: false,
@@ -360,4 +449,15 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
     };
     write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;
     Ok(code)
+}
+
+/// The last `cap` bytes of a file, as text (lossy).
+fn tail_of_file(path: &Path, cap: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = fs::File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(cap)));
+    let mut bytes = Vec::new();
+    let _ = f.take(cap).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }

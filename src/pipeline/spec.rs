@@ -290,6 +290,24 @@ impl Loader {
             }
         }
 
+        // Members of one matrix stage that came out identical (a `-S` on the swept key,
+        // or a key the body never uses) would be one stage run twice into one work folder.
+        for (base, members) in &expanded.members {
+            let mut seen: Vec<(&Value, &str)> = Vec::new();
+            for s in stages.iter().filter(|s| members.contains(&s.name)) {
+                match seen.iter().find(|(p, _)| **p == s.params) {
+                    Some((_, first)) => self.err(
+                        &format!("stages.{base}.matrix"),
+                        format!("the members `{first}` and `{}` of `{base}` are identical", s.name),
+                        Some(format!(
+                            "a `-S {base}.KEY=…` replaces the value the matrix sweeps, or the body never uses                              `${{item.KEY}}`; override one member (`-S {first}.KEY=…`) or drop the override"
+                        )),
+                    ),
+                    None => seen.push((&s.params, &s.name)),
+                }
+            }
+        }
+
         // References to outputs: the stage must exist and declare the output.
         let kinds: BTreeMap<String, (Arc<dyn StageKind>, &Value)> =
             stages.iter().map(|s| (s.name.clone(), (s.kind.clone(), &s.params))).collect();

@@ -282,9 +282,8 @@ impl Cache {
     ) -> Result<Option<StageRecord>> {
         let candidates = self.all_records(db)?.into_iter().filter(|r| r.stage == stage && r.inputs.kind == inputs.kind);
         // Fewest differences, then this pipeline's, then the newest.
-        Ok(candidates.min_by_key(|r| {
-            (inputs.diff(&r.inputs).len(), r.pipeline != pipeline, std::cmp::Reverse(r.finished_at))
-        }))
+        Ok(candidates
+            .min_by_key(|r| (inputs.diff(&r.inputs).len(), r.pipeline != pipeline, std::cmp::Reverse(r.finished_at))))
     }
 
     pub fn all_records(&self, db: &sled::Db) -> Result<Vec<StageRecord>> {
