@@ -271,10 +271,29 @@ fn sizes_no_machine_can_hold_are_refused_before_any_allocation_with_the_field_na
         p.run(&["convert", "--config", "big/config.json", "--tokenizer", tokenizer.to_str().unwrap(), "--out", "x"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(
-        r.stderr.contains("more than this machine's") && r.stderr.contains("`num_hidden_layers` = 1000000000"),
+        r.stderr.contains("more than the") && r.stderr.contains("`num_hidden_layers` = 1000000000"),
         "{}",
         r.stderr
     );
+
+    // A model that fits the machine but not the process's limit (ulimit -v, as a Slurm --mem):
+    // refused naming the limit, not killed by the allocator.
+    cfg["num_hidden_layers"] = 200.into(); // about 0.7 GiB of f32 weights
+    p.write("big/config.json", &cfg.to_string());
+    let mut cmd =
+        p.cmd(&["convert", "--config", "big/config.json", "--tokenizer", tokenizer.to_str().unwrap(), "--out", "x"]);
+    // SAFETY: setrlimit in the child before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: 512 << 20, rlim_max: 512 << 20 };
+            libc::setrlimit(libc::RLIMIT_AS, &lim);
+            Ok(())
+        });
+    }
+    let r = common::Run::from(cmd.output().unwrap());
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("address-space limit (ulimit -v)"), "{}", r.stderr);
 
     cfg["num_hidden_layers"] = 2.into();
     cfg["rms_norm_eps"] = (-1.0).into();

@@ -246,6 +246,16 @@ pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i3
     let read_only = r1pipe::pipeline::store::Cache::new(&root).is_read_only();
     let checked = workspace::verify(&root, name.as_deref())?;
     let damaged: Vec<_> = checked.iter().filter(|v| v.problem.is_some()).collect();
+    if checked.is_empty() {
+        // Not "0 damaged": nothing of it was there to check.
+        match &name {
+            Some(p) => {
+                println!("the cache at {} holds no finished stage of pipeline `{p}`: nothing to verify", root.display())
+            }
+            None => println!("the cache at {} holds no finished stage: nothing to verify", root.display()),
+        }
+        return Ok(0);
+    }
     for v in &checked {
         match &v.problem {
             None => println!("ok       {}/{}.{}", v.pipeline, v.stage, v.output),

@@ -51,6 +51,36 @@ pub fn total_memory_bytes() -> u64 {
     pages.max(0) as u64 * page.max(0) as u64
 }
 
+/// The memory this process may use, in bytes, and what sets it: the smallest of
+/// the machine's RAM, the address-space limit (`ulimit -v`, as Slurm's
+/// `--mem` is often enforced) and the cgroup's `memory.max` (containers, Slurm's
+/// cgroup plugin). 0 where none can be read.
+pub fn memory_limit() -> (u64, &'static str) {
+    let mut best = (total_memory_bytes(), "this machine's memory");
+    let mut consider = |bytes: u64, what: &'static str| {
+        if bytes > 0 && (best.0 == 0 || bytes < best.0) {
+            best = (bytes, what);
+        }
+    };
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        consider(lim.rlim_cur, "the process's address-space limit (ulimit -v)");
+    }
+    if let Some(max) = cgroup_memory_max() {
+        consider(max, "the cgroup's memory.max");
+    }
+    best
+}
+
+/// `memory.max` of this process's cgroup (v2), when it is a number.
+fn cgroup_memory_max() -> Option<u64> {
+    let membership = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = membership.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let file = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')).join("memory.max");
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
 /// The peak resident set size of the process so far, in bytes.
 pub fn peak_rss_bytes() -> u64 {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };

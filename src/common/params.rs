@@ -253,6 +253,21 @@ pub fn lookup<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     })
 }
 
+/// A YAML parser's error in words: serde_yaml cannot hold an integer beyond
+/// 64 bits and says so in type-system terms (`invalid type: integer `…` as u128,
+/// expected any YAML value`).
+pub fn yaml_error_text(e: &serde_yaml::Error) -> String {
+    let text = e.to_string();
+    if let Some(rest) = text.split("invalid type: integer `").nth(1) {
+        if let Some(n) = rest.split('`').next().filter(|_| rest.contains("as u128") || rest.contains("as i128")) {
+            let key = text.split(": invalid type").next().unwrap_or("").trim_start_matches('.');
+            let at = if key.is_empty() { String::new() } else { format!(" at `{key}`") };
+            return format!("the number {n}{at} is too large to read (integers stop at 2^64); no setting needs it");
+        }
+    }
+    text
+}
+
 /// Convert parsed YAML to JSON, the one form parameters take inside r1pipe
 /// (canonical for fingerprints: object keys sorted).
 pub fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> Result<Value, ParamError> {

@@ -145,12 +145,13 @@ impl Config {
     /// A shape whose f32 weights cannot fit in this machine's memory is refused
     /// before anything is allocated, naming the fields that make it so.
     fn check_size(&self) -> Result<()> {
-        let memory = crate::common::memory::total_memory_bytes() as u128;
+        let (memory, what) = crate::common::memory::memory_limit();
+        let memory = memory as u128;
         let bytes = self.parameter_count().and_then(|n| n.checked_mul(4));
         match bytes {
             Some(b) if memory == 0 || b <= memory => Ok(()),
             _ => bail!(
-                "config.json describes {} weights ({} in f32), more than this machine's {:.1} GiB of memory: \
+                "config.json describes {} weights ({} in f32), more than the {:.1} GiB of {what}: \
                  check `num_hidden_layers` = {}, `hidden_size` = {}, `intermediate_size` = {}, `vocab_size` = {}",
                 self.parameter_count().map_or("more than 2^128".into(), |n| format!("{:.3e}", n as f64)),
                 bytes.map_or("beyond counting".into(), |b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)),

@@ -18,6 +18,7 @@ pub mod load;
 pub mod lora;
 pub mod ops;
 pub mod peft;
+mod template_limits;
 pub mod tokenizer;
 pub mod transformer;
 pub mod vocab_logprobs;

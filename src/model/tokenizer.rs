@@ -155,6 +155,7 @@ impl ChatTokenizer {
         // A template is a program from a model's files: its work and its output are
         // bounded, so a hostile one ends with an error, not a hang or an abort.
         env.set_fuel(Some(TEMPLATE_FUEL));
+        super::template_limits::install(&mut env);
         env.add_template("chat", template).context("the chat template does not parse")?;
         let ctx = minijinja::context! {
             messages => messages,

@@ -185,6 +185,18 @@ impl Dag {
     }
 }
 
+/// A node id mermaid accepts, one per stage name: letters and digits stay, every
+/// other character becomes `_` and its code (`p@a` → `p_40a`, `p_a` → `p_5fa`),
+/// so two names never share an id.
 fn mermaid_id(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect()
+    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_string() } else { format!("_{:x}", c as u32) }).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mermaid_ids_of_different_names_differ() {
+        assert_ne!(super::mermaid_id("p@a"), super::mermaid_id("p_a"));
+        assert_eq!(super::mermaid_id("grpo"), "grpo");
+    }
 }

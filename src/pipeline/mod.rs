@@ -1,6 +1,7 @@
 //! The runner: YAML spec → DAG → fingerprints → cache → execute, skip, resume.
 //! It knows stage kinds only through the `StageKind` trait and knows nothing of models.
 
+pub mod bind;
 pub mod dag;
 pub mod fingerprint;
 pub mod gc;

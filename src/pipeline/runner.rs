@@ -10,10 +10,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use chrono::Utc;
 
+use super::bind::bind_artifacts;
 use super::dag::Dag;
 use super::fingerprint::FingerprintInputs;
 use super::kind::{Registry, RunEnv, StageContext};
-use super::spec::{bind_artifacts, Pipeline, Stage};
+use super::spec::{Pipeline, Stage};
 use super::store::{remove_path, Cache, Check, ObjectRef, StageRecord};
 use crate::common::checkpoints::Checkpoints;
 use crate::common::{CancelToken, Cancelled};
@@ -240,6 +241,42 @@ impl<'a> Runner<'a> {
     }
 
     /// The stages this run covers, in order.
+    /// `--force`, `--only` and `--until` naming a matrix stage mean all its members
+    /// (as `-S` on it does).
+    fn with_members(&self, opts: &RunOptions) -> RunOptions {
+        let expand = |names: &[String]| -> Vec<String> {
+            names
+                .iter()
+                .flat_map(|n| {
+                    let members: Vec<String> = self
+                        .pipeline
+                        .stages
+                        .iter()
+                        .filter(|s| s.name != *n && super::matrix::base_name(&s.name) == n)
+                        .map(|s| s.name.clone())
+                        .collect();
+                    if self.pipeline.stage(n).is_none() && !members.is_empty() {
+                        members
+                    } else {
+                        vec![n.clone()]
+                    }
+                })
+                .collect()
+        };
+        let mut out = opts.clone();
+        out.force = expand(&opts.force);
+        out.only = expand(&opts.only);
+        // `--until` a matrix stage: everything its members need, and the members.
+        if let Some(u) = &opts.until {
+            let members = expand(std::slice::from_ref(u));
+            if members.len() > 1 || members[0] != *u {
+                out.only = self.dag.with_ancestors(&members).into_iter().collect();
+                out.until = None;
+            }
+        }
+        out
+    }
+
     pub fn selection(&self, opts: &RunOptions) -> Result<Vec<String>> {
         for name in opts.only.iter().chain(opts.force.iter()).chain(opts.until.iter()) {
             if self.pipeline.stage(name).is_none() {
@@ -282,6 +319,7 @@ impl<'a> Runner<'a> {
 
     /// Plan and (unless dry-run) execute. Prints one line per stage decision.
     pub fn run(&self, opts: &RunOptions, cancel: &CancelToken) -> Result<RunOutcome> {
+        let opts = &self.with_members(opts);
         let selected = self.selection(opts)?;
         let _lock = if opts.dry_run { None } else { Some(self.cache.lock(opts.wait)?) };
         if !opts.dry_run {

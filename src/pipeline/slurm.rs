@@ -85,6 +85,58 @@ pub struct Resources {
     pub partition: Option<String>,
 }
 
+impl SlurmConfig {
+    /// Values sbatch would refuse later, or that cannot mean what they say, as (key, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        // Slurm's --signal takes at most 65535 seconds.
+        if self.signal_grace_s == 0 || self.signal_grace_s > 65_535 {
+            out.push(("signal_grace_s", format!("{} is not between 1 and 65535 seconds", self.signal_grace_s)));
+        }
+        if !(self.poll_s.is_finite() && (0.05..=60.0).contains(&self.poll_s)) {
+            out.push(("poll_s", format!("{} is not between 0.05 and 60 seconds", self.poll_s)));
+        }
+        if self.max_resubmits > 1000 {
+            out.push(("max_resubmits", format!("{} is more than 1000", self.max_resubmits)));
+        }
+        out
+    }
+}
+
+impl Resources {
+    /// Values sbatch would refuse (or a local GPU pool could never give), as (key, message).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.cpus.is_some_and(|c| c == 0 || c > 65_536) {
+            out.push(("cpus", format!("{} is not between 1 and 65536", self.cpus.unwrap_or(0))));
+        }
+        if self.gpus.is_some_and(|g| g > 1024) {
+            out.push(("gpus", format!("{} is more than 1024", self.gpus.unwrap_or(0))));
+        }
+        let mem_ok = |m: &str| {
+            let digits = m.trim_end_matches(['K', 'M', 'G', 'T']);
+            !digits.is_empty()
+                && digits.len() <= 12
+                && digits.chars().all(|c| c.is_ascii_digit())
+                && m.len() - digits.len() <= 1
+        };
+        if let Some(m) = self.mem.as_deref().filter(|m| !mem_ok(m)) {
+            out.push(("mem", format!("`{m}` is not a size as Slurm writes it (`32G`, `500M`, `4096`)")));
+        }
+        // minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
+        let time_ok = |t: &str| {
+            let (days, rest) = t.split_once('-').map_or((None, t), |(d, r)| (Some(d), r));
+            let parts: Vec<&str> = rest.split(':').collect();
+            let numeric = |s: &str| !s.is_empty() && s.len() <= 6 && s.chars().all(|c| c.is_ascii_digit());
+            days.is_none_or(numeric) && !parts.is_empty() && parts.len() <= 3 && parts.iter().all(|p| numeric(p))
+        };
+        if let Some(t) = self.time.as_deref().filter(|t| !time_ok(t)) {
+            out.push(("time", format!("`{t}` is not a time as Slurm writes it (`90`, `4:00:00`, `1-00:00:00`)")));
+        }
+        out
+    }
+}
+
 /// What a job runs, as the head resolved it.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JobFile {
@@ -167,7 +219,7 @@ impl JobFile {
             }
         }
         let mut params = self.params.clone();
-        super::spec::bind_artifacts(&mut params, &self.bindings);
+        super::bind::bind_artifacts(&mut params, &self.bindings);
         Ok(params)
     }
 }

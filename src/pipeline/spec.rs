@@ -391,7 +391,12 @@ impl Loader {
         match m.remove("kind").as_ref().and_then(Value::as_str) {
             Some("local") if m.is_empty() => None,
             Some("slurm") => match crate::common::params::typed::<SlurmConfig>(&Value::Object(m)) {
-                Ok(c) => Some(c),
+                Ok(c) => {
+                    for (key, msg) in c.problems() {
+                        self.err(&format!("executor.{key}"), format!("executor: `{key}`: {msg}"), None);
+                    }
+                    Some(c)
+                }
                 Err(e) => {
                     let path = if e.path.is_empty() { "executor".to_string() } else { format!("executor.{}", e.path) };
                     self.err(&path, format!("executor: {}", e.message), e.hint);
@@ -582,7 +587,16 @@ impl Loader {
         let resources = match get("resources") {
             None => Resources::default(),
             Some(r) => match yaml_to_json(r, "").map(|v| crate::common::params::typed::<Resources>(&v)) {
-                Ok(Ok(r)) => r,
+                Ok(Ok(r)) => {
+                    for (key, msg) in r.problems() {
+                        self.err(
+                            &format!("{base}.resources.{key}"),
+                            format!("stage `{name}`: resources.{key}: {msg}"),
+                            None,
+                        );
+                    }
+                    r
+                }
                 Ok(Err(e)) | Err(e) => {
                     self.err(&format!("{base}.resources"), format!("stage `{name}`: resources: {}", e.message), e.hint);
                     Resources::default()
@@ -680,7 +694,20 @@ impl Loader {
             }
         };
         match yaml_to_json(&doc, "") {
-            Ok(v @ Value::Object(_)) => Some((path, Positions::parse(&text), v)),
+            Ok(Value::Object(m)) => {
+                // Parameter names are identifiers. A file whose keys are not (another format
+                // that happens to parse as YAML, a password file) is not echoed back key by key.
+                let positions = Positions::parse(&text);
+                if let Some(bad) = m.keys().find(|k| !is_parameter_name(k)) {
+                    let line = positions.exact(bad);
+                    self.diags.push(
+                        Diagnostic::new(&path, line, "this is not a preset: a key here is not a parameter name")
+                            .with_hint("a preset is a YAML mapping of parameter names (`learning_rate: 1.0e-6`)"),
+                    );
+                    return None;
+                }
+                Some((path, positions, Value::Object(m)))
+            }
             Ok(_) => {
                 self.diags.push(Diagnostic::new(&path, Some(1), "a preset must be a mapping of parameters"));
                 None
@@ -693,6 +720,11 @@ impl Loader {
     }
 }
 
+/// A parameter's name as kinds write them: lowercase letters, digits and `_`.
+fn is_parameter_name(k: &str) -> bool {
+    !k.is_empty() && k.len() <= 64 && k.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 fn yaml_syntax(file: &Path, text: &str, e: &serde_yaml::Error) -> Diagnostic {
     let line = e.location().map(|l| l.line());
     // `with: { data: ${b.train} }`: the `{` of `${` inside a flow mapping is YAML syntax.
@@ -702,7 +734,8 @@ fn yaml_syntax(file: &Path, text: &str, e: &serde_yaml::Error) -> Diagnostic {
     } else {
         "check indentation and that every `key: value` has a space after the colon"
     };
-    Diagnostic::new(file, line, format!("YAML syntax error: {e}")).with_hint(hint)
+    Diagnostic::new(file, line, format!("YAML syntax error: {}", crate::common::params::yaml_error_text(e)))
+        .with_hint(hint)
 }
 
 /// Merge `over` into `base`: mappings merge key by key, anything else replaces.
@@ -823,18 +856,4 @@ fn interpolate(
     }
     out.push_str(rest);
     Some(whole_var.unwrap_or(Value::String(out)))
-}
-
-/// Replace each `${stage.output}` in `params` by the artifact's path.
-pub fn bind_artifacts(params: &mut Value, paths: &BTreeMap<String, PathBuf>) {
-    match params {
-        Value::Object(m) => m.values_mut().for_each(|x| bind_artifacts(x, paths)),
-        Value::Array(a) => a.iter_mut().for_each(|x| bind_artifacts(x, paths)),
-        Value::String(s) if s.contains("${") => {
-            for (key, p) in paths {
-                *s = s.replace(&format!("${{{key}}}"), &p.to_string_lossy());
-            }
-        }
-        _ => {}
-    }
 }

@@ -17,6 +17,10 @@ pub struct StageStatus {
 }
 
 pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
+    if !runner.cache.exists() {
+        // An index deleted beside its record copies is not "never run": say how to restore it.
+        runner.cache.db()?;
+    }
     let decisions: Vec<(String, Option<Decision>)> = if runner.cache.exists() {
         runner.decide_all()?.into_iter().map(|(n, d)| (n, Some(d))).collect()
     } else {

@@ -248,6 +248,8 @@ pub struct Verified {
 pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
     let cache = Cache::new(root);
     if !cache.exists() {
+        // An index deleted beside its record copies: say how to restore it.
+        cache.db()?;
         bail!("no cache at {} (pass --cache DIR or run a pipeline first)", root.display());
     }
     // A read-only cache is checked all the same; what is damaged is named but stays.

@@ -11,7 +11,7 @@ use super::external::{CommandReward, UrlReward, MAX_TIMEOUT_S};
 use super::functions::{lookup, RewardFn, Sample, CATALOG};
 use crate::common::builtin::{self, BuiltinKind};
 use crate::common::diagnostic::{suggest, Diagnostic, Diagnostics};
-use crate::common::params::yaml_to_json;
+use crate::common::params::{yaml_error_text, yaml_to_json};
 use crate::common::yaml_pos::Positions;
 use crate::common::{typed, ParamError};
 
@@ -238,6 +238,18 @@ impl RewardSet {
                 }
             }
         }
+        // Each function's log keys (`rewards/<name>/mean`) and plot series are its name.
+        for (i, t) in terms.iter().enumerate() {
+            if let Some(j) = terms[..i].iter().position(|u| u.name == t.name) {
+                errors.push(
+                    ParamError::new(
+                        format!("{i}.name"),
+                        format!("`{}` is in the set twice (entries {j} and {i})", t.name),
+                    )
+                    .hint("its two scores would share one log key; merge them into one entry with the summed weight"),
+                );
+            }
+        }
         if errors.is_empty() {
             Ok(RewardSet { terms })
         } else {
@@ -282,8 +294,9 @@ impl RewardSet {
         if let Some(d) = crate::common::yaml_pos::nesting_problem(path, text) {
             return Err(d.into());
         }
-        let doc: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {e}")))?;
+        let doc: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            Diagnostic::new(path, e.location().map(|l| l.line()), format!("YAML syntax error: {}", yaml_error_text(&e)))
+        })?;
         let v = yaml_to_json(&doc, "").map_err(|e| Diagnostic::new(path, None, e.message))?;
         let positions = Positions::parse(text);
         // A bare list, or a mapping with a `rewards:` list (as a pipeline's stage writes it).
@@ -333,11 +346,25 @@ impl RewardSet {
             }
             per_function.push(v.into_iter().map(|x| x.unwrap_or(f32::NAN)).collect::<Vec<f32>>());
         }
-        let total = (0..samples.len())
+        let total: Vec<f32> = (0..samples.len())
             .map(|i| {
                 self.terms.iter().zip(&per_function).filter(|(_, v)| !v[i].is_nan()).map(|(t, v)| v[i] * t.weight).sum()
             })
             .collect();
+        // Each function's scores are finite; their weighted sum can still overflow f32.
+        if let Some(i) = total.iter().position(|t| !t.is_finite()) {
+            let parts: Vec<String> = self
+                .terms
+                .iter()
+                .zip(&per_function)
+                .map(|(t, v)| format!("{} {} × {}", t.name, v[i], t.weight))
+                .collect();
+            anyhow::bail!(
+                "the weighted reward of sample {i} is {} ({}): lower the weights or the functions' scale",
+                total[i],
+                parts.join(" + ")
+            );
+        }
         Ok(Scores { names: self.names(), per_function, total })
     }
 }
@@ -363,6 +390,21 @@ mod tests {
         fn range(&self) -> (f32, f32) {
             (0.0, 1.0)
         }
+    }
+
+    #[test]
+    fn a_weighted_sum_that_overflows_names_the_rewards() {
+        let set = RewardSet::from_value(
+            &serde_json::json!([
+                {"name": "regex_match", "weight": 3.0e38, "params": {"pattern": "a", "value": 1.0}},
+                {"name": "length", "weight": 3.0e38}
+            ]),
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        let samples = vec![Sample { prompt: "p", completion: "a", answer: "1", tokens: 300 }];
+        let e = set.score(&samples).unwrap_err().to_string();
+        assert!(e.contains("the weighted reward of sample 0 is inf") && e.contains("regex_match"), "{e}");
     }
 
     #[test]

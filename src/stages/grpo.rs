@@ -82,6 +82,9 @@ impl StageKind for Grpo {
         match p.eval_dataset.as_deref().filter(|d| !d.trim().is_empty()) {
             Some(d) => {
                 if let Some(local) = project.local_path(d) {
+                    if let Some(problem) = training::jsonl_file_problem(&local) {
+                        errors.push(ParamError::new("eval_dataset", problem));
+                    }
                     req.local_paths.push(("eval_dataset".into(), local));
                 }
             }

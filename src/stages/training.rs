@@ -65,9 +65,38 @@ pub fn check_inputs(model: &str, train: &str, project: &Project) -> (Requirement
         }
     }
     if let Some(local) = project.local_path(train).filter(|_| !train.trim().is_empty()) {
+        if let Some(problem) = jsonl_file_problem(&local) {
+            errors.push(ParamError::new("train", problem));
+        }
         req.local_paths.push(("train".into(), local));
     }
     (req, errors)
+}
+
+/// Why a local data file named by a parameter cannot be the JSONL it must be:
+/// a folder, or a file whose first line is not JSON (a binary file, the wrong
+/// file). `None` when it looks right or does not exist (that is said elsewhere).
+pub fn jsonl_file_problem(path: &Path) -> Option<String> {
+    use std::io::{BufRead, Read};
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_dir() {
+        return Some(format!("{} is a folder; a JSONL file is expected here", path.display()));
+    }
+    if !meta.is_file() {
+        return None; // devices and pipes are refused with every local input
+    }
+    let mut first = Vec::new();
+    let file = std::fs::File::open(path).ok()?;
+    std::io::BufReader::new(file.take(1 << 20)).read_until(b'\n', &mut first).ok()?;
+    let text = String::from_utf8(first).ok();
+    match text.as_deref().map(str::trim) {
+        None => Some(format!("{} is not text: a JSONL file (one JSON object per line) is expected", path.display())),
+        Some("") => None,
+        Some(line) if serde_json::from_str::<serde_json::Value>(line).is_err() => {
+            Some(format!("{}: line 1 is not JSON: a JSONL file (one JSON object per line) is expected", path.display()))
+        }
+        Some(_) => None,
+    }
 }
 
 /// A training stage's data file: an artifact's bound path, or a local file.

@@ -110,6 +110,17 @@ pub struct Best {
     pub value: f64,
 }
 
+/// Whether an evaluation scoring `value` is the new best. A NaN or infinite score
+/// never is: kept as the best, it would win against every later step forever.
+fn improves(value: f64, best: Option<Best>, greater_is_better: bool) -> bool {
+    value.is_finite()
+        && match best {
+            None => true,
+            Some(old) if greater_is_better => value > old.value,
+            Some(old) => value < old.value,
+        }
+}
+
 impl Evaluation<'_> {
     fn due(&self, step: u64, total: u64) -> bool {
         step == total || self.every.is_some_and(|e| step.is_multiple_of(e))
@@ -270,11 +281,13 @@ pub fn train<A: Algorithm>(
             let metrics = ev.evaluator.evaluate(model, step, &eval_host)?;
             if let Some(b) = &ev.best {
                 let value = *metrics.get(&b.metric).with_context(|| format!("no `{}` in the evaluation", b.metric))?;
-                let better = match best {
-                    None => true,
-                    Some(old) if b.greater_is_better => value > old.value,
-                    Some(old) => value < old.value,
-                };
+                let better = improves(value, best, b.greater_is_better);
+                if !value.is_finite() {
+                    host.say(&format!(
+                        "warning: step {step}: eval/{} is {value}; not a candidate for the best model",
+                        b.metric
+                    ));
+                }
                 if better {
                     checkpoint::save_weights(&best_cps, step, &opt)?;
                     best = Some(Best { step, value });
@@ -340,4 +353,20 @@ pub fn train<A: Algorithm>(
         loaded_best_model: load_best && best.is_some(),
         algorithm: algo.summary(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_non_finite_evaluation_is_never_the_best() {
+        assert!(!improves(f64::NAN, None, true));
+        assert!(!improves(f64::INFINITY, None, true) && !improves(f64::NEG_INFINITY, None, false));
+        let best = Some(Best { step: 1, value: 0.2 });
+        assert!(improves(0.3, best, true) && !improves(0.1, best, true));
+        assert!(improves(0.1, best, false));
+        // The earliest of equal evaluations wins.
+        assert!(!improves(0.2, best, true));
+    }
 }
