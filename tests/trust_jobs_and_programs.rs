@@ -131,7 +131,17 @@ fn credentials_and_absurd_time_limits_in_a_reward_entry_are_refused_before_anyth
         ("{ name: s, url: \"http://localhost:1/\", timeout_s: 18446744073709551616 }", "is too large to read"),
     ] {
         p.write("set.yaml", &format!("- {entry}\n"));
-        for args in [&["rewards", "--set", "set.yaml", "c.jsonl"][..]] {
+        p.write(
+            "pipe.yaml",
+            "stages:\n  g:\n    kind: grpo\n    with: { model: HuggingFaceTB/SmolLM2-135M-Instruct, train: t.jsonl, rewards: set.yaml }\n",
+        );
+        p.write("t.jsonl", "");
+        for args in [
+            &["rewards", "--set", "set.yaml", "c.jsonl"][..],
+            &["dag", "pipe.yaml"],
+            &["status", "pipe.yaml"],
+            &["run", "pipe.yaml", "--dry-run"],
+        ] {
             let r = p.run(args);
             assert_ne!(r.code, 0, "{entry}");
             assert!(r.stderr.contains(says), "{entry}: {}", r.stderr);

@@ -105,3 +105,29 @@ pub fn hash_file(path: &Path) -> anyhow::Result<String> {
     }
     Ok(h.finalize().to_hex().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_at_once_and_a_linked_folder_is_not_walked_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("preset.yaml");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path it is given.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_text_capped(&fifo, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "x").unwrap();
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("sub/link")).unwrap();
+        let listed = walk(dir.path()).unwrap();
+        assert!(listed.iter().any(|p| p.ends_with("sub/link")), "{listed:?}");
+        assert!(!listed.iter().any(|p| p.ends_with("link/secret")), "walked into a link: {listed:?}");
+        assert!(walk_following_links(dir.path()).unwrap().iter().any(|p| p.ends_with("link/secret")));
+        assert_eq!(symlinks_in(dir.path()).unwrap(), vec![dir.path().join("sub/link")]);
+    }
+}

@@ -204,6 +204,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn block_nesting_beyond_the_columns_is_found_before_parsing() {
+        let dashes = format!("x:\n  {}1\n", "- ".repeat(10_000));
+        let t = std::time::Instant::now();
+        let d = nesting_problem(std::path::Path::new("p.yaml"), &dashes).expect("refused");
+        assert!(d.to_string().contains("p.yaml:2") && d.to_string().contains("512 columns"), "{d}");
+        let keys = format!("{}a\n", "? ".repeat(10_000));
+        assert!(nesting_problem(std::path::Path::new("p.yaml"), &keys).is_some());
+        let indented: String = (0..2000).map(|i| format!("{}- a:\n", " ".repeat(i))).collect();
+        assert!(nesting_problem(std::path::Path::new("p.yaml"), &indented).is_some());
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // Ordinary files pass.
+        assert!(nesting_problem(std::path::Path::new("p.yaml"), "a:\n  - b: [1, {c: 2}]\n  - - x\n").is_none());
+    }
+
+    #[test]
     fn finds_lines_of_nested_keys_and_sequence_items() {
         let text = "name: x\nstages:\n  a:\n    kind: format\n    with:\n      limit: 3\n      qs:\n        - one\n        - two\n  b: {kind: sft, with: {lr: 1}}\n";
         let p = Positions::parse(text);
