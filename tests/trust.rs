@@ -441,6 +441,12 @@ fn a_read_only_cache_serves_status_show_verify_and_a_run_with_nothing_to_do() {
     assert_eq!(p.run(&["verify", "--cache", cache]).code, 0);
     let r = p.run(&["run", "pipe.yaml", "--cache", cache, "--force", "a"]);
     assert!(r.code == 1 && r.stderr.contains("is read-only, and 1 would have to run: `a` (forced)"), "{}", r.stderr);
+    // The private copy of the index is gone when the command ends.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = p.cmd(&["status", "pipe.yaml", "--cache", cache]).env("TMPDIR", tmp.path()).output().unwrap();
+    assert!(out.status.success());
+    let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "left in the temp folder: {left:?}");
 }
 
 /// A folder outside the cache with files of known modes, for planted links to point at.

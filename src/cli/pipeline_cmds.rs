@@ -280,7 +280,7 @@ pub fn repair(cache: Option<PathBuf>) -> Result<i32> {
     let root = workspace::cache_root_here(cache);
     let (restored, skipped) = workspace::repair(&root)?;
     println!(
-        "rebuilt the index of {}: {restored} record(s) restored, {skipped} skipped (artifacts missing; those stages rerun)",
+        "rebuilt the index of {}: {restored} record(s) restored, {skipped} skipped (unreadable, or their artifacts missing; those stages rerun)",
         root.display()
     );
     Ok(0)

@@ -215,7 +215,10 @@ impl<'t> RowText<'t> {
 /// completion would run past the model's context.
 pub fn check_prompts(model: &Transformer, prompts: &[Vec<u32>], params: &SamplingParams) -> Result<()> {
     if let Some(i) = prompts.iter().position(Vec::is_empty) {
-        bail!("prompt {i} encodes to no tokens: the chat template rendered nothing for it (check the tokenizer's chat template and the prompt)");
+        bail!(
+            "prompt {i} encodes to no tokens: the chat template rendered nothing for it, or the tokenizer made no \
+             tokens of what it rendered (check the tokenizer's chat template, its vocabulary and the prompt)"
+        );
     }
     let context = model.cfg.max_position_embeddings;
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);

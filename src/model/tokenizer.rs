@@ -91,6 +91,9 @@ impl ChatTokenizer {
     pub fn from_dir(dir: &Path) -> Result<ChatTokenizer> {
         let tj = dir.join("tokenizer.json");
         let tokenizer = read_tokenizer(&tj)?;
+        if tokenizer.get_vocab_size(true) == 0 {
+            bail!("{} has an empty vocabulary: no text can be tokenized with it", tj.display());
+        }
         let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let gc = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let cfg = read_json(&dir.join("config.json"))?.unwrap_or(Value::Null);

@@ -23,6 +23,9 @@ pub const MEMBER_SEPARATOR: char = '@';
 /// several pipelines, and the product is checked before any member is made.
 pub const MAX_MEMBERS: usize = 1024;
 
+/// The longest name a member may have.
+pub const MAX_MEMBER_NAME: usize = 128;
+
 /// A YAML scalar or key as its author wrote it (not Rust's Debug form).
 fn as_written(v: &Value) -> String {
     match v {
@@ -81,6 +84,15 @@ pub fn expand(stages: &Mapping) -> (Expanded, Vec<Problem>) {
                 combo.iter().map(|(_, n, _)| n.as_str()).collect::<Vec<_>>().join("-")
             );
             let which: Vec<String> = combo.iter().map(|(k, n, _)| format!("{k}={n}")).collect();
+            // The name becomes file names (plots, logs): kept well under a file name's 255 bytes.
+            if member.len() > MAX_MEMBER_NAME {
+                problems.push((
+                    path.clone(),
+                    format!("the member name `{member}` is {} bytes long; at most {MAX_MEMBER_NAME}", member.len()),
+                    Some("give the matrix's values shorter names (a mapping `{short: value}`)".into()),
+                ));
+                continue;
+            }
             if let Some(other) = made_by.insert(member.clone(), which.join(", ")) {
                 problems.push((
                     path.clone(),

@@ -179,7 +179,8 @@ impl Cache {
             }
         }
         tracing::info!(cache = %self.root.display(), snapshot = %snapshot.display(), "read-only cache: reading a snapshot of its index");
-        Ok(sled::Config::new().path(&snapshot).temporary(false).open()?)
+        // Removed when the last handle drops: no copy of the index is left in the temp folder.
+        Ok(sled::Config::new().path(&snapshot).temporary(true).open()?)
     }
 
     fn open_index(&self) -> Result<sled::Db> {
@@ -228,19 +229,24 @@ impl Cache {
         }
         let db = self.open_index()?;
         let mut records: Vec<StageRecord> = Vec::new();
+        let mut unreadable = 0;
         if let Ok(rd) = fs::read_dir(self.record_copies_dir()) {
             for e in rd.flatten() {
                 let p = e.path();
                 if p.extension().is_some_and(|x| x == "json") {
                     match fs::read(&p).map_err(anyhow::Error::from).and_then(|b| Ok(serde_json::from_slice(&b)?)) {
                         Ok(r) => records.push(r),
-                        Err(err) => eprintln!("skipping {}: {err:#}", p.display()),
+                        Err(err) => {
+                            // Counted with the skipped: a record that cannot be read is not restored.
+                            eprintln!("skipping {}: {err:#}", p.display());
+                            unreadable += 1;
+                        }
                     }
                 }
             }
         }
         records.sort_by_key(|r| r.finished_at);
-        let (mut restored, mut skipped) = (0, 0);
+        let (mut restored, mut skipped) = (0, unreadable);
         for r in records {
             if self.outputs_present(&r) {
                 self.put_record(&db, &r)?;

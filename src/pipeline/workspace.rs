@@ -143,7 +143,15 @@ impl<'r> Workspace<'r> {
             }
             _ => bail!("stage `{stage}` cannot have run yet: its inputs are not up to date"),
         };
-        let out = out.unwrap_or_else(|| self.cache.root.join("plots").join(stage));
+        let out = match out {
+            Some(o) => o,
+            // A read-only cache has no room for plots: say where else, before drawing anything.
+            None if self.cache.is_read_only() => anyhow::bail!(
+                "the cache {} is read-only, so the plots cannot go to its plots/ folder\n  hint: pass --out DIR",
+                self.cache.root.display()
+            ),
+            None => self.cache.root.join("plots").join(stage),
+        };
         let title = format!("{} / {stage} ({state})", self.pipeline.name);
         match kind.render(&artifacts, work_dir.as_deref(), &out, &title) {
             Some(page) => page,

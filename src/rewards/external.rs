@@ -159,6 +159,13 @@ impl RewardFn for UrlReward {
             req = req.set("Authorization", &format!("Bearer {token}"));
         }
         let reply = match req.send_json(request(samples)) {
+            // A redirect it did not follow (307/308 on a POST): not a reply to parse.
+            Ok(r) if !(200..300).contains(&r.status()) => bail!(
+                "reward server {} answered HTTP {}{}",
+                self.shown(),
+                r.status(),
+                if (300..400).contains(&r.status()) { " (a redirect: give the URL it points to)" } else { "" }
+            ),
             Ok(r) => r
                 .into_string()
                 .map_err(|e| anyhow!("reward server {}: reading its reply failed: {}", self.shown(), e.kind()))?,
