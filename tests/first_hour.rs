@@ -7,17 +7,14 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{gsm8k_rows, tiny_model, Project};
+use common::Project;
 
 /// A project with a tiny model and a little GSM8K-shaped data, and no `stages/`
 /// files of its own: every preset and reward set below is a built-in.
 fn project() -> Project {
-    let p = Project::new();
+    let p = common::tiny_project(5, 12);
     fs::remove_dir_all(p.root().join("stages")).unwrap();
     fs::write(p.root().join(".git"), "").unwrap(); // the project root marker of a user's repository
-    tiny_model(&p.root().join("models/tiny"), 5);
-    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(12));
-    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
     p
 }
 

@@ -7,14 +7,10 @@ mod common;
 use std::fs;
 use std::time::Duration;
 
-use common::{gsm8k_rows, tiny_model, Project};
+use common::{gsm8k_rows, Project};
 
 fn project() -> Project {
-    let p = Project::new();
-    tiny_model(&p.root().join("models/tiny"), 5);
-    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(12));
-    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
-    p
+    common::tiny_project(5, 12)
 }
 
 /// Reward 1 when the completion starts with a letter (not a space or a symbol): a random

@@ -8,16 +8,12 @@ use std::fs;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use common::{gsm8k_rows, tiny_model, Project};
+use common::{tiny_model, Project};
 use r1pipe::model::{load, Batch, Message, ModelRef};
 use r1pipe::train::sft;
 
 fn project() -> Project {
-    let p = Project::new();
-    tiny_model(&p.root().join("models/tiny"), 6);
-    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(8));
-    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
-    p
+    common::tiny_project(6, 8)
 }
 
 const PIPE: &str = r#"

@@ -5,14 +5,10 @@
 
 mod common;
 
-use common::{gsm8k_rows, tiny_model, Project};
+use common::Project;
 
 fn project() -> Project {
-    let p = Project::new();
-    tiny_model(&p.root().join("models/tiny"), 5);
-    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(12));
-    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
-    p
+    common::tiny_project(5, 12)
 }
 
 /// TRL's docs' GRPOConfig for DeepSeek-R1 as YAML, with what scripts around it

@@ -8,7 +8,7 @@ mod common;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use common::{gsm8k_rows, tiny_model, Project};
+use common::Project;
 
 const ONE: &str = "name: one\nstages:\n  a: { kind: test.counter, with: { steps: 2, text: alpha } }\n";
 
@@ -75,10 +75,7 @@ fn a_job_file_edited_after_the_head_wrote_it_is_refused_before_it_runs() {
 }
 
 fn grpo_project(program: &str) -> Project {
-    let p = Project::new();
-    tiny_model(&p.root().join("models/tiny"), 5);
-    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(12));
-    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
+    let p = common::tiny_project(5, 12);
     p.write("reward.py", program);
     p.write(
         "pipe.yaml",

@@ -97,7 +97,9 @@ pub fn with_defaults<P: Default + Serialize + DeserializeOwned>(value: &Value) -
                 Some(n) => format!("did you mean `{n}`?"),
                 None => super::diagnostic::suggest(k, &names, "keys"),
             };
-            ParamError::new(k.clone(), format!("unknown parameter `{k}`")).hint(hint)
+            // Shown escaped: a key may hold a newline or a NUL (a file that is not what it seems).
+            ParamError::new(k.escape_debug().to_string(), format!("unknown parameter `{}`", k.escape_debug()))
+                .hint(hint)
         })
         .collect();
     // Every problem in one pass: the known keys are typed even when some are unknown.
@@ -201,7 +203,7 @@ fn explain_serde_error(path: &str, msg: &str, given: Option<&Value>) -> ParamErr
             Some(n) => format!("did you mean `{n}`? valid keys: {}", list(&valid)),
             None => format!("valid keys: {}", list(&valid)),
         };
-        return ParamError::new(key, format!("unknown parameter `{field}`")).hint(hint);
+        return ParamError::new(key, format!("unknown parameter `{}`", field.escape_debug())).hint(hint);
     }
     if let Some(rest) = msg.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or(rest);

@@ -167,6 +167,17 @@ impl Run {
     }
 }
 
+/// A project with a tiny random model (`models/tiny`, seeded) and GSM8K-shaped
+/// data (`data/gsm8k/`, `train` rows for training and 2 for test): what the
+/// training stages' tests start from.
+pub fn tiny_project(seed: u64, train: usize) -> Project {
+    let p = Project::new();
+    tiny_model(&p.root().join("models/tiny"), seed);
+    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(train));
+    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
+    p
+}
+
 /// A small GSM8K-format data folder: `n` good rows per split.
 pub fn gsm8k_rows(n: usize) -> String {
     (0..n)
