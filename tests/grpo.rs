@@ -398,3 +398,22 @@ fn a_grpo_run_with_a_synced_reference_killed_after_a_checkpoint_resumes_bitwise(
     assert!(r.stderr.contains("resumed at step 2 of 4"), "{}", r.stderr);
     assert!(weights(&p, "grpo") == reference, "the resumed run's weights differ from the uninterrupted run's");
 }
+
+/// `importance_sampling_level: sequence` with `top_entropy_quantile` (each fine alone)
+/// trains end to end: the sequence-level term is broadcast over the entropy mask's tokens.
+#[test]
+fn sequence_level_ratios_and_the_entropy_mask_train_together() {
+    let p = project();
+    p.write(
+        "pipe.yaml",
+        &pipe("2", "f32").replace(
+            "      log_completions: 5\n",
+            "      log_completions: 5\n      importance_sampling_level: sequence\n      top_entropy_quantile: 0.5\n",
+        ),
+    );
+    let r = p.run(&["run", "pipe.yaml", "-q"]).ok();
+    assert!(r.stdout.contains("grpo: done in"), "{}", r.stdout);
+    let log = log_of(&p);
+    assert_eq!(log.len(), 2);
+    assert!(log.iter().all(|l| l["loss"].as_f64().is_some_and(f64::is_finite)), "{log:?}");
+}

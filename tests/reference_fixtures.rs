@@ -192,7 +192,8 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
 /// TRL 1.16's further loss types (cispo, sapo, luspo, vespo) and options
 /// (sequence-level ratios, δ, the off-policy mask, bias-corrected KL, the sampler's
 /// importance weights, the high-entropy token mask and the entropy bonus) against
-/// `_compute_loss` itself (tests/fixtures/make_grpo_loss.py, `option_cases`): the
+/// `_compute_loss` itself (tests/fixtures/make_grpo_loss.py, `option_cases`, and
+/// `pair_cases`: the options two at a time, and each with every loss type): the
 /// loss, its gradient with respect to the log-probabilities and to the entropy, and
 /// the logged KL, clipped fraction and entropy.
 #[test]
@@ -208,8 +209,12 @@ fn grpo_loss_options_match_trl() {
     let (sampling, is_ratio) = (t2(matrix("sampling_logp")), t2(matrix("is_ratio")));
     let adv: Vec<f64> = serde_json::from_value(f["advantages"].clone()).unwrap();
     let adv = Tensor::new(adv, &Device::Cpu).unwrap();
-    let cases = f["option_cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 14, "the fixture's option cases");
+    let options = f["option_cases"].as_array().unwrap();
+    assert_eq!(options.len(), 14, "the fixture's option cases");
+    // Every pair of the options TRL accepts together, and each option with every loss type.
+    let pairs = f["pair_cases"].as_array().unwrap();
+    assert_eq!(pairs.len(), 70, "the fixture's option combinations");
+    let cases = options.iter().chain(pairs);
     let close = |got: f64, want: f64, what: &str| assert!((got - want).abs() < 1e-12, "{what}: {got} vs TRL {want}");
     for case in cases {
         let loss_type: LossType = serde_json::from_value(case["loss_type"].clone()).unwrap();

@@ -334,7 +334,8 @@ pub fn loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossStats)> {
         per_token = per_token.broadcast_mul(&keep)?;
     }
     if let Some(m) = x.entropy_mask {
-        per_token = (per_token * m)?;
+        // A sequence-level term ([B, 1]) meets the token mask ([B, C]) by broadcasting, as in TRL.
+        per_token = per_token.broadcast_mul(m)?;
     }
     if let (Some(w), false) = (x.is_weight, cfg.loss_type == LossType::Vespo) {
         per_token = per_token.broadcast_mul(&w.detach())?;
