@@ -245,7 +245,12 @@ fn reference_precision(model: &Path, data: &Path) {
     let comps = generate(&m.model, &m.tokenizer, &prompts, 1, &params, &mut rng, None).unwrap();
     let specs: Vec<r1pipe::train::grpo::RowSpec> = comps
         .iter()
-        .map(|c| r1pipe::train::grpo::RowSpec { prompt: &prompts[c.prompt_index], tokens: &c.tokens, eos: c.eos })
+        .map(|c| r1pipe::train::grpo::RowSpec {
+            prompt: &prompts[c.prompt_index],
+            tokens: &c.tokens,
+            eos: c.eos,
+            tool_spans: &c.tool_spans,
+        })
         .collect();
     let rows = r1pipe::train::grpo::build_rows(&specs, m.tokenizer.eos_ids[0], 64, false);
     let packed = rows.pack(0..rows.len());

@@ -471,3 +471,15 @@ fn a_reward_server_scores_a_posted_batch_and_its_errors_are_named() {
     assert_eq!(batch["samples"][1]["completion"], "b");
     assert!(batch["samples"][0]["completion_tokens"].is_u64(), "{batch}");
 }
+
+#[test]
+fn tool_call_rewards_read_the_calls_and_their_results() {
+    let two = "48/2 = <<48/2=24>>24 and <<24+48=72>>72\n<answer>\n72\n</answer>";
+    let one_bad = "<<1/0=error: division by zero>> then <<2+2=4>>\n<answer>\n5\n</answer>";
+    assert_eq!(score("tool_calls", two, "72"), 0.5);
+    assert_eq!(score("tool_calls", one_bad, "5"), 0.25, "half the calls worked");
+    assert_eq!(score("tool_calls", "<answer>\n72\n</answer>", "72"), 0.0, "no calls");
+    assert_eq!(score("tool_result_used", two, "72"), 0.5, "the answer is the last call's result");
+    assert_eq!(score("tool_result_used", one_bad, "5"), 0.0, "5 is no call's result");
+    assert_eq!(score("tool_result_used", "<<3*4=12>> so 12", "12"), 0.5, "without <answer>, the last number");
+}

@@ -25,6 +25,25 @@ pub fn rationale(answer: &str) -> String {
     CALC_NOTE.replace_all(body, "").trim().to_string()
 }
 
+/// The worked solution before `####` with its calculator notes kept as the
+/// inline tool calls they are (`48/2 = <<48/2=24>>24`): what SFT trains a model
+/// that samples with a calculator on (the `24>>` a tool writes is masked there).
+pub fn rationale_with_calls(answer: &str) -> String {
+    answer.rsplit_once("####").map(|(b, _)| b).unwrap_or(answer).trim().to_string()
+}
+
+/// Byte ranges of `text` that a tool writes after an inline call: each
+/// `<<expr=` is the model's, the `result>>` after it the tool's.
+pub fn tool_result_spans(text: &str) -> Vec<std::ops::Range<usize>> {
+    CALC_NOTE
+        .find_iter(text)
+        .filter_map(|m| {
+            let eq = m.as_str().find('=')?;
+            Some(m.start() + eq + 1..m.end())
+        })
+        .collect()
+}
+
 /// The R1 answer format for a rationale and its final answer.
 pub fn think_answer(rationale: &str, answer: &str) -> String {
     format!("<think>\n{rationale}\n</think>\n<answer>\n{answer}\n</answer>")
@@ -52,5 +71,14 @@ mod tests {
             "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
         );
         assert_eq!(think_answer("r", "72"), "<think>\nr\n</think>\n<answer>\n72\n</answer>");
+    }
+
+    #[test]
+    fn calls_are_kept_and_their_results_found() {
+        let kept = rationale_with_calls(NATALIA);
+        assert!(kept.contains("<<48/2=24>>24") && !kept.contains("####"));
+        let spans = tool_result_spans(&kept);
+        let results: Vec<&str> = spans.iter().map(|r| &kept[r.clone()]).collect();
+        assert_eq!(results, vec!["24>>", "72>>"]);
     }
 }

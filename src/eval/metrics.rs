@@ -25,6 +25,9 @@ pub struct Verdict {
     pub soft_format: bool,
     pub tokens: usize,
     pub truncated: bool,
+    /// Tool calls the completion made, and how many of them failed.
+    pub tool_calls: usize,
+    pub tool_errors: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +42,14 @@ pub struct ModelMetrics {
     pub soft_format: f64,
     pub mean_completion_tokens: f64,
     pub truncation_rate: f64,
+    /// With tools: calls per completion, the share of calls that failed, and the
+    /// share of completions that called a tool at all (absent without tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls_per_completion: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_error_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used_tool_rate: Option<f64>,
 }
 
 /// A paired comparison of two models on the questions both answered.
@@ -86,14 +97,37 @@ impl ModelMetrics {
             soft_format: frac(count(&|x| x.soft_format)),
             mean_completion_tokens: v.iter().map(|x| x.tokens as f64).sum::<f64>() / n.max(1) as f64,
             truncation_rate: frac(count(&|x| x.truncated)),
+            tool_calls_per_completion: None,
+            tool_error_rate: None,
+            used_tool_rate: None,
+        }
+    }
+
+    /// [`ModelMetrics::of`] for a model evaluated with tools: also what it did with them.
+    pub fn with_tools(v: &[Verdict]) -> ModelMetrics {
+        let calls: usize = v.iter().map(|x| x.tool_calls).sum();
+        let errors: usize = v.iter().map(|x| x.tool_errors).sum();
+        let n = v.len().max(1) as f64;
+        ModelMetrics {
+            tool_calls_per_completion: Some(calls as f64 / n),
+            tool_error_rate: Some(errors as f64 / calls.max(1) as f64),
+            used_tool_rate: Some(v.iter().filter(|x| x.tool_calls > 0).count() as f64 / n),
+            ..ModelMetrics::of(v)
         }
     }
 }
 
 impl EvalMetrics {
-    /// Metrics of every model and the paired comparisons between every two (in name order).
-    pub fn of(questions: usize, num_fewshot: usize, verdicts: &BTreeMap<String, Vec<Verdict>>) -> EvalMetrics {
-        let models = verdicts.iter().map(|(k, v)| (k.clone(), ModelMetrics::of(v))).collect();
+    /// Metrics of every model and the paired comparisons between every two (in
+    /// name order); `tools`: the models were evaluated with tools.
+    pub fn of(
+        questions: usize,
+        num_fewshot: usize,
+        verdicts: &BTreeMap<String, Vec<Verdict>>,
+        tools: bool,
+    ) -> EvalMetrics {
+        let per_model = if tools { ModelMetrics::with_tools } else { ModelMetrics::of };
+        let models = verdicts.iter().map(|(k, v)| (k.clone(), per_model(v))).collect();
         let names: Vec<&String> = verdicts.keys().collect();
         let mut comparisons = Vec::new();
         for (i, a) in names.iter().enumerate() {
@@ -130,6 +164,9 @@ impl EvalMetrics {
                             soft_format: f("soft_format"),
                             mean_completion_tokens: f("mean_completion_tokens"),
                             truncation_rate: f("truncation_rate"),
+                            tool_calls_per_completion: None,
+                            tool_error_rate: None,
+                            used_tool_rate: None,
                         },
                     );
                 }
@@ -239,6 +276,8 @@ mod tests {
             soft_format: strict,
             tokens: 10,
             truncated: false,
+            tool_calls: 0,
+            tool_errors: 0,
         }
     }
 
@@ -246,7 +285,8 @@ mod tests {
     fn metrics_carry_intervals_and_paired_tests_and_read_back() {
         let base: Vec<Verdict> = (0..20).map(|i| v(i, false, i < 2)).collect();
         let tuned: Vec<Verdict> = (0..20).map(|i| v(i, i < 12, i < 13)).collect();
-        let m = EvalMetrics::of(20, 0, &BTreeMap::from([("base".to_string(), base), ("tuned".to_string(), tuned)]));
+        let m =
+            EvalMetrics::of(20, 0, &BTreeMap::from([("base".to_string(), base), ("tuned".to_string(), tuned)]), false);
         let t = &m.models["tuned"];
         assert_eq!((t.n, t.accuracy_strict, t.accuracy_flexible), (20, 0.6, Some(0.65)));
         assert_eq!(t.accuracy_strict_ci95, Some(wilson95(12, 20)));

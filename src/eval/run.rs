@@ -18,10 +18,12 @@ use crate::common::Host;
 use crate::data::gsm8k::think_answer;
 use crate::data::jsonl::{self, Appender};
 use crate::data::{Message, PromptRow};
-use crate::model::{ChatTokenizer, FinishReason, SamplingParams};
+use crate::model::tool_call::ToolCall;
+use crate::model::{ChatTokenizer, Completion, FinishReason, SamplingParams};
 use crate::rewards::answer::{gsm8k_equal, xml_answer};
 use crate::rewards::functions::{Correctness, SoftFormat, StrictFormat};
 use crate::rewards::{Sample, Scorer};
+use crate::rollout::tools::{Tool, ToolSettings};
 use crate::rollout::Sampler;
 
 /// One evaluated test question.
@@ -44,6 +46,9 @@ pub struct EvalSample {
     pub soft_format: bool,
     pub tokens: usize,
     pub finish_reason: FinishReason,
+    /// The tool calls the completion made (with tools), each with what it was shown.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
 }
 
 impl EvalSample {
@@ -56,6 +61,8 @@ impl EvalSample {
             soft_format: self.soft_format,
             tokens: self.tokens,
             truncated: self.finish_reason == FinishReason::Length,
+            tool_calls: self.tool_calls.len(),
+            tool_errors: self.tool_calls.iter().filter(|c| c.error).count(),
         }
     }
 }
@@ -70,6 +77,9 @@ pub struct EvalSettings {
     /// Seeds each batch's sampler by its first question's index, so a resumed
     /// evaluation samples exactly as an uninterrupted one.
     pub seed: u64,
+    /// Tools that answer the model's inline calls, and the folder programs run in.
+    pub tools: ToolSettings,
+    pub tool_dir: PathBuf,
 }
 
 /// The samples of `model` an interrupted run already finished (in `host`'s work
@@ -106,22 +116,35 @@ pub fn evaluate(
     // Seeded by question, so a question samples alike whatever batch it runs in.
     let seed_of = |k: usize| settings.seed ^ (todo[k] as u64) << 20;
     let mut samples = Vec::with_capacity(todo.len());
-    let result = sampler.complete_each(
-        tokenizer,
-        &prompts,
-        settings.batch_size,
-        &settings.sampling,
-        &seed_of,
-        Some(host.cancel()),
-        &mut |k, c| {
-            let i = todo[k];
-            let s = judge.sample(model, i, &rows[i], &c.text, c.tokens.len(), c.finish_reason);
-            out.append(&s)?;
-            samples.push(s);
-            bar.inc(1);
-            Ok(())
-        },
-    );
+    let mut on_done = |k: usize, c: Completion| {
+        let i = todo[k];
+        let model_tokens = c.tokens.len() - c.tool_spans.iter().map(|r| r.len()).sum::<usize>();
+        let mut s = judge.sample(model, i, &rows[i], &c.text, model_tokens, c.finish_reason);
+        s.tool_calls = c.tool_calls;
+        out.append(&s)?;
+        samples.push(s);
+        bar.inc(1);
+        Ok(())
+    };
+    let (slots, params, cancel) = (settings.batch_size, &settings.sampling, Some(host.cancel()));
+    let result = match settings.tools.tool() {
+        Some(spec) => {
+            let mut tool = Tool::new(spec, &settings.tool_dir);
+            let tools = &settings.tools;
+            sampler.complete_each_with_tools(
+                tokenizer,
+                &prompts,
+                slots,
+                params,
+                &seed_of,
+                cancel,
+                tools,
+                &mut tool,
+                &mut on_done,
+            )
+        }
+        None => sampler.complete_each(tokenizer, &prompts, slots, params, &seed_of, cancel, &mut on_done),
+    };
     match result {
         Ok(()) => bar.finish_and_clear(),
         Err(e) => {
@@ -168,6 +191,7 @@ impl Judge {
             soft_format: self.soft.score(&sample) > 0.0,
             tokens,
             finish_reason,
+            tool_calls: Vec::new(),
         }
     }
 }

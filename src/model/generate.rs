@@ -35,6 +35,10 @@ pub struct SamplingParams {
     /// out unless `include_stop_str_in_output` (vLLM's names).
     pub stop: Vec<String>,
     pub include_stop_str_in_output: bool,
+    /// Stop at an inline tool call (`<<expr=`) so that a tool can answer it
+    /// (`rollout::tools`); set by the tool loop, never by a user.
+    #[serde(skip)]
+    pub tool_call: bool,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +52,7 @@ impl Default for SamplingParams {
             max_new_tokens: 256,
             stop: Vec::new(),
             include_stop_str_in_output: false,
+            tool_call: false,
         }
     }
 }
@@ -82,6 +87,8 @@ pub enum FinishReason {
     Stop,
     /// `max_new_tokens` reached.
     Length,
+    /// An inline tool call (`<<expr=`): a segment that a tool's result continues.
+    ToolCall,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -97,6 +104,12 @@ pub struct Completion {
     /// The sampler's log-probability of each sampled token (EOS included when
     /// `eos`), when an inference server returned them; `None` from local generation.
     pub sampling_logprobs: Option<Vec<f32>>,
+    /// Ranges of `tokens` that a tool wrote (its results): context, never trained on.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_spans: Vec<std::ops::Range<usize>>,
+    /// The calls the completion made, in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<super::tool_call::ToolCall>,
 }
 
 /// Streams text as it is generated: (row, new text).
@@ -178,6 +191,9 @@ impl<'t> RowText<'t> {
                 return Ok(Some(FinishReason::Stop));
             }
         }
+        if params.tool_call && super::tool_call::pending_call(&self.text).is_some() {
+            return Ok(Some(FinishReason::ToolCall));
+        }
         Ok((self.tokens.len() >= params.max_new_tokens).then_some(FinishReason::Length))
     }
 
@@ -206,6 +222,8 @@ impl<'t> RowText<'t> {
             finish_reason: reason,
             eos: self.eos,
             sampling_logprobs: None,
+            tool_spans: Vec::new(),
+            tool_calls: Vec::new(),
         })
     }
 }

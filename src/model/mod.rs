@@ -20,6 +20,7 @@ pub mod ops;
 pub mod peft;
 mod template_limits;
 pub mod tokenizer;
+pub mod tool_call;
 pub mod transformer;
 pub mod vocab_logprobs;
 

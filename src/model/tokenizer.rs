@@ -191,6 +191,12 @@ impl ChatTokenizer {
         Ok(self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
     }
 
+    /// Token ids of `text` with the byte range of `text` each came from.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Vec<(u32, std::ops::Range<usize>)>> {
+        let e = self.tokenizer.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(e.get_ids().iter().zip(e.get_offsets()).map(|(&id, &(a, b))| (id, a..b)).collect())
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
     }

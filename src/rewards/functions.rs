@@ -97,6 +97,14 @@ pub fn lookup(name: &str) -> Option<&'static Builtin> {
 }
 
 /// `(lo, hi)` of a reward that pays `v` or nothing.
+/// The results of a completion's inline tool calls: `r` of each `<<expr=r>>`.
+fn tool_results(completion: &str) -> Vec<&str> {
+    crate::data::gsm8k::tool_result_spans(completion)
+        .into_iter()
+        .map(|r| completion[r].trim_end_matches(">>"))
+        .collect()
+}
+
 fn paid(v: f32) -> (f32, f32) {
     (v.min(0.0), v.max(0.0))
 }
@@ -198,6 +206,33 @@ builtins! {
             Regex::new(r"(?s)\A<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>\n?\z").expect("static regex")
         });
         if RE.is_match(s.completion) { p.value } else { 0.0 }
+    }
+
+    /// `value` × the share of the completion's inline tool calls (`<<expr=result>>`) that the tool answered without an error; 0 without calls
+    "tool_calls" => ToolCalls {
+        /// what a completion whose calls all worked earns
+        value: f32 = 0.5,
+    }
+    range(p) { paid(p.value) }
+    score(p, s) {
+        let results = tool_results(s.completion);
+        if results.is_empty() {
+            return 0.0;
+        }
+        let ok = results.iter().filter(|r| !r.trim_start().starts_with("error")).count();
+        p.value * ok as f32 / results.len() as f32
+    }
+
+    /// `value` if the final <answer> (or, without one, the last number) is the result of one of the completion's tool calls
+    "tool_result_used" => ToolResultUsed {
+        /// what an answer taken from a tool's result earns
+        value: f32 = 0.5,
+    }
+    range(p) { paid(p.value) }
+    score(p, s) {
+        let answer = xml_answer(s.completion).map(str::to_string).or_else(|| crate::eval::extract::last_number(s.completion));
+        let Some(answer) = answer else { return 0.0 };
+        if tool_results(s.completion).iter().any(|r| gsm8k_equal(&answer, r.trim())) { p.value } else { 0.0 }
     }
 
     /// `value` if <think>…</think> then <answer>…</answer> appears anywhere

@@ -4,8 +4,10 @@
 //! bounded retries, and [`Sampler`] gives GRPO, evaluate and infer one way to
 //! ask for completions whether they come from the local model or a server.
 
+pub mod calculator;
 pub mod client;
 mod sampler;
+pub mod tools;
 
 pub use client::{Choice, Client, CompletionRequest};
 pub use sampler::Sampler;

@@ -7,6 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::client::{Choice, Client, CompletionRequest};
+use super::tools::{sample_with_tools, segment_seed, Tool, ToolSettings};
 use crate::common::CancelToken;
 use crate::model::batching::{generate_continuous, Slots};
 use crate::model::{generate, ChatTokenizer, Completion, FinishReason, SamplingParams, Transformer};
@@ -56,6 +57,80 @@ impl Sampler<'_> {
                 Ok(())
             }
         }
+    }
+
+    /// [`Sampler::complete_each`] with the model's inline tool calls answered by
+    /// `tool`: a row at a call waits for its result in the next wave while the
+    /// others go on; its segments are seeded from `seed_of(i)` and the wave.
+    #[allow(clippy::too_many_arguments)]
+    pub fn complete_each_with_tools(
+        &self,
+        tok: &ChatTokenizer,
+        prompts: &[Vec<u32>],
+        slots: usize,
+        params: &SamplingParams,
+        seed_of: &dyn Fn(usize) -> u64,
+        cancel: Option<&CancelToken>,
+        tools: &ToolSettings,
+        tool: &mut Tool,
+        on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
+    ) -> Result<()> {
+        sample_with_tools(
+            tok,
+            prompts,
+            params,
+            tools,
+            tool,
+            &mut |wave, p, on_segment| {
+                let seed = |j: usize| segment_seed(seed_of(wave.rows[j]), wave.iteration);
+                self.complete_each(tok, &wave.contexts, slots, p, &seed, cancel, on_segment)
+            },
+            &mut |c| on_done(c.prompt_index, c),
+        )
+    }
+
+    /// [`Sampler::sample`] with the model's inline tool calls answered by `tool`:
+    /// `n` completions of each prompt, prompt after prompt.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_with_tools(
+        &self,
+        tok: &ChatTokenizer,
+        prompts: &[Vec<u32>],
+        n: usize,
+        params: &SamplingParams,
+        rng: &mut ChaCha8Rng,
+        logprobs: bool,
+        tools: &ToolSettings,
+        tool: &mut Tool,
+    ) -> Result<Vec<Completion>> {
+        let contexts: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
+        let mut out: Vec<Option<Completion>> = vec![None; contexts.len()];
+        sample_with_tools(
+            tok,
+            &contexts,
+            params,
+            tools,
+            tool,
+            &mut |wave, p, on_segment| {
+                for c in self.sample(tok, &wave.contexts, 1, p, rng, logprobs)? {
+                    on_segment(c.prompt_index, c)?;
+                }
+                Ok(())
+            },
+            &mut |c| {
+                let i = c.prompt_index;
+                out[i] = Some(c);
+                Ok(())
+            },
+        )?;
+        out.into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let mut c = c.ok_or_else(|| anyhow::anyhow!("completion {i} was not sampled"))?;
+                c.prompt_index = i / n.max(1);
+                Ok(c)
+            })
+            .collect()
     }
 
     /// `n` completions of each prompt (prompt after prompt). `logprobs`: also the
@@ -148,5 +223,14 @@ fn completion(prompt_index: usize, c: Choice, tok: &ChatTokenizer, max_new: usiz
             );
         }
     }
-    Ok(Completion { prompt_index, tokens, text: c.text, finish_reason, eos, sampling_logprobs: c.logprobs })
+    Ok(Completion {
+        prompt_index,
+        tokens,
+        text: c.text,
+        finish_reason,
+        eos,
+        sampling_logprobs: c.logprobs,
+        tool_spans: Vec::new(),
+        tool_calls: Vec::new(),
+    })
 }

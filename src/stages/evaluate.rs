@@ -21,6 +21,7 @@ use crate::eval::metrics::EvalMetrics;
 use crate::eval::run::{self, EvalSettings};
 use crate::model::SamplingParams;
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
+use crate::rollout::tools::ToolSettings;
 use crate::rollout::ServerConfig;
 
 /// The stage's parameters (every one with a default; the required ones are checked).
@@ -39,6 +40,9 @@ struct Params {
     train: Option<String>,
     #[serde(flatten)]
     sampling: SamplingParams,
+    /// Tools that answer the models' inline calls (`<<expr=`), as in training.
+    #[serde(flatten)]
+    tools: ToolSettings,
 }
 
 impl Default for Params {
@@ -51,6 +55,7 @@ impl Default for Params {
             num_fewshot: 0,
             train: None,
             sampling: SamplingParams::default(),
+            tools: ToolSettings::default(),
         }
     }
 }
@@ -145,6 +150,13 @@ impl StageKind for Evaluate {
         }
         let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
+        errors.extend(p.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
+        if p.tools.tool().is_some() && p.models.values().any(|m| m.rollout().is_some()) {
+            errors.push(
+                ParamError::new("tools", "tool calls are answered on completions sampled here, not yet on a server's")
+                    .hint("evaluate served models without `tools:`, or in a stage of their own"),
+            );
+        }
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         if p.test.trim().is_empty() {
             errors.push(ParamError::new("test", "required parameter is missing").hint("test: ${prompts.test}"));
@@ -198,8 +210,14 @@ impl StageKind for Evaluate {
             }
             _ => Vec::new(),
         };
-        let settings =
-            EvalSettings { sampling: p.sampling.clone(), batch_size: p.batch_size, shots, seed: ctx.env.seed };
+        let settings = EvalSettings {
+            sampling: p.sampling.clone(),
+            batch_size: p.batch_size,
+            shots,
+            seed: ctx.env.seed,
+            tools: p.tools.clone(),
+            tool_dir: ctx.project.root.clone(),
+        };
         let mut all = Vec::new();
         let mut verdicts = BTreeMap::new();
         for (name, entry) in &p.models {
@@ -216,7 +234,7 @@ impl StageKind for Evaluate {
             all.extend(done);
         }
         jsonl::write(&ctx.output_path("samples"), &all)?;
-        let metrics = EvalMetrics::of(rows.len(), p.num_fewshot, &verdicts);
+        let metrics = EvalMetrics::of(rows.len(), p.num_fewshot, &verdicts, p.tools.tool().is_some());
         let value = serde_json::to_value(&metrics)?;
         std::fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&value)?)?;
         ctx.set_metrics(value);

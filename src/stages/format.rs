@@ -34,6 +34,11 @@ pub struct Params {
     /// hyperparameters are chosen on, so the test split is only ever reported.
     #[serde(default)]
     pub validation: usize,
+    /// Keep GSM8K's calculator notes in the rationales as inline tool calls
+    /// (`<<48/2=24>>`), so that SFT teaches a model to call the calculator
+    /// (`tools: [calculator]` on the stages that sample); else they are removed.
+    #[serde(default)]
+    pub tool_calls: bool,
 }
 
 impl Default for Params {
@@ -45,6 +50,7 @@ impl Default for Params {
             shuffle_seed: None,
             strict: false,
             validation: 0,
+            tool_calls: false,
         }
     }
 }
@@ -183,7 +189,11 @@ fn format_split(file: &Path, p: &Params, split: &str) -> Result<(Vec<PromptRow>,
             prompt: vec![Message::new("system", &p.system_prompt), Message::new("user", &question)],
             question,
             answer,
-            rationale: gsm8k::rationale(answer_text),
+            rationale: if p.tool_calls {
+                gsm8k::rationale_with_calls(answer_text)
+            } else {
+                gsm8k::rationale(answer_text)
+            },
         });
     }
     if !dropped.is_empty() {

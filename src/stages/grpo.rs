@@ -118,6 +118,12 @@ impl StageKind for Grpo {
                 })),
             }
         }
+        if server.is_some() && !p.grpo.tools.tools.is_empty() {
+            errors.push(
+                ParamError::new("tools", "tool calls are answered on rollouts sampled here, not yet on a server's")
+                    .hint("drop `rollout:` to sample with tools locally, or drop `tools:`"),
+            );
+        }
         if server.is_some() && p.grpo.training.lora.is_none() {
             errors.push(
                 ParamError::new(
@@ -158,7 +164,14 @@ impl StageKind for Grpo {
         let tok = loaded.tokenizer.clone();
         let training_cfg = p.grpo.training.clone();
         let mut evaluator = match &p.eval_dataset {
-            Some(d) => Some(evaluator(&p.grpo, &training::data_path(d, &ctx.project), &tok, &rewards, ctx.env.seed)?),
+            Some(d) => Some(evaluator(
+                &p.grpo,
+                &ctx.project.root,
+                &training::data_path(d, &ctx.project),
+                &tok,
+                &rewards,
+                ctx.env.seed,
+            )?),
             None => None,
         };
         let evaluation = match evaluator.as_mut() {
@@ -170,7 +183,8 @@ impl StageKind for Grpo {
             }),
             None => None,
         };
-        let mut algo = GrpoAlgorithm::new(p.grpo, &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?;
+        let mut algo = GrpoAlgorithm::new(p.grpo, &loaded.model, &tok, &rewards, prompts, ctx.env.seed)?
+            .with_tools(&ctx.project.root);
         if let Some(rc) = &p.rollout {
             let server = RolloutServer::new(
                 Client::new(rc, ctx.cancel.clone())?,
@@ -191,6 +205,7 @@ impl StageKind for Grpo {
 /// `max_completion_length` new tokens, as the `evaluate` stage judges them.
 fn evaluator<'a>(
     cfg: &GrpoConfig,
+    dir: &std::path::Path,
     path: &std::path::Path,
     tok: &'a ChatTokenizer,
     rewards: &'a RewardSet,
@@ -204,7 +219,8 @@ fn evaluator<'a>(
         bail!("eval_dataset: {} has no prompts to evaluate on", path.display());
     }
     let generations = cfg.num_generations_eval.unwrap_or(1);
-    Ok(TaskEvaluator::new(tok, rows, generations, rewards, cfg.sampling(), cfg.per_device_eval_batch_size, seed))
+    Ok(TaskEvaluator::new(tok, rows, generations, rewards, cfg.sampling(), cfg.per_device_eval_batch_size, seed)
+        .with_tools(cfg.tools.clone(), dir))
 }
 
 /// The reward set with TRL's `reward_weights` in place of its own weights, one

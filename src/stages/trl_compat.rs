@@ -166,7 +166,6 @@ fn instead(field: &str) -> &'static str {
             "sampling is r1pipe's own continuous batching with the stage's sampling settings (temperature, top_p, \
              top_k, min_p, repetition_penalty); a step samples its whole batch"
         }
-        "max_tool_calling_iterations" => "tool calls are not offered yet",
         "packing_strategy" | "padding_free" => {
             "`packing: true` packs examples into rows greedily, attention never \
                                                 crossing examples"

@@ -527,6 +527,55 @@ mod tests {
         loss(&x, cfg)
     }
 
+    /// A tool's result inside a completion (mask 0 between model tokens): its
+    /// tokens get exactly no gradient from any loss type, the KL or the entropy
+    /// bonus, while the model's tokens around it are trained on.
+    #[test]
+    fn a_tools_result_tokens_get_exactly_no_gradient() {
+        use candle_core::Var;
+        let d = Device::Cpu;
+        // Row 0: model, tool, tool, model; row 1: model, model, pad, pad.
+        let logp = Var::new(&[[-1.0f64, -0.5, -2.0, -0.7], [-0.2, -1.5, -9.0, -9.0]], &d).unwrap();
+        let old = Tensor::new(&[[-1.1f64, -0.4, -1.0, -0.6], [-0.2, -1.0, -9.0, -9.0]], &d).unwrap();
+        let refp = Tensor::new(&[[-1.0f64, -0.7, -2.2, -0.8], [-0.3, -1.5, -9.0, -9.0]], &d).unwrap();
+        let entropy = Var::new(&[[0.5f64, 1.5, 2.0, 0.7], [0.2, 0.9, 0.0, 0.0]], &d).unwrap();
+        let adv = Tensor::new(&[1.0f64, -2.0], &d).unwrap();
+        let mask = Tensor::new(&[[1.0f64, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]], &d).unwrap();
+        for lt in [
+            LossType::Grpo,
+            LossType::Bnpo,
+            LossType::Dapo,
+            LossType::DrGrpo,
+            LossType::Cispo,
+            LossType::Sapo,
+            LossType::Vespo,
+        ] {
+            let mut c = cfg(lt, 0.04);
+            c.use_bias_correction_kl = true;
+            c.entropy_coef = 0.01;
+            let x = LossInputs {
+                logp: logp.as_tensor(),
+                old_logp: &old,
+                ref_logp: Some(&refp),
+                sampling_logp: None,
+                adv: &adv,
+                mask: &mask,
+                is_weight: None,
+                entropy: Some(entropy.as_tensor()),
+                entropy_mask: None,
+            };
+            let (l, _) = loss(&x, &c).unwrap();
+            let grads = l.backward().unwrap();
+            let g: Vec<Vec<f64>> = grads.get(logp.as_tensor()).unwrap().to_vec2().unwrap();
+            let h: Vec<Vec<f64>> = grads.get(entropy.as_tensor()).unwrap().to_vec2().unwrap();
+            for (j, k) in [(0, 1), (0, 2)] {
+                assert_eq!(g[j][k], 0.0, "{lt:?}: ∂loss/∂logp at a tool token");
+                assert_eq!(h[j][k], 0.0, "{lt:?}: ∂loss/∂entropy at a tool token");
+            }
+            assert!(g[0][0] != 0.0 && g[0][3] != 0.0, "{lt:?}: the model's tokens around it are trained on");
+        }
+    }
+
     #[test]
     fn each_loss_type_matches_a_hand_computed_example() {
         let (logp, old, refp, adv, mask) = case();

@@ -75,6 +75,20 @@ pub fn tokenize(tok: &ChatTokenizer, messages: &[Message], max_len: usize) -> Re
             *t = true;
         }
     }
+    // What a tool writes after an inline call (`<<48/2=` is the model's, `24>>` the
+    // calculator's) is context, as in GRPO's rollouts: not trained on.
+    let text = tok.apply_chat_template(messages, false)?;
+    let spans = crate::data::gsm8k::tool_result_spans(&text);
+    if !spans.is_empty() {
+        let tokens = tok.encode_with_offsets(&text)?;
+        if tokens.len() == full.len() {
+            for (t, (_, at)) in targets.iter_mut().zip(&tokens) {
+                if spans.iter().any(|s| at.start < s.end && s.start < at.end) {
+                    *t = false;
+                }
+            }
+        }
+    }
     let truncated = full.len() > max_len;
     let n = full.len().min(max_len);
     Ok(Example { ids: full[..n].to_vec(), targets: targets[..n].to_vec(), truncated })

@@ -16,6 +16,7 @@ use crate::eval::run::{self, EvalSettings};
 use crate::model::{ChatTokenizer, SamplingParams, Transformer};
 use crate::rewards::set::mean;
 use crate::rewards::{RewardSet, Sample};
+use crate::rollout::tools::ToolSettings;
 use crate::rollout::Sampler;
 
 /// The metrics an evaluation during training reports (`eval/<name>` in the log).
@@ -37,6 +38,9 @@ pub struct TaskEvaluator<'a> {
     pub sampling: SamplingParams,
     pub batch_size: usize,
     pub seed: u64,
+    /// The training's tools (evaluation samples as training does), and where programs run.
+    pub tools: ToolSettings,
+    pub tool_dir: std::path::PathBuf,
 }
 
 impl<'a> TaskEvaluator<'a> {
@@ -53,7 +57,23 @@ impl<'a> TaskEvaluator<'a> {
     ) -> Self {
         let sampling = if generations <= 1 { SamplingParams { temperature: 0.0, ..sampling } } else { sampling };
         let rows = questions.iter().flat_map(|q| std::iter::repeat_n(q.clone(), generations.max(1))).collect();
-        TaskEvaluator { tokenizer, rows, rewards, sampling, batch_size, seed }
+        TaskEvaluator {
+            tokenizer,
+            rows,
+            rewards,
+            sampling,
+            batch_size,
+            seed,
+            tools: ToolSettings::default(),
+            tool_dir: std::path::PathBuf::from("."),
+        }
+    }
+
+    /// Sample with the training's tools, programs running in `dir`.
+    pub fn with_tools(mut self, tools: ToolSettings, dir: &std::path::Path) -> Self {
+        self.tools = tools;
+        self.tool_dir = dir.to_path_buf();
+        self
     }
 }
 
@@ -68,6 +88,8 @@ impl Evaluator for TaskEvaluator<'_> {
             batch_size: self.batch_size,
             shots: Vec::new(),
             seed: self.seed ^ step.wrapping_mul(0x9e37_79b9),
+            tools: self.tools.clone(),
+            tool_dir: self.tool_dir.clone(),
         };
         if !todo.is_empty() {
             let sampler = Sampler::Local(model);

@@ -12,6 +12,7 @@ use super::super::schedule::Schedule;
 use crate::common::params::batch_problem;
 use crate::common::ParamError;
 use crate::model::SamplingParams;
+use crate::rollout::tools::ToolSettings;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GrpoConfig {
@@ -100,6 +101,9 @@ pub struct GrpoConfig {
     pub vllm_importance_sampling_mode: IsMode,
     pub vllm_importance_sampling_clip_min: Option<f64>,
     pub vllm_importance_sampling_clip_max: Option<f64>,
+    /// Tool calls in rollouts (`tools`, `max_tool_calling_iterations`: TRL's names).
+    #[serde(flatten)]
+    pub tools: ToolSettings,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -178,6 +182,7 @@ impl Default for GrpoConfig {
             vllm_importance_sampling_mode: IsMode::SequenceMask,
             vllm_importance_sampling_clip_min: None,
             vllm_importance_sampling_clip_max: Some(3.0),
+            tools: ToolSettings::default(),
         }
     }
 }
@@ -194,6 +199,7 @@ impl GrpoConfig {
             max_new_tokens: self.max_completion_length,
             stop: Vec::new(),
             include_stop_str_in_output: false,
+            tool_call: false,
         }
     }
 
@@ -235,6 +241,7 @@ impl GrpoConfig {
     /// Every problem with the settings, in the YAML's field names.
     pub fn problems(&self) -> Vec<ParamError> {
         let mut errors = self.training.problems();
+        errors.extend(self.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
         for (k, v) in [
             ("num_iterations", self.num_iterations),
             ("max_completion_length", self.max_completion_length),

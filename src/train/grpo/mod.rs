@@ -34,6 +34,7 @@ use crate::kernels::transfer;
 use crate::model::{Batch, ChatTokenizer, Completion, Pass, Transformer};
 use crate::rewards::set::{mean, std};
 use crate::rewards::{RewardSet, Sample, Scores};
+use crate::rollout::tools::Tool;
 use crate::rollout::Sampler;
 
 /// A training prompt, tokenized.
@@ -126,6 +127,11 @@ pub struct GrpoLog {
     /// `rewards/<name>/mean` and `rewards/<name>/std` per reward function.
     #[serde(flatten)]
     pub per_function: std::collections::BTreeMap<String, f64>,
+    /// With `tools`: calls per completion, and the share of calls that failed (TRL's names).
+    #[serde(rename = "tools/call_frequency", skip_serializing_if = "Option::is_none")]
+    pub tool_call_frequency: Option<f64>,
+    #[serde(rename = "tools/failure_frequency", skip_serializing_if = "Option::is_none")]
+    pub tool_failure_frequency: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub completions: Option<Vec<LoggedCompletion>>,
 }
@@ -228,6 +234,8 @@ pub struct GrpoAlgorithm<'a> {
     server: Option<RolloutServer>,
     /// Said once that the server's replies carry no log-probabilities to correct with.
     said_no_sampler_logprobs: bool,
+    /// What answers the model's inline tool calls (`tools:`), started in the stage's folder.
+    tool: Option<Tool>,
 }
 
 impl<'a> GrpoAlgorithm<'a> {
@@ -267,7 +275,14 @@ impl<'a> GrpoAlgorithm<'a> {
             rewards_seen: vec![],
             server: None,
             said_no_sampler_logprobs: false,
+            tool: None,
         })
+    }
+
+    /// Answer the model's tool calls with `cfg.tools`' tool, run in `dir` (the project root).
+    pub fn with_tools(mut self, dir: &std::path::Path) -> Self {
+        self.tool = self.cfg.tools.tool().map(|spec| Tool::new(spec, dir));
+        self
     }
 
     /// Take rollouts from an inference server (the policy must have LoRA adapters
@@ -316,14 +331,27 @@ impl<'a> GrpoAlgorithm<'a> {
             };
             from_server = server;
             // A server's log-probabilities of its samples show how far off-policy they are.
-            let comps = sampler.sample(self.tok, &prompt_ids, g, &self.cfg.sampling(), &mut self.state.rng, server)?;
+            let params = self.cfg.sampling();
+            let comps = match self.tool.as_mut() {
+                Some(tool) => sampler.sample_with_tools(
+                    self.tok,
+                    &prompt_ids,
+                    g,
+                    &params,
+                    &mut self.state.rng,
+                    server,
+                    &self.cfg.tools,
+                    tool,
+                )?,
+                None => sampler.sample(self.tok, &prompt_ids, g, &params, &mut self.state.rng, server)?,
+            };
             t_generation += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let samples: Vec<Sample> = comps
                 .iter()
                 .map(|c| {
                     let p = &self.prompts[batch[c.prompt_index]];
-                    Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: c.tokens.len() }
+                    Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: model_tokens(c) }
                 })
                 .collect();
             let scores = self.rewards.score(&samples)?;
@@ -368,7 +396,12 @@ impl<'a> GrpoAlgorithm<'a> {
         let prompt_ids: Vec<Vec<u32>> = picked.iter().map(|&i| self.prompts[i].ids.clone()).collect();
         let specs: Vec<RowSpec> = completions
             .iter()
-            .map(|c| RowSpec { prompt: &prompt_ids[c.prompt_index], tokens: &c.tokens, eos: c.eos })
+            .map(|c| RowSpec {
+                prompt: &prompt_ids[c.prompt_index],
+                tokens: &c.tokens,
+                eos: c.eos,
+                tool_spans: &c.tool_spans,
+            })
             .collect();
         let rows = build_rows(
             &specs,
@@ -648,7 +681,10 @@ impl Algorithm for GrpoAlgorithm<'_> {
         let scores = &round.scores;
         let comps = &round.completions;
         let group_stds: Vec<f32> = scores.total.chunks(cfg.num_generations).map(std).collect();
-        let gen_tokens: usize = comps.iter().map(|c| c.tokens.len()).sum();
+        // As TRL counts: the model's tokens, not the tools' results.
+        let gen_tokens: usize = comps.iter().map(model_tokens).sum();
+        let calls: usize = comps.iter().map(|c| c.tool_calls.len()).sum();
+        let failures: usize = comps.iter().flat_map(|c| &c.tool_calls).filter(|t| t.error).count();
         let mut per_function = std::collections::BTreeMap::new();
         for (name, m, s) in scores.stats() {
             per_function.insert(format!("rewards/{name}/mean"), m as f64);
@@ -696,6 +732,8 @@ impl Algorithm for GrpoAlgorithm<'_> {
             is_ratio_mean: (is_ratio.n > 0.0).then(|| is_ratio.mean()),
             is_ratio_max: (is_ratio.n > 0.0).then_some(is_ratio.max),
             per_function,
+            tool_call_frequency: self.tool.is_some().then(|| calls as f64 / comps.len().max(1) as f64),
+            tool_failure_frequency: self.tool.is_some().then(|| failures as f64 / calls.max(1) as f64),
             completions,
         };
         if first {
@@ -719,6 +757,11 @@ impl Algorithm for GrpoAlgorithm<'_> {
             "reward_last10_mean": tail.iter().sum::<f64>() / tail.len().max(1) as f64,
         })
     }
+}
+
+/// The tokens the model wrote (a completion's tools' results left out).
+fn model_tokens(c: &Completion) -> usize {
+    c.tokens.len() - c.tool_spans.iter().map(|r| r.len()).sum::<usize>()
 }
 
 #[cfg(test)]

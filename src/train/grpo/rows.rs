@@ -26,6 +26,8 @@ pub struct RowSpec<'a> {
     pub tokens: &'a [u32],
     /// Ended by EOS (which training appends back, so the model learns to stop).
     pub eos: bool,
+    /// Ranges of `tokens` a tool wrote: context, masked out of the loss.
+    pub tool_spans: &'a [Range<usize>],
 }
 
 /// The training rows and loss masks of a round. A completion cut off at
@@ -40,7 +42,8 @@ pub fn build_rows(specs: &[RowSpec], eos_id: u32, max_completion_length: usize, 
         .map(|(s, comp)| {
             let truncated = !s.eos && s.tokens.len() >= max_completion_length;
             let keep = !(mask_truncated && truncated);
-            (0..clen).map(|j| if keep && j < comp.len() { 1.0 } else { 0.0 }).collect()
+            let from_tool = |j: usize| s.tool_spans.iter().any(|r| r.contains(&j));
+            (0..clen).map(|j| if keep && j < comp.len() && !from_tool(j) { 1.0 } else { 0.0 }).collect()
         })
         .collect();
     Rows { prompts: specs.iter().map(|s| s.prompt.to_vec()).collect(), completions, masks, completion_len: clen }
@@ -139,8 +142,8 @@ mod tests {
     fn rows_append_eos_and_mask_past_each_completion() {
         let (p1, p2) = (vec![10u32, 11, 12], vec![20u32]);
         let specs = [
-            RowSpec { prompt: &p1, tokens: &[1, 2], eos: true },
-            RowSpec { prompt: &p2, tokens: &[3, 4, 5, 6], eos: false },
+            RowSpec { prompt: &p1, tokens: &[1, 2], eos: true, tool_spans: &[] },
+            RowSpec { prompt: &p2, tokens: &[3, 4, 5, 6], eos: false, tool_spans: &[] },
         ];
         let r = build_rows(&specs, 99, 4, false);
         assert_eq!(r.completion_len, 4);
@@ -154,9 +157,9 @@ mod tests {
     fn truncated_completions_are_masked_out_only_when_asked() {
         let p = vec![7u32];
         let specs = [
-            RowSpec { prompt: &p, tokens: &[1, 2, 3], eos: false }, // hit max_completion_length = 3
-            RowSpec { prompt: &p, tokens: &[1], eos: false },       // stopped by a stop string: not truncated
-            RowSpec { prompt: &p, tokens: &[1, 2], eos: true },
+            RowSpec { prompt: &p, tokens: &[1, 2, 3], eos: false, tool_spans: &[] }, // hit max_completion_length = 3
+            RowSpec { prompt: &p, tokens: &[1], eos: false, tool_spans: &[] }, // stopped by a stop string: not truncated
+            RowSpec { prompt: &p, tokens: &[1, 2], eos: true, tool_spans: &[] },
         ];
         let kept = build_rows(&specs, 99, 3, false);
         assert_eq!(kept.masks[0], vec![1.0, 1.0, 1.0]);
@@ -171,9 +174,9 @@ mod tests {
     fn a_group_shares_one_row_and_each_token_is_read_where_it_is_predicted() {
         let (p1, p2) = (vec![10u32, 11, 12], vec![20u32]);
         let specs = [
-            RowSpec { prompt: &p1, tokens: &[1, 2], eos: true },
-            RowSpec { prompt: &p1, tokens: &[3], eos: true },
-            RowSpec { prompt: &p2, tokens: &[4, 5, 6, 7], eos: false },
+            RowSpec { prompt: &p1, tokens: &[1, 2], eos: true, tool_spans: &[] },
+            RowSpec { prompt: &p1, tokens: &[3], eos: true, tool_spans: &[] },
+            RowSpec { prompt: &p2, tokens: &[4, 5, 6, 7], eos: false, tool_spans: &[] },
         ];
         let rows = build_rows(&specs, 99, 8, false);
         let p = rows.pack(0..3);
@@ -188,7 +191,7 @@ mod tests {
         assert_eq!(&p.at[..4], &[2, 3, 0, 0]);
         // A row stops growing at PACKED_ROW_TOKENS: the prompt starts another.
         let long = vec![1u32; PACKED_ROW_TOKENS / 2 - 2];
-        let specs = vec![RowSpec { prompt: &p1, tokens: &long, eos: false }; 3];
+        let specs = vec![RowSpec { prompt: &p1, tokens: &long, eos: false, tool_spans: &[] }; 3];
         let p = build_rows(&specs, 99, 8, false).pack(0..3);
         let members: Vec<usize> = p.rows.iter().map(|(_, cs)| cs.len()).collect();
         assert_eq!(members, [2, 1], "3 + 2 × 1022 = 2047 fits in a row, a third completion does not");
@@ -212,10 +215,10 @@ mod tests {
         m.gradient_checkpointing = true;
         let (p1, p2) = (vec![5u32, 9, 13, 2, 40], vec![7u32, 8]);
         let specs = [
-            RowSpec { prompt: &p1, tokens: &[1, 2, 3], eos: true },
-            RowSpec { prompt: &p1, tokens: &[4], eos: false },
-            RowSpec { prompt: &p1, tokens: &[6, 6, 6, 6, 6], eos: false },
-            RowSpec { prompt: &p2, tokens: &[11, 12], eos: true },
+            RowSpec { prompt: &p1, tokens: &[1, 2, 3], eos: true, tool_spans: &[] },
+            RowSpec { prompt: &p1, tokens: &[4], eos: false, tool_spans: &[] },
+            RowSpec { prompt: &p1, tokens: &[6, 6, 6, 6, 6], eos: false, tool_spans: &[] },
+            RowSpec { prompt: &p2, tokens: &[11, 12], eos: true, tool_spans: &[] },
         ];
         let rows = build_rows(&specs, 0, 8, false);
         let n = rows.len();
@@ -259,5 +262,16 @@ mod tests {
             let scale = g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d <= 1e-4 * scale.max(1e-3), "{name}: max |Δ grad| {d} (scale {scale})");
         }
+    }
+
+    #[test]
+    fn a_tools_result_is_context_not_trained_on() {
+        let p = vec![9];
+        // Tokens 2..4 were written by a tool; EOS appended after the last.
+        let spans = vec![std::ops::Range { start: 2, end: 4 }];
+        let specs = vec![RowSpec { prompt: &p, tokens: &[1, 2, 3, 4, 5], eos: true, tool_spans: &spans }];
+        let rows = build_rows(&specs, 0, 16, false);
+        assert_eq!(rows.completions[0], vec![1, 2, 3, 4, 5, 0]);
+        assert_eq!(rows.masks[0], vec![1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
     }
 }
