@@ -14,9 +14,12 @@ use crate::common::Host;
 use crate::common::ParamError;
 use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
+use crate::model::tool_call::ToolCall;
+use crate::model::Completion;
 use crate::model::{FinishReason, Message, SamplingParams};
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::xml_answer;
+use crate::rollout::tools::{Tool, ToolSettings};
 use crate::rollout::ServerConfig;
 
 /// The stage's parameters (every one with a default; the required ones are checked).
@@ -30,6 +33,9 @@ struct Params {
     rollout: Option<ServerConfig>,
     #[serde(flatten)]
     sampling: SamplingParams,
+    /// Tools that answer the model's inline calls (`<<expr=`).
+    #[serde(flatten)]
+    tools: ToolSettings,
 }
 
 impl Default for Params {
@@ -41,6 +47,7 @@ impl Default for Params {
             batch_size: 8,
             rollout: None,
             sampling: SamplingParams::default(),
+            tools: ToolSettings::default(),
         }
     }
 }
@@ -62,6 +69,9 @@ struct Answer {
     finish_reason: FinishReason,
     /// Seconds from the stage's first question until this answer finished.
     time_s: f64,
+    /// The tool calls the answer made, each with its result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    tool_calls: Vec<ToolCall>,
 }
 
 pub struct Infer;
@@ -86,6 +96,13 @@ impl StageKind for Infer {
         let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
         errors.extend(crate::common::params::batch_problem("batch_size", p.batch_size));
+        errors.extend(p.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
+        if p.tools.tool().is_some() && p.rollout.is_some() {
+            errors.push(ParamError::new(
+                "tools",
+                "tool calls are answered on completions sampled here, not yet on a server's",
+            ));
+        }
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         if p.model.trim().is_empty() {
             errors.push(ParamError::new("model", "required parameter is missing").hint("add `model:` under `with:`"));
@@ -138,28 +155,50 @@ impl StageKind for Infer {
         let t0 = Instant::now();
         let mut done: Vec<Option<Answer>> = prompts.iter().map(|_| None).collect();
         let seed = ctx.env.seed;
-        m.sampler().complete_each(
-            m.tokenizer(),
-            &ids,
-            p.batch_size,
-            &p.sampling,
-            &|i| seed.wrapping_add(i as u64),
-            Some(&ctx.cancel),
-            &mut |i, c| {
-                let (q, msgs) = &prompts[i];
-                done[i] = Some(Answer {
-                    question: q.clone(),
-                    prompt: msgs.clone(),
-                    answer: xml_answer(&c.text).map(str::to_string),
-                    tokens: c.tokens.len(),
-                    completion: c.text,
-                    finish_reason: c.finish_reason,
-                    time_s: t0.elapsed().as_secs_f64(),
-                });
-                bar.inc(1);
-                Ok(())
-            },
-        )?;
+        let mut on_done = |i: usize, c: Completion| {
+            let (q, msgs) = &prompts[i];
+            done[i] = Some(Answer {
+                question: q.clone(),
+                prompt: msgs.clone(),
+                answer: xml_answer(&c.text).map(str::to_string),
+                tokens: c.tokens.len() - c.tool_spans.iter().map(|r| r.len()).sum::<usize>(),
+                completion: c.text,
+                finish_reason: c.finish_reason,
+                time_s: t0.elapsed().as_secs_f64(),
+                tool_calls: c.tool_calls,
+            });
+            bar.inc(1);
+            Ok(())
+        };
+        let sampler = m.sampler();
+        let seed_of = |i: usize| seed.wrapping_add(i as u64);
+        match p.tools.tool() {
+            Some(spec) => {
+                let mut tool = Tool::new(spec, &ctx.project.root);
+                let (tok, params, cancel) = (m.tokenizer(), &p.sampling, Some(&ctx.cancel));
+                let tools = &p.tools;
+                sampler.complete_each_with_tools(
+                    tok,
+                    &ids,
+                    p.batch_size,
+                    params,
+                    &seed_of,
+                    cancel,
+                    tools,
+                    &mut tool,
+                    &mut on_done,
+                )?
+            }
+            None => sampler.complete_each(
+                m.tokenizer(),
+                &ids,
+                p.batch_size,
+                &p.sampling,
+                &seed_of,
+                Some(&ctx.cancel),
+                &mut on_done,
+            )?,
+        }
         bar.finish_and_clear();
         let answers: Vec<Answer> = done.into_iter().flatten().collect();
         jsonl::write(&ctx.output_path("answers"), &answers)?;
