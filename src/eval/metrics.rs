@@ -193,16 +193,26 @@ impl EvalMetrics {
         };
         let mut headers = vec!["metric".to_string()];
         headers.extend(self.models.keys().cloned());
-        type Cell<'a> = &'a dyn Fn(&ModelMetrics) -> String;
-        let rows: [(&str, Cell); 7] = [
-            ("accuracy, strict (95% CI)", &|m| with_ci(Some(m.accuracy_strict), m.accuracy_strict_ci95)),
-            ("accuracy, flexible (95% CI)", &|m| with_ci(m.accuracy_flexible, m.accuracy_flexible_ci95)),
-            ("strict format", &|m| pct(m.strict_format)),
-            ("soft format", &|m| pct(m.soft_format)),
-            ("mean completion tokens", &|m| format!("{:.1}", m.mean_completion_tokens)),
-            ("truncated", &|m| pct(m.truncation_rate)),
-            ("n", &|m| m.n.to_string()),
+        type Cell<'a> = Box<dyn Fn(&ModelMetrics) -> String + 'a>;
+        let opt = |x: Option<f64>, f: fn(f64) -> String| x.map_or("-".to_string(), f);
+        let mut rows: Vec<(&str, Cell)> = vec![
+            ("accuracy, strict (95% CI)", Box::new(|m| with_ci(Some(m.accuracy_strict), m.accuracy_strict_ci95))),
+            ("accuracy, flexible (95% CI)", Box::new(|m| with_ci(m.accuracy_flexible, m.accuracy_flexible_ci95))),
+            ("strict format", Box::new(|m| pct(m.strict_format))),
+            ("soft format", Box::new(|m| pct(m.soft_format))),
+            ("mean completion tokens", Box::new(|m| format!("{:.1}", m.mean_completion_tokens))),
+            ("truncated", Box::new(|m| pct(m.truncation_rate))),
         ];
+        // A model evaluated with tools: what it did with them.
+        if self.models.values().any(|m| m.tool_calls_per_completion.is_some()) {
+            rows.push((
+                "tool calls per completion",
+                Box::new(|m| opt(m.tool_calls_per_completion, |x| format!("{x:.2}"))),
+            ));
+            rows.push(("used a tool", Box::new(|m| opt(m.used_tool_rate, |x| format!("{:.1}%", 100.0 * x)))));
+            rows.push(("failed tool calls", Box::new(|m| opt(m.tool_error_rate, |x| format!("{:.1}%", 100.0 * x)))));
+        }
+        rows.push(("n", Box::new(|m| m.n.to_string())));
         let body: Vec<Vec<String>> = rows
             .iter()
             .map(|(label, cell)| {
