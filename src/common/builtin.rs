@@ -58,6 +58,7 @@ pub const BUILTINS: &[Builtin] = &[
     builtin!("r1-gsm8k", BuiltinKind::RewardSet, "stages/rewards/r1-gsm8k.yaml"),
     builtin!("building-r1", BuiltinKind::RewardSet, "stages/rewards/building-r1.yaml"),
     builtin!("format-only", BuiltinKind::RewardSet, "stages/rewards/format-only.yaml"),
+    builtin!("r1-gsm8k-tools", BuiltinKind::RewardSet, "stages/rewards/r1-gsm8k-tools.yaml"),
 ];
 
 /// Whether `value` is written as a built-in's name (no slash, no extension)
