@@ -146,3 +146,40 @@ fn credentials_and_absurd_time_limits_in_a_reward_entry_are_refused_before_anyth
         }
     }
 }
+
+/// Whether a process is still running (not gone, not a zombie waiting for its parent).
+fn running(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit(") ").next().is_some_and(|rest| !rest.is_empty() && !rest.starts_with('Z'))
+}
+
+#[test]
+fn a_reward_program_and_its_children_die_with_r1pipe_even_on_kill_9() {
+    // The program starts a child of its own, says both ids, and then never answers.
+    let p = grpo_project(
+        "import os, subprocess, sys, time\nchild = subprocess.Popen(['sleep', '300'])\nopen('pids', 'w').write(f'{os.getpid()} {child.pid}')\nsys.stdin.readline()\ntime.sleep(300)\n",
+    );
+    p.write(
+        "pipe.yaml",
+        &fs::read_to_string(p.root().join("pipe.yaml")).unwrap().replace("timeout_s: 5", "timeout_s: 600"),
+    );
+    let mut r1pipe = p.spawn(&["run", "pipe.yaml", "--until", "grpo"]);
+    let pids_file = p.root().join("pids");
+    let t0 = std::time::Instant::now();
+    while !pids_file.exists() || fs::read_to_string(&pids_file).unwrap().split(' ').count() < 2 {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "the reward program never started");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let pids: Vec<i32> = fs::read_to_string(&pids_file).unwrap().split(' ').map(|s| s.parse().unwrap()).collect();
+    assert!(pids.iter().all(|&pid| running(pid)));
+    r1pipe.kill().unwrap(); // SIGKILL: nothing of r1pipe's own runs after this
+    r1pipe.wait().unwrap();
+    // The kernel ends the program at once (parent-death signal); the watcher in its
+    // group ends the program's own child within a second or two.
+    let t0 = std::time::Instant::now();
+    while pids.iter().any(|&pid| running(pid)) && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left: Vec<&i32> = pids.iter().filter(|&&pid| running(pid)).collect();
+    assert!(left.is_empty(), "still running after r1pipe was killed: {left:?}");
+}
