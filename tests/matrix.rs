@@ -19,7 +19,7 @@ stages:
     with: { steps: 1, text: "all", inputs: "${train@*.result}" }
   one:
     kind: test.counter
-    with: { steps: 1, text: "one", input: "${train@1-bye.result}" }
+    with: { steps: 1, text: "one", input: "${train@steps-2-bye.result}" }
 "#;
 
 #[test]
@@ -27,31 +27,31 @@ fn a_matrix_stage_runs_each_member_and_a_downstream_stage_gathers_them_by_name()
     let p = Project::new();
     p.write("pipe.yaml", SWEEP);
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    for m in ["train@0-hello", "train@0-bye", "train@1-hello", "train@1-bye"] {
+    for m in ["train@steps-1-hello", "train@steps-1-bye", "train@steps-2-hello", "train@steps-2-bye"] {
         assert!(r.decision(m).contains("run"), "{m}: {}", r.stdout);
     }
     let compare =
         std::fs::read_to_string(p.run(&["show", "compare.result", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
-    assert!(compare.contains("train@1-bye: so long after 2\ncount=2"), "{compare}");
-    assert!(compare.contains("train@0-hello: hi after 1\ncount=1"), "{compare}");
+    assert!(compare.contains("train@steps-2-bye: so long after 2\ncount=2"), "{compare}");
+    assert!(compare.contains("train@steps-1-hello: hi after 1\ncount=1"), "{compare}");
     let one = std::fs::read_to_string(p.run(&["show", "one.result", "-p", "pipe.yaml"]).ok().stdout.trim()).unwrap();
     assert!(one.ends_with("so long after 2\ncount=2\n"), "{one}");
     let status = p.run(&["status", "pipe.yaml"]).ok().stdout;
     assert_eq!(status.matches("train@").count(), 4, "{status}");
     let dag = p.run(&["dag", "pipe.yaml"]).ok().stdout;
-    assert!(dag.contains("train@1-bye"), "{dag}");
+    assert!(dag.contains("train@steps-2-bye"), "{dag}");
 
     // A member whose value changes reruns alone (and what reads it); the others stay cached.
     p.write("pipe.yaml", &SWEEP.replace("bye: \"so long\"", "bye: \"farewell\""));
     let r = p.run(&["run", "pipe.yaml"]).ok();
-    assert!(r.skipped("train@0-hello") && r.skipped("train@1-hello"), "{}", r.stdout);
-    assert!(!r.skipped("train@1-bye") && !r.skipped("compare") && !r.skipped("one"), "{}", r.stdout);
+    assert!(r.skipped("train@steps-1-hello") && r.skipped("train@steps-2-hello"), "{}", r.stdout);
+    assert!(!r.skipped("train@steps-2-bye") && !r.skipped("compare") && !r.skipped("one"), "{}", r.stdout);
 }
 
 #[test]
 fn references_to_a_matrix_stage_must_name_a_member_or_gather_them_all() {
     let p = Project::new();
-    p.write("pipe.yaml", &SWEEP.replace("${train@1-bye.result}", "${train.result}"));
+    p.write("pipe.yaml", &SWEEP.replace("${train@steps-2-bye.result}", "${train.result}"));
     let r = p.run(&["run", "pipe.yaml"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("`${train.result}`: `train` is a matrix stage of 4 members"), "{}", r.stderr);
@@ -121,7 +121,7 @@ fn identical_stages_never_share_a_work_folder_at_once() {
     let r = p.run(&["run", "pipe.yaml", "--dry-run", "-S", "train.text=x", "-S", "train.steps=1"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
-        r.stderr.contains("the members `train@0-hello` and `train@0-bye` of `train` are identical"),
+        r.stderr.contains("the members `train@steps-1-hello` and `train@steps-1-bye` of `train` are identical"),
         "{}",
         r.stderr
     );

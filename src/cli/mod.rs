@@ -1,6 +1,7 @@
 //! Subcommands: run · status · dag · show · gc (and, from the ML side, rewards · infer).
 
 mod bench_cmd;
+mod exp_cmd;
 mod fetch_cmd;
 mod infer_cmd;
 mod metrics_cmd;
@@ -188,6 +189,11 @@ pub enum Command {
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
     },
+    /// Runs side by side: one row per training run (and matrix member), its differing parameters and metrics
+    Exp {
+        #[command(subcommand)]
+        command: ExpCommand,
+    },
     /// Compare metrics between runs (like `dvc metrics diff`)
     Metrics {
         #[command(subcommand)]
@@ -208,6 +214,12 @@ pub enum Command {
         #[arg(long)]
         list: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ExpCommand {
+    /// A table of runs: parameters that differ, final training metrics, what evaluate measured of each
+    Show(exp_cmd::ExpShowArgs),
 }
 
 #[derive(Subcommand)]
@@ -265,6 +277,7 @@ pub fn main() -> i32 {
         Command::Infer(args) => infer_cmd::run(args),
         Command::Fetch { what } => fetch_cmd::run(what),
         Command::Presets { name } => presets_cmd::run(name.as_deref()),
+        Command::Exp { command: ExpCommand::Show(args) } => exp_cmd::show(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Convert { model, config, tokenizer, out } => (|| -> anyhow::Result<i32> {
             match (model, config, tokenizer) {

@@ -164,7 +164,18 @@ fn axes(matrix: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<Vec<A
         };
         let values: Vec<(String, Value)> = match v {
             Value::Sequence(s) if !s.is_empty() => {
-                s.iter().enumerate().map(|(i, x)| (i.to_string(), x.clone())).collect()
+                // Named by value (`lr-1e-4`), so a name says which run it is; by position
+                // (`lr-0`) where a value cannot be a name or two would read the same.
+                let by_value: Vec<Option<String>> = s.iter().map(value_name).collect();
+                let distinct: std::collections::BTreeSet<&Option<String>> = by_value.iter().collect();
+                let named = by_value.iter().all(Option::is_some) && distinct.len() == s.len();
+                s.iter()
+                    .enumerate()
+                    .map(|(i, x)| {
+                        let n = if named { by_value[i].clone().unwrap_or_default() } else { i.to_string() };
+                        (format!("{key}-{n}"), x.clone())
+                    })
+                    .collect()
             }
             Value::Mapping(named) if !named.is_empty() => {
                 let mut vals: Vec<(String, Value)> = Vec::new();
@@ -195,6 +206,37 @@ fn axes(matrix: &Value, path: &str, problems: &mut Vec<Problem>) -> Option<Vec<A
         out.push((key.to_string(), values));
     }
     Some(out)
+}
+
+/// A list value as a member name: a name-like string, an integer, a boolean,
+/// or a float written as integer mantissa and exponent (`1e-4`, `25e-5`: a `.`
+/// cannot be in a name). `None` for anything else.
+fn value_name(v: &Value) -> Option<String> {
+    let name = match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+        Value::Number(n) => {
+            let x = n.as_f64()?;
+            if !x.is_finite() {
+                return None;
+            }
+            if x.fract() == 0.0 && x.abs() < 1e15 {
+                format!("{x:.0}")
+            } else {
+                // `3.5e-6` → `35e-7`.
+                let e = format!("{x:e}");
+                let (mantissa, exp) = e.split_once('e')?;
+                let exp: i32 = exp.parse().ok()?;
+                match mantissa.split_once('.') {
+                    Some((int, frac)) => format!("{int}{frac}e{}", exp - frac.len() as i32),
+                    None => format!("{mantissa}e{exp}"),
+                }
+            }
+        }
+        _ => return None,
+    };
+    member_name_problem(&name).is_none().then_some(name)
 }
 
 /// A value's name in a member's name: letters, digits, `_`, `-` (a `.` would
@@ -375,23 +417,39 @@ mod tests {
     }
 
     #[test]
+    fn list_values_name_their_members_where_they_can() {
+        let names = |list: &str| -> Vec<String> {
+            let (e, p) =
+                expand_yaml(&format!("t:\n  kind: k\n  matrix: {{ v: {list} }}\n  with: {{ x: '${{item.v}}' }}\n"));
+            assert!(p.is_empty(), "{p:?}");
+            e.stages.keys().map(|k| k.as_str().unwrap().to_string()).collect()
+        };
+        assert_eq!(names("[1.0e-4, 3.5e-6, 2, 0.5]"), ["t@v-1e-4", "t@v-35e-7", "t@v-2", "t@v-5e-1"]);
+        assert_eq!(names("[small, large]"), ["t@v-small", "t@v-large"]);
+        // A value that cannot be a name, or two that read the same: by position.
+        assert_eq!(names("[a.yaml, b.yaml]"), ["t@v-0", "t@v-1"]);
+        assert_eq!(names("[1, '1']"), ["t@v-0", "t@v-1"]);
+    }
+
+    #[test]
     fn a_matrix_expands_into_named_members_with_items_filled_in() {
         let (e, problems) = expand_yaml(
             "t:\n  kind: k\n  matrix: { lr: [0.1, 0.2], set: { r1: a.yaml, fmt: b.yaml } }\n  \
              with: { lr: '${item.lr}', rewards: '${item.set}', note: 'lr ${item.lr} on ${item.set}' }\n\
-             e:\n  kind: k\n  needs: [t]\n  with: { models: '${t@*.model}', one: '${t@1-fmt.model}' }\n",
+             e:\n  kind: k\n  needs: [t]\n  with: { models: '${t@*.model}', one: '${t@lr-2e-1-fmt.model}' }\n",
         );
         assert!(problems.is_empty(), "{problems:?}");
         let names: Vec<&str> = e.stages.keys().map(|k| k.as_str().unwrap()).collect();
-        assert_eq!(names, ["t@0-r1", "t@0-fmt", "t@1-r1", "t@1-fmt", "e"]);
-        let m = &e.stages["t@1-fmt"]["with"];
+        // A list's members are named by value (0.2 as 2e-1: a `.` cannot be in a name).
+        assert_eq!(names, ["t@lr-1e-1-r1", "t@lr-1e-1-fmt", "t@lr-2e-1-r1", "t@lr-2e-1-fmt", "e"]);
+        let m = &e.stages["t@lr-2e-1-fmt"]["with"];
         assert_eq!(m["lr"], Value::from(0.2));
         assert_eq!(m["rewards"], Value::from("b.yaml"));
         assert_eq!(m["note"], Value::from("lr 0.2 on b.yaml"));
-        assert!(e.stages["t@1-fmt"].get("matrix").is_none());
+        assert!(e.stages["t@lr-2e-1-fmt"].get("matrix").is_none());
         let models = e.stages["e"]["with"]["models"].as_mapping().unwrap();
         assert_eq!(models.len(), 4);
-        assert_eq!(models["t@0-fmt"], Value::from("${t@0-fmt.model}"));
+        assert_eq!(models["t@lr-1e-1-fmt"], Value::from("${t@lr-1e-1-fmt.model}"));
         assert_eq!(e.stages["e"]["needs"].as_sequence().unwrap().len(), 4);
     }
 

@@ -1,0 +1,63 @@
+//! `r1pipe exp show`: a 2×2 sweep is four rows, each with its two swept
+//! parameters (by value in the member names too) and its metrics, including
+//! what the evaluate stage measured of its model; CSV and JSON read back.
+
+mod common;
+
+const SWEEP: &str = r#"
+name: sweep
+seed: 3
+device: cpu
+stages:
+  gsm8k: { kind: download, with: { dataset: data/gsm8k } }
+  prompts: { kind: format, with: { data: "${gsm8k.dataset}" } }
+  sft:
+    kind: sft
+    matrix:
+      lr: [1.0e-4, 3.0e-4]
+      steps: [1, 2]
+    with: { model: models/tiny, train: "${prompts.sft}", learning_rate: "${item.lr}", max_steps: "${item.steps}", max_length: 64 }
+  evaluate:
+    kind: evaluate
+    with: { models: "${sft@*.model}", test: "${prompts.test}", max_new_tokens: 4 }
+"#;
+
+#[test]
+fn a_sweep_is_a_row_per_member_with_its_parameters_and_metrics() {
+    let p = common::tiny_project(6, 8);
+    p.write("p.yaml", SWEEP);
+    p.run(&["run", "p.yaml", "-q"]).ok();
+    let csv = p.run(&["exp", "show", "p.yaml", "--csv"]).ok().stdout;
+    let rows: Vec<Vec<&str>> = csv.lines().map(|l| l.split(',').collect()).collect();
+    let header = &rows[0];
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap_or_else(|| panic!("no {name} in {header:?}"));
+    let (run, lr, steps, loss, acc) =
+        (col("run"), col("learning_rate"), col("max_steps"), col("final_loss"), col("eval.accuracy_strict"));
+    assert_eq!(rows.len(), 5, "{csv}");
+    let mut seen: Vec<(&str, &str, &str)> = rows[1..].iter().map(|r| (r[run], r[lr], r[steps])).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("sft@lr-1e-4-steps-1", "0.0001", "1"),
+            ("sft@lr-1e-4-steps-2", "0.0001", "2"),
+            ("sft@lr-3e-4-steps-1", "0.0003", "1"),
+            ("sft@lr-3e-4-steps-2", "0.0003", "2"),
+        ]
+    );
+    for r in &rows[1..] {
+        assert!(r[loss].parse::<f64>().is_ok() && r[acc].parse::<f64>().is_ok(), "{r:?}");
+    }
+    // Parameters every row shares are left out; --all-params shows them.
+    assert!(!header.contains(&"max_length"));
+    let all = p.run(&["exp", "show", "p.yaml", "--all-params", "--only", "max_length"]).ok().stdout;
+    assert!(all.contains("max_length") && all.contains("64"), "{all}");
+    // JSON: the same rows; --sort orders them by a metric, largest first.
+    let json = p.run(&["exp", "show", "p.yaml", "--json", "--sort", "final_loss"]).ok().stdout;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let losses: Vec<f64> = v.as_array().unwrap().iter().map(|r| r["metrics"]["final_loss"].as_f64().unwrap()).collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses.windows(2).all(|w| w[0] >= w[1]), "{losses:?}");
+    let r = p.run(&["exp", "show", "p.yaml", "--sort", "nope"]);
+    assert!(r.code != 0 && r.stderr.contains("no column `nope`"), "{}", r.stderr);
+}
