@@ -89,6 +89,12 @@ fn a_full_disk_fails_the_stage_with_no_space_and_the_next_run_completes() {
     assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
     assert!(r.stderr.contains("sft: failed") && r.stderr.contains("no space left to write"), "{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    // The message names the step, the checkpoint folder and the file it was
+    // writing, and gives the system's reason once (not once per layer).
+    let failed = r.stderr.lines().find(|l| l.contains("sft: failed")).unwrap();
+    assert!(failed.contains("writing the checkpoint of step 1 in "), "{failed}");
+    assert!(failed.contains("/checkpoints/") && failed.contains(".safetensors"), "{failed}");
+    assert_eq!(failed.matches("(os error").count(), 1, "{failed}");
     // The stages before it are recorded and intact; the next run skips them and completes.
     let again = p.run(&["run", "pipe.yaml"]).ok();
     assert!(again.skipped("gsm8k") && again.skipped("prompts"), "{}", again.stdout);

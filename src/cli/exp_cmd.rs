@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use r1pipe::common::table::render_table;
-use r1pipe::pipeline::fingerprint::flatten;
+use r1pipe::pipeline::kind::ExpView;
 use r1pipe::pipeline::spec::Override;
 use r1pipe::pipeline::store::StageRecord;
 use r1pipe::pipeline::Workspace;
@@ -44,15 +44,17 @@ pub struct ExpShowArgs {
     pub cache: Option<PathBuf>,
 }
 
-/// The kinds whose runs are rows; the others (data, evaluation) are not runs to compare.
-const RUN_KINDS: &[&str] = &["grpo", "sft"];
+/// Metrics by the run they are of: what a measuring stage's view holds.
+type RunMetrics = BTreeMap<String, Vec<(String, f64)>>;
 
-/// The training metrics shown, in this order, when a run has them.
-const TRAINING_METRICS: &[&str] =
-    &["steps", "final_loss", "reward_first", "reward_last10_mean", "best_metric", "best_model_step"];
-
-/// The evaluation metrics shown per evaluate stage.
-const EVAL_METRICS: &[&str] = &["accuracy_strict", "accuracy_flexible", "strict_format", "tool_calls_per_completion"];
+/// A row of `--json`: the shown columns only, parameters and metrics apart.
+#[derive(serde::Serialize)]
+struct JsonRow<'a> {
+    pipeline: &'a str,
+    run: &'a str,
+    params: BTreeMap<&'a str, &'a Value>,
+    metrics: BTreeMap<&'a str, f64>,
+}
 
 struct Row {
     pipeline: String,
@@ -64,25 +66,39 @@ struct Row {
 pub fn show(a: ExpShowArgs) -> Result<i32> {
     let registry = r1pipe::stages::registry();
     let mut rows = Vec::new();
+    // Metric columns in first-seen order: the training kinds' own order first.
+    let mut metric_order: Vec<String> = Vec::new();
+    let mut measured_order: Vec<String> = Vec::new();
     for file in &a.pipelines {
         let ws = Workspace::open(file, &a.set, a.cache.clone(), &registry)?;
         let records = ws.current_records()?;
-        // What each evaluate stage measured, by the stage whose model it evaluated.
-        let mut evaluated: BTreeMap<String, BTreeMap<String, f64>> = BTreeMap::new();
-        for (name, rec) in records.iter().filter(|(_, r)| r.inputs.kind == "evaluate") {
-            add_evaluations(name, rec, &mut evaluated);
+        let view = |rec: &StageRecord| {
+            let kind = registry.get(&rec.inputs.kind)?;
+            kind.exp_view(&rec.inputs.params, rec.metrics.as_ref())
+        };
+        // What the measuring stages (evaluate) measured, by the run measured.
+        let mut measures: Vec<(String, RunMetrics)> = Vec::new();
+        for (name, rec) in &records {
+            if let Some(ExpView::Measures(m)) = view(rec) {
+                measures.push((name.clone(), m));
+            }
         }
-        for (name, rec) in records.iter().filter(|(_, r)| RUN_KINDS.contains(&r.inputs.kind.as_str())) {
+        // One measuring stage: `eval.<metric>`; several: `eval.<stage>.<metric>`.
+        let several = measures.iter().filter(|(_, m)| !m.is_empty()).count() > 1;
+        for (name, rec) in &records {
+            let Some(ExpView::Run { params, metrics: own }) = view(rec) else { continue };
             let mut metrics = BTreeMap::new();
-            let m = rec.metrics.clone().unwrap_or_default();
-            for key in TRAINING_METRICS {
-                if let Some(x) = m.get(*key).and_then(Value::as_f64) {
-                    metrics.insert((*key).to_string(), x);
+            for (key, x) in own {
+                remember(&mut metric_order, &key);
+                metrics.insert(key, x);
+            }
+            for (by, measured) in &measures {
+                for (key, x) in measured.get(name).into_iter().flatten() {
+                    let col = if several { format!("eval.{by}.{key}") } else { format!("eval.{key}") };
+                    remember(&mut measured_order, &col);
+                    metrics.insert(col, *x);
                 }
             }
-            metrics.extend(evaluated.remove(name).unwrap_or_default());
-            let mut params = flatten(&rec.inputs.params);
-            params.retain(|k, _| k != "train" && k != "model" && !k.starts_with("eval_dataset"));
             rows.push(Row { pipeline: ws.pipeline.name.clone(), stage: name.clone(), params, metrics });
         }
     }
@@ -96,18 +112,7 @@ pub fn show(a: ExpShowArgs) -> Result<i32> {
         .filter(|k| a.all_params || rows.iter().map(|r| text(r.params.get(*k))).collect::<BTreeSet<_>>().len() > 1)
         .cloned()
         .collect();
-    let metrics: Vec<String> = {
-        let mut seen: Vec<String> = Vec::new();
-        for k in TRAINING_METRICS.iter().map(|s| s.to_string()) {
-            if rows.iter().any(|r| r.metrics.contains_key(&k)) {
-                seen.push(k);
-            }
-        }
-        let evals: BTreeSet<&String> =
-            rows.iter().flat_map(|r| r.metrics.keys()).filter(|k| k.starts_with("eval.")).collect();
-        seen.extend(evals.into_iter().cloned());
-        seen
-    };
+    let metrics: Vec<String> = metric_order.into_iter().chain(measured_order).collect();
     let keep = |c: &str| a.only.is_empty() || a.only.iter().any(|o| c.contains(o.as_str()));
     let params: Vec<String> = params.into_iter().filter(|c| keep(c)).collect();
     let metrics: Vec<String> = metrics.into_iter().filter(|c| keep(c)).collect();
@@ -148,29 +153,13 @@ pub fn show(a: ExpShowArgs) -> Result<i32> {
         .collect();
 
     if a.json {
-        let out: Vec<Value> = rows
+        let out: Vec<JsonRow> = rows
             .iter()
-            .map(|r| {
-                let mut o = Map::new();
-                o.insert("pipeline".into(), r.pipeline.clone().into());
-                o.insert("run".into(), r.stage.clone().into());
-                o.insert(
-                    "params".into(),
-                    params
-                        .iter()
-                        .map(|k| (k.clone(), r.params.get(k).cloned().unwrap_or(Value::Null)))
-                        .collect::<Map<_, _>>()
-                        .into(),
-                );
-                o.insert(
-                    "metrics".into(),
-                    metrics
-                        .iter()
-                        .filter_map(|k| Some((k.clone(), Value::from(*r.metrics.get(k)?))))
-                        .collect::<Map<_, _>>()
-                        .into(),
-                );
-                Value::Object(o)
+            .map(|r| JsonRow {
+                pipeline: &r.pipeline,
+                run: &r.stage,
+                params: params.iter().map(|k| (k.as_str(), r.params.get(k).unwrap_or(&Value::Null))).collect(),
+                metrics: metrics.iter().filter_map(|k| Some((k.as_str(), *r.metrics.get(k)?))).collect(),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -188,23 +177,9 @@ pub fn show(a: ExpShowArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `eval.<metric>` (and `eval.<stage>.<metric>` when several evaluate stages
-/// measured a run) for each stage whose model an evaluate stage evaluated.
-fn add_evaluations(evaluate: &str, rec: &StageRecord, out: &mut BTreeMap<String, BTreeMap<String, f64>>) {
-    let Some(models) = rec.inputs.params.get("models").and_then(Value::as_object) else { return };
-    let measured = rec.metrics.as_ref().and_then(|m| m.get("models")).and_then(Value::as_object);
-    for (name, reference) in models {
-        // `${grpo@a.model}` (or `{model: …}` for a served one): the run it evaluated.
-        let text = reference.as_str().or_else(|| reference.get("model").and_then(Value::as_str)).unwrap_or("");
-        let Some(stage) = text.strip_prefix("${").and_then(|t| t.strip_suffix(".model}")) else { continue };
-        let Some(m) = measured.and_then(|m| m.get(name)) else { continue };
-        let row = out.entry(stage.to_string()).or_default();
-        for key in EVAL_METRICS {
-            if let Some(x) = m.get(*key).and_then(Value::as_f64) {
-                let col = if evaluate == "evaluate" { format!("eval.{key}") } else { format!("eval.{evaluate}.{key}") };
-                row.insert(col, x);
-            }
-        }
+fn remember(order: &mut Vec<String>, key: &str) {
+    if !order.iter().any(|k| k == key) {
+        order.push(key.to_string());
     }
 }
 

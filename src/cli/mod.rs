@@ -324,7 +324,7 @@ pub fn main() -> i32 {
                 eprintln!("{d}");
                 return 2;
             }
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", r1pipe::common::diagnostic::error_text(&e));
             1
         }
     }

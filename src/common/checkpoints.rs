@@ -75,9 +75,9 @@ impl Checkpoints {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(&tmp)?;
-        write(&tmp).with_context(|| format!("writing checkpoint for step {step}"))?;
+        write(&tmp).with_context(|| format!("writing the checkpoint of step {step} in {}", self.dir.display()))?;
         let manifest = manifest_of(&tmp)?;
-        fs::write(tmp.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
+        super::fsutil::write_file(&tmp.join(MANIFEST), serde_json::to_vec_pretty(&manifest)?)?;
         sync_dir_files(&tmp)?;
         let dest = self.dir.join(format!("{PREFIX}{step:09}"));
         if dest.exists() {

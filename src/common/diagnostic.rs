@@ -109,6 +109,25 @@ pub fn join_ticked<S: AsRef<str>>(items: &[S]) -> String {
     items.iter().map(|s| format!("`{}`", s.as_ref())).collect::<Vec<_>>().join(", ")
 }
 
+/// An error and its causes on one line, `outer: inner: …` as anyhow's `{:#}`
+/// prints them, leaving out a cause whose text is already said (a library
+/// error that prints its source, such as "I/O error: No space left on device",
+/// would otherwise say it twice).
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(part.as_str()) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +144,26 @@ mod tests {
     fn display_names_file_line_and_hint() {
         let d = Diagnostic::new(Path::new("p.yaml"), Some(7), "unknown parameter `x`").with_hint("did you mean `y`?");
         assert_eq!(d.to_string(), "p.yaml:7: unknown parameter `x`\n  hint: did you mean `y`?");
+    }
+
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let shown = io.to_string();
+        #[derive(Debug)]
+        struct Wraps(std::io::Error);
+        impl std::fmt::Display for Wraps {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "I/O error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wraps {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = anyhow::Error::new(Wraps(io)).context("writing /c/model.safetensors");
+        assert_eq!(error_text(&e), format!("writing /c/model.safetensors: I/O error: {shown}"));
+        assert_eq!(error_text(&anyhow::anyhow!("a").context("b")), "b: a");
     }
 }

@@ -90,6 +90,28 @@ pub fn read_text_capped(path: &Path, cap: u64) -> std::io::Result<String> {
     })
 }
 
+/// Write `bytes` to `path`; an error names the file (a full disk otherwise
+/// reads as a bare "No space left on device").
+pub fn write_file(path: &Path, bytes: impl AsRef<[u8]>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Write `tensors` as a safetensors file; an error names the file and keeps
+/// the OS error as its cause (candle's own text would repeat it).
+pub fn save_safetensors<S: AsRef<str> + Ord + std::fmt::Display>(
+    tensors: &std::collections::HashMap<S, candle_core::Tensor>,
+    path: &Path,
+) -> anyhow::Result<()> {
+    candle_core::safetensors::save(tensors, path).map_err(|e| {
+        let cause = match e {
+            candle_core::Error::Io(io) => anyhow::Error::new(io),
+            other => anyhow::Error::new(other),
+        };
+        cause.context(format!("writing {}", path.display()))
+    })
+}
+
 /// The blake3 hash of a file's bytes, as hex, read in 1 MiB pieces.
 pub fn hash_file(path: &Path) -> anyhow::Result<String> {
     use std::io::Read;

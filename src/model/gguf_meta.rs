@@ -125,11 +125,12 @@ pub fn materialize(gguf: &Path) -> Result<PathBuf> {
     });
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     fs::create_dir_all(&tmp)?;
-    fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
-    fs::write(tmp.join("tokenizer.json"), serde_json::to_string(&tokenizer)?)?;
-    fs::write(tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config)?)?;
-    fs::write(
-        tmp.join("generation_config.json"),
+    use crate::common::fsutil::write_file;
+    write_file(&tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    write_file(&tmp.join("tokenizer.json"), serde_json::to_string(&tokenizer)?)?;
+    write_file(&tmp.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config)?)?;
+    write_file(
+        &tmp.join("generation_config.json"),
         serde_json::to_string_pretty(&json!({"eos_token_id": eos, "bos_token_id": bos}))?,
     )?;
     fs::create_dir_all(dir.parent().expect("under the temp dir"))?;

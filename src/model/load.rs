@@ -304,20 +304,20 @@ pub fn fetch_hub_files(id: &str, revision: &str, weights: bool) -> Result<(PathB
 /// Write `model` in the Hugging Face layout: model.safetensors (f32, tied
 /// weights stored once), config.json, and the tokenizer files copied from `files_dir`.
 pub fn save(model: &Transformer, files_dir: &Path, out: &Path) -> Result<()> {
-    fs::create_dir_all(out)?;
+    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let tensors: HashMap<String, Tensor> = model
         .tensors()
         .into_iter()
         .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
-    candle_core::safetensors::save(&tensors, out.join("model.safetensors"))?;
+    crate::common::fsutil::save_safetensors(&tensors, &out.join("model.safetensors"))?;
     let mut cfg = model.cfg.raw.clone();
     if let Some(m) = cfg.as_object_mut() {
         m.insert("torch_dtype".into(), Value::String("float32".into()));
         m.insert("dtype".into(), Value::String("float32".into()));
         m.insert("tie_word_embeddings".into(), Value::Bool(model.cfg.tie_word_embeddings));
     }
-    fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
+    crate::common::fsutil::write_file(&out.join("config.json"), serde_json::to_string_pretty(&cfg)?)?;
     for f in [
         "tokenizer.json",
         "tokenizer_config.json",
@@ -330,7 +330,7 @@ pub fn save(model: &Transformer, files_dir: &Path, out: &Path) -> Result<()> {
         // Saving over the model's own folder: the file is already there (copying onto itself would empty it).
         let same = matches!((fs::canonicalize(&src), fs::canonicalize(&dst)), (Ok(a), Ok(b)) if a == b);
         if src.exists() && !same {
-            fs::copy(&src, &dst).with_context(|| format!("copying {}", src.display()))?;
+            fs::copy(&src, &dst).with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
         }
     }
     Ok(())

@@ -36,8 +36,7 @@ pub fn save_adapter(model: &Transformer, base_model: &str, out: &Path) -> Result
             tensors.insert(peft_name(&weight, factor), v.as_tensor().to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
         }
     }
-    candle_core::safetensors::save(&tensors, out.join(WEIGHTS_FILE))
-        .with_context(|| format!("writing {}", out.join(WEIGHTS_FILE).display()))?;
+    crate::common::fsutil::save_safetensors(&tensors, &out.join(WEIGHTS_FILE))?;
     let config = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -59,8 +58,7 @@ pub fn save_adapter(model: &Transformer, base_model: &str, out: &Path) -> Result
         "alpha_pattern": {},
         "revision": null,
     });
-    fs::write(out.join(CONFIG_FILE), serde_json::to_string_pretty(&config)?)
-        .with_context(|| format!("writing {}", out.join(CONFIG_FILE).display()))?;
+    crate::common::fsutil::write_file(&out.join(CONFIG_FILE), serde_json::to_string_pretty(&config)?)?;
     Ok(())
 }
 

@@ -160,6 +160,12 @@ pub trait StageKind: Send + Sync {
     fn metrics_view(&self, _metrics: &Value) -> Option<Value> {
         None
     }
+    /// What `r1pipe exp show` makes of a finished stage, from its recorded
+    /// parameters and metrics: a run to compare (a row), measurements of
+    /// other stages' runs (columns of theirs), or nothing (the default).
+    fn exp_view(&self, _params: &Value, _metrics: Option<&Value>) -> Option<ExpView> {
+        None
+    }
     /// Render the stage's curves into `out` and return the page to open
     /// (`r1pipe plot`): from a finished stage's `artifacts` (output name → path),
     /// or, for one still running or interrupted, from its `work_dir`. `None`
@@ -173,6 +179,17 @@ pub trait StageKind: Send + Sync {
     ) -> Option<anyhow::Result<PathBuf>> {
         None
     }
+}
+
+/// A finished stage as `r1pipe exp show` sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ExpView {
+    /// A training run: its settings (flattened `a.b` keys, without the
+    /// paths of its inputs, which differ per run without being a choice)
+    /// and its final metrics, in the order they are best read.
+    Run { params: BTreeMap<String, Value>, metrics: Vec<(String, f64)> },
+    /// What this stage measured of other stages' runs: stage name → metrics.
+    Measures(BTreeMap<String, Vec<(String, f64)>>),
 }
 
 /// Where and how the pipeline runs, as resolved for this run.

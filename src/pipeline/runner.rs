@@ -636,14 +636,15 @@ impl<'a> Runner<'a> {
     }
 
     fn report_failure(&self, tag: &str, name: &str, e: &anyhow::Error) {
-        eprintln!("{tag}: failed: {e:#}");
+        let text = crate::common::diagnostic::error_text(e);
+        eprintln!("{tag}: failed: {text}");
         if out_of_space(e) {
             eprintln!(
                 "  hint: no space left to write (the disk, or a file-size limit, is full): free some \
                  and run again; the last checkpoint and the cache are intact"
             );
         }
-        tracing::error!(target: "r1pipe::runlog", stage = %name, error = %format!("{e:#}"), "stage failed");
+        tracing::error!(target: "r1pipe::runlog", stage = %name, error = %text, "stage failed");
     }
 
     /// What the pipeline's final stages (those no other stage reads) produced,

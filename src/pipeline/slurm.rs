@@ -495,8 +495,9 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
             (ExitFile { status: "interrupted".into(), error: None, metrics: None }, 130)
         }
         Err(e) => {
-            eprintln!("r1pipe exec-job: failed: {e:#}");
-            (ExitFile { status: "failed".into(), error: Some(format!("{e:#}")), metrics: None }, 1)
+            let text = crate::common::diagnostic::error_text(&e);
+            eprintln!("r1pipe exec-job: failed: {text}");
+            (ExitFile { status: "failed".into(), error: Some(text), metrics: None }, 1)
         }
     };
     write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;

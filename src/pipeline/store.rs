@@ -324,7 +324,7 @@ impl Cache {
         fs::create_dir_all(&copies)?;
         let copy = copies.join(format!("{}.json", rec.fingerprint));
         let tmp = copies.join(format!(".tmp-{}-{}", rec.fingerprint, std::process::id()));
-        fs::write(&tmp, serde_json::to_vec_pretty(rec)?)?;
+        crate::common::fsutil::write_file(&tmp, serde_json::to_vec_pretty(rec)?)?;
         fs::File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, &copy)?;
         db.open_tree(RECORDS)?.insert(rec.fingerprint.as_bytes(), serde_json::to_vec(rec)?)?;

@@ -115,6 +115,9 @@ fn check_served_entries(params: &Value) -> Vec<ParamError> {
 
 pub struct Evaluate;
 
+/// What `r1pipe exp show` shows of each evaluated run, in this order.
+const EXP_METRICS: &[&str] = &["accuracy_strict", "accuracy_flexible", "strict_format", "tool_calls_per_completion"];
+
 const OUTPUTS: &[OutputSpec] = &[
     OutputSpec::file("metrics", "metrics.json", "per-model accuracy and format adherence"),
     OutputSpec::file("samples", "samples.jsonl", "every completion with its verdict"),
@@ -236,7 +239,7 @@ impl StageKind for Evaluate {
         jsonl::write(&ctx.output_path("samples"), &all)?;
         let metrics = EvalMetrics::of(rows.len(), p.num_fewshot, &verdicts, p.tools.tool().is_some());
         let value = serde_json::to_value(&metrics)?;
-        std::fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&value)?)?;
+        crate::common::fsutil::write_file(&ctx.output_path("metrics"), serde_json::to_string_pretty(&value)?)?;
         ctx.set_metrics(value);
         Ok(())
     }
@@ -244,6 +247,22 @@ impl StageKind for Evaluate {
     fn summary(&self, outputs: &BTreeMap<String, std::path::PathBuf>) -> Option<String> {
         let text = std::fs::read_to_string(outputs.get("metrics")?).ok()?;
         Some(EvalMetrics::from_json(&serde_json::from_str(&text).ok()?).ok()?.table())
+    }
+
+    /// Per model that is another stage's trained model (`${sft@a.model}`, or
+    /// `{model: ${…}}` for a served one), what this stage measured of it.
+    fn exp_view(&self, params: &Value, metrics: Option<&Value>) -> Option<crate::pipeline::kind::ExpView> {
+        let measured = metrics?.get("models")?.as_object()?;
+        let mut runs = BTreeMap::new();
+        for (name, reference) in params.get("models")?.as_object()? {
+            let text = reference.as_str().or_else(|| reference.get("model").and_then(Value::as_str)).unwrap_or("");
+            let Some(stage) = text.strip_prefix("${").and_then(|t| t.strip_suffix(".model}")) else { continue };
+            let Some(m) = measured.get(name) else { continue };
+            let values: Vec<(String, f64)> =
+                EXP_METRICS.iter().filter_map(|key| Some(((*key).to_string(), m.get(*key)?.as_f64()?))).collect();
+            runs.insert(stage.to_string(), values);
+        }
+        Some(crate::pipeline::kind::ExpView::Measures(runs))
     }
 
     /// Per model, the current schema's numbers (files of any version read through

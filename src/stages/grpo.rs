@@ -61,6 +61,9 @@ impl StageKind for Grpo {
     fn fingerprint_params(&self, params: &Value) -> Value {
         rollout_param::fingerprint_params(params, "rollout")
     }
+    fn exp_view(&self, params: &Value, metrics: Option<&Value>) -> Option<crate::pipeline::kind::ExpView> {
+        training::exp_view(params, metrics)
+    }
     fn render(
         &self,
         artifacts: &std::collections::BTreeMap<String, std::path::PathBuf>,

@@ -43,6 +43,9 @@ impl StageKind for Sft {
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(training::OUTPUTS, params)
     }
+    fn exp_view(&self, params: &Value, metrics: Option<&Value>) -> Option<crate::pipeline::kind::ExpView> {
+        training::exp_view(params, metrics)
+    }
     fn render(
         &self,
         artifacts: &std::collections::BTreeMap<String, std::path::PathBuf>,

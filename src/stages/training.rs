@@ -15,6 +15,7 @@ use super::model_common::{check_model_ref, open_model};
 use crate::common::ParamError;
 use crate::model::lora::LoraConfig;
 use crate::model::LoadedModel;
+use crate::pipeline::kind::ExpView;
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext};
 use crate::train::config::TrainingConfig;
 use crate::train::trainer::{self, Algorithm, Evaluation, Summary};
@@ -162,12 +163,28 @@ pub fn run<A: Algorithm>(
     if let (Some(m), Value::Object(e)) = (metrics.as_object_mut(), extra) {
         m.extend(e);
     }
-    std::fs::write(ctx.output_path("metrics"), serde_json::to_string_pretty(&metrics)?)?;
+    crate::common::fsutil::write_file(&ctx.output_path("metrics"), serde_json::to_string_pretty(&metrics)?)?;
     if summary.resumed_from_step > 0 {
         eprintln!("{}: resumed at step {} of {}", ctx.stage, summary.resumed_from_step, summary.steps);
     }
     ctx.set_metrics(metrics);
     Ok(summary)
+}
+
+/// The training metrics `r1pipe exp show` compares, in this order, when a run has them.
+const EXP_METRICS: &[&str] =
+    &["steps", "final_loss", "reward_first", "reward_last10_mean", "best_metric", "best_model_step"];
+
+/// The exp-show hook of the training kinds: the run's settings without the
+/// paths of its inputs (`model`, `train`, `eval_dataset`: what a run starts
+/// from, not a choice that differs between members of a sweep), and its
+/// final metrics.
+pub fn exp_view(params: &Value, metrics: Option<&Value>) -> Option<ExpView> {
+    let mut settings = crate::pipeline::fingerprint::flatten(params);
+    settings.retain(|k, _| k != "train" && k != "model" && !k.starts_with("eval_dataset"));
+    let metrics =
+        EXP_METRICS.iter().filter_map(|key| Some(((*key).to_string(), metrics?.get(*key)?.as_f64()?))).collect();
+    Some(ExpView::Run { params: settings, metrics })
 }
 
 /// The render hook of the training kinds: the per-step log's curves, from the

@@ -33,9 +33,9 @@ pub fn save<S: Serialize>(
     cps.save(step, keep, |dir| {
         write_weights(dir, opt)?;
         opt.save(dir)?;
-        fs::write(dir.join("state.json"), serde_json::to_string(state)?)?;
+        crate::common::fsutil::write_file(&dir.join("state.json"), serde_json::to_string(state)?)?;
         if !tensors.is_empty() {
-            candle_core::safetensors::save(tensors, dir.join(ALGORITHM_TENSORS))?;
+            crate::common::fsutil::save_safetensors(tensors, &dir.join(ALGORITHM_TENSORS))?;
         }
         Ok(())
     })?;
@@ -50,7 +50,7 @@ pub fn save_weights(cps: &Checkpoints, step: u64, opt: &AdamW) -> Result<()> {
 
 fn write_weights(dir: &Path, opt: &AdamW) -> Result<()> {
     let t: HashMap<String, Tensor> = opt.params().iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+    crate::common::fsutil::save_safetensors(&t, &dir.join("model.safetensors"))?;
     Ok(())
 }
 

@@ -70,8 +70,11 @@ impl AdamW {
             t.insert(format!("m.{name}"), self.m[i].clone());
             t.insert(format!("v.{name}"), self.v[i].clone());
         }
-        candle_core::safetensors::save(&t, dir.join("optimizer.safetensors"))?;
-        std::fs::write(dir.join("optimizer.json"), serde_json::to_string(&(self.step, &self.cfg))?)?;
+        crate::common::fsutil::save_safetensors(&t, &dir.join("optimizer.safetensors"))?;
+        crate::common::fsutil::write_file(
+            &dir.join("optimizer.json"),
+            serde_json::to_string(&(self.step, &self.cfg))?,
+        )?;
         Ok(())
     }
 

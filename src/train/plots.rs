@@ -168,7 +168,7 @@ pub fn render(log: &Path, out: &Path, title: &str) -> Result<PathBuf> {
         html_escape(&log.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default())
     );
     let index = out.join("index.html");
-    fs::write(&index, html)?;
+    crate::common::fsutil::write_file(&index, html)?;
     Ok(index)
 }
 
