@@ -127,9 +127,13 @@ pub enum Command {
     },
     /// Remove artifacts and work folders that no record reaches
     Gc {
-        /// Keep only the current results of these pipelines (drop older records)
+        /// Drop the older results of these pipelines, keeping their current ones and
+        /// every other pipeline's newest
         #[arg(value_name = "PIPELINE")]
         keep: Vec<PathBuf>,
+        /// Keep nothing of the pipelines not named (not even their newest results)
+        #[arg(long, requires = "keep")]
+        only_this_pipeline: bool,
         /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
@@ -313,8 +317,8 @@ pub fn main() -> i32 {
         ),
         Command::Verify { pipeline, cache } => pipeline_cmds::verify(pipeline.as_deref(), cache),
         Command::Gc { repair: true, cache, .. } => pipeline_cmds::repair(cache),
-        Command::Gc { keep, cache, include_unfinished, dry_run, .. } => {
-            pipeline_cmds::gc(&keep, cache, include_unfinished, dry_run)
+        Command::Gc { keep, cache, only_this_pipeline, include_unfinished, dry_run, .. } => {
+            pipeline_cmds::gc(&keep, cache, only_this_pipeline, include_unfinished, dry_run)
         }
     };
     match result {

@@ -1,6 +1,5 @@
 //! The runner's subcommands.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -11,6 +10,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use r1pipe::common::table::render_table;
 use r1pipe::common::CancelToken;
+use r1pipe::pipeline::gc::Keep;
 use r1pipe::pipeline::runner::{RunOptions, RunOutcome};
 use r1pipe::pipeline::spec::Override;
 use r1pipe::pipeline::workspace::{self, Workspace};
@@ -190,28 +190,36 @@ pub fn show(target: &str, pipeline_file: Option<&Path>, set: &[Override], cache:
     Ok(0)
 }
 
-pub fn gc(keep: &[PathBuf], cache: Option<PathBuf>, include_unfinished: bool, dry_run: bool) -> Result<i32> {
+pub fn gc(
+    pipelines: &[PathBuf],
+    cache: Option<PathBuf>,
+    only_these: bool,
+    include_unfinished: bool,
+    dry_run: bool,
+) -> Result<i32> {
     let registry = r1pipe::stages::registry();
-    let mut keep_fps: Option<BTreeSet<String>> = None;
+    let mut keep: Option<Keep> = None;
     let mut root = cache.clone();
-    for file in keep {
+    for file in pipelines {
         let ws = Workspace::open(file, &[], cache.clone(), &registry)?;
         root.get_or_insert(ws.cache.root.clone());
-        keep_fps.get_or_insert_with(BTreeSet::new).extend(ws.current_fingerprints()?);
+        let k = keep.get_or_insert_with(|| Keep { only_these, ..Keep::default() });
+        k.current.extend(ws.current_fingerprints()?);
+        k.pipelines.insert(ws.pipeline.name.clone());
     }
     let root = root.unwrap_or_else(|| workspace::cache_root_here(None));
-    let report = workspace::gc(&root, keep_fps.as_ref(), include_unfinished, dry_run)?;
+    let report = workspace::gc(&root, keep.as_ref(), include_unfinished, dry_run)?;
     let verb = if dry_run { "would remove" } else { "removed" };
-    for p in &report.removed {
-        println!("{verb} {}", p.display());
+    for r in &report.removed {
+        println!("{verb} {:>10}  {}  {}", indicatif::HumanBytes(r.bytes).to_string(), r.what, r.path.display());
     }
-    for p in &report.kept_unfinished {
-        println!("kept {} (interrupted stage; --include-unfinished removes it)", p.display());
+    for (p, what) in &report.kept_unfinished {
+        println!("kept {what}: interrupted, resumable ({}; --include-unfinished removes it)", p.display());
     }
     println!(
-        "{verb} {} item(s), {:.1} MiB; {} artifact(s) kept",
+        "{verb} {} item(s), {}; {} artifact(s) kept",
         report.removed.len(),
-        report.freed_bytes as f64 / (1 << 20) as f64,
+        indicatif::HumanBytes(report.freed_bytes),
         report.kept_objects
     );
     Ok(0)
@@ -235,22 +243,25 @@ pub fn plot(stage: &str, file: &Path, out: Option<PathBuf>, open_it: bool, cache
 /// `verify [P.yaml]`: every stored artifact (of that pipeline) re-hashed; exit 1 when any is damaged.
 pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i32> {
     let registry = r1pipe::stages::registry();
-    let (root, name) = match pipeline_file {
+    let (root, name, current) = match pipeline_file {
         Some(file) => {
             let ws = Workspace::open(file, &[], cache, &registry)?;
-            (ws.cache.root.clone(), Some(ws.pipeline.name.clone()))
+            (ws.cache.root.clone(), Some(ws.pipeline.name.clone()), Some(ws.current_fingerprints()?))
         }
-        None => (workspace::cache_root_here(cache), None),
+        None => (workspace::cache_root_here(cache), None, None),
     };
     let t = std::time::Instant::now();
     let read_only = r1pipe::pipeline::store::Cache::new(&root).is_read_only();
-    let checked = workspace::verify(&root, name.as_deref())?;
+    let checked = workspace::verify(&root, current.as_ref())?;
     let damaged: Vec<_> = checked.iter().filter(|v| v.problem.is_some()).collect();
     if checked.is_empty() {
         // Not "0 damaged": nothing of it was there to check.
         match &name {
             Some(p) => {
-                println!("the cache at {} holds no finished stage of pipeline `{p}`: nothing to verify", root.display())
+                println!(
+                    "the cache at {} holds no finished stage of the plan of pipeline `{p}`: nothing to verify",
+                    root.display()
+                )
             }
             None => println!("the cache at {} holds no finished stage: nothing to verify", root.display()),
         }
@@ -259,7 +270,14 @@ pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i3
     for v in &checked {
         match &v.problem {
             None => println!("ok       {}/{}.{}", v.pipeline, v.stage, v.output),
-            Some(p) => println!("DAMAGED  {}/{}.{}: {p}", v.pipeline, v.stage, v.output),
+            Some(p) if v.dropped.is_empty() => println!("DAMAGED  {}/{}.{}: {p}", v.pipeline, v.stage, v.output),
+            Some(p) => println!(
+                "DAMAGED  {}/{}.{}: {p}; records dropped (these stages rerun): {}",
+                v.pipeline,
+                v.stage,
+                v.output,
+                v.dropped.join(", ")
+            ),
         }
     }
     println!(

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use super::dag::Dag;
-use super::gc::{self, GcReport};
+use super::gc::{self, GcReport, Keep};
 use super::kind::{Project, Registry};
 use super::runner::{Decision, RunOptions, RunOutcome, Runner};
 use super::spec::{self, Override, Pipeline};
@@ -229,8 +229,8 @@ pub fn latest_artifact(root: &Path, stage: &str, output: &str) -> Result<PathBuf
     record_artifact(&cache, &rec, output)
 }
 
-/// `gc`: remove what no record reaches; with `keep`, only those fingerprints stay recorded.
-pub fn gc(root: &Path, keep: Option<&BTreeSet<String>>, include_unfinished: bool, dry_run: bool) -> Result<GcReport> {
+/// `gc`: remove what no kept record reaches (see [`gc::gc`] for what is kept).
+pub fn gc(root: &Path, keep: Option<&Keep>, include_unfinished: bool, dry_run: bool) -> Result<GcReport> {
     let cache = Cache::new(root);
     if !cache.exists() {
         bail!("no cache at {}", root.display());
@@ -247,13 +247,17 @@ pub struct Verified {
     pub path: PathBuf,
     /// What is wrong with it (`None`: it hashes to its name).
     pub problem: Option<String>,
+    /// The records dropped because they point to it (`pipeline/stage`, of
+    /// any pipeline): those stages rerun.
+    pub dropped: Vec<String>,
 }
 
-/// `verify`: re-read every artifact the records point to (only `pipeline`'s
-/// when given) and check it against its content hash. A damaged artifact is
-/// removed with every record pointing to it, so the next run remakes it
-/// rather than using what is there.
-pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
+/// `verify`: re-read every artifact the records point to (only those of the
+/// `current` fingerprints when given: a pipeline's plan, whoever recorded
+/// each) and check it against its content hash. A damaged artifact is removed
+/// with every record pointing to it, so the next run remakes it rather than
+/// using what is there.
+pub fn verify(root: &Path, current: Option<&BTreeSet<String>>) -> Result<Vec<Verified>> {
     let cache = Cache::new(root);
     if !cache.exists() {
         // An index deleted beside its record copies: say how to restore it.
@@ -266,18 +270,15 @@ pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
     let db = cache.db()?;
     let mut out = Vec::new();
     let mut records = cache.all_records(&db)?;
-    records.retain(|r| pipeline.is_none_or(|p| r.pipeline == p));
+    records.retain(|r| current.is_none_or(|c| c.contains(&r.fingerprint)));
     records.sort_by(|a, b| (&a.pipeline, &a.stage, a.finished_at).cmp(&(&b.pipeline, &b.stage, b.finished_at)));
     for rec in records {
         for (output, oref) in &rec.outputs {
             // An artifact shared with a record verified before (and found damaged) is gone by now.
-            let problem = match cache.object_damage(&db, oref, Check::Full)? {
-                Some(p) if writable => {
-                    cache.discard_object(&db, oref)?;
-                    Some(p)
-                }
-                Some(p) => Some(p),
-                None => None,
+            let (problem, dropped) = match cache.object_damage(&db, oref, Check::Full)? {
+                Some(p) if writable => (Some(p), cache.discard_object(&db, oref)?),
+                Some(p) => (Some(p), Vec::new()),
+                None => (None, Vec::new()),
             };
             out.push(Verified {
                 pipeline: rec.pipeline.clone(),
@@ -285,6 +286,7 @@ pub fn verify(root: &Path, pipeline: Option<&str>) -> Result<Vec<Verified>> {
                 output: output.clone(),
                 path: cache.object_path(oref),
                 problem,
+                dropped,
             });
         }
     }
