@@ -61,3 +61,43 @@ fn a_sweep_is_a_row_per_member_with_its_parameters_and_metrics() {
     let r = p.run(&["exp", "show", "p.yaml", "--sort", "nope"]);
     assert!(r.code != 0 && r.stderr.contains("no column `nope`"), "{}", r.stderr);
 }
+
+#[test]
+fn a_run_made_with_overrides_is_found_by_every_command_given_them() {
+    let p = common::tiny_project(6, 8);
+    p.write(
+        "p.yaml",
+        r#"
+name: single
+seed: 3
+device: cpu
+stages:
+  gsm8k: { kind: download, with: { dataset: data/gsm8k } }
+  prompts: { kind: format, with: { data: "${gsm8k.dataset}" } }
+  sft: { kind: sft, with: { model: models/tiny, train: "${prompts.sft}", max_steps: 2, max_length: 64 } }
+  evaluate: { kind: evaluate, with: { models: { sft: "${sft.model}" }, test: "${prompts.test}", max_new_tokens: 4 } }
+"#,
+    );
+    p.run(&["run", "p.yaml", "-q"]).ok();
+    let set = ["-S", "sft.learning_rate=3e-4"];
+    p.run(&["run", "p.yaml", "-q", set[0], set[1]]).ok();
+    let with_set = |args: &[&str]| {
+        let all: Vec<&str> = args.iter().chain(&set).copied().collect();
+        p.run(&all).ok().stdout
+    };
+
+    let default_model = p.run(&["show", "sft.model", "-p", "p.yaml"]).ok().stdout;
+    let set_model = with_set(&["show", "sft.model", "-p", "p.yaml"]);
+    assert_ne!(default_model, set_model, "show -S found the default run");
+
+    let csv = with_set(&["exp", "show", "p.yaml", "--csv", "--all-params", "--only", "learning_rate"]);
+    assert!(csv.contains("0.0003"), "{csv}");
+
+    // metrics diff: the run with -S against the run before it (the default).
+    let d = with_set(&["metrics", "diff", "p.yaml"]);
+    assert!(d.contains("accuracy_strict"), "{d}");
+
+    let page = with_set(&["plot", "sft", "-p", "p.yaml"]);
+    let html = std::fs::read_to_string(page.trim()).unwrap();
+    assert!(html.contains("0.0003"), "the page shows another run's settings");
+}

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 
 use r1pipe::common::table::render_table;
+use r1pipe::pipeline::spec::Override;
 use r1pipe::pipeline::store::StageRecord;
 use r1pipe::pipeline::Workspace;
 
@@ -49,16 +50,25 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
     }
 }
 
-pub fn diff(file: &Path, cache: Option<PathBuf>, baseline: Baseline, all: bool) -> Result<i32> {
+/// `set`: the overrides the compared run was made with; `against_set`: those
+/// of the baseline (`--against`, `--against-cache`).
+pub fn diff(
+    file: &Path,
+    set: &[Override],
+    against_set: &[Override],
+    cache: Option<PathBuf>,
+    baseline: Baseline,
+    all: bool,
+) -> Result<i32> {
     let registry = r1pipe::stages::registry();
-    let ws = Workspace::open(file, &[], cache.clone(), &registry)?;
+    let ws = Workspace::open(file, set, cache.clone(), &registry)?;
     let now = ws.current_records()?;
     if now.is_empty() {
         bail!("no stage of {} is up to date in {}; run it first", file.display(), ws.cache.root.display());
     }
     let before: BTreeMap<String, StageRecord> = match &baseline {
-        Baseline::Cache(dir) => Workspace::open(file, &[], Some(dir.clone()), &registry)?.current_records()?,
-        Baseline::Pipeline(other) => Workspace::open(other, &[], cache, &registry)?.current_records()?,
+        Baseline::Cache(dir) => Workspace::open(file, against_set, Some(dir.clone()), &registry)?.current_records()?,
+        Baseline::Pipeline(other) => Workspace::open(other, against_set, cache, &registry)?.current_records()?,
         Baseline::Previous => ws.previous_records()?,
     };
     let mut rows = Vec::new();

@@ -178,12 +178,22 @@ pub enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Curves of a training stage (reward, KL, length, loss, …) as SVG with an index.html
     Plot {
-        /// The training stage
-        stage: String,
-        /// The pipeline file
-        #[arg(short, long)]
-        pipeline: PathBuf,
-        /// Where to write [default: cache/plots/STAGE]
+        /// The training stages: names, a matrix stage (all its members) or patterns (grpo@*)
+        #[arg(required = true, value_name = "STAGE")]
+        stages: Vec<String>,
+        /// The pipeline file (repeatable: runs of several pipelines are overlaid)
+        #[arg(short, long, required = true)]
+        pipeline: Vec<PathBuf>,
+        /// The overrides the runs were made with (applied to every pipeline given)
+        #[arg(short = 'S', long = "set", value_name = "STAGE.KEY=VALUE")]
+        set: Vec<Override>,
+        /// Smooth the curves as TensorBoard does (exponential moving average weight, 0 to <1; 0.6 is its default)
+        #[arg(long, default_value_t = 0.0, value_parser = smoothing_weight)]
+        smooth: f64,
+        /// Against training time (seconds) instead of the step
+        #[arg(long)]
+        wall_clock: bool,
+        /// Where to write [default: cache/plots/STAGES]
         #[arg(long)]
         out: Option<PathBuf>,
         /// Open index.html with xdg-open
@@ -238,6 +248,12 @@ pub enum MetricsCommand {
         /// Compare with the same pipeline's current results in another cache
         #[arg(long, value_name = "DIR")]
         against_cache: Option<PathBuf>,
+        /// The overrides the compared run was made with: -S grpo.learning_rate=1e-6 (repeatable)
+        #[arg(short = 'S', long = "set", value_name = "STAGE.KEY=VALUE")]
+        set: Vec<Override>,
+        /// The overrides the baseline (--against, --against-cache) was made with
+        #[arg(long, value_name = "STAGE.KEY=VALUE")]
+        against_set: Vec<Override>,
         /// Every stage's numeric metrics, not only evaluations
         #[arg(long)]
         all: bool,
@@ -300,14 +316,19 @@ pub fn main() -> i32 {
             println!("{}", out.display());
             Ok(0)
         })(),
-        Command::Plot { stage, pipeline, out, open, cache } => pipeline_cmds::plot(&stage, &pipeline, out, open, cache),
-        Command::Metrics { command: MetricsCommand::Diff { pipeline, against, against_cache, all, cache } } => {
+        Command::Plot { stages, pipeline, set, smooth, wall_clock, out, open, cache } => {
+            let options = r1pipe::pipeline::kind::PlotOptions { smooth, wall_clock };
+            pipeline_cmds::plot(&stages, &pipeline, &set, options, out, open, cache)
+        }
+        Command::Metrics {
+            command: MetricsCommand::Diff { pipeline, against, against_cache, set, against_set, all, cache },
+        } => {
             let baseline = match (against, against_cache) {
                 (Some(p), _) => metrics_cmd::Baseline::Pipeline(p),
                 (None, Some(c)) => metrics_cmd::Baseline::Cache(c),
                 (None, None) => metrics_cmd::Baseline::Previous,
             };
-            metrics_cmd::diff(&pipeline, cache, baseline, all)
+            metrics_cmd::diff(&pipeline, &set, &against_set, cache, baseline, all)
         }
         Command::Rewards { list: true, .. } => rewards_cmd::list(),
         Command::Rewards { set, completions, json, .. } => rewards_cmd::score(
@@ -331,5 +352,13 @@ pub fn main() -> i32 {
             eprintln!("error: {}", r1pipe::common::diagnostic::error_text(&e));
             1
         }
+    }
+}
+
+/// A smoothing weight: a number in [0, 1).
+fn smoothing_weight(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(w) if (0.0..1.0).contains(&w) => Ok(w),
+        _ => Err(format!("`{text}` is not a weight in [0, 1) (0: no smoothing, 0.6: TensorBoard's default)")),
     }
 }

@@ -178,7 +178,7 @@ pub fn dag(args: &PipelineArgs, format: DagFormat) -> Result<i32> {
 }
 
 pub fn show(target: &str, pipeline_file: Option<&Path>, set: &[Override], cache: Option<PathBuf>) -> Result<i32> {
-    let Some((stage, output)) = target.split_once('.') else {
+    let Some((stage, output)) = target.rsplit_once('.') else {
         bail!("`{target}`: expected STAGE.OUTPUT, e.g. sft.model");
     };
     let registry = r1pipe::stages::registry();
@@ -225,11 +225,21 @@ pub fn gc(
     Ok(0)
 }
 
-/// Render a training stage's curves: from its current record, or from the work
-/// folder of a stage that is interrupted or still running.
-pub fn plot(stage: &str, file: &Path, out: Option<PathBuf>, open_it: bool, cache: Option<PathBuf>) -> Result<i32> {
+/// Render training stages' curves (several overlaid): from their current
+/// records, or from the work folders of stages interrupted or still running.
+pub fn plot(
+    stages: &[String],
+    files: &[PathBuf],
+    set: &[Override],
+    options: r1pipe::pipeline::kind::PlotOptions,
+    out: Option<PathBuf>,
+    open_it: bool,
+    cache: Option<PathBuf>,
+) -> Result<i32> {
     let registry = r1pipe::stages::registry();
-    let index = Workspace::open(file, &[], cache, &registry)?.plot(stage, out)?;
+    let workspaces: Vec<Workspace> =
+        files.iter().map(|f| Workspace::open(f, set, cache.clone(), &registry)).collect::<Result<_>>()?;
+    let index = workspace::plot(&workspaces, stages, out, options)?;
     println!("{}", index.display());
     if open_it {
         if let Err(e) = std::process::Command::new("xdg-open").arg(&index).status() {

@@ -166,19 +166,37 @@ pub trait StageKind: Send + Sync {
     fn exp_view(&self, _params: &Value, _metrics: Option<&Value>) -> Option<ExpView> {
         None
     }
-    /// Render the stage's curves into `out` and return the page to open
-    /// (`r1pipe plot`): from a finished stage's `artifacts` (output name → path),
-    /// or, for one still running or interrupted, from its `work_dir`. `None`
-    /// (the default): the kind has nothing to plot.
-    fn render(
-        &self,
-        _artifacts: &BTreeMap<String, PathBuf>,
-        _work_dir: Option<&Path>,
-        _out: &Path,
-        _title: &str,
-    ) -> Option<anyhow::Result<PathBuf>> {
-        None
+    /// Whether the kind has curves for `r1pipe plot` to draw.
+    fn draws_curves(&self) -> bool {
+        false
     }
+    /// Render the curves of `runs` (stages of this kind; several are overlaid)
+    /// into `out` and return the page to open (`r1pipe plot`). Called only
+    /// for kinds that [`draws_curves`](StageKind::draws_curves).
+    fn render(&self, _runs: &[PlotRun], _out: &Path, _title: &str, _options: PlotOptions) -> anyhow::Result<PathBuf> {
+        anyhow::bail!("stages of kind `{}` have no curves to plot", self.name())
+    }
+}
+
+/// One run `r1pipe plot` draws: a stage, finished (its `artifacts`, output
+/// name → path) or interrupted or still running (its `work_dir`).
+#[derive(Debug, Clone)]
+pub struct PlotRun {
+    /// How legends name it: the stage, with its pipeline when runs of several are drawn.
+    pub label: String,
+    pub artifacts: BTreeMap<String, PathBuf>,
+    pub work_dir: Option<PathBuf>,
+    /// The stage's parameters, shown on the page.
+    pub params: Value,
+}
+
+/// How `r1pipe plot` draws curves.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlotOptions {
+    /// TensorBoard's smoothing weight (0: none).
+    pub smooth: f64,
+    /// Against training time instead of the step.
+    pub wall_clock: bool,
 }
 
 /// A finished stage as `r1pipe exp show` sees it.

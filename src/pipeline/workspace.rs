@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::dag::Dag;
 use super::gc::{self, GcReport, Keep};
-use super::kind::{Project, Registry};
+use super::kind::{PlotOptions, PlotRun, Project, Registry};
 use super::runner::{Decision, RunOptions, RunOutcome, Runner};
 use super::spec::{self, Override, Pipeline};
 use super::status::{self, StageStatus};
@@ -125,38 +125,77 @@ impl<'r> Workspace<'r> {
         record_artifact(&self.cache, &rec, output)
     }
 
-    /// Render `stage`'s curves into `out` (default `cache/plots/STAGE`) through its
-    /// kind's render hook: from its finished record, or from the work folder of a
-    /// stage that is interrupted or running. Returns the page to open.
-    pub fn plot(&self, stage: &str, out: Option<PathBuf>) -> Result<PathBuf> {
-        self.stage_named(stage)?;
-        let kind = &self.pipeline.stage(stage).expect("checked above").kind;
-        let runner = self.runner()?;
-        let decision = runner.decide_all()?.into_iter().find(|(n, _)| n == stage).map(|(_, d)| d);
-        let (artifacts, work_dir, state) = match decision {
-            Some(Decision::Cached { record }) => {
-                let paths = record.outputs.iter().map(|(k, o)| (k.clone(), self.cache.object_path(o))).collect();
-                (paths, None, "finished")
+    /// The stages `patterns` name, in the pipeline's order: a stage by its
+    /// name, a matrix stage by its base name (all its members, as `run`
+    /// takes it), or a pattern with `*` (`grpo@*`, `*@lr-1e-4`).
+    pub fn select(&self, patterns: &[String]) -> Result<Vec<String>> {
+        let names: Vec<&str> = self.pipeline.stages.iter().map(|s| s.name.as_str()).collect();
+        let mut chosen = BTreeSet::new();
+        for pattern in patterns {
+            let hits: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| {
+                    *n == pattern
+                        || (self.pipeline.stage(pattern).is_none() && super::matrix::base_name(n) == pattern)
+                        || (pattern.contains('*') && wildcard(pattern, n))
+                })
+                .collect();
+            if hits.is_empty() {
+                bail!(
+                    "no stage `{pattern}` in {}\n  hint: {}",
+                    self.pipeline.file.display(),
+                    crate::common::diagnostic::suggest(pattern, &names, "stages")
+                );
             }
-            Some(Decision::Run { fingerprint, .. }) => {
-                (BTreeMap::new(), Some(self.cache.work_dir(&fingerprint)), "unfinished")
-            }
-            _ => bail!("stage `{stage}` cannot have run yet: its inputs are not up to date"),
-        };
-        let out = match out {
-            Some(o) => o,
-            // A read-only cache has no room for plots: say where else, before drawing anything.
-            None if self.cache.is_read_only() => anyhow::bail!(
-                "the cache {} is read-only, so the plots cannot go to its plots/ folder\n  hint: pass --out DIR",
-                self.cache.root.display()
-            ),
-            None => self.cache.root.join("plots").join(stage),
-        };
-        let title = format!("{} / {stage} ({state})", self.pipeline.name);
-        match kind.render(&artifacts, work_dir.as_deref(), &out, &title) {
-            Some(page) => page,
-            None => bail!("stage `{stage}` ({}) has no curves to plot (training stages have them)", kind.name()),
+            chosen.extend(hits);
         }
+        Ok(names.into_iter().filter(|n| chosen.contains(n)).map(str::to_string).collect())
+    }
+
+    /// The runs `r1pipe plot` draws of the stages `patterns` select: each one's
+    /// finished record, or the work folder of one interrupted or running.
+    /// `label_pipeline`: legends name the pipeline too (runs of several).
+    pub fn plot_runs(&self, patterns: &[String], label_pipeline: bool) -> Result<Vec<(&'static str, PlotRun)>> {
+        let selected = self.select(patterns)?;
+        let with_curves: Vec<&str> =
+            self.pipeline.stages.iter().filter(|s| s.kind.draws_curves()).map(|s| s.name.as_str()).collect();
+        let decisions: BTreeMap<String, Decision> = self.runner()?.decide_all()?.into_iter().collect();
+        let mut runs = Vec::new();
+        for name in &selected {
+            let stage = self.pipeline.stage(name).expect("selected names are stages");
+            if !stage.kind.draws_curves() {
+                if patterns.iter().any(|p| p == name) {
+                    bail!(
+                        "stage `{name}` ({}) has no curves to plot; stages with curves: {}",
+                        stage.kind.name(),
+                        if with_curves.is_empty() {
+                            "none in this pipeline".to_string()
+                        } else {
+                            with_curves.join(", ")
+                        }
+                    );
+                }
+                continue;
+            }
+            let (artifacts, work_dir) = match decisions.get(name) {
+                Some(Decision::Cached { record }) => {
+                    (record.outputs.iter().map(|(k, o)| (k.clone(), self.cache.object_path(o))).collect(), None)
+                }
+                Some(Decision::Run { fingerprint, .. }) => (BTreeMap::new(), Some(self.cache.work_dir(fingerprint))),
+                _ => bail!("stage `{name}` cannot have run yet: its inputs are not up to date"),
+            };
+            let label = if label_pipeline { format!("{}/{name}", self.pipeline.name) } else { name.clone() };
+            runs.push((stage.kind.name(), PlotRun { label, artifacts, work_dir, params: stage.params.clone() }));
+        }
+        if runs.is_empty() {
+            bail!(
+                "none of {} has curves to plot; stages with curves: {}",
+                patterns.join(", "),
+                if with_curves.is_empty() { "none in this pipeline".to_string() } else { with_curves.join(", ") }
+            );
+        }
+        Ok(runs)
     }
 
     /// What `metrics diff` compares of a record: the kind's metrics view, or with
@@ -190,6 +229,56 @@ impl<'r> Workspace<'r> {
             }
         }
         Ok(prev)
+    }
+}
+
+/// Render the curves of the stages `patterns` select in each of
+/// `workspaces` (several runs are overlaid) into `out` (default: the first
+/// cache's `plots/<stages>`) through their kind's render hook. Returns the
+/// page to open.
+pub fn plot(
+    workspaces: &[Workspace],
+    patterns: &[String],
+    out: Option<PathBuf>,
+    options: PlotOptions,
+) -> Result<PathBuf> {
+    let Some(first) = workspaces.first() else { bail!("no pipeline to plot") };
+    let several = workspaces.len() > 1;
+    let mut runs = Vec::new();
+    for ws in workspaces {
+        runs.extend(ws.plot_runs(patterns, several)?);
+    }
+    let out = match out {
+        Some(o) => o,
+        // A read-only cache has no room for plots: say where else, before drawing anything.
+        None if first.cache.is_read_only() => bail!(
+            "the cache {} is read-only, so the plots cannot go to its plots/ folder\n  hint: pass --out DIR",
+            first.cache.root.display()
+        ),
+        None => {
+            let name: String = patterns.join("+").chars().map(|c| if c == '*' || c == '/' { '_' } else { c }).collect();
+            first.cache.root.join("plots").join(name)
+        }
+    };
+    let labels: Vec<&str> = runs.iter().map(|(_, r)| r.label.as_str()).collect();
+    let title = if several || runs.len() > 1 {
+        labels.join(", ")
+    } else {
+        format!("{} / {}", first.pipeline.name, labels.join(", "))
+    };
+    let kind = first.registry.get(runs[0].0).with_context(|| format!("no stage kind `{}`", runs[0].0))?;
+    let runs: Vec<PlotRun> = runs.into_iter().map(|(_, r)| r).collect();
+    kind.render(&runs, &out, &title, options)
+}
+
+/// `*` matches any run of characters; everything else itself.
+fn wildcard(pattern: &str, name: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == name,
+        Some((head, tail)) => {
+            let Some(rest) = name.strip_prefix(head) else { return false };
+            (0..=rest.len()).filter(|i| rest.is_char_boundary(*i)).any(|i| wildcard(tail, &rest[i..]))
+        }
     }
 }
 

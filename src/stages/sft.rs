@@ -46,14 +46,17 @@ impl StageKind for Sft {
     fn exp_view(&self, params: &Value, metrics: Option<&Value>) -> Option<crate::pipeline::kind::ExpView> {
         training::exp_view(params, metrics)
     }
+    fn draws_curves(&self) -> bool {
+        true
+    }
     fn render(
         &self,
-        artifacts: &std::collections::BTreeMap<String, std::path::PathBuf>,
-        work_dir: Option<&std::path::Path>,
+        runs: &[crate::pipeline::kind::PlotRun],
         out: &std::path::Path,
         title: &str,
-    ) -> Option<Result<std::path::PathBuf>> {
-        training::render(artifacts, work_dir, out, title)
+        options: crate::pipeline::kind::PlotOptions,
+    ) -> Result<std::path::PathBuf> {
+        training::render(runs, out, title, options)
     }
 
     fn parameters(&self) -> Value {

@@ -5,7 +5,6 @@
 //! defaults and checks are theirs (`train::grpo::GrpoConfig`,
 //! `train::sft::SftConfig`); a training stage kind is its wiring.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
@@ -15,9 +14,10 @@ use super::model_common::{check_model_ref, open_model};
 use crate::common::ParamError;
 use crate::model::lora::LoraConfig;
 use crate::model::LoadedModel;
-use crate::pipeline::kind::ExpView;
+use crate::pipeline::kind::{ExpView, PlotOptions, PlotRun};
 use crate::pipeline::{OutputSpec, Project, Requirements, StageContext};
 use crate::train::config::TrainingConfig;
+use crate::train::plots::{RunLog, Style};
 use crate::train::trainer::{self, Algorithm, Evaluation, Summary};
 
 /// What a training stage writes: GRPO all of these, SFT all but `eval` (it does
@@ -154,10 +154,17 @@ pub fn run<A: Algorithm>(
             }
         }
     }
+    let run = RunLog {
+        label: ctx.stage.clone(),
+        log: ctx.output_path("log"),
+        best_step: summary.best_model_step.map(|s| s as f64),
+        config: None,
+    };
     crate::train::plots::render(
-        &ctx.output_path("log"),
+        &[run],
         &ctx.output_path("plots"),
         &format!("{} ({})", ctx.stage, ctx.kind),
+        Style::default(),
     )?;
     let mut metrics = serde_json::to_value(&summary)?;
     if let (Some(m), Value::Object(e)) = (metrics.as_object_mut(), extra) {
@@ -187,24 +194,28 @@ pub fn exp_view(params: &Value, metrics: Option<&Value>) -> Option<ExpView> {
     Some(ExpView::Run { params: settings, metrics })
 }
 
-/// The render hook of the training kinds: the per-step log's curves, from the
-/// finished `log` output or the work folder's log of an unfinished run.
-pub fn render(
-    artifacts: &BTreeMap<String, PathBuf>,
-    work_dir: Option<&Path>,
-    out: &Path,
-    title: &str,
-) -> Option<Result<PathBuf>> {
-    let log = match (artifacts.get("log"), work_dir) {
-        (Some(log), _) => log.clone(),
-        (None, Some(dir)) => {
-            let log = dir.join(trainer::LOG_FILE);
-            if !log.exists() {
-                return Some(Err(anyhow::anyhow!("no training step logged yet (no {})", log.display())));
-            }
-            log
+/// The render hook of the training kinds: each run's per-step log (the
+/// finished `log` output, or the work folder's log of an unfinished run),
+/// with the best step its `metrics` name.
+pub fn render(runs: &[PlotRun], out: &Path, title: &str, options: PlotOptions) -> Result<PathBuf> {
+    let mut logs = Vec::new();
+    for run in runs {
+        let log = match (run.artifacts.get("log"), &run.work_dir) {
+            (Some(log), _) => log.clone(),
+            (None, Some(dir)) => dir.join(trainer::LOG_FILE),
+            (None, None) => anyhow::bail!("{}: no training log recorded", run.label),
+        };
+        if !log.exists() {
+            anyhow::bail!("{}: no training step logged yet (no {})", run.label, log.display());
         }
-        (None, None) => return None,
-    };
-    Some(crate::train::plots::render(&log, out, title))
+        let best_step = run
+            .artifacts
+            .get("metrics")
+            .and_then(|m| std::fs::read(m).ok())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|m| m.get("best_model_step")?.as_f64());
+        logs.push(RunLog { label: run.label.clone(), log, best_step, config: Some(run.params.clone()) });
+    }
+    let style = Style { smooth: options.smooth, wall_clock: options.wall_clock };
+    crate::train::plots::render(&logs, out, title, style)
 }
