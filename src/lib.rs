@@ -19,4 +19,5 @@ pub mod pipeline;
 pub mod rewards;
 pub mod rollout;
 pub mod stages;
+pub mod tracking;
 pub mod train;

@@ -18,6 +18,9 @@ pub trait Host {
     /// warning): above the progress bars, or plain on stderr where there are
     /// none, and not at all when the run was asked to be quiet.
     fn say(&self, line: &str);
+    /// A training step's log line was written (the trackers of `report_to`
+    /// take it from here). Default: nothing else.
+    fn logged(&self, _step: u64, _line: &serde_json::Value) {}
 }
 
 /// A host for tests and library use: a folder, a token, no display.

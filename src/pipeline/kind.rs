@@ -223,6 +223,7 @@ pub struct RunEnv {
 
 /// Everything a stage gets from the runner.
 pub struct StageContext {
+    pub pipeline: String,
     pub stage: String,
     pub kind: &'static str,
     pub params: Value,
@@ -231,6 +232,10 @@ pub struct StageContext {
     pub work_dir: PathBuf,
     /// Emptied before each attempt; outputs are written here and moved into the cache on success.
     pub out_dir: PathBuf,
+    /// Where this stage's TensorBoard files go (`report_to: tensorboard`):
+    /// `cache/tensorboard/<pipeline>/<stage>`, outside the objects, so that
+    /// `tensorboard --logdir cache/tensorboard` shows every run as it trains.
+    pub tensorboard_dir: PathBuf,
     pub env: RunEnv,
     pub progress: indicatif::MultiProgress,
     /// `run -q`: no bars and no per-step lines (decisions and errors still show).

@@ -730,6 +730,8 @@ impl<'a> Runner<'a> {
         let mut params = stage.params.clone();
         bind_artifacts(&mut params, &paths);
         let ctx = StageContext {
+            pipeline: self.pipeline.name.clone(),
+            tensorboard_dir: self.cache.tensorboard_dir(&self.pipeline.name, &stage.name),
             stage: stage.name.clone(),
             kind: stage.kind.name(),
             params,

@@ -142,6 +142,9 @@ impl Resources {
 pub struct JobFile {
     /// The stage's fingerprint (its work folder's name): what the job's result is recorded under.
     pub fingerprint: String,
+    /// The pipeline's name (where its TensorBoard files go); absent in job files of older versions.
+    #[serde(default)]
+    pub pipeline: String,
     pub stage: String,
     pub kind: String,
     /// The stage's parameters with their `${stage.output}` references in place …
@@ -263,6 +266,7 @@ pub fn run_stage(
 ) -> Result<()> {
     let job = JobFile {
         fingerprint: ctx.work_dir.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default(),
+        pipeline: ctx.pipeline.clone(),
         stage: ctx.stage.clone(),
         kind: ctx.kind.to_string(),
         params: spec.params,
@@ -473,7 +477,11 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
     super::store::remove_path(&out_dir)?;
     fs::create_dir_all(&out_dir)?;
     eprintln!("r1pipe exec-job: stage `{}` ({}), work {}", job.stage, job.kind, work_dir.display());
+    // The work folder is `<cache>/work/<fingerprint>` (checked above).
+    let cache = super::store::Cache::new(work_dir.parent().and_then(Path::parent).unwrap_or(work_dir));
     let mut ctx = StageContext {
+        pipeline: job.pipeline.clone(),
+        tensorboard_dir: cache.tensorboard_dir(&job.pipeline, &job.stage),
         stage: job.stage.clone(),
         kind: kind.name(),
         params,

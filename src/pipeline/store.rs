@@ -105,6 +105,20 @@ impl Cache {
     pub fn work_dir(&self, fingerprint: &str) -> PathBuf {
         self.work_root().join(fingerprint)
     }
+    /// TensorBoard's files of a stage (`report_to: tensorboard`): not artifacts, never hashed.
+    /// Names become single path components whatever they hold (a job file
+    /// may be edited): never a separator, never `.` or `..`.
+    pub fn tensorboard_dir(&self, pipeline: &str, stage: &str) -> PathBuf {
+        let component = |name: &str| -> String {
+            let plain: String = name.chars().map(|c| if matches!(c, '/' | '\\' | '\0') { '_' } else { c }).collect();
+            if plain.is_empty() || plain.chars().all(|c| c == '.') {
+                "_".into()
+            } else {
+                plain
+            }
+        };
+        self.root.join("tensorboard").join(component(pipeline)).join(component(stage))
+    }
     pub fn runs_dir(&self) -> PathBuf {
         self.root.join("runs")
     }

@@ -59,7 +59,7 @@ impl StageKind for Grpo {
         trl_compat::normalize(params, Trainer::Grpo, &known_keys::<Params>())
     }
     fn fingerprint_params(&self, params: &Value) -> Value {
-        rollout_param::fingerprint_params(params, "rollout")
+        training::fingerprint_params(&rollout_param::fingerprint_params(params, "rollout"))
     }
     fn exp_view(&self, params: &Value, metrics: Option<&Value>) -> Option<crate::pipeline::kind::ExpView> {
         training::exp_view(params, metrics)

@@ -40,6 +40,9 @@ impl StageKind for Sft {
     fn normalize(&self, params: &mut serde_json::Map<String, Value>) -> Vec<ParamError> {
         trl_compat::normalize(params, Trainer::Sft, &known_keys::<Params>())
     }
+    fn fingerprint_params(&self, params: &Value) -> Value {
+        training::fingerprint_params(params)
+    }
     fn absent_outputs(&self, params: &Value) -> Vec<(&'static str, &'static str)> {
         training::absent_outputs(training::OUTPUTS, params)
     }

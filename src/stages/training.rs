@@ -122,6 +122,48 @@ pub fn open_trainable(ctx: &StageContext, model: &str, lora: Option<&LoraConfig>
     Ok(loaded)
 }
 
+/// The training loop, its steps also reported where `report_to` says; the
+/// tracking run ends `FINISHED`, `KILLED` (stopped, resumable) or `FAILED`.
+fn train_reporting<A: Algorithm>(
+    ctx: &StageContext,
+    model: &mut crate::model::Transformer,
+    algo: &mut A,
+    cfg: &TrainingConfig,
+    eval: Option<Evaluation>,
+) -> Result<Summary> {
+    let setup = crate::tracking::Setup {
+        report_to: &cfg.report_to,
+        pipeline: &ctx.pipeline,
+        stage: &ctx.stage,
+        params: &ctx.params,
+        work_dir: &ctx.work_dir,
+        tensorboard_dir: ctx.tensorboard_dir.clone(),
+    };
+    let say = |line: &str| crate::common::Host::say(ctx, line);
+    let trackers = crate::tracking::Trackers::start(&setup, &say);
+    if trackers.is_empty() {
+        return trainer::train(model, algo, cfg, ctx, eval);
+    }
+    let host = crate::tracking::TrackingHost { inner: ctx, trackers: std::sync::Mutex::new(trackers) };
+    let result = trainer::train(model, algo, cfg, &host, eval);
+    let status = match &result {
+        Ok(_) => "FINISHED",
+        Err(e) if e.downcast_ref::<crate::common::Cancelled>().is_some() => "KILLED",
+        Err(_) => "FAILED",
+    };
+    // Where the results are: the stage's fingerprint names them in the cache.
+    let fingerprint = ctx.work_dir.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
+    let tags = [
+        ("fingerprint".to_string(), fingerprint),
+        ("pipeline".to_string(), ctx.pipeline.clone()),
+        ("find_model".to_string(), format!("r1pipe show {}.model -p <the {} pipeline file>", ctx.stage, ctx.pipeline)),
+    ];
+    if let Ok(mut t) = host.trackers.into_inner() {
+        t.end(status, &tags, &say);
+    }
+    result
+}
+
 /// Run `algo` on the loaded model through the loop, then write the stage's
 /// outputs: the model (Hugging Face layout, adapters merged), the per-step
 /// log and the summary metrics (with `extra` added); with LoRA also the
@@ -137,7 +179,7 @@ pub fn run<A: Algorithm>(
     extra: Value,
     eval: Option<Evaluation>,
 ) -> Result<Summary> {
-    let summary = trainer::train(&mut loaded.model, algo, cfg, ctx, eval)?;
+    let summary = train_reporting(ctx, &mut loaded.model, algo, cfg, eval)?;
     crate::model::load::save(&loaded.model, &loaded.files_dir, &ctx.output_path("model"))?;
     if loaded.model.lora.is_some() {
         crate::model::peft::save_adapter(&loaded.model, base_model, &ctx.output_path("adapter"))?;
@@ -176,6 +218,16 @@ pub fn run<A: Algorithm>(
     }
     ctx.set_metrics(metrics);
     Ok(summary)
+}
+
+/// The parameters of a training stage as they enter its fingerprint: all but
+/// `report_to`, which says where numbers are also sent, never what they are.
+pub fn fingerprint_params(params: &Value) -> Value {
+    let mut p = params.clone();
+    if let Some(m) = p.as_object_mut() {
+        m.remove("report_to");
+    }
+    p
 }
 
 /// The training metrics `r1pipe exp show` compares, in this order, when a run has them.

@@ -8,7 +8,7 @@
 //! - translated: TRL's spelling or value turned into r1pipe's (`max_steps: -1`,
 //!   `scale_rewards: true`, `use_vllm` + `vllm_mode: server` → `rollout:`);
 //! - accepted at TRL's default, which asks for nothing r1pipe does not do
-//!   (`push_to_hub: false`, `report_to: none`), and refused otherwise, with
+//!   (`push_to_hub: false`, `save_strategy: steps`), and refused otherwise, with
 //!   the sentence that says what r1pipe does instead.
 //!
 //! The translation runs once, when the pipeline is read, so checks, runs and
@@ -80,8 +80,7 @@ fn instead(field: &str) -> &'static str {
         "fp16" | "fp16_full_eval" | "bf16_full_eval" | "tf32" | "half_precision_backend" | "cast_lm_head_to_fp32" => {
             PRECISION
         }
-        "report_to"
-        | "run_name"
+        "run_name"
         | "project"
         | "disable_tqdm"
         | "logging_strategy"
@@ -236,11 +235,6 @@ fn same_as_default(given: &Value, default: &Value) -> bool {
 fn harmless(field: &str, v: &Value) -> bool {
     let s = v.as_str().unwrap_or_default();
     match field {
-        "report_to" => match v {
-            Value::String(_) => s == "none",
-            Value::Array(a) => a.is_empty() || a.iter().all(|x| x.as_str() == Some("none")),
-            _ => false,
-        },
         "save_strategy" | "logging_strategy" => s == "steps",
         "eval_strategy" => matches!(s, "no" | "steps"),
         "optim" => matches!(s, "adamw_torch" | "adamw_torch_fused" | "adamw_hf" | "default_optim"),
@@ -387,6 +381,7 @@ pub fn table(trainer: Trainer, known: &[String]) -> Vec<(String, String)> {
             (_, "warmup_steps") => "same; below 1 it is a fraction of the run (transformers 5); replaces `warmup_ratio`",
             (_, "bf16") => "same: this stage computes in bf16 with f32 master weights (`false`: f32); unset: the pipeline's `dtype:`",
             (_, "seed") => "same: this stage's seed; unset: the pipeline's `seed:`",
+            (_, "report_to") => "same for `tensorboard` (event files in `cache/tensorboard/PIPELINE/STAGE`, TRL's tags), `mlflow` (`MLFLOW_TRACKING_URI`) and `none`, one or a list; `wandb`: `wandb sync` of the TensorBoard files; not part of the fingerprint",
             (_, "logging_steps") => "same: a console line every N steps (and after the first and the last); the log file has every step",
             (Trainer::Grpo, "use_vllm") => "`use_vllm: true` with `vllm_mode: server` becomes `rollout: {url, model}` (a `vllm serve` you start; TRL's `trl vllm-serve` protocol is not spoken)",
             (Trainer::Grpo, "vllm_mode") => "`server` only, with `use_vllm` (see there); `colocate` is refused",
@@ -405,7 +400,6 @@ pub fn table(trainer: Trainer, known: &[String]) -> Vec<(String, String)> {
                 "same name and meaning".to_string()
             } else {
                 let extra = match f.as_str() {
-                    "report_to" => " (`none` too)",
                     "save_strategy" | "logging_strategy" => " (`steps` too)",
                     "eval_strategy" => " (`no` and `steps` too)",
                     "optim" => " (`adamw_torch`, `adamw_torch_fused`, `adamw_hf` too)",
@@ -460,7 +454,7 @@ mod tests {
     #[test]
     fn trl_values_become_r1pipes_and_defaults_are_dropped() {
         let (m, e) = norm(
-            json!({"max_steps": -1, "scale_rewards": false, "push_to_hub": false, "report_to": "none",
+            json!({"max_steps": -1, "scale_rewards": false, "push_to_hub": false,
                    "save_strategy": "steps", "optim": "adamw_torch", "learning_rate": 1e-6, "fp16": false}),
             Trainer::Grpo,
         );
@@ -470,12 +464,10 @@ mod tests {
 
     #[test]
     fn a_refused_field_says_what_r1pipe_does_instead() {
-        let (_, e) =
-            norm(json!({"output_dir": "out", "fp16": true, "report_to": ["wandb"], "max_steps": -3}), Trainer::Grpo);
+        let (_, e) = norm(json!({"output_dir": "out", "fp16": true, "max_steps": -3}), Trainer::Grpo);
         let by = |k: &str| e.iter().find(|x| x.path == k).unwrap_or_else(|| panic!("no error for {k}: {e:?}"));
         assert!(by("output_dir").hint.as_deref().unwrap().contains("r1pipe show STAGE.model"));
         assert!(by("fp16").hint.as_deref().unwrap().contains("bf16: true"));
-        assert!(by("report_to").hint.as_deref().unwrap().contains("logging_steps"));
         assert!(by("max_steps").hint.as_deref().unwrap().contains("-1"));
         // Keys TRL does not have either are left for the stage's unknown-key error.
         let (m, e) = norm(json!({"lerning_rate": 1.0}), Trainer::Grpo);

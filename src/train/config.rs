@@ -44,6 +44,24 @@ pub struct TrainingConfig {
     pub bf16: Option<bool>,
     /// This stage's seed; unset: the pipeline's `seed:`.
     pub seed: Option<u64>,
+    /// Where else each step's numbers go (TRL's name): `tensorboard`,
+    /// `mlflow`, `none`; one name or a list. Not part of the fingerprint.
+    #[serde(deserialize_with = "one_or_many")]
+    pub report_to: Vec<String>,
+}
+
+/// A name or a list of names (TRL takes both for `report_to`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d).map_err(|_| serde::de::Error::custom("expected a name or a list of names"))? {
+        OneOrMany::One(s) => Ok(vec![s]),
+        OneOrMany::Many(v) => Ok(v),
+    }
 }
 
 impl Default for TrainingConfig {
@@ -73,6 +91,7 @@ impl Default for TrainingConfig {
             lora: None,
             bf16: None,
             seed: None,
+            report_to: vec!["none".into()],
         }
     }
 }
@@ -117,6 +136,7 @@ impl TrainingConfig {
         ] {
             errors.extend(batch_problem(k, v));
         }
+        errors.extend(crate::tracking::problems(&self.report_to));
         if self.save_total_limit == 0 {
             errors.push(ParamError::new("save_total_limit", "must be at least 1"));
         }

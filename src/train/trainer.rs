@@ -310,6 +310,7 @@ pub fn train<A: Algorithm>(
         };
         log.append(&line).context("writing the training log")?;
         let logged = serde_json::to_value(&line).context("the step's log line")?;
+        host.logged(step, &logged);
         for warning in watch.observe(&logged, step) {
             // Said to the person watching; the run log (JSON) keeps it as an event too.
             tracing::info!(step, %warning, "training warning");
