@@ -50,7 +50,7 @@ fn a_sweep_is_a_row_per_member_with_its_parameters_and_metrics() {
     }
     // Parameters every row shares are left out; --all-params shows them.
     assert!(!header.contains(&"max_length"));
-    let all = p.run(&["exp", "show", "p.yaml", "--all-params", "--only", "max_length"]).ok().stdout;
+    let all = p.run(&["exp", "show", "p.yaml", "--all-params", "--keep", "max_length"]).ok().stdout;
     assert!(all.contains("max_length") && all.contains("64"), "{all}");
     // JSON: the same rows; --sort orders them by a metric, largest first.
     let json = p.run(&["exp", "show", "p.yaml", "--json", "--sort", "final_loss"]).ok().stdout;
@@ -58,6 +58,10 @@ fn a_sweep_is_a_row_per_member_with_its_parameters_and_metrics() {
     let losses: Vec<f64> = v.as_array().unwrap().iter().map(|r| r["metrics"]["final_loss"].as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 4);
     assert!(losses.windows(2).all(|w| w[0] >= w[1]), "{losses:?}");
+    // --only selects runs as `run --only` selects stages.
+    let some = p.run(&["exp", "show", "p.yaml", "--csv", "--only", "sft@lr-1e-4-*"]).ok().stdout;
+    assert_eq!(some.lines().count(), 3, "{some}");
+    assert!(!some.contains("sft@lr-3e-4"), "{some}");
     let r = p.run(&["exp", "show", "p.yaml", "--sort", "nope"]);
     assert!(r.code != 0 && r.stderr.contains("no column `nope`"), "{}", r.stderr);
 }
@@ -90,12 +94,14 @@ stages:
     let set_model = with_set(&["show", "sft.model", "-p", "p.yaml"]);
     assert_ne!(default_model, set_model, "show -S found the default run");
 
-    let csv = with_set(&["exp", "show", "p.yaml", "--csv", "--all-params", "--only", "learning_rate"]);
+    let csv = with_set(&["exp", "show", "p.yaml", "--csv", "--all-params", "--keep", "learning_rate"]);
     assert!(csv.contains("0.0003"), "{csv}");
 
     // metrics diff: the run with -S against the run before it (the default).
     let d = with_set(&["metrics", "diff", "p.yaml"]);
     assert!(d.contains("accuracy_strict"), "{d}");
+    let only_sft = with_set(&["metrics", "diff", "p.yaml", "--all", "--only", "sft"]);
+    assert!(only_sft.contains("final_loss") && !only_sft.contains("accuracy_strict"), "{only_sft}");
 
     let page = with_set(&["plot", "sft", "-p", "p.yaml"]);
     let html = std::fs::read_to_string(page.trim()).unwrap();

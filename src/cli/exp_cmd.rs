@@ -3,7 +3,8 @@
 //! pipelines given, its parameters (those that differ across the rows) and its
 //! final metrics as columns: the training's own (final loss, rewards, KL) and
 //! what each `evaluate` stage measured of that run's model. `--sort`,
-//! `--only`, and `--csv` / `--json` for other tools. (`metrics diff` keeps the
+//! `--only` runs (as `run --only` selects stages), `--keep` columns, and
+//! `--csv` / `--json` for other tools. (`metrics diff` keeps the
 //! per-key form for two runs.)
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -29,9 +30,13 @@ pub struct ExpShowArgs {
     /// Sort the rows by this column (descending for metrics); e.g. eval.accuracy_strict
     #[arg(long, value_name = "COLUMN")]
     pub sort: Option<String>,
-    /// Show only the columns whose names contain one of these (comma-separated)
-    #[arg(long, value_delimiter = ',', value_name = "TEXT")]
+    /// Only these runs: stage names, a matrix stage (all its members) or patterns
+    /// (`grpo@*`), as `run --only` takes them (repeatable)
+    #[arg(long, value_name = "STAGE")]
     pub only: Vec<String>,
+    /// Keep only the columns whose names contain one of these (comma-separated; DVC's `--keep`)
+    #[arg(long, value_delimiter = ',', value_name = "TEXT")]
+    pub keep: Vec<String>,
     /// Every parameter, not only those that differ across the rows
     #[arg(long)]
     pub all_params: bool,
@@ -71,7 +76,11 @@ pub fn show(a: ExpShowArgs) -> Result<i32> {
     let mut measured_order: Vec<String> = Vec::new();
     for file in &a.pipelines {
         let ws = Workspace::open(file, &a.set, a.cache.clone(), &registry)?;
-        let records = ws.current_records()?;
+        let mut records = ws.current_records()?;
+        if !a.only.is_empty() {
+            let chosen = ws.select(&a.only)?;
+            records.retain(|name, _| chosen.contains(name));
+        }
         let view = |rec: &StageRecord| {
             let kind = registry.get(&rec.inputs.kind)?;
             kind.exp_view(&rec.inputs.params, rec.metrics.as_ref())
@@ -113,7 +122,7 @@ pub fn show(a: ExpShowArgs) -> Result<i32> {
         .cloned()
         .collect();
     let metrics: Vec<String> = metric_order.into_iter().chain(measured_order).collect();
-    let keep = |c: &str| a.only.is_empty() || a.only.iter().any(|o| c.contains(o.as_str()));
+    let keep = |c: &str| a.keep.is_empty() || a.keep.iter().any(|o| c.contains(o.as_str()));
     let params: Vec<String> = params.into_iter().filter(|c| keep(c)).collect();
     let metrics: Vec<String> = metrics.into_iter().filter(|c| keep(c)).collect();
 

@@ -51,10 +51,12 @@ fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
 }
 
 /// `set`: the overrides the compared run was made with; `against_set`: those
-/// of the baseline (`--against`, `--against-cache`).
+/// of the baseline (`--against`, `--against-cache`); `only`: the stages
+/// compared, selected as `run --only` selects them (all when empty).
 pub fn diff(
     file: &Path,
     set: &[Override],
+    only: &[String],
     against_set: &[Override],
     cache: Option<PathBuf>,
     baseline: Baseline,
@@ -62,7 +64,11 @@ pub fn diff(
 ) -> Result<i32> {
     let registry = r1pipe::stages::registry();
     let ws = Workspace::open(file, set, cache.clone(), &registry)?;
-    let now = ws.current_records()?;
+    let mut now = ws.current_records()?;
+    if !only.is_empty() {
+        let chosen = ws.select(only)?;
+        now.retain(|name, _| chosen.contains(name));
+    }
     if now.is_empty() {
         bail!("no stage of {} is up to date in {}; run it first", file.display(), ws.cache.root.display());
     }

@@ -254,6 +254,9 @@ pub enum MetricsCommand {
         /// The overrides the baseline (--against, --against-cache) was made with
         #[arg(long, value_name = "STAGE.KEY=VALUE")]
         against_set: Vec<Override>,
+        /// Only these stages: names, a matrix stage (all its members) or patterns (grpo@*), as `run --only`
+        #[arg(long, value_name = "STAGE")]
+        only: Vec<String>,
         /// Every stage's numeric metrics, not only evaluations
         #[arg(long)]
         all: bool,
@@ -321,14 +324,14 @@ pub fn main() -> i32 {
             pipeline_cmds::plot(&stages, &pipeline, &set, options, out, open, cache)
         }
         Command::Metrics {
-            command: MetricsCommand::Diff { pipeline, against, against_cache, set, against_set, all, cache },
+            command: MetricsCommand::Diff { pipeline, against, against_cache, set, against_set, only, all, cache },
         } => {
             let baseline = match (against, against_cache) {
                 (Some(p), _) => metrics_cmd::Baseline::Pipeline(p),
                 (None, Some(c)) => metrics_cmd::Baseline::Cache(c),
                 (None, None) => metrics_cmd::Baseline::Previous,
             };
-            metrics_cmd::diff(&pipeline, &set, &against_set, cache, baseline, all)
+            metrics_cmd::diff(&pipeline, &set, &only, &against_set, cache, baseline, all)
         }
         Command::Rewards { list: true, .. } => rewards_cmd::list(),
         Command::Rewards { set, completions, json, .. } => rewards_cmd::score(
