@@ -192,10 +192,18 @@ fn remember(order: &mut Vec<String>, key: &str) {
     }
 }
 
+/// A parameter's value in a cell. Small and large floats in exponent form,
+/// so a column of learning rates reads `1e-5`, `1e-6` (JSON would write
+/// `0.00001` beside `1e-6`).
 fn text(v: Option<&Value>) -> String {
     match v {
         None | Some(Value::Null) => "-".into(),
         Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_f64() => match n.as_f64() {
+            Some(x) if x != 0.0 && (x.abs() < 1e-4 || x.abs() >= 1e6) => format!("{x:e}"),
+            Some(x) => x.to_string(),
+            None => n.to_string(),
+        },
         Some(other) => other.to_string(),
     }
 }
@@ -218,4 +226,21 @@ fn csv_field(s: &str) -> String {
 
 fn names(files: &[PathBuf]) -> String {
     files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameter_cells_write_small_and_large_floats_alike() {
+        let cell = |v: Value| text(Some(&v));
+        assert_eq!(cell(serde_json::json!(1e-5)), "1e-5");
+        assert_eq!(cell(serde_json::json!(1e-6)), "1e-6");
+        assert_eq!(cell(serde_json::json!(3.5e-6)), "3.5e-6");
+        assert_eq!(cell(serde_json::json!(0.0003)), "0.0003");
+        assert_eq!(cell(serde_json::json!(0.5)), "0.5");
+        assert_eq!(cell(serde_json::json!(4)), "4");
+        assert_eq!(cell(serde_json::json!("r1-gsm8k")), "r1-gsm8k");
+    }
 }

@@ -139,7 +139,8 @@ fn x_of(lines: &[Value], wall_clock: bool) -> impl Fn(f64) -> Option<f64> {
         if !wall_clock {
             return Some(step);
         }
-        clock.iter().find(|(s, _)| *s >= step).map(|(_, t)| *t)
+        // Steps ascend in a log (a resumed run's is cut back to its checkpoint first).
+        clock.get(clock.partition_point(|(s, _)| *s < step)).map(|(_, t)| *t)
     }
 }
 
