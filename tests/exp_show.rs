@@ -58,6 +58,9 @@ fn a_sweep_is_a_row_per_member_with_its_parameters_and_metrics() {
     let losses: Vec<f64> = v.as_array().unwrap().iter().map(|r| r["metrics"]["final_loss"].as_f64().unwrap()).collect();
     assert_eq!(losses.len(), 4);
     assert!(losses.windows(2).all(|w| w[0] >= w[1]), "{losses:?}");
+    // A member is found without naming its pipeline, as any stage is.
+    let model = p.run(&["show", "sft@lr-1e-4-steps-1.model"]).ok().stdout;
+    assert!(std::path::Path::new(model.trim()).join("model.safetensors").exists(), "{model}");
     // --only selects runs as `run --only` selects stages.
     let some = p.run(&["exp", "show", "p.yaml", "--csv", "--only", "sft@lr-1e-4-*"]).ok().stdout;
     assert_eq!(some.lines().count(), 3, "{some}");
