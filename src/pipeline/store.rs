@@ -6,6 +6,7 @@
 //! cache/objects/<hash>/<name>      immutable, content-addressed artifacts
 //! cache/work/<fingerprint>/        an unfinished stage: checkpoints/, out/
 //! cache/runs/<time>-<pipeline>.log machine-readable log of each run
+//! cache/tensorboard/<pipeline>/<stage>/  `report_to: tensorboard` (not artifacts)
 //! ```
 //!
 //! Outputs are moved into `objects/` by rename and the record is written last,
