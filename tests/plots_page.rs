@@ -8,8 +8,10 @@
 mod common;
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -71,23 +73,44 @@ fn chromium() -> Option<String> {
         .map(str::to_string)
 }
 
+/// Run the browser with `args` to its end, within two minutes: it runs in a
+/// process group of its own (its renderer and GPU processes too), killed
+/// whole at the deadline so that a browser that hangs fails the test instead
+/// of holding the suite. Returns (stdout, stderr).
+fn browse(browser: &str, args: &[String], dir: &Path) -> (String, String) {
+    let (out, err) = (dir.join("browser.out"), dir.join("browser.err"));
+    let mut child = Command::new(browser)
+        .args(["--headless", "--no-sandbox", "--disable-gpu"])
+        .args(args)
+        .process_group(0)
+        .stdout(fs::File::create(&out).unwrap())
+        .stderr(fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            // SAFETY: a signal to the group this test started.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
+            panic!("the browser did not finish within 120 s: {}", fs::read_to_string(&err).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (fs::read_to_string(&out).unwrap_or_default(), fs::read_to_string(&err).unwrap_or_default())
+}
+
 /// What the browser made of `page`, or why it could not say.
 fn probe(browser: &str, page: &Path, dir: &Path) -> Value {
     let probe = dir.join("probe.html");
     fs::write(&probe, PROBE.replace("PAGE", &format!("file://{}", page.display()))).unwrap();
-    let out = Command::new(browser)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files"])
-        .arg("--virtual-time-budget=10000")
-        .arg("--dump-dom")
-        .arg(format!("file://{}", probe.display()))
-        .output()
-        .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let args = ["--allow-file-access-from-files", "--virtual-time-budget=10000", "--dump-dom"].map(String::from);
+    let (dom, err) = browse(browser, &[&args[..], &[format!("file://{}", probe.display())]].concat(), dir);
     let json = dom
         .split("<pre id=\"probe\">")
         .nth(1)
         .and_then(|t| t.split("</pre>").next())
-        .unwrap_or_else(|| panic!("the browser wrote no probe:\n{dom}\n{}", String::from_utf8_lossy(&out.stderr)));
+        .unwrap_or_else(|| panic!("the browser wrote no probe:\n{dom}\n{err}"));
     serde_json::from_str(&json.replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\""))
         .unwrap()
 }
@@ -138,14 +161,13 @@ fn a_sweeps_members_overlay_on_one_page_that_a_browser_lays_out() {
 
     // A screenshot of the page, as a person sees it.
     let shot = p.root().join("page.png");
-    let status = Command::new(&browser)
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--window-size=1000,1400"])
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .unwrap();
-    let png =
-        fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot ({e}): {}", String::from_utf8_lossy(&status.stderr)));
+    let args = [
+        "--window-size=1000,1400".to_string(),
+        format!("--screenshot={}", shot.display()),
+        format!("file://{}", page.display()),
+    ];
+    let (_, err) = browse(&browser, &args, p.root());
+    let png = fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot ({e}): {err}"));
     assert!(png.starts_with(b"\x89PNG") && png.len() > 20_000, "{} bytes", png.len());
 }
 

@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -111,7 +112,9 @@ fn tensorboards_reader_finds_every_logged_number_under_trls_tags() {
     }
 }
 
-/// An MLflow tracking server on a free port, stopped when dropped.
+/// An MLflow tracking server on a free port, in a process group of its own,
+/// stopped whole when dropped (it starts uvicorn and job workers of its own,
+/// which outlive a kill of the server's first process alone).
 struct Server {
     child: Child,
     url: String,
@@ -119,7 +122,15 @@ struct Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        let group = -(self.child.id() as i32);
+        // SAFETY: signals to the group this test started; no memory is touched.
+        unsafe { libc::kill(group, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) && self.child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Whatever of the group is left (workers that ignore TERM, or are slow to end).
+        unsafe { libc::kill(group, libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -134,6 +145,7 @@ fn mlflow_server(py: &Path, dir: &Path) -> Result<Server, String> {
         .arg("--default-artifact-root")
         .arg(dir.join("artifacts"))
         .current_dir(dir)
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
