@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use serde_json::Value;
 
 use r1pipe::common::table::render_table;
 use r1pipe::pipeline::spec::Override;
@@ -26,28 +25,8 @@ pub enum Baseline {
 /// The numbers of a record to compare, as flat `path → number` (its kind's
 /// metrics view; with `all`, the raw metrics of kinds that have none).
 fn flat_metrics(ws: &Workspace, rec: &StageRecord, all: bool) -> BTreeMap<String, f64> {
-    let mut out = BTreeMap::new();
-    if let Some(m) = ws.metrics_of(rec, all) {
-        flatten("", &m, &mut out);
-    }
-    out
-}
-
-fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, f64>) {
-    match v {
-        Value::Number(n) => {
-            if let Some(x) = n.as_f64() {
-                out.insert(prefix.to_string(), x);
-            }
-        }
-        Value::Object(m) => {
-            for (k, x) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-                flatten(&p, x, out);
-            }
-        }
-        _ => {}
-    }
+    let Some(m) = ws.metrics_of(rec, all) else { return BTreeMap::new() };
+    r1pipe::common::params::flatten(&m).into_iter().filter_map(|(k, v)| Some((k, v.as_f64()?))).collect()
 }
 
 /// `set`: the overrides the compared run was made with; `against_set`: those

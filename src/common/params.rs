@@ -1,6 +1,8 @@
 //! Stage parameters: plain JSON values after YAML resolution, turned into each
 //! stage kind's typed struct with errors that name the key and the nearest valid one.
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
@@ -311,6 +313,26 @@ pub fn yaml_to_json(v: &serde_yaml::Value, path: &str) -> Result<Value, ParamErr
         }
         serde_yaml::Value::Tagged(t) => yaml_to_json(&t.value, path)?,
     })
+}
+
+/// Leaves of a JSON tree by dotted path (`a.b`); an empty object is a leaf.
+/// What fingerprint diffs, `exp show`, `metrics diff` and the trackers read.
+pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
+    fn go(v: &Value, path: String, out: &mut BTreeMap<String, Value>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, x) in m {
+                    go(x, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out)
+                }
+            }
+            other => {
+                out.insert(path, other.clone());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    go(v, String::new(), &mut out);
+    out
 }
 
 #[cfg(test)]

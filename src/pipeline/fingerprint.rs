@@ -38,7 +38,7 @@ impl FingerprintInputs {
         } else if self.kind_version != old.kind_version {
             out.push(format!("`{}` implementation changed: v{} → v{}", self.kind, old.kind_version, self.kind_version));
         }
-        let (a, b) = (flatten(&old.params), flatten(&self.params));
+        let (a, b) = (crate::common::params::flatten(&old.params), crate::common::params::flatten(&self.params));
         for (k, v) in &b {
             match a.get(k) {
                 None => out.push(format!("param {k} added: {}", short(v))),
@@ -95,25 +95,6 @@ fn short(v: &Value) -> String {
     } else {
         s
     }
-}
-
-/// Leaves of a JSON tree by dotted path.
-pub fn flatten(v: &Value) -> BTreeMap<String, Value> {
-    fn go(v: &Value, path: String, out: &mut BTreeMap<String, Value>) {
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, x) in m {
-                    go(x, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out)
-                }
-            }
-            other => {
-                out.insert(path, other.clone());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    go(v, String::new(), &mut out);
-    out
 }
 
 /// JSON with object keys sorted at every level, whatever map type serde_json was built with.

@@ -239,7 +239,7 @@ const EXP_METRICS: &[&str] =
 /// from, not a choice that differs between members of a sweep), and its
 /// final metrics.
 pub fn exp_view(params: &Value, metrics: Option<&Value>) -> Option<ExpView> {
-    let mut settings = crate::pipeline::fingerprint::flatten(params);
+    let mut settings = crate::common::params::flatten(params);
     settings.retain(|k, _| k != "train" && k != "model" && !k.starts_with("eval_dataset"));
     let metrics =
         EXP_METRICS.iter().filter_map(|key| Some(((*key).to_string(), metrics?.get(*key)?.as_f64()?))).collect();

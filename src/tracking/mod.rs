@@ -154,21 +154,11 @@ pub fn tags(line: &Value) -> Vec<(String, f64)> {
 
 /// Settings as MLflow parameters: flattened `a.b` keys, values as text.
 fn flat_params(params: &Value) -> Vec<(String, String)> {
-    fn go(v: &Value, path: String, out: &mut Vec<(String, String)>) {
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                for (k, x) in m {
-                    go(x, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
-                }
-            }
-            Value::Null => {}
-            Value::String(s) => out.push((path, s.clone())),
-            other => out.push((path, other.to_string())),
-        }
-    }
-    let mut out = Vec::new();
-    go(params, String::new(), &mut out);
-    out
+    crate::common::params::flatten(params)
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+        .collect()
 }
 
 /// A host that also hands each logged step to the trackers.

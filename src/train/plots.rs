@@ -266,12 +266,13 @@ pub fn render(runs: &[RunLog], out: &Path, title: &str, style: Style) -> Result<
     let logs: Vec<Vec<Value>> = runs.iter().map(|r| read_log(&r.log)).collect::<Result<_>>()?;
     fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let overlay = runs.len() > 1;
+    // Each run's step → x, once for all its charts.
+    let xs: Vec<_> = logs.iter().map(|log| x_of(log, style.wall_clock)).collect();
     let mut figures = Vec::new();
     for chart in CHARTS {
         let mut lines = Vec::new();
         let mut marks = Vec::new();
-        for (r, (run, log)) in runs.iter().zip(&logs).enumerate() {
-            let x = x_of(log, style.wall_clock);
+        for (r, ((run, log), x)) in runs.iter().zip(&logs).zip(&xs).enumerate() {
             let keys = chart_keys(chart, log);
             for (k, key) in keys.iter().enumerate() {
                 let points: Vec<(f64, f64)> = log
