@@ -218,3 +218,58 @@ fn the_training_and_generation_loops_read_tensors_only_through_the_counted_copie
         found.join("\n")
     );
 }
+
+/// Identifiers in a file's code (comments and string literals excluded).
+fn identifiers(text: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let code = line.split("//").next().unwrap_or("");
+        let code: String = code.split('"').step_by(2).collect::<Vec<_>>().join(" ");
+        for word in code.split(|c: char| !(c.is_alphanumeric() || c == '_')).filter(|w| !w.is_empty()) {
+            out.push((i + 1, word.to_string()));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_runner_and_the_command_line_name_no_executor_and_no_executor_internals() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let inside = root.join("src/pipeline/executor");
+    let mut all = Vec::new();
+    files(&root.join("src"), &mut all);
+    let internals = ["job", "local", "remote", "slurm", "ray"];
+    let mut found = Vec::new();
+    for f in all.iter().filter(|f| !f.starts_with(&inside)) {
+        let text = fs::read_to_string(f).unwrap();
+        let rel = f.strip_prefix(root).unwrap().display().to_string();
+        // Through the executor module's own surface only (`executor::Executor`, `executor::live_job`, …).
+        for (line, code) in text.lines().enumerate().map(|(i, l)| (i + 1, l.split("//").next().unwrap_or(""))) {
+            for (at, _) in code.match_indices("executor::") {
+                let tail: String =
+                    code[at + "executor::".len()..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+                if internals.contains(&tail.as_str()) {
+                    found.push(format!("{rel}:{line}: names `executor::{tail}`"));
+                }
+            }
+        }
+        // No executor by name: a Slurm or Ray identifier outside executor/ means one leaked out.
+        for (line, word) in identifiers(&text) {
+            let lower = word.to_lowercase();
+            if lower.contains("slurm") || lower == "ray" || lower.starts_with("ray_") || word.starts_with("Ray") {
+                found.push(format!("{rel}:{line}: `{word}`"));
+            }
+        }
+    }
+    assert!(found.is_empty(), "executors leak out of src/pipeline/executor/:\n{}", found.join("\n"));
+}
+
+#[test]
+fn the_executor_checker_sees_a_leak() {
+    let words: Vec<String> = identifiers("let c: SlurmConfig = x; // RayConfig\nlet s = \"slurm\"; ray::submit();")
+        .into_iter()
+        .map(|(_, w)| w)
+        .collect();
+    assert!(words.contains(&"SlurmConfig".to_string()) && words.contains(&"ray".to_string()));
+    assert!(!words.contains(&"RayConfig".to_string()) && !words.contains(&"slurm".to_string()));
+}

@@ -118,7 +118,7 @@ fn probe(browser: &str, page: &Path, dir: &Path) -> Value {
 #[test]
 fn a_sweeps_members_overlay_on_one_page_that_a_browser_lays_out() {
     let Some(browser) = chromium() else {
-        println!("SKIPPED: no chromium to render the page in (apt-get install chromium)");
+        common::skip("no chromium to render the page in (apt-get install chromium)");
         return;
     };
     let p = common::tiny_project(6, 8);

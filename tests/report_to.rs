@@ -67,7 +67,7 @@ fn logged(p: &common::Project) -> BTreeMap<String, BTreeMap<u64, f64>> {
 #[test]
 fn tensorboards_reader_finds_every_logged_number_under_trls_tags() {
     let Some(py) = python() else {
-        println!("SKIPPED: no TensorBoard to read the event files with (run scripts/tracking-venv.sh)");
+        common::skip("no TensorBoard to read the event files with (run scripts/tracking-venv.sh)");
         return;
     };
     let p = common::tiny_project(6, 8);
@@ -171,14 +171,14 @@ fn api(server: &Server, endpoint: &str, body: Value) -> Value {
 #[test]
 fn an_mlflow_server_receives_the_runs_parameters_metrics_and_status_and_one_that_is_down_is_a_warning() {
     let Some(py) = python() else {
-        println!("SKIPPED: no MLflow to serve the runs (run scripts/tracking-venv.sh)");
+        common::skip("no MLflow to serve the runs (run scripts/tracking-venv.sh)");
         return;
     };
     let p = common::tiny_project(6, 8);
     let server = match mlflow_server(&py, p.root()) {
         Ok(s) => s,
         Err(why) => {
-            println!("SKIPPED: {why}");
+            common::skip(&why);
             return;
         }
     };

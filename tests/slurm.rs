@@ -31,7 +31,7 @@ fn cluster() -> Result<(), String> {
 macro_rules! need_cluster {
     () => {
         if let Err(why) = cluster() {
-            println!("SKIPPED: no Slurm cluster: {why}");
+            common::skip(&format!("no Slurm cluster: {why}"));
             return;
         }
     };
@@ -93,7 +93,7 @@ fn a_job_stopped_mid_way_is_resubmitted_and_resumes_from_its_checkpoint() {
     let head = p.cmd(&["run", "pipe.yaml"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     p.wait_for_stage_checkpoint("a", 5, Duration::from_secs(120));
     // What a time limit (`--signal=B:TERM@grace`) or a preemption does to the job.
-    let id = fs::read_to_string(work_of(&p, "a").join("slurm-job")).unwrap();
+    let id = common::submitted_job_id(&p, "a", "slurm");
     let status = std::process::Command::new("scancel").args(["--batch", "--signal=TERM", id.trim()]).status().unwrap();
     assert!(status.success());
     let out = head.wait_with_output().unwrap();
@@ -106,18 +106,6 @@ fn a_job_stopped_mid_way_is_resubmitted_and_resumes_from_its_checkpoint() {
     assert_eq!(a, "a\ncount=40\n", "the resumed job counted on from its checkpoint");
 }
 
-/// The work folder of stage `stage` in the project's cache.
-fn work_of(p: &Project, stage: &str) -> std::path::PathBuf {
-    fs::read_dir(p.cache().join("work"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|w| {
-            fs::read_to_string(w.join("stage.json")).unwrap_or_default().contains(&format!("\"stage\": \"{stage}\""))
-        })
-        .unwrap()
-}
-
 #[test]
 fn when_the_head_dies_its_job_runs_on_and_the_next_run_follows_it() {
     need_cluster!();
@@ -127,7 +115,7 @@ fn when_the_head_dies_its_job_runs_on_and_the_next_run_follows_it() {
     p.wait_for_stage_checkpoint("a", 3, Duration::from_secs(120));
     head.kill().unwrap();
     head.wait().unwrap();
-    let id = fs::read_to_string(work_of(&p, "a").join("slurm-job")).unwrap().trim().to_string();
+    let id = common::submitted_job_id(&p, "a", "slurm");
     let status = p.run(&["status", "pipe.yaml"]).ok().stdout;
     assert!(status.contains(&format!("Slurm job {id} RUNNING")), "{status}");
     let r = p.run(&["run", "pipe.yaml"]).ok();
@@ -158,56 +146,23 @@ fn ctrl_c_on_the_head_makes_its_jobs_checkpoint_and_the_next_run_resumes() {
     assert_eq!(result(&p, "a.result", &[]), "a\ncount=40\n");
 }
 
-/// GRPO on a tiny model, as tests/grpo.rs trains it.
-const GRPO: &str = r#"
-name: grpo-cluster
-seed: 3
-device: cpu
-executor: { kind: slurm, poll_s: 0.2 }
-stages:
-  gsm8k: { kind: download, with: { path: data/gsm8k } }
-  prompts: { kind: format, with: { data: "${gsm8k.dataset}", system_prompt: "Answer." } }
-  grpo:
-    kind: grpo
-    with:
-      model: models/tiny
-      train: ${prompts.train}
-      rewards: [ { name: regex_match, params: { pattern: "^[A-Za-z]" } } ]
-      learning_rate: 0.05
-      lr_scheduler_type: constant
-      per_device_train_batch_size: 8
-      gradient_accumulation_steps: 2
-      num_generations: 8
-      max_completion_length: 12
-      max_steps: 24
-      save_steps: 1
-"#;
-
 #[test]
 fn a_grpo_run_stopped_by_the_cluster_ends_with_the_weights_of_one_uninterrupted_run() {
     need_cluster!();
-    let setup = || {
-        let p = Project::new();
-        common::tiny_model(&p.root().join("models/tiny"), 5);
-        p.write("data/gsm8k/train.jsonl", &common::gsm8k_rows(12));
-        p.write("data/gsm8k/test.jsonl", &common::gsm8k_rows(2));
-        p.write("pipe.yaml", GRPO);
-        p
-    };
-    let weights = |p: &Project| {
-        let dir = p.run(&["show", "grpo.model", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
-        fs::read(format!("{dir}/model.safetensors")).unwrap()
-    };
+    let setup = || common::cluster_grpo_project("{ kind: slurm, poll_s: 0.2 }");
     let local = setup();
     local.run(&["run", "pipe.yaml", "--executor", "local"]).ok();
 
     let p = setup();
     let head = p.cmd(&["run", "pipe.yaml"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
     p.wait_for_stage_checkpoint("grpo", 4, Duration::from_secs(300));
-    let id = fs::read_to_string(work_of(&p, "grpo").join("slurm-job")).unwrap();
+    let id = common::submitted_job_id(&p, "grpo", "slurm");
     std::process::Command::new("scancel").args(["--batch", "--signal=TERM", id.trim()]).status().unwrap();
     let out = head.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && stdout.contains("resubmitting"), "{stdout}");
-    assert!(weights(&p) == weights(&local), "two Slurm jobs did not end where one local run did");
+    assert!(
+        common::grpo_weights(&p) == common::grpo_weights(&local),
+        "two Slurm jobs did not end where one local run did"
+    );
 }

@@ -426,7 +426,7 @@ fn a_read_only_cache_serves_status_show_verify_and_a_run_with_nothing_to_do() {
         Ok(m) => m,
         Err(e) => {
             // Needs root (or CAP_SYS_ADMIN); as another user, chmod makes a read-only cache instead.
-            println!("SKIPPED: cannot make a read-only bind mount here ({e})");
+            common::skip(&format!("cannot make a read-only bind mount here ({e})"));
             return;
         }
     };

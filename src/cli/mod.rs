@@ -43,13 +43,6 @@ pub struct PipelineArgs {
     pub cache: Option<PathBuf>,
 }
 
-/// Where stages run (`--executor`).
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum ExecutorKind {
-    Local,
-    Slurm,
-}
-
 #[derive(Subcommand)]
 pub enum Command {
     /// Validate, plan and execute a pipeline: skip what is cached, resume what was interrupted
@@ -75,17 +68,18 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
         /// Run up to N stages at the same time when their inputs are ready (locally their
-        /// threads share the machine's cores) [default: 1 locally, 64 on Slurm]
+        /// threads share the machine's cores) [default: 1 here, 64 as jobs of a cluster]
         #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
         jobs: Option<u16>,
-        /// Where stages run: here, or as Slurm jobs (the pipeline's `executor:` gives the settings)
-        #[arg(long, value_enum)]
-        executor: Option<ExecutorKind>,
+        /// Where stages run: here, or as jobs of a cluster (the pipeline's `executor:` gives
+        /// the settings of its kind)
+        #[arg(long, value_name = "KIND", value_parser = clap::builder::PossibleValuesParser::new(r1pipe::pipeline::executor::KINDS))]
+        executor: Option<String>,
         /// No progress bars and no per-step training lines (decisions, results and errors still show)
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Run one stage's job as the Slurm executor wrote it (what a Slurm job runs)
+    /// Run one stage's job as the head wrote it (what a cluster's job runs)
     #[command(hide = true)]
     ExecJob {
         /// The stage's work folder, holding job.json
@@ -286,10 +280,10 @@ pub fn main() -> i32 {
                 until,
                 wait,
                 jobs: jobs.map_or(0, usize::from),
-                slurm: None,
+                executor,
                 quiet,
             };
-            pipeline_cmds::run(&args, opts, executor)
+            pipeline_cmds::run(&args, opts)
         }
         Command::ExecJob { work_dir } => pipeline_cmds::exec_job(&work_dir),
         Command::Status { args } => pipeline_cmds::status(&args),

@@ -45,18 +45,9 @@ fn init_tracing(run_log: Option<&Path>) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &PipelineArgs, mut opts: RunOptions, executor: Option<super::ExecutorKind>) -> Result<i32> {
+pub fn run(args: &PipelineArgs, opts: RunOptions) -> Result<i32> {
     let registry = r1pipe::stages::registry();
     let ws = open(args, &registry)?;
-    // The flag wins over the pipeline's `executor:`; `--executor slurm` alone takes Slurm's defaults.
-    opts.slurm = match executor {
-        Some(super::ExecutorKind::Local) => None,
-        Some(super::ExecutorKind::Slurm) => Some(ws.pipeline.slurm.clone().unwrap_or_default()),
-        None => ws.pipeline.slurm.clone(),
-    };
-    if opts.jobs == 0 {
-        opts.jobs = if opts.slurm.is_some() { 64 } else { 1 };
-    }
     let opts = &opts;
     if !opts.dry_run && ws.cache.is_read_only() {
         return run_on_read_only_cache(&ws, opts);
@@ -120,8 +111,8 @@ fn run_on_read_only_cache(ws: &Workspace, opts: &RunOptions) -> Result<i32> {
     Ok(0)
 }
 
-/// `exec-job WORK`: what a Slurm job runs. SIGTERM (the time limit's signal,
-/// a preemption, the head's Ctrl-C) makes the stage checkpoint and stop.
+/// `exec-job WORK`: what a cluster's job runs. SIGTERM (a time limit's signal,
+/// a preemption, a stop, the head's Ctrl-C) makes the stage checkpoint and stop.
 pub fn exec_job(work_dir: &Path) -> Result<i32> {
     init_tracing(None)?;
     let cancel = CancelToken::default();
@@ -130,7 +121,7 @@ pub fn exec_job(work_dir: &Path) -> Result<i32> {
         eprintln!("r1pipe exec-job: asked to stop: checkpointing");
         c.cancel();
     });
-    r1pipe::pipeline::slurm::execute_job(work_dir, &r1pipe::stages::registry(), cancel)
+    r1pipe::pipeline::executor::execute_job(work_dir, &r1pipe::stages::registry(), cancel)
 }
 
 /// First Ctrl-C: stages finish their current step, checkpoint and stop. Second: exit now.

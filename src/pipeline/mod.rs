@@ -3,12 +3,13 @@
 
 pub mod bind;
 pub mod dag;
+pub mod executor;
 pub mod fingerprint;
 pub mod gc;
 pub mod kind;
 pub mod matrix;
+pub mod resources;
 pub mod runner;
-pub mod slurm;
 pub mod spec;
 pub mod status;
 pub mod store;

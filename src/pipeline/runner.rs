@@ -31,8 +31,8 @@ pub struct RunOptions {
     pub wait: bool,
     /// Stages that may run at the same time (their inputs ready); 1 runs one after another.
     pub jobs: usize,
-    /// Run each stage as a Slurm job instead of in this process.
-    pub slurm: Option<super::slurm::SlurmConfig>,
+    /// `--executor KIND`: where stages run, instead of the pipeline's `executor:` kind.
+    pub executor: Option<String>,
     /// No progress bars and no per-step lines.
     pub quiet: bool,
 }
@@ -378,7 +378,8 @@ impl<'a> Runner<'a> {
             return self.plan(selected, opts, available);
         }
         let total = selected.len();
-        let jobs = opts.jobs.max(1);
+        let executor = self.pipeline.executor.with_flag(opts.executor.as_deref())?.executor();
+        let jobs = if opts.jobs == 0 { executor.default_jobs() } else { opts.jobs };
         let progress = if opts.quiet {
             indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
         } else {
@@ -392,7 +393,7 @@ impl<'a> Runner<'a> {
         let mut waiting: Vec<&String> = selected.iter().collect();
         let mut running: BTreeMap<String, (String, Box<FingerprintInputs>)> = BTreeMap::new();
         // Stages run here that ask for GPUs (`resources.gpus`) get their own; counted only when one asks.
-        let wants_gpus = opts.slurm.is_none()
+        let wants_gpus = executor.runs_here()
             && self.env.device_class == "cuda"
             && selected.iter().any(|n| self.pipeline.stage(n).is_some_and(|s| s.resources.gpus.unwrap_or(0) > 0));
         let mut gpus = GpuPool::new(if wants_gpus { self.registry.devices().gpu_count() } else { 0 });
@@ -454,11 +455,9 @@ impl<'a> Runner<'a> {
                                 break;
                             }
                             ran += 1;
-                            // A job a head that died left running is followed, its outputs untouched.
-                            let live = opts
-                                .slurm
-                                .as_ref()
-                                .and_then(|_| super::slurm::live_job(&self.cache.work_dir(&fingerprint)));
+                            // A job a head that died left running is followed (wherever it runs),
+                            // its outputs untouched.
+                            let live = super::executor::live_job(&self.cache.work_dir(&fingerprint));
                             let started = match self.start_stage(
                                 stage,
                                 &fingerprint,
@@ -484,7 +483,7 @@ impl<'a> Runner<'a> {
                                     break;
                                 }
                             };
-                            let job_spec = opts.slurm.as_ref().map(|_| super::slurm::JobSpec {
+                            let job_spec = super::executor::JobSpec {
                                 params: stage.params.clone(),
                                 bindings: stage
                                     .refs
@@ -492,11 +491,11 @@ impl<'a> Runner<'a> {
                                     .map(|r| (r.key(), self.cache.object_path(&available[&r.key()])))
                                     .collect(),
                                 inputs: (*inputs).clone(),
-                            });
+                            };
                             running.insert(name.clone(), (fingerprint, inputs));
                             let done = done_tx.clone();
                             let (name, kind, resources) = (name.clone(), stage.kind.clone(), stage.resources.clone());
-                            let (slurm, job_tag) = (opts.slurm.clone(), tag(&name));
+                            let (executor, job_tag) = (&executor, tag(&name));
                             // The work runs beside the scheduler; what it writes to the cache
                             // (outputs, the record) waits for the scheduler. A training step
                             // recurses deeply through the graph: the thread gets a main thread's stack.
@@ -508,17 +507,17 @@ impl<'a> Runner<'a> {
                                     let ctx = &mut started.ctx;
                                     // A panic (a bug) ends this stage as a failure the scheduler reports,
                                     // not the run with the other stages' work half done.
+                                    let run = super::executor::StageRun {
+                                        kind: kind.as_ref(),
+                                        ctx,
+                                        resources: &resources,
+                                        tag: &job_tag,
+                                        spec: job_spec,
+                                    };
                                     let result =
-                                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &slurm {
-                                            Some(cfg) => super::slurm::run_stage(
-                                                cfg,
-                                                &resources,
-                                                ctx,
-                                                &job_tag,
-                                                live,
-                                                job_spec.expect("made for Slurm runs"),
-                                            ),
-                                            None => kind.run(ctx),
+                                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match live {
+                                            Some(live) => super::executor::follow_live(live, run),
+                                            None => executor.run_stage(run),
                                         }))
                                         .unwrap_or_else(|_| {
                                             Err(anyhow::anyhow!(

@@ -10,8 +10,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::executor::ExecutorConfig;
 use super::kind::{Project, Registry, Requirements, StageKind};
-use super::slurm::{Resources, SlurmConfig};
+use super::resources::Resources;
 use crate::common::builtin::{self, BuiltinKind};
 use crate::common::diagnostic::{nearest, suggest, Diagnostic, Diagnostics};
 use crate::common::fsutil::read_text_capped;
@@ -64,8 +65,8 @@ pub struct Pipeline {
     pub seed: u64,
     pub device: String,
     pub dtype: String,
-    /// `executor: { kind: slurm, … }`: run stages as Slurm jobs (`--executor` overrides it).
-    pub slurm: Option<SlurmConfig>,
+    /// `executor: {kind: …}`: where stages run (`--executor` overrides the kind).
+    pub executor: ExecutorConfig,
     /// In file order.
     pub stages: Vec<Stage>,
 }
@@ -197,7 +198,7 @@ impl Loader {
         if let Some((message, hint)) = registry.devices().check_dtype(&dtype) {
             self.err("dtype", message, Some(hint));
         }
-        let slurm = self.executor(get("executor"));
+        let executor = self.executor(get("executor"));
 
         let mut vars = match get("vars") {
             None => serde_json::Map::new(),
@@ -369,7 +370,7 @@ impl Loader {
             seed,
             device,
             dtype,
-            slurm,
+            executor,
             stages,
         };
         self.diags.into_result(pipeline)
@@ -381,38 +382,19 @@ impl Loader {
         );
     }
 
-    /// `executor: { kind: local }` or `{ kind: slurm, partition, account, qos, extra, … }`.
-    fn executor(&mut self, v: Option<&serde_yaml::Value>) -> Option<SlurmConfig> {
-        let v = yaml_to_json(v?, "executor").map_err(|e| self.err(&e.path, e.message, None)).ok()?;
-        let Value::Object(mut m) = v else {
-            self.err("executor", "`executor` must be a mapping with `kind: local` or `kind: slurm`", None);
-            return None;
+    /// `executor: {kind: …, settings}`; problems are reported and the run stays local.
+    fn executor(&mut self, v: Option<&serde_yaml::Value>) -> ExecutorConfig {
+        let Some(v) = v else { return ExecutorConfig::default() };
+        let Ok(v) = yaml_to_json(v, "executor").map_err(|e| self.err(&e.path, e.message, None)) else {
+            return ExecutorConfig::default();
         };
-        match m.remove("kind").as_ref().and_then(Value::as_str) {
-            Some("local") if m.is_empty() => None,
-            Some("slurm") => match crate::common::params::typed::<SlurmConfig>(&Value::Object(m)) {
-                Ok(c) => {
-                    for (key, msg) in c.problems() {
-                        self.err(&format!("executor.{key}"), format!("executor: `{key}`: {msg}"), None);
-                    }
-                    Some(c)
-                }
-                Err(e) => {
-                    let path = if e.path.is_empty() { "executor".to_string() } else { format!("executor.{}", e.path) };
-                    self.err(&path, format!("executor: {}", e.message), e.hint);
-                    None
-                }
-            },
-            _ => {
-                self.err(
-                    "executor",
-                    "`executor` needs `kind: local` or `kind: slurm` (with partition, account, qos, extra, \
-                     max_resubmits, signal_grace_s, poll_s)",
-                    None,
-                );
-                None
+        ExecutorConfig::parse(&v).unwrap_or_else(|problems| {
+            for (path, message, hint) in problems {
+                let path = if path.is_empty() { "executor".to_string() } else { format!("executor.{path}") };
+                self.err(&path, format!("{path}: {message}"), hint);
             }
-        }
+            ExecutorConfig::default()
+        })
     }
 
     fn scalar_string(&mut self, v: Option<&serde_yaml::Value>, key: &str, default: &str) -> String {

@@ -73,11 +73,16 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
             Some(Decision::Run { fingerprint, reasons, .. }) => {
                 let work = runner.cache.work_dir(&fingerprint);
                 let checkpoint = Checkpoints::new(&work).latest();
-                let job = super::slurm::job_state(&work);
-                if let Some((id, state)) = job {
-                    // A Slurm job runs it (its head may have died: the next run follows it).
+                if let Some(job) = super::executor::live_job(&work) {
+                    // A cluster's job runs it (its head may have died: the next run follows it).
                     let at = checkpoint.map(|(s, _)| format!(", last checkpoint at step {s}")).unwrap_or_default();
-                    row("running", format!("Slurm job {id} {state}{at}"), &fingerprint, String::new(), String::new())
+                    row(
+                        "running",
+                        format!("{} {}{at}", job.name, job.state),
+                        &fingerprint,
+                        String::new(),
+                        String::new(),
+                    )
                 } else if let (Some(holder), true) = (&running, work.join("stage.json").exists()) {
                     let at = checkpoint.map(|(s, _)| format!(", last checkpoint at step {s}")).unwrap_or_default();
                     let who = holder.split(" (started").next().unwrap_or(holder);

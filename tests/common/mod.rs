@@ -354,3 +354,74 @@ pub fn tiny_model(dir: &Path, seed: u64) {
     let m = Transformer::random(cfg, seed, &candle_core::Device::Cpu).unwrap();
     load::save(&m, &shared().join("models/smollm2-135m-instruct"), dir).unwrap();
 }
+
+/// Say that a test skips, and why, where `cargo test` shows it: straight to
+/// the process's stderr, which the test harness does not capture (it keeps
+/// `println!` of a passing test to itself).
+#[allow(dead_code)]
+pub fn skip(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "SKIPPED: {why}");
+}
+
+/// GRPO on a tiny model, as tests/grpo.rs trains it, checkpointing every step,
+/// with `executor` (a flow mapping) as the pipeline's executor: the cluster
+/// tests stop it mid-way and compare its weights with an uninterrupted run.
+pub fn cluster_grpo_project(executor: &str) -> Project {
+    const GRPO: &str = r#"
+name: grpo-cluster
+seed: 3
+device: cpu
+executor: EXECUTOR
+stages:
+  gsm8k: { kind: download, with: { path: data/gsm8k } }
+  prompts: { kind: format, with: { data: "${gsm8k.dataset}", system_prompt: "Answer." } }
+  grpo:
+    kind: grpo
+    with:
+      model: models/tiny
+      train: ${prompts.train}
+      rewards: [ { name: regex_match, params: { pattern: "^[A-Za-z]" } } ]
+      learning_rate: 0.05
+      lr_scheduler_type: constant
+      per_device_train_batch_size: 8
+      gradient_accumulation_steps: 2
+      num_generations: 8
+      max_completion_length: 12
+      max_steps: 24
+      save_steps: 1
+"#;
+    let p = Project::new();
+    tiny_model(&p.root().join("models/tiny"), 5);
+    p.write("data/gsm8k/train.jsonl", &gsm8k_rows(12));
+    p.write("data/gsm8k/test.jsonl", &gsm8k_rows(2));
+    p.write("pipe.yaml", &GRPO.replace("EXECUTOR", executor));
+    p
+}
+
+/// The bytes of the finished `grpo` stage's weights in `pipe.yaml`'s cache.
+pub fn grpo_weights(p: &Project) -> Vec<u8> {
+    let dir = p.run(&["show", "grpo.model", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+    fs::read(format!("{dir}/model.safetensors")).unwrap()
+}
+
+/// The work folder of stage `stage` in the project's cache (while it is unfinished).
+pub fn work_of(p: &Project, stage: &str) -> PathBuf {
+    fs::read_dir(p.cache().join("work"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|w| {
+            fs::read_to_string(w.join("stage.json")).unwrap_or_default().contains(&format!("\"stage\": \"{stage}\""))
+        })
+        .unwrap()
+}
+
+/// The id of the stage's current job, from the record the head keeps beside
+/// it, checked to be a job of executor `kind`.
+pub fn submitted_job_id(p: &Project, stage: &str, kind: &str) -> String {
+    let text = fs::read_to_string(work_of(p, stage).join("submitted.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["executor"]["kind"], kind, "{v}");
+    v["id"].as_str().unwrap().to_string()
+}
