@@ -75,7 +75,42 @@ pub enum Command {
         /// the settings of its kind)
         #[arg(long, value_name = "KIND", value_parser = clap::builder::PossibleValuesParser::new(r1pipe::pipeline::executor::KINDS))]
         executor: Option<String>,
+        /// A remote cache: stages it has are pulled instead of run, finished ones pushed
+        /// (s3://BUCKET/PREFIX, https://HOST/PATH, file:///PATH) [default: the pipeline's `remote:`]
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
+        /// Do not push finished stages to the remote
+        #[arg(long)]
+        no_push: bool,
         /// No progress bars and no per-step training lines (decisions, results and errors still show)
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Send stages' current results (artifacts, then records) to the remote cache
+    Push {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Only these stages (names, matrix stages, patterns) [default: all]
+        #[arg(value_name = "STAGE")]
+        stages: Vec<String>,
+        /// The remote cache [default: the pipeline's `remote:`]
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
+        /// No progress bars
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Bring stages' results from the remote cache into this one, each byte checked
+    Pull {
+        #[command(flatten)]
+        args: PipelineArgs,
+        /// Only these stages (names, matrix stages, patterns) [default: all]
+        #[arg(value_name = "STAGE")]
+        stages: Vec<String>,
+        /// The remote cache [default: the pipeline's `remote:`]
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
+        /// No progress bars
         #[arg(short, long)]
         quiet: bool,
     },
@@ -89,6 +124,9 @@ pub enum Command {
     Status {
         #[command(flatten)]
         args: PipelineArgs,
+        /// Also say which stages a remote cache has [default: the pipeline's `remote:`]
+        #[arg(long, value_name = "URL")]
+        remote: Option<String>,
     },
     /// The stage graph
     Dag {
@@ -271,7 +309,7 @@ pub enum DagFormat {
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs, executor, quiet } => {
+        Command::Run { args, dry_run, force, force_all, only, until, wait, jobs, executor, remote, no_push, quiet } => {
             let opts = r1pipe::pipeline::runner::RunOptions {
                 dry_run,
                 force,
@@ -281,12 +319,16 @@ pub fn main() -> i32 {
                 wait,
                 jobs: jobs.map_or(0, usize::from),
                 executor,
+                remote,
+                no_push,
                 quiet,
             };
             pipeline_cmds::run(&args, opts)
         }
         Command::ExecJob { work_dir } => pipeline_cmds::exec_job(&work_dir),
-        Command::Status { args } => pipeline_cmds::status(&args),
+        Command::Status { args, remote } => pipeline_cmds::status(&args, remote.as_deref()),
+        Command::Push { args, stages, remote, quiet } => pipeline_cmds::push(&args, &stages, remote.as_deref(), quiet),
+        Command::Pull { args, stages, remote, quiet } => pipeline_cmds::pull(&args, &stages, remote.as_deref(), quiet),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
         Command::Show { target, pipeline, set, cache } => {
             pipeline_cmds::show(&target, pipeline.as_deref(), &set, cache)

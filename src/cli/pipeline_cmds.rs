@@ -136,11 +136,11 @@ fn install_ctrl_c(cancel: CancelToken) {
     });
 }
 
-pub fn status(args: &PipelineArgs) -> Result<i32> {
+pub fn status(args: &PipelineArgs, remote: Option<&str>) -> Result<i32> {
     init_tracing(None)?;
     let registry = r1pipe::stages::registry();
     let ws = open(args, &registry)?;
-    let rows = ws.status()?;
+    let rows = ws.status_with_remote(remote)?;
     println!("pipeline {} ({}), cache {}", ws.pipeline.name, ws.pipeline.file.display(), ws.cache.root.display());
     let table: Vec<Vec<String>> = rows
         .into_iter()
@@ -151,6 +151,23 @@ pub fn status(args: &PipelineArgs) -> Result<i32> {
         .collect();
     print!("{}", render_table(&["STAGE", "KIND", "STATE", "FINGERPRINT", "FINISHED", "TOOK"], &table));
     Ok(0)
+}
+
+/// `push` and `pull`: exit 1 when a named stage had nothing to move.
+pub fn push(args: &PipelineArgs, stages: &[String], remote: Option<&str>, quiet: bool) -> Result<i32> {
+    init_tracing(None)?;
+    let registry = r1pipe::stages::registry();
+    let ws = open(args, &registry)?;
+    let missing = ws.push(stages, remote, quiet)?;
+    Ok(i32::from(!stages.is_empty() && !missing.is_empty()))
+}
+
+pub fn pull(args: &PipelineArgs, stages: &[String], remote: Option<&str>, quiet: bool) -> Result<i32> {
+    init_tracing(None)?;
+    let registry = r1pipe::stages::registry();
+    let ws = open(args, &registry)?;
+    let missing = ws.pull(stages, remote, quiet)?;
+    Ok(i32::from(!stages.is_empty() && !missing.is_empty()))
 }
 
 pub fn dag(args: &PipelineArgs, format: DagFormat) -> Result<i32> {

@@ -8,11 +8,13 @@ pub mod fingerprint;
 pub mod gc;
 pub mod kind;
 pub mod matrix;
+pub mod remote;
 pub mod resources;
 pub mod runner;
 pub mod spec;
 pub mod status;
 pub mod store;
+pub mod sync;
 pub mod workspace;
 
 pub use kind::{Devices, KindInfo, OutputSpec, Project, Registry, Requirements, RunEnv, StageContext, StageKind};

@@ -33,6 +33,10 @@ pub struct RunOptions {
     pub jobs: usize,
     /// `--executor KIND`: where stages run, instead of the pipeline's `executor:` kind.
     pub executor: Option<String>,
+    /// `--remote URL`: the remote cache, instead of the pipeline's `remote:`.
+    pub remote: Option<String>,
+    /// Do not push finished stages to the remote.
+    pub no_push: bool,
     /// No progress bars and no per-step lines.
     pub quiet: bool,
 }
@@ -380,6 +384,8 @@ impl<'a> Runner<'a> {
         let total = selected.len();
         let executor = self.pipeline.executor.with_flag(opts.executor.as_deref())?.executor();
         let jobs = if opts.jobs == 0 { executor.default_jobs() } else { opts.jobs };
+        // Stages the remote has are pulled instead of run; finished ones are pushed.
+        let remote = self.open_remote(opts.remote.as_deref())?;
         let progress = if opts.quiet {
             indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
         } else {
@@ -439,8 +445,29 @@ impl<'a> Runner<'a> {
                             continue;
                         }
                     }
+                    let mut pulled = false;
+                    let decision = match (&remote, &decision) {
+                        (Some(remote), Decision::Run { fingerprint, .. }) if !forced => {
+                            match self.pull_stage(remote, fingerprint, &tag(name), opts.quiet) {
+                                Ok(Some(record)) => {
+                                    pulled = true;
+                                    Decision::Cached { record: Box::new(record) }
+                                }
+                                Ok(None) => decision,
+                                Err(e) => {
+                                    waiting.remove(i);
+                                    self.report_failure(&tag(name), name, &e);
+                                    failed = true;
+                                    break;
+                                }
+                            }
+                        }
+                        _ => decision,
+                    };
                     waiting.remove(i);
-                    self.announce(&tag(name), name, &decision, false);
+                    if !pulled {
+                        self.announce(&tag(name), name, &decision, false);
+                    }
                     match decision {
                         Decision::Cached { record } => {
                             for (o, r) in &record.outputs {
@@ -549,6 +576,15 @@ impl<'a> Runner<'a> {
                             "stage finished"
                         );
                         println!("{tag}: done in {}  {}", human_duration(record.duration_s), &record.fingerprint[..12]);
+                        if let (Some(remote), false) = (&remote, opts.no_push) {
+                            // The result is safe in the local cache whatever happens to the push.
+                            if let Err(e) = self.push_record(remote, &record, &tag, opts.quiet) {
+                                eprintln!(
+                                    "{tag}: not pushed: {}\n  hint: `r1pipe push` sends it later",
+                                    crate::common::diagnostic::error_text(&e)
+                                );
+                            }
+                        }
                         for (o, r) in &record.outputs {
                             available.insert(format!("{name}.{o}"), r.clone());
                         }

@@ -20,7 +20,7 @@ use crate::common::names::identifier_problem;
 use crate::common::params::{lookup, yaml_to_json};
 use crate::common::yaml_pos::Positions;
 
-const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages", "executor"];
+const TOP_KEYS: &[&str] = &["name", "seed", "device", "dtype", "vars", "stages", "executor", "remote"];
 const STAGE_KEYS: &[&str] = &["kind", "with", "use", "needs", "matrix", "resources"];
 
 /// A reference `${stage.output}` found in a stage's parameters.
@@ -67,6 +67,8 @@ pub struct Pipeline {
     pub dtype: String,
     /// `executor: {kind: …}`: where stages run (`--executor` overrides the kind).
     pub executor: ExecutorConfig,
+    /// `remote: URL` or `{url, endpoint}`: a remote cache (`--remote` overrides it).
+    pub remote: Option<super::remote::RemoteSpec>,
     /// In file order.
     pub stages: Vec<Stage>,
 }
@@ -199,6 +201,7 @@ impl Loader {
             self.err("dtype", message, Some(hint));
         }
         let executor = self.executor(get("executor"));
+        let remote = self.remote(get("remote"));
 
         let mut vars = match get("vars") {
             None => serde_json::Map::new(),
@@ -371,6 +374,7 @@ impl Loader {
             device,
             dtype,
             executor,
+            remote,
             stages,
         };
         self.diags.into_result(pipeline)
@@ -395,6 +399,31 @@ impl Loader {
             }
             ExecutorConfig::default()
         })
+    }
+
+    /// `remote: URL` or `remote: {url, endpoint}`.
+    fn remote(&mut self, v: Option<&serde_yaml::Value>) -> Option<super::remote::RemoteSpec> {
+        let v = yaml_to_json(v?, "remote").map_err(|e| self.err(&e.path, e.message, None)).ok()?;
+        let v = match v {
+            Value::String(url) => serde_json::json!({ "url": url }),
+            other => other,
+        };
+        match crate::common::params::typed::<super::remote::RemoteSpec>(&v) {
+            Ok(spec) if spec.url.trim().is_empty() => {
+                self.err(
+                    "remote",
+                    "`remote` is an empty URL",
+                    Some("s3://BUCKET/PREFIX, https://HOST/PATH or file:///PATH".into()),
+                );
+                None
+            }
+            Ok(spec) => Some(spec),
+            Err(e) => {
+                let path = if e.path.is_empty() { "remote".to_string() } else { format!("remote.{}", e.path) };
+                self.err(&path, format!("{path}: {}", e.message), Some("a URL, or {url, endpoint}".into()));
+                None
+            }
+        }
     }
 
     fn scalar_string(&mut self, v: Option<&serde_yaml::Value>, key: &str, default: &str) -> String {

@@ -16,12 +16,17 @@ pub struct StageStatus {
     pub took: String,
 }
 
-pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
+pub fn status(runner: &Runner, remote: Option<&super::remote::Remote>) -> Result<Vec<StageStatus>> {
     if !runner.cache.exists() {
         // An index deleted beside its record copies is not "never run": say how to restore it.
         runner.cache.db()?;
     }
-    let decisions: Vec<(String, Option<Decision>)> = if runner.cache.exists() {
+    let mut in_remote = std::collections::BTreeSet::new();
+    let decisions: Vec<(String, Option<Decision>)> = if let Some(remote) = remote {
+        let all = runner.decide_all_with_remote(remote)?;
+        in_remote.extend(all.iter().filter(|(_, _, r)| *r).map(|(n, _, _)| n.clone()));
+        all.into_iter().map(|(n, d, _)| (n, Some(d))).collect()
+    } else if runner.cache.exists() {
         runner.decide_all()?.into_iter().map(|(n, d)| (n, Some(d))).collect()
     } else {
         runner.dag.order(runner.pipeline).into_iter().map(|n| (n, None)).collect()
@@ -103,6 +108,8 @@ pub fn status(runner: &Runner) -> Result<Vec<StageStatus>> {
                         String::new(),
                         String::new(),
                     )
+                } else if let (Some(remote), true) = (remote, in_remote.contains(&name)) {
+                    row("in the remote", remote.name.clone(), &fingerprint, String::new(), String::new())
                 } else if reasons == ["never run"] {
                     row("never run", String::new(), &fingerprint, String::new(), String::new())
                 } else {

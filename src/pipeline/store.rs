@@ -571,7 +571,7 @@ pub enum Check {
 }
 
 /// An object's name: its file name and content hash, hashed together.
-fn object_hash(file_name: &str, content: &str) -> String {
+pub(crate) fn object_hash(file_name: &str, content: &str) -> String {
     let mut h = blake3::Hasher::new();
     h.update(b"r1pipe-object-v1\0");
     h.update(file_name.as_bytes());
@@ -589,20 +589,30 @@ fn content_hash(path: &Path, file_hash: &mut dyn FnMut(&Path) -> Result<String>)
     if !path.is_dir() {
         bail!("{} does not exist", path.display());
     }
-    let mut h = blake3::Hasher::new();
-    h.update(b"dir\0");
+    let mut files = Vec::new();
     // Inputs may be folders of links (a model in the hub cache); stored objects never
     // hold one (`object_damage` says so before their content is trusted).
     for p in crate::common::fsutil::walk_following_links(path)? {
         if p.is_file() {
             let rel = p.strip_prefix(path).expect("walk stays under its root");
-            h.update(rel.to_string_lossy().as_bytes());
-            h.update(b"\0");
-            h.update(file_hash(&p)?.as_bytes());
-            h.update(b"\n");
+            files.push((rel.to_string_lossy().to_string(), file_hash(&p)?));
         }
     }
-    Ok(h.finalize().to_hex().to_string())
+    Ok(folder_hash(&files))
+}
+
+/// A folder's content hash from its files' relative paths and content hashes, in
+/// the order a walk lists them (a remote's manifest is checked with it).
+pub(crate) fn folder_hash(files: &[(String, String)]) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dir\0");
+    for (rel, hash) in files {
+        h.update(rel.as_bytes());
+        h.update(b"\0");
+        h.update(hash.as_bytes());
+        h.update(b"\n");
+    }
+    h.finalize().to_hex().to_string()
 }
 
 /// The content hash of a file or folder, every byte read now.

@@ -32,6 +32,11 @@ pub fn cache_root_here(explicit: Option<PathBuf>) -> PathBuf {
     cache_root(explicit, &Project::of_dir(&here))
 }
 
+fn no_remote() -> &'static str {
+    "no remote: give `--remote URL` or write `remote: URL` in the pipeline file \
+     (s3://BUCKET/PREFIX, https://HOST/PATH for WebDAV, file:///PATH)"
+}
+
 /// A pipeline, validated, against its cache.
 pub struct Workspace<'r> {
     pub pipeline: Pipeline,
@@ -78,7 +83,38 @@ impl<'r> Workspace<'r> {
 
     /// Each stage's state against the cache.
     pub fn status(&self) -> Result<Vec<StageStatus>> {
-        status::status(&self.runner()?)
+        status::status(&self.runner()?, None)
+    }
+
+    /// Each stage's state against the cache and the remote (`--remote URL`, or
+    /// the pipeline's `remote:`): a stage the remote has is "in the remote".
+    pub fn status_with_remote(&self, remote: Option<&str>) -> Result<Vec<StageStatus>> {
+        let runner = self.runner()?;
+        let remote = runner.open_remote(remote)?;
+        status::status(&runner, remote.as_ref())
+    }
+
+    /// The stages a push or pull names (all when none: names, matrix stages, patterns).
+    fn chosen(&self, stages: &[String]) -> Result<Vec<String>> {
+        if stages.is_empty() {
+            Ok(self.pipeline.stages.iter().map(|s| s.name.clone()).collect())
+        } else {
+            self.select(stages)
+        }
+    }
+
+    /// `r1pipe push`: the stages' current results to the remote; those with none.
+    pub fn push(&self, stages: &[String], remote: Option<&str>, quiet: bool) -> Result<Vec<String>> {
+        let runner = self.runner()?;
+        let remote = runner.open_remote(remote)?.with_context(no_remote)?;
+        runner.push(&remote, &self.chosen(stages)?, quiet)
+    }
+
+    /// `r1pipe pull`: the stages' results from the remote; those it does not have.
+    pub fn pull(&self, stages: &[String], remote: Option<&str>, quiet: bool) -> Result<Vec<String>> {
+        let runner = self.runner()?;
+        let remote = runner.open_remote(remote)?.with_context(no_remote)?;
+        runner.pull(&remote, &self.chosen(stages)?, quiet)
     }
 
     fn stage_named(&self, stage: &str) -> Result<()> {

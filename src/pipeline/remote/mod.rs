@@ -1,0 +1,407 @@
+//! A remote cache in object storage, shared by machines and people. Its
+//! layout under the remote's prefix:
+//!
+//! ```text
+//! files/<ab>/<rest of blake3>    one file's bytes, named by their blake3
+//! objects/<object hash>.json      an artifact's manifest: its name, and each file's path, hash and size
+//! records/<fingerprint>.json      a finished stage: which fingerprint made which artifacts
+//! ```
+//!
+//! Everything is named by its content, so a push of what is there sends
+//! nothing and two pushers of one artifact write the same bytes to the same
+//! names. A push writes files, then manifests, then the record, so a reader
+//! that sees a record finds everything it names. A pull checks each file's
+//! bytes against its hash as they arrive and each manifest against its
+//! artifact's hash, and the artifact enters the local cache the way a stage's
+//! output does (hashed again, moved in by one rename), so nothing
+//! half-pulled is ever visible. Files already pulled wait, verified, in the
+//! cache's `pulls/` for the next call when one is interrupted.
+
+mod connect;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use object_store::path::Path as Key;
+use object_store::{ObjectStore, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::store::{folder_hash, object_hash, Cache, ObjectRef, StageRecord};
+use crate::common::fsutil;
+
+/// `remote:` in a pipeline file (a URL, or `{url, endpoint}`), or `--remote URL`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteSpec {
+    pub url: String,
+    /// An S3-compatible server's address (MinIO, Ceph, a local test server).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// The largest manifest or record read from a remote.
+const JSON_CAP: usize = 16 << 20;
+
+/// An artifact's manifest: what `objects/<hash>.json` holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Manifest {
+    file_name: String,
+    /// `file` (one file) or `dir` (a folder of files).
+    kind: String,
+    files: Vec<ManifestFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ManifestFile {
+    /// Relative to the artifact's folder; empty for a `file` artifact.
+    path: String,
+    hash: String,
+    size: u64,
+}
+
+impl Manifest {
+    /// The artifact hash this manifest describes (the local cache's rule, `store::object_hash`).
+    fn object_hash(&self) -> String {
+        let content = if self.kind == "file" {
+            self.files.first().map(|f| f.hash.clone()).unwrap_or_default()
+        } else {
+            folder_hash(&self.files.iter().map(|f| (f.path.clone(), f.hash.clone())).collect::<Vec<_>>())
+        };
+        object_hash(&self.file_name, &content)
+    }
+
+    /// Refuse what no push of r1pipe writes: another artifact's manifest, paths
+    /// that would leave the artifact's folder, hashes that are not hashes.
+    fn check(&self, oref: &ObjectRef) -> Result<()> {
+        if self.file_name != oref.file_name || self.object_hash() != oref.hash {
+            bail!("its manifest does not describe artifact {} ({})", oref.hash, oref.file_name);
+        }
+        let hex = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        for f in &self.files {
+            let plain = Path::new(&f.path).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !hex(&f.hash) || !plain || (self.kind == "dir" && f.path.is_empty()) {
+                bail!("its manifest names a file r1pipe would not have written ({:?})", f.path);
+            }
+        }
+        if self.kind == "file" && (self.files.len() != 1 || !self.files[0].path.is_empty()) {
+            bail!("its manifest says `file` and lists {} files", self.files.len());
+        }
+        Ok(())
+    }
+}
+
+/// What a push or pull moved.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Transfer {
+    pub files_sent: usize,
+    pub files_there: usize,
+    pub bytes: u64,
+}
+
+pub struct Remote {
+    store: Arc<dyn ObjectStore>,
+    prefix: Key,
+    /// The URL without credentials: how messages name the remote.
+    pub name: String,
+    url: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Remote {
+    pub fn open(spec: &RemoteSpec, project_root: &Path) -> Result<Remote> {
+        let (store, prefix) = connect::open(spec, project_root)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the remote's I/O runtime")?;
+        Ok(Remote { store, prefix, name: crate::common::redact::url(&spec.url), url: spec.url.clone(), rt })
+    }
+
+    fn key(&self, rel: &str) -> Key {
+        let mut key = self.prefix.clone();
+        for part in rel.split('/') {
+            key = key.child(part);
+        }
+        key
+    }
+
+    fn file_key(hash: &str) -> String {
+        format!("files/{}/{}", &hash[..2], &hash[2..])
+    }
+
+    /// An object-store error as a message naming the remote and the object, never a credential.
+    fn failure(&self, what: &str, key: &str, e: object_store::Error) -> anyhow::Error {
+        let mut text = connect::scrub(&e.to_string(), &self.url);
+        if let Ok(secret) = std::env::var("AWS_SECRET_ACCESS_KEY") {
+            if !secret.is_empty() {
+                text = text.replace(&secret, "***");
+            }
+        }
+        anyhow::anyhow!("remote {}: {what} {key}: {text}", self.name)
+    }
+
+    fn exists(&self, rel: &str) -> Result<bool> {
+        match self.rt.block_on(self.store.head(&self.key(rel))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.failure("looking for", rel, e)),
+        }
+    }
+
+    /// A small object (a manifest, a record), or `None` when the remote has none.
+    fn get_small(&self, rel: &str) -> Result<Option<Vec<u8>>> {
+        let got = self.rt.block_on(async {
+            let r = self.store.get(&self.key(rel)).await?;
+            if r.meta.size > JSON_CAP as u64 {
+                return Ok(Err(r.meta.size));
+            }
+            r.bytes().await.map(Ok)
+        });
+        match got {
+            Ok(Ok(b)) => Ok(Some(b.to_vec())),
+            Ok(Err(size)) => bail!("remote {}: {rel} is {size} bytes, more than a record or manifest is", self.name),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.failure("reading", rel, e)),
+        }
+    }
+
+    fn put(&self, rel: &str, bytes: Vec<u8>) -> Result<()> {
+        self.rt
+            .block_on(self.store.put(&self.key(rel), PutPayload::from(bytes)))
+            .map(|_| ())
+            .map_err(|e| self.failure("writing", rel, e))
+    }
+
+    /// Whether the remote holds the record of `fingerprint`.
+    pub fn has_record(&self, fingerprint: &str) -> Result<bool> {
+        self.exists(&format!("records/{fingerprint}.json"))
+    }
+
+    /// Send a finished stage: its artifacts' files (those the remote lacks), their
+    /// manifests, then its record. Local artifacts are checked first: a damaged
+    /// one is never pushed.
+    pub fn push(
+        &self,
+        cache: &Cache,
+        db: &sled::Db,
+        rec: &StageRecord,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Transfer> {
+        let mut moved = Transfer::default();
+        let record_key = format!("records/{}.json", rec.fingerprint);
+        if self.exists(&record_key)? {
+            return Ok(moved);
+        }
+        let mut manifests = Vec::new();
+        for oref in rec.outputs.values() {
+            let manifest = self.manifest_of(cache, db, oref)?;
+            bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
+            manifests.push((oref, manifest));
+        }
+        for (oref, manifest) in &manifests {
+            let root = cache.object_path(oref);
+            for f in &manifest.files {
+                let key = Self::file_key(&f.hash);
+                if self.exists(&key)? {
+                    moved.files_there += 1;
+                    bar.inc(f.size);
+                    continue;
+                }
+                let path = if f.path.is_empty() { root.clone() } else { root.join(&f.path) };
+                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                if blake3::hash(&bytes).to_hex().as_str() != f.hash {
+                    bail!("{} changed while it was pushed; `r1pipe verify` checks the cache", path.display());
+                }
+                self.put(&key, bytes)?;
+                moved.files_sent += 1;
+                moved.bytes += f.size;
+                bar.inc(f.size);
+                crate::common::fault::point("push-after-file");
+            }
+            let manifest_key = format!("objects/{}.json", oref.hash);
+            if !self.exists(&manifest_key)? {
+                self.put(&manifest_key, serde_json::to_vec_pretty(manifest)?)?;
+            }
+        }
+        self.put(&record_key, serde_json::to_vec_pretty(rec)?)?;
+        Ok(moved)
+    }
+
+    /// The manifest of a local artifact, its hash checked against its name.
+    fn manifest_of(&self, cache: &Cache, db: &sled::Db, oref: &ObjectRef) -> Result<Manifest> {
+        let path = cache.object_path(oref);
+        let mut files = Vec::new();
+        let kind = if path.is_file() {
+            files.push(ManifestFile {
+                path: String::new(),
+                hash: cache.hash_path(db, &path)?,
+                size: path.metadata()?.len(),
+            });
+            "file"
+        } else {
+            for p in fsutil::walk(&path)? {
+                if p.is_file() {
+                    let rel = p.strip_prefix(&path).expect("walk stays under its root").to_string_lossy().to_string();
+                    files.push(ManifestFile { path: rel, hash: cache.hash_path(db, &p)?, size: p.metadata()?.len() });
+                }
+            }
+            "dir"
+        };
+        let manifest = Manifest { file_name: oref.file_name.clone(), kind: kind.into(), files };
+        if manifest.object_hash() != oref.hash {
+            bail!("{} is damaged (its content no longer hashes to its name): not pushed", path.display());
+        }
+        Ok(manifest)
+    }
+
+    /// The remote's record of `fingerprint`, checked: `None` when it has none.
+    pub fn record(&self, fingerprint: &str) -> Result<Option<StageRecord>> {
+        let key = format!("records/{fingerprint}.json");
+        let Some(bytes) = self.get_small(&key)? else { return Ok(None) };
+        let rec: StageRecord = serde_json::from_slice(&bytes)
+            .with_context(|| format!("remote {}: {key} is not a stage record", self.name))?;
+        if rec.fingerprint != fingerprint || rec.inputs.fingerprint() != fingerprint {
+            bail!("remote {}: {key} is the record of another fingerprint; it is not used", self.name);
+        }
+        Ok(Some(rec))
+    }
+
+    /// Bring the artifacts of a remote record into the local cache, each checked
+    /// byte by byte, then record it there. Call while holding the cache's lock.
+    pub fn pull(
+        &self,
+        cache: &Cache,
+        db: &sled::Db,
+        rec: &StageRecord,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Transfer> {
+        let mut moved = Transfer::default();
+        let mut manifests = Vec::new();
+        for oref in rec.outputs.values() {
+            if cache.object_damage(db, oref, super::store::Check::Cheap)?.is_none() {
+                continue; // already here, whole
+            }
+            let key = format!("objects/{}.json", oref.hash);
+            let bytes = self
+                .get_small(&key)?
+                .with_context(|| format!("remote {}: the record names artifact {key}, which is missing", self.name))?;
+            let manifest: Manifest = serde_json::from_slice(&bytes)
+                .with_context(|| format!("remote {}: {key} is not an artifact manifest", self.name))?;
+            manifest.check(oref).map_err(|e| anyhow::anyhow!("remote {}: {key}: {e:#}", self.name))?;
+            bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
+            manifests.push((oref, manifest));
+        }
+        let pulls = cache.root.join("pulls");
+        std::fs::create_dir_all(&pulls).with_context(|| format!("creating {}", pulls.display()))?;
+        for (oref, manifest) in &manifests {
+            // Assembled beside the cache's objects, then moved in as a stage's output is.
+            let staging = pulls.join(format!("{}-{}", oref.hash, std::process::id()));
+            super::store::remove_path(&staging)?;
+            let top = staging.join(&oref.file_name);
+            for f in &manifest.files {
+                let have = pulls.join(&f.hash);
+                if !have.exists() {
+                    self.download(&f.hash, f.size, &have)?;
+                    moved.files_sent += 1;
+                    moved.bytes += f.size;
+                } else {
+                    moved.files_there += 1;
+                }
+                bar.inc(f.size);
+                let dest = if f.path.is_empty() { top.clone() } else { top.join(&f.path) };
+                std::fs::create_dir_all(dest.parent().expect("under staging"))?;
+                // A link where the file system allows (no second copy), else a copy.
+                if std::fs::hard_link(&have, &dest).is_err() {
+                    std::fs::copy(&have, &dest).with_context(|| format!("writing {}", dest.display()))?;
+                }
+            }
+            let stored = cache.commit_output(db, &top, &oref.file_name)?;
+            super::store::remove_path(&staging)?;
+            if &stored != *oref {
+                bail!("remote {}: artifact {} hashed to {} once pulled", self.name, oref.hash, stored.hash);
+            }
+        }
+        for (_, manifest) in &manifests {
+            for f in &manifest.files {
+                let _ = std::fs::remove_file(pulls.join(&f.hash));
+            }
+        }
+        cache.put_record(db, rec)?;
+        Ok(moved)
+    }
+
+    /// Fetch file `hash` into `dest`: streamed into `dest.part`, hashed as it
+    /// arrives, renamed to `dest` only when every byte matches.
+    fn download(&self, hash: &str, size: u64, dest: &Path) -> Result<()> {
+        use std::io::Write;
+        let key = Self::file_key(hash);
+        let part = PathBuf::from(format!("{}.part", dest.display()));
+        let mut out = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut got = 0u64;
+        let result: Result<()> = self.rt.block_on(async {
+            let mut stream =
+                self.store.get(&self.key(&key)).await.map_err(|e| self.failure("reading", &key, e))?.into_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.failure("reading", &key, e))?;
+                got += chunk.len() as u64;
+                if got > size {
+                    bail!("remote {}: {key} is longer than its manifest says ({size} bytes)", self.name);
+                }
+                hasher.update(&chunk);
+                out.write_all(&chunk).with_context(|| format!("writing {}", part.display()))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result.and_then(|()| {
+            out.sync_all().with_context(|| format!("writing {}", part.display()))?;
+            if got != size || hasher.finalize().to_hex().as_str() != hash {
+                bail!(
+                    "remote {}: {key} does not hold the bytes its name promises (damaged or tampered with); \
+                     nothing of it was kept",
+                    self.name
+                );
+            }
+            Ok(())
+        }) {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
+        }
+        std::fs::rename(&part, dest).with_context(|| format!("writing {}", dest.display()))?;
+        Ok(())
+    }
+
+    /// Every record the remote holds, by fingerprint (for `status` and `pull`).
+    pub fn fingerprints(&self) -> Result<BTreeMap<String, ()>> {
+        let prefix = self.key("records");
+        let listed: Vec<_> = self.rt.block_on(self.store.list(Some(&prefix)).collect::<Vec<_>>());
+        let mut out = BTreeMap::new();
+        for item in listed {
+            let meta = item.map_err(|e| self.failure("listing", "records/", e))?;
+            if let Some(fp) = meta.location.filename().and_then(|n| n.strip_suffix(".json")) {
+                out.insert(fp.to_string(), ());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A bar with bytes, rate and ETA for a push or pull.
+pub fn transfer_bar(what: &str, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {bytes}/{total_bytes} · {bytes_per_sec} · ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(what.to_string());
+    bar
+}
