@@ -25,7 +25,7 @@ pub(super) fn open(spec: &RemoteSpec, project_root: &Path) -> Result<(Arc<dyn Ob
         if bucket.is_empty() {
             bail!("remote {shown}: no bucket (write `s3://BUCKET/PREFIX`)");
         }
-        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let mut builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket).with_retry(retries());
         let endpoint = spec.endpoint.clone().or_else(|| std::env::var("AWS_ENDPOINT_URL").ok());
         if let Some(e) = &endpoint {
             builder = builder.with_endpoint(e).with_allow_http(e.starts_with("http://"));
@@ -44,8 +44,11 @@ pub(super) fn open(spec: &RemoteSpec, project_root: &Path) -> Result<(Arc<dyn Ob
         return Ok((Arc::new(store), Key::from(prefix.trim_matches('/'))));
     }
     if url.starts_with("http://") || url.starts_with("https://") {
+        make_collections(url).map_err(|e| anyhow::anyhow!("remote {shown}: {}", scrub(&e, url)))?;
         let store = object_store::http::HttpBuilder::new()
-            .with_url(url)
+            .with_url(url.trim_end_matches('/'))
+            .with_client_options(object_store::ClientOptions::new().with_allow_http(url.starts_with("http://")))
+            .with_retry(retries())
             .build()
             .map_err(|e| anyhow::anyhow!("remote {shown}: {}", scrub(&e.to_string(), url)))?;
         return Ok((Arc::new(store), Key::default()));
@@ -62,6 +65,41 @@ pub(super) fn open(spec: &RemoteSpec, project_root: &Path) -> Result<(Arc<dyn Ob
     let store = object_store::local::LocalFileSystem::new_with_prefix(&path)
         .map_err(|e| anyhow::anyhow!("remote {shown}: {e}"))?;
     Ok((Arc::new(store), Key::default()))
+}
+
+/// The WebDAV folders of the remote's path, made if missing (object_store makes
+/// the folders below it, not the remote's own): MKCOL on each, outermost first;
+/// 405 (it exists) and 201 (made) are both fine.
+fn make_collections(url: &str) -> Result<(), String> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let path_at = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let mut at = path_at;
+    let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(30)).build();
+    while let Some(next) = url[at + 1..].find('/').map(|i| at + 1 + i).or((at + 1 < url.len()).then_some(url.len())) {
+        let folder = format!("{}/", &url[..next]);
+        match agent.request("MKCOL", &folder).call() {
+            Ok(_) | Err(ureq::Error::Status(405, _)) => {}
+            Err(ureq::Error::Status(code, _)) => {
+                return Err(format!("making the folder {folder} answered HTTP {code}; is the server WebDAV?"))
+            }
+            Err(ureq::Error::Transport(t)) => return Err(format!("the server does not answer ({})", t.kind())),
+        }
+        at = next;
+        if next >= url.len() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A server that drops a connection is asked again, a few times within a minute;
+/// one that does not answer at all is reported within seconds, not minutes.
+fn retries() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 4,
+        retry_timeout: std::time::Duration::from_secs(60),
+        backoff: object_store::BackoffConfig::default(),
+    }
 }
 
 /// The access key of the `AWS_PROFILE` (or `default`) section of the shared

@@ -117,7 +117,18 @@ impl Remote {
             .enable_all()
             .build()
             .context("starting the remote's I/O runtime")?;
-        Ok(Remote { store, prefix, name: crate::common::redact::url(&spec.url), url: spec.url.clone(), rt })
+        let remote = Remote { store, prefix, name: crate::common::redact::url(&spec.url), url: spec.url.clone(), rt };
+        remote.probe()?;
+        Ok(remote)
+    }
+
+    /// Fail before any work when the remote cannot be read: no such bucket, wrong
+    /// credentials, no server.
+    fn probe(&self) -> Result<()> {
+        self.rt
+            .block_on(self.store.list_with_delimiter(Some(&self.prefix)))
+            .map(|_| ())
+            .map_err(|e| self.failure("reading what it holds", "", e))
     }
 
     fn key(&self, rel: &str) -> Key {
@@ -136,11 +147,13 @@ impl Remote {
     fn failure(&self, what: &str, key: &str, e: object_store::Error) -> anyhow::Error {
         let mut text = connect::scrub(&e.to_string(), &self.url);
         if let Ok(secret) = std::env::var("AWS_SECRET_ACCESS_KEY") {
-            if !secret.is_empty() {
+            // A real secret is long; a short one would blank out ordinary words.
+            if secret.len() >= 8 {
                 text = text.replace(&secret, "***");
             }
         }
-        anyhow::anyhow!("remote {}: {what} {key}: {text}", self.name)
+        let object = if key.is_empty() { String::new() } else { format!(" {key}") };
+        anyhow::anyhow!("remote {}: {what}{object}: {}", self.name, short_error(&text))
     }
 
     fn exists(&self, rel: &str) -> Result<bool> {
@@ -192,9 +205,8 @@ impl Remote {
     ) -> Result<Transfer> {
         let mut moved = Transfer::default();
         let record_key = format!("records/{}.json", rec.fingerprint);
-        if self.exists(&record_key)? {
-            return Ok(moved);
-        }
+        // Even when the record is there, every file it needs is looked for: a
+        // remote that lost one is mended by the next push.
         let mut manifests = Vec::new();
         for oref in rec.outputs.values() {
             let manifest = self.manifest_of(cache, db, oref)?;
@@ -226,7 +238,9 @@ impl Remote {
                 self.put(&manifest_key, serde_json::to_vec_pretty(manifest)?)?;
             }
         }
-        self.put(&record_key, serde_json::to_vec_pretty(rec)?)?;
+        if !self.exists(&record_key)? {
+            self.put(&record_key, serde_json::to_vec_pretty(rec)?)?;
+        }
         Ok(moved)
     }
 
@@ -297,32 +311,12 @@ impl Remote {
         let pulls = cache.root.join("pulls");
         std::fs::create_dir_all(&pulls).with_context(|| format!("creating {}", pulls.display()))?;
         for (oref, manifest) in &manifests {
-            // Assembled beside the cache's objects, then moved in as a stage's output is.
+            // Assembled beside the cache's objects, then moved in as a stage's output is;
+            // the half-assembled folder of a failed pull goes (its verified files stay).
             let staging = pulls.join(format!("{}-{}", oref.hash, std::process::id()));
+            let pulled = self.assemble(cache, db, oref, manifest, &pulls, &staging, &mut moved, bar);
             super::store::remove_path(&staging)?;
-            let top = staging.join(&oref.file_name);
-            for f in &manifest.files {
-                let have = pulls.join(&f.hash);
-                if !have.exists() {
-                    self.download(&f.hash, f.size, &have)?;
-                    moved.files_sent += 1;
-                    moved.bytes += f.size;
-                } else {
-                    moved.files_there += 1;
-                }
-                bar.inc(f.size);
-                let dest = if f.path.is_empty() { top.clone() } else { top.join(&f.path) };
-                std::fs::create_dir_all(dest.parent().expect("under staging"))?;
-                // A link where the file system allows (no second copy), else a copy.
-                if std::fs::hard_link(&have, &dest).is_err() {
-                    std::fs::copy(&have, &dest).with_context(|| format!("writing {}", dest.display()))?;
-                }
-            }
-            let stored = cache.commit_output(db, &top, &oref.file_name)?;
-            super::store::remove_path(&staging)?;
-            if &stored != *oref {
-                bail!("remote {}: artifact {} hashed to {} once pulled", self.name, oref.hash, stored.hash);
-            }
+            pulled?;
         }
         for (_, manifest) in &manifests {
             for f in &manifest.files {
@@ -331,6 +325,46 @@ impl Remote {
         }
         cache.put_record(db, rec)?;
         Ok(moved)
+    }
+
+    /// Build an artifact in `staging` from its files (fetched into `pulls/` as
+    /// needed) and commit it to the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        &self,
+        cache: &Cache,
+        db: &sled::Db,
+        oref: &ObjectRef,
+        manifest: &Manifest,
+        pulls: &Path,
+        staging: &Path,
+        moved: &mut Transfer,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<()> {
+        super::store::remove_path(staging)?;
+        let top = staging.join(&oref.file_name);
+        for f in &manifest.files {
+            let have = pulls.join(&f.hash);
+            if !have.exists() {
+                self.download(&f.hash, f.size, &have)?;
+                moved.files_sent += 1;
+                moved.bytes += f.size;
+            } else {
+                moved.files_there += 1;
+            }
+            bar.inc(f.size);
+            let dest = if f.path.is_empty() { top.clone() } else { top.join(&f.path) };
+            std::fs::create_dir_all(dest.parent().expect("under staging"))?;
+            // A link where the file system allows (no second copy), else a copy.
+            if std::fs::hard_link(&have, &dest).is_err() {
+                std::fs::copy(&have, &dest).with_context(|| format!("writing {}", dest.display()))?;
+            }
+        }
+        let stored = cache.commit_output(db, &top, &oref.file_name)?;
+        if &stored != oref {
+            bail!("remote {}: artifact {} hashed to {} once pulled", self.name, oref.hash, stored.hash);
+        }
+        Ok(())
     }
 
     /// Fetch file `hash` into `dest`: streamed into `dest.part`, hashed as it
@@ -386,6 +420,27 @@ impl Remote {
             }
         }
         Ok(out)
+    }
+}
+
+/// A storage error as a line: an S3 reply's error code and message instead of its
+/// XML body, and no more than a few hundred characters of anything else.
+fn short_error(text: &str) -> String {
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find("</")? + start;
+        Some(text[start..end].to_string())
+    };
+    if let Some(code) = tag("Code") {
+        let head = text.split(" - Server returned").next().unwrap_or(text).split(" in ").next().unwrap_or(text);
+        return format!("{head}: the server says {code}: {}", tag("Message").unwrap_or_default());
+    }
+    let line = text.lines().next().unwrap_or(text);
+    if line.chars().count() > 400 {
+        format!("{}…", line.chars().take(400).collect::<String>())
+    } else {
+        line.to_string()
     }
 }
 

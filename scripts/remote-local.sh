@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Object-storage servers on this machine for the remote-cache tests and for
+# trying `remote:`: `scripts/remote-local.sh up` makes a private venv with
+# moto's S3 server from PyPI (.venv-remote/, once; the server boto's and DVC's
+# own tests use) and starts it on 127.0.0.1:${R1PIPE_S3_PORT:-5555}, then (as
+# root) an Apache WebDAV server from Debian's apache2 on
+# 127.0.0.1:${R1PIPE_DAV_PORT:-8089}/cache/ serving .venv-remote/dav/. Each
+# is waited for; `down` stops both. Idempotent. Prints the two addresses.
+# Use it with: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
+#   r1pipe run P.yaml --remote s3://BUCKET/PREFIX  (and `remote: {url, endpoint}` or AWS_ENDPOINT_URL)
+set -euo pipefail
+cmd=${1:-up}
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv-remote"
+version=5.2.5
+stamp="$venv/.r1pipe-moto-$version"
+port=${R1PIPE_S3_PORT:-5555}
+endpoint="http://127.0.0.1:$port"
+pidfile="$venv/moto.pid"
+dav_port=${R1PIPE_DAV_PORT:-8089}
+dav_url="http://127.0.0.1:$dav_port/cache/"
+
+answers() { "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$endpoint/', timeout=3)" 2>/dev/null; }
+
+ensure_venv() {
+  if [ -f "$stamp" ]; then return; fi
+  echo "remote-local: installing moto[server]==$version into $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv" >&2
+  if ! "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$version" >&2; then
+    rm -rf "$venv"
+    echo "remote-local: the install failed (above)" >&2
+    exit 1
+  fi
+  touch "$stamp"
+}
+
+# A WebDAV folder answers OPTIONS with the DAV methods it takes.
+dav_answers() {
+  "$venv/bin/python" -c "import urllib.request as u, sys; r = u.urlopen(u.Request('$dav_url', method='OPTIONS'), timeout=3); sys.exit('PROPFIND' not in r.headers.get('Allow', ''))" 2>/dev/null
+}
+
+# Apache with mod_dav_fs, from a configuration of its own (the system's is untouched).
+dav_up() {
+  if dav_answers; then echo "remote-local: WebDAV already up at $dav_url" >&2; return; fi
+  if ! command -v apache2 >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq apache2 >/dev/null) \
+      || { echo "remote-local: apache2 is not installable here; no WebDAV server" >&2; return 1; }
+  fi
+  local dir="$venv/dav"
+  mkdir -p "$dir/cache" "$dir/run" "$dir/lock"
+  chown -R www-data:www-data "$dir/cache" "$dir/lock" 2>/dev/null || true
+  cat > "$dir/httpd.conf" <<CONF
+ServerRoot /etc/apache2
+ServerName 127.0.0.1
+Listen 127.0.0.1:$dav_port
+PidFile $dir/run/httpd.pid
+ErrorLog $dir/error.log
+User www-data
+Group www-data
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule alias_module /usr/lib/apache2/modules/mod_alias.so
+LoadModule dav_module /usr/lib/apache2/modules/mod_dav.so
+LoadModule dav_fs_module /usr/lib/apache2/modules/mod_dav_fs.so
+DavLockDB $dir/lock/DavLock
+Alias /cache $dir/cache
+<Directory $dir/cache>
+  Dav On
+  Require all granted
+</Directory>
+CONF
+  apache2 -f "$dir/httpd.conf" -k start >&2
+  for _ in $(seq 1 40); do dav_answers && break; sleep 0.25; done
+  dav_answers || { echo "remote-local: WebDAV did not answer at $dav_url (log: $dir/error.log)" >&2; return 1; }
+  echo "remote-local: WebDAV up at $dav_url" >&2
+}
+
+down() {
+  if [ -f "$venv/dav/httpd.conf" ]; then apache2 -f "$venv/dav/httpd.conf" -k stop 2>/dev/null || true; fi
+  if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+  echo "remote-local: stopped" >&2
+}
+
+up() {
+  ensure_venv
+  dav_up || true
+  if answers; then
+    echo "remote-local: S3 already up at $endpoint" >&2
+    echo "$endpoint $dav_url"
+    return
+  fi
+  # Its own session: it outlives this script, and `down` stops it by its pid.
+  setsid "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" > "$venv/moto.log" 2>&1 < /dev/null &
+  echo $! > "$pidfile"
+  for _ in $(seq 1 60); do answers && break; sleep 0.5; done
+  if ! answers; then
+    echo "remote-local: the server did not answer at $endpoint (log: $venv/moto.log)" >&2
+    exit 1
+  fi
+  echo "remote-local: S3 up at $endpoint" >&2
+  echo "$endpoint $dav_url"
+}
+
+case "$cmd" in
+  up) up ;;
+  down) down ;;
+  *) echo "usage: scripts/remote-local.sh up|down" >&2; exit 2 ;;
+esac
