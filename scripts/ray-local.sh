@@ -9,25 +9,12 @@ set -euo pipefail
 cmd=${1:-up}
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv-ray"
-version=2.60.0
-stamp="$venv/.r1pipe-ray-$version"
+# shellcheck source=scripts/venv.sh
+. "$root/scripts/venv.sh"
 port=${R1PIPE_RAY_PORT:-8265}
 address="http://127.0.0.1:$port"
 
 answers() { "$venv/bin/python" -c "import urllib.request,sys; urllib.request.urlopen('$address/api/version', timeout=3)" 2>/dev/null; }
-
-ensure_venv() {
-  if [ -f "$stamp" ]; then return; fi
-  echo "ray-local: installing ray[default]==$version into $venv" >&2
-  rm -rf "$venv"
-  python3 -m venv "$venv" >&2
-  if ! "$venv/bin/pip" install -q --disable-pip-version-check "ray[default]==$version" >&2; then
-    rm -rf "$venv"  # never a half-made venv that would pass for one
-    echo "ray-local: the install failed (above)" >&2
-    exit 1
-  fi
-  touch "$stamp"
-}
 
 down() {
   if [ -x "$venv/bin/ray" ]; then "$venv/bin/ray" stop --force >/dev/null 2>&1 || true; fi
@@ -35,7 +22,7 @@ down() {
 }
 
 up() {
-  ensure_venv
+  pinned_venv "$venv" ray-local "ray[default]==2.60.0"
   if answers; then
     echo "ray-local: already up at $address" >&2
     echo "$address"

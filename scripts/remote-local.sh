@@ -12,8 +12,8 @@ set -euo pipefail
 cmd=${1:-up}
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv-remote"
-version=5.2.5
-stamp="$venv/.r1pipe-moto-$version"
+# shellcheck source=scripts/venv.sh
+. "$root/scripts/venv.sh"
 port=${R1PIPE_S3_PORT:-5555}
 endpoint="http://127.0.0.1:$port"
 pidfile="$venv/moto.pid"
@@ -21,19 +21,6 @@ dav_port=${R1PIPE_DAV_PORT:-8089}
 dav_url="http://127.0.0.1:$dav_port/cache/"
 
 answers() { "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$endpoint/', timeout=3)" 2>/dev/null; }
-
-ensure_venv() {
-  if [ -f "$stamp" ]; then return; fi
-  echo "remote-local: installing moto[server]==$version into $venv" >&2
-  rm -rf "$venv"
-  python3 -m venv "$venv" >&2
-  if ! "$venv/bin/pip" install -q --disable-pip-version-check "moto[server]==$version" >&2; then
-    rm -rf "$venv"
-    echo "remote-local: the install failed (above)" >&2
-    exit 1
-  fi
-  touch "$stamp"
-}
 
 # A WebDAV folder answers OPTIONS with the DAV methods it takes.
 dav_answers() {
@@ -83,7 +70,7 @@ down() {
 }
 
 up() {
-  ensure_venv
+  pinned_venv "$venv" remote-local "moto[server]==5.2.5"
   dav_up || true
   if answers; then
     echo "remote-local: S3 already up at $endpoint" >&2

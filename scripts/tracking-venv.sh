@@ -7,15 +7,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv-tracking"
-stamp="$venv/.r1pipe-tracking-1"
-if [ ! -f "$stamp" ]; then
-  rm -rf "$venv"
-  python3 -m venv "$venv" >&2
-  if ! "$venv/bin/pip" install -q --disable-pip-version-check "tensorboard==2.21.0" "mlflow==3.17.2" >&2; then
-    rm -rf "$venv"  # never a half-made venv that the tests would take for one
-    echo "tracking-venv: the install failed (above)" >&2
-    exit 1
-  fi
-  touch "$stamp"
-fi
+# shellcheck source=scripts/venv.sh
+. "$root/scripts/venv.sh"
+pinned_venv "$venv" tracking-venv "tensorboard==2.21.0" "mlflow==3.17.2"
 echo "$venv/bin/python"
