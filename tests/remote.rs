@@ -241,3 +241,51 @@ fn a_webdav_remote_serves_a_second_cache() {
     assert_eq!(r.stdout.matches(": pulled from http://").count(), 3, "{}", r.stdout);
     assert!(outputs(&a) == outputs(&b));
 }
+
+#[test]
+fn gc_remote_drops_only_what_no_current_result_needs_and_only_when_asked() {
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", shared.path().display());
+    let pipe = |text: &str| {
+        format!(
+            "name: sweep\nremote: {url}\nstages:\n  a: {{ kind: test.counter, with: {{ steps: 2, text: {text} }} }}\n  \
+             b: {{ kind: test.counter, with: {{ steps: 1, text: b }} }}\n"
+        )
+    };
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe("old"));
+    p.run(&["run", "pipe.yaml", "-q"]).ok();
+    p.write("pipe.yaml", &pipe("new"));
+    p.run(&["run", "pipe.yaml", "-q"]).ok();
+    let count = |dir: &str| walk(&shared.path().join(dir)).len();
+    assert_eq!((count("records"), count("objects"), count("files")), (3, 3, 3));
+
+    // A local gc never touches the remote.
+    p.run(&["gc", "pipe.yaml"]).ok();
+    assert_eq!(count("records"), 3);
+    // Within the grace period nothing unreferenced goes (a push may be under way) …
+    let r = p.run(&["gc", "pipe.yaml", "--remote"]).ok();
+    assert!(
+        r.stdout.contains("removed 1 item(s)") && r.stdout.contains("the record of sweep/a.result"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!((count("records"), count("files")), (2, 3));
+    // … after it, the old run's artifact; a dry run first says so and removes nothing.
+    let r = p.run(&["gc", "pipe.yaml", "--remote", "--grace-minutes", "0", "--dry-run"]).ok();
+    assert!(r.stdout.contains("would remove 2 item(s)"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("an artifact's manifest no kept record names")
+            && r.stdout.contains("a file no kept artifact holds"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(count("files"), 3);
+    p.run(&["gc", "pipe.yaml", "--remote", "--grace-minutes", "0"]).ok();
+    assert_eq!((count("records"), count("objects"), count("files")), (2, 2, 2));
+    // What is current is whole: a fresh cache pulls it.
+    let q = Project::new();
+    q.write("pipe.yaml", &pipe("new"));
+    let r = q.run(&["run", "pipe.yaml", "-q"]).ok();
+    assert_eq!(r.stdout.matches(": pulled from ").count(), 2, "{}", r.stdout);
+}

@@ -178,6 +178,14 @@ pub enum Command {
         /// Rebuild a damaged index from the record copies in cache/records
         #[arg(long)]
         repair: bool,
+        /// Collect the remote cache instead (URL, or the first pipeline's `remote:`), by the
+        /// same rule; nothing is deleted from a remote without this
+        #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+        remote: Option<String>,
+        /// With --remote: leave files and manifests no record names alone for this long
+        /// (a push may be writing them)
+        #[arg(long, value_name = "MINUTES", default_value_t = 60, requires = "remote")]
+        grace_minutes: u32,
     },
     /// Ask a model a question; the answer streams as it is generated
     Infer(infer_cmd::InferArgs),
@@ -377,6 +385,10 @@ pub fn main() -> i32 {
         ),
         Command::Verify { pipeline, cache } => pipeline_cmds::verify(pipeline.as_deref(), cache),
         Command::Gc { repair: true, cache, .. } => pipeline_cmds::repair(cache),
+        Command::Gc { keep, cache, only_this_pipeline, dry_run, remote: Some(url), grace_minutes, .. } => {
+            let url = Some(url.as_str()).filter(|u| !u.is_empty());
+            pipeline_cmds::gc_remote(&keep, url, cache, only_this_pipeline, grace_minutes, dry_run)
+        }
         Command::Gc { keep, cache, only_this_pipeline, include_unfinished, dry_run, .. } => {
             pipeline_cmds::gc(&keep, cache, only_this_pipeline, include_unfinished, dry_run)
         }

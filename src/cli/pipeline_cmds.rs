@@ -198,6 +198,47 @@ pub fn show(target: &str, pipeline_file: Option<&Path>, set: &[Override], cache:
     Ok(0)
 }
 
+/// What `gc` keeps when pipelines are named (their current results, and every
+/// other pipeline's newest unless `only_these`), with the named pipelines opened.
+fn gc_keep<'r>(
+    pipelines: &[PathBuf],
+    cache: Option<PathBuf>,
+    only_these: bool,
+    registry: &'r r1pipe::pipeline::Registry,
+) -> Result<(Option<Keep>, Vec<Workspace<'r>>)> {
+    let mut keep: Option<Keep> = None;
+    let mut opened = Vec::new();
+    for file in pipelines {
+        let ws = Workspace::open(file, &[], cache.clone(), registry)?;
+        let k = keep.get_or_insert_with(|| Keep { only_these, ..Keep::default() });
+        k.current.extend(ws.current_fingerprints()?);
+        k.pipelines.insert(ws.pipeline.name.clone());
+        opened.push(ws);
+    }
+    Ok((keep, opened))
+}
+
+/// `gc --remote`: the remote cache collected by the local rule.
+pub fn gc_remote(
+    pipelines: &[PathBuf],
+    url: Option<&str>,
+    cache: Option<PathBuf>,
+    only_these: bool,
+    grace_minutes: u32,
+    dry_run: bool,
+) -> Result<i32> {
+    let registry = r1pipe::stages::registry();
+    let (keep, opened) = gc_keep(pipelines, cache, only_these, &registry)?;
+    let (name, removed) = workspace::gc_remote(url, opened.first(), keep.as_ref(), grace_minutes, dry_run)?;
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for r in &removed {
+        println!("{verb} {:>10}  {}  {}", indicatif::HumanBytes(r.bytes).to_string(), r.what, r.path.display());
+    }
+    let bytes: u64 = removed.iter().map(|r| r.bytes).sum();
+    println!("{verb} {} item(s), {} from {name}", removed.len(), indicatif::HumanBytes(bytes));
+    Ok(0)
+}
+
 pub fn gc(
     pipelines: &[PathBuf],
     cache: Option<PathBuf>,
@@ -206,16 +247,10 @@ pub fn gc(
     dry_run: bool,
 ) -> Result<i32> {
     let registry = r1pipe::stages::registry();
-    let mut keep: Option<Keep> = None;
-    let mut root = cache.clone();
-    for file in pipelines {
-        let ws = Workspace::open(file, &[], cache.clone(), &registry)?;
-        root.get_or_insert(ws.cache.root.clone());
-        let k = keep.get_or_insert_with(|| Keep { only_these, ..Keep::default() });
-        k.current.extend(ws.current_fingerprints()?);
-        k.pipelines.insert(ws.pipeline.name.clone());
-    }
-    let root = root.unwrap_or_else(|| workspace::cache_root_here(None));
+    let (keep, opened) = gc_keep(pipelines, cache.clone(), only_these, &registry)?;
+    let root = cache
+        .or_else(|| opened.first().map(|w| w.cache.root.clone()))
+        .unwrap_or_else(|| workspace::cache_root_here(None));
     let report = workspace::gc(&root, keep.as_ref(), include_unfinished, dry_run)?;
     let verb = if dry_run { "would remove" } else { "removed" };
     for r in &report.removed {

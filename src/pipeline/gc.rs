@@ -26,6 +26,15 @@ pub struct Keep {
     pub only_these: bool,
 }
 
+impl Keep {
+    /// Whether a record survives `gc` under this rule; `newest`: it is the newest
+    /// result of its pipeline's stage (kept for pipelines not named).
+    pub fn keeps(&self, record: &StageRecord, newest: bool) -> bool {
+        self.current.contains(&record.fingerprint)
+            || (!self.only_these && newest && !self.pipelines.contains(&record.pipeline))
+    }
+}
+
 /// One thing removed (or that a dry run would remove).
 #[derive(Debug)]
 pub struct Removed {
@@ -52,15 +61,9 @@ pub fn gc(cache: &Cache, keep: Option<&Keep>, include_unfinished: bool, dry_run:
     let all = cache.all_records(&db)?;
     let mut records = all.clone();
     if let Some(keep) = keep {
-        let mut kept_fps = keep.current.clone();
-        if !keep.only_these {
-            for (pipeline, _stage, fp) in cache.latest_pointers(&db)? {
-                if !keep.pipelines.contains(&pipeline) {
-                    kept_fps.insert(fp);
-                }
-            }
-        }
-        let (kept, dropped): (Vec<_>, Vec<_>) = records.into_iter().partition(|r| kept_fps.contains(&r.fingerprint));
+        let newest: BTreeSet<String> = cache.latest_pointers(&db)?.into_iter().map(|(_, _, fp)| fp).collect();
+        let (kept, dropped): (Vec<_>, Vec<_>) =
+            records.into_iter().partition(|r| keep.keeps(r, newest.contains(&r.fingerprint)));
         for r in dropped {
             if !dry_run {
                 cache.remove_record(&db, &r.fingerprint)?;
@@ -127,7 +130,7 @@ fn object_owners(records: &[StageRecord]) -> BTreeMap<String, Vec<(&StageRecord,
     out
 }
 
-fn describe(r: &StageRecord, output: &str) -> String {
+pub fn describe(r: &StageRecord, output: &str) -> String {
     format!("{}/{}.{output} (a run finished {})", r.pipeline, r.stage, r.finished_at.format("%Y-%m-%d %H:%M"))
 }
 

@@ -32,6 +32,26 @@ pub fn cache_root_here(explicit: Option<PathBuf>) -> PathBuf {
     cache_root(explicit, &Project::of_dir(&here))
 }
 
+/// `gc --remote`: the remote `url` (else the first pipeline's `remote:`)
+/// collected under `keep`'s rule; its name and what was (or would be) removed.
+pub fn gc_remote(
+    url: Option<&str>,
+    first: Option<&Workspace>,
+    keep: Option<&gc::Keep>,
+    grace_minutes: u32,
+    dry_run: bool,
+) -> Result<(String, Vec<gc::Removed>)> {
+    let spec = match (url, first.and_then(|w| w.pipeline.remote.clone())) {
+        (Some(u), _) => super::remote::RemoteSpec { url: u.to_string(), endpoint: None },
+        (None, Some(own)) => own,
+        (None, None) => bail!("{}", no_remote()),
+    };
+    let root = first.map_or_else(|| std::env::current_dir().unwrap_or_default(), |w| w.pipeline.project.root.clone());
+    let remote = super::remote::Remote::open(&spec, &root)?;
+    let removed = remote.gc(keep, chrono::TimeDelta::minutes(i64::from(grace_minutes)), dry_run)?;
+    Ok((remote.name.clone(), removed))
+}
+
 fn no_remote() -> &'static str {
     "no remote: give `--remote URL` or write `remote: URL` in the pipeline file \
      (s3://BUCKET/PREFIX, https://HOST/PATH for WebDAV, file:///PATH)"

@@ -423,6 +423,90 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// Everything under `dir/` in the remote: (key below the prefix, size, last modified).
+    fn list(&self, dir: &str) -> Result<Vec<(String, u64, chrono::DateTime<chrono::Utc>)>> {
+        let listed: Vec<_> = self.rt.block_on(self.store.list(Some(&self.key(dir))).collect::<Vec<_>>());
+        let mut out = Vec::new();
+        for item in listed {
+            let meta = item.map_err(|e| self.failure("listing", &format!("{dir}/"), e))?;
+            let full = meta.location.to_string();
+            let rel = full.strip_prefix(&format!("{}/", self.prefix)).unwrap_or(&full).to_string();
+            out.push((rel, meta.size, meta.last_modified));
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, rel: &str) -> Result<()> {
+        self.rt.block_on(self.store.delete(&self.key(rel))).map_err(|e| self.failure("deleting", rel, e))
+    }
+
+    /// `gc --remote`: drop the records `keep` does not keep (with none, every
+    /// record stays), then the manifests and files no kept record reaches and
+    /// that are older than `grace` (a push may be writing them now, its record
+    /// still to come). Records go first, so no record is ever left naming a
+    /// removed artifact.
+    pub fn gc(
+        &self,
+        keep: Option<&super::gc::Keep>,
+        grace: chrono::TimeDelta,
+        dry_run: bool,
+    ) -> Result<Vec<super::gc::Removed>> {
+        let mut removed = Vec::new();
+        let mut records = Vec::new();
+        for (key, size, _) in self.list("records")? {
+            let fp = key.trim_start_matches("records/").trim_end_matches(".json").to_string();
+            match self.record(&fp) {
+                Ok(Some(rec)) => records.push((key, size, rec)),
+                _ => tracing::warn!("remote {}: {key} is not a record r1pipe can read; left alone", self.name),
+            }
+        }
+        let mut newest: BTreeMap<(String, String), chrono::DateTime<chrono::Utc>> = BTreeMap::new();
+        for (_, _, r) in &records {
+            let at = newest.entry((r.pipeline.clone(), r.stage.clone())).or_insert(r.finished_at);
+            *at = (*at).max(r.finished_at);
+        }
+        let mut kept_objects = std::collections::BTreeSet::new();
+        for (key, size, r) in &records {
+            let is_newest = newest.get(&(r.pipeline.clone(), r.stage.clone())) == Some(&r.finished_at);
+            if keep.is_none_or(|k| k.keeps(r, is_newest)) {
+                kept_objects.extend(r.outputs.values().map(|o| o.hash.clone()));
+                continue;
+            }
+            let what = r.outputs.keys().map(|o| super::gc::describe(r, o)).collect::<Vec<_>>().join("; ");
+            if !dry_run {
+                self.delete(key)?;
+            }
+            removed.push(super::gc::Removed { path: key.into(), what: format!("the record of {what}"), bytes: *size });
+        }
+        let old = |at: &chrono::DateTime<chrono::Utc>| chrono::Utc::now() - *at >= grace;
+        let mut kept_files = std::collections::BTreeSet::new();
+        let mut unreached = Vec::new();
+        for (key, size, at) in self.list("objects")? {
+            let hash = key.trim_start_matches("objects/").trim_end_matches(".json").to_string();
+            if kept_objects.contains(&hash) || !old(&at) {
+                if let Some(m) = self.get_small(&key)?.and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
+                    kept_files.extend(m.files.into_iter().map(|f| Self::file_key(&f.hash)));
+                }
+            } else {
+                unreached.push((key, size, "an artifact's manifest no kept record names"));
+            }
+        }
+        for (key, size, at) in self.list("files")? {
+            if !kept_files.contains(&key) && old(&at) {
+                unreached.push((key, size, "a file no kept artifact holds"));
+            }
+        }
+        for (key, size, what) in unreached {
+            if !dry_run {
+                self.delete(&key)?;
+            }
+            removed.push(super::gc::Removed { path: key.into(), what: what.into(), bytes: size });
+        }
+        Ok(removed)
+    }
+}
+
 /// A storage error as a line: an S3 reply's error code and message instead of its
 /// XML body, and no more than a few hundred characters of anything else.
 fn short_error(text: &str) -> String {
