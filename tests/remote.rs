@@ -289,3 +289,44 @@ fn gc_remote_drops_only_what_no_current_result_needs_and_only_when_asked() {
     let r = q.run(&["run", "pipe.yaml", "-q"]).ok();
     assert_eq!(r.stdout.matches(": pulled from ").count(), 2, "{}", r.stdout);
 }
+
+/// A pipeline whose one artifact holds a file of about 45 MB: larger than a
+/// part, so S3 and folder remotes get it in parts.
+fn large_project(remote: &str) -> Project {
+    let p = Project::new();
+    p.write("data/big/train.jsonl", &common::gsm8k_rows(330_000));
+    p.write("data/big/test.jsonl", &common::gsm8k_rows(2));
+    p.write(
+        "pipe.yaml",
+        &format!("name: big\nremote: {remote}\nstages:\n  data: {{ kind: download, with: {{ path: data/big }} }}\n"),
+    );
+    p
+}
+
+#[test]
+fn a_file_larger_than_a_part_goes_up_in_parts_and_comes_back_whole() {
+    let mut remotes = vec![];
+    let shared = tempfile::tempdir().unwrap();
+    remotes.push((format!("file://{}", shared.path().display()), false));
+    match s3_server() {
+        Ok(()) => {
+            let bucket = format!("r1pipe-parts-{}", std::process::id());
+            ureq::put(&format!("{}/{bucket}", s3_endpoint())).call().expect("creating the bucket");
+            remotes.push((format!("{{ url: \"s3://{bucket}/p\", endpoint: \"{}\" }}", s3_endpoint()), true));
+        }
+        Err(why) => common::skip(&format!("the S3 half of this test: no S3-compatible server: {why}")),
+    }
+    for (remote, s3) in remotes {
+        let run = |p: &Project, args: &[&str]| if s3 { with_s3(p, args) } else { p.run(args) };
+        let a = large_project(&remote);
+        let r = run(&a, &["run", "pipe.yaml", "-q"]).ok();
+        assert!(r.stdout.contains("data: pushed to"), "{}", r.stdout);
+        let b = large_project(&remote);
+        let r = run(&b, &["run", "pipe.yaml", "-q"]).ok();
+        assert!(r.stdout.contains("data: pulled from"), "{}", r.stdout);
+        let show = |p: &Project| PathBuf::from(p.run(&["show", "data.dataset", "-p", "pipe.yaml"]).ok().stdout.trim());
+        let (fa, fb) = (show(&a).join("train.jsonl"), show(&b).join("train.jsonl"));
+        assert!(fs::metadata(&fa).unwrap().len() > 40 << 20);
+        assert!(fs::read(&fa).unwrap() == fs::read(&fb).unwrap(), "{remote}: the large file came back different");
+    }
+}

@@ -42,6 +42,9 @@ pub struct RemoteSpec {
     pub endpoint: Option<String>,
 }
 
+/// Files above this go up in parts of this size (where the store takes parts).
+const PART_SIZE: usize = 32 << 20;
+
 /// The largest manifest or record read from a remote.
 const JSON_CAP: usize = 16 << 20;
 
@@ -188,6 +191,56 @@ impl Remote {
             .map_err(|e| self.failure("writing", rel, e))
     }
 
+    /// Send a local file to `key`: whole when small; in parts when large and the
+    /// store takes parts (S3, a folder), so that a model of gigabytes is never
+    /// held in memory; the object appears only once every part is there. Its
+    /// bytes are hashed on the way: a file that changed is not sent.
+    fn upload(&self, key: &str, path: &Path, hash: &str) -> Result<()> {
+        use std::io::Read;
+        let changed =
+            || anyhow::anyhow!("{} changed while it was pushed; `r1pipe verify` checks the cache", path.display());
+        let size = path.metadata().with_context(|| format!("reading {}", path.display()))?.len();
+        let whole = |this: &Remote| -> Result<()> {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            if blake3::hash(&bytes).to_hex().as_str() != hash {
+                return Err(changed());
+            }
+            this.put(key, bytes)
+        };
+        if size <= PART_SIZE as u64 {
+            return whole(self);
+        }
+        let upload = match self.rt.block_on(self.store.put_multipart(&self.key(key))) {
+            Ok(u) => u,
+            Err(object_store::Error::NotImplemented) => return whole(self), // WebDAV: one PUT
+            Err(e) => return Err(self.failure("writing", key, e)),
+        };
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 8 << 20];
+        let sent: Result<()> = self.rt.block_on(async {
+            loop {
+                let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+                if n == 0 {
+                    return Ok(());
+                }
+                hasher.update(&buf[..n]);
+                writer.wait_for_capacity(4).await.map_err(|e| self.failure("writing", key, e))?;
+                writer.write(&buf[..n]);
+            }
+        });
+        let sent =
+            sent.and_then(|()| if hasher.finalize().to_hex().as_str() == hash { Ok(()) } else { Err(changed()) });
+        match sent {
+            Ok(()) => self.rt.block_on(writer.finish()).map(|_| ()).map_err(|e| self.failure("writing", key, e)),
+            Err(e) => {
+                let _ = self.rt.block_on(writer.abort());
+                Err(e)
+            }
+        }
+    }
+
     /// Whether the remote holds the record of `fingerprint`.
     pub fn has_record(&self, fingerprint: &str) -> Result<bool> {
         self.exists(&format!("records/{fingerprint}.json"))
@@ -223,11 +276,7 @@ impl Remote {
                     continue;
                 }
                 let path = if f.path.is_empty() { root.clone() } else { root.join(&f.path) };
-                let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-                if blake3::hash(&bytes).to_hex().as_str() != f.hash {
-                    bail!("{} changed while it was pushed; `r1pipe verify` checks the cache", path.display());
-                }
-                self.put(&key, bytes)?;
+                self.upload(&key, &path, &f.hash)?;
                 moved.files_sent += 1;
                 moved.bytes += f.size;
                 bar.inc(f.size);
