@@ -33,6 +33,8 @@ fn main() {
         default_hook(info)
     }));
     r1pipe::common::memory::tune_allocator();
+    // Chat templates render in a process of their own, forked now while r1pipe is small.
+    r1pipe::model::tokenizer::start_template_process();
     if let Err(e) = r1pipe::kernels::check_env() {
         eprintln!("error: {e}");
         std::process::exit(2);

@@ -246,8 +246,19 @@ fn a_chat_template_that_loops_too_long_or_writes_too_much_is_stopped_with_a_reas
     for (template, said) in [
         ("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "ran out of its budget"),
         (
-            "{% set ns = namespace(s='ab') %}{% for i in range(28) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+            "{% set ns = namespace(s='ab') %}{% for i in range(24) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
             "wrote more than 16 MiB",
+        ),
+        // Growth the fuel and the output cap never see: a string and a list doubled 40
+        // times (a terabyte) and only their lengths written. The template's own process
+        // runs out of its memory budget; r1pipe says so.
+        (
+            "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+            "used more than 1024 MiB of memory for one prompt",
+        ),
+        (
+            "{% set ns = namespace(l=[1]) %}{% for i in range(40) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|length }}",
+            "used more than 1024 MiB of memory for one prompt",
         ),
     ] {
         let model = model_with_template(&p, template);

@@ -19,6 +19,7 @@ pub mod lora;
 pub mod ops;
 pub mod peft;
 mod template_limits;
+mod template_sandbox;
 pub mod tokenizer;
 pub mod tool_call;
 pub mod transformer;

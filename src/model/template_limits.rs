@@ -5,7 +5,8 @@
 //! memory, `tojson` over a value nested 100,000 deep (the stack). These
 //! replace the built-in filters with ones that check the size first and then
 //! call the built-in. (`~` and `+` on strings and lists are operators, not
-//! filters, and cannot be bounded here: docs/reliability.md says so.)
+//! filters, and cannot be bounded here: the memory budget of the process
+//! templates render in bounds them, `template_sandbox`.)
 
 use minijinja::value::{Kwargs, Rest, StringInput, Value, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, State};

@@ -71,6 +71,45 @@ impl std::io::Write for CappedText {
     }
 }
 
+/// Start the process that renders chat templates, before anything large is
+/// loaded (`template_sandbox`): what `r1pipe`'s `main` does first.
+pub fn start_template_process() {
+    super::template_sandbox::start_early(render_template);
+}
+
+/// Render a chat template here (in the sandbox's process): fuel bounds its
+/// instructions, `template_limits` its filters, and the output is capped.
+fn render_template(r: &super::template_sandbox::Request) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
+    env.set_fuel(Some(TEMPLATE_FUEL));
+    super::template_limits::install(&mut env);
+    env.add_template("chat", &r.template).context("the chat template does not parse")?;
+    let ctx = minijinja::context! {
+        messages => minijinja::Value::from_serialize(&r.messages),
+        add_generation_prompt => r.add_generation_prompt,
+        bos_token => r.bos_token.clone(),
+        eos_token => r.eos_token.clone(),
+    };
+    let mut out = CappedText { text: Vec::new(), cap: TEMPLATE_OUTPUT_CAP };
+    let rendered = env.get_template("chat")?.render_captured_to(ctx, &mut out).map(|_| ());
+    match rendered {
+        Ok(_) => Ok(String::from_utf8(out.text).context("the chat template wrote invalid UTF-8")?),
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => bail!(
+            "the chat template ran out of its budget of {TEMPLATE_FUEL} instructions (a loop too long for a prompt)"
+        ),
+        Err(_) if out.text.len() >= out.cap => {
+            bail!("the chat template wrote more than {} MiB for one prompt", TEMPLATE_OUTPUT_CAP >> 20)
+        }
+        Err(e) => Err(e).context("rendering the chat template"),
+    }
+}
+
 /// A tokenizer.json, checked to be JSON first: the tokenizers library panics on
 /// some malformed files (a truncated decoder, found by fuzzing) instead of
 /// answering an error, so what still panics is caught and named too.
@@ -148,36 +187,14 @@ impl ChatTokenizer {
             }
             return Ok(s);
         };
-        let mut env = minijinja::Environment::new();
-        minijinja_contrib::add_to_environment(&mut env);
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_function("strftime_now", |fmt: String| chrono::Local::now().format(&fmt).to_string());
-        // A template is a program from a model's files: its work and its output are
-        // bounded, so a hostile one ends with an error, not a hang or an abort.
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        super::template_limits::install(&mut env);
-        env.add_template("chat", template).context("the chat template does not parse")?;
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
+        let request = super::template_sandbox::Request {
+            template: template.clone(),
+            messages: serde_json::to_value(messages)?,
+            add_generation_prompt,
+            bos_token: self.bos_token.clone().unwrap_or_default(),
+            eos_token: self.eos_token.clone().unwrap_or_default(),
         };
-        let mut out = CappedText { text: Vec::new(), cap: TEMPLATE_OUTPUT_CAP };
-        let rendered = env.get_template("chat")?.render_captured_to(ctx, &mut out).map(|_| ());
-        match rendered {
-            Ok(_) => Ok(String::from_utf8(out.text).context("the chat template wrote invalid UTF-8")?),
-            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => bail!(
-                "the chat template ran out of its budget of {TEMPLATE_FUEL} instructions (a loop too long for a prompt)"
-            ),
-            Err(_) if out.text.len() >= out.cap => {
-                bail!("the chat template wrote more than {} MiB for one prompt", TEMPLATE_OUTPUT_CAP >> 20)
-            }
-            Err(e) => Err(e).context("rendering the chat template"),
-        }
+        super::template_sandbox::render(&request, render_template)
     }
 
     /// The chat template applied to `messages`, tokenized: the one way a
