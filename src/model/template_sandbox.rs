@@ -73,6 +73,9 @@ impl Drop for Child {
     fn drop(&mut self) {
         // Closing the request pipe ends the child's loop; then it is reaped.
         let _ = self.requests.flush();
+        if self.pid <= 0 {
+            return; // already reaped
+        }
         // SAFETY: pid is our own child; a closed pipe makes it exit, and kill ends it if not.
         unsafe {
             libc::kill(self.pid, libc::SIGKILL);
@@ -99,14 +102,21 @@ impl Sandbox {
             Ok((true, text)) => Ok(text),
             Ok((false, error)) => bail!("{error}"),
             Err(_) => {
-                // The child died: the template went past its memory budget (or something
-                // killed it). The next render starts a new one.
+                // The child died. An allocation past its budget aborts it (SIGABRT);
+                // anything else killed it from outside. The next render starts a new one.
+                let mut status = 0;
+                // SAFETY: waiting for our own child, which has closed its end by dying.
+                unsafe { libc::waitpid(child.pid, &mut status, 0) };
+                child.pid = 0;
                 *guard = None;
-                bail!(
-                    "the chat template used more than {} MiB of memory for one prompt and was stopped \
-                     (a loop that grows a string or list without end?)",
-                    BUDGET >> 20
-                )
+                if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGABRT {
+                    bail!(
+                        "the chat template used more than {} MiB of memory for one prompt and was stopped \
+                         (a loop that grows a string or list without end?)",
+                        BUDGET >> 20
+                    )
+                }
+                bail!("the process rendering chat templates ended (status {status}) before it answered")
             }
         }
     }
@@ -142,6 +152,14 @@ fn start(render: fn(&Request) -> Result<String>) -> Result<Child> {
     if pid == 0 {
         close_all_but(&[req_read, rep_write]);
         quiet_stdio();
+        // A Ctrl-C (the terminal's process group) or a cluster's stop (sent to every
+        // process of a job) is r1pipe's to act on: it checkpoints and may still need
+        // templates. This child ends when r1pipe does, by its pipe.
+        // SAFETY: signal dispositions of this single-threaded child.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        }
         limit_data(BUDGET);
         // SAFETY: the descriptors are this process's own, each wrapped once.
         let (requests, replies) = unsafe { (File::from_raw_fd(req_read), File::from_raw_fd(rep_write)) };
@@ -257,6 +275,19 @@ mod tests {
         assert!(e.to_string().contains("used more than 1024 MiB of memory"), "{e}");
         assert!(sandbox.child.lock().unwrap().is_none());
         assert_eq!(sandbox.render(&request("b"), fake).unwrap(), "b<s>");
-        assert_ne!(sandbox.child.lock().unwrap().as_ref().unwrap().pid, first);
+        let second = sandbox.child.lock().unwrap().as_ref().unwrap().pid;
+        assert_ne!(second, first);
+        // A Ctrl-C or a stop reaches it and it renders on; a kill is said as such.
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(second, sig) };
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(sandbox.render(&request("c"), fake).unwrap(), "c<s>");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(second, libc::SIGKILL) };
+        let e = sandbox.render(&request("d"), fake).unwrap_err();
+        assert!(e.to_string().contains("ended (status 9) before it answered"), "{e}");
+        assert_eq!(sandbox.render(&request("e"), fake).unwrap(), "e<s>");
     }
 }
