@@ -12,10 +12,10 @@ cargo build --release --locked >&2
 bin=$PWD/target/release/r1pipe
 pipe=pipelines/reward-sweep.yaml
 out=${R1PIPE_BENCH_OUT:-target/three-executors}
-rm -rf "$out" && mkdir -p "$out"
 models=(sft.model grpo@r1.model grpo@format.model grpo@building.model)
-for way in local slurm ray; do
-  mkdir -p "$out/$way"
+# R1PIPE_BENCH_WAYS="ray" reruns one way, keeping the others' results.
+for way in ${R1PIPE_BENCH_WAYS:-local slurm ray}; do
+  rm -rf "${out:?}/$way" && mkdir -p "$out/$way"
   cache="$PWD/$out/$way/cache"
   case $way in
     local) flags=(--executor local --jobs 2) ;;

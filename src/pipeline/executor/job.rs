@@ -179,6 +179,12 @@ pub(super) fn shell_quote(s: &str) -> String {
 /// signals reach it.
 pub(super) fn exec_command(work_dir: &Path) -> Result<String> {
     let exe = std::env::current_exe().context("finding the r1pipe binary to run in the job")?;
+    // Rebuilt while this head runs: Linux names the old file `… (deleted)`. The job runs
+    // the binary now at that path (its job-file check refuses it if its stage kinds differ).
+    let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(path) if Path::new(path).is_file() => PathBuf::from(path),
+        _ => exe,
+    };
     Ok(format!(
         "exec {} exec-job {}",
         shell_quote(&exe.display().to_string()),
