@@ -43,6 +43,22 @@ pub struct PipelineArgs {
     pub cache: Option<PathBuf>,
 }
 
+/// What `push` and `pull` take.
+#[derive(clap::Args)]
+pub struct TransferArgs {
+    #[command(flatten)]
+    pub args: PipelineArgs,
+    /// Only these stages (names, matrix stages, patterns) [default: all]
+    #[arg(value_name = "STAGE")]
+    pub stages: Vec<String>,
+    /// The remote cache [default: the pipeline's `remote:`]
+    #[arg(long, value_name = "URL")]
+    pub remote: Option<String>,
+    /// No progress bars
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Validate, plan and execute a pipeline: skip what is cached, resume what was interrupted
@@ -87,33 +103,9 @@ pub enum Command {
         quiet: bool,
     },
     /// Send stages' current results (artifacts, then records) to the remote cache
-    Push {
-        #[command(flatten)]
-        args: PipelineArgs,
-        /// Only these stages (names, matrix stages, patterns) [default: all]
-        #[arg(value_name = "STAGE")]
-        stages: Vec<String>,
-        /// The remote cache [default: the pipeline's `remote:`]
-        #[arg(long, value_name = "URL")]
-        remote: Option<String>,
-        /// No progress bars
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Push(TransferArgs),
     /// Bring stages' results from the remote cache into this one, each byte checked
-    Pull {
-        #[command(flatten)]
-        args: PipelineArgs,
-        /// Only these stages (names, matrix stages, patterns) [default: all]
-        #[arg(value_name = "STAGE")]
-        stages: Vec<String>,
-        /// The remote cache [default: the pipeline's `remote:`]
-        #[arg(long, value_name = "URL")]
-        remote: Option<String>,
-        /// No progress bars
-        #[arg(short, long)]
-        quiet: bool,
-    },
+    Pull(TransferArgs),
     /// Run one stage's job as the head wrote it (what a cluster's job runs)
     #[command(hide = true)]
     ExecJob {
@@ -335,8 +327,8 @@ pub fn main() -> i32 {
         }
         Command::ExecJob { work_dir } => pipeline_cmds::exec_job(&work_dir),
         Command::Status { args, remote } => pipeline_cmds::status(&args, remote.as_deref()),
-        Command::Push { args, stages, remote, quiet } => pipeline_cmds::push(&args, &stages, remote.as_deref(), quiet),
-        Command::Pull { args, stages, remote, quiet } => pipeline_cmds::pull(&args, &stages, remote.as_deref(), quiet),
+        Command::Push(t) => pipeline_cmds::push(&t.args, &t.stages, t.remote.as_deref(), t.quiet),
+        Command::Pull(t) => pipeline_cmds::pull(&t.args, &t.stages, t.remote.as_deref(), t.quiet),
         Command::Dag { args, format } => pipeline_cmds::dag(&args, format),
         Command::Show { target, pipeline, set, cache } => {
             pipeline_cmds::show(&target, pipeline.as_deref(), &set, cache)

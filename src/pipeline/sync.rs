@@ -10,16 +10,6 @@ use super::remote::{transfer_bar, Remote, RemoteSpec};
 use super::runner::{Decision, Runner};
 use super::store::{ObjectRef, StageRecord};
 
-/// Bytes as a person reads them.
-fn size(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 30 => format!("{:.2} GiB", b as f64 / f64::from(1u32 << 30)),
-        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
-        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
-        b => format!("{b} B"),
-    }
-}
-
 impl Runner<'_> {
     /// The remote a command uses: `--remote URL` (with the file's endpoint when it
     /// names the same URL), else the pipeline's `remote:`.
@@ -49,7 +39,7 @@ impl Runner<'_> {
         println!(
             "{tag}: pulled from {} ({} in {} files, {} already here)  {}",
             remote.name,
-            size(moved.bytes),
+            indicatif::HumanBytes(moved.bytes),
             moved.files_sent,
             moved.files_there,
             &fingerprint[..12]
@@ -67,7 +57,7 @@ impl Runner<'_> {
         println!(
             "{tag}: pushed to {} ({} in {} files, {} already there)  {}",
             remote.name,
-            size(moved.bytes),
+            indicatif::HumanBytes(moved.bytes),
             moved.files_sent,
             moved.files_there,
             &rec.fingerprint[..12]

@@ -456,20 +456,6 @@ impl Remote {
         std::fs::rename(&part, dest).with_context(|| format!("writing {}", dest.display()))?;
         Ok(())
     }
-
-    /// Every record the remote holds, by fingerprint (for `status` and `pull`).
-    pub fn fingerprints(&self) -> Result<BTreeMap<String, ()>> {
-        let prefix = self.key("records");
-        let listed: Vec<_> = self.rt.block_on(self.store.list(Some(&prefix)).collect::<Vec<_>>());
-        let mut out = BTreeMap::new();
-        for item in listed {
-            let meta = item.map_err(|e| self.failure("listing", "records/", e))?;
-            if let Some(fp) = meta.location.filename().and_then(|n| n.strip_suffix(".json")) {
-                out.insert(fp.to_string(), ());
-            }
-        }
-        Ok(out)
-    }
 }
 
 impl Remote {
