@@ -128,7 +128,7 @@ fn smollm2_logits_match_transformers_at_every_position() {
 #[test]
 fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
     use candle_core::{Tensor, Var};
-    use r1pipe::train::grpo_loss::{loss, LossConfig, LossInputs, LossType};
+    use r1pipe::train::grpo::loss::{loss, LossConfig, LossInputs, LossParams, LossType};
 
     let f: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(fixture("trl-grpo-loss.json")).unwrap()).unwrap();
@@ -141,19 +141,22 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
     assert_eq!(cases.len(), 16, "the fixture covers 4 loss types × 2 ε × 2 β");
     for case in cases {
         let loss_type: LossType = serde_json::from_value(case["loss_type"].clone()).unwrap();
-        let cfg = LossConfig {
-            max_completion_length: f["max_completion_length"].as_u64().unwrap() as usize,
-            micro_batches: f["gradient_accumulation_steps"].as_u64().unwrap() as usize,
-            global_tokens: f["num_items_in_batch"].as_f64().unwrap(),
+        let params = LossParams {
             use_bias_correction_kl: false,
-            ..LossConfig::new(
+            ..LossParams::new(
                 loss_type,
                 case["epsilon_low"].as_f64().unwrap(),
                 case["epsilon_high"].as_f64().unwrap(),
                 case["beta"].as_f64().unwrap(),
             )
         };
-        let name = format!("{loss_type:?} ε [{}, {}] β {}", cfg.epsilon_low, cfg.epsilon_high, cfg.beta);
+        let cfg = LossConfig {
+            max_completion_length: f["max_completion_length"].as_u64().unwrap() as usize,
+            micro_batches: f["gradient_accumulation_steps"].as_u64().unwrap() as usize,
+            global_tokens: f["num_items_in_batch"].as_f64().unwrap(),
+            ..LossConfig::new(params)
+        };
+        let name = format!("{loss_type:?} ε [{}, {}] β {}", params.epsilon_low(), params.epsilon_high(), params.beta);
         let logp = Var::from_tensor(&t2(matrix("logp"))).unwrap();
         let inputs = LossInputs {
             logp: logp.as_tensor(),
@@ -199,7 +202,7 @@ fn grpo_loss_and_gradient_match_trl_for_every_loss_type() {
 #[test]
 fn grpo_loss_options_match_trl() {
     use candle_core::{Tensor, Var};
-    use r1pipe::train::grpo_loss::{high_entropy_mask, loss, IsLevel, LossConfig, LossInputs, LossType};
+    use r1pipe::train::grpo::loss::{high_entropy_mask, loss, IsLevel, LossConfig, LossInputs, LossParams, LossType};
 
     let f: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(fixture("trl-grpo-loss.json")).unwrap()).unwrap();
@@ -219,27 +222,31 @@ fn grpo_loss_options_match_trl() {
     for case in cases {
         let loss_type: LossType = serde_json::from_value(case["loss_type"].clone()).unwrap();
         let o = &case["options"];
-        let mut cfg = LossConfig {
-            max_completion_length: f["max_completion_length"].as_u64().unwrap() as usize,
-            micro_batches: f["gradient_accumulation_steps"].as_u64().unwrap() as usize,
-            global_tokens: f["num_items_in_batch"].as_f64().unwrap(),
+        let params = LossParams {
             use_bias_correction_kl: o["use_bias_correction_kl"].as_bool().unwrap_or(false),
             delta: o["delta"].as_f64(),
             off_policy_mask_threshold: o["off_policy_mask_threshold"].as_f64(),
-            entropy_coef: o["entropy_coef"].as_f64().unwrap_or(0.0),
-            ..LossConfig::new(
+            // TRL forms sapo's temperatures with `torch.where` on Python floats, which makes a
+            // float32 tensor: its 1.05 is 1.05f32.
+            sapo_temperature_neg: 1.05f32 as f64,
+            importance_sampling_level: match o["importance_sampling_level"].as_str() {
+                Some("sequence") => IsLevel::Sequence,
+                _ => IsLevel::Token,
+            },
+            ..LossParams::new(
                 loss_type,
                 case["epsilon_low"].as_f64().unwrap(),
                 case["epsilon_high"].as_f64().unwrap(),
                 case["beta"].as_f64().unwrap(),
             )
         };
-        // TRL forms sapo's temperatures with `torch.where` on Python floats, which makes a
-        // float32 tensor: its 1.05 is 1.05f32.
-        cfg.sapo_temperature_neg = 1.05f32 as f64;
-        if o["importance_sampling_level"].as_str() == Some("sequence") {
-            cfg.importance_sampling_level = IsLevel::Sequence;
-        }
+        let cfg = LossConfig {
+            max_completion_length: f["max_completion_length"].as_u64().unwrap() as usize,
+            micro_batches: f["gradient_accumulation_steps"].as_u64().unwrap() as usize,
+            global_tokens: f["num_items_in_batch"].as_f64().unwrap(),
+            entropy_coef: o["entropy_coef"].as_f64().unwrap_or(0.0),
+            ..LossConfig::new(params)
+        };
         let name = format!("{case}");
         let logp = Var::from_tensor(&t2(matrix("logp"))).unwrap();
         let entropy = Var::from_tensor(&t2(matrix("entropy"))).unwrap();

@@ -1,11 +1,10 @@
 //! Training: the one loop (`trainer`), the algorithms that plug into it (`grpo`,
-//! `sft`), and what they share: optimizer, schedule, clipping, checkpoints,
-//! and GRPO's loss mathematics.
+//! `sft`, each with its own loss), and what they share: optimizer, schedule,
+//! clipping, checkpoints.
 
 pub mod checkpoint;
 pub mod config;
 pub mod grpo;
-pub mod grpo_loss;
 pub mod optim;
 pub mod plots;
 pub mod progress;

@@ -6,8 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::super::config::TrainingConfig;
-use super::super::grpo_loss::LossConfig;
-use super::super::grpo_loss::{Aggregation, IsLevel, IsMode, LossType, ScaleRewards};
+use super::loss::{Aggregation, IsMode, LossConfig, LossParams, ScaleRewards};
 use super::super::schedule::Schedule;
 use crate::common::params::batch_problem;
 use crate::common::ParamError;
@@ -28,23 +27,15 @@ pub struct GrpoConfig {
     pub min_p: Option<f32>,
     /// > 1 makes tokens already in the prompt or the completion less likely (HF's rule).
     pub repetition_penalty: f32,
-    pub beta: f64,
-    pub epsilon: f64,
-    pub epsilon_high: Option<f64>,
-    /// Two-sided clipping: the unclipped ratio capped at δ (> 1 + ε; INTELLECT-2).
-    pub delta: Option<f64>,
-    pub loss_type: LossType,
-    pub importance_sampling_level: IsLevel,
+    /// The loss's hyperparameters (`loss_type`, `beta`, `epsilon`, …), TRL's names at the top level.
+    #[serde(flatten)]
+    pub loss: LossParams,
     pub scale_rewards: ScaleRewards,
     pub multi_objective_aggregation: Aggregation,
     /// One weight per reward function, replacing the reward set's weights.
     pub reward_weights: Option<Vec<f32>>,
     pub num_iterations: usize,
     pub mask_truncated_completions: bool,
-    /// Drop sequences with a negative advantage whose sampler has drifted further than this (OPSM).
-    pub off_policy_mask_threshold: Option<f64>,
-    /// Weight the KL term by the importance ratio.
-    pub use_bias_correction_kl: bool,
     /// Move the reference toward the policy every `ref_model_sync_steps`
     /// optimizer steps: π_ref ← α·π_θ + (1 − α)·π_ref (TR-DPO; needs β > 0 and
     /// full fine-tuning, as in TRL).
@@ -62,12 +53,6 @@ pub struct GrpoConfig {
     pub entropy_coef_max: f64,
     pub entropy_coef_delta: f64,
     pub entropy_target: f64,
-    pub sapo_temperature_pos: f64,
-    pub sapo_temperature_neg: f64,
-    pub vespo_k_pos: f64,
-    pub vespo_k_neg: f64,
-    pub vespo_lambda_pos: f64,
-    pub vespo_lambda_neg: f64,
     /// DAPO's dynamic sampling (verl's `filter_groups`): groups whose rewards all tie
     /// are dropped and fresh prompts sampled in their place, for up to
     /// `dynamic_sampling_max_rounds` extra rounds of generation per step.
@@ -138,19 +123,12 @@ impl Default for GrpoConfig {
             top_k: 0,
             min_p: None,
             repetition_penalty: 1.0,
-            beta: 0.0,
-            epsilon: 0.2,
-            epsilon_high: None,
-            delta: None,
-            loss_type: LossType::Dapo,
-            importance_sampling_level: IsLevel::Token,
+            loss: LossParams::default(),
             scale_rewards: ScaleRewards::Group,
             multi_objective_aggregation: Aggregation::SumThenNormalize,
             reward_weights: None,
             num_iterations: 1,
             mask_truncated_completions: false,
-            off_policy_mask_threshold: None,
-            use_bias_correction_kl: true,
             sync_ref_model: false,
             ref_model_mixup_alpha: 0.6,
             ref_model_sync_steps: 512,
@@ -161,12 +139,6 @@ impl Default for GrpoConfig {
             entropy_coef_max: 1.0,
             entropy_coef_delta: 0.005,
             entropy_target: 0.2,
-            sapo_temperature_pos: 1.0,
-            sapo_temperature_neg: 1.05,
-            vespo_k_pos: 2.0,
-            vespo_k_neg: 3.0,
-            vespo_lambda_pos: 3.0,
-            vespo_lambda_neg: 2.0,
             dynamic_sampling: false,
             dynamic_sampling_max_rounds: 4,
             eval_steps: None,
@@ -207,23 +179,10 @@ impl GrpoConfig {
     /// tokens in `micro_batches` micro-batches, with this step's entropy coefficient.
     pub fn loss_config(&self, micro_batches: usize, global_tokens: f64, entropy_coef: f64) -> LossConfig {
         LossConfig {
-            loss_type: self.loss_type,
-            epsilon_low: self.epsilon,
-            epsilon_high: self.epsilon_high.unwrap_or(self.epsilon),
-            beta: self.beta,
+            params: self.loss,
             max_completion_length: self.max_completion_length,
             micro_batches,
             global_tokens,
-            importance_sampling_level: self.importance_sampling_level,
-            delta: self.delta,
-            off_policy_mask_threshold: self.off_policy_mask_threshold,
-            use_bias_correction_kl: self.use_bias_correction_kl,
-            sapo_temperature_pos: self.sapo_temperature_pos,
-            sapo_temperature_neg: self.sapo_temperature_neg,
-            vespo_k_pos: self.vespo_k_pos,
-            vespo_k_neg: self.vespo_k_neg,
-            vespo_lambda_pos: self.vespo_lambda_pos,
-            vespo_lambda_neg: self.vespo_lambda_neg,
             entropy_coef,
         }
     }
@@ -278,35 +237,12 @@ impl GrpoConfig {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             errors.push(ParamError::new("top_p", "must be in (0, 1]"));
         }
-        if !(self.beta.is_finite() && self.beta >= 0.0) {
-            errors.push(ParamError::new("beta", "must be ≥ 0 (0: no KL term and no reference model)"));
-        }
-        if !(self.epsilon.is_finite() && self.epsilon >= 0.0) {
-            errors.push(ParamError::new("epsilon", "clipping ranges must be ≥ 0"));
-        }
-        if self.epsilon_high.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
-            errors.push(ParamError::new("epsilon_high", "clipping ranges must be ≥ 0"));
-        }
-        if let Some(d) = self.delta {
-            let hi = 1.0 + self.epsilon_high.unwrap_or(self.epsilon);
-            if !(d.is_finite() && d > hi) {
-                errors.push(ParamError::new("delta", format!("must be greater than 1 + ε_high = {hi}")));
-            }
-        }
-        if self.loss_type == LossType::Luspo && self.importance_sampling_level != IsLevel::Sequence {
-            errors.push(
-                ParamError::new("loss_type", "luspo is a sequence-level loss")
-                    .hint("set importance_sampling_level: sequence"),
-            );
-        }
+        errors.extend(self.loss.problems());
         if self.min_p.is_some_and(|p| !(0.0..=1.0).contains(&p)) {
             errors.push(ParamError::new("min_p", "must be in [0, 1]"));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             errors.push(ParamError::new("repetition_penalty", "must be > 0 (1: none)"));
-        }
-        if self.off_policy_mask_threshold.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
-            errors.push(ParamError::new("off_policy_mask_threshold", "must be ≥ 0"));
         }
         if !(0.0..=1.0).contains(&self.top_entropy_quantile) {
             errors.push(ParamError::new("top_entropy_quantile", "must be in [0, 1] (1: every token)"));
@@ -326,7 +262,7 @@ impl GrpoConfig {
         // these are not implemented here yet: refused rather than ignored.
         if self.sync_ref_model {
             // As in TRL: without β there is no reference, and with LoRA the reference is the adapter-free base.
-            if self.beta == 0.0 {
+            if self.loss.beta == 0.0 {
                 errors.push(
                     ParamError::new("sync_ref_model", "needs a reference model, and β = 0 has none")
                         .hint("set `beta` > 0 (e.g. 0.04), or drop `sync_ref_model`"),
@@ -351,13 +287,6 @@ impl GrpoConfig {
         if let Some(w) = &self.reward_weights {
             if w.iter().any(|x| !x.is_finite()) {
                 errors.push(ParamError::new("reward_weights", "every weight must be a finite number"));
-            }
-        }
-        for (k, v) in
-            [("sapo_temperature_pos", self.sapo_temperature_pos), ("sapo_temperature_neg", self.sapo_temperature_neg)]
-        {
-            if !(v.is_finite() && v > 0.0) {
-                errors.push(ParamError::new(k, "must be > 0"));
             }
         }
         if self.dynamic_sampling && self.dynamic_sampling_max_rounds == 0 {
@@ -451,13 +380,16 @@ mod tests {
     #[test]
     fn trl_1_16_options_are_checked_by_name_and_unimplemented_ones_refused() {
         let c = GrpoConfig {
-            loss_type: LossType::Luspo,
-            delta: Some(1.1),
+            loss: LossParams {
+                loss_type: super::super::loss::LossType::Luspo,
+                delta: Some(1.1),
+                sapo_temperature_neg: 0.0,
+                ..LossParams::default()
+            },
             min_p: Some(1.5),
             repetition_penalty: 0.0,
             top_entropy_quantile: 2.0,
             reward_weights: Some(vec![f32::NAN]),
-            sapo_temperature_neg: 0.0,
             sync_ref_model: true,
             eval_steps: Some(0),
             load_best_model_at_end: true,

@@ -10,6 +10,7 @@
 //! log-probabilities, no graph), and the policy step in [`Algorithm::step`].
 
 mod config;
+pub mod loss;
 mod rows;
 
 pub use config::{GrpoConfig, ReferenceDtype};
@@ -25,8 +26,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::grpo_loss::{
+use loss::{
     advantages, advantages_normalize_then_sum, high_entropy_mask, importance_weights, loss, Aggregation, LossInputs,
+    LossStats, LossType,
 };
 use super::rollout_sync::RolloutServer;
 use super::trainer::{Algorithm, StepReport};
@@ -247,7 +249,7 @@ impl<'a> GrpoAlgorithm<'a> {
         prompts: Vec<GrpoPrompt>,
         seed: u64,
     ) -> Result<Self> {
-        let reference = if cfg.beta != 0.0 && policy.lora.is_none() {
+        let reference = if cfg.loss.beta != 0.0 && policy.lora.is_none() {
             let storage = match cfg.reference_dtype {
                 ReferenceDtype::F32 => DType::F32,
                 ReferenceDtype::Bf16 => DType::BF16,
@@ -490,7 +492,7 @@ impl<'a> GrpoAlgorithm<'a> {
             if self.cfg.num_iterations > 1 {
                 round.old.push(self.completion_logprobs(policy, &round.rows, &r, Pass::SCORE)?);
             }
-            if self.cfg.beta != 0.0 {
+            if self.cfg.loss.beta != 0.0 {
                 round.refs.push(match &self.reference {
                     Some(reference) => self.completion_logprobs(reference, &round.rows, &r, Pass::SCORE)?,
                     None => {
@@ -588,8 +590,7 @@ impl Algorithm for GrpoAlgorithm<'_> {
             cfg.entropy_coef
         };
         let loss_cfg = cfg.loss_config(chunks.len(), global_tokens, entropy_coef);
-        let (mut loss_sum, mut kl_sum, mut clip_sum, mut tok_sum) = (0.0, 0.0, 0.0, 0.0);
-        let (mut low_sum, mut high_sum, mut cispo_sum, mut phi_sum, mut entropy_sum) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut loss_sum, mut stats) = (0.0, LossStats::default());
         // The entropy over the tokens the policy term acts on, for the adaptive controller.
         let (mut window_entropy, mut window_tokens) = (0.0, 0.0);
         let mut trained_tokens = 0;
@@ -641,14 +642,7 @@ impl Algorithm for GrpoAlgorithm<'_> {
             };
             let (l, s) = loss(&inputs, &loss_cfg)?;
             loss_sum += transfer::to_scalar::<f64>(&l.to_dtype(DType::F64)?)?;
-            kl_sum += s.kl * s.tokens;
-            clip_sum += s.clip_region * s.tokens;
-            low_sum += s.clip_low * s.tokens;
-            high_sum += s.clip_high * s.tokens;
-            cispo_sum += s.cispo_clip * s.tokens;
-            phi_sum += s.vespo_phi * s.tokens;
-            entropy_sum += s.entropy * s.tokens;
-            tok_sum += s.tokens;
+            stats.add_weighted(&s);
             if cfg.use_adaptive_entropy {
                 let (h, n) = match &entropy_mask {
                     Some(m) => {
@@ -704,19 +698,21 @@ impl Algorithm for GrpoAlgorithm<'_> {
                     .collect()
             });
         let reward = mean(&scores.total) as f64;
+        let stats = stats.weighted_mean();
+        let loss_type = cfg.loss.loss_type;
         let log = GrpoLog {
             reward,
             reward_std: mean(&group_stds) as f64,
             frac_reward_zero_std: group_stds.iter().filter(|s| **s == 0.0).count() as f64 / group_stds.len() as f64,
             mean_length: gen_tokens as f64 / comps.len() as f64,
             clipped_ratio: comps.iter().filter(|c| !c.eos).count() as f64 / comps.len() as f64,
-            kl: kl_sum / tok_sum.max(1.0),
-            clip_region: clip_sum / tok_sum.max(1.0),
-            clip_low: low_sum / tok_sum.max(1.0),
-            clip_high: high_sum / tok_sum.max(1.0),
-            entropy: entropy_sum / tok_sum.max(1.0),
-            cispo_clip: (cfg.loss_type == super::grpo_loss::LossType::Cispo).then(|| cispo_sum / tok_sum.max(1.0)),
-            vespo_phi: (cfg.loss_type == super::grpo_loss::LossType::Vespo).then(|| phi_sum / tok_sum.max(1.0)),
+            kl: stats.kl,
+            clip_region: stats.clip_region,
+            clip_low: stats.clip_low,
+            clip_high: stats.clip_high,
+            entropy: stats.entropy,
+            cispo_clip: (loss_type == LossType::Cispo).then_some(stats.cispo_clip),
+            vespo_phi: (loss_type == LossType::Vespo).then_some(stats.vespo_phi),
             entropy_coef: (cfg.entropy_coef != 0.0 || cfg.use_adaptive_entropy).then_some(entropy_coef),
             dropped_fraction: (cfg.dynamic_sampling && first)
                 .then(|| round.dropped_groups as f64 / round.sampled_groups.max(1) as f64),

@@ -4,6 +4,7 @@
 use candle_core::{DType, Result, Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use crate::common::ParamError;
 use crate::kernels::transfer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,20 +108,21 @@ pub fn advantages_normalize_then_sum(per_function: &[Vec<f32>], weights: &[f32],
     summed.iter().zip(&any).map(|(&x, &a)| if a { (x - mean) / (sd + 1e-4) } else { 0.0 }).collect()
 }
 
-#[derive(Debug, Clone, Copy)]
-pub struct LossConfig {
+/// The loss's hyperparameters, declared once: TRL 1.16's names, defaults and
+/// checks side by side. `GrpoConfig` embeds this struct (flattened, so the
+/// YAML keys are TRL's own) and the loss reads it as it is; a further TRL loss
+/// option is a field here and its use in [`loss`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossParams {
     pub loss_type: LossType,
-    pub epsilon_low: f64,
-    pub epsilon_high: f64,
+    /// The KL penalty's coefficient (0: no KL term and no reference model).
     pub beta: f64,
-    pub max_completion_length: usize,
-    /// Micro-batches per optimizer step (the loss is divided by it, except for `dapo`).
-    pub micro_batches: usize,
-    /// Completion tokens in the whole accumulated batch (the `dapo` normalizer).
-    pub global_tokens: f64,
-    pub importance_sampling_level: IsLevel,
-    /// Two-sided clipping: the unclipped ratio capped at δ (INTELLECT-2).
+    /// The clipping range below 1, and above it unless `epsilon_high` is set.
+    pub epsilon: f64,
+    pub epsilon_high: Option<f64>,
+    /// Two-sided clipping: the unclipped ratio capped at δ (> 1 + ε; INTELLECT-2).
     pub delta: Option<f64>,
+    pub importance_sampling_level: IsLevel,
     /// Drop sequences with A < 0 whose mean log πsampler − log π exceeds this (DeepSeek-V3.2's OPSM).
     pub off_policy_mask_threshold: Option<f64>,
     /// Weight the KL term by the importance ratio.
@@ -131,24 +133,18 @@ pub struct LossConfig {
     pub vespo_k_neg: f64,
     pub vespo_lambda_pos: f64,
     pub vespo_lambda_neg: f64,
-    /// The entropy bonus's coefficient this step (0: none).
-    pub entropy_coef: f64,
 }
 
-impl LossConfig {
-    /// TRL's defaults for everything beyond the normalization: token-level
-    /// ratios, no δ, no off-policy mask, bias-corrected KL, no entropy bonus.
-    pub fn new(loss_type: LossType, epsilon_low: f64, epsilon_high: f64, beta: f64) -> LossConfig {
-        LossConfig {
-            loss_type,
-            epsilon_low,
-            epsilon_high,
-            beta,
-            max_completion_length: 0,
-            micro_batches: 1,
-            global_tokens: 0.0,
-            importance_sampling_level: IsLevel::Token,
+impl Default for LossParams {
+    /// TRL 1.16's GRPOConfig defaults.
+    fn default() -> Self {
+        LossParams {
+            loss_type: LossType::Dapo,
+            beta: 0.0,
+            epsilon: 0.2,
+            epsilon_high: None,
             delta: None,
+            importance_sampling_level: IsLevel::Token,
             off_policy_mask_threshold: None,
             use_bias_correction_kl: true,
             sapo_temperature_pos: 1.0,
@@ -157,8 +153,96 @@ impl LossConfig {
             vespo_k_neg: 3.0,
             vespo_lambda_pos: 3.0,
             vespo_lambda_neg: 2.0,
-            entropy_coef: 0.0,
         }
+    }
+}
+
+impl LossParams {
+    /// TRL's defaults with this normalization, clipping range and β (`epsilon_high`
+    /// set only when it differs from `epsilon_low`).
+    pub fn new(loss_type: LossType, epsilon_low: f64, epsilon_high: f64, beta: f64) -> LossParams {
+        LossParams {
+            loss_type,
+            epsilon: epsilon_low,
+            epsilon_high: (epsilon_high != epsilon_low).then_some(epsilon_high),
+            beta,
+            ..LossParams::default()
+        }
+    }
+
+    pub fn epsilon_low(&self) -> f64 {
+        self.epsilon
+    }
+
+    pub fn epsilon_high(&self) -> f64 {
+        self.epsilon_high.unwrap_or(self.epsilon)
+    }
+
+    /// Every problem with these settings, in the YAML's field names.
+    pub fn problems(&self) -> Vec<ParamError> {
+        let mut errors = Vec::new();
+        if !(self.beta.is_finite() && self.beta >= 0.0) {
+            errors.push(ParamError::new("beta", "must be ≥ 0 (0: no KL term and no reference model)"));
+        }
+        if !(self.epsilon.is_finite() && self.epsilon >= 0.0) {
+            errors.push(ParamError::new("epsilon", "clipping ranges must be ≥ 0"));
+        }
+        if self.epsilon_high.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
+            errors.push(ParamError::new("epsilon_high", "clipping ranges must be ≥ 0"));
+        }
+        if let Some(d) = self.delta {
+            let hi = 1.0 + self.epsilon_high();
+            if !(d.is_finite() && d > hi) {
+                errors.push(ParamError::new("delta", format!("must be greater than 1 + ε_high = {hi}")));
+            }
+        }
+        if self.loss_type == LossType::Luspo && self.importance_sampling_level != IsLevel::Sequence {
+            errors.push(
+                ParamError::new("loss_type", "luspo is a sequence-level loss")
+                    .hint("set importance_sampling_level: sequence"),
+            );
+        }
+        if self.off_policy_mask_threshold.is_some_and(|t| !(t.is_finite() && t >= 0.0)) {
+            errors.push(ParamError::new("off_policy_mask_threshold", "must be ≥ 0"));
+        }
+        for (k, v) in
+            [("sapo_temperature_pos", self.sapo_temperature_pos), ("sapo_temperature_neg", self.sapo_temperature_neg)]
+        {
+            if !(v.is_finite() && v > 0.0) {
+                errors.push(ParamError::new(k, "must be > 0"));
+            }
+        }
+        for (k, v) in [
+            ("vespo_k_pos", self.vespo_k_pos),
+            ("vespo_k_neg", self.vespo_k_neg),
+            ("vespo_lambda_pos", self.vespo_lambda_pos),
+            ("vespo_lambda_neg", self.vespo_lambda_neg),
+        ] {
+            if !v.is_finite() {
+                errors.push(ParamError::new(k, "must be a finite number"));
+            }
+        }
+        errors
+    }
+}
+
+/// One step's loss settings: the hyperparameters and what the step's batch adds.
+#[derive(Debug, Clone, Copy)]
+pub struct LossConfig {
+    pub params: LossParams,
+    pub max_completion_length: usize,
+    /// Micro-batches per optimizer step (the loss is divided by it, except for `dapo`).
+    pub micro_batches: usize,
+    /// Completion tokens in the whole accumulated batch (the `dapo` normalizer).
+    pub global_tokens: f64,
+    /// The entropy bonus's coefficient this step (0: none).
+    pub entropy_coef: f64,
+}
+
+impl LossConfig {
+    /// A single micro-batch without an entropy bonus.
+    pub fn new(params: LossParams) -> LossConfig {
+        LossConfig { params, max_completion_length: 0, micro_batches: 1, global_tokens: 0.0, entropy_coef: 0.0 }
     }
 }
 
@@ -178,6 +262,37 @@ pub struct LossStats {
     /// Mean entropy of the policy over completion tokens (when given).
     pub entropy: f64,
     pub tokens: f64,
+}
+
+impl LossStats {
+    /// Adds a micro-batch's statistics weighted by its tokens: a step's
+    /// statistics are the token-weighted means of its micro-batches'.
+    pub fn add_weighted(&mut self, s: &LossStats) {
+        let w = s.tokens;
+        self.kl += s.kl * w;
+        self.clip_region += s.clip_region * w;
+        self.clip_low += s.clip_low * w;
+        self.clip_high += s.clip_high * w;
+        self.cispo_clip += s.cispo_clip * w;
+        self.vespo_phi += s.vespo_phi * w;
+        self.entropy += s.entropy * w;
+        self.tokens += w;
+    }
+
+    /// The means of what [`LossStats::add_weighted`] summed.
+    pub fn weighted_mean(&self) -> LossStats {
+        let n = self.tokens.max(1.0);
+        LossStats {
+            kl: self.kl / n,
+            clip_region: self.clip_region / n,
+            clip_low: self.clip_low / n,
+            clip_high: self.clip_high / n,
+            cispo_clip: self.cispo_clip / n,
+            vespo_phi: self.vespo_phi / n,
+            entropy: self.entropy / n,
+            tokens: self.tokens,
+        }
+    }
 }
 
 /// How the importance weights between the trainer's πold and the sampler's
@@ -251,11 +366,13 @@ pub struct LossInputs<'a> {
 /// folds them into its ratio), the KL term (bias-corrected when asked), the
 /// loss type's normalization, and the entropy bonus.
 pub fn loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossStats)> {
+    let p = &cfg.params;
+    let (eps_low, eps_high) = (p.epsilon_low(), p.epsilon_high());
     let (logp, mask) = (x.logp, x.mask);
     let dt = mask.dtype();
     let adv = x.adv.unsqueeze(1)?;
     let log_ratio = (logp - x.old_logp.detach())?;
-    let log_w = match cfg.importance_sampling_level {
+    let log_w = match p.importance_sampling_level {
         IsLevel::Token => log_ratio.clone(),
         IsLevel::Sequence => (&log_ratio * mask)?
             .sum_keepdim(D::Minus1)?
@@ -265,66 +382,40 @@ pub fn loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossStats)> {
     let positive = adv.gt(0.0)?.to_dtype(dt)?;
     let nonnegative = adv.ge(0.0)?.to_dtype(dt)?;
     let negative = adv.lt(0.0)?.to_dtype(dt)?;
-    // The statistics are summed on the device and read in one copy: [tokens, kl, clip low,
-    // clip high, cispo clip, vespo φ, entropy].
-    let sum = |t: &Tensor| -> Result<Tensor> { t.broadcast_mul(mask)?.sum_all()?.to_dtype(DType::F64) };
-    // A statistic of one value per sequence ([B, 1]: sequence-level ratios, vespo's φ)
-    // is a mean over sequences, as TRL's `global_masked_mean`; the rest over tokens.
-    let b = logp.dim(0)? as f64;
-    let mut per_sequence = [false; 7];
-    let mut mean_of = |k: usize, t: &Tensor| -> Result<Tensor> {
-        per_sequence[k] = t.dim(D::Minus1)? == 1;
-        if per_sequence[k] {
-            t.sum_all()?.to_dtype(DType::F64)
-        } else {
-            sum(t)
-        }
-    };
-    let zero = Tensor::zeros((), DType::F64, mask.device())?;
-    let mut stats_t = vec![
-        mask.sum_all()?.to_dtype(DType::F64)?,
-        zero.clone(),
-        zero.clone(),
-        zero.clone(),
-        zero.clone(),
-        zero.clone(),
-        zero,
-    ];
-    let mut per_token = match cfg.loss_type {
+    let mut stats = StatSums::new(mask)?;
+    let mut per_token = match p.loss_type {
         LossType::Cispo => {
-            let clamped = coef_1.clamp(f64::NEG_INFINITY, cfg.epsilon_high)?.detach();
-            let clipped = coef_1.detach().gt(cfg.epsilon_high)?.to_dtype(dt)?.broadcast_mul(&positive)?;
-            stats_t[4] = mean_of(4, &clipped)?;
+            let clamped = coef_1.clamp(f64::NEG_INFINITY, eps_high)?.detach();
+            let clipped = coef_1.detach().gt(eps_high)?.to_dtype(dt)?.broadcast_mul(&positive)?;
+            stats.mean(Stat::CispoClip, &clipped)?;
             clamped.broadcast_mul(&adv)?.broadcast_mul(logp)?.neg()?
         }
         LossType::Grpo | LossType::Bnpo | LossType::DrGrpo | LossType::Dapo | LossType::Luspo => {
-            let coef_2 = coef_1.clamp(1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)?;
-            let coef_1 = match cfg.delta {
+            let coef_2 = coef_1.clamp(1.0 - eps_low, 1.0 + eps_high)?;
+            let coef_1 = match p.delta {
                 Some(d) => coef_1.clamp(f64::NEG_INFINITY, d)?,
                 None => coef_1.clone(),
             };
             // The clipped fractions are TRL's: of the ratio after δ's cap.
             let r = coef_1.detach();
-            let low = r.lt(1.0 - cfg.epsilon_low)?.to_dtype(dt)?.broadcast_mul(&negative)?;
-            let high = r.gt(1.0 + cfg.epsilon_high)?.to_dtype(dt)?.broadcast_mul(&positive)?;
-            stats_t[2] = mean_of(2, &low)?;
-            stats_t[3] = mean_of(3, &high)?;
+            stats.mean(Stat::ClipLow, &r.lt(1.0 - eps_low)?.to_dtype(dt)?.broadcast_mul(&negative)?)?;
+            stats.mean(Stat::ClipHigh, &r.gt(1.0 + eps_high)?.to_dtype(dt)?.broadcast_mul(&positive)?)?;
             coef_1.broadcast_mul(&adv)?.minimum(&coef_2.broadcast_mul(&adv)?)?.neg()?
         }
         LossType::Sapo => {
             let temps =
-                ((&positive * cfg.sapo_temperature_pos)? + (positive.affine(-1.0, 1.0)? * cfg.sapo_temperature_neg)?)?;
+                ((&positive * p.sapo_temperature_pos)? + (positive.affine(-1.0, 1.0)? * p.sapo_temperature_neg)?)?;
             let gate = candle_nn::ops::sigmoid(&(&coef_1 - 1.0)?.broadcast_mul(&temps)?)?;
             let soft = (gate * 4.0)?.broadcast_div(&temps)?;
             soft.broadcast_mul(&adv)?.neg()?
         }
         LossType::Vespo => {
-            let phi = vespo_weights(&log_ratio.detach(), mask, x.is_weight, &nonnegative, cfg)?;
-            stats_t[5] = mean_of(5, &phi)?;
+            let phi = vespo_weights(&log_ratio.detach(), mask, x.is_weight, &nonnegative, p)?;
+            stats.mean(Stat::VespoPhi, &phi)?;
             phi.broadcast_mul(&adv)?.broadcast_mul(logp)?.neg()?
         }
     };
-    if let Some(threshold) = cfg.off_policy_mask_threshold {
+    if let Some(threshold) = p.off_policy_mask_threshold {
         let sampling = x.sampling_logp.unwrap_or(x.old_logp);
         let kl = (sampling.detach() - logp.detach())?;
         let mean_kl = (&kl * mask)?
@@ -337,39 +428,28 @@ pub fn loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossStats)> {
         // A sequence-level term ([B, 1]) meets the token mask ([B, C]) by broadcasting, as in TRL.
         per_token = per_token.broadcast_mul(m)?;
     }
-    if let (Some(w), false) = (x.is_weight, cfg.loss_type == LossType::Vespo) {
+    if let (Some(w), false) = (x.is_weight, p.loss_type == LossType::Vespo) {
         per_token = per_token.broadcast_mul(&w.detach())?;
     }
-    if cfg.beta != 0.0 {
+    if p.beta != 0.0 {
         let Some(r) = x.ref_logp else { candle_core::bail!("β > 0 needs reference log-probabilities") };
         let d = (r.detach() - logp)?;
         let mut kl = ((d.exp()? - &d)? - 1.0)?;
-        if cfg.use_bias_correction_kl {
+        if p.use_bias_correction_kl {
             kl = kl.broadcast_mul(&coef_1)?;
         }
-        stats_t[1] = sum(&kl.detach())?;
-        per_token = (per_token.broadcast_as(mask.shape())? + (kl * cfg.beta)?)?;
+        stats.mean(Stat::Kl, &kl.detach())?;
+        per_token = (per_token.broadcast_as(mask.shape())? + (kl * p.beta)?)?;
     }
     let per_token = per_token.broadcast_as(mask.shape())?;
     if let Some(h) = x.entropy {
-        stats_t[6] = sum(&h.detach())?;
+        stats.mean(Stat::Entropy, &h.detach())?;
     }
-    let sums = transfer::to_vec1::<f64>(&Tensor::stack(&stats_t, 0)?)?;
-    let tokens = sums[0];
-    let per = |k: usize| sums[k] / if per_sequence[k] { b.max(1.0) } else { tokens.max(1.0) };
-    let stats = LossStats {
-        tokens,
-        kl: per(1),
-        clip_low: per(2),
-        clip_high: per(3),
-        clip_region: per(2) + per(3),
-        cispo_clip: per(4),
-        vespo_phi: per(5),
-        entropy: per(6),
-    };
+    let stats = stats.read()?;
+    let (tokens, b) = (stats.tokens, logp.dim(0)? as f64);
     let masked = (per_token * mask)?;
     let acc = cfg.micro_batches.max(1) as f64;
-    let mut loss = match cfg.loss_type {
+    let mut loss = match p.loss_type {
         LossType::Grpo | LossType::Sapo => {
             let per_seq = masked.sum(D::Minus1)?.broadcast_div(&mask.sum(D::Minus1)?.clamp(1.0, f64::INFINITY)?)?;
             (per_seq.mean_all()? / acc)?
@@ -391,6 +471,62 @@ pub fn loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossStats)> {
         loss = (loss - (mean_h * cfg.entropy_coef)?)?;
     }
     Ok((loss, stats))
+}
+
+/// A statistic [`loss`] logs.
+#[derive(Debug, Clone, Copy)]
+enum Stat {
+    Kl,
+    ClipLow,
+    ClipHigh,
+    CispoClip,
+    VespoPhi,
+    Entropy,
+}
+
+/// The statistics of one loss, summed on the device as it computes them and
+/// read back in one copy. A statistic of one value per sequence ([B, 1]:
+/// sequence-level ratios, vespo's φ) is a mean over sequences, as TRL's
+/// `global_masked_mean`; the others are means over the masked tokens.
+struct StatSums<'a> {
+    mask: &'a Tensor,
+    tokens: Tensor,
+    /// (which, its sum, whether per sequence).
+    sums: Vec<(Stat, Tensor, bool)>,
+}
+
+impl<'a> StatSums<'a> {
+    fn new(mask: &'a Tensor) -> Result<StatSums<'a>> {
+        Ok(StatSums { mask, tokens: mask.sum_all()?.to_dtype(DType::F64)?, sums: Vec::new() })
+    }
+
+    fn mean(&mut self, which: Stat, t: &Tensor) -> Result<()> {
+        let per_sequence = t.dim(D::Minus1)? == 1;
+        let sum = if per_sequence { t.sum_all()? } else { t.broadcast_mul(self.mask)?.sum_all()? };
+        self.sums.push((which, sum.to_dtype(DType::F64)?, per_sequence));
+        Ok(())
+    }
+
+    fn read(self) -> Result<LossStats> {
+        let all: Vec<&Tensor> = std::iter::once(&self.tokens).chain(self.sums.iter().map(|s| &s.1)).collect();
+        let values = transfer::to_vec1::<f64>(&Tensor::stack(&all, 0)?)?;
+        let tokens = values[0];
+        let sequences = self.mask.dim(0)? as f64;
+        let mut stats = LossStats { tokens, ..LossStats::default() };
+        for ((which, _, per_sequence), v) in self.sums.iter().zip(&values[1..]) {
+            let mean = v / if *per_sequence { sequences.max(1.0) } else { tokens.max(1.0) };
+            match which {
+                Stat::Kl => stats.kl = mean,
+                Stat::ClipLow => stats.clip_low = mean,
+                Stat::ClipHigh => stats.clip_high = mean,
+                Stat::CispoClip => stats.cispo_clip = mean,
+                Stat::VespoPhi => stats.vespo_phi = mean,
+                Stat::Entropy => stats.entropy = mean,
+            }
+        }
+        stats.clip_region = stats.clip_low + stats.clip_high;
+        Ok(stats)
+    }
 }
 
 /// TRL's `get_high_entropy_mask`: 1 for the masked-in tokens whose entropy is at
@@ -420,7 +556,7 @@ fn vespo_weights(
     mask: &Tensor,
     is_weight: Option<&Tensor>,
     nonnegative: &Tensor,
-    cfg: &LossConfig,
+    cfg: &LossParams,
 ) -> Result<Tensor> {
     let lower = 1e-8f64.ln();
     let mut seq = (log_ratio.clamp(-20.0, 20.0)? * mask)?.sum_keepdim(D::Minus1)?;
@@ -494,13 +630,8 @@ mod tests {
 
     /// The hand-computed examples use the plain k3 KL (TRL's `use_bias_correction_kl = False`).
     fn cfg(loss_type: LossType, beta: f64) -> LossConfig {
-        LossConfig {
-            max_completion_length: 4,
-            micro_batches: 2,
-            global_tokens: 10.0,
-            use_bias_correction_kl: false,
-            ..LossConfig::new(loss_type, 0.2, 0.2, beta)
-        }
+        let params = LossParams { use_bias_correction_kl: false, ..LossParams::new(loss_type, 0.2, 0.2, beta) };
+        LossConfig { max_completion_length: 4, micro_batches: 2, global_tokens: 10.0, ..LossConfig::new(params) }
     }
 
     /// The loss of policy `logp` against `old` and `refp`, optionally importance-weighted.
@@ -551,7 +682,7 @@ mod tests {
             LossType::Vespo,
         ] {
             let mut c = cfg(lt, 0.04);
-            c.use_bias_correction_kl = true;
+            c.params.use_bias_correction_kl = true;
             c.entropy_coef = 0.01;
             let x = LossInputs {
                 logp: logp.as_tensor(),
@@ -603,7 +734,7 @@ mod tests {
         // is clipped at 1.05 here and not at 1.2.
         let (logp, old, refp, adv, mask) = case();
         let mut c = cfg(LossType::Bnpo, 0.04);
-        c.epsilon_high = 0.05;
+        c.params.epsilon_high = Some(0.05);
         let t = by_hand_eps(0.04, 0.2, 0.05);
         let want = (t[0][0] + t[0][1] + t[0][2] + t[1][0] + t[1][1]) / 5.0 / 2.0;
         let (l, s) = loss_of(&logp, &old, &refp, &adv, &mask, None, &c).unwrap();
