@@ -27,7 +27,13 @@ fn main() {
             let samples: Vec<Sample> = texts
                 .iter()
                 .zip(&answers)
-                .map(|(c, a)| Sample { prompt: "", completion: c, answer: a, tokens: c.split_whitespace().count() })
+                .map(|(c, a)| Sample {
+                    prompt: "",
+                    completion: c,
+                    answer: a,
+                    tokens: c.split_whitespace().count(),
+                    tool_results: None,
+                })
                 .collect();
             let reps = (4096 / group).max(4);
             let t = Instant::now();

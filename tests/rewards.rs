@@ -16,7 +16,7 @@ fn score(name: &str, completion: &str, answer: &str) -> f32 {
 }
 
 fn with_tokens(name: &str, params: serde_json::Value, completion: &str, answer: &str, tokens: usize) -> f32 {
-    let s = Sample { prompt: "", completion, answer, tokens };
+    let s = Sample { prompt: "", completion, answer, tokens, tool_results: None };
     f(name, params).score_one(&s).unwrap().expect("a built-in applies to every sample")
 }
 
@@ -230,8 +230,8 @@ fn the_shipped_reward_sets_load_and_weight_their_terms() {
     .unwrap();
     let s = set
         .score(&[
-            Sample { prompt: "", completion: GOOD, answer: "72", tokens: 10 },
-            Sample { prompt: "", completion: "x", answer: "72", tokens: 1 },
+            Sample { prompt: "", completion: GOOD, answer: "72", tokens: 10, tool_results: None },
+            Sample { prompt: "", completion: "x", answer: "72", tokens: 1, tool_results: None },
         ])
         .unwrap();
     assert_eq!(s.total, vec![0.5 * 2.0 + 2.0 * 0.5, 0.0]);
@@ -342,7 +342,7 @@ proptest! {
         for info in CATALOG {
             let params = if info.name == "regex_match" { json!({"pattern": "[0-9]+"}) } else { serde_json::Value::Null };
             let func = (info.build)(&params).unwrap();
-            let v = func.score_one(&Sample { prompt: "", completion: &text, answer: &answer, tokens }).unwrap().unwrap();
+            let v = func.score_one(&Sample { prompt: "", completion: &text, answer: &answer, tokens, tool_results: None }).unwrap().unwrap();
             let (lo, hi) = func.range();
             prop_assert!(v.is_finite(), "{} gave {v}", info.name);
             prop_assert!(v >= lo - 1e-6 && v <= hi + 1e-6, "{} gave {v} outside [{lo}, {hi}]", info.name);
@@ -482,4 +482,18 @@ fn tool_call_rewards_read_the_calls_and_their_results() {
     assert_eq!(score("tool_result_used", two, "72"), 0.5, "the answer is the last call's result");
     assert_eq!(score("tool_result_used", one_bad, "5"), 0.0, "5 is no call's result");
     assert_eq!(score("tool_result_used", "<<3*4=12>> so 12", "12"), 0.5, "without <answer>, the last number");
+
+    // Hermes calls leave no inline notes in the text: the results the sampler
+    // recorded are what these rewards read, whatever the call format.
+    let hermes = "<tool_call>{\"name\": \"calculator\", \"arguments\": {\"expression\": \"48/2\"}}</tool_call>\
+                  tool\n24\nassistant\nso\n<answer>\n24\n</answer>";
+    let recorded = |results: Vec<&'static str>, func: &str, answer: &str| {
+        let s = Sample { prompt: "", completion: hermes, answer, tokens: 9, tool_results: Some(results) };
+        f(func, json!({})).score_one(&s).unwrap().unwrap()
+    };
+    assert_eq!(score("tool_calls", hermes, "24"), 0.0, "read from the text: no inline calls");
+    assert_eq!(recorded(vec!["24"], "tool_calls", "24"), 0.5);
+    assert_eq!(recorded(vec!["24", "error: no tool named `abacus`"], "tool_calls", "24"), 0.25);
+    assert_eq!(recorded(vec!["24"], "tool_result_used", "24"), 0.5);
+    assert_eq!(recorded(vec!["7"], "tool_result_used", "24"), 0.0);
 }

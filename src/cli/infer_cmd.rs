@@ -68,7 +68,7 @@ pub fn run(a: InferArgs) -> Result<i32> {
         max_new_tokens: a.max_new_tokens,
         stop: Vec::new(),
         include_stop_str_in_output: false,
-        tool_call: false,
+        tool_call: None,
     };
     if let Some((field, message)) = params.problems().into_iter().next() {
         bail!("--{}: {message}", field.replace('_', "-"));

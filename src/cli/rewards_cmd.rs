@@ -72,6 +72,7 @@ pub fn score(set_file: &Path, completions: &Path, as_json: bool) -> Result<i32> 
             completion: &r.completion,
             answer: &r.answer,
             tokens: r.tokens.unwrap_or_else(|| r.completion.split_whitespace().count()),
+            tool_results: None,
         })
         .collect();
     let scores = set.score(&samples)?;

@@ -44,6 +44,18 @@ pub fn tool_result_spans(text: &str) -> Vec<std::ops::Range<usize>> {
         .collect()
 }
 
+/// The calculator notes of a text (`<<48/2=24>>`): where each is, its
+/// expression and its result.
+pub fn calculator_notes(text: &str) -> Vec<(std::ops::Range<usize>, &str, &str)> {
+    CALC_NOTE
+        .find_iter(text)
+        .filter_map(|m| {
+            let (expression, result) = m.as_str()[2..m.as_str().len() - 2].split_once('=')?;
+            Some((m.range(), expression.trim(), result.trim()))
+        })
+        .collect()
+}
+
 /// The R1 answer format for a rationale and its final answer.
 pub fn think_answer(rationale: &str, answer: &str) -> String {
     format!("<think>\n{rationale}\n</think>\n<answer>\n{answer}\n</answer>")

@@ -23,7 +23,7 @@ use crate::model::{ChatTokenizer, Completion, FinishReason, SamplingParams};
 use crate::rewards::answer::{gsm8k_equal, xml_answer};
 use crate::rewards::functions::{Correctness, SoftFormat, StrictFormat};
 use crate::rewards::{Sample, Scorer};
-use crate::rollout::tools::{Tool, ToolSettings};
+use crate::rollout::tools::{ToolSettings, Toolbox};
 use crate::rollout::Sampler;
 
 /// One evaluated test question.
@@ -77,7 +77,7 @@ pub struct EvalSettings {
     /// Seeds each batch's sampler by its first question's index, so a resumed
     /// evaluation samples exactly as an uninterrupted one.
     pub seed: u64,
-    /// Tools that answer the model's inline calls, and the folder programs run in.
+    /// Tools that answer the model's calls, and the folder programs run in.
     pub tools: ToolSettings,
     pub tool_dir: PathBuf,
 }
@@ -127,9 +127,8 @@ pub fn evaluate(
         Ok(())
     };
     let (slots, params, cancel) = (settings.batch_size, &settings.sampling, Some(host.cancel()));
-    let result = match settings.tools.tool() {
-        Some(spec) => {
-            let mut tool = Tool::new(spec, &settings.tool_dir);
+    let result = match Toolbox::new(&settings.tools, &settings.tool_dir) {
+        Some(mut toolbox) => {
             let tools = &settings.tools;
             sampler.complete_each_with_tools(
                 tokenizer,
@@ -139,7 +138,7 @@ pub fn evaluate(
                 &seed_of,
                 cancel,
                 tools,
-                &mut tool,
+                &mut toolbox,
                 &mut on_done,
             )
         }
@@ -175,7 +174,7 @@ impl Judge {
         tokens: usize,
         finish_reason: FinishReason,
     ) -> EvalSample {
-        let sample = Sample { prompt: "", completion: text, answer: &row.answer, tokens };
+        let sample = Sample { prompt: "", completion: text, answer: &row.answer, tokens, tool_results: None };
         let extracted_flexible = last_number(text);
         EvalSample {
             model: model.to_string(),

@@ -35,10 +35,10 @@ pub struct SamplingParams {
     /// out unless `include_stop_str_in_output` (vLLM's names).
     pub stop: Vec<String>,
     pub include_stop_str_in_output: bool,
-    /// Stop at an inline tool call (`<<expr=`) so that a tool can answer it
+    /// Stop at a tool call of this format so that a tool can answer it
     /// (`rollout::tools`); set by the tool loop, never by a user.
     #[serde(skip)]
-    pub tool_call: bool,
+    pub tool_call: Option<super::tool_call::CallFormat>,
 }
 
 impl Default for SamplingParams {
@@ -52,7 +52,7 @@ impl Default for SamplingParams {
             max_new_tokens: 256,
             stop: Vec::new(),
             include_stop_str_in_output: false,
-            tool_call: false,
+            tool_call: None,
         }
     }
 }
@@ -191,7 +191,7 @@ impl<'t> RowText<'t> {
                 return Ok(Some(FinishReason::Stop));
             }
         }
-        if params.tool_call && super::tool_call::pending_call(&self.text).is_some() {
+        if params.tool_call.is_some_and(|f| f.pending(&self.text).is_some()) {
             return Ok(Some(FinishReason::ToolCall));
         }
         Ok((self.tokens.len() >= params.max_new_tokens).then_some(FinishReason::Length))

@@ -18,7 +18,7 @@ use super::answer::{boxed, gsm8k_equal, math_equal, normalize, xml_answer};
 use crate::common::{typed, ParamError};
 
 /// One completion to score.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Sample<'a> {
     pub prompt: &'a str,
     pub completion: &'a str,
@@ -26,6 +26,11 @@ pub struct Sample<'a> {
     pub answer: &'a str,
     /// The completion's length in tokens (for length-aware rewards).
     pub tokens: usize,
+    /// The results of the completion's tool calls as the sampler recorded them
+    /// (an error's starts with `error`), whatever the call format; `None`: read
+    /// from the text's inline calls (`<<expr=result>>`), for a completion known
+    /// only by its text.
+    pub tool_results: Option<Vec<&'a str>>,
 }
 
 /// What a reward set scores with: a built-in, or a function outside the binary.
@@ -97,11 +102,14 @@ pub fn lookup(name: &str) -> Option<&'static Builtin> {
 }
 
 /// `(lo, hi)` of a reward that pays `v` or nothing.
-/// The results of a completion's inline tool calls: `r` of each `<<expr=r>>`.
-fn tool_results(completion: &str) -> Vec<&str> {
-    crate::data::gsm8k::tool_result_spans(completion)
+/// The results of a completion's tool calls: as recorded, or `r` of each `<<expr=r>>` in its text.
+fn tool_results<'a>(s: &Sample<'a>) -> Vec<&'a str> {
+    if let Some(results) = &s.tool_results {
+        return results.clone();
+    }
+    crate::data::gsm8k::tool_result_spans(s.completion)
         .into_iter()
-        .map(|r| completion[r].trim_end_matches(">>"))
+        .map(|r| s.completion[r].trim_end_matches(">>"))
         .collect()
 }
 
@@ -208,14 +216,14 @@ builtins! {
         if RE.is_match(s.completion) { p.value } else { 0.0 }
     }
 
-    /// `value` × the share of the completion's inline tool calls (`<<expr=result>>`) that the tool answered without an error; 0 without calls
+    /// `value` × the share of the completion's tool calls (`<<expr=result>>`, or Hermes's) that the tool answered without an error; 0 without calls
     "tool_calls" => ToolCalls {
         /// what a completion whose calls all worked earns
         value: f32 = 0.5,
     }
     range(p) { paid(p.value) }
     score(p, s) {
-        let results = tool_results(s.completion);
+        let results = tool_results(s);
         if results.is_empty() {
             return 0.0;
         }
@@ -232,7 +240,7 @@ builtins! {
     score(p, s) {
         let answer = xml_answer(s.completion).map(str::to_string).or_else(|| crate::eval::extract::last_number(s.completion));
         let Some(answer) = answer else { return 0.0 };
-        if tool_results(s.completion).iter().any(|r| gsm8k_equal(&answer, r.trim())) { p.value } else { 0.0 }
+        if tool_results(s).iter().any(|r| gsm8k_equal(&answer, r.trim())) { p.value } else { 0.0 }
     }
 
     /// `value` if <think>…</think> then <answer>…</answer> appears anywhere

@@ -402,7 +402,7 @@ mod tests {
             std::path::Path::new("."),
         )
         .unwrap();
-        let samples = vec![Sample { prompt: "p", completion: "a", answer: "1", tokens: 300 }];
+        let samples = vec![Sample { prompt: "p", completion: "a", answer: "1", tokens: 300, tool_results: None }];
         let e = set.score(&samples).unwrap_err().to_string();
         assert!(e.contains("the weighted reward of sample 0 is inf") && e.contains("regex_match"), "{e}");
     }
@@ -412,7 +412,7 @@ mod tests {
         let mut set =
             RewardSet::from_value(&serde_json::json!([{"name": "integer", "weight": 2.0}]), Path::new(".")).unwrap();
         set.terms.push(Term { name: "only_x".into(), weight: 3.0, func: Box::new(OnlyX) });
-        let s = |c: &'static str| Sample { prompt: "", completion: c, answer: "", tokens: 1 };
+        let s = |c: &'static str| Sample { prompt: "", completion: c, answer: "", tokens: 1, tool_results: None };
         let scores = set.score(&[s("<answer>\n4\n</answer> x"), s("<answer>\n4\n</answer>"), s("y")]).unwrap();
         assert_eq!(scores.total, vec![2.0 * 0.5 + 3.0, 2.0 * 0.5, 0.0]);
         assert!(scores.per_function[1][1].is_nan());

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::client::{Choice, Client, CompletionRequest};
-use super::tools::{sample_with_tools, segment_seed, Tool, ToolSettings};
+use super::tools::{sample_with_tools, segment_seed, ToolSettings, Toolbox};
 use crate::common::CancelToken;
 use crate::model::batching::{generate_continuous, Slots};
 use crate::model::{generate, ChatTokenizer, Completion, FinishReason, SamplingParams, Transformer};
@@ -59,8 +59,8 @@ impl Sampler<'_> {
         }
     }
 
-    /// [`Sampler::complete_each`] with the model's inline tool calls answered by
-    /// `tool`: a row at a call waits for its result in the next wave while the
+    /// [`Sampler::complete_each`] with the model's tool calls answered by
+    /// `toolbox`: a row at a call waits for its result in the next wave while the
     /// others go on; its segments are seeded from `seed_of(i)` and the wave.
     #[allow(clippy::too_many_arguments)]
     pub fn complete_each_with_tools(
@@ -72,7 +72,7 @@ impl Sampler<'_> {
         seed_of: &dyn Fn(usize) -> u64,
         cancel: Option<&CancelToken>,
         tools: &ToolSettings,
-        tool: &mut Tool,
+        toolbox: &mut Toolbox,
         on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
         sample_with_tools(
@@ -80,7 +80,7 @@ impl Sampler<'_> {
             prompts,
             params,
             tools,
-            tool,
+            toolbox,
             &mut |wave, p, on_segment| {
                 let seed = |j: usize| segment_seed(seed_of(wave.rows[j]), wave.iteration);
                 self.complete_each(tok, &wave.contexts, slots, p, &seed, cancel, on_segment)
@@ -89,7 +89,7 @@ impl Sampler<'_> {
         )
     }
 
-    /// [`Sampler::sample`] with the model's inline tool calls answered by `tool`:
+    /// [`Sampler::sample`] with the model's tool calls answered by `toolbox`:
     /// `n` completions of each prompt, prompt after prompt.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_with_tools(
@@ -101,7 +101,7 @@ impl Sampler<'_> {
         rng: &mut ChaCha8Rng,
         logprobs: bool,
         tools: &ToolSettings,
-        tool: &mut Tool,
+        toolbox: &mut Toolbox,
     ) -> Result<Vec<Completion>> {
         let contexts: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
         let mut out: Vec<Option<Completion>> = vec![None; contexts.len()];
@@ -110,7 +110,7 @@ impl Sampler<'_> {
             &contexts,
             params,
             tools,
-            tool,
+            toolbox,
             &mut |wave, p, on_segment| {
                 for c in self.sample(tok, &wave.contexts, 1, p, rng, logprobs)? {
                     on_segment(c.prompt_index, c)?;

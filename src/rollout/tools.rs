@@ -1,7 +1,12 @@
-//! Tool calls inside completions, the way GSM8K's rationales write arithmetic:
-//! the model writes `<<48/2=`, sampling stops there, the tool computes the
-//! expression, its result and `>>` are appended (`<<48/2=24>>`), and the same
-//! row goes on, up to `max_tool_calling_iterations` calls per completion.
+//! Tool calls inside completions, in two formats (`tool_call_format`). Inline,
+//! the way GSM8K's rationales write arithmetic: the model writes `<<48/2=`,
+//! sampling stops there, the tool computes the expression, its result and `>>`
+//! are appended (`<<48/2=24>>`), and the same row goes on. Hermes, the way
+//! Qwen's chat templates call tools: the model writes `<tool_call>{"name": …,
+//! "arguments": {…}}</tool_call>`, sampling stops there, the named tool runs,
+//! and what the chat template renders for a `tool` message with its result
+//! (and the next assistant turn's opening) is appended. Either way, up to
+//! `max_tool_calling_iterations` calls per completion.
 //!
 //! One mechanism serves every sampler: a row that reaches a call finishes its
 //! segment ([`FinishReason::ToolCall`]); the tool runs; the row's next segment
@@ -23,17 +28,22 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::common::supervised::{Limits, Supervised};
-pub use crate::model::tool_call::{pending_call, ToolCall, CLOSE, OPEN, SEPARATOR};
-use crate::model::{ChatTokenizer, Completion, FinishReason, SamplingParams};
+pub use crate::model::tool_call::{pending_call, CallFormat, ToolCall, CLOSE, OPEN, SEPARATOR};
+use crate::model::{ChatTokenizer, Completion, FinishReason, Message, SamplingParams};
 
 /// A sampling stage's tool settings (TRL's names), flattened into its parameters.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ToolSettings {
-    /// What answers the model's inline calls (`<<expr=`): `calculator` (built in),
-    /// or a program speaking JSON lines (`{command: [...], timeout_s}`). Empty: no
-    /// tool calls (at most one: the inline syntax names no tool).
+    /// What answers the model's calls: `calculator` (built in), or a program
+    /// speaking JSON lines (`{command: [...], timeout_s, name}`). Empty: no tool
+    /// calls. Inline calls name no tool, so they take exactly one.
     #[serde(default)]
     pub tools: Vec<ToolSpec>,
+    /// How the model writes a call: `inline` (`<<expr=`) or `hermes`
+    /// (`<tool_call>{json}</tool_call>`, answered through the chat template's
+    /// `tool` message).
+    #[serde(default)]
+    pub tool_call_format: CallFormat,
     /// Calls a completion may make; unset (TRL's default), as many as its length
     /// allows. After the last, the model writes any result itself.
     #[serde(default)]
@@ -48,7 +58,24 @@ pub enum ToolSpec {
         command: Vec<String>,
         #[serde(default = "default_tool_timeout")]
         timeout_s: f64,
+        /// The name a Hermes call gives (default: the program's file name without its extension).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
+}
+
+impl ToolSpec {
+    /// The name a Hermes call gives this tool.
+    pub fn name(&self) -> String {
+        match self {
+            ToolSpec::Builtin(BuiltinTool::Calculator) => "calculator".into(),
+            ToolSpec::Program { name: Some(n), .. } => n.clone(),
+            ToolSpec::Program { command, .. } => {
+                let program = command.iter().rfind(|a| !a.starts_with('-')).map_or("", String::as_str);
+                std::path::Path::new(program).file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,27 +89,39 @@ fn default_tool_timeout() -> f64 {
 }
 
 impl ToolSettings {
-    /// The tool the model's calls go to, if any.
-    pub fn tool(&self) -> Option<&ToolSpec> {
-        self.tools.first()
+    /// Whether the model's calls are answered.
+    pub fn enabled(&self) -> bool {
+        !self.tools.is_empty()
     }
 
     /// Problems, as (key, message).
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        if self.tools.len() > 1 {
+        if self.tools.len() > 1 && self.tool_call_format == CallFormat::Inline {
             out.push((
                 "tools".into(),
                 "inline calls (`<<expr=`) name no tool: give one (the calculator, or one program that reads every \
-                 expression)"
+                 expression), or set `tool_call_format: hermes`, whose calls name their tool"
                     .into(),
             ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, t) in self.tools.iter().enumerate() {
+            let name = t.name();
+            if name.is_empty() {
+                out.push((format!("tools.{i}.name"), "this tool has no name: give `name:`".into()));
+            } else if !seen.insert(name.clone()) {
+                out.push((
+                    format!("tools.{i}.name"),
+                    format!("two tools are named `{name}`: give each its own `name:`"),
+                ));
+            }
         }
         if self.max_tool_calling_iterations.is_some() && self.tools.is_empty() {
             out.push(("max_tool_calling_iterations".into(), "set without `tools`".into()));
         }
         for (i, t) in self.tools.iter().enumerate() {
-            if let ToolSpec::Program { command, timeout_s } = t {
+            if let ToolSpec::Program { command, timeout_s, .. } = t {
                 if command.is_empty() || command[0].is_empty() {
                     out.push((format!("tools.{i}.command"), "the command is empty".into()));
                 }
@@ -110,18 +149,36 @@ impl Tool {
         Tool { spec: spec.clone(), dir: dir.to_path_buf(), program: None }
     }
 
-    /// The result text of a call (an error is a result the model reads, `error: …`).
+    /// Answer an inline call's expression (an error is a result the model reads, `error: …`).
     pub fn call(&mut self, expression: &str) -> ToolCall {
-        let result = match &self.spec {
-            ToolSpec::Builtin(BuiltinTool::Calculator) => super::calculator::evaluate(expression),
-            ToolSpec::Program { command, timeout_s } => self.call_program(command.clone(), *timeout_s, expression),
-        };
+        let result = self.answer(Request::Expression(expression));
         let error = result.is_err();
         ToolCall { expression: expression.to_string(), result: result.unwrap_or_else(|e| e), error }
     }
 
-    /// A program answers `{"expression": …}` with `{"result": "…"}` (or `{"error": "…"}`).
-    fn call_program(&mut self, command: Vec<String>, timeout_s: f64, expression: &str) -> Result<String, String> {
+    fn answer(&mut self, request: Request) -> Result<String, String> {
+        match (&self.spec, request) {
+            (ToolSpec::Builtin(BuiltinTool::Calculator), Request::Expression(e)) => super::calculator::evaluate(e),
+            (ToolSpec::Builtin(BuiltinTool::Calculator), Request::Arguments(args)) => {
+                match args.get("expression").and_then(|e| e.as_str()) {
+                    Some(e) => super::calculator::evaluate(e),
+                    None => Err(r#"error: the calculator takes {"expression": "…"}"#.into()),
+                }
+            }
+            (ToolSpec::Program { command, timeout_s, .. }, request) => {
+                let line = match request {
+                    Request::Expression(e) => serde_json::json!({ "expression": e }),
+                    Request::Arguments(args) => serde_json::json!({ "name": self.spec.name(), "arguments": args }),
+                };
+                self.call_program(command.clone(), *timeout_s, &line.to_string())
+            }
+        }
+    }
+
+    /// A program answers each request line (`{"expression": …}` for an inline call,
+    /// `{"name": …, "arguments": {…}}` for a Hermes call) with `{"result": "…"}`
+    /// (or `{"error": "…"}`).
+    fn call_program(&mut self, command: Vec<String>, timeout_s: f64, line: &str) -> Result<String, String> {
         if self.program.is_none() {
             let limits = Limits { line_bytes: 64 << 10, ..Limits::default() };
             match Supervised::spawn(&command, &self.dir, limits) {
@@ -130,9 +187,8 @@ impl Tool {
             }
         }
         let Some(p) = self.program.as_mut() else { return Err("error: the tool is not running".into()) };
-        let line = serde_json::json!({ "expression": expression }).to_string();
         let deadline = Instant::now() + Duration::from_secs_f64(timeout_s);
-        let reply = p.exchange(&line, deadline, &format!("{timeout_s} s"));
+        let reply = p.exchange(line, deadline, &format!("{timeout_s} s"));
         let answer = reply.and_then(|r| {
             let v: serde_json::Value =
                 serde_json::from_str(&r).map_err(|_| anyhow::anyhow!("its reply is not a JSON object"))?;
@@ -152,6 +208,119 @@ impl Tool {
                 Err("error: the tool failed".into())
             }
         }
+    }
+}
+
+/// What a call asks of a tool.
+enum Request<'a> {
+    /// An inline call's expression.
+    Expression(&'a str),
+    /// A Hermes call's arguments.
+    Arguments(&'a serde_json::Map<String, serde_json::Value>),
+}
+
+/// A stage's tools, answering the calls of its format.
+pub struct Toolbox {
+    format: CallFormat,
+    tools: Vec<Tool>,
+}
+
+/// A result that marks where a template puts a `tool` message's content.
+const PROBE: &str = "r1pipe-tool-result-probe";
+/// Stands for the assistant's text so far when rendering what follows it.
+const ASSISTANT_MARK: &str = "\u{E000}r1pipe-assistant-so-far\u{E000}";
+
+impl Toolbox {
+    /// The tools of `settings` (none: `None`), programs run in `dir`.
+    pub fn new(settings: &ToolSettings, dir: &std::path::Path) -> Option<Toolbox> {
+        settings.enabled().then(|| Toolbox {
+            format: settings.tool_call_format,
+            tools: settings.tools.iter().map(|spec| Tool::new(spec, dir)).collect(),
+        })
+    }
+
+    pub fn format(&self) -> CallFormat {
+        self.format
+    }
+
+    /// Refuse, before sampling, a model whose chat template cannot carry a tool's
+    /// result (a Hermes call is answered through the template's `tool` message).
+    pub fn check_template(&self, tok: &ChatTokenizer) -> Result<()> {
+        if self.format == CallFormat::Hermes {
+            let suffix = hermes_suffix(tok, PROBE)?;
+            if !suffix.contains(PROBE) {
+                bail!(
+                    "tool_call_format: hermes answers a call with the chat template's `tool` message, and this \
+                     model's template drops it (rendered after the call: {suffix:?}); use a model whose template \
+                     has a tool role (Qwen2.5, Qwen3), or `tool_call_format: inline`"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Answer the call the model wrote (an inline expression, or a Hermes call's
+    /// JSON): a malformed call or an unknown tool is an error result the model reads.
+    pub fn answer(&mut self, call: &str) -> ToolCall {
+        let result = match self.format {
+            CallFormat::Inline => match self.tools.first_mut() {
+                Some(tool) => tool.answer(Request::Expression(call)),
+                None => Err("error: no tool".into()),
+            },
+            CallFormat::Hermes => self.answer_hermes(call),
+        };
+        let error = result.is_err();
+        ToolCall { expression: call.to_string(), result: result.unwrap_or_else(|e| e), error }
+    }
+
+    fn answer_hermes(&mut self, call: &str) -> Result<String, String> {
+        let v: serde_json::Value =
+            serde_json::from_str(call).map_err(|e| format!("error: the tool call is not JSON ({e})"))?;
+        let Some(name) = v.get("name").and_then(|n| n.as_str()) else {
+            return Err(r#"error: a tool call is {"name": …, "arguments": {…}}"#.into());
+        };
+        // OpenAI's form carries the arguments as a JSON string; Hermes's as an object.
+        let args = match v.get("arguments") {
+            Some(serde_json::Value::Object(m)) => m.clone(),
+            Some(serde_json::Value::String(s)) => match serde_json::from_str(s) {
+                Ok(serde_json::Value::Object(m)) => m,
+                _ => return Err("error: `arguments` must be a JSON object".into()),
+            },
+            None => serde_json::Map::new(),
+            Some(_) => return Err("error: `arguments` must be a JSON object".into()),
+        };
+        let names: Vec<String> = self.tools.iter().map(|t| t.spec.name()).collect();
+        match self.tools.iter_mut().find(|t| t.spec.name() == name) {
+            Some(tool) => tool.answer(Request::Arguments(&args)),
+            None => Err(format!(
+                "error: no tool named `{}` (tools: {})",
+                name.chars().take(64).collect::<String>(),
+                names.join(", ")
+            )),
+        }
+    }
+
+    /// The text appended after a call: inline, its result and `>>`; Hermes, what
+    /// the chat template renders after the assistant's text for a `tool` message
+    /// holding the result, through the opening of the next assistant turn.
+    pub fn result_text(&self, tok: &ChatTokenizer, call: &ToolCall) -> Result<String> {
+        match self.format {
+            CallFormat::Inline => Ok(format!("{}{CLOSE}", call.result)),
+            CallFormat::Hermes => hermes_suffix(tok, &call.result),
+        }
+    }
+}
+
+/// What the chat template renders after an assistant's text for a `tool` message
+/// holding `result`, with the next assistant turn opened.
+fn hermes_suffix(tok: &ChatTokenizer, result: &str) -> Result<String> {
+    let messages = [Message::new("user", "?"), Message::new("assistant", ASSISTANT_MARK), Message::new("tool", result)];
+    let rendered = tok.apply_chat_template(&messages, true)?;
+    match rendered.find(ASSISTANT_MARK) {
+        Some(at) => Ok(rendered[at + ASSISTANT_MARK.len()..].to_string()),
+        None => bail!(
+            "the chat template does not render an assistant message's content, so a tool's result cannot follow it"
+        ),
     }
 }
 
@@ -185,9 +354,9 @@ impl Assembly {
         }
     }
 
-    /// Append a tool's result (context: no log-probability of the model's).
-    pub fn append_result(&mut self, tok: &ChatTokenizer, call: ToolCall) -> Result<()> {
-        let ids = tok.encode(&format!("{}{CLOSE}", call.result))?;
+    /// Append a tool's result as `text` renders it (context: no log-probability of the model's).
+    pub fn append_result(&mut self, tok: &ChatTokenizer, text: &str, call: ToolCall) -> Result<()> {
+        let ids = tok.encode(text)?;
         let at = self.tokens.len();
         self.tokens.extend_from_slice(&ids);
         self.tool_spans.push(at..self.tokens.len());
@@ -263,10 +432,11 @@ pub fn sample_with_tools(
     prompts: &[Vec<u32>],
     params: &SamplingParams,
     tools: &ToolSettings,
-    tool: &mut Tool,
+    toolbox: &mut Toolbox,
     sample: &mut SampleWave,
     on_done: &mut dyn FnMut(Completion) -> Result<()>,
 ) -> Result<()> {
+    toolbox.check_template(tok)?;
     let mut assemblies: Vec<Assembly> = (0..prompts.len()).map(Assembly::new).collect();
     let mut pending: Vec<usize> = (0..prompts.len()).collect();
     let mut iteration = 0;
@@ -284,7 +454,8 @@ pub fn sample_with_tools(
         let used = pending.iter().map(|&r| assemblies[r].tokens.len()).min().unwrap_or(0);
         let mut wave_params = params.clone();
         wave_params.max_new_tokens = params.max_new_tokens.saturating_sub(used).max(1);
-        wave_params.tool_call = tools.max_tool_calling_iterations.is_none_or(|m| iteration < m);
+        wave_params.tool_call =
+            tools.max_tool_calling_iterations.is_none_or(|m| iteration < m).then_some(toolbox.format());
         let mut next = Vec::new();
         let mut on_segment = |j: usize, seg: Completion| -> Result<()> {
             let Some(&row) = wave.rows.get(j) else { bail!("a segment of an unknown context {j}") };
@@ -301,12 +472,14 @@ pub fn sample_with_tools(
             }
             a.extend(&seg);
             let expression = if seg.finish_reason == FinishReason::ToolCall {
-                tok.decode(&a.tokens).ok().and_then(|text| pending_call(&text).map(|e| e.trim().to_string()))
+                let format = toolbox.format();
+                tok.decode(&a.tokens).ok().and_then(|text| format.pending(&text).map(|e| e.trim().to_string()))
             } else {
                 None
             };
             if let Some(expr) = expression.filter(|_| a.tokens.len() < params.max_new_tokens) {
-                a.append_result(tok, tool.call(&expr))?;
+                let call = toolbox.answer(&expr);
+                a.append_result(tok, &toolbox.result_text(tok, &call)?, call)?;
                 if a.tokens.len() < params.max_new_tokens {
                     next.push(row);
                     return Ok(());

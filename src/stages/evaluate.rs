@@ -40,7 +40,7 @@ struct Params {
     train: Option<String>,
     #[serde(flatten)]
     sampling: SamplingParams,
-    /// Tools that answer the models' inline calls (`<<expr=`), as in training.
+    /// Tools that answer the models' calls (inline or Hermes), as in training.
     #[serde(flatten)]
     tools: ToolSettings,
 }
@@ -154,7 +154,7 @@ impl StageKind for Evaluate {
         let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
         errors.extend(p.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
-        if p.tools.tool().is_some() && p.models.values().any(|m| m.rollout().is_some()) {
+        if p.tools.enabled() && p.models.values().any(|m| m.rollout().is_some()) {
             errors.push(
                 ParamError::new("tools", "tool calls are answered on completions sampled here, not yet on a server's")
                     .hint("evaluate served models without `tools:`, or in a stage of their own"),
@@ -237,7 +237,7 @@ impl StageKind for Evaluate {
             all.extend(done);
         }
         jsonl::write(&ctx.output_path("samples"), &all)?;
-        let metrics = EvalMetrics::of(rows.len(), p.num_fewshot, &verdicts, p.tools.tool().is_some());
+        let metrics = EvalMetrics::of(rows.len(), p.num_fewshot, &verdicts, p.tools.enabled());
         let value = serde_json::to_value(&metrics)?;
         crate::common::fsutil::write_file(&ctx.output_path("metrics"), serde_json::to_string_pretty(&value)?)?;
         ctx.set_metrics(value);

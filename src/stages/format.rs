@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::common::{typed, ParamError};
 use crate::data::{gsm8k, jsonl, Message, PromptRow, SftRow};
+use crate::model::tool_call::{self, CallFormat};
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -39,6 +40,12 @@ pub struct Params {
     /// (`tools: [calculator]` on the stages that sample); else they are removed.
     #[serde(default)]
     pub tool_calls: bool,
+    /// How the SFT examples write the calls (with `tool_calls: true`): `inline`
+    /// (`<<48/2=24>>`), or `hermes`: `<tool_call>{json}</tool_call>` ending an
+    /// assistant turn, the result in a `tool` turn, the answer going on in the
+    /// next assistant turn (for stages sampling with `tool_call_format: hermes`).
+    #[serde(default)]
+    pub tool_call_format: CallFormat,
 }
 
 impl Default for Params {
@@ -51,6 +58,7 @@ impl Default for Params {
             strict: false,
             validation: 0,
             tool_calls: false,
+            tool_call_format: CallFormat::Inline,
         }
     }
 }
@@ -109,6 +117,10 @@ impl StageKind for Format {
     }
     fn check(&self, params: &Value, project: &Project) -> Result<Requirements, Vec<ParamError>> {
         let p: Params = typed(params).map_err(|e| vec![e])?;
+        if p.tool_call_format == CallFormat::Hermes && !p.tool_calls {
+            return Err(vec![ParamError::new("tool_call_format", "says how calls are written, and there are none")
+                .hint("add `tool_calls: true` to keep GSM8K's calculator notes as calls")]);
+        }
         let mut req = Requirements::default();
         if let Some(local) = project.local_path(&p.data) {
             req.local_paths.push(("data".into(), local));
@@ -139,7 +151,11 @@ impl StageKind for Format {
             if split == "train" {
                 let sft = rows.iter().map(|r| {
                     let mut messages = r.prompt.clone();
-                    messages.push(Message::new("assistant", &gsm8k::think_answer(&r.rationale, &r.answer)));
+                    let said = gsm8k::think_answer(&r.rationale, &r.answer);
+                    match p.tool_call_format {
+                        CallFormat::Hermes => messages.extend(tool_call::hermes_turns(&said)),
+                        CallFormat::Inline => messages.push(Message::new("assistant", &said)),
+                    }
                     SftRow { messages, answer: r.answer.clone() }
                 });
                 jsonl::write(&ctx.output_path("sft"), sft)?;

@@ -19,7 +19,7 @@ use crate::model::Completion;
 use crate::model::{FinishReason, Message, SamplingParams};
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rewards::answer::xml_answer;
-use crate::rollout::tools::{Tool, ToolSettings};
+use crate::rollout::tools::{ToolSettings, Toolbox};
 use crate::rollout::ServerConfig;
 
 /// The stage's parameters (every one with a default; the required ones are checked).
@@ -33,7 +33,7 @@ struct Params {
     rollout: Option<ServerConfig>,
     #[serde(flatten)]
     sampling: SamplingParams,
-    /// Tools that answer the model's inline calls (`<<expr=`).
+    /// Tools that answer the model's calls (inline or Hermes).
     #[serde(flatten)]
     tools: ToolSettings,
 }
@@ -97,7 +97,7 @@ impl StageKind for Infer {
         let mut errors = sampling_errors(&p.sampling);
         errors.extend(crate::common::params::batch_problem("batch_size", p.batch_size));
         errors.extend(p.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
-        if p.tools.tool().is_some() && p.rollout.is_some() {
+        if p.tools.enabled() && p.rollout.is_some() {
             errors.push(ParamError::new(
                 "tools",
                 "tool calls are answered on completions sampled here, not yet on a server's",
@@ -172,9 +172,8 @@ impl StageKind for Infer {
         };
         let sampler = m.sampler();
         let seed_of = |i: usize| seed.wrapping_add(i as u64);
-        match p.tools.tool() {
-            Some(spec) => {
-                let mut tool = Tool::new(spec, &ctx.project.root);
+        match Toolbox::new(&p.tools, &ctx.project.root) {
+            Some(mut toolbox) => {
                 let (tok, params, cancel) = (m.tokenizer(), &p.sampling, Some(&ctx.cancel));
                 let tools = &p.tools;
                 sampler.complete_each_with_tools(
@@ -185,7 +184,7 @@ impl StageKind for Infer {
                     &seed_of,
                     cancel,
                     tools,
-                    &mut tool,
+                    &mut toolbox,
                     &mut on_done,
                 )?
             }

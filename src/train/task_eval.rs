@@ -100,7 +100,14 @@ impl Evaluator for TaskEvaluator<'_> {
         let m = ModelMetrics::of(&verdicts);
         let judged: Vec<Sample> = samples
             .iter()
-            .map(|s| Sample { prompt: &s.question, completion: &s.completion, answer: &s.reference, tokens: s.tokens })
+            .map(|s| Sample {
+                prompt: &s.question,
+                completion: &s.completion,
+                answer: &s.reference,
+                tokens: s.tokens,
+                tool_results: (!s.tool_calls.is_empty())
+                    .then(|| s.tool_calls.iter().map(|t| t.result.as_str()).collect()),
+            })
             .collect();
         let reward = mean(&self.rewards.score(&judged)?.total) as f64;
         Ok(BTreeMap::from([

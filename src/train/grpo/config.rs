@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::super::config::TrainingConfig;
-use super::loss::{Aggregation, IsMode, LossConfig, LossParams, ScaleRewards};
 use super::super::schedule::Schedule;
+use super::loss::{Aggregation, IsMode, LossConfig, LossParams, ScaleRewards};
 use crate::common::params::batch_problem;
 use crate::common::ParamError;
 use crate::model::SamplingParams;
@@ -171,7 +171,7 @@ impl GrpoConfig {
             max_new_tokens: self.max_completion_length,
             stop: Vec::new(),
             include_stop_str_in_output: false,
-            tool_call: false,
+            tool_call: None,
         }
     }
 

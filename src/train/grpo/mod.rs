@@ -26,18 +26,18 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use loss::{
-    advantages, advantages_normalize_then_sum, high_entropy_mask, importance_weights, loss, Aggregation, LossInputs,
-    LossStats, LossType,
-};
 use super::rollout_sync::RolloutServer;
 use super::trainer::{Algorithm, StepReport};
 use crate::kernels::transfer;
 use crate::model::{Batch, ChatTokenizer, Completion, Pass, Transformer};
 use crate::rewards::set::{mean, std};
 use crate::rewards::{RewardSet, Sample, Scores};
-use crate::rollout::tools::Tool;
+use crate::rollout::tools::Toolbox;
 use crate::rollout::Sampler;
+use loss::{
+    advantages, advantages_normalize_then_sum, high_entropy_mask, importance_weights, loss, Aggregation, LossInputs,
+    LossStats, LossType,
+};
 
 /// A training prompt, tokenized.
 #[derive(Debug, Clone)]
@@ -237,7 +237,7 @@ pub struct GrpoAlgorithm<'a> {
     /// Said once that the server's replies carry no log-probabilities to correct with.
     said_no_sampler_logprobs: bool,
     /// What answers the model's inline tool calls (`tools:`), started in the stage's folder.
-    tool: Option<Tool>,
+    tool: Option<Toolbox>,
 }
 
 impl<'a> GrpoAlgorithm<'a> {
@@ -283,7 +283,7 @@ impl<'a> GrpoAlgorithm<'a> {
 
     /// Answer the model's tool calls with `cfg.tools`' tool, run in `dir` (the project root).
     pub fn with_tools(mut self, dir: &std::path::Path) -> Self {
-        self.tool = self.cfg.tools.tool().map(|spec| Tool::new(spec, dir));
+        self.tool = Toolbox::new(&self.cfg.tools, dir);
         self
     }
 
@@ -353,7 +353,16 @@ impl<'a> GrpoAlgorithm<'a> {
                 .iter()
                 .map(|c| {
                     let p = &self.prompts[batch[c.prompt_index]];
-                    Sample { prompt: &p.question, completion: &c.text, answer: &p.answer, tokens: model_tokens(c) }
+                    Sample {
+                        prompt: &p.question,
+                        completion: &c.text,
+                        answer: &p.answer,
+                        tokens: model_tokens(c),
+                        tool_results: self
+                            .tool
+                            .is_some()
+                            .then(|| c.tool_calls.iter().map(|t| t.result.as_str()).collect()),
+                    }
                 })
                 .collect();
             let scores = self.rewards.score(&samples)?;
