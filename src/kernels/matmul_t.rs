@@ -385,6 +385,67 @@ mod tests {
         }
     }
 
+    /// The order of operations every vector form follows, for `L` lanes, in
+    /// scalar code: lane-wise fused multiply-adds over K in order, the fixed
+    /// lane reduction, then the unfused scalar tail.
+    fn lane_model<const L: usize>(x: &[f32], w: &[f32]) -> f32 {
+        let kv = x.len() / L * L;
+        let mut acc = [0f32; L];
+        for p in (0..kv).step_by(L) {
+            for l in 0..L {
+                acc[l] = x[p + l].mul_add(w[p + l], acc[l]);
+            }
+        }
+        // The kernels' fixed reduction: halves added lane by lane down to 8, then pairwise.
+        let mut h: [f32; 8] = std::array::from_fn(|i| acc[i]);
+        for half in (8..L).step_by(8) {
+            for (i, v) in h.iter_mut().enumerate() {
+                *v += acc[half + i];
+            }
+        }
+        let mut s = reduce8(&h);
+        for q in kv..x.len() {
+            s += x[q] * w[q];
+        }
+        s
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_vector_form_equals_the_scalar_model_of_its_order_bit_for_bit() {
+        type Columns = unsafe fn(&[f32], &[f32], usize, usize, usize, usize, usize, *mut f32);
+        let forms: [(&str, bool, Columns, fn(&[f32], &[f32]) -> f32); 2] = [
+            (
+                "avx2",
+                std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+                avx2::columns,
+                lane_model::<8>,
+            ),
+            ("avx512", std::arch::is_x86_feature_detected!("avx512f"), avx512::columns, lane_model::<16>),
+        ];
+        // Every tile height (full tiles and each leftover), ragged K and column counts.
+        for &(m, n, k) in &[(1, 7, 5), (3, 10, 40), (8, 9, 67), (13, 14, 96), (19, 5, 200), (32, 8, 33)] {
+            let (x, w) = (rand((m, k), 20 + m as u64), rand((n, k), 40 + n as u64));
+            let (x, w) = (x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), w.flatten_all().unwrap().to_vec1());
+            let w: Vec<f32> = w.unwrap();
+            for (name, available, columns, model) in forms {
+                if !available {
+                    eprintln!("{name}: this CPU lacks it, its form is not checked here");
+                    continue;
+                }
+                let mut out = vec![0f32; m * n];
+                // SAFETY: the CPU has the form's instructions; out is [m, n], all columns written here.
+                unsafe { columns(&x, &w, m, k, 0, n, n, out.as_mut_ptr()) };
+                for i in 0..m {
+                    for j in 0..n {
+                        let want = model(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
+                        assert_eq!(out[i * n + j].to_bits(), want.to_bits(), "{name} m={m} n={n} k={k} [{i}, {j}]");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_row_gets_bitwise_the_same_result_alone_or_in_any_batch() {
         // A property of the CPU form (gemm's packed kernels have no such promise).
