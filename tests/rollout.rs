@@ -33,7 +33,9 @@ struct StandIn {
     /// Completions requests to fail (503, then malformed JSON, alternating) before answering.
     fail_next: Arc<AtomicU32>,
     /// 0: answer as vLLM does (token ids, log-probabilities); 1: text only, like a plain OpenAI server;
-    /// 2: token ids beyond the vocabulary, as a server of another model would.
+    /// 2: token ids beyond the vocabulary, as a server of another model would; 3: a Hermes
+    /// calculator call first (stopped at `</tool_call>`), the usual answer once the prompt
+    /// holds the tool's result.
     text_only: Arc<AtomicU32>,
 }
 
@@ -52,6 +54,21 @@ fn answer(tok: &ChatTokenizer, n: usize) -> Value {
         })
         .collect();
     json!({ "id": "cmpl-1", "object": "text_completion", "choices": choices })
+}
+
+/// A Hermes call to the calculator, ended by the stop string as vLLM ends it
+/// (`include_stop_str_in_output`: the closing tag in the text and the ids).
+const CALL: &str = r#"<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>"#;
+
+fn tool_call(tok: &ChatTokenizer, n: usize) -> Value {
+    let ids = tok.encode(CALL).unwrap();
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"index": i, "text": CALL, "finish_reason": "stop", "stop_reason": "</tool_call>",
+                   "token_ids": ids, "logprobs": {"token_logprobs": vec![-0.5f32; ids.len()]}})
+        })
+        .collect();
+    json!({ "id": "cmpl-2", "object": "text_completion", "choices": choices })
 }
 
 fn stand_in(model_dir: PathBuf) -> StandIn {
@@ -84,9 +101,11 @@ fn stand_in(model_dir: PathBuf) -> StandIn {
                             }
                         } else {
                             let n = v["n"].as_u64().unwrap() as usize;
-                            s.lock().unwrap().completions.push(v);
-                            let mut a = answer(&tok, n);
                             let mode = plain.load(Ordering::SeqCst);
+                            let prompt: Vec<u32> = serde_json::from_value(v["prompt"].clone()).unwrap_or_default();
+                            let answered = tok.decode(&prompt).unwrap_or_default().contains("</tool_call>");
+                            s.lock().unwrap().completions.push(v);
+                            let mut a = if mode == 3 && !answered { tool_call(&tok, n) } else { answer(&tok, n) };
                             for c in a["choices"].as_array_mut().unwrap() {
                                 let c = c.as_object_mut().unwrap();
                                 if mode == 1 {
@@ -405,4 +424,47 @@ fn a_token_id_outside_the_vocabulary_ends_the_stage_naming_the_server() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains(&format!("rollout server {}", server.url)), "{}", r.stderr);
     assert!(r.stderr.contains("returned token id 4000000000, outside the tokenizer's"), "{}", r.stderr);
+}
+
+#[test]
+fn hermes_tool_calls_are_answered_here_on_a_servers_rollouts() {
+    let p = project();
+    let server = stand_in(p.root().join("models/tiny"));
+    server.text_only.store(3, Ordering::SeqCst);
+    let text = pipeline(&server.url, 1, "      tools: [calculator]\n      tool_call_format: hermes\n")
+        .replace("max_completion_length: 16", "max_completion_length: 64");
+    p.write("pipe.yaml", &text);
+    p.run(&["run", "pipe.yaml"]).ok();
+
+    let seen = server.seen.lock().unwrap();
+    let tok = ChatTokenizer::from_dir(&p.root().join("models/tiny")).unwrap();
+    let prompts: Vec<String> = seen
+        .completions
+        .iter()
+        .map(|c| tok.decode(&serde_json::from_value::<Vec<u32>>(c["prompt"].clone()).unwrap()).unwrap())
+        .collect();
+    // Every request stops at a call's end and keeps it; the calls' rows come back with
+    // the calculator's result after the call, rendered by the chat template.
+    for c in seen.completions.iter() {
+        assert_eq!(c["stop"], json!(["</tool_call>"]), "{c}");
+        assert_eq!(c["include_stop_str_in_output"], true, "{c}");
+    }
+    let (first, second): (Vec<&String>, Vec<&String>) = prompts.iter().partition(|t| !t.contains("</tool_call>"));
+    assert_eq!(first.len(), second.len(), "each row: one call, then its continuation");
+    assert!(!second.is_empty());
+    for t in &second {
+        assert!(t.ends_with("</tool_call>\ntool\n42\nassistant\n"), "{t:?}");
+    }
+    let l = log(&p);
+    assert_eq!(l[0]["tools/call_frequency"].as_f64(), Some(1.0), "{}", l[0]);
+    assert_eq!(l[0]["tools/failure_frequency"].as_f64(), Some(0.0), "{}", l[0]);
+    let logged = l[0]["completions"][0]["completion"].as_str().unwrap();
+    assert!(logged.starts_with(CALL) && logged.contains("42") && logged.ends_with("Yes, 4"), "{logged:?}");
+    drop(seen);
+
+    // An inline call has no end a server can stop on: refused, saying what to use.
+    p.write("inline.yaml", &pipeline(&server.url, 1, "      tools: [calculator]\n"));
+    let r = p.run(&["run", "inline.yaml", "--dry-run"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("tool_call_format: hermes"), "{}", r.stderr);
 }

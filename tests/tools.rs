@@ -235,7 +235,7 @@ fn tools_that_cannot_work_here_are_refused_at_validation() {
         ("      tools: [calculator]\n      tool_call_format: json\n", "valid values: `inline`, `hermes`"),
         (
             "      tools: [calculator]\n      lora: { r: 4 }\n      rollout: { url: \"http://localhost:1/v1\", model: m }\n",
-            "not yet on a server's",
+            "a server cannot stop at an inline call",
         ),
     ] {
         p.write("p.yaml", &grpo(extra));

@@ -414,7 +414,8 @@ mod tests {
     #[test]
     fn each_vector_form_equals_the_scalar_model_of_its_order_bit_for_bit() {
         type Columns = unsafe fn(&[f32], &[f32], usize, usize, usize, usize, usize, *mut f32);
-        let forms: [(&str, bool, Columns, fn(&[f32], &[f32]) -> f32); 2] = [
+        type Model = fn(&[f32], &[f32]) -> f32;
+        let forms: [(&str, bool, Columns, Model); 2] = [
             (
                 "avx2",
                 std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),

@@ -35,6 +35,9 @@ pub struct CompletionRequest {
     /// 0: no top-k cut (not sent).
     pub top_k: usize,
     pub stop: Vec<String>,
+    /// Keep the stop string in the text (vLLM's name): a tool call's closing tag
+    /// must stay, so that the call can be read and the model's tokens kept whole.
+    pub include_stop_str_in_output: bool,
     pub seed: Option<u64>,
     /// Ask for the sampled tokens' log-probabilities (importance-sampling correction).
     pub logprobs: bool,
@@ -189,8 +192,7 @@ impl Client {
             "top_p": r.top_p,
             // vLLM: the sampled ids (EOS included), so training sees exactly what was sampled.
             "return_token_ids": true,
-            // The completion only: the stop string is not part of it (as local generation).
-            "include_stop_str_in_output": false,
+            "include_stop_str_in_output": r.include_stop_str_in_output,
         });
         if r.top_k > 0 {
             body["top_k"] = json!(r.top_k);
@@ -395,6 +397,7 @@ mod tests {
             top_p: 1.0,
             top_k: 0,
             stop: vec![],
+            include_stop_str_in_output: false,
             seed: Some(7),
             logprobs: true,
         }

@@ -10,6 +10,7 @@ use super::client::{Choice, Client, CompletionRequest};
 use super::tools::{sample_with_tools, segment_seed, ToolSettings, Toolbox};
 use crate::common::CancelToken;
 use crate::model::batching::{generate_continuous, Slots};
+use crate::model::tool_call::{CallFormat, HERMES_CLOSE};
 use crate::model::{generate, ChatTokenizer, Completion, FinishReason, SamplingParams, Transformer};
 
 pub enum Sampler<'a> {
@@ -147,6 +148,13 @@ impl Sampler<'_> {
         match self {
             Sampler::Local(model) => generate(model, tok, prompts, n, params, rng, None),
             Sampler::Server { client, model } => {
+                // A Hermes call ends at its closing tag, a stop string for the server,
+                // kept in the text (an inline call has no such end: refused at validation).
+                let hermes = params.tool_call == Some(CallFormat::Hermes);
+                let mut stop = params.stop.clone();
+                if hermes {
+                    stop.push(HERMES_CLOSE.to_string());
+                }
                 let reqs: Vec<CompletionRequest> = prompts
                     .iter()
                     .map(|p| CompletionRequest {
@@ -157,7 +165,8 @@ impl Sampler<'_> {
                         temperature: params.temperature,
                         top_p: params.top_p,
                         top_k: params.top_k,
-                        stop: params.stop.clone(),
+                        stop: stop.clone(),
+                        include_stop_str_in_output: hermes || params.include_stop_str_in_output,
                         // Drawn from the run's seeded RNG (restored on resume): a server
                         // that honours seeds samples a resumed round as the first time.
                         seed: Some(rng.random::<u32>() as u64),
@@ -168,7 +177,19 @@ impl Sampler<'_> {
                 let mut out = Vec::with_capacity(prompts.len() * n);
                 for (i, choices) in answers.into_iter().enumerate() {
                     for c in choices {
-                        out.push(completion(i, c, tok, params.max_new_tokens, client.url())?);
+                        let mut c = completion(i, c, tok, params.max_new_tokens, client.url())?;
+                        if hermes && c.finish_reason == FinishReason::Stop && !c.eos {
+                            if params.tool_call.is_some_and(|f| f.pending(&c.text).is_some()) {
+                                c.finish_reason = FinishReason::ToolCall;
+                            } else if !params.include_stop_str_in_output {
+                                // One of the user's stop strings, kept only for the call's
+                                // sake: cut from the text as local generation does.
+                                if let Some(s) = params.stop.iter().find(|s| c.text.ends_with(s.as_str())) {
+                                    c.text.truncate(c.text.len() - s.len());
+                                }
+                            }
+                        }
+                        out.push(c);
                     }
                 }
                 Ok(out)

@@ -19,6 +19,7 @@ use crate::data::jsonl;
 use crate::data::PromptRow;
 use crate::eval::metrics::EvalMetrics;
 use crate::eval::run::{self, EvalSettings};
+use crate::model::tool_call::CallFormat;
 use crate::model::SamplingParams;
 use crate::pipeline::{KindInfo, OutputSpec, Project, Requirements, StageContext, StageKind};
 use crate::rollout::tools::ToolSettings;
@@ -154,11 +155,9 @@ impl StageKind for Evaluate {
         let p: Params = with_defaults(params)?;
         let mut errors = sampling_errors(&p.sampling);
         errors.extend(p.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
-        if p.tools.enabled() && p.models.values().any(|m| m.rollout().is_some()) {
-            errors.push(
-                ParamError::new("tools", "tool calls are answered on completions sampled here, not yet on a server's")
-                    .hint("evaluate served models without `tools:`, or in a stage of their own"),
-            );
+        let any_served = p.models.values().any(|m| m.rollout().is_some());
+        if p.tools.enabled() && any_served && p.tools.tool_call_format == CallFormat::Inline {
+            errors.push(ParamError::new("tools", "a server cannot stop at an inline call (`<<expr=` has no closing string to stop on)").hint("set `tool_call_format: hermes` (its calls end at `</tool_call>`, which the server stops on), or sample here without `rollout:`"));
         }
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         if p.test.trim().is_empty() {

@@ -13,6 +13,7 @@ use super::trl_compat::{self, Trainer};
 use crate::common::params::{checked, known_keys, with_defaults};
 use crate::common::ParamError;
 use crate::data::{jsonl, PromptRow};
+use crate::model::tool_call::CallFormat;
 use crate::model::ChatTokenizer;
 use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
 use crate::rewards::set::RewardSet;
@@ -124,11 +125,8 @@ impl StageKind for Grpo {
                 })),
             }
         }
-        if server.is_some() && !p.grpo.tools.tools.is_empty() {
-            errors.push(
-                ParamError::new("tools", "tool calls are answered on rollouts sampled here, not yet on a server's")
-                    .hint("drop `rollout:` to sample with tools locally, or drop `tools:`"),
-            );
+        if server.is_some() && p.grpo.tools.enabled() && p.grpo.tools.tool_call_format == CallFormat::Inline {
+            errors.push(ParamError::new("tools", "a server cannot stop at an inline call (`<<expr=` has no closing string to stop on)").hint("set `tool_call_format: hermes` (its calls end at `</tool_call>`, which the server stops on), or sample here without `rollout:`"));
         }
         if server.is_some() && p.grpo.training.lora.is_none() {
             errors.push(

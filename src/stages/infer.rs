@@ -14,6 +14,7 @@ use crate::common::Host;
 use crate::common::ParamError;
 use crate::data::gsm8k::R1_SYSTEM_PROMPT;
 use crate::data::jsonl;
+use crate::model::tool_call::CallFormat;
 use crate::model::tool_call::ToolCall;
 use crate::model::Completion;
 use crate::model::{FinishReason, Message, SamplingParams};
@@ -97,11 +98,8 @@ impl StageKind for Infer {
         let mut errors = sampling_errors(&p.sampling);
         errors.extend(crate::common::params::batch_problem("batch_size", p.batch_size));
         errors.extend(p.tools.problems().into_iter().map(|(k, m)| ParamError::new(k, m)));
-        if p.tools.enabled() && p.rollout.is_some() {
-            errors.push(ParamError::new(
-                "tools",
-                "tool calls are answered on completions sampled here, not yet on a server's",
-            ));
+        if p.tools.enabled() && p.rollout.is_some() && p.tools.tool_call_format == CallFormat::Inline {
+            errors.push(ParamError::new("tools", "a server cannot stop at an inline call (`<<expr=` has no closing string to stop on)").hint("set `tool_call_format: hermes` (its calls end at `</tool_call>`, which the server stops on), or sample here without `rollout:`"));
         }
         let mut req = Requirements { uses_device: true, uses_seed: true, ..Default::default() };
         if p.model.trim().is_empty() {
