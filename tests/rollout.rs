@@ -468,3 +468,62 @@ fn hermes_tool_calls_are_answered_here_on_a_servers_rollouts() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("tool_call_format: hermes"), "{}", r.stderr);
 }
+
+#[test]
+fn a_run_killed_during_a_tool_call_resumes_to_the_same_model_bytes() {
+    // A tool program that logs each call, then takes a while to answer: the run is
+    // killed (SIGKILL) while the first call after a checkpoint is in progress.
+    let tool = "import sys, json, time\nfor line in sys.stdin:\n    open(sys.argv[1], 'a').write(line)\n    \
+                time.sleep(0.3)\n    print(json.dumps({'result': '42'}), flush=True)\n";
+    let run = |kill_during_call: bool| -> (Vec<u8>, usize) {
+        let p = project();
+        let server = stand_in(p.root().join("models/tiny"));
+        server.text_only.store(3, Ordering::SeqCst);
+        p.write("slow_calc.py", tool);
+        let calls = p.root().join("calls.log");
+        let extra = format!(
+            "      tools: [ {{ command: [python3, slow_calc.py, \"{}\"], name: calculator, timeout_s: 30 }} ]\n      \
+             tool_call_format: hermes\n",
+            calls.display()
+        );
+        p.write(
+            "pipe.yaml",
+            &pipeline(&server.url, 3, &extra).replace("max_completion_length: 16", "max_completion_length: 64"),
+        );
+        if kill_during_call {
+            let mut child = p.spawn(&["run", "pipe.yaml"]);
+            p.wait_for_checkpoint(1, std::time::Duration::from_secs(120));
+            let start = std::time::Instant::now();
+            // 8 rows call once per round: the 9th call is the next round's first.
+            while fs::read_to_string(&calls).map_or(0, |t| t.lines().count()) < 9 {
+                assert!(start.elapsed().as_secs() < 60, "no tool call after the checkpoint");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            child.kill().unwrap();
+            child.wait().unwrap();
+            // The tool program dies with r1pipe (its parent-death signal), mid-call or not.
+            let alive = || {
+                fs::read_dir("/proc").unwrap().flatten().any(|e| {
+                    fs::read(e.path().join("cmdline"))
+                        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&*calls.to_string_lossy()))
+                })
+            };
+            let start = std::time::Instant::now();
+            while alive() {
+                assert!(start.elapsed().as_secs() < 10, "the tool program outlived the killed run");
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            let r = p.run(&["run", "pipe.yaml"]).ok();
+            assert!(r.decision("grpo").starts_with("resume from step"), "{}", r.stdout);
+        } else {
+            p.run(&["run", "pipe.yaml"]).ok();
+        }
+        let n = fs::read_to_string(&calls).unwrap().lines().count();
+        (common::grpo_weights(&p), n)
+    };
+    let (whole, whole_calls) = run(false);
+    let (resumed, resumed_calls) = run(true);
+    assert_eq!(whole_calls, 24, "3 rounds × 8 rows, one call each");
+    assert!(resumed_calls > whole_calls, "the interrupted round's calls were made again: {resumed_calls}");
+    assert!(whole == resumed, "a run killed during a tool call resumed to other weights");
+}
