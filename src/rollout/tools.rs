@@ -71,8 +71,20 @@ impl ToolSpec {
             ToolSpec::Builtin(BuiltinTool::Calculator) => "calculator".into(),
             ToolSpec::Program { name: Some(n), .. } => n.clone(),
             ToolSpec::Program { command, .. } => {
-                let program = command.iter().rfind(|a| !a.starts_with('-')).map_or("", String::as_str);
-                std::path::Path::new(program).file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned())
+                // The script an interpreter runs (`python3 calc.py` → `calc`), else the program.
+                let stem = |a: &String| {
+                    std::path::Path::new(a).file_stem().map_or(String::new(), |s| s.to_string_lossy().into_owned())
+                };
+                let first = command.first().map(stem).unwrap_or_default();
+                let interpreters = ["python", "node", "bash", "sh", "ruby", "perl", "deno", "bun"];
+                // `python3`, `python3.12`: the name, then a version.
+                let interpreted = interpreters
+                    .iter()
+                    .any(|i| first.strip_prefix(i).is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.')));
+                match command.get(1) {
+                    Some(script) if interpreted => stem(script),
+                    _ => first,
+                }
             }
         }
     }
@@ -505,6 +517,19 @@ pub fn sample_with_tools(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_is_named_by_its_script_or_itself_unless_named() {
+        let program = |c: &[&str], name: Option<&str>| ToolSpec::Program {
+            command: c.iter().map(|s| s.to_string()).collect(),
+            timeout_s: 1.0,
+            name: name.map(str::to_string),
+        };
+        assert_eq!(program(&["python3", "tools/units.py", "--fast", "table.json"], None).name(), "units");
+        assert_eq!(program(&["/usr/local/bin/lookup", "db.sqlite"], None).name(), "lookup");
+        assert_eq!(program(&["python3", "x.py"], Some("calculator")).name(), "calculator");
+        assert_eq!(ToolSpec::Builtin(BuiltinTool::Calculator).name(), "calculator");
+    }
 
     #[test]
     fn the_calculator_answers_and_errors_are_results() {
