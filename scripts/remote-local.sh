@@ -4,7 +4,9 @@
 # moto's S3 server from PyPI (.venv-remote/, once; the server boto's and DVC's
 # own tests use) and starts it on 127.0.0.1:${R1PIPE_S3_PORT:-5555}, then (as
 # root) an Apache WebDAV server from Debian's apache2 on
-# 127.0.0.1:${R1PIPE_DAV_PORT:-8089}/cache/ serving .venv-remote/dav/. Each
+# 127.0.0.1:${R1PIPE_DAV_PORT:-8089}/cache/ serving .venv-remote/dav/, and
+# beside it /private/, the same behind HTTP Basic authentication (user
+# `r1pipe`, password `r1pipe-dav`: for the wrong-credentials tests). Each
 # is waited for; `down` stops both. Idempotent. Prints the two addresses.
 # Use it with: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
 #   r1pipe run P.yaml --remote s3://BUCKET/PREFIX  (and `remote: {url, endpoint}` or AWS_ENDPOINT_URL)
@@ -35,8 +37,11 @@ dav_up() {
       || { echo "remote-local: apache2 is not installable here; no WebDAV server" >&2; return 1; }
   fi
   local dir="$venv/dav"
-  mkdir -p "$dir/cache" "$dir/run" "$dir/lock"
-  chown -R www-data:www-data "$dir/cache" "$dir/lock" 2>/dev/null || true
+  mkdir -p "$dir/cache" "$dir/private" "$dir/run" "$dir/lock"
+  chown -R www-data:www-data "$dir/cache" "$dir/private" "$dir/lock" 2>/dev/null || true
+  # Apache's {SHA} form (base64 of SHA-1), made without apache2-utils' htpasswd.
+  python3 -c "import base64, hashlib; print('r1pipe:{SHA}' + base64.b64encode(hashlib.sha1(b'r1pipe-dav').digest()).decode())" \
+    > "$dir/users"
   cat > "$dir/httpd.conf" <<CONF
 ServerRoot /etc/apache2
 ServerName 127.0.0.1
@@ -50,11 +55,23 @@ LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
 LoadModule alias_module /usr/lib/apache2/modules/mod_alias.so
 LoadModule dav_module /usr/lib/apache2/modules/mod_dav.so
 LoadModule dav_fs_module /usr/lib/apache2/modules/mod_dav_fs.so
+LoadModule authn_core_module /usr/lib/apache2/modules/mod_authn_core.so
+LoadModule authn_file_module /usr/lib/apache2/modules/mod_authn_file.so
+LoadModule auth_basic_module /usr/lib/apache2/modules/mod_auth_basic.so
+LoadModule authz_user_module /usr/lib/apache2/modules/mod_authz_user.so
 DavLockDB $dir/lock/DavLock
 Alias /cache $dir/cache
 <Directory $dir/cache>
   Dav On
   Require all granted
+</Directory>
+Alias /private $dir/private
+<Directory $dir/private>
+  Dav On
+  AuthType Basic
+  AuthName "r1pipe remote"
+  AuthUserFile $dir/users
+  Require valid-user
 </Directory>
 CONF
   apache2 -f "$dir/httpd.conf" -k start >&2

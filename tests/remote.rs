@@ -243,6 +243,36 @@ fn a_webdav_remote_serves_a_second_cache() {
 }
 
 #[test]
+fn a_webdav_remote_behind_a_password_works_with_it_and_names_a_wrong_one_without_showing_it() {
+    // scripts/remote-local.sh serves /private/ beside /cache/, behind HTTP Basic auth.
+    let base = dav_url().replace("/cache", "/private");
+    let answer = ureq::request("OPTIONS", &format!("{base}/")).timeout(std::time::Duration::from_secs(5)).call();
+    if !matches!(answer, Err(ureq::Error::Status(401, _))) {
+        common::skip(&format!("no password-protected WebDAV folder at {base} (scripts/remote-local.sh up serves one)"));
+        return;
+    }
+    let with = |password: &str| base.replacen("://", &format!("://r1pipe:{password}@"), 1);
+    let folder = format!("run-{}", std::process::id());
+    let wrong = project(&format!("{}/{folder}", with("not-the-password")));
+    let r = wrong.run(&["run", "pipe.yaml", "-q"]);
+    assert_ne!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(said.contains("HTTP 401") && said.contains("refused the credentials"), "{said}");
+    assert!(said.contains("remote http://") && said.contains("127.0.0.1:"), "the remote is named: {said}");
+    assert!(!said.contains("not-the-password"), "the password must not be shown: {said}");
+
+    let url = format!("{}/{folder}", with("r1pipe-dav"));
+    let a = project(&url);
+    let r = a.run(&["run", "pipe.yaml", "-q"]).ok();
+    assert_eq!(r.stdout.matches(": pushed to http://").count(), 3, "{}", r.stdout);
+    assert!(!r.stdout.contains("r1pipe-dav@") && !r.stderr.contains("r1pipe-dav@"), "{}{}", r.stdout, r.stderr);
+    let b = project(&url);
+    let r = b.run(&["run", "pipe.yaml", "-q"]).ok();
+    assert_eq!(r.stdout.matches(": pulled from http://").count(), 3, "{}", r.stdout);
+    assert!(outputs(&a) == outputs(&b));
+}
+
+#[test]
 fn gc_remote_drops_only_what_no_current_result_needs_and_only_when_asked() {
     let shared = tempfile::tempdir().unwrap();
     let url = format!("file://{}", shared.path().display());

@@ -45,9 +45,21 @@ pub(super) fn open(spec: &RemoteSpec, project_root: &Path) -> Result<(Arc<dyn Ob
     }
     if url.starts_with("http://") || url.starts_with("https://") {
         make_collections(url).map_err(|e| anyhow::anyhow!("remote {shown}: {}", scrub(&e, url)))?;
+        // object_store's HTTP client does not take a URL's `user:password@`: sent as
+        // HTTP Basic authentication on every request instead (marked sensitive, never logged).
+        let (plain, login) = redact::split_credentials(url);
+        let mut options = object_store::ClientOptions::new().with_allow_http(url.starts_with("http://"));
+        if let Some((user, password)) = login {
+            use base64::Engine;
+            let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+            let mut value = http::HeaderValue::from_str(&format!("Basic {token}"))
+                .map_err(|_| anyhow::anyhow!("remote {shown}: the user name or password is not valid in a header"))?;
+            value.set_sensitive(true);
+            options = options.with_default_headers(http::HeaderMap::from_iter([(http::header::AUTHORIZATION, value)]));
+        }
         let store = object_store::http::HttpBuilder::new()
-            .with_url(url.trim_end_matches('/'))
-            .with_client_options(object_store::ClientOptions::new().with_allow_http(url.starts_with("http://")))
+            .with_url(plain.trim_end_matches('/'))
+            .with_client_options(options)
             .with_retry(retries())
             .build()
             .map_err(|e| anyhow::anyhow!("remote {shown}: {}", scrub(&e.to_string(), url)))?;
@@ -77,10 +89,18 @@ fn make_collections(url: &str) -> Result<(), String> {
     let agent = ureq::AgentBuilder::new().timeout(std::time::Duration::from_secs(30)).build();
     while let Some(next) = url[at + 1..].find('/').map(|i| at + 1 + i).or((at + 1 < url.len()).then_some(url.len())) {
         let folder = format!("{}/", &url[..next]);
+        // Messages name the folder as the user wrote it, less any `user:password@`.
+        let shown = redact::url(&folder);
         match agent.request("MKCOL", &folder).call() {
             Ok(_) | Err(ureq::Error::Status(405, _)) => {}
+            Err(ureq::Error::Status(code @ (401 | 403), _)) => {
+                return Err(format!(
+                    "the server refused the credentials for {shown} (HTTP {code}): check the user and password \
+                     in the remote's URL (`https://USER:PASSWORD@host/path`)"
+                ))
+            }
             Err(ureq::Error::Status(code, _)) => {
-                return Err(format!("making the folder {folder} answered HTTP {code}; is the server WebDAV?"))
+                return Err(format!("making the folder {shown} answered HTTP {code}; is the server WebDAV?"))
             }
             Err(ureq::Error::Transport(t)) => return Err(format!("the server does not answer ({})", t.kind())),
         }
