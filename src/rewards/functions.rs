@@ -101,7 +101,6 @@ pub fn lookup(name: &str) -> Option<&'static Builtin> {
     CATALOG.iter().find(|f| f.name == name)
 }
 
-/// `(lo, hi)` of a reward that pays `v` or nothing.
 /// The results of a completion's tool calls: as recorded, or `r` of each `<<expr=r>>` in its text.
 fn tool_results<'a>(s: &Sample<'a>) -> Vec<&'a str> {
     if let Some(results) = &s.tool_results {
@@ -113,6 +112,7 @@ fn tool_results<'a>(s: &Sample<'a>) -> Vec<&'a str> {
         .collect()
 }
 
+/// `(lo, hi)` of a reward that pays `v` or nothing.
 fn paid(v: f32) -> (f32, f32) {
     (v.min(0.0), v.max(0.0))
 }

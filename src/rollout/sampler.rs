@@ -179,7 +179,7 @@ impl Sampler<'_> {
                     for c in choices {
                         let mut c = completion(i, c, tok, params.max_new_tokens, client.url())?;
                         if hermes && c.finish_reason == FinishReason::Stop && !c.eos {
-                            if params.tool_call.is_some_and(|f| f.pending(&c.text).is_some()) {
+                            if CallFormat::Hermes.pending(&c.text).is_some() {
                                 c.finish_reason = FinishReason::ToolCall;
                             } else if !params.include_stop_str_in_output {
                                 // One of the user's stop strings, kept only for the call's

@@ -117,8 +117,10 @@ impl ToolSettings {
                     .into(),
             ));
         }
+        // Hermes calls name their tool; inline calls never do, so only there must names be unique.
+        let named = if self.tool_call_format == CallFormat::Hermes { &self.tools[..] } else { &[] };
         let mut seen = std::collections::BTreeSet::new();
-        for (i, t) in self.tools.iter().enumerate() {
+        for (i, t) in named.iter().enumerate() {
             let name = t.name();
             if name.is_empty() {
                 out.push((format!("tools.{i}.name"), "this tool has no name: give `name:`".into()));
@@ -301,15 +303,15 @@ impl Toolbox {
             None => serde_json::Map::new(),
             Some(_) => return Err("error: `arguments` must be a JSON object".into()),
         };
-        let names: Vec<String> = self.tools.iter().map(|t| t.spec.name()).collect();
-        match self.tools.iter_mut().find(|t| t.spec.name() == name) {
-            Some(tool) => tool.answer(Request::Arguments(&args)),
-            None => Err(format!(
-                "error: no tool named `{}` (tools: {})",
-                name.chars().take(64).collect::<String>(),
-                names.join(", ")
-            )),
+        if let Some(tool) = self.tools.iter_mut().find(|t| t.spec.name() == name) {
+            return tool.answer(Request::Arguments(&args));
         }
+        let names: Vec<String> = self.tools.iter().map(|t| t.spec.name()).collect();
+        Err(format!(
+            "error: no tool named `{}` (tools: {})",
+            name.chars().take(64).collect::<String>(),
+            names.join(", ")
+        ))
     }
 
     /// The text appended after a call: inline, its result and `>>`; Hermes, what
