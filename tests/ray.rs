@@ -276,3 +276,23 @@ fn an_executor_entry_that_cannot_work_is_refused_with_its_line() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("[possible values: local, slurm, ray]"), "{}", r.stderr);
 }
+
+#[test]
+fn without_a_shared_filesystem_ray_jobs_reach_their_artifacts_through_the_remote() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(4, 10));
+    common::without_shared_filesystem(&p);
+    // The head's R1PIPE_* variables travel in each job's runtime_env.
+    let r: common::Run =
+        p.cmd(&["run", "pipe.yaml"]).env(common::SCRATCH_VAR, common::job_scratch(&p)).output().unwrap().into();
+    let r = r.ok();
+    assert_eq!(r.stdout.matches(": Ray job r1pipe-").count(), 3, "{}", r.stdout);
+    assert_eq!(r.stdout.matches("fetched its outputs from").count(), 3, "{}", r.stdout);
+    common::assert_jobs_left_no_trace(&p);
+
+    let q = Project::new();
+    q.write("pipe.yaml", &pipe(4, 10));
+    q.run(&["run", "pipe.yaml", "--executor", "local"]).ok();
+    assert_eq!(result(&p, "c.result"), result(&q, "c.result"));
+}

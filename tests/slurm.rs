@@ -166,3 +166,78 @@ fn a_grpo_run_stopped_by_the_cluster_ends_with_the_weights_of_one_uninterrupted_
         "two Slurm jobs did not end where one local run did"
     );
 }
+
+/// The Slurm job id on a `STAGE: Slurm job N (log …)` line of a run's output (the `nth` submission).
+fn job_id_in(stdout: &str, stage: &str, nth: usize) -> String {
+    let line = stdout
+        .lines()
+        .filter(|l| l.contains(&format!("{stage}: Slurm job ")) && l.contains("(log "))
+        .nth(nth)
+        .unwrap_or_else(|| panic!("no submission {nth} of `{stage}` in {stdout}"));
+    line.split("Slurm job ").nth(1).unwrap().split(' ').next().unwrap().to_string()
+}
+
+#[test]
+fn without_a_shared_filesystem_jobs_reach_their_artifacts_through_the_remote() {
+    need_cluster!();
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(4, 10));
+    common::without_shared_filesystem(&p);
+    let r: common::Run =
+        p.cmd(&["run", "pipe.yaml"]).env(common::SCRATCH_VAR, common::job_scratch(&p)).output().unwrap().into();
+    let r = r.ok();
+    assert_eq!(r.stdout.matches("fetched its outputs from").count(), 3, "{}", r.stdout);
+    assert!(r.stdout.contains("c: its 2 inputs are in"), "{}", r.stdout);
+    common::assert_jobs_left_no_trace(&p);
+    // The job of `c` read its inputs from the remote, in a cache of its own.
+    let log = fs::read_to_string(format!("/tmp/r1pipe-slurm-{}.log", job_id_in(&r.stdout, "c", 0))).unwrap();
+    assert!(log.contains("2 inputs from remote file://") && log.contains("node-scratch"), "{log}");
+
+    let q = Project::new();
+    q.write("pipe.yaml", &pipe(4, 10));
+    q.run(&["run", "pipe.yaml", "--executor", "local"]).ok();
+    assert_eq!(result(&p, "c.result", &[]), result(&q, "c.result", &[]));
+    assert!(p.run(&["run", "pipe.yaml"]).ok().stdout.contains("everything is up to date"));
+}
+
+#[test]
+fn without_a_shared_filesystem_a_stopped_grpo_job_resumes_from_the_checkpoint_it_pushed() {
+    need_cluster!();
+    let setup = || common::cluster_grpo_project("{ kind: slurm, poll_s: 0.2 }");
+    let local = setup();
+    local.run(&["run", "pipe.yaml", "--executor", "local"]).ok();
+
+    let p = setup();
+    common::without_shared_filesystem(&p);
+    let head = p
+        .cmd(&["run", "pipe.yaml"])
+        .env(common::SCRATCH_VAR, common::job_scratch(&p))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_for_scratch_checkpoint(&p, 4, Duration::from_secs(300));
+    let id = common::submitted_job_id(&p, "grpo", "slurm");
+    std::process::Command::new("scancel").args(["--batch", "--signal=TERM", id.trim()]).status().unwrap();
+    let out = head.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("resubmitting"), "{stdout}");
+    // The first job's scratch cache is gone: the second resumed from what the first pushed.
+    let log = fs::read_to_string(format!("/tmp/r1pipe-slurm-{}.log", job_id_in(&stdout, "grpo", 1))).unwrap();
+    assert!(log.contains("resuming from the work folder an earlier job pushed"), "{log}");
+    common::assert_jobs_left_no_trace(&p);
+    assert!(
+        common::grpo_weights(&p) == common::grpo_weights(&local),
+        "two Slurm jobs through the remote did not end where one local run did"
+    );
+}
+
+#[test]
+fn without_a_shared_filesystem_a_run_without_a_remote_is_refused_before_anything_runs() {
+    // No cluster needed: the run is refused before any job is submitted.
+    let p = Project::new();
+    p.write("pipe.yaml", &pipe(4, 10).replace("poll_s: 0.2", "poll_s: 0.2, shared_filesystem: false"));
+    let r = p.run(&["run", "pipe.yaml"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("shared_filesystem: false") && r.stderr.contains("--remote URL"), "{}", r.stderr);
+    assert!(!r.stdout.contains("Slurm job"), "{}", r.stdout);
+}

@@ -109,8 +109,18 @@ pub enum Command {
     /// Run one stage's job as the head wrote it (what a cluster's job runs)
     #[command(hide = true)]
     ExecJob {
-        /// The stage's work folder, holding job.json
-        work_dir: PathBuf,
+        /// The stage's work folder, holding job.json (a job on the head's filesystem)
+        #[arg(required_unless_present = "remote", conflicts_with = "remote")]
+        work_dir: Option<PathBuf>,
+        /// The remote cache the job reaches artifacts through (no shared filesystem)
+        #[arg(long, value_name = "URL", requires = "fingerprint")]
+        remote: Option<String>,
+        /// The remote's S3-compatible endpoint, as the pipeline's `remote.endpoint`
+        #[arg(long, requires = "remote")]
+        endpoint: Option<String>,
+        /// The stage's fingerprint: its job is `jobs/FP/job.json` in the remote
+        #[arg(long, value_name = "FP", requires = "remote")]
+        fingerprint: Option<String>,
     },
     /// Each stage's state: cached, stale (why), never run, interrupted
     Status {
@@ -325,7 +335,10 @@ pub fn main() -> i32 {
             };
             pipeline_cmds::run(&args, opts)
         }
-        Command::ExecJob { work_dir } => pipeline_cmds::exec_job(&work_dir),
+        Command::ExecJob { work_dir, remote, endpoint, fingerprint } => {
+            let through = remote.map(|url| (r1pipe::pipeline::remote::RemoteSpec { url, endpoint }, fingerprint));
+            pipeline_cmds::exec_job(work_dir.as_deref(), through)
+        }
         Command::Status { args, remote } => pipeline_cmds::status(&args, remote.as_deref()),
         Command::Push(t) => pipeline_cmds::push(&t.args, &t.stages, t.remote.as_deref(), t.quiet),
         Command::Pull(t) => pipeline_cmds::pull(&t.args, &t.stages, t.remote.as_deref(), t.quiet),

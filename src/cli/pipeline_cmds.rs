@@ -111,9 +111,14 @@ fn run_on_read_only_cache(ws: &Workspace, opts: &RunOptions) -> Result<i32> {
     Ok(0)
 }
 
-/// `exec-job WORK`: what a cluster's job runs. SIGTERM (a time limit's signal,
-/// a preemption, a stop, the head's Ctrl-C) makes the stage checkpoint and stop.
-pub fn exec_job(work_dir: &Path) -> Result<i32> {
+/// `exec-job WORK` (or `exec-job --remote URL --fingerprint FP` where the nodes
+/// share no filesystem with the head): what a cluster's job runs. SIGTERM (a
+/// time limit's signal, a preemption, a stop, the head's Ctrl-C) makes the
+/// stage checkpoint and stop.
+pub fn exec_job(
+    work_dir: Option<&Path>,
+    through: Option<(r1pipe::pipeline::remote::RemoteSpec, Option<String>)>,
+) -> Result<i32> {
     init_tracing(None)?;
     let cancel = CancelToken::default();
     let c = cancel.clone();
@@ -121,7 +126,14 @@ pub fn exec_job(work_dir: &Path) -> Result<i32> {
         eprintln!("r1pipe exec-job: asked to stop: checkpointing");
         c.cancel();
     });
-    r1pipe::pipeline::executor::execute_job(work_dir, &r1pipe::stages::registry(), cancel)
+    let registry = r1pipe::stages::registry();
+    match (through, work_dir) {
+        (Some((spec, Some(fingerprint))), _) => {
+            r1pipe::pipeline::executor::execute_job_through_remote(&spec, &fingerprint, &registry, cancel)
+        }
+        (None, Some(work_dir)) => r1pipe::pipeline::executor::execute_job(work_dir, &registry, cancel),
+        _ => anyhow::bail!("exec-job takes a work folder, or --remote URL with --fingerprint FP"),
+    }
 }
 
 /// First Ctrl-C: stages finish their current step, checkpoint and stop. Second: exit now.

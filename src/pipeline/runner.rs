@@ -382,10 +382,12 @@ impl<'a> Runner<'a> {
             return self.plan(selected, opts, available);
         }
         let total = selected.len();
-        let executor = self.pipeline.executor.with_flag(opts.executor.as_deref())?.executor();
+        let executor_config = self.pipeline.executor.with_flag(opts.executor.as_deref())?;
+        let executor = executor_config.executor();
         let jobs = if opts.jobs == 0 { executor.default_jobs() } else { opts.jobs };
         // Stages the remote has are pulled instead of run; finished ones are pushed.
         let remote = self.open_remote(opts.remote.as_deref())?;
+        executor_config.check_run(remote.is_some())?;
         let progress = if opts.quiet {
             indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden())
         } else {
@@ -519,10 +521,19 @@ impl<'a> Runner<'a> {
                                     .collect(),
                                 inputs: (*inputs).clone(),
                             };
+                            if let (true, Some(remote)) = (executor.needs_remote(), &remote) {
+                                // The job's node sees only the remote: the inputs go there first.
+                                if let Err(e) = self.push_inputs(remote, &job_spec, &tag(name), opts.quiet) {
+                                    self.report_failure(&tag(name), name, &e);
+                                    failed = true;
+                                    break;
+                                }
+                            }
                             running.insert(name.clone(), (fingerprint, inputs));
                             let done = done_tx.clone();
                             let (name, kind, resources) = (name.clone(), stage.kind.clone(), stage.resources.clone());
                             let (executor, job_tag) = (&executor, tag(&name));
+                            let remote_spec = remote.as_ref().map(|r| r.spec().clone());
                             // The work runs beside the scheduler; what it writes to the cache
                             // (outputs, the record) waits for the scheduler. A training step
                             // recurses deeply through the graph: the thread gets a main thread's stack.
@@ -540,6 +551,7 @@ impl<'a> Runner<'a> {
                                         resources: &resources,
                                         tag: &job_tag,
                                         spec: job_spec,
+                                        remote: remote_spec,
                                     };
                                     let result =
                                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match live {

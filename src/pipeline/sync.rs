@@ -66,6 +66,39 @@ impl Runner<'_> {
         Ok(())
     }
 
+    /// Push the artifacts a job will read (a stage run where no filesystem is
+    /// shared with this head): those the remote has are not sent again.
+    pub(super) fn push_inputs(
+        &self,
+        remote: &Remote,
+        spec: &super::executor::JobSpec,
+        tag: &str,
+        quiet: bool,
+    ) -> Result<()> {
+        let mut orefs = Vec::new();
+        for (key, path) in &spec.bindings {
+            let hash = spec.inputs.inputs.get(key).cloned().unwrap_or_default();
+            let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            orefs.push(ObjectRef { hash, file_name });
+        }
+        if orefs.is_empty() {
+            return Ok(());
+        }
+        let db = self.cache.db()?;
+        let bar = transfer_bar("push inputs", quiet);
+        let mut moved = super::remote::Transfer::default();
+        remote.push_objects(&self.cache, &db, &orefs.iter().collect::<Vec<_>>(), &bar, &mut moved)?;
+        bar.finish_and_clear();
+        println!(
+            "{tag}: its {} inputs are in {} ({} sent in {} files)",
+            orefs.len(),
+            remote.name,
+            indicatif::HumanBytes(moved.bytes),
+            moved.files_sent
+        );
+        Ok(())
+    }
+
     /// Every stage's decision, as `decide_all`, where a stage the remote has
     /// counts as done (flagged `true`): the stages after it are decided on its
     /// remote outputs, so `status` can say the whole chain is in the remote.

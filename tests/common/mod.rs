@@ -425,3 +425,81 @@ pub fn submitted_job_id(p: &Project, stage: &str, kind: &str) -> String {
     assert_eq!(v["executor"]["kind"], kind, "{v}");
     v["id"].as_str().unwrap().to_string()
 }
+
+/// `pipe.yaml` of `p` rewritten for a cluster whose nodes do not see the head's
+/// cache: `shared_filesystem: false` in its executor's flow mapping, and a folder
+/// remote (`remote-store/` in the project) as what head and jobs share.
+pub fn without_shared_filesystem(p: &Project) {
+    let text = fs::read_to_string(p.root().join("pipe.yaml")).unwrap();
+    let mut out = String::new();
+    for line in text.lines() {
+        if let Some(settings) = line.strip_prefix("executor: {") {
+            let remote = p.root().join("remote-store");
+            out.push_str(&format!("remote: file://{}\n", remote.display()));
+            out.push_str(&format!("executor: {{ shared_filesystem: false,{settings}\n"));
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    assert!(out.contains("shared_filesystem: false"), "no `executor: {{…}}` line in {text}");
+    p.write("pipe.yaml", &out);
+}
+
+/// The node-local scratch folder the jobs of `without_shared_filesystem` keep
+/// their caches in (`R1PIPE_JOB_SCRATCH`, passed to jobs with the head's environment).
+pub fn job_scratch(p: &Project) -> PathBuf {
+    p.root().join("node-scratch")
+}
+
+/// The newest checkpoint step in any job's scratch cache.
+pub fn scratch_checkpoint_step(p: &Project) -> Option<u64> {
+    let mut best = None;
+    for job in fs::read_dir(job_scratch(p)).ok()?.flatten() {
+        for work in fs::read_dir(job.path().join("work")).into_iter().flatten().flatten() {
+            for c in fs::read_dir(work.path().join("checkpoints")).into_iter().flatten().flatten() {
+                if let Some(s) =
+                    c.file_name().to_string_lossy().strip_prefix("step-").and_then(|s| s.parse::<u64>().ok())
+                {
+                    best = best.max(Some(s));
+                }
+            }
+        }
+    }
+    best
+}
+
+/// Wait until a job's scratch cache has a checkpoint of at least `at_least`.
+pub fn wait_for_scratch_checkpoint(p: &Project, at_least: u64, timeout: Duration) {
+    let t0 = Instant::now();
+    while scratch_checkpoint_step(p).is_none_or(|s| s < at_least) {
+        assert!(t0.elapsed() < timeout, "no job checkpoint ≥ {at_least} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What a run through the remote must leave: no job wrote into the head's cache
+/// (no exit file in its work folders: exits came through the remote), the jobs'
+/// scratch caches are gone, and the remote keeps nothing of the jobs.
+pub fn assert_jobs_left_no_trace(p: &Project) {
+    for w in fs::read_dir(p.cache().join("work")).into_iter().flatten().flatten() {
+        assert!(!w.path().join("exit.json").exists(), "a job wrote into the head's cache: {}", w.path().display());
+    }
+    let left: Vec<_> = fs::read_dir(job_scratch(p)).into_iter().flatten().flatten().map(|e| e.path()).collect();
+    assert!(left.is_empty(), "scratch caches left behind: {left:?}");
+    let mut files = Vec::new();
+    let mut dirs = vec![p.root().join("remote-store/jobs")];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.is_empty(), "the remote keeps job files: {files:?}");
+}
+
+/// The variable that tells a job where its scratch cache goes.
+pub const SCRATCH_VAR: &str = "R1PIPE_JOB_SCRATCH";

@@ -142,6 +142,24 @@ pub struct ExitFile {
     pub status: String,
     pub error: Option<String>,
     pub metrics: Option<Value>,
+    /// A job with no shared filesystem: the artifacts it pushed to the remote, by output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<std::collections::BTreeMap<String, crate::pipeline::store::ObjectRef>>,
+}
+
+impl ExitFile {
+    pub(super) fn failed(error: String) -> ExitFile {
+        ExitFile { status: "failed".into(), error: Some(error), metrics: None, outputs: None }
+    }
+
+    /// The job process's exit code: 0 ok, 1 failed, 130 interrupted.
+    pub(super) fn code(&self) -> i32 {
+        match self.status.as_str() {
+            "ok" => 0,
+            "interrupted" => 130,
+            _ => 1,
+        }
+    }
 }
 
 /// The stage's current job: which executor (with its settings: a Ray
@@ -175,9 +193,14 @@ pub(super) fn shell_quote(s: &str) -> String {
 }
 
 /// The shell command a job runs: this r1pipe binary's `exec-job` on the work
-/// folder. `exec`: the job's process is r1pipe itself, so the cluster's
-/// signals reach it.
+/// folder.
 pub(super) fn exec_command(work_dir: &Path) -> Result<String> {
+    Ok(format!("{} {}", exec_job_prefix()?, shell_quote(&work_dir.display().to_string())))
+}
+
+/// `exec R1PIPE exec-job`: `exec`, so that the job's process is r1pipe itself
+/// and the cluster's signals reach it.
+pub(super) fn exec_job_prefix() -> Result<String> {
     let exe = std::env::current_exe().context("finding the r1pipe binary to run in the job")?;
     // Rebuilt while this head runs: Linux names the old file `… (deleted)`. The job runs
     // the binary now at that path (its job-file check refuses it if its stage kinds differ).
@@ -185,11 +208,7 @@ pub(super) fn exec_command(work_dir: &Path) -> Result<String> {
         Some(path) if Path::new(path).is_file() => PathBuf::from(path),
         _ => exe,
     };
-    Ok(format!(
-        "exec {} exec-job {}",
-        shell_quote(&exe.display().to_string()),
-        shell_quote(&work_dir.display().to_string())
-    ))
+    Ok(format!("exec {} exec-job", shell_quote(&exe.display().to_string())))
 }
 
 /// The most an exit file may be (its metrics included): read with a cap, as every
@@ -236,17 +255,28 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
     let job: JobFile =
         serde_json::from_slice(&fs::read(&job_path).with_context(|| format!("reading {}", job_path.display()))?)
             .with_context(|| format!("{} is not a job file", job_path.display()))?;
-    let kind = registry
-        .get(&job.kind)
-        .with_context(|| format!("{}: no stage kind `{}` in this r1pipe", job_path.display(), job.kind))?;
+    let exit = run_job(job, &job_path.display().to_string(), work_dir, registry, cancel)?;
+    write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;
+    Ok(exit.code())
+}
+
+/// Run `job` in `work_dir` (its outputs in `work_dir/out`); `source` names
+/// where the job file came from, for messages.
+pub(super) fn run_job(
+    job: JobFile,
+    source: &str,
+    work_dir: &Path,
+    registry: &Registry,
+    cancel: CancelToken,
+) -> Result<ExitFile> {
+    let kind =
+        registry.get(&job.kind).with_context(|| format!("{source}: no stage kind `{}` in this r1pipe", job.kind))?;
     let params = match job.check(work_dir, kind.as_ref()) {
         Ok(p) => p,
         Err(e) => {
-            let error = format!("{} is refused: {e:#}; nothing was run", job_path.display());
+            let error = format!("{source} is refused: {e:#}; nothing was run");
             eprintln!("r1pipe exec-job: {error}");
-            let exit = ExitFile { status: "failed".into(), error: Some(error), metrics: None };
-            write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;
-            return Ok(1);
+            return Ok(ExitFile::failed(error));
         }
     };
     // The outputs go to the work folder's `out`, whatever the file says; those of an
@@ -273,21 +303,18 @@ pub fn execute_job(work_dir: &Path, registry: &Registry, cancel: CancelToken) ->
         outputs: kind.outputs(),
         metrics: None,
     };
-    let result = kind.run(&mut ctx);
-    let (exit, code) = match result {
-        Ok(()) => (ExitFile { status: "ok".into(), error: None, metrics: ctx.metrics.take() }, 0),
+    Ok(match kind.run(&mut ctx) {
+        Ok(()) => ExitFile { status: "ok".into(), error: None, metrics: ctx.metrics.take(), outputs: None },
         Err(e) if e.downcast_ref::<Cancelled>().is_some() => {
             eprintln!("r1pipe exec-job: stopped (its checkpoint is kept)");
-            (ExitFile { status: "interrupted".into(), error: None, metrics: None }, 130)
+            ExitFile { status: "interrupted".into(), error: None, metrics: None, outputs: None }
         }
         Err(e) => {
             let text = crate::common::diagnostic::error_text(&e);
             eprintln!("r1pipe exec-job: failed: {text}");
-            (ExitFile { status: "failed".into(), error: Some(text), metrics: None }, 1)
+            ExitFile::failed(text)
         }
-    };
-    write_atomically(&work_dir.join(EXIT_FILE), &serde_json::to_vec_pretty(&exit)?)?;
-    Ok(code)
+    })
 }
 
 /// The last `cap` bytes of a file, as text (lossy).

@@ -3,14 +3,15 @@
 //! the stage in this process; `slurm` and `ray` run it as a job of a cluster
 //! through the job protocol (`job.rs`: the job file the head writes, the exit
 //! file the job writes, `r1pipe exec-job`), following it with the same rules
-//! (`remote.rs`). A new engine is one file implementing [`remote::JobSystem`]
+//! (`cluster.rs`). A new engine is one file implementing [`cluster::JobSystem`]
 //! and one variant of [`ExecutorConfig`].
 
+mod cluster;
 mod job;
 mod local;
 mod ray;
-mod remote;
 mod slurm;
+mod through_remote;
 
 use anyhow::{bail, Result};
 use serde_json::{Map, Value};
@@ -20,6 +21,7 @@ use super::resources::Resources;
 use crate::common::params::{typed, ParamError};
 
 pub use job::{execute_job, JobSpec};
+pub use through_remote::{execute_job_through_remote, SCRATCH_VAR};
 
 /// The names `executor: {kind: …}` and `--executor` take.
 pub const KINDS: &[&str] = &["local", "slurm", "ray"];
@@ -112,16 +114,34 @@ impl ExecutorConfig {
         }
     }
 
+    /// Whether the cluster's nodes see the head's cache (`local`: the head's own machine).
+    pub fn shared_filesystem(&self) -> bool {
+        match self {
+            ExecutorConfig::Local => true,
+            ExecutorConfig::Slurm(c) => c.shared_filesystem,
+            ExecutorConfig::Ray(c) => c.shared_filesystem,
+        }
+    }
+
+    /// Refuse, before anything runs, settings this run cannot meet: a cluster
+    /// without a shared filesystem needs a remote cache.
+    pub fn check_run(&self, has_remote: bool) -> Result<()> {
+        if !self.shared_filesystem() && !has_remote {
+            bail!("{}", cluster::needs_remote_message(self.kind()));
+        }
+        Ok(())
+    }
+
     /// The executor these settings describe.
     pub fn executor(&self) -> Box<dyn Executor> {
         match self.system() {
             None => Box::new(local::Local),
-            Some(system) => Box::new(remote::Remote::new(system, self.clone())),
+            Some(system) => Box::new(cluster::ClusterExecutor::new(system, self.clone())),
         }
     }
 
     /// The cluster these settings name (`None` for `local`).
-    fn system(&self) -> Option<Box<dyn remote::JobSystem>> {
+    fn system(&self) -> Option<Box<dyn cluster::JobSystem>> {
         match self {
             ExecutorConfig::Local => None,
             ExecutorConfig::Slurm(c) => Some(Box::new(slurm::Slurm::new(c.clone()))),
@@ -139,6 +159,8 @@ pub struct StageRun<'a> {
     pub tag: &'a str,
     /// What the job file needs beyond the context (executors that run jobs elsewhere).
     pub spec: JobSpec,
+    /// The run's remote cache, for jobs that reach artifacts through it.
+    pub remote: Option<crate::pipeline::remote::RemoteSpec>,
 }
 
 /// Runs a started stage to its end: `Ok` with its metrics in the context, an
@@ -150,6 +172,11 @@ pub trait Executor: Send + Sync {
     }
     /// How many stages run at a time when `run --jobs` does not say.
     fn default_jobs(&self) -> usize;
+    /// Whether its jobs reach artifacts through the remote cache (no shared
+    /// filesystem): the runner pushes a stage's inputs there before it starts.
+    fn needs_remote(&self) -> bool {
+        false
+    }
     fn run_stage(&self, run: StageRun<'_>) -> Result<()>;
 }
 
@@ -169,13 +196,13 @@ pub struct LiveJob {
 /// submitted it (its record says which, and where).
 pub fn live_job(work_dir: &std::path::Path) -> Option<LiveJob> {
     let submitted = job::Submitted::read(work_dir)?;
-    remote::live(&submitted)
+    cluster::live(&submitted)
 }
 
 /// Follows a job an earlier head left running, with the executor that submitted it.
 pub fn follow_live(live: LiveJob, run: StageRun<'_>) -> Result<()> {
     match live.executor.system() {
-        Some(system) => remote::Remote::new(system, live.executor.clone()).follow(run, live),
+        Some(system) => cluster::ClusterExecutor::new(system, live.executor.clone()).follow(run, live),
         None => bail!("a local stage has no job to follow"),
     }
 }

@@ -2,8 +2,8 @@
 //! submitted through the Jobs API of its dashboard (plain HTTP: no Python in
 //! r1pipe). The job's entrypoint is `r1pipe exec-job WORK` (the job protocol,
 //! `job.rs`) started in the head's working folder, so the cluster's nodes need
-//! the project, the binary and the cache at the same paths: a shared
-//! filesystem. `resources:` becomes the entrypoint's CPUs, GPUs and memory.
+//! the project and the binary at the same paths, and the cache too unless
+//! `shared_filesystem: false` sends artifacts through the remote cache. `resources:` becomes the entrypoint's CPUs, GPUs and memory.
 //! Stopping a job (the head's Ctrl-C) sends SIGTERM and waits
 //! `signal_grace_s` before SIGKILL (Ray's `RAY_JOB_STOP_WAIT_TIME_S`, set for
 //! each job), so the stage checkpoints first.
@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use super::job::{exec_command, last_lines, shell_quote, JobFile};
-use super::remote::{self, Ending, JobState, JobSystem};
+use super::cluster::{self, Ending, JobState, JobSystem};
+use super::job::{last_lines, shell_quote, JobFile};
 use crate::common::redact;
 use crate::pipeline::resources::Resources;
 
@@ -37,14 +37,18 @@ pub struct RayConfig {
     #[serde(default)]
     pub autoscaling: bool,
     /// Resubmissions of a job stopped or lost before the end.
-    #[serde(default = "remote::default_resubmits")]
+    #[serde(default = "cluster::default_resubmits")]
     pub max_resubmits: u32,
     /// Seconds a stopped job has to checkpoint before it is killed.
-    #[serde(default = "remote::default_grace")]
+    #[serde(default = "cluster::default_grace")]
     pub signal_grace_s: u32,
     /// Seconds between looks at a running job.
-    #[serde(default = "remote::default_poll")]
+    #[serde(default = "cluster::default_poll")]
     pub poll_s: f64,
+    /// Whether the nodes see the head's cache at its path; `false`: jobs reach
+    /// artifacts through the remote cache (`through_remote.rs`).
+    #[serde(default = "cluster::default_shared_filesystem")]
+    pub shared_filesystem: bool,
 }
 
 /// `RAY_ADDRESS` when it is the dashboard's HTTP address (as `ray job submit` reads it).
@@ -61,9 +65,10 @@ impl RayConfig {
             address: default_address(),
             runtime_env: None,
             autoscaling: false,
-            max_resubmits: remote::default_resubmits(),
-            signal_grace_s: remote::default_grace(),
-            poll_s: remote::default_poll(),
+            max_resubmits: cluster::default_resubmits(),
+            signal_grace_s: cluster::default_grace(),
+            poll_s: cluster::default_poll(),
+            shared_filesystem: true,
         }
     }
 
@@ -81,7 +86,7 @@ impl RayConfig {
                 ),
             ));
         }
-        out.extend(remote::following_problems(self.max_resubmits, self.signal_grace_s, 86_400, self.poll_s));
+        out.extend(cluster::following_problems(self.max_resubmits, self.signal_grace_s, 86_400, self.poll_s));
         if let Some(env) = self.runtime_env.as_ref().and_then(|r| r.get("env_vars")) {
             if !env.as_object().is_some_and(|m| m.values().all(Value::is_string)) {
                 out.push(("runtime_env.env_vars", "must map names to strings (quote numbers)".into()));
@@ -204,10 +209,10 @@ impl JobSystem for Ray {
         Ok(())
     }
 
-    fn submit(&self, job: &JobFile, resources: &Resources) -> Result<String> {
+    fn submit(&self, job: &JobFile, resources: &Resources, command: &str) -> Result<String> {
         let cwd = std::env::current_dir().context("finding the working folder the job runs in")?;
         // The job runs where the head does, so relative cache and project paths mean the same.
-        let entrypoint = format!("cd {} && {}", shell_quote(&cwd.display().to_string()), exec_command(&job.work_dir)?);
+        let entrypoint = format!("cd {} && {command}", shell_quote(&cwd.display().to_string()));
         let mut runtime_env = self.cfg.runtime_env.clone().unwrap_or_default();
         let env_vars = runtime_env.entry("env_vars").or_insert_with(|| json!({}));
         if let Value::Object(vars) = env_vars {

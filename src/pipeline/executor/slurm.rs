@@ -4,7 +4,8 @@
 //! accounting database is needed. A time limit or a preemption sends SIGTERM
 //! `signal_grace_s` before (`--signal=B:TERM@…`): the job checkpoints and
 //! ends as interrupted, and is resubmitted. The job's log is
-//! `WORK/slurm-<id>.log`.
+//! `WORK/slurm-<id>.log`, or `/tmp/r1pipe-slurm-<id>.log` on its node when the
+//! nodes do not share the head's filesystem.
 
 use std::path::Path;
 use std::process::Command;
@@ -12,8 +13,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::job::{exec_command, log_tail, JobFile};
-use super::remote::{self, Ending, JobState, JobSystem};
+use super::cluster::{self, Ending, JobState, JobSystem};
+use super::job::{log_tail, JobFile};
 use crate::pipeline::resources::Resources;
 
 /// `executor: { kind: slurm, … }` at the top of a pipeline (or `--executor slurm`).
@@ -27,14 +28,18 @@ pub struct SlurmConfig {
     #[serde(default)]
     pub extra: Vec<String>,
     /// Resubmissions of a job stopped by its time limit or a preemption.
-    #[serde(default = "remote::default_resubmits")]
+    #[serde(default = "cluster::default_resubmits")]
     pub max_resubmits: u32,
     /// Seconds before the time limit that the job is told to checkpoint and stop.
-    #[serde(default = "remote::default_grace")]
+    #[serde(default = "cluster::default_grace")]
     pub signal_grace_s: u32,
     /// Seconds between looks at a running job.
-    #[serde(default = "remote::default_poll")]
+    #[serde(default = "cluster::default_poll")]
     pub poll_s: f64,
+    /// Whether the nodes see the head's cache at its path; `false`: jobs reach
+    /// artifacts through the remote cache (`through_remote.rs`).
+    #[serde(default = "cluster::default_shared_filesystem")]
+    pub shared_filesystem: bool,
 }
 
 impl Default for SlurmConfig {
@@ -44,9 +49,10 @@ impl Default for SlurmConfig {
             account: None,
             qos: None,
             extra: Vec::new(),
-            max_resubmits: remote::default_resubmits(),
-            signal_grace_s: remote::default_grace(),
-            poll_s: remote::default_poll(),
+            max_resubmits: cluster::default_resubmits(),
+            signal_grace_s: cluster::default_grace(),
+            poll_s: cluster::default_poll(),
+            shared_filesystem: true,
         }
     }
 }
@@ -55,7 +61,7 @@ impl SlurmConfig {
     /// Values sbatch would refuse later, or that cannot mean what they say, as (key, message).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         // Slurm's --signal takes at most 65535 seconds.
-        remote::following_problems(self.max_resubmits, self.signal_grace_s, 65_535, self.poll_s)
+        cluster::following_problems(self.max_resubmits, self.signal_grace_s, 65_535, self.poll_s)
     }
 }
 
@@ -67,14 +73,24 @@ impl Slurm {
     pub fn new(cfg: SlurmConfig) -> Slurm {
         Slurm { cfg }
     }
+
+    /// Where a job's log goes (`%j`: its id): its work folder when the nodes share
+    /// the head's cache, else the node's own temporary folder.
+    fn log_pattern(&self, work_dir: &Path) -> String {
+        if self.cfg.shared_filesystem {
+            work_dir.join("slurm-%j.log").display().to_string()
+        } else {
+            "/tmp/r1pipe-slurm-%j.log".to_string()
+        }
+    }
 }
 
 impl JobSystem for Slurm {
     fn noun(&self) -> &'static str {
         "Slurm job"
     }
-    fn submit(&self, job: &JobFile, resources: &Resources) -> Result<String> {
-        submit(&self.cfg, resources, job).map(|id| id.to_string())
+    fn submit(&self, job: &JobFile, resources: &Resources, command: &str) -> Result<String> {
+        submit(&self.cfg, resources, job, command, &self.log_pattern(&job.work_dir)).map(|id| id.to_string())
     }
     fn state(&self, id: &str) -> Result<JobState> {
         Ok(match queue_state(id)? {
@@ -91,10 +107,15 @@ impl JobSystem for Slurm {
         Ok(())
     }
     fn log_place(&self, work_dir: &Path, id: &str) -> String {
-        work_dir.join(format!("slurm-{id}.log")).display().to_string()
+        let path = self.log_pattern(work_dir).replace("%j", id);
+        if self.cfg.shared_filesystem {
+            path
+        } else {
+            format!("{path} on the node that ran it")
+        }
     }
     fn log_tail(&self, work_dir: &Path, id: &str) -> String {
-        log_tail(&work_dir.join(format!("slurm-{id}.log")))
+        log_tail(Path::new(&self.log_pattern(work_dir).replace("%j", id)))
     }
     fn max_resubmits(&self) -> u32 {
         self.cfg.max_resubmits
@@ -104,11 +125,11 @@ impl JobSystem for Slurm {
     }
 }
 
-fn submit(cfg: &SlurmConfig, resources: &Resources, job: &JobFile) -> Result<u64> {
+fn submit(cfg: &SlurmConfig, resources: &Resources, job: &JobFile, command: &str, log: &str) -> Result<u64> {
     let mut cmd = Command::new("sbatch");
     cmd.arg("--parsable")
         .arg(format!("--job-name=r1pipe-{}", job.stage))
-        .arg(format!("--output={}", job.work_dir.join("slurm-%j.log").display()))
+        .arg(format!("--output={log}"))
         // The job sees paths as the head does (a relative cache or project path included).
         .arg(format!("--chdir={}", std::env::current_dir()?.display()))
         .arg(format!("--signal=B:TERM@{}", cfg.signal_grace_s));
@@ -134,7 +155,7 @@ fn submit(cfg: &SlurmConfig, resources: &Resources, job: &JobFile) -> Result<u64
         cmd.arg(format!("--time={t}"));
     }
     cmd.args(&cfg.extra);
-    cmd.arg(format!("--wrap={}", exec_command(&job.work_dir)?));
+    cmd.arg(format!("--wrap={command}"));
     let out = cmd.output().context("running sbatch (is Slurm installed here? scripts/slurm-local.sh up starts one)")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {

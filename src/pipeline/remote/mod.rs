@@ -5,6 +5,8 @@
 //! files/<ab>/<rest of blake3>    one file's bytes, named by their blake3
 //! objects/<object hash>.json      an artifact's manifest: its name, and each file's path, hash and size
 //! records/<fingerprint>.json      a finished stage: which fingerprint made which artifacts
+//! jobs/<fingerprint>/             a stage running as a job with no shared filesystem (jobs.rs):
+//!                                 job.json, exit.json, work.json (its checkpoints' manifest)
 //! ```
 //!
 //! Everything is named by its content, so a push of what is there sends
@@ -18,6 +20,7 @@
 //! cache's `pulls/` for the next call when one is interrupted.
 
 mod connect;
+mod jobs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,12 +79,17 @@ impl Manifest {
         object_hash(&self.file_name, &content)
     }
 
-    /// Refuse what no push of r1pipe writes: another artifact's manifest, paths
-    /// that would leave the artifact's folder, hashes that are not hashes.
+    /// Refuse what no push of r1pipe writes: another artifact's manifest, or
+    /// files [`Manifest::check_files`] refuses.
     fn check(&self, oref: &ObjectRef) -> Result<()> {
         if self.file_name != oref.file_name || self.object_hash() != oref.hash {
             bail!("its manifest does not describe artifact {} ({})", oref.hash, oref.file_name);
         }
+        self.check_files()
+    }
+
+    /// Refuse paths that would leave the artifact's folder and hashes that are not hashes.
+    fn check_files(&self) -> Result<()> {
         let hex = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         for f in &self.files {
             let plain = Path::new(&f.path).components().all(|c| matches!(c, std::path::Component::Normal(_)));
@@ -110,6 +118,7 @@ pub struct Remote {
     /// The URL without credentials: how messages name the remote.
     pub name: String,
     url: String,
+    spec: RemoteSpec,
     rt: tokio::runtime::Runtime,
 }
 
@@ -120,9 +129,21 @@ impl Remote {
             .enable_all()
             .build()
             .context("starting the remote's I/O runtime")?;
-        let remote = Remote { store, prefix, name: crate::common::redact::url(&spec.url), url: spec.url.clone(), rt };
+        let remote = Remote {
+            store,
+            prefix,
+            name: crate::common::redact::url(&spec.url),
+            url: spec.url.clone(),
+            spec: spec.clone(),
+            rt,
+        };
         remote.probe()?;
         Ok(remote)
+    }
+
+    /// What the remote was opened from (to open it again in a stage's thread or a job).
+    pub fn spec(&self) -> &RemoteSpec {
+        &self.spec
     }
 
     /// Fail before any work when the remote cannot be read: no such bucket, wrong
@@ -257,40 +278,68 @@ impl Remote {
         bar: &indicatif::ProgressBar,
     ) -> Result<Transfer> {
         let mut moved = Transfer::default();
-        let record_key = format!("records/{}.json", rec.fingerprint);
         // Even when the record is there, every file it needs is looked for: a
         // remote that lost one is mended by the next push.
+        let orefs: Vec<&ObjectRef> = rec.outputs.values().collect();
+        self.push_objects(cache, db, &orefs, bar, &mut moved)?;
+        let record_key = format!("records/{}.json", rec.fingerprint);
+        if !self.exists(&record_key)? {
+            self.put(&record_key, serde_json::to_vec_pretty(rec)?)?;
+        }
+        Ok(moved)
+    }
+
+    /// Send local artifacts: each one's files the remote lacks, then its manifest
+    /// (a reader that finds a manifest finds its files). Each is checked against
+    /// its hash first.
+    pub fn push_objects(
+        &self,
+        cache: &Cache,
+        db: &sled::Db,
+        orefs: &[&ObjectRef],
+        bar: &indicatif::ProgressBar,
+        moved: &mut Transfer,
+    ) -> Result<()> {
         let mut manifests = Vec::new();
-        for oref in rec.outputs.values() {
+        for &oref in orefs {
             let manifest = self.manifest_of(cache, db, oref)?;
             bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
             manifests.push((oref, manifest));
         }
         for (oref, manifest) in &manifests {
-            let root = cache.object_path(oref);
-            for f in &manifest.files {
-                let key = Self::file_key(&f.hash);
-                if self.exists(&key)? {
-                    moved.files_there += 1;
-                    bar.inc(f.size);
-                    continue;
-                }
-                let path = if f.path.is_empty() { root.clone() } else { root.join(&f.path) };
-                self.upload(&key, &path, &f.hash)?;
-                moved.files_sent += 1;
-                moved.bytes += f.size;
-                bar.inc(f.size);
-                crate::common::fault::point("push-after-file");
-            }
+            self.push_files(&cache.object_path(oref), &manifest.files, bar, moved)?;
             let manifest_key = format!("objects/{}.json", oref.hash);
             if !self.exists(&manifest_key)? {
                 self.put(&manifest_key, serde_json::to_vec_pretty(manifest)?)?;
             }
         }
-        if !self.exists(&record_key)? {
-            self.put(&record_key, serde_json::to_vec_pretty(rec)?)?;
+        Ok(())
+    }
+
+    /// Send the files of a manifest that the remote lacks (`root` is the artifact's
+    /// path: the file itself, or the folder the paths are relative to).
+    fn push_files(
+        &self,
+        root: &Path,
+        files: &[ManifestFile],
+        bar: &indicatif::ProgressBar,
+        moved: &mut Transfer,
+    ) -> Result<()> {
+        for f in files {
+            let key = Self::file_key(&f.hash);
+            if self.exists(&key)? {
+                moved.files_there += 1;
+                bar.inc(f.size);
+                continue;
+            }
+            let path = if f.path.is_empty() { root.to_path_buf() } else { root.join(&f.path) };
+            self.upload(&key, &path, &f.hash)?;
+            moved.files_sent += 1;
+            moved.bytes += f.size;
+            bar.inc(f.size);
+            crate::common::fault::point("push-after-file");
         }
-        Ok(moved)
+        Ok(())
     }
 
     /// The manifest of a local artifact, its hash checked against its name.
@@ -342,56 +391,114 @@ impl Remote {
         bar: &indicatif::ProgressBar,
     ) -> Result<Transfer> {
         let mut moved = Transfer::default();
-        let mut manifests = Vec::new();
-        for oref in rec.outputs.values() {
-            if cache.object_damage(db, oref, super::store::Check::Cheap)?.is_none() {
-                continue; // already here, whole
-            }
-            let key = format!("objects/{}.json", oref.hash);
-            let bytes = self
-                .get_small(&key)?
-                .with_context(|| format!("remote {}: the record names artifact {key}, which is missing", self.name))?;
-            let manifest: Manifest = serde_json::from_slice(&bytes)
-                .with_context(|| format!("remote {}: {key} is not an artifact manifest", self.name))?;
-            manifest.check(oref).map_err(|e| anyhow::anyhow!("remote {}: {key}: {e:#}", self.name))?;
-            bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
-            manifests.push((oref, manifest));
-        }
-        let pulls = cache.root.join("pulls");
-        std::fs::create_dir_all(&pulls).with_context(|| format!("creating {}", pulls.display()))?;
-        for (oref, manifest) in &manifests {
-            // Assembled beside the cache's objects, then moved in as a stage's output is;
-            // the half-assembled folder of a failed pull goes (its verified files stay).
-            let staging = pulls.join(format!("{}-{}", oref.hash, std::process::id()));
-            let pulled = self.assemble(cache, db, oref, manifest, &pulls, &staging, &mut moved, bar);
-            super::store::remove_path(&staging)?;
-            pulled?;
-        }
-        for (_, manifest) in &manifests {
-            for f in &manifest.files {
-                let _ = std::fs::remove_file(pulls.join(&f.hash));
-            }
-        }
+        let orefs: Vec<&ObjectRef> = rec.outputs.values().collect();
+        self.pull_objects(cache, db, &orefs, bar, &mut moved)?;
         cache.put_record(db, rec)?;
         Ok(moved)
     }
 
-    /// Build an artifact in `staging` from its files (fetched into `pulls/` as
-    /// needed) and commit it to the cache.
-    #[allow(clippy::too_many_arguments)]
-    fn assemble(
+    /// Bring artifacts into the local cache (those not already there, whole),
+    /// each file checked against its hash as it arrives and each artifact
+    /// against its own once assembled; nothing half-pulled enters the cache.
+    pub fn pull_objects(
         &self,
         cache: &Cache,
         db: &sled::Db,
+        orefs: &[&ObjectRef],
+        bar: &indicatif::ProgressBar,
+        moved: &mut Transfer,
+    ) -> Result<()> {
+        let mut manifests = Vec::new();
+        for &oref in orefs {
+            if cache.object_damage(db, oref, super::store::Check::Cheap)?.is_none() {
+                continue; // already here, whole
+            }
+            let manifest = self.manifest(oref)?;
+            bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
+            manifests.push((oref, manifest));
+        }
+        let pulls = Self::pulls_dir(cache)?;
+        for (oref, manifest) in &manifests {
+            // Assembled beside the cache's objects, then moved in as a stage's output is;
+            // the half-assembled folder of a failed pull goes (its verified files stay).
+            let staging = pulls.join(format!("{}-{}", oref.hash, std::process::id()));
+            super::store::remove_path(&staging)?;
+            let top = staging.join(&oref.file_name);
+            let pulled = self.materialize(manifest, &pulls, &top, moved, bar).and_then(|()| {
+                let stored = cache.commit_output(db, &top, &oref.file_name)?;
+                if stored != **oref {
+                    bail!("remote {}: artifact {} hashed to {} once pulled", self.name, oref.hash, stored.hash);
+                }
+                Ok(())
+            });
+            super::store::remove_path(&staging)?;
+            pulled?;
+        }
+        for (_, manifest) in &manifests {
+            Self::forget_pulled(&pulls, &manifest.files);
+        }
+        Ok(())
+    }
+
+    /// Write a remote artifact as `dest` (a file, or a folder of files), each file
+    /// checked against its hash as it arrives; the artifact's manifest is checked
+    /// against its hash first. What a cluster's head does with a job's outputs:
+    /// they become the stage's outputs, committed as if the stage had run here.
+    pub fn fetch_object(
+        &self,
+        cache: &Cache,
         oref: &ObjectRef,
+        dest: &Path,
+        bar: &indicatif::ProgressBar,
+        moved: &mut Transfer,
+    ) -> Result<()> {
+        let manifest = self.manifest(oref)?;
+        bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
+        let pulls = Self::pulls_dir(cache)?;
+        super::store::remove_path(dest)?;
+        self.materialize(&manifest, &pulls, dest, moved, bar)?;
+        Self::forget_pulled(&pulls, &manifest.files);
+        Ok(())
+    }
+
+    /// The manifest of a remote artifact, checked against the artifact's hash.
+    fn manifest(&self, oref: &ObjectRef) -> Result<Manifest> {
+        let key = format!("objects/{}.json", oref.hash);
+        let bytes =
+            self.get_small(&key)?.with_context(|| format!("remote {}: artifact {key} is missing", self.name))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("remote {}: {key} is not an artifact manifest", self.name))?;
+        manifest.check(oref).map_err(|e| anyhow::anyhow!("remote {}: {key}: {e:#}", self.name))?;
+        Ok(manifest)
+    }
+
+    /// Where fetched files wait, verified, until their artifact is whole: a pull
+    /// cut short keeps them for the next call.
+    fn pulls_dir(cache: &Cache) -> Result<PathBuf> {
+        let pulls = cache.root.join("pulls");
+        std::fs::create_dir_all(&pulls).with_context(|| format!("creating {}", pulls.display()))?;
+        Ok(pulls)
+    }
+
+    fn forget_pulled(pulls: &Path, files: &[ManifestFile]) {
+        for f in files {
+            let _ = std::fs::remove_file(pulls.join(&f.hash));
+        }
+    }
+
+    /// Write `files` as `top` (`top` itself for a one-file artifact, else files
+    /// under it), fetching into `pulls/` what is not there yet.
+    fn materialize(
+        &self,
         manifest: &Manifest,
         pulls: &Path,
-        staging: &Path,
+        top: &Path,
         moved: &mut Transfer,
         bar: &indicatif::ProgressBar,
     ) -> Result<()> {
-        super::store::remove_path(staging)?;
-        let top = staging.join(&oref.file_name);
+        if manifest.kind == "dir" {
+            std::fs::create_dir_all(top).with_context(|| format!("creating {}", top.display()))?;
+        }
         for f in &manifest.files {
             let have = pulls.join(&f.hash);
             if !have.exists() {
@@ -402,16 +509,13 @@ impl Remote {
                 moved.files_there += 1;
             }
             bar.inc(f.size);
-            let dest = if f.path.is_empty() { top.clone() } else { top.join(&f.path) };
-            std::fs::create_dir_all(dest.parent().expect("under staging"))?;
+            let dest = if f.path.is_empty() { top.to_path_buf() } else { top.join(&f.path) };
+            let parent = dest.parent().expect("a file under the artifact's place");
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
             // A link where the file system allows (no second copy), else a copy.
             if std::fs::hard_link(&have, &dest).is_err() {
                 std::fs::copy(&have, &dest).with_context(|| format!("writing {}", dest.display()))?;
             }
-        }
-        let stored = cache.commit_output(db, &top, &oref.file_name)?;
-        if &stored != oref {
-            bail!("remote {}: artifact {} hashed to {} once pulled", self.name, oref.hash, stored.hash);
         }
         Ok(())
     }
@@ -525,6 +629,20 @@ impl Remote {
                 }
             } else {
                 unreached.push((key, size, "an artifact's manifest no kept record names"));
+            }
+        }
+        // A job's checkpoint (jobs.rs) keeps its files while its stage has no record;
+        // once it has one, what its job left is garbage (a head that died before clearing it).
+        let recorded: std::collections::BTreeSet<String> =
+            records.iter().map(|(_, _, r)| r.fingerprint.clone()).collect();
+        for (key, size, _) in self.list("jobs")? {
+            let fp = key.trim_start_matches("jobs/").split('/').next().unwrap_or_default().to_string();
+            if recorded.contains(&fp) {
+                unreached.push((key, size, "a finished job's file"));
+            } else if key.ends_with("/work.json") {
+                if let Some(m) = self.get_small(&key)?.and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
+                    kept_files.extend(m.files.into_iter().map(|f| Self::file_key(&f.hash)));
+                }
             }
         }
         for (key, size, at) in self.list("files")? {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-use super::job::{read_exit, write_atomically, ExitFile, JobFile, Submitted, EXIT_FILE, JOB_FILE};
+use super::job::{exec_command, read_exit, write_atomically, ExitFile, JobFile, Submitted, EXIT_FILE, JOB_FILE};
+use super::through_remote;
 use super::{Executor, ExecutorConfig, LiveJob, StageRun};
 use crate::common::{CancelToken, Cancelled};
 use crate::pipeline::resources::Resources;
@@ -24,8 +25,8 @@ pub(super) trait JobSystem: Send + Sync {
     fn admits(&self, _stage: &str, _resources: &Resources) -> Result<()> {
         Ok(())
     }
-    /// Submit the job (its file is written); its id.
-    fn submit(&self, job: &JobFile, resources: &Resources) -> Result<String>;
+    /// Submit the job (its file is written) to run `command`; its id.
+    fn submit(&self, job: &JobFile, resources: &Resources, command: &str) -> Result<String>;
     fn state(&self, id: &str) -> Result<JobState>;
     /// Ask the job to checkpoint and stop (SIGTERM, with the grace its settings give).
     fn stop(&self, id: &str) -> Result<()>;
@@ -67,6 +68,9 @@ pub(super) fn default_grace() -> u32 {
 pub(super) fn default_poll() -> f64 {
     2.0
 }
+pub(super) fn default_shared_filesystem() -> bool {
+    true
+}
 
 /// Problems with those settings, as (key, message); `grace_max` is the cluster's own limit.
 pub(super) fn following_problems(
@@ -94,15 +98,15 @@ const UNANSWERED_LIMIT: Duration = Duration::from_secs(120);
 /// How long an ended job's exit file may lag behind (a shared filesystem's caches).
 const EXIT_FILE_LAG: Duration = Duration::from_secs(10);
 
-pub(super) struct Remote {
+pub(super) struct ClusterExecutor {
     system: Box<dyn JobSystem>,
     /// Recorded beside each job, so a later head (or `status`) finds the cluster again.
     config: ExecutorConfig,
 }
 
-impl Remote {
-    pub fn new(system: Box<dyn JobSystem>, config: ExecutorConfig) -> Remote {
-        Remote { system, config }
+impl ClusterExecutor {
+    pub fn new(system: Box<dyn JobSystem>, config: ExecutorConfig) -> ClusterExecutor {
+        ClusterExecutor { system, config }
     }
 
     /// Follow `live`, left running by an earlier head, to the stage's end.
@@ -111,10 +115,25 @@ impl Remote {
     }
 
     fn run_jobs(&self, run: StageRun<'_>, mut following: Option<String>) -> Result<()> {
-        let StageRun { ctx, resources, tag, spec, .. } = run;
+        let StageRun { ctx, resources, tag, spec, remote, .. } = run;
         let noun = self.system.noun();
         let job = JobFile::new(ctx, spec);
         let work = ctx.work_dir.clone();
+        // Nodes without the head's filesystem: the job, its exit and its artifacts go
+        // through the remote cache (the runner pushed the inputs).
+        let through = match (self.config.shared_filesystem(), remote) {
+            (true, _) => None,
+            (false, Some(spec)) => Some(crate::pipeline::remote::Remote::open(&spec, &ctx.project.root)?),
+            (false, None) => bail!("{}", needs_remote_message(self.config.kind())),
+        };
+        let command = match &through {
+            Some(remote) => through_remote::exec_command(remote.spec(), &job.fingerprint)?,
+            None => exec_command(&work)?,
+        };
+        let read_exit = || match &through {
+            Some(remote) => through_remote::read_exit(remote, &job.fingerprint),
+            None => read_exit(&work.join(EXIT_FILE)),
+        };
         let mut resubmits = 0;
         loop {
             let id = match following.take() {
@@ -126,18 +145,35 @@ impl Remote {
                     self.system.admits(&ctx.stage, resources)?;
                     write_atomically(&work.join(JOB_FILE), &serde_json::to_vec_pretty(&job)?)?;
                     let _ = std::fs::remove_file(work.join(EXIT_FILE));
-                    let id = self.system.submit(&job, resources)?;
+                    if let Some(remote) = &through {
+                        through_remote::post_job(remote, &job)?;
+                    }
+                    let id = self.system.submit(&job, resources, &command)?;
                     Submitted { executor: self.config.clone(), id: id.clone() }.write(&work)?;
                     tracing::info!(target: "r1pipe::runlog", stage = %ctx.stage, executor = self.config.kind(), job = %id, "job submitted");
                     println!("{tag}: {noun} {id} (log {})", self.system.log_place(&work, &id));
                     id
                 }
             };
-            let (exit, ending, ran) = self.wait(&id, &work, &ctx.cancel)?;
+            let (exit, ending, ran) = self.wait(&id, &read_exit, &ctx.cancel)?;
             let stopped_outside = matches!(ending, Ending::Stopped) && !ctx.cancel.is_cancelled();
             let tail = || self.system.log_tail(&work, &id);
             match exit {
                 Some(exit) if exit.status == "ok" => {
+                    if let Some(remote) = &through {
+                        let moved = through_remote::fetch_outputs(remote, &exit, &work, &ctx.out_dir)?;
+                        println!(
+                            "{tag}: fetched its outputs from {} ({} in {} files)",
+                            remote.name,
+                            indicatif::HumanBytes(moved.bytes),
+                            moved.files_sent
+                        );
+                        if let Err(e) = remote.clear_job(&job.fingerprint) {
+                            tracing::warn!(
+                                "{tag}: the job's files stay in the remote (`gc --remote` removes them): {e:#}"
+                            );
+                        }
+                    }
                     ctx.metrics = exit.metrics;
                     return Ok(());
                 }
@@ -182,8 +218,12 @@ impl Remote {
     /// Wait for job `id` to end: its exit file (if it left one), how the cluster
     /// says it ended, and whether it was ever seen running. A cancelled head asks
     /// the job to checkpoint and stop, and waits for it.
-    fn wait(&self, id: &str, work_dir: &Path, cancel: &CancelToken) -> Result<(Option<ExitFile>, Ending, bool)> {
-        let exit_path = work_dir.join(EXIT_FILE);
+    fn wait(
+        &self,
+        id: &str,
+        read_exit: &dyn Fn() -> Result<Option<ExitFile>>,
+        cancel: &CancelToken,
+    ) -> Result<(Option<ExitFile>, Ending, bool)> {
         let noun = self.system.noun();
         let (mut told_to_stop, mut ran) = (false, false);
         let mut gone_since: Option<Instant> = None;
@@ -198,7 +238,7 @@ impl Remote {
                 Ok(JobState::Ended(ending)) => {
                     answered = Instant::now();
                     // The exit file is written last; on a shared filesystem it may lag a little.
-                    if let Some(exit) = read_exit(&exit_path)? {
+                    if let Some(exit) = read_exit()? {
                         return Ok((Some(exit), ending, true));
                     }
                     if gone_since.get_or_insert_with(Instant::now).elapsed() > EXIT_FILE_LAG {
@@ -224,9 +264,12 @@ impl Remote {
     }
 }
 
-impl Executor for Remote {
+impl Executor for ClusterExecutor {
     fn default_jobs(&self) -> usize {
         64
+    }
+    fn needs_remote(&self) -> bool {
+        !self.config.shared_filesystem()
     }
     fn run_stage(&self, run: StageRun<'_>) -> Result<()> {
         self.run_jobs(run, None)
@@ -245,4 +288,12 @@ pub(super) fn live(submitted: &Submitted) -> Option<LiveJob> {
         }),
         JobState::Ended(_) => None,
     }
+}
+
+/// Why a cluster without a shared filesystem cannot run a pipeline without a remote.
+pub(super) fn needs_remote_message(kind: &str) -> String {
+    format!(
+        "`executor: {{kind: {kind}, shared_filesystem: false}}` sends artifacts through the remote cache, and this \
+         run has none: add `remote:` to the pipeline (s3://…, https://…, file:///…) or pass --remote URL"
+    )
 }
