@@ -6,8 +6,12 @@
 # root) an Apache WebDAV server from Debian's apache2 on
 # 127.0.0.1:${R1PIPE_DAV_PORT:-8089}/cache/ serving .venv-remote/dav/, and
 # beside it /private/, the same behind HTTP Basic authentication (user
-# `r1pipe`, password `r1pipe-dav`: for the wrong-credentials tests). Each
-# is waited for; `down` stops both. Idempotent. Prints the two addresses.
+# `r1pipe`, password `r1pipe-dav`: for the wrong-credentials tests), and a
+# second moto on 127.0.0.1:${R1PIPE_S3_AUTH_PORT:-5556} that checks
+# credentials as S3 does (moto's IAM mode): one user, whose key is written to
+# .venv-remote/s3-auth.env with a bucket `r1pipe-auth` it may use; any other
+# key is refused. Each is waited for; `down` stops them all. Idempotent.
+# Prints the addresses.
 # Use it with: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
 #   r1pipe run P.yaml --remote s3://BUCKET/PREFIX  (and `remote: {url, endpoint}` or AWS_ENDPOINT_URL)
 set -euo pipefail
@@ -80,15 +84,60 @@ CONF
   echo "remote-local: WebDAV up at $dav_url" >&2
 }
 
+# The S3 server that checks credentials. moto's IAM mode lets the first
+# INITIAL_NO_AUTH_ACTION_COUNT requests through unsigned: the three that make
+# the user, its key and its policy; from then on every request must be signed
+# by that key.
+auth_port=${R1PIPE_S3_AUTH_PORT:-5556}
+auth_endpoint="http://127.0.0.1:$auth_port"
+auth_pidfile="$venv/moto-auth.pid"
+auth_up() {
+  if [ -f "$venv/s3-auth.env" ] && "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$auth_endpoint/moto-api/', timeout=3)" 2>/dev/null; then
+    echo "remote-local: credential-checking S3 already up at $auth_endpoint" >&2
+    return
+  fi
+  rm -f "$venv/s3-auth.env"
+  INITIAL_NO_AUTH_ACTION_COUNT=3 setsid "$venv/bin/moto_server" -H 127.0.0.1 -p "$auth_port" \
+    > "$venv/moto-auth.log" 2>&1 < /dev/null &
+  echo $! > "$auth_pidfile"
+  "$venv/bin/python" - "$auth_endpoint" "$venv/s3-auth.env" <<'PY' || { echo "remote-local: the credential-checking S3 did not start (log: $venv/moto-auth.log)" >&2; return 1; }
+import json, sys, time, urllib.request
+import boto3
+endpoint, out = sys.argv[1], sys.argv[2]
+for _ in range(60):
+    try:
+        urllib.request.urlopen(endpoint + "/moto-api/", timeout=3)
+        break
+    except Exception:
+        time.sleep(0.5)
+anon = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+iam = boto3.client("iam", **anon)
+iam.create_user(UserName="r1pipe")
+key = iam.create_access_key(UserName="r1pipe")["AccessKey"]
+policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+iam.put_user_policy(UserName="r1pipe", PolicyName="s3", PolicyDocument=json.dumps(policy))
+s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                  aws_access_key_id=key["AccessKeyId"], aws_secret_access_key=key["SecretAccessKey"])
+s3.create_bucket(Bucket="r1pipe-auth")
+with open(out, "w") as f:
+    f.write(f"AWS_ACCESS_KEY_ID={key['AccessKeyId']}\nAWS_SECRET_ACCESS_KEY={key['SecretAccessKey']}\n")
+PY
+  echo "remote-local: credential-checking S3 up at $auth_endpoint (key in $venv/s3-auth.env)" >&2
+}
+
 down() {
   if [ -f "$venv/dav/httpd.conf" ]; then apache2 -f "$venv/dav/httpd.conf" -k stop 2>/dev/null || true; fi
-  if [ -f "$pidfile" ]; then kill "$(cat "$pidfile")" 2>/dev/null || true; rm -f "$pidfile"; fi
+  for f in "$pidfile" "$auth_pidfile"; do
+    if [ -f "$f" ]; then kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; fi
+  done
+  rm -f "$venv/s3-auth.env"
   echo "remote-local: stopped" >&2
 }
 
 up() {
   pinned_venv "$venv" remote-local "moto[server]==5.2.5"
   dav_up || true
+  auth_up || true
   if answers; then
     echo "remote-local: S3 already up at $endpoint" >&2
     echo "$endpoint $dav_url"

@@ -217,6 +217,60 @@ fn an_s3_remote_serves_a_second_cache_and_a_missing_bucket_is_named() {
     assert!(!r.stderr.contains("sup3r-s3cret"), "{}", r.stderr);
 }
 
+/// The S3 server of `scripts/remote-local.sh` that checks credentials (moto's IAM
+/// mode), and the one key it takes (with the bucket `r1pipe-auth`); if none, why.
+fn s3_server_checking_credentials() -> Result<(String, String, String), String> {
+    let endpoint = std::env::var("R1PIPE_S3_AUTH_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5556".into());
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-remote/s3-auth.env");
+    let text = fs::read_to_string(&file)
+        .map_err(|e| format!("no key in {} ({e}); scripts/remote-local.sh up starts the server", file.display()))?;
+    let var = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).map(str::to_string).ok_or(format!("no {name}"))
+    };
+    match ureq::get(&format!("{endpoint}/moto-api/")).timeout(std::time::Duration::from_secs(5)).call() {
+        Ok(_) | Err(ureq::Error::Status(..)) => {
+            Ok((endpoint, var("AWS_ACCESS_KEY_ID")?, var("AWS_SECRET_ACCESS_KEY")?))
+        }
+        Err(e) => Err(format!("{endpoint} does not answer ({e})")),
+    }
+}
+
+#[test]
+fn an_s3_server_that_checks_credentials_takes_the_right_key_and_names_a_wrong_one_without_showing_it() {
+    let (endpoint, key, secret) = match s3_server_checking_credentials() {
+        Ok(found) => found,
+        Err(why) => {
+            common::skip(&format!("no credential-checking S3 server: {why}"));
+            return;
+        }
+    };
+    let remote = format!("{{ url: \"s3://r1pipe-auth/run-{}\", endpoint: \"{endpoint}\" }}", std::process::id());
+    let run = |p: &Project, key: &str, secret: &str| -> common::Run {
+        let mut cmd = p.cmd(&["run", "pipe.yaml", "-q"]);
+        cmd.env("AWS_ACCESS_KEY_ID", key).env("AWS_SECRET_ACCESS_KEY", secret).env_remove("AWS_PROFILE");
+        cmd.env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent").output().unwrap().into()
+    };
+    for (id, wrong_secret, code) in [
+        (key.as_str(), "not-the-secret-key-0123456789", "SignatureDoesNotMatch"),
+        ("AKIANOSUCHKEY0000000", "any-secret-key-0123456789", "InvalidAccessKeyId"),
+    ] {
+        let p = project(&remote);
+        let r = run(&p, id, wrong_secret);
+        assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("remote s3://r1pipe-auth/run-") && r.stderr.contains(code), "{}", r.stderr);
+        assert!(r.stderr.contains("the server refused the credentials"), "{}", r.stderr);
+        assert!(!r.stderr.contains(wrong_secret) && !r.stdout.contains(wrong_secret), "{}", r.stderr);
+        assert!(!r.stdout.contains(": run "), "nothing runs before the remote is readable: {}", r.stdout);
+    }
+    let a = project(&remote);
+    let r = run(&a, &key, &secret).ok();
+    assert_eq!(r.stdout.matches(": pushed to s3://").count(), 3, "{}", r.stdout);
+    let b = project(&remote);
+    let r = run(&b, &key, &secret).ok();
+    assert_eq!(r.stdout.matches(": pulled from s3://").count(), 3, "{}", r.stdout);
+    assert!(outputs(&a) == outputs(&b));
+}
+
 fn dav_url() -> String {
     std::env::var("R1PIPE_DAV_URL").unwrap_or_else(|_| "http://127.0.0.1:8089/cache".into())
 }
@@ -359,4 +413,80 @@ fn a_file_larger_than_a_part_goes_up_in_parts_and_comes_back_whole() {
         assert!(fs::metadata(&fa).unwrap().len() > 40 << 20);
         assert!(fs::read(&fa).unwrap() == fs::read(&fb).unwrap(), "{remote}: the large file came back different");
     }
+}
+
+/// Unmounts its folder when dropped (a test that fails leaves no mount behind).
+struct Mounted(std::path::PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_during_a_pull_is_named_leaves_nothing_half_written_and_the_next_pull_completes() {
+    // A pipeline whose one artifact (a data set of about 8 MiB) is larger than the pulling cache's disk.
+    let shared = tempfile::tempdir().unwrap();
+    let pipe = format!(
+        "name: big\nremote: file://{}\nstages:\n  data: {{ kind: download, with: {{ path: data/big }} }}\n",
+        shared.path().display()
+    );
+    let with_data = || {
+        let p = Project::new();
+        p.write("pipe.yaml", &pipe);
+        p.write("data/big/train.jsonl", &common::gsm8k_rows(60_000));
+        p.write("data/big/test.jsonl", &common::gsm8k_rows(2));
+        p
+    };
+    let a = with_data();
+    a.run(&["run", "pipe.yaml", "-q"]).ok();
+
+    // The second cache on a 4 MiB disk of its own: a tmpfs (mounting needs root).
+    let disk = tempfile::tempdir().unwrap();
+    let mount = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(disk.path())
+        .output()
+        .unwrap();
+    if !mount.status.success() {
+        common::skip(&format!(
+            "cannot mount a small tmpfs to fill (needs root): {}",
+            String::from_utf8_lossy(&mount.stderr).trim()
+        ));
+        return;
+    }
+    let _mounted = Mounted(disk.path().to_path_buf());
+    let cache = disk.path().join("cache");
+    let cache_arg = cache.display().to_string();
+    let b = with_data();
+    let r = b.run(&["pull", "pipe.yaml", "--cache", &cache_arg]);
+    assert_ne!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let said = format!("{}{}", r.stdout, r.stderr);
+    assert!(said.contains("remote file://") && said.contains("pulling files/"), "the remote and object named: {said}");
+    assert!(said.contains("No space left on device") && said.contains("disk is full"), "{said}");
+    // Nothing half-written: no partial file, no artifact, no record.
+    let parts: Vec<_> = fs::read_dir(cache.join("pulls"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+        .collect();
+    assert!(parts.is_empty(), "{parts:?}");
+    let objects: Vec<_> = fs::read_dir(cache.join("objects")).into_iter().flatten().flatten().collect();
+    assert!(objects.is_empty(), "{objects:?}");
+    let status = b.run(&["status", "pipe.yaml", "--cache", &cache_arg]).ok().stdout;
+    assert!(status.contains("in the remote") && !status.contains("cached"), "{status}");
+
+    // Room made: the next pull completes, the bytes the first cache has.
+    let grown = std::process::Command::new("mount").args(["-o", "remount,size=64m"]).arg(disk.path()).status();
+    assert!(grown.unwrap().success());
+    let r = b.run(&["pull", "pipe.yaml", "--cache", &cache_arg]).ok();
+    assert!(r.stdout.contains("data: pulled from file://"), "{}", r.stdout);
+    let dataset = |p: &Project, extra: &[&str]| {
+        let mut args = vec!["show", "data.dataset", "-p", "pipe.yaml"];
+        args.extend(extra);
+        let dir = p.run(&args).ok().stdout.trim().to_string();
+        fs::read(format!("{dir}/train.jsonl")).unwrap()
+    };
+    assert!(dataset(&a, &[]) == dataset(&b, &["--cache", &cache_arg]));
 }

@@ -177,7 +177,16 @@ impl Remote {
             }
         }
         let object = if key.is_empty() { String::new() } else { format!(" {key}") };
-        anyhow::anyhow!("remote {}: {what}{object}: {}", self.name, short_error(&text))
+        // S3's words for credentials it does not take: say where r1pipe read them.
+        let refused = ["InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken"];
+        let hint = if refused.iter().any(|code| text.contains(&format!("<Code>{code}</Code>"))) {
+            "\n  hint: the server refused the credentials: r1pipe reads AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN), else the AWS_PROFILE section (default: [default]) of \
+             ~/.aws/credentials (AWS_SHARED_CREDENTIALS_FILE)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("remote {}: {what}{object}: {}{hint}", self.name, short_error(&text))
     }
 
     fn exists(&self, rel: &str) -> Result<bool> {
@@ -526,7 +535,14 @@ impl Remote {
         use std::io::Write;
         let key = Self::file_key(hash);
         let part = PathBuf::from(format!("{}.part", dest.display()));
-        let mut out = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+        // A local failure (a full disk, say) names the remote's object too; the
+        // files already pulled whole stay for the next call.
+        let local = |e: std::io::Error| {
+            let full = e.raw_os_error() == Some(libc::ENOSPC);
+            let hint = if full { "\n  hint: the cache's disk is full: free space and pull again" } else { "" };
+            anyhow::anyhow!("remote {}: pulling {key} into {}: {e}{hint}", self.name, part.display())
+        };
+        let mut out = std::fs::File::create(&part).map_err(local)?;
         let mut hasher = blake3::Hasher::new();
         let mut got = 0u64;
         let result: Result<()> = self.rt.block_on(async {
@@ -539,12 +555,12 @@ impl Remote {
                     bail!("remote {}: {key} is longer than its manifest says ({size} bytes)", self.name);
                 }
                 hasher.update(&chunk);
-                out.write_all(&chunk).with_context(|| format!("writing {}", part.display()))?;
+                out.write_all(&chunk).map_err(local)?;
             }
             Ok(())
         });
         if let Err(e) = result.and_then(|()| {
-            out.sync_all().with_context(|| format!("writing {}", part.display()))?;
+            out.sync_all().map_err(local)?;
             if got != size || hasher.finalize().to_hex().as_str() != hash {
                 bail!(
                     "remote {}: {key} does not hold the bytes its name promises (damaged or tampered with); \
