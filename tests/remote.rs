@@ -118,6 +118,39 @@ fn a_flipped_byte_in_the_remote_is_caught_on_pull_and_nothing_of_it_is_kept() {
 }
 
 #[test]
+fn verify_remote_finds_a_flipped_byte_drops_it_with_its_record_and_the_next_run_pushes_it_whole() {
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", shared.path().display());
+    let a = project(&url);
+    a.run(&["run", "pipe.yaml", "-q", "--until", "prompts"]).ok();
+    let r = a.run(&["verify", "pipe.yaml", "--remote"]).ok();
+    assert!(
+        r.stdout.contains("ok       grpo-cluster/gsm8k.dataset") && r.stdout.contains(": 0 damaged"),
+        "{}",
+        r.stdout
+    );
+
+    let file = remote_files(shared.path()).into_iter().next().unwrap();
+    let mut bytes = fs::read(&file).unwrap();
+    bytes[0] ^= 1;
+    fs::write(&file, &bytes).unwrap();
+    let key = file.strip_prefix(shared.path()).unwrap().display().to_string();
+    let r = a.run(&["verify", "pipe.yaml", "--remote"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(&format!("{key} does not hold the bytes its name promises")), "{}", r.stdout);
+    assert!(r.stdout.contains("records dropped (these stages rerun)"), "{}", r.stdout);
+    assert!(!file.exists(), "the damaged file stays in the remote, where no push would mend it");
+    // The local cache was not touched; its next run pushes what the remote lost, whole.
+    let r = a.run(&["verify", "pipe.yaml"]).ok();
+    assert!(r.stdout.contains("5 artifact(s) re-hashed") && r.stdout.contains(": 0 damaged"), "{}", r.stdout);
+    a.run(&["push", "pipe.yaml", "-q"]).ok();
+    let r = a.run(&["verify", "pipe.yaml", "--remote"]).ok();
+    assert!(r.stdout.contains(": 0 damaged"), "{}", r.stdout);
+    let b = project(&url);
+    b.run(&["pull", "pipe.yaml", "gsm8k", "prompts", "-q"]).ok();
+}
+
+#[test]
 fn a_push_killed_mid_way_shows_nothing_and_the_next_push_completes_it() {
     let shared = tempfile::tempdir().unwrap();
     let url = format!("file://{}", shared.path().display());
@@ -359,7 +392,7 @@ fn gc_remote_drops_only_what_no_current_result_needs_and_only_when_asked() {
     let r = p.run(&["gc", "pipe.yaml", "--remote", "--grace-minutes", "0", "--dry-run"]).ok();
     assert!(r.stdout.contains("would remove 2 item(s)"), "{}", r.stdout);
     assert!(
-        r.stdout.contains("an artifact's manifest no kept record names")
+        r.stdout.contains("the manifest of an artifact no record refers to")
             && r.stdout.contains("a file no kept artifact holds"),
         "{}",
         r.stdout

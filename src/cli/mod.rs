@@ -158,6 +158,10 @@ pub enum Command {
         /// Cache root [default: cache/ in the current project]
         #[arg(long, env = "R1PIPE_CACHE", value_name = "DIR")]
         cache: Option<PathBuf>,
+        /// Verify the remote cache instead (URL, or the pipeline's `remote:`): every file
+        /// read back and hashed; a damaged artifact goes from it with its records
+        #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+        remote: Option<String>,
     },
     /// Remove artifacts and work folders that no record reaches
     Gc {
@@ -336,7 +340,8 @@ pub fn main() -> i32 {
             pipeline_cmds::run(&args, opts)
         }
         Command::ExecJob { work_dir, remote, endpoint, fingerprint } => {
-            let through = remote.map(|url| (r1pipe::pipeline::remote::RemoteSpec { url, endpoint }, fingerprint));
+            let through =
+                remote.map(|url| (r1pipe::pipeline::store::remote::RemoteSpec { url, endpoint }, fingerprint));
             pipeline_cmds::exec_job(work_dir.as_deref(), through)
         }
         Command::Status { args, remote } => pipeline_cmds::status(&args, remote.as_deref()),
@@ -388,7 +393,10 @@ pub fn main() -> i32 {
             completions.as_deref().expect("clap requires the completions file"),
             json,
         ),
-        Command::Verify { pipeline, cache } => pipeline_cmds::verify(pipeline.as_deref(), cache),
+        Command::Verify { pipeline, cache, remote } => {
+            let remote = remote.map(|url| Some(url).filter(|u| !u.is_empty()));
+            pipeline_cmds::verify(pipeline.as_deref(), cache, remote)
+        }
         Command::Gc { repair: true, cache, .. } => pipeline_cmds::repair(cache),
         Command::Gc { keep, cache, only_this_pipeline, dry_run, remote: Some(url), grace_minutes, .. } => {
             let url = Some(url.as_str()).filter(|u| !u.is_empty());

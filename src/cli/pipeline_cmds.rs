@@ -117,7 +117,7 @@ fn run_on_read_only_cache(ws: &Workspace, opts: &RunOptions) -> Result<i32> {
 /// stage checkpoint and stop.
 pub fn exec_job(
     work_dir: Option<&Path>,
-    through: Option<(r1pipe::pipeline::remote::RemoteSpec, Option<String>)>,
+    through: Option<(r1pipe::pipeline::store::remote::RemoteSpec, Option<String>)>,
 ) -> Result<i32> {
     init_tracing(None)?;
     let cancel = CancelToken::default();
@@ -306,29 +306,35 @@ pub fn plot(
 
 /// `gc --repair`: rebuild a damaged index from the record copies, holding the lock.
 /// `verify [P.yaml]`: every stored artifact (of that pipeline) re-hashed; exit 1 when any is damaged.
-pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>) -> Result<i32> {
+/// `remote`: `Some(None)` for `--remote` alone (the pipeline's `remote:`), `Some(Some(URL))`.
+pub fn verify(pipeline_file: Option<&Path>, cache: Option<PathBuf>, remote: Option<Option<String>>) -> Result<i32> {
     let registry = r1pipe::stages::registry();
-    let (root, name, current) = match pipeline_file {
+    let (ws, root, name, current) = match pipeline_file {
         Some(file) => {
             let ws = Workspace::open(file, &[], cache, &registry)?;
-            (ws.cache.root.clone(), Some(ws.pipeline.name.clone()), Some(ws.current_fingerprints()?))
+            let (root, name, current) =
+                (ws.cache.root.clone(), Some(ws.pipeline.name.clone()), Some(ws.current_fingerprints()?));
+            (Some(ws), root, name, current)
         }
-        None => (workspace::cache_root_here(cache), None, None),
+        None => (None, workspace::cache_root_here(cache), None, None),
     };
     let t = std::time::Instant::now();
-    let read_only = r1pipe::pipeline::store::Cache::new(&root).is_read_only();
-    let checked = workspace::verify(&root, current.as_ref())?;
+    let (place, read_only, checked) = match remote {
+        Some(url) => {
+            let (remote_name, checked) = workspace::verify_remote(url.as_deref(), ws.as_ref(), current.as_ref())?;
+            (format!("the remote {remote_name}"), false, checked)
+        }
+        None => {
+            let read_only = r1pipe::pipeline::store::Cache::new(&root).is_read_only();
+            (format!("the cache at {}", root.display()), read_only, workspace::verify(&root, current.as_ref())?)
+        }
+    };
     let damaged: Vec<_> = checked.iter().filter(|v| v.problem.is_some()).collect();
     if checked.is_empty() {
         // Not "0 damaged": nothing of it was there to check.
         match &name {
-            Some(p) => {
-                println!(
-                    "the cache at {} holds no finished stage of the plan of pipeline `{p}`: nothing to verify",
-                    root.display()
-                )
-            }
-            None => println!("the cache at {} holds no finished stage: nothing to verify", root.display()),
+            Some(p) => println!("{place} holds no finished stage of the plan of pipeline `{p}`: nothing to verify"),
+            None => println!("{place} holds no finished stage: nothing to verify"),
         }
         return Ok(0);
     }

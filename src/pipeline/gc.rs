@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::store::{Cache, StageRecord};
+use super::store::{ArtifactStore, Cache, LocalStore, StageRecord, StoredArtifact};
 
 /// What to keep when pipelines are named on the command line.
 #[derive(Debug, Default)]
@@ -52,46 +52,82 @@ pub struct GcReport {
     pub freed_bytes: u64,
 }
 
+/// What [`collect`] did to a store (or would do, in a dry run).
+pub struct Collected {
+    /// Every record the store held.
+    pub all: Vec<StageRecord>,
+    /// The records the rule kept.
+    pub kept: Vec<StageRecord>,
+    /// The records the rule dropped.
+    pub dropped: Vec<StageRecord>,
+    /// The artifacts no kept record reaches, each with what it was.
+    pub removed: Vec<(StoredArtifact, String)>,
+    /// The artifacts that stay.
+    pub kept_artifacts: Vec<StoredArtifact>,
+}
+
+/// The keep rule on any store, local or remote: drop the records `keep` does
+/// not keep (with no `keep`, every record stays), then remove the artifacts no
+/// kept record reaches that were written at least `grace` ago (a push may be
+/// writing one now, its record still to come). Records go first, so no record
+/// is ever left naming a removed artifact.
+pub fn collect(
+    store: &dyn ArtifactStore,
+    keep: Option<&Keep>,
+    grace: chrono::TimeDelta,
+    dry_run: bool,
+) -> Result<Collected> {
+    let all = store.records()?;
+    let (kept, dropped): (Vec<_>, Vec<_>) = match keep {
+        Some(keep) => {
+            let newest = store.newest(&all)?;
+            all.iter().cloned().partition(|r| keep.keeps(r, newest.contains(&r.fingerprint)))
+        }
+        None => (all.clone(), Vec::new()),
+    };
+    if !dry_run {
+        for r in &dropped {
+            store.delete_record(&r.fingerprint)?;
+        }
+    }
+    let referenced: BTreeSet<&String> = kept.iter().flat_map(|r| r.outputs.values().map(|o| &o.hash)).collect();
+    let owners = object_owners(&all);
+    let now = chrono::Utc::now();
+    let (mut removed, mut kept_artifacts) = (Vec::new(), Vec::new());
+    for artifact in store.artifacts()? {
+        if referenced.contains(&artifact.hash) || now - artifact.written < grace {
+            kept_artifacts.push(artifact);
+            continue;
+        }
+        let what = owners.get(&artifact.hash).map_or_else(
+            || "an artifact no record refers to".to_string(),
+            |o| o.iter().map(|(r, output)| describe(r, output)).collect::<Vec<_>>().join("; "),
+        );
+        if !dry_run {
+            store.delete_artifact(&artifact)?;
+        }
+        removed.push((artifact, what));
+    }
+    Ok(Collected { all, kept, dropped, removed, kept_artifacts })
+}
+
 /// `keep`: when `Some`, the records it does not keep are dropped first (see
 /// the module's rule). `include_unfinished`: also remove the work folders of
 /// interrupted stages (they hold resumable checkpoints).
 pub fn gc(cache: &Cache, keep: Option<&Keep>, include_unfinished: bool, dry_run: bool) -> Result<GcReport> {
     let mut report = GcReport::default();
     let db = cache.db()?;
-    let all = cache.all_records(&db)?;
-    let mut records = all.clone();
-    if let Some(keep) = keep {
-        let newest: BTreeSet<String> = cache.latest_pointers(&db)?.into_iter().map(|(_, _, fp)| fp).collect();
-        let (kept, dropped): (Vec<_>, Vec<_>) =
-            records.into_iter().partition(|r| keep.keeps(r, newest.contains(&r.fingerprint)));
-        for r in dropped {
-            if !dry_run {
-                cache.remove_record(&db, &r.fingerprint)?;
-            }
-        }
-        records = kept;
-    }
-    let referenced: BTreeSet<String> =
-        records.iter().flat_map(|r| r.outputs.values().map(|o| o.hash.clone())).collect();
-    let completed: BTreeSet<String> = all.iter().map(|r| r.fingerprint.clone()).collect();
-    let kept_fps: BTreeSet<&String> = records.iter().map(|r| &r.fingerprint).collect();
-    let owners = object_owners(&all);
+    // One writer holds the cache while gc runs: nothing is being written, no grace needed.
+    let collected = collect(&LocalStore { cache, db: &db }, keep, chrono::TimeDelta::zero(), dry_run)?;
     drop(db);
-
-    if let Ok(rd) = fs::read_dir(cache.objects_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if referenced.contains(&name) {
-                report.kept_objects += 1;
-            } else {
-                let what = owners.get(&name).map_or_else(
-                    || "an artifact no record refers to".to_string(),
-                    |o| o.iter().map(|(r, output)| describe(r, output)).collect::<Vec<_>>().join("; "),
-                );
-                remove(&e.path(), what, dry_run, &mut report)?;
-            }
-        }
+    report.kept_objects = collected.kept_artifacts.len();
+    for (artifact, what) in collected.removed {
+        report.freed_bytes += artifact.bytes;
+        report.removed.push(Removed { path: PathBuf::from(artifact.place), what, bytes: artifact.bytes });
     }
+    let completed: BTreeSet<String> = collected.all.iter().map(|r| r.fingerprint.clone()).collect();
+    let kept_fps: BTreeSet<&String> = collected.kept.iter().map(|r| &r.fingerprint).collect();
+
     if let Ok(rd) = fs::read_dir(cache.work_root()) {
         for e in rd.flatten() {
             let fp = e.file_name().to_string_lossy().to_string();
@@ -151,7 +187,7 @@ fn remove(p: &Path, what: String, dry_run: bool, report: &mut GcReport) -> Resul
     Ok(())
 }
 
-fn size_of(p: &Path) -> u64 {
+pub(crate) fn size_of(p: &Path) -> u64 {
     let Ok(meta) = fs::symlink_metadata(p) else { return 0 };
     if !meta.is_dir() {
         return meta.len();

@@ -8,7 +8,6 @@ pub mod fingerprint;
 pub mod gc;
 pub mod kind;
 pub mod matrix;
-pub mod remote;
 pub mod resources;
 pub mod runner;
 pub mod spec;

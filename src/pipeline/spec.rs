@@ -68,7 +68,7 @@ pub struct Pipeline {
     /// `executor: {kind: …}`: where stages run (`--executor` overrides the kind).
     pub executor: ExecutorConfig,
     /// `remote: URL` or `{url, endpoint}`: a remote cache (`--remote` overrides it).
-    pub remote: Option<super::remote::RemoteSpec>,
+    pub remote: Option<super::store::remote::RemoteSpec>,
     /// In file order.
     pub stages: Vec<Stage>,
 }
@@ -402,13 +402,13 @@ impl Loader {
     }
 
     /// `remote: URL` or `remote: {url, endpoint}`.
-    fn remote(&mut self, v: Option<&serde_yaml::Value>) -> Option<super::remote::RemoteSpec> {
+    fn remote(&mut self, v: Option<&serde_yaml::Value>) -> Option<super::store::remote::RemoteSpec> {
         let v = yaml_to_json(v?, "remote").map_err(|e| self.err(&e.path, e.message, None)).ok()?;
         let v = match v {
             Value::String(url) => serde_json::json!({ "url": url }),
             other => other,
         };
-        match crate::common::params::typed::<super::remote::RemoteSpec>(&v) {
+        match crate::common::params::typed::<super::store::remote::RemoteSpec>(&v) {
             Ok(spec) if spec.url.trim().is_empty() => {
                 self.err(
                     "remote",

@@ -16,7 +16,7 @@ pub struct StageStatus {
     pub took: String,
 }
 
-pub fn status(runner: &Runner, remote: Option<&super::remote::Remote>) -> Result<Vec<StageStatus>> {
+pub fn status(runner: &Runner, remote: Option<&super::store::remote::Remote>) -> Result<Vec<StageStatus>> {
     if !runner.cache.exists() {
         // An index deleted beside its record copies is not "never run": say how to restore it.
         runner.cache.db()?;

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use anyhow::Result;
 
-use super::remote::{transfer_bar, Remote, RemoteSpec};
 use super::runner::{Decision, Runner};
+use super::store::remote::{transfer_bar, Remote, RemoteSpec};
 use super::store::{ObjectRef, StageRecord};
 
 impl Runner<'_> {
@@ -86,7 +86,7 @@ impl Runner<'_> {
         }
         let db = self.cache.db()?;
         let bar = transfer_bar("push inputs", quiet);
-        let mut moved = super::remote::Transfer::default();
+        let mut moved = super::store::remote::Transfer::default();
         remote.push_objects(&self.cache, &db, &orefs.iter().collect::<Vec<_>>(), &bar, &mut moved)?;
         bar.finish_and_clear();
         println!(

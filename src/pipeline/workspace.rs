@@ -16,7 +16,8 @@ use super::kind::{PlotOptions, PlotRun, Project, Registry};
 use super::runner::{Decision, RunOptions, RunOutcome, Runner};
 use super::spec::{self, Override, Pipeline};
 use super::status::{self, StageStatus};
-use super::store::{Cache, Check, StageRecord};
+use super::store::remote::{Remote, RemoteSpec};
+use super::store::{ArtifactStore, Cache, Check, LocalStore, StageRecord};
 use crate::common::diagnostic::Diagnostics;
 use crate::common::CancelToken;
 
@@ -41,15 +42,20 @@ pub fn gc_remote(
     grace_minutes: u32,
     dry_run: bool,
 ) -> Result<(String, Vec<gc::Removed>)> {
+    let remote = open_remote(url, first)?;
+    let removed = remote.gc(keep, chrono::TimeDelta::minutes(i64::from(grace_minutes)), dry_run)?;
+    Ok((remote.name.clone(), removed))
+}
+
+/// `--remote URL`, else the first pipeline's `remote:`.
+fn open_remote(url: Option<&str>, first: Option<&Workspace>) -> Result<Remote> {
     let spec = match (url, first.and_then(|w| w.pipeline.remote.clone())) {
-        (Some(u), _) => super::remote::RemoteSpec { url: u.to_string(), endpoint: None },
+        (Some(u), _) => RemoteSpec { url: u.to_string(), endpoint: None },
         (None, Some(own)) => own,
         (None, None) => bail!("{}", no_remote()),
     };
     let root = first.map_or_else(|| std::env::current_dir().unwrap_or_default(), |w| w.pipeline.project.root.clone());
-    let remote = super::remote::Remote::open(&spec, &root)?;
-    let removed = remote.gc(keep, chrono::TimeDelta::minutes(i64::from(grace_minutes)), dry_run)?;
-    Ok((remote.name.clone(), removed))
+    Remote::open(&spec, &root)
 }
 
 fn no_remote() -> &'static str {
@@ -413,15 +419,34 @@ pub fn verify(root: &Path, current: Option<&BTreeSet<String>>) -> Result<Vec<Ver
     let writable = !cache.is_read_only();
     let _lock = if writable { Some(cache.lock(false)?) } else { None };
     let db = cache.db()?;
+    verify_store(&LocalStore { cache: &cache, db: &db }, current, writable)
+}
+
+/// `verify --remote`: the same check on the remote cache (every file read back
+/// and hashed); a damaged artifact goes from the remote with its records, so
+/// the next run remakes it and pushes it whole.
+pub fn verify_remote(
+    url: Option<&str>,
+    first: Option<&Workspace>,
+    current: Option<&BTreeSet<String>>,
+) -> Result<(String, Vec<Verified>)> {
+    let remote = open_remote(url, first)?;
+    Ok((remote.name.clone(), verify_store(&remote, current, true)?))
+}
+
+/// Every artifact `store`'s records point to (of the `current` fingerprints
+/// when given), checked against its hash; `discard`: a damaged one goes with
+/// the records naming it.
+fn verify_store(store: &dyn ArtifactStore, current: Option<&BTreeSet<String>>, discard: bool) -> Result<Vec<Verified>> {
     let mut out = Vec::new();
-    let mut records = cache.all_records(&db)?;
+    let mut records = store.records()?;
     records.retain(|r| current.is_none_or(|c| c.contains(&r.fingerprint)));
     records.sort_by(|a, b| (&a.pipeline, &a.stage, a.finished_at).cmp(&(&b.pipeline, &b.stage, b.finished_at)));
     for rec in records {
         for (output, oref) in &rec.outputs {
             // An artifact shared with a record verified before (and found damaged) is gone by now.
-            let (problem, dropped) = match cache.object_damage(&db, oref, Check::Full)? {
-                Some(p) if writable => (Some(p), cache.discard_object(&db, oref)?),
+            let (problem, dropped) = match store.damage(oref)? {
+                Some(p) if discard => (Some(p), store.discard(oref)?),
                 Some(p) => (Some(p), Vec::new()),
                 None => (None, Vec::new()),
             };
@@ -429,7 +454,7 @@ pub fn verify(root: &Path, current: Option<&BTreeSet<String>>) -> Result<Vec<Ver
                 pipeline: rec.pipeline.clone(),
                 stage: rec.stage.clone(),
                 output: output.clone(),
-                path: cache.object_path(oref),
+                path: PathBuf::from(store.place(oref)),
                 problem,
                 dropped,
             });

@@ -123,7 +123,7 @@ impl ClusterExecutor {
         // through the remote cache (the runner pushed the inputs).
         let through = match (self.config.shared_filesystem(), remote) {
             (true, _) => None,
-            (false, Some(spec)) => Some(crate::pipeline::remote::Remote::open(&spec, &ctx.project.root)?),
+            (false, Some(spec)) => Some(crate::pipeline::store::remote::Remote::open(&spec, &ctx.project.root)?),
             (false, None) => bail!("{}", needs_remote_message(self.config.kind())),
         };
         let command = match &through {

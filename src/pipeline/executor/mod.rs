@@ -160,7 +160,7 @@ pub struct StageRun<'a> {
     /// What the job file needs beyond the context (executors that run jobs elsewhere).
     pub spec: JobSpec,
     /// The run's remote cache, for jobs that reach artifacts through it.
-    pub remote: Option<crate::pipeline::remote::RemoteSpec>,
+    pub remote: Option<crate::pipeline::store::remote::RemoteSpec>,
 }
 
 /// Runs a started stage to its end: `Ok` with its metrics in the context, an

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use super::job::{run_job, shell_quote, ExitFile, JobFile, EXIT_FILE, JOB_FILE};
 use crate::common::CancelToken;
 use crate::pipeline::kind::Registry;
-use crate::pipeline::remote::{Remote, RemoteSpec, Transfer};
+use crate::pipeline::store::remote::{Remote, RemoteSpec, Transfer};
 use crate::pipeline::store::{remove_path, Cache, ObjectRef};
 
 /// Where a job keeps its own cache when the environment does not say.

@@ -22,7 +22,6 @@
 mod connect;
 mod jobs;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,7 +31,7 @@ use object_store::path::Path as Key;
 use object_store::{ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::store::{folder_hash, object_hash, Cache, ObjectRef, StageRecord};
+use super::{folder_hash, object_hash, Cache, ObjectRef, StageRecord};
 use crate::common::fsutil;
 
 /// `remote:` in a pipeline file (a URL, or `{url, endpoint}`), or `--remote URL`.
@@ -419,7 +418,7 @@ impl Remote {
     ) -> Result<()> {
         let mut manifests = Vec::new();
         for &oref in orefs {
-            if cache.object_damage(db, oref, super::store::Check::Cheap)?.is_none() {
+            if cache.object_damage(db, oref, super::Check::Cheap)?.is_none() {
                 continue; // already here, whole
             }
             let manifest = self.manifest(oref)?;
@@ -431,7 +430,7 @@ impl Remote {
             // Assembled beside the cache's objects, then moved in as a stage's output is;
             // the half-assembled folder of a failed pull goes (its verified files stay).
             let staging = pulls.join(format!("{}-{}", oref.hash, std::process::id()));
-            super::store::remove_path(&staging)?;
+            super::remove_path(&staging)?;
             let top = staging.join(&oref.file_name);
             let pulled = self.materialize(manifest, &pulls, &top, moved, bar).and_then(|()| {
                 let stored = cache.commit_output(db, &top, &oref.file_name)?;
@@ -440,7 +439,7 @@ impl Remote {
                 }
                 Ok(())
             });
-            super::store::remove_path(&staging)?;
+            super::remove_path(&staging)?;
             pulled?;
         }
         for (_, manifest) in &manifests {
@@ -464,7 +463,7 @@ impl Remote {
         let manifest = self.manifest(oref)?;
         bar.inc_length(manifest.files.iter().map(|f| f.size).sum());
         let pulls = Self::pulls_dir(cache)?;
-        super::store::remove_path(dest)?;
+        super::remove_path(dest)?;
         self.materialize(&manifest, &pulls, dest, moved, bar)?;
         Self::forget_pulled(&pulls, &manifest.files);
         Ok(())
@@ -527,6 +526,33 @@ impl Remote {
             }
         }
         Ok(())
+    }
+
+    /// What is wrong with remote file `hash` (missing, another length, other
+    /// bytes), read through and hashed, nothing written.
+    fn file_damage(&self, hash: &str, size: u64) -> Result<Option<String>> {
+        let key = Self::file_key(hash);
+        let read: Result<Option<(u64, String)>> = self.rt.block_on(async {
+            let got = match self.store.get(&self.key(&key)).await {
+                Ok(g) => g,
+                Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                Err(e) => return Err(self.failure("reading", &key, e)),
+            };
+            let mut stream = got.into_stream();
+            let (mut hasher, mut n) = (blake3::Hasher::new(), 0u64);
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| self.failure("reading", &key, e))?;
+                n += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            Ok(Some((n, hasher.finalize().to_hex().to_string())))
+        });
+        Ok(match read? {
+            None => Some(format!("{key} is missing")),
+            Some((n, _)) if n != size => Some(format!("{key} is {n} bytes, its manifest says {size}")),
+            Some((_, h)) if h != hash => Some(format!("{key} does not hold the bytes its name promises")),
+            Some(_) => None,
+        })
     }
 
     /// Fetch file `hash` into `dest`: streamed into `dest.part`, hashed as it
@@ -596,61 +622,45 @@ impl Remote {
         self.rt.block_on(self.store.delete(&self.key(rel))).map_err(|e| self.failure("deleting", rel, e))
     }
 
-    /// `gc --remote`: drop the records `keep` does not keep (with none, every
-    /// record stays), then the manifests and files no kept record reaches and
-    /// that are older than `grace` (a push may be writing them now, its record
-    /// still to come). Records go first, so no record is ever left naming a
-    /// removed artifact.
+    /// `gc --remote`: the keep rule of `gc` ([`collect`](crate::pipeline::gc::collect))
+    /// on the remote's records and artifact manifests, then the files no remaining
+    /// manifest (or pushed work folder of an unfinished job) holds, older than
+    /// `grace` like the manifests, and the job files of stages that have a record.
     pub fn gc(
         &self,
-        keep: Option<&super::gc::Keep>,
+        keep: Option<&crate::pipeline::gc::Keep>,
         grace: chrono::TimeDelta,
         dry_run: bool,
-    ) -> Result<Vec<super::gc::Removed>> {
+    ) -> Result<Vec<crate::pipeline::gc::Removed>> {
+        use crate::pipeline::gc::{collect, describe, Removed};
+        let collected = collect(self, keep, grace, dry_run)?;
         let mut removed = Vec::new();
-        let mut records = Vec::new();
-        for (key, size, _) in self.list("records")? {
-            let fp = key.trim_start_matches("records/").trim_end_matches(".json").to_string();
-            match self.record(&fp) {
-                Ok(Some(rec)) => records.push((key, size, rec)),
-                _ => tracing::warn!("remote {}: {key} is not a record r1pipe can read; left alone", self.name),
-            }
+        for r in &collected.dropped {
+            let what = r.outputs.keys().map(|o| describe(r, o)).collect::<Vec<_>>().join("; ");
+            removed.push(Removed {
+                path: Self::record_key(&r.fingerprint).into(),
+                what: format!("the record of {what}"),
+                bytes: 0,
+            });
         }
-        let mut newest: BTreeMap<(String, String), chrono::DateTime<chrono::Utc>> = BTreeMap::new();
-        for (_, _, r) in &records {
-            let at = newest.entry((r.pipeline.clone(), r.stage.clone())).or_insert(r.finished_at);
-            *at = (*at).max(r.finished_at);
+        for (artifact, what) in &collected.removed {
+            removed.push(Removed {
+                path: artifact.place.clone().into(),
+                what: format!("the manifest of {what}"),
+                bytes: artifact.bytes,
+            });
         }
-        let mut kept_objects = std::collections::BTreeSet::new();
-        for (key, size, r) in &records {
-            let is_newest = newest.get(&(r.pipeline.clone(), r.stage.clone())) == Some(&r.finished_at);
-            if keep.is_none_or(|k| k.keeps(r, is_newest)) {
-                kept_objects.extend(r.outputs.values().map(|o| o.hash.clone()));
-                continue;
-            }
-            let what = r.outputs.keys().map(|o| super::gc::describe(r, o)).collect::<Vec<_>>().join("; ");
-            if !dry_run {
-                self.delete(key)?;
-            }
-            removed.push(super::gc::Removed { path: key.into(), what: format!("the record of {what}"), bytes: *size });
-        }
-        let old = |at: &chrono::DateTime<chrono::Utc>| chrono::Utc::now() - *at >= grace;
         let mut kept_files = std::collections::BTreeSet::new();
-        let mut unreached = Vec::new();
-        for (key, size, at) in self.list("objects")? {
-            let hash = key.trim_start_matches("objects/").trim_end_matches(".json").to_string();
-            if kept_objects.contains(&hash) || !old(&at) {
-                if let Some(m) = self.get_small(&key)?.and_then(|b| serde_json::from_slice::<Manifest>(&b).ok()) {
-                    kept_files.extend(m.files.into_iter().map(|f| Self::file_key(&f.hash)));
-                }
-            } else {
-                unreached.push((key, size, "an artifact's manifest no kept record names"));
+        for artifact in &collected.kept_artifacts {
+            if let Some(m) = self.get_small(&artifact.place)?.and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+            {
+                kept_files.extend(m.files.into_iter().map(|f| Self::file_key(&f.hash)));
             }
         }
-        // A job's checkpoint (jobs.rs) keeps its files while its stage has no record;
+        // A job's pushed work folder keeps its files while its stage has no record;
         // once it has one, what its job left is garbage (a head that died before clearing it).
-        let recorded: std::collections::BTreeSet<String> =
-            records.iter().map(|(_, _, r)| r.fingerprint.clone()).collect();
+        let recorded: std::collections::BTreeSet<&String> = collected.all.iter().map(|r| &r.fingerprint).collect();
+        let mut unreached = Vec::new();
         for (key, size, _) in self.list("jobs")? {
             let fp = key.trim_start_matches("jobs/").split('/').next().unwrap_or_default().to_string();
             if recorded.contains(&fp) {
@@ -661,8 +671,9 @@ impl Remote {
                 }
             }
         }
+        let now = chrono::Utc::now();
         for (key, size, at) in self.list("files")? {
-            if !kept_files.contains(&key) && old(&at) {
+            if !kept_files.contains(&key) && now - at >= grace {
                 unreached.push((key, size, "a file no kept artifact holds"));
             }
         }
@@ -670,9 +681,87 @@ impl Remote {
             if !dry_run {
                 self.delete(&key)?;
             }
-            removed.push(super::gc::Removed { path: key.into(), what: what.into(), bytes: size });
+            removed.push(Removed { path: key.into(), what: what.into(), bytes: size });
         }
         Ok(removed)
+    }
+
+    fn record_key(fingerprint: &str) -> String {
+        format!("records/{fingerprint}.json")
+    }
+}
+
+impl super::ArtifactStore for Remote {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn records(&self) -> Result<Vec<StageRecord>> {
+        let mut out = Vec::new();
+        for (key, _, _) in self.list("records")? {
+            let fp = key.trim_start_matches("records/").trim_end_matches(".json").to_string();
+            match self.record(&fp) {
+                Ok(Some(rec)) => out.push(rec),
+                _ => tracing::warn!("remote {}: {key} is not a record r1pipe can read; left alone", self.name),
+            }
+        }
+        Ok(out)
+    }
+    fn delete_record(&self, fingerprint: &str) -> Result<()> {
+        self.delete(&Self::record_key(fingerprint))
+    }
+    /// The artifacts' manifests (their files are collected after them, by `gc`).
+    fn artifacts(&self) -> Result<Vec<super::StoredArtifact>> {
+        Ok(self
+            .list("objects")?
+            .into_iter()
+            .map(|(key, bytes, written)| super::StoredArtifact {
+                hash: key.trim_start_matches("objects/").trim_end_matches(".json").to_string(),
+                place: key,
+                bytes,
+                written,
+            })
+            .collect())
+    }
+    fn delete_artifact(&self, artifact: &super::StoredArtifact) -> Result<()> {
+        self.delete(&artifact.place)
+    }
+    fn place(&self, oref: &ObjectRef) -> String {
+        format!("{}/objects/{}.json", self.name.trim_end_matches('/'), oref.hash)
+    }
+    fn damage(&self, oref: &ObjectRef) -> Result<Option<String>> {
+        let manifest = match self.manifest(oref) {
+            Ok(m) => m,
+            Err(e) => return Ok(Some(format!("{e:#}"))),
+        };
+        for f in &manifest.files {
+            if let Some(problem) = self.file_damage(&f.hash, f.size)? {
+                return Ok(Some(problem));
+            }
+        }
+        Ok(None)
+    }
+    /// The records naming it, its manifest and its damaged files go (a push
+    /// sends only files the remote lacks: a damaged one left would never be mended).
+    fn discard(&self, oref: &ObjectRef) -> Result<Vec<String>> {
+        let mut dropped = Vec::new();
+        for rec in super::ArtifactStore::records(self)? {
+            if rec.outputs.values().any(|o| o.hash == oref.hash) {
+                self.delete(&Self::record_key(&rec.fingerprint))?;
+                dropped.push(format!("{}/{}", rec.pipeline, rec.stage));
+            }
+        }
+        let manifest = self.manifest(oref).ok();
+        let key = format!("objects/{}.json", oref.hash);
+        if self.exists(&key)? {
+            self.delete(&key)?;
+        }
+        for f in manifest.map(|m| m.files).unwrap_or_default() {
+            if self.file_damage(&f.hash, f.size)?.is_some() && self.exists(&Self::file_key(&f.hash))? {
+                self.delete(&Self::file_key(&f.hash))?;
+            }
+        }
+        tracing::warn!(object = %oref.hash, ?dropped, remote = %self.name, "damaged remote artifact discarded");
+        Ok(dropped)
     }
 }
 

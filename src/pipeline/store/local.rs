@@ -1,4 +1,4 @@
-//! The cache on disk:
+//! The local store, the cache on disk:
 //!
 //! ```text
 //! cache/LOCK                       one writer at a time (holder's pid inside)
@@ -16,15 +16,17 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::fingerprint::FingerprintInputs;
-use crate::common::fsutil::{hash_file, sync_path, walk};
+use super::files::{make_read_only, make_writable_file, remove_path};
+use super::hashing::{content_hash, hash_file_memo, hash_path_uncached, object_hash, remember_at, remembered_files};
+use crate::common::fsutil::{sync_path, walk};
+use crate::pipeline::fingerprint::FingerprintInputs;
 
 /// An artifact in `objects/<hash>/<file_name>`. Records are files a user can
 /// edit, so a reference is checked when read: a content hash (64 lowercase hex
@@ -84,13 +86,6 @@ pub struct Cache {
 const RECORDS: &str = "records";
 const LATEST: &str = "latest";
 const FILE_HASHES: &str = "file_hashes";
-
-#[derive(Serialize, Deserialize)]
-struct FileHashMemo {
-    len: u64,
-    mtime_ns: u128,
-    hash: String,
-}
 
 impl Cache {
     pub fn new(root: &Path) -> Cache {
@@ -561,6 +556,54 @@ fn holder_description(lock_path: &Path) -> String {
     }
 }
 
+/// The local cache as an [`ArtifactStore`](super::ArtifactStore), with its index open.
+pub struct LocalStore<'a> {
+    pub cache: &'a Cache,
+    pub db: &'a sled::Db,
+}
+
+impl super::ArtifactStore for LocalStore<'_> {
+    fn name(&self) -> String {
+        self.cache.root.display().to_string()
+    }
+    fn records(&self) -> Result<Vec<StageRecord>> {
+        self.cache.all_records(self.db)
+    }
+    fn delete_record(&self, fingerprint: &str) -> Result<()> {
+        self.cache.remove_record(self.db, fingerprint)
+    }
+    /// The records the index points to as each stage's latest (the last one recorded).
+    fn newest(&self, _records: &[StageRecord]) -> Result<std::collections::BTreeSet<String>> {
+        Ok(self.cache.latest_pointers(self.db)?.into_iter().map(|(_, _, fp)| fp).collect())
+    }
+    fn artifacts(&self) -> Result<Vec<super::StoredArtifact>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(self.cache.objects_dir()).into_iter().flatten().flatten() {
+            let written =
+                e.metadata().and_then(|m| m.modified()).map(DateTime::<Utc>::from).unwrap_or_else(|_| Utc::now());
+            out.push(super::StoredArtifact {
+                hash: e.file_name().to_string_lossy().to_string(),
+                place: e.path().display().to_string(),
+                bytes: crate::pipeline::gc::size_of(&e.path()),
+                written,
+            });
+        }
+        Ok(out)
+    }
+    fn delete_artifact(&self, artifact: &super::StoredArtifact) -> Result<()> {
+        remove_path(&self.cache.objects_dir().join(&artifact.hash))
+    }
+    fn place(&self, oref: &ObjectRef) -> String {
+        self.cache.object_path(oref).display().to_string()
+    }
+    fn damage(&self, oref: &ObjectRef) -> Result<Option<String>> {
+        self.cache.object_damage(self.db, oref, Check::Full)
+    }
+    fn discard(&self, oref: &ObjectRef) -> Result<Vec<String>> {
+        self.cache.discard_object(self.db, oref)
+    }
+}
+
 /// How thoroughly a stored artifact is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
@@ -570,168 +613,15 @@ pub enum Check {
     Full,
 }
 
-/// An object's name: its file name and content hash, hashed together.
-pub(crate) fn object_hash(file_name: &str, content: &str) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(b"r1pipe-object-v1\0");
-    h.update(file_name.as_bytes());
-    h.update(b"\0");
-    h.update(content.as_bytes());
-    h.finalize().to_hex().to_string()
-}
-
-/// The content hash of a file, or of a folder from its files' relative paths
-/// and hashes (each file's hash from `file_hash`).
-fn content_hash(path: &Path, file_hash: &mut dyn FnMut(&Path) -> Result<String>) -> Result<String> {
-    if path.is_file() {
-        return file_hash(path);
-    }
-    if !path.is_dir() {
-        bail!("{} does not exist", path.display());
-    }
-    let mut files = Vec::new();
-    // Inputs may be folders of links (a model in the hub cache); stored objects never
-    // hold one (`object_damage` says so before their content is trusted).
-    for p in crate::common::fsutil::walk_following_links(path)? {
-        if p.is_file() {
-            let rel = p.strip_prefix(path).expect("walk stays under its root");
-            files.push((rel.to_string_lossy().to_string(), file_hash(&p)?));
-        }
-    }
-    Ok(folder_hash(&files))
-}
-
-/// A folder's content hash from its files' relative paths and content hashes, in
-/// the order a walk lists them (a remote's manifest is checked with it).
-pub(crate) fn folder_hash(files: &[(String, String)]) -> String {
-    let mut h = blake3::Hasher::new();
-    h.update(b"dir\0");
-    for (rel, hash) in files {
-        h.update(rel.as_bytes());
-        h.update(b"\0");
-        h.update(hash.as_bytes());
-        h.update(b"\n");
-    }
-    h.finalize().to_hex().to_string()
-}
-
-/// The content hash of a file or folder, every byte read now.
-fn hash_path_uncached(path: &Path) -> Result<String> {
-    content_hash(path, &mut |p| hash_file(p))
-}
-
-fn memo_key(path: &Path) -> Result<(String, u64, u128)> {
-    let abs = fs::canonicalize(path)?;
-    let meta = fs::metadata(&abs)?;
-    let mtime_ns = meta.modified()?.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    Ok((abs.to_string_lossy().to_string(), meta.len(), mtime_ns))
-}
-
-fn hash_file_memo(memo: &sled::Tree, path: &Path) -> Result<String> {
-    let (key, len, mtime_ns) = memo_key(path)?;
-    if let Some(bytes) = memo.get(key.as_bytes())? {
-        if let Ok(m) = serde_json::from_slice::<FileHashMemo>(&bytes) {
-            if m.len == len && m.mtime_ns == mtime_ns {
-                return Ok(m.hash);
-            }
-        }
-    }
-    let hash = hash_file(path)?;
-    memo.insert(key.as_bytes(), serde_json::to_vec(&FileHashMemo { len, mtime_ns, hash: hash.clone() })?)?;
-    Ok(hash)
-}
-
-/// The remembered hashes of the files under `root` (relative path → memo entry).
-fn remembered_files(memo: &sled::Tree, root: &Path) -> Result<Vec<(PathBuf, FileHashMemo)>> {
-    let files = if root.is_file() {
-        vec![root.to_path_buf()]
-    } else {
-        walk(root)?.into_iter().filter(|p| p.is_file()).collect()
-    };
-    let mut out = Vec::new();
-    for f in files {
-        let (key, _, _) = memo_key(&f)?;
-        if let Some(m) = memo.get(key.as_bytes())?.and_then(|b| serde_json::from_slice::<FileHashMemo>(&b).ok()) {
-            let rel = f.strip_prefix(root).map(Path::to_path_buf).unwrap_or_default();
-            out.push((rel, m));
-        }
-    }
-    Ok(out)
-}
-
-/// Remember `files` (from [`remembered_files`]) under their new root, where their size and mtime still match.
-fn remember_at(memo: &sled::Tree, files: &[(PathBuf, FileHashMemo)], root: &Path) -> Result<()> {
-    for (rel, m) in files {
-        let path = if rel.as_os_str().is_empty() { root.to_path_buf() } else { root.join(rel) };
-        let (key, len, mtime_ns) = memo_key(&path)?;
-        if len == m.len && mtime_ns == m.mtime_ns {
-            memo.insert(key.as_bytes(), serde_json::to_vec(m)?)?;
-        }
-    }
-    Ok(())
-}
-
 fn latest_key(pipeline: &str, stage: &str) -> Vec<u8> {
     format!("{pipeline}\0{stage}").into_bytes()
 }
 
-/// Remove a file, a folder (a stored artifact's read-only folders included) or a
-/// link. A symbolic link is removed itself, never followed: nothing outside `p`
-/// is changed, whatever links someone planted under it.
-pub fn remove_path(p: &Path) -> Result<()> {
-    let Ok(meta) = fs::symlink_metadata(p) else { return Ok(()) };
-    if meta.is_dir() {
-        // Stored artifacts are read-only folders: make them writable to empty them.
-        make_writable(p)?;
-        fs::remove_dir_all(p).with_context(|| format!("removing {}", p.display()))?;
-    } else {
-        fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
-    }
-    Ok(())
-}
-
-/// Artifacts are immutable: every file becomes 0444 and every folder 0555
-/// (readable by all, written by none), whatever mode the library that wrote it
-/// chose, so a stray write or delete fails loudly and the files of one artifact look alike.
-fn make_read_only(p: &Path) -> Result<()> {
-    set_modes(p, 0o444, 0o555)
-}
-
-fn make_writable_file(p: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(p, fs::Permissions::from_mode(0o644))?;
-    Ok(())
-}
-
-/// Folders writable again (files stay read-only), so a stored artifact can be removed.
-fn make_writable(p: &Path) -> Result<()> {
-    set_modes(p, 0o444, 0o755)
-}
-
-fn set_modes(p: &Path, file_mode: u32, dir_mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut all = vec![p.to_path_buf()];
-    if p.is_dir() {
-        all.extend(walk(p)?);
-    }
-    for f in all {
-        // Symlinks are left alone: a mode change would follow them out of the cache.
-        let meta = fs::symlink_metadata(&f)?;
-        let mode = if meta.is_dir() {
-            dir_mode
-        } else if meta.is_file() {
-            file_mode
-        } else {
-            continue;
-        };
-        fs::set_permissions(&f, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", f.display()))?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::files::make_writable;
     use super::*;
+    use crate::common::fsutil::hash_file;
 
     #[test]
     fn identical_outputs_share_one_object_and_names_are_part_of_identity() {
