@@ -523,3 +523,69 @@ fn a_full_disk_during_a_pull_is_named_leaves_nothing_half_written_and_the_next_p
     };
     assert!(dataset(&a, &[]) == dataset(&b, &["--cache", &cache_arg]));
 }
+
+/// A TCP proxy in front of `upstream` that drops each connection once the client
+/// has sent `limit` bytes through it: a server that goes away mid-upload.
+fn cutting_proxy(upstream: &str, limit: usize) -> String {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let upstream = upstream.to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&upstream) else { continue };
+            let (mut c_in, mut s_out) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            let (mut s_in, mut c_out) = (server, client);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 << 10];
+                let mut sent = 0;
+                while let Ok(n) = c_in.read(&mut buf) {
+                    if n == 0 || sent + n > limit || s_out.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                let _ = s_out.shutdown(Shutdown::Both);
+                let _ = c_in.shutdown(Shutdown::Both);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_in, &mut c_out);
+                let _ = c_out.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_server_that_drops_the_connection_mid_upload_is_named_leaves_no_record_and_the_next_push_completes() {
+    if let Err(why) = s3_server() {
+        common::skip(&format!("no S3-compatible server: {why}"));
+        return;
+    }
+    let bucket = format!("r1pipe-drop-{}", std::process::id());
+    ureq::put(&format!("{}/{bucket}", s3_endpoint())).call().expect("creating the bucket");
+    let upstream = s3_endpoint().trim_start_matches("http://").to_string();
+    // Small requests pass; a model's file (megabytes) is cut off on every try.
+    let proxy = cutting_proxy(&upstream, 1 << 20);
+    let through_proxy = format!("{{ url: \"s3://{bucket}/c\", endpoint: \"{proxy}\" }}");
+    let a = project(&through_proxy);
+    let r = with_s3(&a, &["run", "pipe.yaml", "-q"]).ok();
+    // The run's results are safe locally; the failed push is named, and says what to do.
+    assert!(r.stderr.contains("grpo: not pushed: remote s3://") && r.stderr.contains("writing files/"), "{}", r.stderr);
+    assert!(r.stderr.contains("`r1pipe push` sends it later"), "{}", r.stderr);
+    let records = ureq::get(&format!("{}/{bucket}?prefix=c/records/", s3_endpoint())).call().unwrap();
+    let listing = records.into_string().unwrap();
+    assert_eq!(listing.matches("<Key>c/records/").count(), 2, "only the stages pushed whole are recorded: {listing}");
+
+    // The server reachable again (no proxy): the next push sends the rest.
+    let direct = format!("{{ url: \"s3://{bucket}/c\", endpoint: \"{}\" }}", s3_endpoint());
+    a.write("pipe.yaml", &fs::read_to_string(a.root().join("pipe.yaml")).unwrap().replace(&through_proxy, &direct));
+    let r = with_s3(&a, &["push", "pipe.yaml", "-q"]).ok();
+    assert!(r.stdout.contains("grpo: pushed to s3://"), "{}", r.stdout);
+    let b = project(&direct);
+    let r = with_s3(&b, &["run", "pipe.yaml", "-q"]).ok();
+    assert_eq!(r.stdout.matches(": pulled from s3://").count(), 3, "{}", r.stdout);
+    assert!(outputs(&a) == outputs(&b));
+}
