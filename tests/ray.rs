@@ -284,9 +284,7 @@ fn without_a_shared_filesystem_ray_jobs_reach_their_artifacts_through_the_remote
     p.write("pipe.yaml", &pipe(4, 10));
     common::without_shared_filesystem(&p);
     // The head's R1PIPE_* variables travel in each job's runtime_env.
-    let r: common::Run =
-        p.cmd(&["run", "pipe.yaml"]).env(common::SCRATCH_VAR, common::job_scratch(&p)).output().unwrap().into();
-    let r = r.ok();
+    let r = common::run_without_shared_filesystem(&p);
     assert_eq!(r.stdout.matches(": Ray job r1pipe-").count(), 3, "{}", r.stdout);
     assert_eq!(r.stdout.matches("fetched its outputs from").count(), 3, "{}", r.stdout);
     common::assert_jobs_left_no_trace(&p);

@@ -183,9 +183,7 @@ fn without_a_shared_filesystem_jobs_reach_their_artifacts_through_the_remote() {
     let p = Project::new();
     p.write("pipe.yaml", &pipe(4, 10));
     common::without_shared_filesystem(&p);
-    let r: common::Run =
-        p.cmd(&["run", "pipe.yaml"]).env(common::SCRATCH_VAR, common::job_scratch(&p)).output().unwrap().into();
-    let r = r.ok();
+    let r = common::run_without_shared_filesystem(&p);
     assert_eq!(r.stdout.matches("fetched its outputs from").count(), 3, "{}", r.stdout);
     assert!(r.stdout.contains("c: its 2 inputs are in"), "{}", r.stdout);
     common::assert_jobs_left_no_trace(&p);

@@ -340,8 +340,10 @@ pub fn main() -> i32 {
             pipeline_cmds::run(&args, opts)
         }
         Command::ExecJob { work_dir, remote, endpoint, fingerprint } => {
-            let through =
-                remote.map(|url| (r1pipe::pipeline::store::remote::RemoteSpec { url, endpoint }, fingerprint));
+            // clap makes --remote and --fingerprint come together.
+            let through = remote
+                .zip(fingerprint)
+                .map(|(url, fp)| (r1pipe::pipeline::store::remote::RemoteSpec { url, endpoint }, fp));
             pipeline_cmds::exec_job(work_dir.as_deref(), through)
         }
         Command::Status { args, remote } => pipeline_cmds::status(&args, remote.as_deref()),

@@ -117,7 +117,7 @@ fn run_on_read_only_cache(ws: &Workspace, opts: &RunOptions) -> Result<i32> {
 /// stage checkpoint and stop.
 pub fn exec_job(
     work_dir: Option<&Path>,
-    through: Option<(r1pipe::pipeline::store::remote::RemoteSpec, Option<String>)>,
+    through: Option<(r1pipe::pipeline::store::remote::RemoteSpec, String)>,
 ) -> Result<i32> {
     init_tracing(None)?;
     let cancel = CancelToken::default();
@@ -128,7 +128,7 @@ pub fn exec_job(
     });
     let registry = r1pipe::stages::registry();
     match (through, work_dir) {
-        (Some((spec, Some(fingerprint))), _) => {
+        (Some((spec, fingerprint)), _) => {
             r1pipe::pipeline::executor::execute_job_through_remote(&spec, &fingerprint, &registry, cancel)
         }
         (None, Some(work_dir)) => r1pipe::pipeline::executor::execute_job(work_dir, &registry, cancel),

@@ -178,21 +178,11 @@ fn work_owner(dir: &Path) -> Option<(String, String)> {
 }
 
 fn remove(p: &Path, what: String, dry_run: bool, report: &mut GcReport) -> Result<()> {
-    let bytes = size_of(p);
+    let bytes = super::store::size_of(p);
     report.freed_bytes += bytes;
     if !dry_run {
         super::store::remove_path(p)?;
     }
     report.removed.push(Removed { path: p.to_path_buf(), what, bytes });
     Ok(())
-}
-
-pub(crate) fn size_of(p: &Path) -> u64 {
-    let Ok(meta) = fs::symlink_metadata(p) else { return 0 };
-    if !meta.is_dir() {
-        return meta.len();
-    }
-    crate::common::fsutil::walk(p)
-        .map(|v| v.iter().filter_map(|f| fs::symlink_metadata(f).ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
-        .unwrap_or(0)
 }

@@ -523,7 +523,8 @@ impl<'a> Runner<'a> {
                             };
                             if let (true, Some(remote)) = (executor.needs_remote(), &remote) {
                                 // The job's node sees only the remote: the inputs go there first.
-                                if let Err(e) = self.push_inputs(remote, &job_spec, &tag(name), opts.quiet) {
+                                let inputs: Vec<&ObjectRef> = stage.refs.iter().map(|r| &available[&r.key()]).collect();
+                                if let Err(e) = self.push_inputs(remote, &inputs, &tag(name), opts.quiet) {
                                     self.report_failure(&tag(name), name, &e);
                                     failed = true;
                                     break;

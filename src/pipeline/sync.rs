@@ -68,26 +68,14 @@ impl Runner<'_> {
 
     /// Push the artifacts a job will read (a stage run where no filesystem is
     /// shared with this head): those the remote has are not sent again.
-    pub(super) fn push_inputs(
-        &self,
-        remote: &Remote,
-        spec: &super::executor::JobSpec,
-        tag: &str,
-        quiet: bool,
-    ) -> Result<()> {
-        let mut orefs = Vec::new();
-        for (key, path) in &spec.bindings {
-            let hash = spec.inputs.inputs.get(key).cloned().unwrap_or_default();
-            let file_name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-            orefs.push(ObjectRef { hash, file_name });
-        }
+    pub(super) fn push_inputs(&self, remote: &Remote, orefs: &[&ObjectRef], tag: &str, quiet: bool) -> Result<()> {
         if orefs.is_empty() {
             return Ok(());
         }
         let db = self.cache.db()?;
         let bar = transfer_bar("push inputs", quiet);
         let mut moved = super::store::remote::Transfer::default();
-        remote.push_objects(&self.cache, &db, &orefs.iter().collect::<Vec<_>>(), &bar, &mut moved)?;
+        remote.push_objects(&self.cache, &db, orefs, &bar, &mut moved)?;
         bar.finish_and_clear();
         println!(
             "{tag}: its {} inputs are in {} ({} sent in {} files)",

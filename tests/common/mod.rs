@@ -503,3 +503,10 @@ pub fn assert_jobs_left_no_trace(p: &Project) {
 
 /// The variable that tells a job where its scratch cache goes.
 pub const SCRATCH_VAR: &str = "R1PIPE_JOB_SCRATCH";
+
+/// `r1pipe run pipe.yaml` in `p` (as `without_shared_filesystem` wrote it), its
+/// jobs' scratch caches under `job_scratch(p)`; it must succeed.
+pub fn run_without_shared_filesystem(p: &Project) -> Run {
+    let r: Run = p.cmd(&["run", "pipe.yaml"]).env(SCRATCH_VAR, job_scratch(p)).output().unwrap().into();
+    r.ok()
+}

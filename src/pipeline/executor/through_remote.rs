@@ -145,7 +145,8 @@ fn run_in_scratch(
     // The inputs, as the head bound them (`<cache>/objects/<hash>/<name>` on the head).
     let mut inputs = BTreeMap::new();
     for (key, path) in &job.bindings {
-        inputs.insert(key.clone(), object_ref(path).with_context(|| format!("{source}: input `{key}`"))?);
+        inputs
+            .insert(key.clone(), ObjectRef::of_stored_path(path).with_context(|| format!("{source}: input `{key}`"))?);
     }
     let mut moved = Transfer::default();
     let refs: Vec<&ObjectRef> = inputs.values().collect();
@@ -203,16 +204,4 @@ fn run_in_scratch(
         );
     }
     Ok(exit)
-}
-
-/// The artifact a head's binding names: `<cache>/objects/<hash>/<file name>`.
-fn object_ref(path: &Path) -> Result<ObjectRef> {
-    let name = |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().to_string());
-    let (Some(file_name), Some(hash)) = (name(Some(path)), name(path.parent())) else {
-        bail!("{} is not an artifact of a cache", path.display())
-    };
-    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        bail!("{} is not an artifact of a cache (no content hash in its path)", path.display());
-    }
-    Ok(ObjectRef { hash, file_name })
 }

@@ -61,3 +61,14 @@ fn set_modes(p: &Path, file_mode: u32, dir_mode: u32) -> Result<()> {
     }
     Ok(())
 }
+
+/// The bytes of a file, or of the files under a folder (links not followed).
+pub fn size_of(p: &Path) -> u64 {
+    let Ok(meta) = fs::symlink_metadata(p) else { return 0 };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    crate::common::fsutil::walk(p)
+        .map(|v| v.iter().filter_map(|f| fs::symlink_metadata(f).ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}

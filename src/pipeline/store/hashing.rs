@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::fsutil::{hash_file, walk};
 
+/// Whether `s` is a content hash as r1pipe writes them: 64 lowercase hex digits
+/// (an artifact's, a file's, a fingerprint). Names read from a record, a
+/// manifest or a path are checked with it before they become paths or keys.
+pub fn is_content_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// What the memo remembers of a file: its hash, valid while its size and mtime stay.
 #[derive(Serialize, Deserialize)]
 pub(super) struct FileHashMemo {

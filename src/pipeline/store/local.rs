@@ -47,7 +47,7 @@ struct RawObjectRef {
 impl TryFrom<RawObjectRef> for ObjectRef {
     type Error = String;
     fn try_from(r: RawObjectRef) -> std::result::Result<Self, String> {
-        if r.hash.len() != 64 || !r.hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if !super::is_content_hash(&r.hash) {
             return Err(format!(
                 "`hash` {:?} is not a content hash (64 hex digits)",
                 r.hash.chars().take(80).collect::<String>()
@@ -62,6 +62,18 @@ impl TryFrom<RawObjectRef> for ObjectRef {
             ));
         }
         Ok(ObjectRef { hash: r.hash, file_name: r.file_name })
+    }
+}
+
+impl ObjectRef {
+    /// The artifact a path into a cache names (`<cache>/objects/<hash>/<file name>`,
+    /// as a job file binds its inputs).
+    pub fn of_stored_path(path: &Path) -> Result<ObjectRef> {
+        let name = |p: Option<&Path>| p.and_then(Path::file_name).map(|n| n.to_string_lossy().to_string());
+        match (name(Some(path)), name(path.parent())) {
+            (Some(file_name), Some(hash)) if super::is_content_hash(&hash) => Ok(ObjectRef { hash, file_name }),
+            _ => bail!("{} is not an artifact of a cache (no content hash in its path)", path.display()),
+        }
     }
 }
 
@@ -584,7 +596,7 @@ impl super::ArtifactStore for LocalStore<'_> {
             out.push(super::StoredArtifact {
                 hash: e.file_name().to_string_lossy().to_string(),
                 place: e.path().display().to_string(),
-                bytes: crate::pipeline::gc::size_of(&e.path()),
+                bytes: super::size_of(&e.path()),
                 written,
             });
         }

@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 
-pub use files::remove_path;
-pub(crate) use hashing::{folder_hash, object_hash};
+pub use files::{remove_path, size_of};
+pub(crate) use hashing::{folder_hash, is_content_hash, object_hash};
 pub use local::{Cache, CacheLock, Check, LocalStore, ObjectRef, StageRecord};
 
 /// An artifact a store holds, as its listing gives it.

@@ -24,7 +24,7 @@ const WORK_NAME: &str = "work";
 
 impl Remote {
     fn job_key(fingerprint: &str, name: &str) -> Result<String> {
-        if fingerprint.is_empty() || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !crate::pipeline::store::is_content_hash(fingerprint) {
             bail!("`{fingerprint}` is not a stage fingerprint");
         }
         Ok(format!("jobs/{fingerprint}/{name}"))

@@ -89,10 +89,9 @@ impl Manifest {
 
     /// Refuse paths that would leave the artifact's folder and hashes that are not hashes.
     fn check_files(&self) -> Result<()> {
-        let hex = |h: &str| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
         for f in &self.files {
             let plain = Path::new(&f.path).components().all(|c| matches!(c, std::path::Component::Normal(_)));
-            if !hex(&f.hash) || !plain || (self.kind == "dir" && f.path.is_empty()) {
+            if !super::is_content_hash(&f.hash) || !plain || (self.kind == "dir" && f.path.is_empty()) {
                 bail!("its manifest names a file r1pipe would not have written ({:?})", f.path);
             }
         }
