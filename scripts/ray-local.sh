@@ -4,7 +4,7 @@
 # (.venv-ray/, once), starts a head whose dashboard (the Jobs API r1pipe
 # submits to) listens on 127.0.0.1:${R1PIPE_RAY_PORT:-8265}, and waits until
 # it runs a job. `down` stops it. Idempotent: `up` on a running head only
-# checks it. Prints the Jobs API address on success.
+# checks it; a head another checkout started is stopped and replaced. Prints the Jobs API address on success.
 set -euo pipefail
 cmd=${1:-up}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -23,7 +23,10 @@ down() {
 
 up() {
   pinned_venv "$venv" ray-local "ray[default]==2.60.0"
-  if answers; then
+  local claim=0
+  if answers; then claim_port "$port" "$venv" ray-local || claim=$?; fi
+  if [ "$claim" = 1 ]; then exit 1; fi
+  if [ "$claim" = 0 ] && answers; then
     echo "ray-local: already up at $address" >&2
     echo "$address"
     return

@@ -11,7 +11,8 @@
 # credentials as S3 does (moto's IAM mode): one user, whose key is written to
 # .venv-remote/s3-auth.env with a bucket `r1pipe-auth` it may use; any other
 # key is refused. Each is waited for; `down` stops them all. Idempotent.
-# Prints the addresses.
+# A server on one of these ports that another checkout started is stopped and
+# replaced; anything else there is refused. Prints the addresses.
 # Use it with: AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
 #   r1pipe run P.yaml --remote s3://BUCKET/PREFIX  (and `remote: {url, endpoint}` or AWS_ENDPOINT_URL)
 set -euo pipefail
@@ -35,7 +36,13 @@ dav_answers() {
 
 # Apache with mod_dav_fs, from a configuration of its own (the system's is untouched).
 dav_up() {
-  if dav_answers; then echo "remote-local: WebDAV already up at $dav_url" >&2; return; fi
+  local claim=0
+  if dav_answers; then claim_port "$dav_port" "$venv" remote-local || claim=$?; fi
+  if [ "$claim" = 1 ]; then return 1; fi
+  if [ "$claim" = 0 ] && dav_answers; then
+    echo "remote-local: WebDAV already up at $dav_url" >&2
+    return
+  fi
   if ! command -v apache2 >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq apache2 >/dev/null) \
       || { echo "remote-local: apache2 is not installable here; no WebDAV server" >&2; return 1; }
@@ -91,8 +98,12 @@ CONF
 auth_port=${R1PIPE_S3_AUTH_PORT:-5556}
 auth_endpoint="http://127.0.0.1:$auth_port"
 auth_pidfile="$venv/moto-auth.pid"
+auth_answers() { "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$auth_endpoint/moto-api/', timeout=3)" 2>/dev/null; }
 auth_up() {
-  if [ -f "$venv/s3-auth.env" ] && "$venv/bin/python" -c "import urllib.request; urllib.request.urlopen('$auth_endpoint/moto-api/', timeout=3)" 2>/dev/null; then
+  local claim=0
+  if auth_answers; then claim_port "$auth_port" "$venv" remote-local || claim=$?; fi
+  if [ "$claim" = 1 ]; then return 1; fi
+  if [ "$claim" = 0 ] && [ -f "$venv/s3-auth.env" ] && auth_answers; then
     echo "remote-local: credential-checking S3 already up at $auth_endpoint" >&2
     return
   fi
@@ -138,7 +149,10 @@ up() {
   pinned_venv "$venv" remote-local "moto[server]==5.2.5"
   dav_up || true
   auth_up || true
-  if answers; then
+  local claim=0
+  if answers; then claim_port "$port" "$venv" remote-local || claim=$?; fi
+  if [ "$claim" = 1 ]; then exit 1; fi
+  if [ "$claim" = 0 ] && answers; then
     echo "remote-local: S3 already up at $endpoint" >&2
     echo "$endpoint $dav_url"
     return
