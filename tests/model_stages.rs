@@ -224,6 +224,27 @@ fn few_shot_exemplars_come_from_train_and_metrics_diff_compares_runs() {
     p.write("zero.yaml", &EVAL.replace("BATCH", "3"));
     let d = p.run(&["metrics", "diff", "pipe.yaml", "--against", "zero.yaml"]).ok();
     assert!(d.stdout.contains("models.again.accuracy_strict"), "{}", d.stdout);
+    // The two runs' samples question by question: the 0-shot file and the 2-shot one.
+    let zero = p.run(&["show", "evaluate.samples", "-p", "zero.yaml"]).ok().stdout.trim().to_string();
+    let two = p.run(&["show", "evaluate.samples", "-p", "pipe.yaml"]).ok().stdout.trim().to_string();
+    let e = p.run(&["metrics", "paired", &zero, &two]);
+    assert_eq!(e.code, 1, "{}", e.stderr);
+    assert!(e.stderr.contains("several models (`again`, `base`)"), "{}", e.stderr);
+    let r = p.run(&["metrics", "paired", &zero, &two, "--model", "base"]).ok();
+    assert!(r.stdout.contains("3 questions in both"), "{}", r.stdout);
+    let row = |metric: &str| {
+        let line = r.stdout.lines().find(|l| l.contains(metric)).unwrap_or_else(|| panic!("{}", r.stdout));
+        line.split_whitespace().map(str::to_string).collect::<Vec<_>>()
+    };
+    // Each side's accuracy agrees with what its own evaluation measured.
+    let measured = |pipeline: &str| -> serde_json::Value {
+        let file = p.run(&["show", "evaluate.metrics", "-p", pipeline]).ok().stdout.trim().to_string();
+        serde_json::from_str(&fs::read_to_string(file).unwrap()).unwrap()
+    };
+    let pct = |v: &serde_json::Value| format!("{:.1}%", 100.0 * v.as_f64().unwrap());
+    let strict = row("accuracy_strict");
+    assert_eq!(strict[1], pct(&measured("zero.yaml")["models"]["base"]["accuracy_strict"]), "{}", r.stdout);
+    assert_eq!(strict[2], pct(&measured("pipe.yaml")["models"]["base"]["accuracy_strict"]), "{}", r.stdout);
 }
 
 #[test]

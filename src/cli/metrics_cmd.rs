@@ -1,6 +1,7 @@
 //! `r1pipe metrics diff`: a pipeline's current metrics against another
 //! cache, another pipeline file, or the previous record of each stage
-//! (as `dvc metrics diff`): old, new, delta per metric.
+//! (as `dvc metrics diff`): old, new, delta per metric; `r1pipe metrics
+//! paired`: two evaluations' samples compared question by question.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -88,5 +89,38 @@ pub fn diff(
         return Ok(0);
     }
     print!("{}", render_table(&["STAGE", "METRIC", "OLD", "NEW", "DELTA"], &rows));
+    Ok(0)
+}
+
+/// `r1pipe metrics paired A B`: model `model_a` of samples file `a` against
+/// `model_b` of `b`, on the questions both answered.
+pub fn paired(a: &Path, model_a: Option<&str>, b: &Path, model_b: Option<&str>) -> Result<i32> {
+    use r1pipe::eval::metrics::ALPHA;
+    use r1pipe::eval::paired::{compare_models, read_model};
+    let (ea, eb) = (read_model(a, model_a)?, read_model(b, model_b)?);
+    let (shared, metrics) = compare_models(&ea, &eb, "A", "B");
+    println!("A: {} (model {}, {} questions)", a.display(), ea.model, ea.samples.len());
+    println!("B: {} (model {}, {} questions)", b.display(), eb.model, eb.samples.len());
+    if shared == 0 {
+        bail!("A and B have no question in common (questions are matched by their text and reference answer)");
+    }
+    println!("{shared} questions in both; McNemar's exact test on them (* significant at {ALPHA})");
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let rows: Vec<Vec<String>> = metrics
+        .iter()
+        .map(|m| {
+            let c = &m.comparison;
+            vec![
+                c.metric.clone(),
+                pct(m.accuracy_a),
+                pct(m.accuracy_b),
+                format!("{:+.1} points", 100.0 * c.delta),
+                c.a_only.to_string(),
+                c.b_only.to_string(),
+                format!("{:.3}{}", c.p_value, if c.significant { " *" } else { "" }),
+            ]
+        })
+        .collect();
+    print!("{}", render_table(&["METRIC", "A", "B", "B − A", "ONLY A RIGHT", "ONLY B RIGHT", "P"], &rows));
     Ok(0)
 }

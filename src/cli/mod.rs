@@ -284,6 +284,26 @@ pub enum ExpCommand {
 
 #[derive(Subcommand)]
 pub enum MetricsCommand {
+    /// Two evaluations of the same questions, question by question: accuracies and McNemar's exact test
+    ///
+    /// Each side is an evaluate stage's samples.jsonl, from any pipeline, cache or stage:
+    /// `r1pipe metrics paired $(r1pipe show -p a.yaml evaluate.samples) $(r1pipe show -p b.yaml evaluate.samples) --model sft`.
+    /// Questions are matched by their text and reference answer.
+    Paired {
+        /// The baseline's samples (an evaluate stage's samples.jsonl)
+        a: PathBuf,
+        /// The compared samples
+        b: PathBuf,
+        /// The model compared on both sides (needed when a file holds several)
+        #[arg(long, value_name = "NAME")]
+        model: Option<String>,
+        /// The model of A, when it differs from B's
+        #[arg(long, value_name = "NAME", conflicts_with = "model")]
+        model_a: Option<String>,
+        /// The model of B, when it differs from A's
+        #[arg(long, value_name = "NAME", conflicts_with = "model")]
+        model_b: Option<String>,
+    },
     /// The pipeline's current evaluation metrics against a baseline: old, new, delta
     Diff {
         /// The pipeline file
@@ -388,6 +408,10 @@ pub fn main() -> i32 {
                 (None, None) => metrics_cmd::Baseline::Previous,
             };
             metrics_cmd::diff(&pipeline, &set, &only, &against_set, cache, baseline, all)
+        }
+        Command::Metrics { command: MetricsCommand::Paired { a, b, model, model_a, model_b } } => {
+            let (ma, mb) = (model_a.or(model.clone()), model_b.or(model));
+            metrics_cmd::paired(&a, ma.as_deref(), &b, mb.as_deref())
         }
         Command::Rewards { list: true, .. } => rewards_cmd::list(),
         Command::Rewards { set, completions, json, .. } => rewards_cmd::score(

@@ -245,7 +245,16 @@ impl EvalMetrics {
     }
 }
 
-fn compare(a: &str, b: &str, metric: &str, va: &[Verdict], vb: &[Verdict], pick: fn(&Verdict) -> bool) -> Comparison {
+/// The paired comparison of `b` against `a` on `metric` (`accuracy_strict` or
+/// `accuracy_flexible`), over the questions (by [`Verdict::index`]) both answered.
+pub fn compare(
+    a: &str,
+    b: &str,
+    metric: &str,
+    va: &[Verdict],
+    vb: &[Verdict],
+    pick: fn(&Verdict) -> bool,
+) -> Comparison {
     let by_index: BTreeMap<usize, &Verdict> = vb.iter().map(|v| (v.index, v)).collect();
     let (mut a_only, mut b_only, mut shared, mut a_right, mut b_right) = (0, 0, 0usize, 0usize, 0usize);
     for x in va {

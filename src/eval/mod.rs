@@ -7,5 +7,6 @@
 
 pub mod extract;
 pub mod metrics;
+pub mod paired;
 pub mod run;
 pub mod stats;
