@@ -6,14 +6,15 @@
 //! one evaluation and inference use), and candle's general f32 matmul (the gemm
 //! crate) for scale: the rate a training step's products run at, which bounds
 //! the step from below. Prints one table: time per call and the useful
-//! arithmetic rate (visible query-key pairs only for attention).
+//! arithmetic rate (visible query-key pairs only for attention), and the MLP's
+//! gated activation fused and as candle's ops.
 //!
 //! `cargo bench --bench kernels`
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use r1pipe::kernels::{attention as cpu_attention, matmul_t as skinny_matmul, row_exp};
+use r1pipe::kernels::{attention as cpu_attention, matmul_t as skinny_matmul, row_exp, swiglu};
 
 fn rand(shape: &[usize], seed: u64) -> Tensor {
     use rand::{Rng, SeedableRng};
@@ -110,6 +111,25 @@ fn main() {
             s * 1e3,
             2.0 * (m * n * k) as f64 / s / 1e9
         );
+    }
+    // The MLP's gated activation over the same micro-batch (1284 tokens × 1536):
+    // fused and threaded (kernels::swiglu) against candle's ops, which run it on one thread.
+    let (gate, up) = (Var::from_tensor(&rand(&[1284, 1536], 8)).unwrap(), rand(&[1284, 1536], 9));
+    let weight = rand(&[1284, 1536], 10);
+    for mode in [r1pipe::kernels::Mode::Cpu, r1pipe::kernels::Mode::Portable] {
+        let form = if mode == r1pipe::kernels::Mode::Cpu { "fused (swiglu)" } else { "candle ops" };
+        r1pipe::kernels::with_mode(mode, || {
+            let fwd = time(1.0, || {
+                swiglu::silu_mul(gate.as_tensor(), &up).unwrap();
+            });
+            let both = time(1.0, || {
+                let y = swiglu::silu_mul(gate.as_tensor(), &up).unwrap();
+                (y * &weight).unwrap().sum_all().unwrap().backward().unwrap();
+            });
+            for (pass, s) in [("forward", fwd), ("forward + backward", both)] {
+                println!("{:<58} {:>10.2} {:>9}", format!("silu(gate)·up {pass}, {form}, [1284 × 1536]"), s * 1e3, "-");
+            }
+        });
     }
     // The vocabulary log-softmax's arithmetic over one 64 MiB chunk of Qwen's logits
     // (110 rows of 151,936): the max and Σ exp of each row (forward), then the

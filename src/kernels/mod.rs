@@ -1,8 +1,9 @@
 //! The hand-written CPU kernels, each beside its portable form (candle ops,
 //! the path CUDA takes): attention, the `x @ Wᵀ` product (and its form for
 //! weights packed once for inference), the fused token log-probabilities,
-//! the vectorized exp behind them, and the optimizer's in-place passes. They
-//! import only each other and candle; `model/` and `train/` call them.
+//! the vectorized exp behind them, the MLP's gated activation (silu · up),
+//! and the optimizer's in-place passes. They import only each other and
+//! candle; `model/` and `train/` call them.
 //!
 //! One dispatch rule for every kernel, here: a CPU form applies to f32
 //! tensors on the CPU, unless `R1PIPE_KERNELS=portable` forces the portable
@@ -15,6 +16,7 @@ pub mod inplace;
 pub mod matmul_t;
 pub mod packed;
 pub mod row_exp;
+pub mod swiglu;
 pub(crate) mod threads;
 pub mod token_logprobs;
 pub mod transfer;

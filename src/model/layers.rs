@@ -12,6 +12,7 @@ use super::kv_cache::KvCache;
 use super::ops::{linear, rms_norm, rope, softmax_last, Ops};
 use crate::kernels;
 use crate::kernels::packed::PackedWeight;
+use crate::kernels::swiglu::silu_mul;
 
 /// How a forward pass runs: which kernels, whether it builds a graph to the
 /// trainable parameters, and whether LoRA adapters are applied.
@@ -245,9 +246,9 @@ impl DecoderLayer {
         ))?;
         let x = (x + a.o.forward(&attn, pass)?)?;
         let h = self.post_norm.forward(&x, pass)?;
-        let gate = self.mlp.gate.forward(&h, pass)?.silu()?;
+        let gate = self.mlp.gate.forward(&h, pass)?;
         let up = self.mlp.up.forward(&h, pass)?;
-        x + self.mlp.down.forward(&(gate * up)?, pass)?
+        x + self.mlp.down.forward(&silu_mul(&gate, &up)?, pass)?
     }
 
     /// Every parameter of the layer (weights, biases, norms).
