@@ -98,11 +98,21 @@ fn every_prompt_gets_its_completion_alone(m: &Transformer) {
     assert!(want.iter().any(|c| c.finish_reason == FinishReason::Length));
     let mut got: Vec<Option<Completion>> = vec![None; prompts.len()];
     let mut order = Vec::new();
-    generate_continuous(m, &tok, &prompts, Slots { slots: 3, refill_at: 1 }, &params, &|_| 0, None, &mut |i, c| {
-        order.push(i);
-        got[i] = Some(c);
-        Ok(())
-    })
+    generate_continuous(
+        m,
+        &tok,
+        &prompts,
+        Slots { slots: 3, refill_at: 1 },
+        &params,
+        &|_| 0,
+        None,
+        None,
+        &mut |i, c| {
+            order.push(i);
+            got[i] = Some(c);
+            Ok(())
+        },
+    )
     .unwrap();
     assert_ne!(order, (0..prompts.len()).collect::<Vec<_>>(), "rows finished out of order: slots were refilled");
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
@@ -130,7 +140,7 @@ fn a_stop_string_ends_a_row_and_can_stay_in_the_text() {
             ..Default::default()
         };
         let mut got = None;
-        generate_continuous(&m, &tok, &[vec![5, 6, 7]], Slots::new(2), &params, &|_| 0, None, &mut |_, c| {
+        generate_continuous(&m, &tok, &[vec![5, 6, 7]], Slots::new(2), &params, &|_| 0, None, None, &mut |_, c| {
             got = Some(c);
             Ok(())
         })

@@ -130,7 +130,8 @@ impl CustomOp3 for SiluMulGrad {
                 // candle's order: the product's gradients, then silu's derivative.
                 let s = silu(g);
                 let sigmoid = 1.0 / ((-g).exp() + 1.0);
-                let ds = sigmoid * (s * -1.0 + 1.0) + s;
+                // candle's `1 − silu` is an affine s·(−1) + 1: exactly 1 − s.
+                let ds = sigmoid * (1.0 - s) + s;
                 dg[k] = (d * u) * ds;
                 du[k] = d * s;
             }

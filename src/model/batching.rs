@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::generate::{pick, Completion, FinishReason, RowText, SamplingParams};
+use super::generate::{pick, AnswerCall, Completion, FinishReason, RowText, SamplingParams};
 use super::kv_cache::KvCache;
 use super::tokenizer::ChatTokenizer;
 use super::transformer::{Transformer, PAD_SENTINEL};
@@ -57,7 +57,10 @@ struct Active<'t> {
 /// a time; `on_done(i, completion)` receives prompt i's completion as soon as
 /// it finishes (in finishing order). Prompt i samples from an RNG seeded with
 /// `seed_of(i)`. Stops between steps when `cancel` is set (finished prompts
-/// have been handed over; the rest are not).
+/// have been handed over; the rest are not). With `answer`, a row at a tool
+/// call (`params.tool_call`) is fed the result in its slot, a token a step,
+/// while the others decode (as [`super::generate::generate_answering`]);
+/// `answer` is called with the prompt's index.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_continuous(
     model: &Transformer,
@@ -67,6 +70,7 @@ pub fn generate_continuous(
     params: &SamplingParams,
     seed_of: &dyn Fn(usize) -> u64,
     cancel: Option<&CancelToken>,
+    mut answer: Option<&mut AnswerCall>,
     on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
 ) -> Result<()> {
     super::generate::check_prompts(model, prompts, params)?;
@@ -86,9 +90,10 @@ pub fn generate_continuous(
             // Nothing decoding: start a fresh batch.
             let take: Vec<usize> = (0..slots.slots.min(queue.len())).filter_map(|_| queue.pop_front()).collect();
             cache = KvCache::new(model.cfg.num_layers, capacity);
-            rows = start(model, tok, prompts, &take, params, seed_of, &mut cache, on_done)?;
+            rows = start(model, tok, prompts, &take, params, seed_of, &mut cache, answer.as_deref_mut(), on_done)?;
         } else if !queue.is_empty() && free >= slots.refill_at.min(queue.len()) {
-            refill(model, tok, prompts, &mut queue, params, seed_of, &mut cache, &mut rows, on_done)?;
+            let answer = answer.as_deref_mut();
+            refill(model, tok, prompts, &mut queue, params, seed_of, &mut cache, &mut rows, answer, on_done)?;
         }
         if rows.iter().all(Option::is_none) {
             continue;
@@ -99,7 +104,7 @@ pub fn generate_continuous(
         if cache.len + 1 > capacity {
             compact(&mut cache, &rows)?;
         }
-        step(model, tok, prompts, params, &mut cache, &mut rows, on_done)?;
+        step(model, tok, prompts, params, &mut cache, &mut rows, answer.as_deref_mut(), on_done)?;
     }
     Ok(())
 }
@@ -114,11 +119,13 @@ fn start<'t>(
     params: &SamplingParams,
     seed_of: &dyn Fn(usize) -> u64,
     cache: &mut KvCache,
+    mut answer: Option<&mut AnswerCall>,
     on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
 ) -> Result<Vec<Option<Active<'t>>>> {
     let logits = prefill(model, prompts, take, cache)?;
     let mut rows = Vec::with_capacity(take.len());
-    for (row, done) in first_tokens(tok, prompts, take, &logits, params, seed_of)? {
+    for (mut row, done) in first_tokens(tok, prompts, take, &logits, params, seed_of)? {
+        let done = row.text.settle(row.index, done, answer.as_deref_mut())?;
         rows.push(finish_or_keep(tok, row, done, on_done)?);
     }
     Ok(rows)
@@ -137,6 +144,7 @@ fn refill<'t>(
     seed_of: &dyn Fn(usize) -> u64,
     cache: &mut KvCache,
     rows: &mut [Option<Active<'t>>],
+    mut answer: Option<&mut AnswerCall>,
     on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
 ) -> Result<()> {
     let free: Vec<usize> = (0..rows.len()).filter(|&s| rows[s].is_none()).collect();
@@ -157,7 +165,9 @@ fn refill<'t>(
     let logits = prefill(model, prompts, &take, &mut group)?;
     let slots: Vec<usize> = free[..take.len()].to_vec();
     cache.place(&slots, &group)?;
-    for ((row, done), &slot) in first_tokens(tok, prompts, &take, &logits, params, seed_of)?.into_iter().zip(&slots) {
+    for ((mut row, done), &slot) in first_tokens(tok, prompts, &take, &logits, params, seed_of)?.into_iter().zip(&slots)
+    {
+        let done = row.text.settle(row.index, done, answer.as_deref_mut())?;
         rows[slot] = finish_or_keep(tok, row, done, on_done)?;
     }
     Ok(())
@@ -216,6 +226,7 @@ fn finish_or_keep<'t>(
 }
 
 /// One decoding step of every occupied slot.
+#[allow(clippy::too_many_arguments)]
 fn step<'t>(
     model: &Transformer,
     tok: &'t ChatTokenizer,
@@ -223,6 +234,7 @@ fn step<'t>(
     params: &SamplingParams,
     cache: &mut KvCache,
     rows: &mut [Option<Active<'t>>],
+    mut answer: Option<&mut AnswerCall>,
     on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
 ) -> Result<()> {
     let feed: Vec<Vec<u32>> = rows.iter().map(|r| vec![r.as_ref().map_or(PAD_SENTINEL, |r| r.next)]).collect();
@@ -230,7 +242,9 @@ fn step<'t>(
     let uniforms: Vec<f32> = rows
         .iter_mut()
         .map(|r| match r {
-            Some(r) if params.temperature > 0.0 => r.rng.random::<f32>(),
+            // A row feeding a tool's result draws nothing: what it samples does not
+            // depend on how long the results before were.
+            Some(r) if params.temperature > 0.0 && !r.text.forcing() => r.rng.random::<f32>(),
             _ => 0.0,
         })
         .collect();
@@ -240,7 +254,12 @@ fn step<'t>(
     let picked = pick(&logits, params, &uniforms, &seen)?;
     for (slot, token) in rows.iter_mut().zip(picked) {
         let Some(row) = slot.as_mut() else { continue };
-        let done = row.text.advance(token, tok, params)?;
+        let (token, done) = if row.text.forcing() {
+            row.text.advance_forced(tok, params)?
+        } else {
+            let done = row.text.advance(token, tok, params)?;
+            (token, row.text.settle(row.index, done, answer.as_deref_mut())?)
+        };
         row.next = token;
         if done.is_some() {
             let row = slot.take().expect("matched above");

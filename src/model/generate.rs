@@ -115,6 +115,13 @@ pub struct Completion {
 /// Streams text as it is generated: (row, new text).
 pub type OnText<'a> = &'a mut dyn FnMut(usize, &str);
 
+/// Answers a tool call inside generation: given the row (its prompt's index
+/// in continuous batching, its row in [`generate_answering`]) and its text so
+/// far, which ends with a call, the tokens of the tool's result and the call's
+/// record, or `None` to let the row write on (its call limit is reached).
+/// `rollout::tools` implements it; generation only forces the tokens in.
+pub type AnswerCall<'a> = dyn FnMut(usize, &str) -> Result<Option<(Vec<u32>, super::tool_call::ToolCall)>> + 'a;
+
 /// A row's completion as it grows: its tokens, and its text decoded a token at
 /// a time (for stop strings and streaming; the completion reports the whole
 /// decode, as before).
@@ -126,6 +133,11 @@ pub(crate) struct RowText<'t> {
     /// A stop string ended the row and `text` is cut there.
     stopped: bool,
     emitted: usize,
+    /// A tool's result still to be fed, a token a step, in place of sampling.
+    forced: std::collections::VecDeque<u32>,
+    /// Ranges of `tokens` that tools wrote, and the calls, in order.
+    tool_spans: Vec<std::ops::Range<usize>>,
+    tool_calls: Vec<super::tool_call::ToolCall>,
 }
 
 impl<'t> RowText<'t> {
@@ -137,6 +149,9 @@ impl<'t> RowText<'t> {
             text: String::new(),
             stopped: false,
             emitted: 0,
+            forced: std::collections::VecDeque::new(),
+            tool_spans: Vec::new(),
+            tool_calls: Vec::new(),
         }
     }
 
@@ -159,17 +174,7 @@ impl<'t> RowText<'t> {
             return Ok(Some(FinishReason::Stop));
         }
         let before = self.text.len();
-        self.tokens.push(token);
-        let step = self.stream.as_mut().map(|s| s.step(token));
-        match step {
-            Some(Ok(Some(piece))) => self.text.push_str(&piece),
-            Some(Ok(None)) => {}
-            // A tokenizer that cannot decode this sequence incrementally: decode it whole.
-            Some(Err(_)) | None => {
-                self.stream = None;
-                self.text = tok.decode(&self.tokens)?;
-            }
-        }
+        self.push(token, tok)?;
         // A stop string can only have appeared in what this token added (and the
         // stop's length before it).
         let longest_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
@@ -191,10 +196,74 @@ impl<'t> RowText<'t> {
                 return Ok(Some(FinishReason::Stop));
             }
         }
-        if params.tool_call.is_some_and(|f| f.pending(&self.text).is_some()) {
+        // A call at the last allowed token has no room for its result: the row ends there.
+        if params.tool_call.is_some_and(|f| f.pending(&self.text).is_some())
+            && self.tokens.len() < params.max_new_tokens
+        {
             return Ok(Some(FinishReason::ToolCall));
         }
         Ok((self.tokens.len() >= params.max_new_tokens).then_some(FinishReason::Length))
+    }
+
+    /// Append `token` to the tokens and the text.
+    fn push(&mut self, token: u32, tok: &ChatTokenizer) -> Result<()> {
+        self.tokens.push(token);
+        let step = self.stream.as_mut().map(|s| s.step(token));
+        match step {
+            Some(Ok(Some(piece))) => self.text.push_str(&piece),
+            Some(Ok(None)) => {}
+            // A tokenizer that cannot decode this sequence incrementally: decode it whole.
+            Some(Err(_)) | None => {
+                self.stream = None;
+                self.text = tok.decode(&self.tokens)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A tool's result to feed next, a token a step (context, marked as the tool's).
+    pub(crate) fn force(&mut self, ids: Vec<u32>, call: super::tool_call::ToolCall) {
+        let at = self.tokens.len();
+        self.tool_spans.push(at..at + ids.len());
+        self.forced.extend(ids);
+        self.tool_calls.push(call);
+    }
+
+    /// Whether the next token is a tool's, not the model's.
+    pub(crate) fn forcing(&self) -> bool {
+        !self.forced.is_empty()
+    }
+
+    /// Take the next token of a tool's result in place of a sampled one; the row
+    /// ends when it reaches `max_new_tokens` (the result cut there).
+    pub(crate) fn advance_forced(
+        &mut self,
+        tok: &ChatTokenizer,
+        params: &SamplingParams,
+    ) -> Result<(u32, Option<FinishReason>)> {
+        let token = self.forced.pop_front().expect("called while forcing");
+        self.push(token, tok)?;
+        let full = self.tokens.len() >= params.max_new_tokens;
+        if full {
+            self.forced.clear();
+        }
+        Ok((token, full.then_some(FinishReason::Length)))
+    }
+
+    /// After the model's `token` ended the row for `done`: at a tool call that
+    /// `answer` answers, the result is queued and the row goes on (`None`); at a
+    /// call `answer` declines, the row writes on too.
+    pub(crate) fn settle(
+        &mut self,
+        row: usize,
+        done: Option<FinishReason>,
+        answer: Option<&mut AnswerCall>,
+    ) -> Result<Option<FinishReason>> {
+        let (Some(FinishReason::ToolCall), Some(answer)) = (done, answer) else { return Ok(done) };
+        if let Some((ids, call)) = answer(row, &self.text)? {
+            self.force(ids, call);
+        }
+        Ok(None)
     }
 
     /// What can be shown of the text so far without a later stop-string cut or
@@ -215,6 +284,9 @@ impl<'t> RowText<'t> {
         reason: FinishReason,
     ) -> Result<Completion> {
         let text = if self.stopped { self.text } else { tok.decode(&self.tokens)? };
+        let n = self.tokens.len();
+        // A result cut by the token budget: its span ends with the tokens.
+        let tool_spans = self.tool_spans.into_iter().filter(|r| r.start < n).map(|r| r.start..r.end.min(n)).collect();
         Ok(Completion {
             prompt_index,
             tokens: self.tokens,
@@ -222,8 +294,8 @@ impl<'t> RowText<'t> {
             finish_reason: reason,
             eos: self.eos,
             sampling_logprobs: None,
-            tool_spans: Vec::new(),
-            tool_calls: Vec::new(),
+            tool_spans,
+            tool_calls: self.tool_calls,
         })
     }
 }
@@ -262,7 +334,27 @@ pub fn generate(
     n: usize,
     params: &SamplingParams,
     rng: &mut ChaCha8Rng,
+    on_text: Option<OnText>,
+) -> Result<Vec<Completion>> {
+    generate_answering(model, tok, prompts, n, params, rng, on_text, None)
+}
+
+/// [`generate`] with tool calls answered inside the batch: a row whose text
+/// ends with a call (`params.tool_call`) gets `answer`'s result fed to it a
+/// token a step, where it would have sampled, while the other rows go on;
+/// then it samples again. No row waits for another and nothing is prefilled
+/// again. A row feeding a result draws no random number. `answer` is called
+/// with the row's index (prompt-major: completion j of prompt i is row i·n + j).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_answering(
+    model: &Transformer,
+    tok: &ChatTokenizer,
+    prompts: &[Vec<u32>],
+    n: usize,
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
     mut on_text: Option<OnText>,
+    mut answer: Option<&mut AnswerCall>,
 ) -> Result<Vec<Completion>> {
     if prompts.is_empty() || n == 0 {
         return Ok(Vec::new());
@@ -291,7 +383,14 @@ pub fn generate(
         // One uniform per unfinished row, in batch order, as the sampler has always drawn them.
         let uniforms: Vec<f32> = active
             .iter()
-            .map(|&r| if finish[r].is_none() && params.temperature > 0.0 { rng.random::<f32>() } else { 0.0 })
+            .map(|&r| {
+                let samples = finish[r].is_none() && !rows[r].forcing();
+                if samples && params.temperature > 0.0 {
+                    rng.random::<f32>()
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let seen = |i: usize| -> Vec<u32> {
             let r = active[i];
@@ -305,13 +404,21 @@ pub fn generate(
                 next.push(vec![PAD_SENTINEL]);
                 continue;
             }
-            finish[r] = rows[r].advance(picked[i], tok, params)?;
+            let token = if rows[r].forcing() {
+                let (token, done) = rows[r].advance_forced(tok, params)?;
+                finish[r] = done;
+                token
+            } else {
+                let done = rows[r].advance(picked[i], tok, params)?;
+                finish[r] = rows[r].settle(r, done, answer.as_deref_mut())?;
+                picked[i]
+            };
             if let Some(cb) = on_text.as_mut() {
                 if let Some(piece) = rows[r].unshown(params, finish[r].is_some()) {
                     cb(r, piece);
                 }
             }
-            next.push(vec![if finish[r].is_some() { PAD_SENTINEL } else { picked[i] }]);
+            next.push(vec![if finish[r].is_some() { PAD_SENTINEL } else { token }]);
         }
         let alive: Vec<usize> = (0..active.len()).filter(|&i| finish[active[i]].is_none()).collect();
         if alive.is_empty() {

@@ -7,9 +7,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::client::{Choice, Client, CompletionRequest};
-use super::tools::{sample_with_tools, segment_seed, ToolSettings, Toolbox};
+use super::tools::{sample_with_tools, segment_seed, InBatchCalls, ToolSettings, Toolbox};
 use crate::common::CancelToken;
 use crate::model::batching::{generate_continuous, Slots};
+use crate::model::generate::generate_answering;
 use crate::model::tool_call::{CallFormat, HERMES_CLOSE};
 use crate::model::{generate, ChatTokenizer, Completion, FinishReason, SamplingParams, Transformer};
 
@@ -41,7 +42,7 @@ impl Sampler<'_> {
     ) -> Result<()> {
         match self {
             Sampler::Local(model) => {
-                generate_continuous(model, tok, prompts, Slots::new(slots), params, seed_of, cancel, on_done)
+                generate_continuous(model, tok, prompts, Slots::new(slots), params, seed_of, cancel, None, on_done)
             }
             Sampler::Server { .. } => {
                 let indices: Vec<usize> = (0..prompts.len()).collect();
@@ -61,8 +62,10 @@ impl Sampler<'_> {
     }
 
     /// [`Sampler::complete_each`] with the model's tool calls answered by
-    /// `toolbox`: a row at a call waits for its result in the next wave while the
-    /// others go on; its segments are seeded from `seed_of(i)` and the wave.
+    /// `toolbox`. On the local model a row at a call is fed the result in its
+    /// slot while the others decode; on a server it waits for its result in the
+    /// next wave of requests while the others go on, its segments seeded from
+    /// `seed_of(i)` and the wave.
     #[allow(clippy::too_many_arguments)]
     pub fn complete_each_with_tools(
         &self,
@@ -76,6 +79,14 @@ impl Sampler<'_> {
         toolbox: &mut Toolbox,
         on_done: &mut dyn FnMut(usize, Completion) -> Result<()>,
     ) -> Result<()> {
+        if let Sampler::Local(model) = self {
+            toolbox.check_template(tok)?;
+            let params = SamplingParams { tool_call: Some(toolbox.format()), ..params.clone() };
+            let mut calls = InBatchCalls::new(tok, tools, toolbox);
+            let answer = &mut |row: usize, text: &str| calls.answer(row, text);
+            let slots = Slots::new(slots);
+            return generate_continuous(model, tok, prompts, slots, &params, seed_of, cancel, Some(answer), on_done);
+        }
         sample_with_tools(
             tok,
             prompts,
@@ -91,7 +102,9 @@ impl Sampler<'_> {
     }
 
     /// [`Sampler::sample`] with the model's tool calls answered by `toolbox`:
-    /// `n` completions of each prompt, prompt after prompt.
+    /// `n` completions of each prompt, prompt after prompt. On the local model a
+    /// row at a call is fed the result in the batch (`generate_answering`); on a
+    /// server, in waves of requests.
     #[allow(clippy::too_many_arguments)]
     pub fn sample_with_tools(
         &self,
@@ -104,6 +117,13 @@ impl Sampler<'_> {
         tools: &ToolSettings,
         toolbox: &mut Toolbox,
     ) -> Result<Vec<Completion>> {
+        if let Sampler::Local(model) = self {
+            toolbox.check_template(tok)?;
+            let params = SamplingParams { tool_call: Some(toolbox.format()), ..params.clone() };
+            let mut calls = InBatchCalls::new(tok, tools, toolbox);
+            let answer = &mut |row: usize, text: &str| calls.answer(row, text);
+            return generate_answering(model, tok, prompts, n, &params, rng, None, Some(answer));
+        }
         let contexts: Vec<Vec<u32>> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), n)).collect();
         let mut out: Vec<Option<Completion>> = vec![None; contexts.len()];
         sample_with_tools(

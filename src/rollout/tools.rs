@@ -409,6 +409,37 @@ impl Assembly {
     }
 }
 
+/// Answers the calls of local generation inside its batch
+/// (`model::generate::AnswerCall`): the call's expression from the row's
+/// text, the toolbox's answer, and its result as the tokens to feed; nothing
+/// once the row has made `max_tool_calling_iterations` calls (it writes on).
+pub struct InBatchCalls<'a> {
+    tok: &'a ChatTokenizer,
+    limit: Option<usize>,
+    toolbox: &'a mut Toolbox,
+    made: std::collections::HashMap<usize, usize>,
+}
+
+impl<'a> InBatchCalls<'a> {
+    pub fn new(tok: &'a ChatTokenizer, tools: &ToolSettings, toolbox: &'a mut Toolbox) -> InBatchCalls<'a> {
+        InBatchCalls { tok, limit: tools.max_tool_calling_iterations, toolbox, made: Default::default() }
+    }
+
+    pub fn answer(&mut self, row: usize, text: &str) -> Result<Option<(Vec<u32>, ToolCall)>> {
+        let made = self.made.entry(row).or_insert(0);
+        if self.limit.is_some_and(|m| *made >= m) {
+            return Ok(None);
+        }
+        let Some(expression) = self.toolbox.format().pending(text).map(|e| e.trim().to_string()) else {
+            return Ok(None);
+        };
+        *made += 1;
+        let call = self.toolbox.answer(&expression);
+        let ids = self.tok.encode(&self.toolbox.result_text(self.tok, &call)?)?;
+        Ok(Some((ids, call)))
+    }
+}
+
 /// What the sampler of one wave is asked for: the contexts (prompt plus what
 /// was written and appended so far), the rows they continue, and the wave's
 /// number (a segment's sampler is seeded from its row and the wave).

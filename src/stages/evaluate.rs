@@ -141,6 +141,7 @@ impl StageKind for Evaluate {
                 *entry = rollout_param::fingerprint_params(entry, "rollout");
             }
         }
+        rollout_param::mark_tool_sampler(&mut p, 0.0);
         p
     }
 

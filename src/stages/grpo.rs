@@ -60,7 +60,9 @@ impl StageKind for Grpo {
         trl_compat::normalize(params, Trainer::Grpo, &known_keys::<Params>())
     }
     fn fingerprint_params(&self, params: &Value) -> Value {
-        training::fingerprint_params(&rollout_param::fingerprint_params(params, "rollout"))
+        let mut p = training::fingerprint_params(&rollout_param::fingerprint_params(params, "rollout"));
+        rollout_param::mark_tool_sampler(&mut p, 1.0);
+        p
     }
     fn exp_view(&self, params: &Value, metrics: Option<&Value>) -> Option<crate::pipeline::kind::ExpView> {
         training::exp_view(params, metrics)

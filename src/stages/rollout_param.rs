@@ -48,6 +48,20 @@ pub fn fingerprint_params(params: &Value, key: &str) -> Value {
     p
 }
 
+/// Sampling with tools on the local model answers calls inside the batch
+/// (since 2026-12-08; before, in waves that re-prefilled each row), which draws
+/// the random numbers of sampled (temperature > 0) completions differently: such
+/// a stage's result is a new one, so its fingerprint carries the sampler's mark.
+/// Greedy completions are the same tokens either way and keep their fingerprints,
+/// as do stages without tools.
+pub fn mark_tool_sampler(params: &mut Value, default_temperature: f64) {
+    let tools = params.get("tools").and_then(Value::as_array).is_some_and(|t| !t.is_empty());
+    let temperature = params.get("temperature").and_then(Value::as_f64).unwrap_or(default_temperature);
+    if let (true, true, Some(m)) = (tools, temperature > 0.0, params.as_object_mut()) {
+        m.insert("tool_sampler".into(), Value::String("in-batch".into()));
+    }
+}
+
 /// Where LoRA adapters are written for the server: `adapter_dir` (absolute, as
 /// the server must read it) or the stage's work folder.
 pub fn adapter_dir(ctx: &StageContext, cfg: &ServerConfig) -> Result<PathBuf> {
@@ -64,4 +78,27 @@ pub fn adapter_dir(ctx: &StageContext, cfg: &ServerConfig) -> Result<PathBuf> {
 pub fn adapter_prefix(ctx: &StageContext) -> String {
     let h = blake3::hash(ctx.work_dir.to_string_lossy().as_bytes()).to_hex();
     format!("r1pipe-{}-{}", ctx.stage, &h[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marked(params: Value, default_temperature: f64) -> bool {
+        let mut p = params;
+        mark_tool_sampler(&mut p, default_temperature);
+        p.get("tool_sampler").is_some()
+    }
+
+    #[test]
+    fn only_sampled_stages_with_tools_carry_the_tool_samplers_mark() {
+        let tools = serde_json::json!(["calculator"]);
+        // GRPO samples at 1.0 unless told otherwise.
+        assert!(marked(serde_json::json!({ "tools": tools }), 1.0));
+        assert!(!marked(serde_json::json!({ "tools": [] }), 1.0), "no tools: the sampler is unchanged");
+        assert!(!marked(serde_json::json!({}), 1.0));
+        // Evaluation is greedy unless told otherwise: the same tokens, the same fingerprint.
+        assert!(!marked(serde_json::json!({ "tools": tools }), 0.0));
+        assert!(marked(serde_json::json!({ "tools": tools, "temperature": 0.7 }), 0.0));
+    }
 }
