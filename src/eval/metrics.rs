@@ -78,6 +78,13 @@ pub struct EvalMetrics {
     pub comparisons: Vec<Comparison>,
 }
 
+/// Whether a question's verdict counts as right on one metric.
+pub type Pick = fn(&Verdict) -> bool;
+
+/// The metrics paired comparisons are made on, and each question's verdict on it.
+pub const PAIRED_METRICS: [(&str, Pick); 2] =
+    [("accuracy_strict", |v| v.correct_strict), ("accuracy_flexible", |v| v.correct_flexible)];
+
 /// Significance level the table marks differences at.
 pub const ALPHA: f64 = 0.05;
 
@@ -132,10 +139,7 @@ impl EvalMetrics {
         let mut comparisons = Vec::new();
         for (i, a) in names.iter().enumerate() {
             for b in &names[i + 1..] {
-                for (metric, pick) in [
-                    ("accuracy_strict", (|v: &Verdict| v.correct_strict) as fn(&Verdict) -> bool),
-                    ("accuracy_flexible", |v: &Verdict| v.correct_flexible),
-                ] {
+                for (metric, pick) in PAIRED_METRICS {
                     comparisons.push(compare(a, b, metric, &verdicts[*a], &verdicts[*b], pick));
                 }
             }

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use super::metrics::{compare, Comparison, Verdict};
+use super::metrics::{compare, Comparison, Verdict, PAIRED_METRICS};
 use super::run::EvalSample;
 use crate::data::jsonl;
 
@@ -25,19 +25,15 @@ pub struct Evaluated {
 pub fn read_model(path: &Path, model: Option<&str>) -> Result<Evaluated> {
     let all: Vec<EvalSample> = jsonl::read(path)?.into_iter().map(|(_, s)| s).collect();
     let models: BTreeSet<&str> = all.iter().map(|s| s.model.as_str()).collect();
+    let listed = models.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ");
     let model = match model {
         Some(m) if models.contains(m) => m.to_string(),
-        Some(m) => bail!(
-            "{}: no samples of model `{m}`; the file has {}",
-            path.display(),
-            models.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
-        ),
+        Some(m) => bail!("{}: no samples of model `{m}`; the file has {listed}", path.display()),
         None if models.len() == 1 => models.iter().next().expect("one model").to_string(),
         None if models.is_empty() => bail!("{}: no samples (is it an evaluate stage's samples.jsonl?)", path.display()),
         None => bail!(
-            "{}: samples of several models ({}): say which with --model (both sides) or --model-a/--model-b",
-            path.display(),
-            models.iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", ")
+            "{}: samples of several models ({listed}): say which with --model (both sides) or --model-a/--model-b",
+            path.display()
         ),
     };
     let samples = all.into_iter().filter(|s| s.model == model).collect();
@@ -73,17 +69,14 @@ pub fn compare_models(a: &Evaluated, b: &Evaluated, label_a: &str, label_b: &str
     let shared = va.len();
     let rate =
         |v: &[Verdict], pick: fn(&Verdict) -> bool| v.iter().filter(|x| pick(x)).count() as f64 / shared.max(1) as f64;
-    let metrics = [
-        ("accuracy_strict", (|v: &Verdict| v.correct_strict) as fn(&Verdict) -> bool),
-        ("accuracy_flexible", |v: &Verdict| v.correct_flexible),
-    ]
-    .into_iter()
-    .map(|(metric, pick)| PairedMetric {
-        accuracy_a: rate(&va, pick),
-        accuracy_b: rate(&vb, pick),
-        comparison: compare(label_a, label_b, metric, &va, &vb, pick),
-    })
-    .collect();
+    let metrics = PAIRED_METRICS
+        .into_iter()
+        .map(|(metric, pick)| PairedMetric {
+            accuracy_a: rate(&va, pick),
+            accuracy_b: rate(&vb, pick),
+            comparison: compare(label_a, label_b, metric, &va, &vb, pick),
+        })
+        .collect();
     (shared, metrics)
 }
 
