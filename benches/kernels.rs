@@ -175,7 +175,8 @@ fn main() {
         let w: Vec<f32> = (0..n * k).map(|i| (i % 97) as f32 * 0.01).collect();
         let w = w.as_slice();
         let packed = r1pipe::kernels::packed::PackedWeight::pack(w, n, k);
-        for m in [1, 8, 32] {
+        let bf16 = r1pipe::kernels::packed::PackedWeight::pack_as(w, n, k, r1pipe::kernels::packed::Precision::Bf16);
+        for m in [1, 8, 16, 32] {
             let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.1).collect();
             let x = x.as_slice();
             let mut out = vec![0f32; m * n];
@@ -190,6 +191,13 @@ fn main() {
             println!(
                 "{:<58} {:>10.3} {:>9.1}",
                 format!("packed x @ Wᵀ, {name} [{m} × {k}] @ [{n} × {k}]ᵀ"),
+                s * 1e3,
+                2.0 * (m * n * k) as f64 / s / 1e9
+            );
+            let s = time(0.5, || r1pipe::kernels::packed::matmul_packed(x, m, &bf16, &mut out));
+            println!(
+                "{:<58} {:>10.3} {:>9.1}",
+                format!("packed bf16 x @ Wᵀ, {name} [{m} × {k}] @ [{n} × {k}]ᵀ"),
                 s * 1e3,
                 2.0 * (m * n * k) as f64 / s / 1e9
             );

@@ -417,3 +417,55 @@ fn sequence_level_ratios_and_the_entropy_mask_train_together() {
     assert_eq!(log.len(), 2);
     assert!(log.iter().all(|l| l["loss"].as_f64().is_some_and(f64::is_finite)), "{log:?}");
 }
+
+/// `rollout_dtype: bf16`: rollouts decode from the policy's weights rounded to
+/// bf16 (on an AVX-512 CPU), the loss takes the f32 policy's log-probabilities,
+/// and the gap between the two is logged and corrected for as a server's is.
+/// The synthetic reward is still learned, and a killed run resumes bitwise.
+#[test]
+fn bf16_rollouts_learn_are_corrected_for_their_rounding_and_resume_bitwise() {
+    let bf16 = |steps: &str| {
+        pipe(steps, "f32")
+            .replace("      log_completions: 5\n", "      log_completions: 5\n      rollout_dtype: bf16\n")
+    };
+    let p = project();
+    p.write("pipe.yaml", &bf16("40"));
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    let log = log_of(&p);
+    if !r1pipe::kernels::packed::packs_here() {
+        assert!(r.stderr.contains("rollouts decode with the policy's f32 weights here"), "{}", r.stderr);
+        eprintln!(
+            "skipped the bf16 checks: nothing packs here (no AVX-512 or portable kernels); the warning was checked"
+        );
+        return;
+    }
+    assert!(!r.stderr.contains("rollout_dtype: bf16 needs"), "{}", r.stderr);
+    for l in &log {
+        let gap = l["sampling/sampling_logp_difference/mean"].as_f64().expect("the sampler's gap is logged");
+        assert!(gap > 0.0 && gap < 0.05, "bf16 rollouts off the f32 policy by {gap} per token: {l}");
+        assert!(l["sampling/importance_sampling_ratio/mean"].is_number(), "the correction is applied: {l}");
+    }
+    let mean =
+        |xs: &[serde_json::Value]| xs.iter().map(|l| l["reward"].as_f64().unwrap()).sum::<f64>() / xs.len() as f64;
+    let (first, last) = (mean(&log[..8]), mean(&log[32..]));
+    println!("bf16 rollouts, reward: first 8 steps {first:.3}, last 8 steps {last:.3}");
+    assert!(last > first + 0.25 && last > 0.6, "the reward did not rise: {first:.3} → {last:.3}");
+
+    let steps = "12";
+    let whole = project();
+    whole.write("pipe.yaml", &bf16(steps));
+    whole.run(&["run", "pipe.yaml"]).ok();
+    let reference =
+        fs::read(format!("{}/model.safetensors", whole.run(&["show", "grpo.model"]).ok().stdout.trim())).unwrap();
+    let p = project();
+    p.write("pipe.yaml", &bf16(steps));
+    let mut child = p.spawn(&["run", "pipe.yaml"]);
+    let at = p.wait_for_checkpoint(3, Duration::from_secs(120));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(at < 12, "finished before it could be killed");
+    let r = p.run(&["run", "pipe.yaml"]).ok();
+    assert!(r.decision("grpo").starts_with("resume from step"), "{}", r.stdout);
+    let resumed = fs::read(format!("{}/model.safetensors", p.run(&["show", "grpo.model"]).ok().stdout.trim())).unwrap();
+    assert!(resumed == reference, "resumed weights differ from the uninterrupted run's with bf16 rollouts");
+}

@@ -69,6 +69,7 @@ pub fn run(a: InferArgs) -> Result<i32> {
         stop: Vec::new(),
         include_stop_str_in_output: false,
         tool_call: None,
+        logprobs: false,
     };
     if let Some((field, message)) = params.problems().into_iter().next() {
         bail!("--{}: {message}", field.replace('_', "-"));

@@ -20,6 +20,15 @@
 //! batch, in a prefill or a decode step (the AVX-512 kernel equals the scalar
 //! form bit for bit). Without AVX-512 nothing is packed and the unpacked
 //! product runs (see [`has_kernel`] for why).
+//!
+//! A weight packs in f32 (evaluation and inference: the model's own values) or
+//! in bf16 ([`Precision::Bf16`], GRPO's `rollout_dtype: bf16`): half the bytes,
+//! read as bf16 and widened to f32 in registers (a shift, exact), with `x` and
+//! the sums in f32. Why: at GRPO's 8–16 decoding rows a step is bound by reading
+//! the weights (bench/RESULTS.md), so half the bytes is up to half the time;
+//! the values are the weights rounded to bf16 (nearest even), which is what a
+//! bf16 rollout engine such as vLLM samples from. The widening needs only
+//! AVX-512F, not AVX512-BF16.
 
 use std::sync::Arc;
 
@@ -30,41 +39,109 @@ use super::threads::{for_each_unit, SharedOut};
 /// Output columns per panel: three 16-lane vectors.
 pub const PANEL: usize = 48;
 
+/// What a packed weight stores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// The weight's own f32 values.
+    F32,
+    /// The weight rounded to bf16 (nearest even), widened back to f32 as it is read.
+    Bf16,
+}
+
 /// A weight [N, K] packed for [`matmul_packed`].
 pub struct PackedWeight {
     pub n: usize,
     pub k: usize,
-    /// ceil(N / PANEL) panels of [K][PANEL] floats from `start`, zero past column N.
-    buf: Vec<f32>,
+    panels: Panels,
+}
+
+/// ceil(N / PANEL) panels of [K][PANEL] values, zero past column N.
+enum Panels {
+    F32(Aligned<f32>),
+    /// bf16 bit patterns.
+    Bf16(Aligned<u16>),
+}
+
+/// One panel's values, as the kernels read them.
+#[derive(Clone, Copy)]
+enum PanelRef<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+/// A buffer whose values start on a 64-byte boundary (a whole cache line per
+/// vector load of f32 panels).
+struct Aligned<T> {
+    buf: Vec<T>,
     start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> Aligned<T> {
+    fn zeroed(len: usize) -> Aligned<T> {
+        let size = std::mem::size_of::<T>();
+        let slack = 64 / size;
+        let buf = vec![T::default(); len + slack];
+        let start = (64 - (buf.as_ptr() as usize % 64)) % 64 / size;
+        Aligned { buf, start, len }
+    }
+
+    fn as_slice(&self) -> &[T] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [T] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// f32 → bf16 bits, rounded to nearest even (NaN stays NaN): PyTorch's and `half`'s rounding.
+fn bf16_bits(v: f32) -> u16 {
+    half::bf16::from_f32(v).to_bits()
+}
+
+/// bf16 bits → f32, exactly.
+fn bf16_value(b: u16) -> f32 {
+    f32::from_bits((b as u32) << 16)
+}
+
+/// The row-major weight [n, k] rearranged into panels of `T`.
+fn pack_panels<T: Copy + Default>(w: &[f32], n: usize, k: usize, convert: impl Fn(f32) -> T) -> Aligned<T> {
+    assert_eq!(w.len(), n * k, "packed weight: slice size");
+    let panels = n.div_ceil(PANEL);
+    let mut out = Aligned::zeroed(panels * k * PANEL);
+    let data = out.as_mut_slice();
+    for p in 0..panels {
+        let panel = &mut data[p * k * PANEL..(p + 1) * k * PANEL];
+        for c in 0..PANEL.min(n - p * PANEL) {
+            let row = &w[(p * PANEL + c) * k..(p * PANEL + c + 1) * k];
+            for (q, &v) in row.iter().enumerate() {
+                panel[q * PANEL + c] = convert(v);
+            }
+        }
+    }
+    out
 }
 
 impl PackedWeight {
-    /// Pack a row-major weight [n, k].
+    /// Pack a row-major weight [n, k] in f32.
     pub fn pack(w: &[f32], n: usize, k: usize) -> PackedWeight {
-        assert_eq!(w.len(), n * k, "packed weight: slice size");
-        let panels = n.div_ceil(PANEL);
-        let len = panels * k * PANEL;
-        // 16 floats of slack to start the panels on a 64-byte boundary.
-        let mut buf = vec![0f32; len + 16];
-        let start = (64 - (buf.as_ptr() as usize % 64)) % 64 / 4;
-        let data = &mut buf[start..start + len];
-        for p in 0..panels {
-            let panel = &mut data[p * k * PANEL..(p + 1) * k * PANEL];
-            for c in 0..PANEL.min(n - p * PANEL) {
-                let row = &w[(p * PANEL + c) * k..(p * PANEL + c + 1) * k];
-                for (q, &v) in row.iter().enumerate() {
-                    panel[q * PANEL + c] = v;
-                }
-            }
-        }
-        PackedWeight { n, k, buf, start }
+        PackedWeight::pack_as(w, n, k, Precision::F32)
     }
 
-    /// A weight tensor [N, K] packed, when the CPU forms apply to it (an f32
-    /// tensor on the CPU, kernels not forced portable) and the CPU has a packed
-    /// kernel (AVX-512); `None` otherwise.
-    pub fn for_tensor(w: &Tensor) -> Result<Option<Arc<PackedWeight>>> {
+    /// Pack a row-major weight [n, k] in `precision`.
+    pub fn pack_as(w: &[f32], n: usize, k: usize, precision: Precision) -> PackedWeight {
+        let panels = match precision {
+            Precision::F32 => Panels::F32(pack_panels(w, n, k, |v| v)),
+            Precision::Bf16 => Panels::Bf16(pack_panels(w, n, k, bf16_bits)),
+        };
+        PackedWeight { n, k, panels }
+    }
+
+    /// A weight tensor [N, K] packed in `precision`, when the CPU forms apply
+    /// to it (an f32 tensor on the CPU, kernels not forced portable) and the
+    /// CPU has a packed kernel (AVX-512); `None` otherwise.
+    pub fn for_tensor(w: &Tensor, precision: Precision) -> Result<Option<Arc<PackedWeight>>> {
         if !super::cpu_form(&[w]) || !has_kernel() {
             return Ok(None);
         }
@@ -75,11 +152,23 @@ impl PackedWeight {
         let (candle_core::Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
             candle_core::bail!("packing a weight: not a contiguous CPU tensor");
         };
-        Ok(Some(Arc::new(PackedWeight::pack(&cpu.as_slice::<f32>()?[a..b], n, k))))
+        Ok(Some(Arc::new(PackedWeight::pack_as(&cpu.as_slice::<f32>()?[a..b], n, k, precision))))
     }
 
-    fn panels(&self) -> &[f32] {
-        &self.buf[self.start..self.start + self.n.div_ceil(PANEL) * self.k * PANEL]
+    pub fn precision(&self) -> Precision {
+        match self.panels {
+            Panels::F32(_) => Precision::F32,
+            Panels::Bf16(_) => Precision::Bf16,
+        }
+    }
+
+    /// Panel `p`'s values.
+    fn panel(&self, p: usize) -> PanelRef<'_> {
+        let span = p * self.k * PANEL..(p + 1) * self.k * PANEL;
+        match &self.panels {
+            Panels::F32(a) => PanelRef::F32(&a.as_slice()[span]),
+            Panels::Bf16(a) => PanelRef::Bf16(&a.as_slice()[span]),
+        }
     }
 }
 
@@ -124,11 +213,10 @@ pub fn matmul_packed(x: &[f32], m: usize, w: &PackedWeight, out: &mut [f32]) {
     let (n, k) = (w.n, w.k);
     assert!(x.len() == m * k && out.len() == m * n, "packed matmul: slice sizes");
     let shared = SharedOut::new(out);
-    let panels = w.panels();
     for_each_unit(n.div_ceil(PANEL), m * n * k > 1 << 15, |r| {
         for p in r {
             // SAFETY: panel p's columns are written by this unit only; `out` outlives the call.
-            unsafe { panel(x, m, k, &panels[p * k * PANEL..(p + 1) * k * PANEL], p * PANEL, n, shared.ptr()) }
+            unsafe { panel(x, m, k, w.panel(p), p * PANEL, n, shared.ptr()) }
         }
     });
 }
@@ -136,11 +224,15 @@ pub fn matmul_packed(x: &[f32], m: usize, w: &PackedWeight, out: &mut [f32]) {
 /// Columns c0..min(c0 + PANEL, n) of every row.
 ///
 /// # Safety
-/// `out` is an [m, n] buffer whose columns c0..c0 + PANEL only this call writes.
-unsafe fn panel(x: &[f32], m: usize, k: usize, wp: &[f32], c0: usize, n: usize, out: *mut f32) {
+/// `out` is an [m, n] buffer whose columns c0..c0 + PANEL only this call writes;
+/// `wp` holds k × PANEL values.
+unsafe fn panel(x: &[f32], m: usize, k: usize, wp: PanelRef, c0: usize, n: usize, out: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     if has_kernel() {
-        return avx512::panel(x, m, k, wp, c0, n, out);
+        return match wp {
+            PanelRef::F32(w) => avx512::panel::<false>(x, m, k, w.as_ptr().cast(), c0, n, out),
+            PanelRef::Bf16(w) => avx512::panel::<true>(x, m, k, w.as_ptr().cast(), c0, n, out),
+        };
     }
     scalar_panel(x, m, k, wp, c0, n, out)
 }
@@ -165,17 +257,22 @@ fn has_kernel() -> bool {
 }
 
 /// The reference form every vector kernel equals bit for bit: per output, fused
-/// multiply-adds over k in order from zero.
+/// multiply-adds over k in order from zero (of the weight's f32 value, a
+/// bf16 one widened exactly).
 ///
 /// # Safety
 /// As [`panel`].
-unsafe fn scalar_panel(x: &[f32], m: usize, k: usize, wp: &[f32], c0: usize, n: usize, out: *mut f32) {
+unsafe fn scalar_panel(x: &[f32], m: usize, k: usize, wp: PanelRef, c0: usize, n: usize, out: *mut f32) {
+    let weight = |i: usize| match wp {
+        PanelRef::F32(w) => w[i],
+        PanelRef::Bf16(w) => bf16_value(w[i]),
+    };
     let cols = PANEL.min(n - c0);
     for i in 0..m {
         for c in 0..cols {
             let mut s = 0f32;
             for q in 0..k {
-                s = x[i * k + q].mul_add(wp[q * PANEL + c], s);
+                s = x[i * k + q].mul_add(weight(q * PANEL + c), s);
             }
             *out.add(i * n + c0 + c) = s;
         }
@@ -191,33 +288,62 @@ mod avx512 {
     const MR: usize = 8;
     const NV: usize = PANEL / 16;
 
+    /// One panel; `BF16` says what `wp` holds (bf16 bits or f32 values, k × PANEL of them).
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn panel(x: &[f32], m: usize, k: usize, wp: &[f32], c0: usize, n: usize, out: *mut f32) {
+    pub unsafe fn panel<const BF16: bool>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        wp: *const u8,
+        c0: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
         let mut i = 0;
         while i + MR <= m {
-            tile::<MR>(x, k, wp, i, c0, n, out);
+            tile::<BF16, MR>(x, k, wp, i, c0, n, out);
             i += MR;
         }
         match m - i {
-            7 => tile::<7>(x, k, wp, i, c0, n, out),
-            6 => tile::<6>(x, k, wp, i, c0, n, out),
-            5 => tile::<5>(x, k, wp, i, c0, n, out),
-            4 => tile::<4>(x, k, wp, i, c0, n, out),
-            3 => tile::<3>(x, k, wp, i, c0, n, out),
-            2 => tile::<2>(x, k, wp, i, c0, n, out),
-            1 => tile::<1>(x, k, wp, i, c0, n, out),
+            7 => tile::<BF16, 7>(x, k, wp, i, c0, n, out),
+            6 => tile::<BF16, 6>(x, k, wp, i, c0, n, out),
+            5 => tile::<BF16, 5>(x, k, wp, i, c0, n, out),
+            4 => tile::<BF16, 4>(x, k, wp, i, c0, n, out),
+            3 => tile::<BF16, 3>(x, k, wp, i, c0, n, out),
+            2 => tile::<BF16, 2>(x, k, wp, i, c0, n, out),
+            1 => tile::<BF16, 1>(x, k, wp, i, c0, n, out),
             _ => {}
+        }
+    }
+
+    /// 16 weights from element `at` of the panel, as f32 lanes: an aligned f32
+    /// load, or 16 bf16 widened exactly (zero-extend to 32 bits, shift left 16).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn weights16<const BF16: bool>(wp: *const u8, at: usize) -> __m512 {
+        if BF16 {
+            let half = _mm256_loadu_si256(wp.cast::<u16>().add(at).cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(half)))
+        } else {
+            _mm512_load_ps(wp.cast::<f32>().add(at))
         }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile<const R: usize>(x: &[f32], k: usize, wp: &[f32], i: usize, c0: usize, n: usize, out: *mut f32) {
+    unsafe fn tile<const BF16: bool, const R: usize>(
+        x: &[f32],
+        k: usize,
+        wp: *const u8,
+        i: usize,
+        c0: usize,
+        n: usize,
+        out: *mut f32,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); NV]; R];
         let xp = x.as_ptr().add(i * k);
-        let w = wp.as_ptr();
         for q in 0..k {
-            let wv: [__m512; NV] = std::array::from_fn(|v| _mm512_load_ps(w.add(q * PANEL + v * 16)));
+            let wv: [__m512; NV] = std::array::from_fn(|v| weights16::<BF16>(wp, q * PANEL + v * 16));
             for (a, acc_a) in acc.iter_mut().enumerate() {
                 let xv = _mm512_set1_ps(*xp.add(a * k + q));
                 for v in 0..NV {
@@ -251,44 +377,110 @@ mod tests {
     }
 
     #[test]
-    fn the_vector_kernel_equals_the_scalar_form_bit_for_bit() {
+    fn the_vector_kernel_equals_the_scalar_form_bit_for_bit_in_f32_and_bf16() {
         let (m, n, k) = (11, 100, 37);
         let (x, w) = (rand(m * k, 1), rand(n * k, 2));
-        let pw = PackedWeight::pack(&w, n, k);
-        type Kernel = unsafe fn(&[f32], usize, usize, &[f32], usize, usize, *mut f32);
-        let run = |f: Kernel| {
-            let mut out = vec![0f32; m * n];
-            let panels = pw.panels();
-            for p in 0..n.div_ceil(PANEL) {
-                unsafe { f(&x, m, k, &panels[p * k * PANEL..(p + 1) * k * PANEL], p * PANEL, n, out.as_mut_ptr()) }
+        for precision in [Precision::F32, Precision::Bf16] {
+            let pw = PackedWeight::pack_as(&w, n, k, precision);
+            assert_eq!(pw.precision(), precision);
+            let run = |vector: bool| {
+                let mut out = vec![0f32; m * n];
+                for p in 0..n.div_ceil(PANEL) {
+                    let wp = pw.panel(p);
+                    unsafe {
+                        if vector {
+                            #[cfg(target_arch = "x86_64")]
+                            match wp {
+                                PanelRef::F32(w) => {
+                                    avx512::panel::<false>(&x, m, k, w.as_ptr().cast(), p * PANEL, n, out.as_mut_ptr())
+                                }
+                                PanelRef::Bf16(w) => {
+                                    avx512::panel::<true>(&x, m, k, w.as_ptr().cast(), p * PANEL, n, out.as_mut_ptr())
+                                }
+                            }
+                        } else {
+                            scalar_panel(&x, m, k, wp, p * PANEL, n, out.as_mut_ptr())
+                        }
+                    }
+                }
+                out
+            };
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                assert_eq!(run(true), run(false), "{precision:?}");
+                continue;
             }
-            out
-        };
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            assert_eq!(run(avx512::panel), run(scalar_panel));
+            eprintln!("skipped: the AVX-512 packed kernel (this CPU has no AVX-512; nothing is packed here)");
             return;
         }
-        eprintln!("skipped: the AVX-512 packed kernel (this CPU has no AVX-512; nothing is packed here)");
+    }
+
+    #[test]
+    fn bf16_packing_rounds_to_nearest_even_as_pytorch_does() {
+        // 1 + 2⁻⁸ is halfway between bf16's 1 and 1 + 2⁻⁷: ties go to the even mantissa (1).
+        assert_eq!(bf16_value(bf16_bits(1.0 + 1.0 / 256.0)), 1.0);
+        // 1 + 3·2⁻⁸ is halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: even is 1 + 2⁻⁶.
+        assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 / 256.0)), 1.0 + 1.0 / 64.0);
+        // Just above halfway rounds up.
+        assert_eq!(bf16_value(bf16_bits(f32::from_bits(0x3f80_8001))), 1.0 + 1.0 / 128.0);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(bf16_value(bf16_bits(-0.0)).to_bits(), (-0.0f32).to_bits());
+        assert_eq!(bf16_value(bf16_bits(f32::INFINITY)), f32::INFINITY);
     }
 
     #[test]
     fn matches_a_float64_reference_and_a_row_is_the_same_in_any_batch() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 47, 5), (9, 97, 64), (32, 192, 576), (17, 100, 33)] {
-            let (x, w) = (rand(m * k, m as u64), rand(n * k, 7 + n as u64));
-            let pw = PackedWeight::pack(&w, n, k);
-            let mut out = vec![0f32; m * n];
-            matmul_packed(&x, m, &pw, &mut out);
-            for i in 0..m {
-                for j in 0..n {
-                    let r: f64 = (0..k).map(|q| x[i * k + q] as f64 * w[j * k + q] as f64).sum();
-                    let g = out[i * n + j] as f64;
-                    assert!((g - r).abs() < 1e-4 * (1.0 + r.abs()), "m={m} n={n} k={k} [{i},{j}]: {g} vs {r}");
+        for precision in [Precision::F32, Precision::Bf16] {
+            for &(m, n, k) in &[(1, 1, 1), (3, 47, 5), (9, 97, 64), (32, 192, 576), (17, 100, 33)] {
+                let (x, w) = (rand(m * k, m as u64), rand(n * k, 7 + n as u64));
+                let pw = PackedWeight::pack_as(&w, n, k, precision);
+                // The reference multiplies by the values the panel holds: the weights,
+                // or the weights rounded to bf16.
+                let held = |v: f32| match precision {
+                    Precision::F32 => v as f64,
+                    Precision::Bf16 => bf16_value(bf16_bits(v)) as f64,
+                };
+                let mut out = vec![0f32; m * n];
+                matmul_packed(&x, m, &pw, &mut out);
+                for i in 0..m {
+                    for j in 0..n {
+                        let r: f64 = (0..k).map(|q| x[i * k + q] as f64 * held(w[j * k + q])).sum();
+                        let g = out[i * n + j] as f64;
+                        assert!(
+                            (g - r).abs() < 1e-4 * (1.0 + r.abs()),
+                            "{precision:?} m={m} n={n} k={k} [{i},{j}]: {g} vs {r}"
+                        );
+                    }
+                    let mut alone = vec![0f32; n];
+                    matmul_packed(&x[i * k..(i + 1) * k], 1, &pw, &mut alone);
+                    assert_eq!(
+                        alone,
+                        out[i * n..(i + 1) * n],
+                        "{precision:?} m={m} n={n} k={k}: row {i} alone differs"
+                    );
                 }
-                let mut alone = vec![0f32; n];
-                matmul_packed(&x[i * k..(i + 1) * k], 1, &pw, &mut alone);
-                assert_eq!(alone, out[i * n..(i + 1) * n], "m={m} n={n} k={k}: row {i} alone differs");
             }
         }
+    }
+
+    #[test]
+    fn bf16_panels_take_half_the_bytes_and_stay_within_bf16_rounding_of_f32() {
+        let (m, n, k) = (8, 96, 576);
+        let (x, w) = (rand(m * k, 3), rand(n * k, 4));
+        let (f, b) =
+            (PackedWeight::pack_as(&w, n, k, Precision::F32), PackedWeight::pack_as(&w, n, k, Precision::Bf16));
+        let bytes = |p: &PackedWeight| match &p.panels {
+            Panels::F32(a) => a.as_slice().len() * 4,
+            Panels::Bf16(a) => a.as_slice().len() * 2,
+        };
+        assert_eq!(bytes(&b) * 2, bytes(&f));
+        let (mut yf, mut yb) = (vec![0f32; m * n], vec![0f32; m * n]);
+        matmul_packed(&x, m, &f, &mut yf);
+        matmul_packed(&x, m, &b, &mut yb);
+        // Each weight moves by at most 2⁻⁹ of itself; over k terms of |x·w| ≤ 1 the
+        // sum moves by at most k·2⁻⁹ (and in practice by about √k·2⁻⁹).
+        let worst = yf.iter().zip(&yb).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst > 0.0, "bf16 rounding changed nothing: the panels are not bf16");
+        assert!(worst < k as f32 / 512.0, "bf16 product off by {worst}");
     }
 }

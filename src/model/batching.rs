@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::generate::{pick, AnswerCall, Completion, FinishReason, RowText, SamplingParams};
+use super::generate::{pick_scored, AnswerCall, Completion, FinishReason, RowText, SamplingParams};
 use super::kv_cache::KvCache;
 use super::tokenizer::ChatTokenizer;
 use super::transformer::{Transformer, PAD_SENTINEL};
@@ -199,11 +199,11 @@ fn first_tokens<'t>(
     let uniforms: Vec<f32> =
         rngs.iter_mut().map(|r| if params.temperature > 0.0 { r.random::<f32>() } else { 0.0 }).collect();
     let seen = |i: usize| prompts[take[i]].clone();
-    let picked = pick(logits, params, &uniforms, &seen)?;
+    let picked = pick_scored(logits, params, &uniforms, &seen)?;
     let mut out = Vec::with_capacity(take.len());
-    for ((&index, rng), token) in take.iter().zip(rngs).zip(picked) {
-        let mut row = Active { index, text: RowText::new(tok), rng, next: token };
-        let done = row.text.advance(token, tok, params)?;
+    for ((&index, rng), scored) in take.iter().zip(rngs).zip(picked) {
+        let mut row = Active { index, text: RowText::new(tok, params), rng, next: scored.0 };
+        let done = row.text.advance(scored, tok, params)?;
         out.push((row, done));
     }
     Ok(out)
@@ -251,14 +251,14 @@ fn step<'t>(
     let seen = |i: usize| -> Vec<u32> {
         rows[i].as_ref().map_or_else(Vec::new, |r| prompts[r.index].iter().chain(r.text.tokens()).copied().collect())
     };
-    let picked = pick(&logits, params, &uniforms, &seen)?;
-    for (slot, token) in rows.iter_mut().zip(picked) {
+    let picked = pick_scored(&logits, params, &uniforms, &seen)?;
+    for (slot, scored) in rows.iter_mut().zip(picked) {
         let Some(row) = slot.as_mut() else { continue };
         let (token, done) = if row.text.forcing() {
             row.text.advance_forced(tok, params)?
         } else {
-            let done = row.text.advance(token, tok, params)?;
-            (token, row.text.settle(row.index, done, answer.as_deref_mut())?)
+            let done = row.text.advance(scored, tok, params)?;
+            (scored.0, row.text.settle(row.index, done, answer.as_deref_mut())?)
         };
         row.next = token;
         if done.is_some() {

@@ -39,6 +39,11 @@ pub struct SamplingParams {
     /// (`rollout::tools`); set by the tool loop, never by a user.
     #[serde(skip)]
     pub tool_call: Option<super::tool_call::CallFormat>,
+    /// Keep the sampler's log-probability of each sampled token in the
+    /// completion (GRPO's importance-sampling correction); set by the caller,
+    /// never by a user.
+    #[serde(skip)]
+    pub logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -53,6 +58,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             include_stop_str_in_output: false,
             tool_call: None,
+            logprobs: false,
         }
     }
 }
@@ -138,10 +144,13 @@ pub(crate) struct RowText<'t> {
     /// Ranges of `tokens` that tools wrote, and the calls, in order.
     tool_spans: Vec<std::ops::Range<usize>>,
     tool_calls: Vec<super::tool_call::ToolCall>,
+    /// With `SamplingParams::logprobs`: the sampler's log-probability of each
+    /// token (EOS included; NaN for a tool's tokens, which were not sampled).
+    logprobs: Option<Vec<f32>>,
 }
 
 impl<'t> RowText<'t> {
-    pub(crate) fn new(tok: &'t ChatTokenizer) -> RowText<'t> {
+    pub(crate) fn new(tok: &'t ChatTokenizer, params: &SamplingParams) -> RowText<'t> {
         RowText {
             tokens: Vec::new(),
             eos: false,
@@ -152,6 +161,7 @@ impl<'t> RowText<'t> {
             forced: std::collections::VecDeque::new(),
             tool_spans: Vec::new(),
             tool_calls: Vec::new(),
+            logprobs: params.logprobs.then(Vec::new),
         }
     }
 
@@ -165,10 +175,13 @@ impl<'t> RowText<'t> {
     /// `include_stop_str_in_output`), or `max_new_tokens` reached.
     pub(crate) fn advance(
         &mut self,
-        token: u32,
+        (token, logprob): (u32, f32),
         tok: &ChatTokenizer,
         params: &SamplingParams,
     ) -> Result<Option<FinishReason>> {
+        if let Some(lp) = &mut self.logprobs {
+            lp.push(logprob);
+        }
         if tok.eos_ids.contains(&token) {
             self.eos = true;
             return Ok(Some(FinishReason::Stop));
@@ -242,6 +255,9 @@ impl<'t> RowText<'t> {
         params: &SamplingParams,
     ) -> Result<(u32, Option<FinishReason>)> {
         let token = self.forced.pop_front().expect("called while forcing");
+        if let Some(lp) = &mut self.logprobs {
+            lp.push(f32::NAN);
+        }
         self.push(token, tok)?;
         let full = self.tokens.len() >= params.max_new_tokens;
         if full {
@@ -293,7 +309,7 @@ impl<'t> RowText<'t> {
             text,
             finish_reason: reason,
             eos: self.eos,
-            sampling_logprobs: None,
+            sampling_logprobs: self.logprobs,
             tool_spans,
             tool_calls: self.tool_calls,
         })
@@ -375,7 +391,7 @@ pub fn generate_answering(
     } else {
         (logits, cache)
     };
-    let mut rows: Vec<RowText> = expand.iter().map(|_| RowText::new(tok)).collect();
+    let mut rows: Vec<RowText> = expand.iter().map(|_| RowText::new(tok, params)).collect();
     let mut finish: Vec<Option<FinishReason>> = vec![None; rows.len()];
     // `active[i]`: which row of `rows` is row i of the batch.
     let mut active: Vec<usize> = (0..rows.len()).collect();
@@ -396,8 +412,8 @@ pub fn generate_answering(
             let r = active[i];
             prompts[expand[r] as usize].iter().chain(rows[r].tokens()).copied().collect()
         };
-        let picked =
-            pick(&logits, params, &uniforms, &seen).map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?;
+        let picked = pick_scored(&logits, params, &uniforms, &seen)
+            .map_err(|e| anyhow::anyhow!("generation step {step}: {e}"))?;
         let mut next = Vec::with_capacity(active.len());
         for (i, &r) in active.iter().enumerate() {
             if finish[r].is_some() {
@@ -411,7 +427,7 @@ pub fn generate_answering(
             } else {
                 let done = rows[r].advance(picked[i], tok, params)?;
                 finish[r] = rows[r].settle(r, done, answer.as_deref_mut())?;
-                picked[i]
+                picked[i].0
             };
             if let Some(cb) = on_text.as_mut() {
                 if let Some(piece) = rows[r].unshown(params, finish[r].is_some()) {
@@ -445,12 +461,15 @@ pub fn generate_answering(
 /// plain sampling picks a block of the vocabulary, then a token in it (about
 /// 2·√V numbers a row cross, not V); top-k and top-p copy the rows and cut
 /// them on the host, in parallel. `uniforms[i]`: row i's draw in [0, 1).
-pub(crate) fn pick(
+/// Each token comes with its log-probability under the sampling distribution
+/// (the logits at temperature τ, before any top-k/top-p/min-p cut, as
+/// [`sample`] reports it); NaN for a greedy pick, where none is computed.
+pub(crate) fn pick_scored(
     logits: &Tensor,
     p: &SamplingParams,
     uniforms: &[f32],
     seen: &dyn Fn(usize) -> Vec<u32>,
-) -> Result<Vec<u32>> {
+) -> Result<Vec<(u32, f32)>> {
     let (b, v) = logits.dims2()?;
     if p.repetition_penalty != 1.0 || p.min_p.is_some() {
         // Per-row adjustments by what each row has seen: on the host, rows in parallel.
@@ -460,21 +479,24 @@ pub(crate) fn pick(
                 penalize(row, &seen(i), p.repetition_penalty);
             }
         }
-        return rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u).map(|(t, _)| t)).collect();
+        return rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u)).collect();
     }
     if p.temperature <= 0.0 {
         // A row with a NaN (a diverged model) gets the id `v`, which no token has.
         let nan = logits.ne(logits)?.max(D::Minus1)?.to_dtype(DType::U32)?;
         let ids = logits.argmax(D::Minus1)?.to_dtype(DType::U32)?;
         let ids = transfer::to_vec1::<u32>(&(ids + (nan * (v as f64))?)?)?;
-        return ids.into_iter().map(|id| if (id as usize) < v { Ok(id) } else { Err(nan_error()) }).collect();
+        return ids
+            .into_iter()
+            .map(|id| if (id as usize) < v { Ok((id, f32::NAN)) } else { Err(nan_error()) })
+            .collect();
     }
     if p.top_k == 0 && p.top_p >= 1.0 {
         return sample_in_blocks(logits, p.temperature, uniforms);
     }
     let rows: Vec<Vec<f32>> = transfer::to_vec2(logits)?;
     debug_assert_eq!(rows.len(), b);
-    rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u).map(|(t, _)| t)).collect()
+    rows.par_iter().zip(uniforms.par_iter()).map(|(row, &u)| sample(row, p, u)).collect()
 }
 
 /// HF's repetition penalty on one row: a logit of a token already seen is
@@ -491,7 +513,7 @@ fn penalize(row: &mut [f32], seen: &[u32], penalty: f32) {
 /// Plain sampling at temperature τ from the device's logits: the softmax on the
 /// device; per row, the sums of √V-sized blocks of probabilities cross, the
 /// draw picks a block, and that block's probabilities cross to pick the token.
-fn sample_in_blocks(logits: &Tensor, temperature: f32, uniforms: &[f32]) -> Result<Vec<u32>> {
+fn sample_in_blocks(logits: &Tensor, temperature: f32, uniforms: &[f32]) -> Result<Vec<(u32, f32)>> {
     let (b, v) = logits.dims2()?;
     let block = ((v as f64).sqrt().ceil() as usize).max(1);
     let blocks = v.div_ceil(block);
@@ -521,7 +543,7 @@ fn sample_in_blocks(logits: &Tensor, temperature: f32, uniforms: &[f32]) -> Resu
         .map(|(probs, (&flat, &rest))| {
             let k = flat as usize % blocks;
             let (j, _) = walk(&probs[..block.min(v - k * block)], rest);
-            (k * block + j) as u32
+            ((k * block + j) as u32, probs[j].ln())
         })
         .collect())
 }
@@ -634,6 +656,11 @@ fn sample_finite(logits: &[f32], p: &SamplingParams, mut u: f32) -> (u32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tokens [`pick_scored`] picks.
+    fn picks(l: &Tensor, p: &SamplingParams, u: &[f32], seen: &dyn Fn(usize) -> Vec<u32>) -> Result<Vec<u32>> {
+        Ok(pick_scored(l, p, u, seen)?.into_iter().map(|(t, _)| t).collect())
+    }
     use candle_core::Device;
     use rand::SeedableRng;
 
@@ -649,7 +676,7 @@ mod tests {
     #[test]
     fn greedy_takes_each_rows_argmax_on_the_device() {
         let l = rows(&[vec![0.0, 2.0, 1.0], vec![5.0, -1.0, 4.9]]);
-        assert_eq!(pick(&l, &SamplingParams::default(), &[0.0, 0.0], &|_| vec![]).unwrap(), vec![1, 0]);
+        assert_eq!(picks(&l, &SamplingParams::default(), &[0.0, 0.0], &|_| vec![]).unwrap(), vec![1, 0]);
         let (t, lp) = sample(&[0.0, 2.0, 1.0], &SamplingParams::default(), 0.0).unwrap();
         assert_eq!(t, 1);
         let z = (0f32.exp() + 2f32.exp() + 1f32.exp()).ln();
@@ -660,10 +687,10 @@ mod tests {
     fn top_k_and_top_p_restrict_the_candidates() {
         let l = rows(&[vec![3.0, 2.9, 0.0, -1.0]]);
         let k1 = SamplingParams { temperature: 1.0, top_k: 1, ..Default::default() };
-        assert!(draws(200, 1).iter().all(|&u| pick(&l, &k1, &[u], &|_| vec![]).unwrap()[0] == 0));
+        assert!(draws(200, 1).iter().all(|&u| picks(&l, &k1, &[u], &|_| vec![]).unwrap()[0] == 0));
         let p = SamplingParams { temperature: 1.0, top_p: 0.8, ..Default::default() };
         let seen: std::collections::BTreeSet<u32> =
-            draws(500, 2).iter().map(|&u| pick(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
+            draws(500, 2).iter().map(|&u| picks(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
         assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 
@@ -679,7 +706,7 @@ mod tests {
         let n = 20000;
         let us = draws(n, 7);
         let mut counts = [0usize; 23];
-        let picked: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
+        let picked: Vec<u32> = us.iter().map(|&u| picks(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
         for &t in &picked {
             counts[t as usize] += 1;
         }
@@ -687,13 +714,13 @@ mod tests {
             let f = c as f32 / n as f32;
             assert!((f - w).abs() < 0.01, "token {i}: {f} drawn, {w} expected");
         }
-        let again: Vec<u32> = us.iter().map(|&u| pick(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
+        let again: Vec<u32> = us.iter().map(|&u| picks(&l, &p, &[u], &|_| vec![]).unwrap()[0]).collect();
         assert_eq!(picked, again);
         // At temperature τ the distribution is softmax(l / τ): the host sampler agrees with the blocks.
         let p = SamplingParams { temperature: 0.5, ..Default::default() };
         let mut agree = 0;
         for &u in &us[..2000] {
-            agree += (pick(&l, &p, &[u], &|_| vec![]).unwrap()[0] == sample(&logits, &p, u).unwrap().0) as usize;
+            agree += (picks(&l, &p, &[u], &|_| vec![]).unwrap()[0] == sample(&logits, &p, u).unwrap().0) as usize;
         }
         assert!(agree >= 1990, "the block sampler and the host sampler disagree on {} of 2000 draws", 2000 - agree);
     }
@@ -707,7 +734,7 @@ mod tests {
             SamplingParams { temperature: 1.0, top_k: 2, ..Default::default() },
             SamplingParams { temperature: 0.7, top_p: 0.9, ..Default::default() },
         ] {
-            let e = pick(&l, &p, &[0.3, 0.3], &|_| vec![]).unwrap_err().to_string();
+            let e = picks(&l, &p, &[0.3, 0.3], &|_| vec![]).unwrap_err().to_string();
             assert!(e.contains("logits are NaN"), "{e}");
         }
     }

@@ -108,7 +108,8 @@ pub struct Linear {
     pub b: Option<Param>,
     pub lora: Option<LoraFactors>,
     /// `w` packed for the CPU's inference product (a model loaded for evaluation
-    /// or inference only: [`super::Transformer::pack_for_inference`]).
+    /// or inference only, [`super::Transformer::pack_for_inference`]; or a
+    /// round's bf16 rollout view, [`super::Transformer::rollout_view`]).
     pub packed: Option<Arc<PackedWeight>>,
 }
 

@@ -23,7 +23,7 @@ use super::layers::{Attention, DecoderLayer, LayerInputs, Linear, LoraFactors, M
 use super::lora::LoraConfig;
 use super::ops::Ops;
 use super::vocab_logprobs::{logprobs_from_hidden, WeightGrad};
-use crate::kernels::packed::PackedWeight;
+use crate::kernels::packed::{PackedWeight, Precision};
 
 /// Additive bias for masked attention: large and finite, so a fully masked
 /// row (a padding query) yields a uniform softmax instead of NaN.
@@ -226,11 +226,48 @@ impl Transformer {
     pub fn pack_for_inference(&mut self) -> Result<()> {
         for layer in &mut self.layers {
             for (_, lin) in layer.linears_mut() {
-                lin.packed = PackedWeight::for_tensor(&lin.w.get(Pass::INFERENCE)?)?;
+                lin.packed = PackedWeight::for_tensor(&lin.w.get(Pass::INFERENCE)?, Precision::F32)?;
             }
         }
-        self.packed_head = PackedWeight::for_tensor(&self.head().get(Pass::INFERENCE)?)?;
+        self.packed_head = PackedWeight::for_tensor(&self.head().get(Pass::INFERENCE)?, Precision::F32)?;
         Ok(())
+    }
+
+    /// A model to sample GRPO's rollouts from: this one's variables (shared,
+    /// not copied) with every projection and the head packed in `precision`
+    /// for the CPU's inference product, so that a decode step reads half the
+    /// bytes in bf16. The packed copies do not follow the optimizer's updates:
+    /// build one per round of rollouts and drop it before the next step.
+    /// `None` where nothing packs (no AVX-512, CUDA, bf16 compute, portable
+    /// kernels): the caller samples from the policy itself, and says so.
+    pub fn rollout_view(&self, precision: Precision) -> Result<Option<Transformer>> {
+        use rayon::prelude::*;
+        if !(crate::kernels::packed::packs_here() && self.device.is_cpu() && self.compute_dtype == DType::F32) {
+            return Ok(None);
+        }
+        let mut layers = self.layers.clone();
+        let mut linears: Vec<&mut Linear> =
+            layers.iter_mut().flat_map(|l| l.linears_mut().into_iter().map(|(_, lin)| lin)).collect();
+        // Packing is a pass over every weight; the projections pack on all threads.
+        linears.par_iter_mut().try_for_each(|lin| -> Result<()> {
+            lin.packed = PackedWeight::for_tensor(&lin.w.get(Pass::INFERENCE)?, precision)?;
+            Ok(())
+        })?;
+        let packed_head = PackedWeight::for_tensor(&self.head().get(Pass::INFERENCE)?, precision)?;
+        Ok(Some(Transformer {
+            cfg: self.cfg.clone(),
+            weights: self.weights.clone(),
+            embed: self.embed.clone(),
+            layers,
+            norm: self.norm.clone(),
+            lm_head: self.lm_head.clone(),
+            packed_head,
+            compute_dtype: self.compute_dtype,
+            device: self.device.clone(),
+            lora: self.lora.clone(),
+            gradient_checkpointing: false,
+            sink: GradSink::default(),
+        }))
     }
 
     /// Forget the packed copies (their weights are about to change).

@@ -119,7 +119,7 @@ impl Sampler<'_> {
     ) -> Result<Vec<Completion>> {
         if let Sampler::Local(model) = self {
             toolbox.check_template(tok)?;
-            let params = SamplingParams { tool_call: Some(toolbox.format()), ..params.clone() };
+            let params = SamplingParams { tool_call: Some(toolbox.format()), logprobs, ..params.clone() };
             let mut calls = InBatchCalls::new(tok, tools, toolbox);
             let answer = &mut |row: usize, text: &str| calls.answer(row, text);
             return generate_answering(model, tok, prompts, n, &params, rng, None, Some(answer));
@@ -155,7 +155,7 @@ impl Sampler<'_> {
     }
 
     /// `n` completions of each prompt (prompt after prompt). `logprobs`: also the
-    /// sampler's log-probabilities of the sampled tokens (servers only).
+    /// sampler's log-probabilities of the sampled tokens.
     pub fn sample(
         &self,
         tok: &ChatTokenizer,
@@ -166,7 +166,9 @@ impl Sampler<'_> {
         logprobs: bool,
     ) -> Result<Vec<Completion>> {
         match self {
-            Sampler::Local(model) => generate(model, tok, prompts, n, params, rng, None),
+            Sampler::Local(model) => {
+                generate(model, tok, prompts, n, &SamplingParams { logprobs, ..params.clone() }, rng, None)
+            }
             Sampler::Server { client, model } => {
                 // A Hermes call ends at its closing tag, a stop string for the server,
                 // kept in the text (an inline call has no such end: refused at validation).

@@ -79,9 +79,17 @@ pub struct GrpoConfig {
     pub log_completions: u64,
     /// How a full fine-tuning run keeps its reference policy (β > 0): `bf16` halves its memory.
     pub reference_dtype: ReferenceDtype,
+    /// The weights local rollouts decode with: `f32`, the policy's own; `bf16`,
+    /// a copy rounded to bf16 and packed each round (half the bytes a decode
+    /// step reads; AVX-512 CPUs, elsewhere f32 with a warning). The loss always
+    /// takes the f32 policy's log-probabilities; the rollouts' own are kept, so
+    /// `vllm_importance_sampling_correction` corrects for the rounding as it
+    /// does for a server's rollouts.
+    pub rollout_dtype: RolloutDtype,
     /// With a rollout server: weight each token's policy term by πold / πsampler
     /// (the server samples with its own kernels and precision, so slightly
-    /// off-policy). Applies only to rollouts from a server, as in TRL.
+    /// off-policy). Applies to rollouts from a server, as in TRL, and to local
+    /// rollouts with `rollout_dtype: bf16` (the same gap, from the same cause).
     pub vllm_importance_sampling_correction: bool,
     pub vllm_importance_sampling_mode: IsMode,
     pub vllm_importance_sampling_clip_min: Option<f64>,
@@ -89,6 +97,15 @@ pub struct GrpoConfig {
     /// Tool calls in rollouts (`tools`, `max_tool_calling_iterations`: TRL's names).
     #[serde(flatten)]
     pub tools: ToolSettings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutDtype {
+    /// The policy's own f32 weights.
+    F32,
+    /// The policy's weights rounded to bf16, widened to f32 as a decode step reads them.
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +167,7 @@ impl Default for GrpoConfig {
             load_best_model_at_end: false,
             log_completions: 0,
             reference_dtype: ReferenceDtype::Bf16,
+            rollout_dtype: RolloutDtype::F32,
             vllm_importance_sampling_correction: true,
             vllm_importance_sampling_mode: IsMode::SequenceMask,
             vllm_importance_sampling_clip_min: None,
@@ -172,6 +190,7 @@ impl GrpoConfig {
             stop: Vec::new(),
             include_stop_str_in_output: false,
             tool_call: None,
+            logprobs: false,
         }
     }
 

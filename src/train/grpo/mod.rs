@@ -13,7 +13,7 @@ mod config;
 pub mod loss;
 mod rows;
 
-pub use config::{GrpoConfig, ReferenceDtype};
+pub use config::{GrpoConfig, ReferenceDtype, RolloutDtype};
 pub use rows::{build_rows, Packed, RowSpec, Rows, PACKED_ROW_TOKENS};
 
 use std::ops::Range;
@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::rollout_sync::RolloutServer;
 use super::trainer::{Algorithm, StepReport};
+use crate::kernels::packed::Precision;
 use crate::kernels::transfer;
 use crate::model::{Batch, ChatTokenizer, Completion, Pass, Transformer};
 use crate::rewards::set::{mean, std};
@@ -114,7 +115,7 @@ pub struct GrpoLog {
     pub t_reference: f64,
     #[serde(rename = "timing/policy_forward_backward")]
     pub t_policy: f64,
-    /// Rollouts from a server: |log πold − log πsampler| over completion tokens.
+    /// Rollouts from a server or in bf16: |log πold − log πsampler| over completion tokens.
     #[serde(rename = "sampling/sampling_logp_difference/mean", skip_serializing_if = "Option::is_none")]
     pub sampling_logp_difference_mean: Option<f64>,
     #[serde(rename = "sampling/sampling_logp_difference/max", skip_serializing_if = "Option::is_none")]
@@ -152,7 +153,7 @@ struct Round {
     scores: Scores,
     advantages: Vec<f32>,
     rows: Rows,
-    /// The sampler's log-probabilities aligned with `rows.masks` (a server's rollouts).
+    /// The sampler's log-probabilities aligned with `rows.masks` (a server's or bf16 rollouts).
     sampling: Option<SamplingLogprobs>,
     /// πold per micro-batch (μ > 1) and πref per micro-batch (β > 0).
     old: Vec<Tensor>,
@@ -236,6 +237,8 @@ pub struct GrpoAlgorithm<'a> {
     server: Option<RolloutServer>,
     /// Said once that the server's replies carry no log-probabilities to correct with.
     said_no_sampler_logprobs: bool,
+    /// Said once that `rollout_dtype: bf16` cannot pack here and rollouts decode in f32.
+    said_no_bf16_rollouts: bool,
     /// What answers the model's inline tool calls (`tools:`), started in the stage's folder.
     tool: Option<Toolbox>,
 }
@@ -277,6 +280,7 @@ impl<'a> GrpoAlgorithm<'a> {
             rewards_seen: vec![],
             server: None,
             said_no_sampler_logprobs: false,
+            said_no_bf16_rollouts: false,
             tool: None,
         })
     }
@@ -319,6 +323,11 @@ impl<'a> GrpoAlgorithm<'a> {
         let (mut consumed, mut rounds, mut sampled_groups, mut dropped_groups) = (0u64, 0u64, 0usize, 0usize);
         let (mut t_generation, mut t_scoring, mut from_server) = (0.0, 0.0, false);
         let mut names = Vec::new();
+        let t = Instant::now();
+        let view = self.rollout_view(policy)?;
+        t_generation += t.elapsed().as_secs_f64();
+        // Local rollouts from a bf16 view keep their own log-probabilities, for the correction.
+        let local_logprobs = view.is_some();
         while picked.len() < need {
             let want = need - picked.len();
             let batch: Vec<usize> =
@@ -329,10 +338,12 @@ impl<'a> GrpoAlgorithm<'a> {
             let t = Instant::now();
             let (sampler, server) = match self.server.as_mut() {
                 Some(server) => (server.sampler(policy, step)?, true),
-                None => (Sampler::Local(policy), false),
+                None => (Sampler::Local(view.as_ref().unwrap_or(policy)), false),
             };
             from_server = server;
-            // A server's log-probabilities of its samples show how far off-policy they are.
+            // The sampler's log-probabilities of its samples (a server's, or a bf16
+            // view's) show how far off-policy they are, and correct for it.
+            let logprobs = server || local_logprobs;
             let params = self.cfg.sampling();
             let comps = match self.tool.as_mut() {
                 Some(tool) => sampler.sample_with_tools(
@@ -341,11 +352,11 @@ impl<'a> GrpoAlgorithm<'a> {
                     g,
                     &params,
                     &mut self.state.rng,
-                    server,
+                    logprobs,
                     &self.cfg.tools,
                     tool,
                 )?,
-                None => sampler.sample(self.tok, &prompt_ids, g, &params, &mut self.state.rng, server)?,
+                None => sampler.sample(self.tok, &prompt_ids, g, &params, &mut self.state.rng, logprobs)?,
             };
             t_generation += t.elapsed().as_secs_f64();
             let t = Instant::now();
@@ -420,7 +431,8 @@ impl<'a> GrpoAlgorithm<'a> {
             self.cfg.max_completion_length,
             self.cfg.mask_truncated_completions,
         );
-        let sampling = SamplingLogprobs::of(&completions, rows.completion_len).filter(|_| from_server);
+        let sampling =
+            SamplingLogprobs::of(&completions, rows.completion_len).filter(|_| from_server || local_logprobs);
         if from_server
             && self.cfg.vllm_importance_sampling_correction
             && sampling.is_none()
@@ -454,6 +466,25 @@ impl<'a> GrpoAlgorithm<'a> {
             dropped_groups,
             rounds,
         })
+    }
+
+    /// The model local rollouts decode with under `rollout_dtype: bf16`: the
+    /// policy's weights packed in bf16 for this round (`None`: the policy itself,
+    /// for f32, a rollout server, or a machine where nothing packs, said once).
+    fn rollout_view(&mut self, policy: &Transformer) -> Result<Option<Transformer>> {
+        if self.cfg.rollout_dtype != RolloutDtype::Bf16 || self.server.is_some() {
+            return Ok(None);
+        }
+        let view = policy.rollout_view(Precision::Bf16)?;
+        if view.is_none() && !self.said_no_bf16_rollouts {
+            self.said_no_bf16_rollouts = true;
+            eprintln!(
+                "warning: rollout_dtype: bf16 needs the CPU kernels on an AVX-512 CPU and an f32 model on the CPU; \
+                 rollouts decode with the policy's f32 weights here"
+            );
+            tracing::warn!("rollout_dtype bf16 unavailable here: rollouts in f32");
+        }
+        Ok(view)
     }
 
     /// The micro-batches of a round: ranges of rows.
