@@ -170,6 +170,19 @@ fn grpo_parameters_are_validated() {
         "{}",
         r.stderr
     );
+    // rollout_dtype: a value it does not know, and a setting a server's rollouts cannot honour.
+    for (extra, says) in [
+        ("      rollout_dtype: fp8\n", "rollout_dtype"),
+        (
+            "      rollout_dtype: bf16\n      lora: { r: 4 }\n      rollout: { url: \"http://localhost:1/v1\", model: m }\n",
+            "applies to rollouts sampled here, and `rollout:` samples on a server",
+        ),
+    ] {
+        p.write("pipe.yaml", &pipe("2", "auto").replace("      log_completions: 5\n", &format!("      log_completions: 5\n{extra}")));
+        let r = p.run(&["run", "pipe.yaml", "--dry-run"]);
+        assert_eq!(r.code, 2, "{extra}: {}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains(says), "{extra}: {}", r.stderr);
+    }
 }
 
 /// A reward written as a program outside the binary trains like a built-in: its

@@ -18,7 +18,7 @@ use crate::model::ChatTokenizer;
 use crate::pipeline::{KindInfo, Project, Requirements, StageContext, StageKind};
 use crate::rewards::set::RewardSet;
 use crate::rollout::{Client, ServerConfig};
-use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt};
+use crate::train::grpo::{truncate_prompt, GrpoAlgorithm, GrpoConfig, GrpoPrompt, RolloutDtype};
 use crate::train::rollout_sync::RolloutServer;
 use crate::train::task_eval::TaskEvaluator;
 use crate::train::trainer::Evaluation;
@@ -129,6 +129,12 @@ impl StageKind for Grpo {
         }
         if server.is_some() && p.grpo.tools.enabled() && p.grpo.tools.tool_call_format == CallFormat::Inline {
             errors.push(ParamError::new("tools", "a server cannot stop at an inline call (`<<expr=` has no closing string to stop on)").hint("set `tool_call_format: hermes` (its calls end at `</tool_call>`, which the server stops on), or sample here without `rollout:`"));
+        }
+        if server.is_some() && p.grpo.rollout_dtype == RolloutDtype::Bf16 {
+            errors.push(
+                ParamError::new("rollout_dtype", "applies to rollouts sampled here, and `rollout:` samples on a server")
+                    .hint("drop `rollout_dtype` (the server's own dtype decides, e.g. vLLM's --dtype), or sample here without `rollout:`"),
+            );
         }
         if server.is_some() && p.grpo.training.lora.is_none() {
             errors.push(
