@@ -194,7 +194,10 @@ fn the_samplers_logprobs_are_the_models_own_at_the_sampling_temperature() {
             for (j, (&t, &got)) in seq.iter().zip(lp).enumerate() {
                 let row = logits.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let want = logprob_f64(&row, 0.7, t);
-                assert!((got as f64 - want).abs() < 1e-4, "top_k {top_k}, token {j}: {got} against {want}");
+                // 1e-3: the batch and this one-row pass sum in different orders (candle's
+                // gemm on the portable path blocks by the row count); a wrong temperature
+                // or distribution is off by tenths.
+                assert!((got as f64 - want).abs() < 1e-3, "top_k {top_k}, token {j}: {got} against {want}");
                 logits = m.forward_cached(&[vec![t]], &mut cache).unwrap();
             }
         }
